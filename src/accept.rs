@@ -1,0 +1,113 @@
+//! ① Each shard's listener: its own SO_REUSEPORT socket on the shared
+//! address (the kernel spreads new connections over the shards), an accept
+//! loop, and what to do when the process runs out of file descriptors.
+//!
+//! At the open-file limit accept(2) fails with EMFILE while the connection
+//! stays in the backlog, so a naive loop spins or leaves clients hanging.
+//! Instead the shard keeps one spare descriptor: on EMFILE it frees it,
+//! accepts the waiting connection, resets it (a clear refusal for the
+//! client), takes the spare back, counts the refusal, logs (at most every
+//! few seconds) and backs off briefly. As soon as descriptors free up,
+//! accepts succeed again.
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use monoio::net::TcpListener;
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{debug, warn};
+
+use crate::conn;
+use crate::shard::Shard;
+
+/// Pending connections the kernel queues per shard (capped by net.core.somaxconn).
+const BACKLOG: i32 = 4096;
+/// Pause after an EMFILE refusal, so a flood of them cannot spin the shard.
+const EMFILE_BACKOFF: Duration = Duration::from_millis(5);
+/// At most one "open-file limit" warning per this interval.
+const EMFILE_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Binds one listener per shard to `addr`, all with SO_REUSEPORT. With port 0
+/// the first bind picks the port and the others join it.
+pub fn bind_all(addr: SocketAddr, shards: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(shards);
+    let mut at = addr;
+    for i in 0..shards {
+        let sock = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))
+            .with_context(|| format!("socket for {at}"))?;
+        sock.set_reuse_address(true)?;
+        sock.set_reuse_port(true).context("SO_REUSEPORT (needs Linux >= 3.9)")?;
+        sock.set_nonblocking(true)?;
+        sock.bind(&at.into()).with_context(|| format!("bind {at} (shard {i}): is another process on that port?"))?;
+        sock.listen(BACKLOG).with_context(|| format!("listen on {at}"))?;
+        let l: std::net::TcpListener = sock.into();
+        if i == 0 {
+            at = l.local_addr()?;
+        }
+        out.push(l);
+    }
+    Ok(out)
+}
+
+fn is_fd_limit(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// The accept loop of one shard; runs until the runtime stops.
+pub async fn run(shard: Rc<Shard>, listener: TcpListener) {
+    let mut spare = File::open("/dev/null").ok();
+    let mut refused_since_log = 0u64;
+    let mut last_log: Option<Instant> = None;
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                // We coalesce frames ourselves; Nagle would only add delay.
+                let _ = stream.set_nodelay(true);
+                monoio::spawn(conn::run(shard.clone(), stream));
+            }
+            Err(e) if is_fd_limit(&e) => {
+                shard.m().accept_refused_total.inc();
+                refused_since_log += 1;
+                drop(spare.take());
+                refuse_one(&listener);
+                spare = File::open("/dev/null").ok();
+                if last_log.is_none_or(|t| t.elapsed() >= EMFILE_LOG_EVERY) {
+                    warn!(
+                        shard = shard.id,
+                        refused = refused_since_log,
+                        "open-file limit reached ({e}): refusing new connections; raise the limit \
+                         (ulimit -n / LimitNOFILE, see tuning.md)"
+                    );
+                    refused_since_log = 0;
+                    last_log = Some(Instant::now());
+                }
+                monoio::time::sleep(EMFILE_BACKOFF).await;
+            }
+            Err(e) => {
+                shard.m().accept_errors_total.inc();
+                debug!(shard = shard.id, "accept: {e}");
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+/// Accepts one waiting connection without blocking and resets it.
+fn refuse_one(listener: &TcpListener) {
+    // SAFETY: accept4 on our own listening socket; the returned descriptor,
+    // if any, is owned by `Socket` and closed when it drops.
+    let fd = unsafe {
+        libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+    };
+    if fd >= 0 {
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let sock = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // Linger 0: close sends RST, so the client sees a refusal at once.
+        let _ = sock.set_linger(Some(Duration::ZERO));
+    }
+}

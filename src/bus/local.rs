@@ -1,0 +1,31 @@
+//! The embedded local bus: a publish goes straight into every other shard's
+//! inbox (one shared frame, one shared room name) and is delivered to this
+//! shard's own members without a hop (Seastar's `invoke_on` vs `local()`).
+//!
+//! Every shard gets every message; a shard with no member of the room drops
+//! it after one hash lookup. With one shard per core that is a handful of
+//! channel sends per publish, cheaper than keeping remote interest in sync.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::Target;
+use crate::shard::{Shard, ShardMsg};
+
+pub fn publish(shard: &Shard, target: Target<'_>, frame: Bytes) {
+    if shard.peers().len() > 1 {
+        let (name, room): (Arc<str>, bool) = match target {
+            Target::Room(r) => (Arc::from(r), true),
+            Target::User(u) => (Arc::from(u), false),
+        };
+        shard.to_other_shards(|| {
+            if room {
+                ShardMsg::Room { room: name.clone(), frame: frame.clone() }
+            } else {
+                ShardMsg::Direct { user: name.clone(), frame: frame.clone() }
+            }
+        });
+    }
+    shard.deliver(target, &frame);
+}

@@ -1,0 +1,242 @@
+//! The one `Config`: every option from the command line, the environment
+//! (`CORECAST_` + the option in upper snake case) and an optional TOML file
+//! (`--config FILE`, keys in snake case), in that order of precedence, then the
+//! default. `Options` is what each source may say; `Config` is the resolved,
+//! frozen result that every shard reads (it crosses threads inside an `Arc`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde::Deserialize;
+
+/// What one source (flags + environment, or the TOML file) may set. Every field
+/// is optional so that sources can be layered; defaults live in `Config`.
+#[derive(Parser, Deserialize, Debug, Default)]
+#[command(name = "corecast", version, about = "Shard-per-core WebSocket fan-out server")]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    /// TOML file with any of these options (keys in snake_case).
+    #[arg(long, env = "CORECAST_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// HTTP/WebSocket listener; every shard binds it with SO_REUSEPORT.
+    /// [default: 0.0.0.0:8080]
+    #[arg(long, env = "CORECAST_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Shard threads, each pinned to one core. [default: the cores this
+    /// process may run on]
+    #[arg(long, env = "CORECAST_SHARDS")]
+    pub shards: Option<usize>,
+
+    /// Redis backplane `redis://[user:pass@]host:port[/db]`; without it the
+    /// node runs standalone on the embedded local bus.
+    #[arg(long, env = "CORECAST_REDIS")]
+    pub redis: Option<String>,
+
+    /// Prefix of the Redis channels (`<prefix>room:R`, `<prefix>user:U`). [default: cc:]
+    #[arg(long, env = "CORECAST_CHANNEL_PREFIX")]
+    pub channel_prefix: Option<String>,
+
+    /// Enable the `/echo` endpoint (RFC 6455 conformance testing).
+    #[arg(long, env = "CORECAST_ECHO", num_args = 0..=1, default_missing_value = "true")]
+    pub echo: Option<bool>,
+
+    /// Largest WebSocket message accepted; larger ones close with 1009. [default: 65536]
+    #[arg(long, env = "CORECAST_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+
+    /// Per-connection outbound queue; a client that lets it grow past this is
+    /// cut off with 1008. [default: 1048576]
+    #[arg(long, env = "CORECAST_OUTBOUND_QUEUE_BYTES")]
+    pub outbound_queue_bytes: Option<usize>,
+
+    /// Drain window after SIGTERM/SIGINT, in seconds. [default: 30]
+    #[arg(long, env = "CORECAST_DRAIN_SECS")]
+    pub drain_secs: Option<u64>,
+
+    /// Required bearer key for `POST /api/publish` when set.
+    #[arg(long, env = "CORECAST_API_KEY")]
+    pub api_key: Option<String>,
+
+    /// Largest HTTP request body (`POST /api/publish`); larger gets 413. [default: 1048576]
+    #[arg(long, env = "CORECAST_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+
+    /// Seconds a new connection has to send its complete HTTP request head. [default: 10]
+    #[arg(long, env = "CORECAST_HANDSHAKE_TIMEOUT_SECS")]
+    pub handshake_timeout_secs: Option<u64>,
+
+    /// I/O driver: `auto` (io_uring, else epoll), `uring` or `legacy` (epoll). [default: auto]
+    #[arg(long, env = "CORECAST_DRIVER")]
+    pub driver: Option<Driver>,
+
+    /// Log output: `text` or `json`. [default: text]
+    #[arg(long, env = "CORECAST_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    Auto,
+    Uring,
+    Legacy,
+}
+
+#[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The resolved configuration, frozen at start-up and shared read-only.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Cores the shards are pinned to, one per shard, in shard order.
+    pub cores: Vec<usize>,
+    pub redis: Option<String>,
+    pub channel_prefix: String,
+    pub echo: bool,
+    pub max_message_bytes: usize,
+    pub outbound_queue_bytes: usize,
+    pub drain: Duration,
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub driver: Driver,
+    pub log_format: LogFormat,
+}
+
+impl Options {
+    /// Layers `other` (a lower-precedence source) under `self`.
+    fn or(self, other: Options) -> Options {
+        macro_rules! layer {
+            ($($f:ident),*) => { Options { config: self.config, $($f: self.$f.or(other.$f)),* } };
+        }
+        layer!(
+            listen,
+            shards,
+            redis,
+            channel_prefix,
+            echo,
+            max_message_bytes,
+            outbound_queue_bytes,
+            drain_secs,
+            api_key,
+            max_body_bytes,
+            handshake_timeout_secs,
+            driver,
+            log_format
+        )
+    }
+}
+
+impl Config {
+    /// Flags and environment (`args`), then the TOML file they name, then defaults.
+    pub fn load<I, T>(args: I) -> anyhow::Result<Config>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = Options::try_parse_from(args).unwrap_or_else(|e| e.exit());
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("config: read {}", path.display()))?;
+                toml::from_str::<Options>(&text)
+                    .with_context(|| format!("config: parse {}", path.display()))?
+            }
+            None => Options::default(),
+        };
+        Config::resolve(cli.or(file))
+    }
+
+    fn resolve(o: Options) -> anyhow::Result<Config> {
+        let allowed: Vec<usize> = core_affinity::get_core_ids()
+            .map(|ids| ids.into_iter().map(|c| c.id).collect())
+            .unwrap_or_default();
+        let available = allowed.len().max(1);
+        let shards = o.shards.unwrap_or(available);
+        if shards == 0 || shards > 1024 {
+            bail!("--shards must be between 1 and 1024 (got {shards})");
+        }
+        // Shard i is pinned to the i-th allowed core; with more shards than
+        // cores they wrap around (useful for tests, not for production).
+        let cores = (0..shards)
+            .map(|i| allowed.get(i % available).copied().unwrap_or(i))
+            .collect();
+        let max_message_bytes = o.max_message_bytes.unwrap_or(64 * 1024);
+        if max_message_bytes < 125 {
+            bail!("--max-message-bytes must be at least 125");
+        }
+        let channel_prefix = o.channel_prefix.unwrap_or_else(|| "cc:".into());
+        Ok(Config {
+            listen: o.listen.unwrap_or_else(|| "0.0.0.0:8080".parse().expect("valid literal")),
+            cores,
+            redis: o.redis.filter(|s| !s.is_empty()),
+            channel_prefix,
+            echo: o.echo.unwrap_or(false),
+            max_message_bytes,
+            outbound_queue_bytes: o.outbound_queue_bytes.unwrap_or(1 << 20),
+            drain: Duration::from_secs(o.drain_secs.unwrap_or(30)),
+            api_key: o.api_key.filter(|s| !s.is_empty()),
+            max_body_bytes: o.max_body_bytes.unwrap_or(1 << 20),
+            handshake_timeout: Duration::from_secs(o.handshake_timeout_secs.unwrap_or(10).max(1)),
+            driver: o.driver.unwrap_or(Driver::Auto),
+            log_format: o.log_format.unwrap_or(LogFormat::Text),
+        })
+    }
+
+    pub fn shards(&self) -> usize {
+        self.cores.len()
+    }
+
+    /// A config for in-process unit tests.
+    #[cfg(test)]
+    pub fn for_tests() -> Config {
+        Config::resolve(Options { shards: Some(1), ..Options::default() }).expect("defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_beats_file_and_file_beats_default() {
+        let dir = std::env::temp_dir().join(format!("cc-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "drain_secs = 7\nlisten = \"127.0.0.1:9999\"\necho = true\n").unwrap();
+        let cfg = Config::load([
+            "corecast",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:1234",
+        ])
+        .unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:1234".parse().unwrap());
+        assert_eq!(cfg.drain, Duration::from_secs(7));
+        assert!(cfg.echo);
+        assert_eq!(cfg.max_message_bytes, 65536);
+        assert_eq!(cfg.channel_prefix, "cc:");
+    }
+
+    #[test]
+    fn unknown_file_key_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("cc-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "no_such_option = 1\n").unwrap();
+        let err = Config::load(["corecast", "--config", file.to_str().unwrap()]).unwrap_err();
+        assert!(format!("{err:#}").contains("no_such_option"), "{err:#}");
+    }
+}

@@ -1,0 +1,58 @@
+//! Client ops on `/ws` (PROTOCOL.md §2): parse, act on the shard, reply.
+
+use std::rc::Rc;
+
+use super::Conn;
+use crate::bus::Target;
+use crate::protocol::{ClientOp, ErrorCode, event};
+use crate::shard::Shard;
+
+pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
+    if !text {
+        // Every frame is a UTF-8 JSON text frame (§2).
+        return refuse(shard, conn, ErrorCode::BadRequest, "binary frames are not supported", None);
+    }
+    let (op, id) = match ClientOp::parse(payload) {
+        Ok(parsed) => parsed,
+        Err(e) => return refuse(shard, conn, e.code, e.message, e.id),
+    };
+    let Some(me) = conn.user() else { return };
+    match op {
+        ClientOp::Subscribe { room } => {
+            shard.subscribe(conn, &room);
+            conn.push(shard, event::membership("subscribed", &room, id));
+        }
+        ClientOp::Unsubscribe { room } => {
+            shard.unsubscribe(conn, &room);
+            conn.push(shard, event::membership("unsubscribed", &room, id));
+        }
+        ClientOp::Publish { room, data } => {
+            let frame = event::message(&room, &me, data);
+            published(shard, conn, shard.publish(Target::Room(&room), frame), id);
+        }
+        ClientOp::Send { user, data } => {
+            let frame = event::direct(&me, data);
+            published(shard, conn, shard.publish(Target::User(&user), frame), id);
+        }
+        ClientOp::Ping => {
+            conn.push(shard, event::reply("pong", id));
+        }
+    }
+}
+
+fn published(shard: &Shard, conn: &Rc<Conn>, r: Result<(), crate::bus::Unavailable>, id: Option<&str>) {
+    match (r, id) {
+        (Ok(()), Some(id)) => {
+            conn.push(shard, event::reply("ack", Some(id)));
+        }
+        (Ok(()), None) => {}
+        // Ops without an id are not answered; the refusal is counted.
+        (Err(_), None) => {}
+        (Err(_), Some(id)) => refuse(shard, conn, ErrorCode::Unavailable, "the backplane is unavailable, try again", Some(id)),
+    }
+}
+
+fn refuse(shard: &Shard, conn: &Rc<Conn>, code: ErrorCode, message: &str, id: Option<&str>) {
+    shard.m().client_errors_total.inc();
+    conn.push(shard, event::error(code, message, id));
+}

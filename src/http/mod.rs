@@ -1,0 +1,191 @@
+//! ② The HTTP/1.1 side of a connection: read a request head (parsed by
+//! monoio-http's `RequestHeadDecoder`), route it, answer it. `/ws` and `/echo`
+//! end in a WebSocket upgrade (`upgrade.rs`); the other routes (`routes.rs`)
+//! answer and keep the connection alive for the next request unless asked
+//! not to.
+
+mod routes;
+mod upgrade;
+
+use std::fmt::Write as _;
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::request::Parts;
+use http::{HeaderMap, Method, Version};
+use monoio_codec::{Decoded, Decoder};
+use monoio_http::h1::codec::decoder::RequestHeadDecoder;
+
+use crate::conn::{Conn, Mode, Stop};
+use crate::shard::Shard;
+
+/// Largest request head we wait for; a larger one gets 431.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// Serves HTTP requests on `conn` until one is upgraded (returns the
+/// WebSocket mode) or the connection is done (returns why).
+pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> Result<Mode, Stop> {
+    loop {
+        // The deadline covers the whole head (slowloris) and the idle time
+        // of a kept-alive connection.
+        let deadline = Instant::now() + shard.cfg.handshake_timeout;
+        let head = loop {
+            match RequestHeadDecoder.decode(kept) {
+                Ok(Decoded::Some(head)) => break head,
+                Ok(_) if kept.len() > MAX_HEAD_BYTES => {
+                    respond(shard, conn, Reply::text(431, "request head too large\n").close());
+                    return Err(Stop::HttpDone);
+                }
+                Ok(_) => conn.read_some(shard, kept, Some(deadline), |_| Ok(0)).await?,
+                Err(_) => {
+                    // Malformed HTTP: 400 and the socket is closed (§1).
+                    respond(shard, conn, Reply::text(400, "malformed HTTP request\n").close());
+                    return Err(Stop::HttpDone);
+                }
+            }
+        };
+        shard.m().http_requests_total.inc();
+        let keep_alive = wants_keep_alive(&head);
+        let path = head.uri.path();
+        let reply = match (&head.method, path) {
+            (&Method::GET, "/ws") => match upgrade::accept(shard, conn, &head, Mode::Client) {
+                Ok(()) => return Ok(Mode::Client),
+                Err(reply) => reply,
+            },
+            (&Method::GET, "/echo") if shard.cfg.echo => match upgrade::accept(shard, conn, &head, Mode::Echo) {
+                Ok(()) => return Ok(Mode::Echo),
+                Err(reply) => reply,
+            },
+            (&Method::GET, "/healthz") => Reply::text(200, "ok\n"),
+            (&Method::GET, "/readyz") if shard.is_draining() => Reply::text(503, "draining\n"),
+            (&Method::GET, "/readyz") => Reply::text(200, "ready\n"),
+            (&Method::GET, "/metrics") => routes::metrics(shard),
+            (&Method::POST, "/api/publish") => {
+                let body = match read_body(shard, conn, &head, kept, deadline).await? {
+                    Ok(body) => body,
+                    Err(reply) => {
+                        respond(shard, conn, reply.close());
+                        return Err(Stop::HttpDone);
+                    }
+                };
+                routes::publish(shard, &head, &body)
+            }
+            (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => Reply::text(405, "method not allowed\n"),
+            (_, "/api/publish") => Reply::text(405, "method not allowed\n"),
+            _ => Reply::text(404, "not found\n"),
+        };
+        let reply = if keep_alive { reply } else { reply.close() };
+        let close = reply.close;
+        respond(shard, conn, reply);
+        if close {
+            return Err(Stop::HttpDone);
+        }
+    }
+}
+
+fn wants_keep_alive(head: &Parts) -> bool {
+    let conn_hdr = header_has_token(&head.headers, "connection", "close");
+    head.version == Version::HTTP_11 && !conn_hdr
+}
+
+/// Does a comma-separated header contain `token` (case-insensitively)?
+pub fn header_has_token(headers: &HeaderMap, name: &str, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Reads a `Content-Length` body. The outer `Result` is the connection
+/// ending; the inner one a request we refuse.
+async fn read_body(
+    shard: &Shard,
+    conn: &Conn,
+    head: &Parts,
+    kept: &mut BytesMut,
+    deadline: Instant,
+) -> Result<Result<Bytes, Reply>, Stop> {
+    if head.headers.contains_key("transfer-encoding") {
+        return Ok(Err(Reply::text(411, "a Content-Length body is required\n")));
+    }
+    let len = match head.headers.get("content-length").map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok())) {
+        None => 0,
+        Some(Some(n)) => n,
+        Some(None) => return Ok(Err(Reply::text(400, "bad Content-Length\n"))),
+    };
+    if len > shard.cfg.max_body_bytes {
+        return Ok(Err(Reply::text(413, "request body too large\n")));
+    }
+    while kept.len() < len {
+        conn.read_some(shard, kept, Some(deadline), |_| Ok(0)).await?;
+    }
+    Ok(Ok(kept.split_to(len).freeze()))
+}
+
+/// An HTTP response to be written.
+pub struct Reply {
+    status: u16,
+    content_type: &'static str,
+    headers: String,
+    body: Bytes,
+    close: bool,
+}
+
+impl Reply {
+    pub fn text(status: u16, body: &'static str) -> Reply {
+        Reply::new(status, "text/plain; charset=utf-8", Bytes::from_static(body.as_bytes()))
+    }
+    pub fn new(status: u16, content_type: &'static str, body: Bytes) -> Reply {
+        Reply { status, content_type, headers: String::new(), body, close: false }
+    }
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        let _ = write!(self.headers, "{name}: {value}\r\n");
+        self
+    }
+    pub fn close(mut self) -> Reply {
+        self.close = true;
+        self
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// Queues `reply` on the connection.
+pub fn respond(shard: &Shard, conn: &Rc<Conn>, reply: Reply) {
+    let mut out = BytesMut::with_capacity(160 + reply.headers.len() + reply.body.len());
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n{}{}\r\n",
+        reply.status,
+        reason(reply.status),
+        reply.content_type,
+        reply.body.len(),
+        reply.headers,
+        if reply.close { "connection: close\r\n" } else { "" },
+    );
+    out.put_slice(&reply.body);
+    conn.push_control(shard, out.freeze());
+}
+
+/// Queues the raw bytes of a response that is not a `Reply` (the 101).
+pub fn respond_raw(shard: &Shard, conn: &Rc<Conn>, bytes: Bytes) {
+    conn.push_control(shard, bytes);
+}

@@ -1,0 +1,87 @@
+//! The plain HTTP routes: `/metrics` and `POST /api/publish` (PROTOCOL.md §1, §4).
+
+use std::borrow::Cow;
+use std::fmt::Write;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use http::request::Parts;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::Reply;
+use crate::bus::Target;
+use crate::protocol::{event, is_valid_name};
+use crate::shard::Shard;
+
+/// The user id that server-side publishes carry as `from` (§4).
+const SERVER_USER: &str = "server";
+
+pub fn metrics(shard: &Rc<Shard>) -> Reply {
+    let mut extra = String::new();
+    let _ = writeln!(extra, "# HELP corecast_shards Shard threads in this process.");
+    let _ = writeln!(extra, "# TYPE corecast_shards gauge\ncorecast_shards {}", shard.peers().len());
+    let _ = writeln!(extra, "# HELP corecast_draining 1 while the node drains.");
+    let _ = writeln!(extra, "# TYPE corecast_draining gauge\ncorecast_draining {}", u8::from(shard.is_draining()));
+    let _ = writeln!(extra, "# HELP corecast_info Build and runtime information.");
+    let _ = writeln!(
+        extra,
+        "# TYPE corecast_info gauge\ncorecast_info{{version=\"{}\",driver=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        shard.driver
+    );
+    let body = shard.metrics.render(&extra);
+    Reply::new(200, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(body))
+}
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    #[serde(borrow, default)]
+    room: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+pub fn publish(shard: &Rc<Shard>, head: &Parts, body: &[u8]) -> Reply {
+    if let Some(key) = &shard.cfg.api_key {
+        let given = head
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
+            return Reply::text(401, "bad or missing API key\n").header("www-authenticate", "Bearer");
+        }
+    }
+    let Ok(req) = serde_json::from_slice::<PublishBody>(body) else {
+        return json(400, r#"{"ok":false,"error":"expected {\"room\":R,\"data\":D} or {\"user\":U,\"data\":D}"}"#);
+    };
+    let data = req.data.get();
+    let result = match (&req.room, &req.user) {
+        (Some(room), None) if is_valid_name(room) => {
+            shard.publish(Target::Room(room), event::message(room, SERVER_USER, data))
+        }
+        (Some(_), None) => return json(400, r#"{"ok":false,"error":"bad_room"}"#),
+        (None, Some(user)) if is_valid_name(user) => {
+            shard.publish(Target::User(user), event::direct(SERVER_USER, data))
+        }
+        _ => return json(400, r#"{"ok":false,"error":"give exactly one of room or user"}"#),
+    };
+    match result {
+        Ok(()) => json(200, r#"{"ok":true}"#),
+        Err(_) => json(503, r#"{"ok":false,"error":"unavailable"}"#),
+    }
+}
+
+fn json(status: u16, body: &'static str) -> Reply {
+    Reply::new(status, "application/json", Bytes::from_static(body.as_bytes()))
+}
+
+/// Compares without an early exit, so the time taken does not reveal how much
+/// of a guessed key was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

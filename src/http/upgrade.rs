@@ -1,0 +1,95 @@
+//! The WebSocket opening handshake, server side (RFC 6455 §4.2).
+
+use std::rc::Rc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use http::request::Parts;
+
+use super::{Reply, header_has_token, respond_raw};
+use crate::conn::{Conn, Mode};
+use crate::protocol::is_valid_name;
+use crate::shard::Shard;
+
+/// RFC 6455 §1.3: the GUID appended to the client's key.
+const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// `Sec-WebSocket-Accept` for a client's `Sec-WebSocket-Key` (§4.2.2).
+pub fn accept_key(key: &[u8]) -> String {
+    let mut sha = sha1_smol::Sha1::new();
+    sha.update(key);
+    sha.update(GUID.as_bytes());
+    B64.encode(sha.digest().bytes())
+}
+
+/// Checks the upgrade request; on success queues the 101 and registers the
+/// connection as a WebSocket of its user. On failure returns the reply.
+pub fn accept(shard: &Rc<Shard>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> Result<(), Reply> {
+    let refuse = |reply: Reply| {
+        shard.m().handshakes_failed_total.inc();
+        Err(reply.close())
+    };
+    let h = &head.headers;
+    // The request MUST contain an |Upgrade| header field whose value MUST
+    // include the "websocket" keyword, and a |Connection| header field that
+    // includes the token "Upgrade". (RFC 6455 §4.2.1)
+    if !header_has_token(h, "upgrade", "websocket") || !header_has_token(h, "connection", "upgrade") {
+        return refuse(Reply::text(400, "expected a WebSocket upgrade request\n"));
+    }
+    // If this version does not match a version understood by the server, the
+    // server MUST abort the WebSocket handshake ... and send ... 426 Upgrade
+    // Required ... with a |Sec-WebSocket-Version| header field. (§4.2.2, §4.4)
+    if h.get("sec-websocket-version").map(|v| v.as_bytes()) != Some(b"13") {
+        return refuse(Reply::text(426, "only WebSocket version 13 is supported\n").header("sec-websocket-version", "13"));
+    }
+    let Some(key) = h.get("sec-websocket-key").map(|v| v.as_bytes().trim_ascii()) else {
+        return refuse(Reply::text(400, "missing Sec-WebSocket-Key\n"));
+    };
+    // A base64-encoded value that, when decoded, is 16 bytes in length. (§4.1)
+    if B64.decode(key).map(|k| k.len()) != Ok(16) {
+        return refuse(Reply::text(400, "bad Sec-WebSocket-Key\n"));
+    }
+    if !h.contains_key("host") {
+        return refuse(Reply::text(400, "missing Host\n"));
+    }
+    if shard.is_draining() {
+        return refuse(Reply::text(503, "draining: reconnect to another node\n"));
+    }
+    let user = match query_param(head.uri.query(), "user") {
+        Some(u) if is_valid_name(&u) => Rc::from(u.as_str()),
+        Some(_) => return refuse(Reply::text(400, "bad user id: 1-128 bytes of A-Z a-z 0-9 _ - . : @ /\n")),
+        None => Rc::from(format!("anon-{:016x}", fastrand::u64(..)).as_str()),
+    };
+    let _ = mode;
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
+        accept_key(key)
+    );
+    respond_raw(shard, conn, Bytes::from(response));
+    shard.upgraded(conn, user);
+    Ok(())
+}
+
+/// The first value of `name` in a URL query string, percent-decoded.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc_6455_sample_key() {
+        // RFC 6455 §1.3's worked example.
+        assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn query_params_are_decoded() {
+        assert_eq!(query_param(Some("a=1&user=bob%40x"), "user").as_deref(), Some("bob@x"));
+        assert_eq!(query_param(Some("a=1"), "user"), None);
+        assert_eq!(query_param(None, "user"), None);
+    }
+}

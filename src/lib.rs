@@ -1,0 +1,30 @@
+//! corecast: a shard-per-core WebSocket fan-out server.
+//!
+//! # Layout
+//!
+//! The stages one message passes through, in order:
+//!
+//! 1. `accept` — each shard's SO_REUSEPORT listener and accept loop.
+//! 2. `http` — the request head, the routes, the WebSocket upgrade.
+//! 3. `ws` — RFC 6455 frames: parse, unmask, validate, format.
+//! 4. `conn` — one connection's task: reads frames, runs ops, owns its `Outbox`.
+//! 5. `shard` — the shard's room and user tables (`shard::rooms`).
+//! 6. `bus` — from the publishing shard to every shard with subscribers
+//!    (`bus::local`; Redis across nodes).
+//! 8. `shard::inbox` — the channel + wake-up into another shard.
+//! 9. `Shard::deliver` — one encoded frame into every member's `Outbox`;
+//!    the shard's flusher writes each connection's queue in one `sendmsg`.
+//!
+//! Around them: `config` (flags, env, TOML), `server` (threads, pinning,
+//! signals, drain), `protocol` (ops and events), `metrics`.
+
+pub mod accept;
+pub mod bus;
+pub mod config;
+pub mod conn;
+pub mod http;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod shard;
+pub mod ws;

@@ -1,0 +1,30 @@
+//! The `error` event's codes (PROTOCOL.md §2).
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Not a JSON object with a known `op`, or a field of the wrong type.
+    BadRequest,
+    /// A room name outside the naming rules.
+    BadRoom,
+    /// Auth forbids the room.
+    Forbidden,
+    /// Too many ops too fast.
+    RateLimited,
+    /// A value over a configured size limit.
+    TooLarge,
+    /// The backplane cannot take the publish now (Redis down or slow).
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::BadRoom => "bad_room",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}

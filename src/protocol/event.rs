@@ -1,0 +1,150 @@
+//! Server → client events (PROTOCOL.md §2), encoded straight into a complete
+//! WebSocket text frame.
+//!
+//! Each builder writes the JSON after `HEADROOM` spare bytes and then fills
+//! the frame header in front of it, so an event costs one allocation and no
+//! copy; a room message is built once and the same `Bytes` is queued to every
+//! subscriber (and, on the Redis bus, its JSON part is what gets published).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::ErrorCode;
+use crate::ws::frame::{HEADROOM, OpCode, encode_with_headroom};
+
+/// A JSON text being built behind room for its frame header.
+struct Builder(BytesMut);
+
+impl Builder {
+    fn new(capacity: usize) -> Builder {
+        let mut b = BytesMut::with_capacity(HEADROOM + capacity);
+        b.put_bytes(0, HEADROOM);
+        Builder(b)
+    }
+    fn raw(mut self, s: &str) -> Self {
+        self.0.put_slice(s.as_bytes());
+        self
+    }
+    /// A JSON string literal, escaped as JSON requires.
+    fn string(mut self, s: &str) -> Self {
+        // Writing into a BytesMut cannot fail.
+        serde_json::to_writer((&mut self.0).writer(), s).expect("write to memory");
+        self
+    }
+    fn id(self, id: Option<&str>) -> Self {
+        match id {
+            Some(id) => self.raw(",\"id\":").raw(id),
+            None => self,
+        }
+    }
+    fn frame(self) -> Bytes {
+        encode_with_headroom(self.raw_close(), OpCode::Text)
+    }
+    fn raw_close(mut self) -> BytesMut {
+        self.0.put_u8(b'}');
+        self.0
+    }
+}
+
+/// `{"ev":"message","room":R,"from":U,"data":D}` — `data` is raw JSON text.
+pub fn message(room: &str, from: &str, data: &str) -> Bytes {
+    Builder::new(40 + room.len() + from.len() + data.len())
+        .raw("{\"ev\":\"message\",\"room\":")
+        .string(room)
+        .raw(",\"from\":")
+        .string(from)
+        .raw(",\"data\":")
+        .raw(data)
+        .frame()
+}
+
+/// `{"ev":"direct","from":U,"data":D}` — `data` is raw JSON text.
+pub fn direct(from: &str, data: &str) -> Bytes {
+    Builder::new(32 + from.len() + data.len())
+        .raw("{\"ev\":\"direct\",\"from\":")
+        .string(from)
+        .raw(",\"data\":")
+        .raw(data)
+        .frame()
+}
+
+/// `subscribed` / `unsubscribed` with their room.
+pub fn membership(ev: &'static str, room: &str, id: Option<&str>) -> Bytes {
+    Builder::new(48 + room.len())
+        .raw("{\"ev\":\"")
+        .raw(ev)
+        .raw("\",\"room\":")
+        .string(room)
+        .id(id)
+        .frame()
+}
+
+/// `{"ev":"ack","id":..}` or `{"ev":"pong","id":..}`.
+pub fn reply(ev: &'static str, id: Option<&str>) -> Bytes {
+    Builder::new(32).raw("{\"ev\":\"").raw(ev).raw("\"").id(id).frame()
+}
+
+/// `{"ev":"error","code":C,"message":M,"id":..}`.
+pub fn error(code: ErrorCode, message: &str, id: Option<&str>) -> Bytes {
+    Builder::new(48 + message.len())
+        .raw("{\"ev\":\"error\",\"code\":\"")
+        .raw(code.as_str())
+        .raw("\",\"message\":")
+        .string(message)
+        .id(id)
+        .frame()
+}
+
+/// `{"ev":"maintenance","reconnect_in_ms":N}`.
+pub fn maintenance(reconnect_in_ms: u64) -> Bytes {
+    Builder::new(48).raw("{\"ev\":\"maintenance\",\"reconnect_in_ms\":").raw(&reconnect_in_ms.to_string()).frame()
+}
+
+/// The JSON text inside a frame built here (what the Redis bus publishes).
+pub fn json_of(frame: &Bytes) -> Bytes {
+    let h = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    frame.slice(h.min(frame.len())..)
+}
+
+/// A text frame carrying `json` (an event that arrived already encoded, e.g.
+/// from Redis): one allocation, one copy.
+pub fn frame_json(json: &[u8]) -> Bytes {
+    crate::ws::frame::encode(OpCode::Text, json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(frame: &Bytes) -> String {
+        String::from_utf8(json_of(frame).to_vec()).unwrap()
+    }
+
+    #[test]
+    fn events_are_byte_exact() {
+        assert_eq!(text(&message("r", "u1", "{\"a\":1}")), r#"{"ev":"message","room":"r","from":"u1","data":{"a":1}}"#);
+        assert_eq!(text(&direct("u\"q", "2")), r#"{"ev":"direct","from":"u\"q","data":2}"#);
+        assert_eq!(text(&membership("subscribed", "r", Some("5"))), r#"{"ev":"subscribed","room":"r","id":5}"#);
+        assert_eq!(text(&reply("pong", None)), r#"{"ev":"pong"}"#);
+        assert_eq!(text(&reply("ack", Some("\"a\""))), r#"{"ev":"ack","id":"a"}"#);
+        assert_eq!(
+            text(&error(ErrorCode::BadRoom, "no", Some("1"))),
+            r#"{"ev":"error","code":"bad_room","message":"no","id":1}"#
+        );
+        assert_eq!(text(&maintenance(1500)), r#"{"ev":"maintenance","reconnect_in_ms":1500}"#);
+    }
+
+    #[test]
+    fn frames_are_complete_text_frames() {
+        let big = "x".repeat(300);
+        let data = format!("\"{big}\"");
+        let f = message("room", "me", &data);
+        assert_eq!(f[0], 0x81);
+        assert_eq!(f[1], 126);
+        assert_eq!(u16::from_be_bytes([f[2], f[3]]) as usize, f.len() - 4);
+        assert_eq!(frame_json(&json_of(&f)), f);
+    }
+}

@@ -1,0 +1,182 @@
+//! Start-up and supervision: bind the listeners, wire every inbox, spawn and
+//! pin one `shard-NN` thread per core, turn SIGTERM/SIGINT into a drain, and
+//! wait. If a shard stops on its own, `run` fails naming it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread;
+
+use anyhow::{Context, bail};
+use crossbeam_channel::Receiver;
+use monoio::{FusionDriver, IoUringDriver, LegacyDriver, RuntimeBuilder};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tracing::{error, info, warn};
+
+use crate::accept;
+use crate::bus::Bus;
+use crate::config::{Config, Driver};
+use crate::metrics::Metrics;
+use crate::shard::{Inbox, InboxSender, Shard, ShardMsg, inbox};
+
+/// io_uring submission queue entries per shard.
+const URING_ENTRIES: u32 = 4096;
+
+/// A running node, as seen from the thread that started it.
+pub struct Node {
+    pub addr: SocketAddr,
+    peers: Arc<[InboxSender]>,
+    exits: Receiver<(String, anyhow::Result<()>)>,
+    shards: usize,
+}
+
+/// Starts every shard and returns once they are accepting.
+pub fn start(cfg: Config) -> anyhow::Result<Node> {
+    let cfg = Arc::new(cfg);
+    let n = cfg.shards();
+    let listeners = accept::bind_all(cfg.listen, n)?;
+    let addr = listeners[0].local_addr()?;
+
+    // Wire every inbox before spawning any thread.
+    let (senders, inboxes): (Vec<InboxSender>, Vec<Inbox>) = (0..n).map(|_| inbox()).unzip();
+    let peers: Arc<[InboxSender]> = senders.into();
+    let metrics = Arc::new(Metrics::new(n));
+    if cfg.redis.is_some() {
+        bail!("--redis: the Redis backplane is not built yet; run without it (standalone, local bus)");
+    }
+
+    let (exit_tx, exits) = crossbeam_channel::unbounded();
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<anyhow::Result<()>>(n);
+    for (i, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+        let name = format!("shard-{i:02}");
+        let (cfg, metrics, peers, exit_tx, ready_tx) =
+            (cfg.clone(), metrics.clone(), peers.clone(), exit_tx.clone(), ready_tx.clone());
+        let thread_name = name.clone();
+        thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_shard(i, cfg, metrics, peers, listener, inbox, ready_tx)
+                }));
+                let r = match r {
+                    Ok(r) => r,
+                    Err(_) => Err(anyhow::anyhow!("{thread_name} panicked")),
+                };
+                let _ = exit_tx.send((thread_name, r));
+            })
+            .with_context(|| format!("spawn {name}"))?;
+    }
+    for _ in 0..n {
+        ready_rx.recv().context("a shard died during start-up")??;
+    }
+    Ok(Node { addr, peers, exits, shards: n })
+}
+
+impl Node {
+    /// Asks every shard to drain (PROTOCOL.md §5).
+    pub fn drain(&self) {
+        for p in self.peers.iter() {
+            let _ = p.send(ShardMsg::Drain);
+        }
+    }
+
+    /// Waits for every shard to finish; fails as soon as one fails.
+    pub fn wait(self) -> anyhow::Result<()> {
+        for _ in 0..self.shards {
+            let (name, r) = self.exits.recv().context("shard exit channel closed")?;
+            r.with_context(|| format!("{name} stopped"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a node until SIGTERM/SIGINT has drained it.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let node = start(cfg)?;
+    // Printed on stdout for scripts and tests that start us on port 0.
+    println!("corecast listening on {}", node.addr);
+    let peers = node.peers.clone();
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("install signal handlers")?;
+    thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut seen = 0;
+        for sig in signals.forever() {
+            seen += 1;
+            if seen == 1 {
+                info!(signal = sig, "draining");
+                for p in peers.iter() {
+                    let _ = p.send(ShardMsg::Drain);
+                }
+            } else {
+                warn!("second signal: exiting now");
+                std::process::exit(1);
+            }
+        }
+    })?;
+    let r = node.wait();
+    match &r {
+        Ok(()) => info!("drained, exiting"),
+        Err(e) => error!("{e:#}"),
+    }
+    r
+}
+
+fn run_shard(
+    id: usize,
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+    peers: Arc<[InboxSender]>,
+    listener: std::net::TcpListener,
+    inbox: Inbox,
+    ready: crossbeam_channel::Sender<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let core = cfg.cores[id];
+    if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+        warn!(shard = id, core, "could not pin to core");
+    }
+    let driver_choice = cfg.driver;
+    let body = move |driver: &'static str| {
+        let cfg2 = cfg.clone();
+        async move {
+            let listener = match monoio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready.send(Err(anyhow::anyhow!("shard {id}: listener: {e}")));
+                    return;
+                }
+            };
+            let shard = Shard::new(id, cfg2, metrics, peers, Bus::Local, driver);
+            monoio::spawn(shard.clone().run_flusher());
+            monoio::spawn(shard.clone().run_inbox(inbox));
+            monoio::spawn(accept::run(shard.clone(), listener));
+            info!(shard = id, core, driver, "shard running");
+            let _ = ready.send(Ok(()));
+            shard.drained().await;
+        }
+    };
+    match driver_choice {
+        Driver::Auto => {
+            let mut rt = RuntimeBuilder::<FusionDriver>::new()
+                .with_entries(URING_ENTRIES)
+                .enable_timer()
+                .build()
+                .context("build runtime")?;
+            let driver = match &rt {
+                monoio::FusionRuntime::Uring(_) => "io_uring",
+                monoio::FusionRuntime::Legacy(_) => "epoll",
+            };
+            rt.block_on(body(driver));
+        }
+        Driver::Uring => {
+            let mut rt = RuntimeBuilder::<IoUringDriver>::new()
+                .with_entries(URING_ENTRIES)
+                .enable_timer()
+                .build()
+                .context("io_uring runtime (is io_uring allowed here? try --driver legacy)")?;
+            rt.block_on(body("io_uring"));
+        }
+        Driver::Legacy => {
+            let mut rt = RuntimeBuilder::<LegacyDriver>::new().enable_timer().build().context("epoll runtime")?;
+            rt.block_on(body("epoll"));
+        }
+    }
+    Ok(())
+}

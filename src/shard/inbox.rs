@@ -1,0 +1,85 @@
+//! ⑧ The shard's inbox: the only way into a shard from another thread.
+//!
+//! A crossbeam channel carries `ShardMsg`s; after each send the sender wakes
+//! the shard's inbox task through an `AtomicWaker`. The runtime parked in
+//! io_uring (or epoll) is woken from another thread only because monoio's
+//! `sync` feature is on: without it a cross-thread wake would be lost and the
+//! shard would sleep until its next I/O event.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::Poll;
+
+use atomic_waker::AtomicWaker;
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+/// What crosses into a shard. Frames are complete WebSocket frames, built once
+/// by whoever encoded the event and shared by every shard that delivers them.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Deliver `frame` to every local member of `room`.
+    Room { room: Arc<str>, frame: Bytes },
+    /// Deliver `frame` to every local connection of `user`.
+    Direct { user: Arc<str>, frame: Bytes },
+    /// SIGTERM/SIGINT: stop accepting and drain (PROTOCOL.md §5).
+    Drain,
+}
+
+/// The sending half; `Clone + Send`, handed to other shards and bus threads.
+#[derive(Clone)]
+pub struct InboxSender {
+    tx: Sender<ShardMsg>,
+    waker: Arc<AtomicWaker>,
+}
+
+/// The receiving half, owned by its shard.
+pub struct Inbox {
+    rx: Receiver<ShardMsg>,
+    waker: Arc<AtomicWaker>,
+}
+
+/// Makes a connected pair. Wire every inbox before spawning any thread.
+///
+/// The channel is unbounded: a shard never blocks on another. Senders that
+/// can be flooded from outside (the Redis reader) bound themselves.
+pub fn inbox() -> (InboxSender, Inbox) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let waker = Arc::new(AtomicWaker::new());
+    (InboxSender { tx, waker: waker.clone() }, Inbox { rx, waker })
+}
+
+impl InboxSender {
+    /// Queues `msg` and wakes the shard. A failed hand-off (the shard has
+    /// stopped) returns the message.
+    pub fn send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.tx.send(msg).map_err(|e| e.0)?;
+        self.waker.wake();
+        Ok(())
+    }
+
+    /// Messages waiting in this inbox (for metrics and back-pressure).
+    pub fn backlog(&self) -> usize {
+        self.tx.len()
+    }
+}
+
+impl Inbox {
+    /// Takes the next message without waiting.
+    pub fn try_recv(&self) -> Option<ShardMsg> {
+        match self.rx.try_recv() {
+            Ok(m) => Some(m),
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
+        }
+    }
+
+    /// Resolves once at least one message is waiting.
+    pub async fn ready(&self) {
+        poll_fn(|cx| {
+            // Register first, then look: a send between the two still wakes us.
+            self.waker.register(cx.waker());
+            if self.rx.is_empty() { Poll::Pending } else { Poll::Ready(()) }
+        })
+        .await
+    }
+}

@@ -1,0 +1,354 @@
+//! ⑤ ⑧ ⑨ One shard: a thread pinned to one core, its monoio runtime, and
+//! everything it owns — its connections, its room and user tables, the list
+//! of connections with frames to flush, and its inbox.
+//!
+//! `Shard` is `!Send`: it is shared between the shard's tasks as `Rc<Shard>`
+//! with `RefCell`/`Cell` fields, never borrowed across an `.await`. The only
+//! way in from another thread is the inbox (`InboxSender::send`).
+//!
+//! Fan-out (⑨) is `deliver`: one encoded frame, cloned (a reference count) into
+//! every member's `Outbox`. Each connection that got a frame is put once on
+//! the dirty list; the flusher task empties the list once per turn of the
+//! event loop, so everything queued to a connection in that turn leaves in
+//! one `sendmsg`.
+
+pub mod inbox;
+pub mod rooms;
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use monoio::net::TcpStream;
+use slab::Slab;
+use tracing::{debug, info};
+
+pub use inbox::{Inbox, InboxSender, ShardMsg, inbox};
+use rooms::{RoomTable, UserTable};
+
+use crate::bus::{Bus, Target, Unavailable};
+use crate::config::Config;
+use crate::conn::Conn;
+use crate::metrics::{Metrics, ShardMetrics};
+use crate::protocol::event;
+use crate::ws::CloseCode;
+
+/// A connection's key in its shard's table.
+pub type ConnId = u32;
+
+/// Inbox messages handled before the inbox task yields to the others.
+const INBOX_BATCH: usize = 256;
+
+pub struct Shard {
+    pub id: usize,
+    pub cfg: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    /// Which monoio driver runs this shard ("io_uring" or "epoll").
+    pub driver: &'static str,
+    peers: Arc<[InboxSender]>,
+    bus: Bus,
+    conns: RefCell<Slab<Rc<Conn>>>,
+    rooms: RefCell<RoomTable>,
+    users: RefCell<UserTable>,
+    /// Connections with queued frames, each once (`Conn::mark_dirty`).
+    dirty: RefCell<Vec<Rc<Conn>>>,
+    /// Wakes the flusher task when `dirty` becomes non-empty.
+    flusher: Cell<Option<Waker>>,
+    draining: Cell<bool>,
+    /// Wakes the shard's main future when draining starts and when the last
+    /// WebSocket connection leaves during a drain.
+    drain_waker: Cell<Option<Waker>>,
+}
+
+impl Shard {
+    pub fn new(
+        id: usize,
+        cfg: Arc<Config>,
+        metrics: Arc<Metrics>,
+        peers: Arc<[InboxSender]>,
+        bus: Bus,
+        driver: &'static str,
+    ) -> Rc<Shard> {
+        Rc::new(Shard {
+            id,
+            cfg,
+            metrics,
+            driver,
+            peers,
+            bus,
+            conns: RefCell::new(Slab::new()),
+            rooms: RefCell::default(),
+            users: RefCell::default(),
+            dirty: RefCell::default(),
+            flusher: Cell::new(None),
+            draining: Cell::new(false),
+            drain_waker: Cell::new(None),
+        })
+    }
+
+    /// This shard's counters.
+    #[inline]
+    pub fn m(&self) -> &ShardMetrics {
+        self.metrics.shard(self.id)
+    }
+
+    pub fn peers(&self) -> &[InboxSender] {
+        &self.peers
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// Sends a message built by `make` to every shard but this one
+    /// (Seastar's `invoke_on_all` minus `local()`).
+    pub fn to_other_shards(&self, mut make: impl FnMut() -> ShardMsg) {
+        for (i, p) in self.peers.iter().enumerate() {
+            if i != self.id {
+                // A peer that stopped (only during shutdown) just misses it.
+                let _ = p.send(make());
+            }
+        }
+    }
+
+    // ---- connections -------------------------------------------------------
+
+    /// Takes ownership of an accepted socket.
+    pub fn add_conn(&self, stream: TcpStream) -> Rc<Conn> {
+        let mut conns = self.conns.borrow_mut();
+        let entry = conns.vacant_entry();
+        let conn = Rc::new(Conn::new(entry.key() as ConnId, stream));
+        entry.insert(conn.clone());
+        self.m().sockets.inc();
+        conn
+    }
+
+    /// The connection finished its WebSocket handshake as `user`.
+    pub fn upgraded(&self, conn: &Rc<Conn>, user: Rc<str>) {
+        let first = self.users.borrow_mut().add(&user, conn.id);
+        conn.set_user(user.clone());
+        if first {
+            self.bus.interest(self, Target::User(&user), true);
+        }
+        self.m().connections.inc();
+        self.m().connections_total.inc();
+    }
+
+    /// Forgets a connection: leaves its rooms and its user entry.
+    pub fn remove_conn(&self, conn: &Rc<Conn>) {
+        for room in conn.take_rooms() {
+            if self.rooms.borrow_mut().leave(&room, conn.id).edge {
+                self.bus.interest(self, Target::Room(&room), false);
+            }
+        }
+        if let Some(user) = conn.user() {
+            if self.users.borrow_mut().remove(&user, conn.id) {
+                self.bus.interest(self, Target::User(&user), false);
+            }
+            self.m().connections.sub(1);
+        }
+        self.conns.borrow_mut().try_remove(conn.id as usize);
+        self.m().sockets.sub(1);
+        if self.draining.get() && self.m().connections.get() == 0 {
+            if let Some(w) = self.drain_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    pub fn subscribe(&self, conn: &Rc<Conn>, room: &str) {
+        let (key, change) = self.rooms.borrow_mut().join(room, conn.id);
+        if let Some(key) = key {
+            conn.add_room(key);
+        }
+        if change.edge {
+            self.bus.interest(self, Target::Room(room), true);
+        }
+    }
+
+    pub fn unsubscribe(&self, conn: &Rc<Conn>, room: &str) {
+        let change = self.rooms.borrow_mut().leave(room, conn.id);
+        if change.changed {
+            conn.remove_room(room);
+        }
+        if change.edge {
+            self.bus.interest(self, Target::Room(room), false);
+        }
+    }
+
+    // ---- publish and fan-out ------------------------------------------------
+
+    /// Publishes an encoded event frame through the bus.
+    pub fn publish(&self, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
+        self.m().publishes_total.inc();
+        let r = self.bus.publish(self, target, frame);
+        if r.is_err() {
+            self.m().bus_unavailable_total.inc();
+        }
+        r
+    }
+
+    /// ⑨ Queues `frame` to every local member of `target`.
+    pub fn deliver(&self, target: Target<'_>, frame: &Bytes) {
+        let conns = self.conns.borrow();
+        let mut push = |id: &ConnId| {
+            if let Some(c) = conns.get(*id as usize) {
+                c.push(self, frame.clone());
+            }
+        };
+        match target {
+            Target::Room(room) => {
+                if let Some(members) = self.rooms.borrow().members(room) {
+                    members.iter().for_each(&mut push);
+                }
+            }
+            Target::User(user) => self.users.borrow().conns(user).iter().for_each(&mut push),
+        }
+    }
+
+    /// Called by `Conn` when it gets its first frame since the last flush.
+    pub(crate) fn mark_dirty(&self, conn: Rc<Conn>) {
+        let mut dirty = self.dirty.borrow_mut();
+        if dirty.is_empty() {
+            if let Some(w) = self.flusher.take() {
+                w.wake();
+            }
+        }
+        dirty.push(conn);
+    }
+
+    /// The flusher task: once per turn of the event loop, writes out every
+    /// connection that got frames, one `sendmsg` each.
+    pub async fn run_flusher(self: Rc<Self>) {
+        let mut batch: Vec<Rc<Conn>> = Vec::new();
+        loop {
+            poll_fn(|cx| {
+                if self.dirty.borrow().is_empty() {
+                    self.flusher.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+            std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
+            for conn in batch.drain(..) {
+                conn.flush(&self);
+            }
+        }
+    }
+
+    // ---- the inbox -----------------------------------------------------------
+
+    /// The inbox task: handles what other shards and bus threads send.
+    pub async fn run_inbox(self: Rc<Self>, inbox: Inbox) {
+        loop {
+            inbox.ready().await;
+            let mut n = 0;
+            while let Some(msg) = inbox.try_recv() {
+                self.handle(msg);
+                n += 1;
+                if n == INBOX_BATCH {
+                    // Let the flusher and the connections run between batches.
+                    yield_now().await;
+                    n = 0;
+                }
+            }
+        }
+    }
+
+    fn handle(self: &Rc<Self>, msg: ShardMsg) {
+        self.m().inbox_messages_total.inc();
+        match msg {
+            ShardMsg::Room { room, frame } => self.deliver(Target::Room(&room), &frame),
+            ShardMsg::Direct { user, frame } => self.deliver(Target::User(&user), &frame),
+            ShardMsg::Drain => self.start_drain(),
+        }
+    }
+
+    // ---- draining (PROTOCOL.md §5) -------------------------------------------
+
+    /// Turns `/readyz` to 503, refuses new upgrades, tells every client to
+    /// reconnect after a jittered delay spread over the drain window, and
+    /// closes each with 1001 when its delay is up.
+    pub fn start_drain(self: &Rc<Self>) {
+        if self.draining.replace(true) {
+            return;
+        }
+        let window_ms = self.cfg.drain.as_millis() as u64;
+        // Leave the last fifth of the window for close handshakes.
+        let spread = window_ms * 4 / 5;
+        let mut plan: Vec<(u64, Rc<Conn>)> = self
+            .conns
+            .borrow()
+            .iter()
+            .filter(|(_, c)| c.user().is_some())
+            .map(|(_, c)| (fastrand::u64(0..=spread), c.clone()))
+            .collect();
+        info!(shard = self.id, connections = plan.len(), window_ms, "draining");
+        for (delay, c) in &plan {
+            c.push_control(self, event::maintenance(*delay));
+        }
+        plan.sort_by_key(|(d, _)| *d);
+        let shard = self.clone();
+        monoio::spawn(async move {
+            let start = Instant::now();
+            for (delay, c) in plan {
+                let at = start + Duration::from_millis(delay);
+                let now = Instant::now();
+                if at > now {
+                    monoio::time::sleep(at - now).await;
+                }
+                c.close(&shard, CloseCode::GOING_AWAY);
+            }
+        });
+        if let Some(w) = self.drain_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves when a drain has finished: every WebSocket connection is gone
+    /// or the drain window (plus a second for close handshakes) has passed.
+    pub async fn drained(&self) {
+        poll_fn(|cx| {
+            if self.draining.get() {
+                Poll::Ready(())
+            } else {
+                self.drain_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await;
+        let all_gone = poll_fn(|cx| {
+            if self.m().connections.get() == 0 {
+                Poll::Ready(())
+            } else {
+                self.drain_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        });
+        let limit = self.cfg.drain + Duration::from_secs(1);
+        if monoio::time::timeout(limit, all_gone).await.is_err() {
+            debug!(shard = self.id, left = self.m().connections.get(), "drain window over");
+        }
+    }
+}
+
+/// Lets every other ready task run once before continuing.
+async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
+}

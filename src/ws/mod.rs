@@ -1,0 +1,15 @@
+//! ③ The WebSocket codec (RFC 6455), server side.
+//!
+//! `frame` parses client frame headers and formats server frames (one `Bytes`
+//! holding header + payload, so a fan-out frame is built once and shared);
+//! `mask` unmasks client payloads in place; `close` validates close frames;
+//! `utf8` validates text messages incrementally across fragments. The
+//! connection task (`conn`) drives them over its receive buffer.
+
+pub mod close;
+pub mod frame;
+pub mod mask;
+pub mod utf8;
+
+pub use close::CloseCode;
+pub use frame::{FrameHeader, OpCode, ProtocolError};
