@@ -102,7 +102,12 @@ fn refuse_one(listener: &TcpListener) {
     // SAFETY: accept4 on our own listening socket; the returned descriptor,
     // if any, is owned by `Socket` and closed when it drops.
     let fd = unsafe {
-        libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+        )
     };
     if fd >= 0 {
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.

@@ -148,10 +148,8 @@ impl Config {
         let cli = Options::try_parse_from(args).unwrap_or_else(|e| e.exit());
         let file = match &cli.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("config: read {}", path.display()))?;
-                toml::from_str::<Options>(&text)
-                    .with_context(|| format!("config: parse {}", path.display()))?
+                let text = std::fs::read_to_string(path).with_context(|| format!("config: read {}", path.display()))?;
+                toml::from_str::<Options>(&text).with_context(|| format!("config: parse {}", path.display()))?
             }
             None => Options::default(),
         };
@@ -159,9 +157,8 @@ impl Config {
     }
 
     fn resolve(o: Options) -> anyhow::Result<Config> {
-        let allowed: Vec<usize> = core_affinity::get_core_ids()
-            .map(|ids| ids.into_iter().map(|c| c.id).collect())
-            .unwrap_or_default();
+        let allowed: Vec<usize> =
+            core_affinity::get_core_ids().map(|ids| ids.into_iter().map(|c| c.id).collect()).unwrap_or_default();
         let available = allowed.len().max(1);
         let shards = o.shards.unwrap_or(available);
         if shards == 0 || shards > 1024 {
@@ -169,9 +166,7 @@ impl Config {
         }
         // Shard i is pinned to the i-th allowed core; with more shards than
         // cores they wrap around (useful for tests, not for production).
-        let cores = (0..shards)
-            .map(|i| allowed.get(i % available).copied().unwrap_or(i))
-            .collect();
+        let cores = (0..shards).map(|i| allowed.get(i % available).copied().unwrap_or(i)).collect();
         let max_message_bytes = o.max_message_bytes.unwrap_or(64 * 1024);
         if max_message_bytes < 125 {
             bail!("--max-message-bytes must be at least 125");
@@ -215,14 +210,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
         std::fs::write(&file, "drain_secs = 7\nlisten = \"127.0.0.1:9999\"\necho = true\n").unwrap();
-        let cfg = Config::load([
-            "corecast",
-            "--config",
-            file.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:1234",
-        ])
-        .unwrap();
+        let cfg = Config::load(["corecast", "--config", file.to_str().unwrap(), "--listen", "127.0.0.1:1234"]).unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:1234".parse().unwrap());
         assert_eq!(cfg.drain, Duration::from_secs(7));
         assert!(cfg.echo);

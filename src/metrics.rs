@@ -74,6 +74,14 @@ shard_metrics! {
     accept_errors_total: "counter", "Other accept(2) errors.";
     bus_unavailable_total: "counter", "Publishes refused because the backplane could not take them.";
     bus_dropped_total: "counter", "Malformed messages from the backplane dropped.";
+    redis_connected: "gauge", "1 while this shard's Redis subscriber connection is up (0 without --redis).";
+    redis_publisher_connected: "gauge", "1 while this shard's Redis publisher connection is up and answering.";
+    redis_reconnects_total: "counter", "Redis connections (subscriber or publisher) made again after being lost.";
+    redis_connect_failures_total: "counter", "Failed attempts to connect and log in to Redis.";
+    redis_sub_commands_total: "counter", "SUBSCRIBE/UNSUBSCRIBE commands written (each carries every channel changed in a batch).";
+    redis_publish_writes_total: "counter", "Writes on the publisher connection (each carries every PUBLISH queued since the last).";
+    redis_publish_lost_total: "counter", "PUBLISHes accepted but lost with a dropped Redis connection (at-most-once).";
+    redis_reader_waits_total: "counter", "Times the Redis reader stopped reading because its shard's inbox was full.";
 }
 
 /// Every shard's counters, shared read-only (`Arc<Metrics>`).

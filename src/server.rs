@@ -1,12 +1,13 @@
 //! Start-up and supervision: bind the listeners, wire every inbox, spawn and
-//! pin one `shard-NN` thread per core, turn SIGTERM/SIGINT into a drain, and
-//! wait. If a shard stops on its own, `run` fails naming it.
+//! pin one `shard-NN` thread per core (and with `--redis` one `redis-NN`
+//! reader thread beside each), turn SIGTERM/SIGINT into a drain, and wait.
+//! If a shard stops on its own, or a reader panics, `run` fails naming it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use crossbeam_channel::Receiver;
 use monoio::{FusionDriver, IoUringDriver, LegacyDriver, RuntimeBuilder};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -14,6 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::accept;
 use crate::bus::Bus;
+use crate::bus::redis::{self, RedisBus, ShardLink};
 use crate::config::{Config, Driver};
 use crate::metrics::Metrics;
 use crate::shard::{Inbox, InboxSender, Shard, ShardMsg, inbox};
@@ -40,14 +42,16 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
     let (senders, inboxes): (Vec<InboxSender>, Vec<Inbox>) = (0..n).map(|_| inbox()).unzip();
     let peers: Arc<[InboxSender]> = senders.into();
     let metrics = Arc::new(Metrics::new(n));
-    if cfg.redis.is_some() {
-        bail!("--redis: the Redis backplane is not built yet; run without it (standalone, local bus)");
-    }
-
     let (exit_tx, exits) = crossbeam_channel::unbounded();
+    // With --redis: one `redis-NN` reader thread per shard, and each shard's link to it.
+    let mut links: Vec<Option<ShardLink>> = match &cfg.redis {
+        Some(url) => redis::start(&cfg, url, &peers, &metrics, &exit_tx)?.into_iter().map(Some).collect(),
+        None => (0..n).map(|_| None).collect(),
+    };
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<anyhow::Result<()>>(n);
     for (i, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let name = format!("shard-{i:02}");
+        let link = links[i].take();
         let (cfg, metrics, peers, exit_tx, ready_tx) =
             (cfg.clone(), metrics.clone(), peers.clone(), exit_tx.clone(), ready_tx.clone());
         let thread_name = name.clone();
@@ -55,7 +59,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
             .name(name.clone())
             .spawn(move || {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_shard(i, cfg, metrics, peers, listener, inbox, ready_tx)
+                    run_shard(i, cfg, metrics, peers, listener, inbox, link, ready_tx)
                 }));
                 let r = match r {
                     Ok(r) => r,
@@ -119,6 +123,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     r
 }
 
+// One argument per thing the shard thread takes ownership of.
+#[allow(clippy::too_many_arguments)]
 fn run_shard(
     id: usize,
     cfg: Arc<Config>,
@@ -126,6 +132,7 @@ fn run_shard(
     peers: Arc<[InboxSender]>,
     listener: std::net::TcpListener,
     inbox: Inbox,
+    link: Option<ShardLink>,
     ready: crossbeam_channel::Sender<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     let core = cfg.cores[id];
@@ -143,7 +150,11 @@ fn run_shard(
                     return;
                 }
             };
-            let shard = Shard::new(id, cfg2, metrics, peers, Bus::Local, driver);
+            let bus = match link {
+                Some(link) => Bus::Redis(RedisBus::start(link)),
+                None => Bus::Local,
+            };
+            let shard = Shard::new(id, cfg2, metrics, peers, bus, driver);
             monoio::spawn(shard.clone().run_flusher());
             monoio::spawn(shard.clone().run_inbox(inbox));
             monoio::spawn(accept::run(shard.clone(), listener));

@@ -11,11 +11,7 @@ use crate::plan::{Plan, Scenario, Target};
 use crate::procfs::cores_available;
 
 #[derive(Parser)]
-#[command(
-    name = "corecast-bench",
-    version,
-    about = "Load generator for corecast WebSocket fan-out servers"
-)]
+#[command(name = "corecast-bench", version, about = "Load generator for corecast WebSocket fan-out servers")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,
@@ -40,11 +36,7 @@ pub enum Cmd {
 #[derive(Args, Debug, Clone)]
 pub struct Common {
     /// Server node(s), `ws://host:port[/path]`; repeat or comma-separate for several nodes.
-    #[arg(
-        long = "url",
-        value_delimiter = ',',
-        default_value = "ws://127.0.0.1:8080"
-    )]
+    #[arg(long = "url", value_delimiter = ',', default_value = "ws://127.0.0.1:8080")]
     pub urls: Vec<String>,
     /// Worker processes (0 = enough for --max-per-worker, at least one per available core).
     #[arg(long, default_value_t = 0)]
@@ -188,11 +180,7 @@ pub fn run_opts(cmd: &Cmd) -> Result<RunOpts, String> {
         Cmd::Echo(a) => (Scenario::Echo, &a.common, a.duration, a.grace),
         Cmd::Worker => return Err("the worker takes no run options".into()),
     };
-    let targets = common
-        .urls
-        .iter()
-        .map(|u| Target::parse(u))
-        .collect::<Result<Vec<_>, _>>()?;
+    let targets = common.urls.iter().map(|u| Target::parse(u)).collect::<Result<Vec<_>, _>>()?;
     if targets.is_empty() {
         return Err("--url: at least one server is needed".into());
     }
@@ -238,18 +226,10 @@ pub fn run_opts(cmd: &Cmd) -> Result<RunOpts, String> {
         }
         Cmd::Worker => {}
     }
-    if !plan
-        .room_prefix
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"_-.:@/".contains(&b))
-    {
+    if !plan.room_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:@/".contains(&b)) {
         return Err("--room-prefix: use only A-Z a-z 0-9 _ - . : @ /".into());
     }
-    if !plan
-        .user_prefix
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-    {
+    if !plan.user_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
         return Err("--user-prefix: use only A-Z a-z 0-9 _ - .".into());
     }
     let total = plan.total();
@@ -257,12 +237,8 @@ pub fn run_opts(cmd: &Cmd) -> Result<RunOpts, String> {
         return Err("nothing to do: the run has no connections".into());
     }
     let per_worker = common.max_per_worker.max(1);
-    plan.workers = if common.workers > 0 {
-        common.workers
-    } else {
-        total.div_ceil(per_worker).max(cores_available())
-    }
-    .min(total);
+    plan.workers =
+        if common.workers > 0 { common.workers } else { total.div_ceil(per_worker).max(cores_available()) }.min(total);
     if total.div_ceil(plan.workers) > per_worker {
         return Err(format!(
             "--workers {}: {total} connections need at least {} workers of --max-per-worker {per_worker}",
@@ -290,19 +266,10 @@ fn source_ips(spec: &str, targets: &[Target], total: usize) -> Result<Vec<IpAddr
         "none" | "" => Ok(Vec::new()),
         "auto" if targets.iter().all(|t| t.addr.ip().is_loopback()) => {
             let n = total.div_ceil(20_000).clamp(4, 250);
-            Ok((0..n)
-                .map(|i| IpAddr::from([127, 0, 0, 2 + i as u8]))
-                .collect())
+            Ok((0..n).map(|i| IpAddr::from([127, 0, 0, 2 + i as u8])).collect())
         }
         "auto" => Ok(Vec::new()),
-        list => list
-            .split(',')
-            .map(|s| {
-                s.trim()
-                    .parse()
-                    .map_err(|e| format!("--source-ips {s:?}: {e}"))
-            })
-            .collect(),
+        list => list.split(',').map(|s| s.trim().parse().map_err(|e| format!("--source-ips {s:?}: {e}"))).collect(),
     }
 }
 
@@ -320,10 +287,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     } else {
         (s, 1.0)
     };
-    let value: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: expected e.g. 10s, 500ms, 2m"))?;
+    let value: f64 = num.trim().parse().map_err(|_| format!("{s:?}: expected e.g. 10s, 500ms, 2m"))?;
     if !(value >= 0.0 && value.is_finite()) {
         return Err(format!("{s:?}: must be a non-negative time"));
     }
@@ -351,15 +315,7 @@ mod tests {
 
     #[test]
     fn connections_are_split_over_enough_workers_and_source_ips() {
-        let o = opts(&[
-            "b",
-            "connect",
-            "-n",
-            "100000",
-            "--url",
-            "ws://127.0.0.1:1,ws://127.0.0.1:2",
-        ])
-        .unwrap();
+        let o = opts(&["b", "connect", "-n", "100000", "--url", "ws://127.0.0.1:1,ws://127.0.0.1:2"]).unwrap();
         assert!(o.plan.workers >= 7);
         assert_eq!(o.plan.targets.len(), 2);
         assert_eq!(o.plan.source_ips.len(), 5);
@@ -370,9 +326,7 @@ mod tests {
 
     #[test]
     fn impossible_layouts_are_refused_with_the_flag_to_fix() {
-        let err = opts(&["b", "connect", "-n", "40000", "--workers", "2"])
-            .err()
-            .unwrap();
+        let err = opts(&["b", "connect", "-n", "40000", "--workers", "2"]).err().unwrap();
         assert!(err.contains("--workers"), "{err}");
         let err = opts(&["b", "idle", "--room-prefix", "a b"]).err().unwrap();
         assert!(err.contains("--room-prefix"), "{err}");

@@ -22,9 +22,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::cli::RunOpts;
 use crate::plan::{Command, Counters, Failures, Report, Scenario, WorkerResult};
 use crate::procfs::{self, ProcSample, now_ns};
-use crate::report::{
-    ConnectStats, GeneratorStats, IdleStats, RunReport, Sample, ServerStats, TrafficStats,
-};
+use crate::report::{ConnectStats, GeneratorStats, IdleStats, RunReport, Sample, ServerStats, TrafficStats};
 use crate::stats::{Summary, add_pairs, new_hist, per_sec, percent};
 
 /// How long workers get to close, report and exit after Finish.
@@ -99,9 +97,7 @@ pub fn run(opts: RunOpts) -> Result<RunReport, String> {
     // Give the workers a moment to start before connection 0 is due.
     plan.t0_ns = now_ns() + 100_000_000;
     let t0 = plan.t0_ns;
-    let started_unix_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let started_unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
 
     let exe = std::env::current_exe().map_err(|e| format!("finding own executable: {e}"))?;
     let (tx, rx) = mpsc::channel();
@@ -163,11 +159,7 @@ pub fn run(opts: RunOpts) -> Result<RunReport, String> {
     let mut prev_sample = (t0, Counters::default(), server_before.map(|s| s.cpu_s));
     let mut phase = Phase::Ramp;
     let mut was_interrupted = false;
-    let ramp_s = if plan.connect_rate > 0.0 {
-        total as f64 / plan.connect_rate
-    } else {
-        0.0
-    };
+    let ramp_s = if plan.connect_rate > 0.0 { total as f64 / plan.connect_rate } else { 0.0 };
     let ramp_deadline = t0 + ((ramp_s + 30.0) * 1e9) as u64 + plan.connect_timeout_ms * 1_000_000;
     let mut phase_end = ramp_deadline;
     let (mut server_at_go, mut server_at_stop, mut server_at_end) = (None, None, None);
@@ -182,10 +174,7 @@ pub fn run(opts: RunOpts) -> Result<RunReport, String> {
                     entry.0 += 1;
                     entry.1.add(&counters);
                 }
-                Report::Ready {
-                    subs_per_room: subs,
-                    counters,
-                } => {
+                Report::Ready { subs_per_room: subs, counters } => {
                     workers[w].ready = true;
                     workers[w].latest = counters;
                     for (total, n) in subs_per_room.iter_mut().zip(subs) {
@@ -200,11 +189,7 @@ pub fn run(opts: RunOpts) -> Result<RunReport, String> {
             Ok(Msg::Gone(w)) => {
                 workers[w].alive = false;
                 if workers[w].result.is_none() {
-                    let status = workers[w]
-                        .child
-                        .wait()
-                        .map(|s| s.to_string())
-                        .unwrap_or_default();
+                    let status = workers[w].child.wait().map(|s| s.to_string()).unwrap_or_default();
                     progress.println(&format!("worker {w} ended without a result ({status})"));
                 }
             }
@@ -213,10 +198,7 @@ pub fn run(opts: RunOpts) -> Result<RunReport, String> {
         }
 
         // Timeline: a second is complete once every live worker has ticked it.
-        let live = workers
-            .iter()
-            .filter(|w| w.alive && w.result.is_none())
-            .count();
+        let live = workers.iter().filter(|w| w.alive && w.result.is_none()).count();
         while let Some((&k, &(n, sum))) = ticks.first_key_value() {
             if n < live {
                 break;
@@ -268,12 +250,7 @@ pub fn run(opts: RunOpts) -> Result<RunReport, String> {
                     phase_end = now + FINISH_WAIT.as_nanos() as u64;
                     broadcast(&mut workers, &Command::Finish);
                 } else {
-                    broadcast(
-                        &mut workers,
-                        &Command::Go {
-                            subs_per_room: subs_per_room.clone(),
-                        },
-                    );
+                    broadcast(&mut workers, &Command::Go { subs_per_room: subs_per_room.clone() });
                     phase = Phase::Measure;
                     phase_end = now + opts.duration.as_nanos() as u64;
                     progress.measure();
@@ -282,11 +259,7 @@ pub fn run(opts: RunOpts) -> Result<RunReport, String> {
             Phase::Measure if stop_now || now >= phase_end => {
                 broadcast(&mut workers, &Command::Stop);
                 server_at_stop = sample_server(&opts.server_pids).ok().flatten();
-                let grace = if was_interrupted {
-                    opts.grace.min(INTERRUPTED_DRAIN)
-                } else {
-                    opts.grace
-                };
+                let grace = if was_interrupted { opts.grace.min(INTERRUPTED_DRAIN) } else { opts.grace };
                 phase = Phase::Drain;
                 phase_end = now + grace.as_nanos() as u64;
             }
@@ -301,9 +274,7 @@ pub fn run(opts: RunOpts) -> Result<RunReport, String> {
                     phase_end = now + FINISH_WAIT.as_nanos() as u64;
                 }
             }
-            Phase::Finish
-                if workers.iter().all(|w| w.result.is_some() || !w.alive) || now >= phase_end =>
-            {
+            Phase::Finish if workers.iter().all(|w| w.result.is_some() || !w.alive) || now >= phase_end => {
                 break;
             }
             _ => {}
@@ -339,9 +310,7 @@ pub fn run(opts: RunOpts) -> Result<RunReport, String> {
 
 fn send_line(w: &mut WorkerProc, line: &str) {
     if let Some(stdin) = w.stdin.as_mut()
-        && writeln!(stdin, "{line}")
-            .and_then(|_| stdin.flush())
-            .is_err()
+        && writeln!(stdin, "{line}").and_then(|_| stdin.flush()).is_err()
     {
         w.stdin = None;
     }
@@ -368,9 +337,7 @@ fn sample_server(pids: &[u32]) -> Result<Option<ProcSample>, String> {
     if pids.is_empty() {
         return Ok(None);
     }
-    procfs::sample_all(pids)
-        .map(Some)
-        .map_err(|e| format!("--server-pid {pids:?}: {e}"))
+    procfs::sample_all(pids).map(Some).map_err(|e| format!("--server-pid {pids:?}: {e}"))
 }
 
 /// Server samples at the phase boundaries.
@@ -406,18 +373,13 @@ fn build_report(
         gen_cpu += cpu;
         if r.go_ns > 0 {
             go_ns = go_ns.min(r.go_ns);
-            max_worker_cpu =
-                max_worker_cpu.max(percent(cpu, r.stop_ns.saturating_sub(r.go_ns) as f64 / 1e9));
+            max_worker_cpu = max_worker_cpu.max(percent(cpu, r.stop_ns.saturating_sub(r.go_ns) as f64 / 1e9));
         }
         stop_ns = stop_ns.max(r.stop_ns);
         last_ready_ns = last_ready_ns.max(r.last_ready_ns);
         last_receive_ns = last_receive_ns.max(r.last_receive_ns);
     }
-    let measured_s = if go_ns < stop_ns {
-        (stop_ns - go_ns) as f64 / 1e9
-    } else {
-        0.0
-    };
+    let measured_s = if go_ns < stop_ns { (stop_ns - go_ns) as f64 / 1e9 } else { 0.0 };
     let cores = procfs::cores_available();
     let ramp_s = last_ready_ns.saturating_sub(plan.t0_ns) as f64 / 1e9;
     let connections = ConnectStats {
@@ -468,11 +430,7 @@ fn build_report(
         let conns = m.ready_counters.ready as f64;
         let (rss_per_conn, cpu_s) = match (&server, m.server_before) {
             (Some(s), Some(b)) => (
-                if conns > 0.0 {
-                    (s.rss_ready_kb as f64 - b.rss_kb as f64) * 1024.0 / conns
-                } else {
-                    0.0
-                },
+                if conns > 0.0 { (s.rss_ready_kb as f64 - b.rss_kb as f64) * 1024.0 / conns } else { 0.0 },
                 Some(s.cpu_s),
             ),
             _ => (0.0, None),
@@ -482,21 +440,12 @@ fn build_report(
             hold_s: measured_s,
             server_rss_per_conn_bytes: server.as_ref().map(|_| rss_per_conn),
             server_cpu_s: cpu_s,
-            server_cpu_us_per_conn_s: cpu_s.map(|cpu| {
-                if conns > 0.0 && measured_s > 0.0 {
-                    cpu * 1e6 / (conns * measured_s)
-                } else {
-                    0.0
-                }
-            }),
+            server_cpu_us_per_conn_s: cpu_s
+                .map(|cpu| if conns > 0.0 && measured_s > 0.0 { cpu * 1e6 / (conns * measured_s) } else { 0.0 }),
         }
     });
     let traffic = matches!(plan.scenario, Scenario::Fanout | Scenario::Echo).then(|| {
-        let delivery_s = if last_receive_ns > go_ns {
-            (last_receive_ns - go_ns) as f64 / 1e9
-        } else {
-            0.0
-        };
+        let delivery_s = if last_receive_ns > go_ns { (last_receive_ns - go_ns) as f64 / 1e9 } else { 0.0 };
         let lost = c.expected.saturating_sub(c.received);
         let drain_cpu = server.as_ref().map(|s| s.cpu_with_drain_s);
         TrafficStats {
@@ -517,9 +466,7 @@ fn build_report(
             lost,
             loss_pct: percent(lost as f64, c.expected as f64),
             received_per_s: per_sec(c.received, delivery_s),
-            received_per_server_cpu_s: drain_cpu
-                .filter(|&s| s > 0.0)
-                .map(|s| c.received as f64 / s),
+            received_per_server_cpu_s: drain_cpu.filter(|&s| s > 0.0).map(|s| c.received as f64 / s),
         }
     });
     let has_traffic = traffic.is_some();
@@ -567,13 +514,7 @@ impl Progress {
             bar.set_prefix("ramp");
             bar
         });
-        Progress {
-            bar,
-            lines: !quiet && !tty,
-            scenario,
-            total,
-            duration,
-        }
+        Progress { bar, lines: !quiet && !tty, scenario, total, duration }
     }
 
     fn measure(&mut self) {
@@ -585,18 +526,13 @@ impl Progress {
     }
 
     fn sample(&mut self, s: &Sample, c: &Counters, phase: Phase) {
-        let server = s
-            .server_cpu_pct
-            .map_or(String::new(), |p| format!(" server cpu {p:.0}%"));
+        let server = s.server_cpu_pct.map_or(String::new(), |p| format!(" server cpu {p:.0}%"));
         let traffic = match self.scenario {
             Scenario::Fanout | Scenario::Echo => format!(
                 " sent {}/s recv {}/s undelivered {:.3}%",
                 si(s.sent_per_s),
                 si(s.received_per_s),
-                percent(
-                    c.expected.saturating_sub(c.received) as f64,
-                    c.expected as f64
-                )
+                percent(c.expected.saturating_sub(c.received) as f64, c.expected as f64)
             ),
             _ => String::new(),
         };

@@ -34,12 +34,10 @@ fn run(cmd: &cli::Cmd) -> Result<(), String> {
     print!("{}", report.table());
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text + "\n")
-            .map_err(|e| format!("--json {}: {e}", path.display()))?;
+        std::fs::write(&path, text + "\n").map_err(|e| format!("--json {}: {e}", path.display()))?;
     }
     if let Some(path) = html {
-        std::fs::write(&path, report.html())
-            .map_err(|e| format!("--html {}: {e}", path.display()))?;
+        std::fs::write(&path, report.html()).map_err(|e| format!("--html {}: {e}", path.display()))?;
     }
     Ok(())
 }

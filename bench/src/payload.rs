@@ -56,8 +56,7 @@ impl PayloadBuilder {
         let s = self.slot();
         self.text(r#","p":""#);
         let fixed = 2 * SLOT_WIDTH + 18;
-        self.json
-            .extend(std::iter::repeat_n(b'x', size.saturating_sub(fixed)));
+        self.json.extend(std::iter::repeat_n(b'x', size.saturating_sub(fixed)));
         self.text(r#""}"#);
         (t, s)
     }
@@ -68,9 +67,7 @@ impl StampedFrame {
     /// about `data_size` bytes. `room` must need no JSON escaping.
     pub fn publish(room: &str, data_size: usize, mask: [u8; 4]) -> Self {
         let mut b = PayloadBuilder { json: Vec::new() };
-        b.text(r#"{"op":"publish","room":""#)
-            .text(room)
-            .text(r#"","data":"#);
+        b.text(r#"{"op":"publish","room":""#).text(room).text(r#"","data":"#);
         let (t, s) = b.data(data_size);
         b.text(r#","id":"#);
         let id = b.slot();
@@ -85,24 +82,11 @@ impl StampedFrame {
         Self::new(b.json, mask, t, s, None)
     }
 
-    fn new(
-        payload: Vec<u8>,
-        mask: [u8; 4],
-        t_at: usize,
-        s_at: usize,
-        id_at: Option<usize>,
-    ) -> Self {
+    fn new(payload: Vec<u8>, mask: [u8; 4], t_at: usize, s_at: usize, id_at: Option<usize>) -> Self {
         let mut frame = Vec::with_capacity(payload.len() + 14);
         ws::format_frame(ws::OP_TEXT, &payload, Some(mask), &mut frame);
         let payload_at = frame.len() - payload.len();
-        StampedFrame {
-            frame,
-            payload_at,
-            mask,
-            t_at,
-            s_at,
-            id_at,
-        }
+        StampedFrame { frame, payload_at, mask, t_at, s_at, id_at }
     }
 
     /// Fills the slots and returns the frame, ready to write.
@@ -159,11 +143,7 @@ pub struct Scanner {
 
 impl Default for Scanner {
     fn default() -> Self {
-        Scanner {
-            ev: Finder::new(br#""ev""#),
-            t: Finder::new(br#""t""#),
-            id: Finder::new(br#""id""#),
-        }
+        Scanner { ev: Finder::new(br#""ev""#), t: Finder::new(br#""t""#), id: Finder::new(br#""id""#) }
     }
 }
 
@@ -172,8 +152,7 @@ impl Scanner {
         let Some(value) = after_key(&self.ev, json) else {
             return Event::Other;
         };
-        let word =
-            |w: &[u8]| value.len() > w.len() && value[0] == b'"' && value[1..].starts_with(w);
+        let word = |w: &[u8]| value.len() > w.len() && value[0] == b'"' && value[1..].starts_with(w);
         if word(b"message\"") {
             Event::Message
         } else if word(b"ack\"") {
@@ -242,11 +221,7 @@ mod tests {
     #[test]
     fn stamped_publish_is_valid_json_with_the_stamped_values() {
         let mut f = StampedFrame::publish("room-7", 200, MASK);
-        for (t, s, id) in [
-            (0, 0, 0),
-            (1_700_000_000_123_456_789, 42, 7),
-            (u64::MAX, u64::MAX, 99),
-        ] {
+        for (t, s, id) in [(0, 0, 0), (1_700_000_000_123_456_789, 42, 7), (u64::MAX, u64::MAX, 99)] {
             let json = payload_of(f.stamp(t, s, id));
             let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
             assert_eq!(v["op"], "publish");
@@ -259,19 +234,10 @@ mod tests {
 
     #[test]
     fn data_is_padded_to_the_requested_size() {
-        assert_eq!(
-            payload_of(StampedFrame::echo(200, MASK).stamp(1, 2, 3)).len(),
-            200
-        );
-        assert_eq!(
-            payload_of(StampedFrame::echo(4096, MASK).stamp(1, 2, 3)).len(),
-            4096
-        );
+        assert_eq!(payload_of(StampedFrame::echo(200, MASK).stamp(1, 2, 3)).len(), 200);
+        assert_eq!(payload_of(StampedFrame::echo(4096, MASK).stamp(1, 2, 3)).len(), 4096);
         // Below the fixed part (two 20-byte slots and the keys) nothing is cut.
-        assert_eq!(
-            payload_of(StampedFrame::echo(10, MASK).stamp(1, 2, 3)).len(),
-            58
-        );
+        assert_eq!(payload_of(StampedFrame::echo(10, MASK).stamp(1, 2, 3)).len(), 58);
     }
 
     #[test]
@@ -286,20 +252,13 @@ mod tests {
     #[test]
     fn scanner_reads_a_delivery_in_any_layout() {
         let sc = Scanner::default();
-        let compact =
-            br#"{"ev":"message","room":"r1","from":"u1","data":{"t":123456,"s":1,"p":"xx"}}"#;
+        let compact = br#"{"ev":"message","room":"r1","from":"u1","data":{"t":123456,"s":1,"p":"xx"}}"#;
         let spaced = br#"{ "room" : "r1", "data" : { "s" : 1, "t" :  987 }, "ev" : "message" }"#;
         let padded = br#"{"ev":"message","data":{"t":42                  ,"s":0}}"#;
         let t_as_value = br#"{"ev":"message","from":"t","data":{"t":7}}"#;
         assert_eq!(sc.timestamp(t_as_value), Some(7));
-        assert_eq!(
-            (sc.event(compact), sc.timestamp(compact)),
-            (Event::Message, Some(123456))
-        );
-        assert_eq!(
-            (sc.event(spaced), sc.timestamp(spaced)),
-            (Event::Message, Some(987))
-        );
+        assert_eq!((sc.event(compact), sc.timestamp(compact)), (Event::Message, Some(123456)));
+        assert_eq!((sc.event(spaced), sc.timestamp(spaced)), (Event::Message, Some(987)));
         assert_eq!(sc.timestamp(padded), Some(42));
     }
 
@@ -308,19 +267,10 @@ mod tests {
         let sc = Scanner::default();
         let ack = br#"{"ev":"ack","id":17}"#;
         assert_eq!((sc.event(ack), sc.id(ack)), (Event::Ack, Some(17)));
-        assert_eq!(
-            sc.event(br#"{"ev":"subscribed","room":"r","id":1}"#),
-            Event::Subscribed
-        );
+        assert_eq!(sc.event(br#"{"ev":"subscribed","room":"r","id":1}"#), Event::Subscribed);
         assert_eq!(sc.event(br#"{"ev":"pong","id":3}"#), Event::Pong);
-        assert_eq!(
-            sc.event(br#"{"ev":"error","code":"bad_room"}"#),
-            Event::Error
-        );
-        assert_eq!(
-            sc.event(br#"{"ev":"maintenance","reconnect_in_ms":5}"#),
-            Event::Maintenance
-        );
+        assert_eq!(sc.event(br#"{"ev":"error","code":"bad_room"}"#), Event::Error);
+        assert_eq!(sc.event(br#"{"ev":"maintenance","reconnect_in_ms":5}"#), Event::Maintenance);
         assert_eq!(sc.event(br#"{"ev":"direct","from":"x"}"#), Event::Other);
         assert_eq!(sc.event(br#"{"ev":"ack"#), Event::Other);
     }

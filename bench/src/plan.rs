@@ -47,35 +47,19 @@ pub struct Target {
 
 impl Target {
     pub fn parse(url: &str) -> Result<Target, String> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
+        let rest = url.strip_prefix("ws://").ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
         let (host, path) = match rest.find(['/', '?']) {
             Some(i) => (&rest[..i], Some(&rest[i..])),
             None => (rest, None),
         };
-        let host = if host.contains(':') {
-            host.to_string()
-        } else {
-            format!("{host}:80")
-        };
+        let host = if host.contains(':') { host.to_string() } else { format!("{host}:80") };
         let addr = host
             .to_socket_addrs()
             .map_err(|e| format!("{url}: {e}"))?
             .find(SocketAddr::is_ipv4)
             .ok_or_else(|| format!("{url}: no IPv4 address"))?;
-        let path = path.map(|p| {
-            if p.starts_with('?') {
-                format!("/{p}")
-            } else {
-                p.to_string()
-            }
-        });
-        Ok(Target {
-            addr,
-            host,
-            path: path.filter(|p| p != "/"),
-        })
+        let path = path.map(|p| if p.starts_with('?') { format!("/{p}") } else { p.to_string() });
+        Ok(Target { addr, host, path: path.filter(|p| p != "/") })
     }
 }
 
@@ -159,27 +143,14 @@ impl Plan {
             let index = g - self.plain - self.subscribers;
             (Role::Sender { index }, index % nodes)
         };
-        let source_ip =
-            (!self.source_ips.is_empty()).then(|| self.source_ips[g % self.source_ips.len()]);
-        let base = if self.scenario == Scenario::Echo {
-            "/echo"
-        } else {
-            "/ws"
-        };
-        let mut path = self.targets[target]
-            .path
-            .clone()
-            .unwrap_or_else(|| base.to_string());
+        let source_ip = (!self.source_ips.is_empty()).then(|| self.source_ips[g % self.source_ips.len()]);
+        let base = if self.scenario == Scenario::Echo { "/echo" } else { "/ws" };
+        let mut path = self.targets[target].path.clone().unwrap_or_else(|| base.to_string());
         if self.scenario != Scenario::Echo {
             path.push(if path.contains('?') { '&' } else { '?' });
             path.push_str(&format!("user={}{g}", self.user_prefix));
         }
-        ConnPlan {
-            role,
-            target,
-            source_ip,
-            path,
-        }
+        ConnPlan { role, target, source_ip, path }
     }
 
     /// Members of each room over the whole run, as planned.
@@ -312,14 +283,8 @@ pub struct WorkerResult {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Report {
-    Tick {
-        k: u64,
-        counters: Counters,
-    },
-    Ready {
-        subs_per_room: Vec<u32>,
-        counters: Counters,
-    },
+    Tick { k: u64, counters: Counters },
+    Ready { subs_per_room: Vec<u32>, counters: Counters },
     Result(Box<WorkerResult>),
 }
 
@@ -327,17 +292,8 @@ pub enum Report {
 mod tests {
     use super::*;
 
-    fn plan(
-        scenario: Scenario,
-        nodes: usize,
-        plain: usize,
-        subscribers: usize,
-        senders: usize,
-        rooms: usize,
-    ) -> Plan {
-        let targets = (0..nodes)
-            .map(|i| Target::parse(&format!("ws://127.0.0.1:{}", 9000 + i)).unwrap())
-            .collect();
+    fn plan(scenario: Scenario, nodes: usize, plain: usize, subscribers: usize, senders: usize, rooms: usize) -> Plan {
+        let targets = (0..nodes).map(|i| Target::parse(&format!("ws://127.0.0.1:{}", 9000 + i)).unwrap()).collect();
         Plan {
             scenario,
             worker: 0,
@@ -363,22 +319,10 @@ mod tests {
     #[test]
     fn urls_parse_into_address_host_and_path() {
         let t = Target::parse("ws://127.0.0.1:8080").unwrap();
-        assert_eq!(
-            (t.addr, t.host.as_str(), t.path),
-            ("127.0.0.1:8080".parse().unwrap(), "127.0.0.1:8080", None)
-        );
+        assert_eq!((t.addr, t.host.as_str(), t.path), ("127.0.0.1:8080".parse().unwrap(), "127.0.0.1:8080", None));
         let t = Target::parse("ws://localhost:81/ws?token=abc").unwrap();
-        assert_eq!(
-            (t.addr.ip().is_loopback(), t.path.as_deref()),
-            (true, Some("/ws?token=abc"))
-        );
-        assert_eq!(
-            Target::parse("ws://127.0.0.1:81?x=1")
-                .unwrap()
-                .path
-                .as_deref(),
-            Some("/?x=1")
-        );
+        assert_eq!((t.addr.ip().is_loopback(), t.path.as_deref()), (true, Some("/ws?token=abc")));
+        assert_eq!(Target::parse("ws://127.0.0.1:81?x=1").unwrap().path.as_deref(), Some("/?x=1"));
         assert_eq!(Target::parse("ws://127.0.0.1").unwrap().addr.port(), 80);
         assert!(Target::parse("wss://127.0.0.1:443").is_err());
         assert!(Target::parse("http://127.0.0.1:80").is_err());
@@ -402,18 +346,13 @@ mod tests {
         let mut placed = [[0; 2]; 2];
         for g in 0..8 {
             let c = p.conn(g);
-            let Role::Subscriber { room } = c.role else {
-                panic!("{c:?}")
-            };
+            let Role::Subscriber { room } = c.role else { panic!("{c:?}") };
             placed[room][c.target] += 1;
         }
         assert_eq!(placed, [[2, 2], [2, 2]]);
         assert_eq!(p.planned_subs_per_room(), vec![4, 4]);
         assert_eq!(p.conn(8).role, Role::Sender { index: 0 });
-        assert_eq!(
-            (p.conn(9).role, p.conn(9).target),
-            (Role::Sender { index: 1 }, 1)
-        );
+        assert_eq!((p.conn(9).role, p.conn(9).target), (Role::Sender { index: 1 }, 1));
     }
 
     #[test]
@@ -443,18 +382,9 @@ mod tests {
 
     #[test]
     fn messages_round_trip_as_tagged_json_lines() {
-        let line = serde_json::to_string(&Command::Go {
-            subs_per_room: vec![3, 4],
-        })
-        .unwrap();
+        let line = serde_json::to_string(&Command::Go { subs_per_room: vec![3, 4] }).unwrap();
         assert_eq!(line, r#"{"cmd":"go","subs_per_room":[3,4]}"#);
-        let tick = Report::Tick {
-            k: 2,
-            counters: Counters {
-                sent: 5,
-                ..Default::default()
-            },
-        };
+        let tick = Report::Tick { k: 2, counters: Counters { sent: 5, ..Default::default() } };
         let back: Report = serde_json::from_str(&serde_json::to_string(&tick).unwrap()).unwrap();
         assert!(matches!(back, Report::Tick { k: 2, counters } if counters.sent == 5));
     }

@@ -16,18 +16,10 @@ pub struct ProcSample {
 pub fn sample(pid: u32) -> io::Result<ProcSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let bad = |what| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("/proc/{pid}/{what}: unexpected format"),
-        )
-    };
+    let bad = |what| io::Error::new(io::ErrorKind::InvalidData, format!("/proc/{pid}/{what}: unexpected format"));
     let rss_kb = parse_vmrss_kb(&status).ok_or_else(|| bad("status"))?;
     let ticks = parse_stat_cpu_ticks(&stat).ok_or_else(|| bad("stat"))?;
-    Ok(ProcSample {
-        rss_kb,
-        cpu_s: ticks as f64 / clock_ticks_per_sec(),
-    })
+    Ok(ProcSample { rss_kb, cpu_s: ticks as f64 / clock_ticks_per_sec() })
 }
 
 /// Sums [`sample`] over several pids (e.g. two server nodes).
@@ -44,11 +36,7 @@ pub fn sample_all(pids: &[u32]) -> io::Result<ProcSample> {
 /// `VmRSS:   123456 kB` → 123456.
 fn parse_vmrss_kb(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line["VmRSS:".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    line["VmRSS:".len()..].split_whitespace().next()?.parse().ok()
 }
 
 /// utime + stime (fields 14 and 15 of `/proc/<pid>/stat`), in clock ticks.
@@ -101,10 +89,7 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 /// host, so a send time stamped by one worker can be subtracted from a
 /// receive time in another.
 pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: CLOCK_MONOTONIC always exists on Linux; ts is a valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -121,8 +106,7 @@ mod tests {
 
     #[test]
     fn stat_cpu_survives_spaces_and_parens_in_the_name() {
-        let stat =
-            "4242 (my (odd) srv) S 1 4242 4242 0 -1 4194560 500 0 0 0 731 269 0 0 20 0 3 0 100 0 0";
+        let stat = "4242 (my (odd) srv) S 1 4242 4242 0 -1 4194560 500 0 0 0 731 269 0 0 20 0 3 0 100 0 0";
         assert_eq!(parse_stat_cpu_ticks(stat), Some(1000));
         assert_eq!(parse_stat_cpu_ticks("4242 (x) S 1 2"), None);
         assert_eq!(parse_stat_cpu_ticks("no parens"), None);

@@ -154,11 +154,7 @@ pub struct Sample {
 }
 
 fn us(v: f64) -> String {
-    if v >= 10_000.0 {
-        format!("{:.1} ms", v / 1000.0)
-    } else {
-        format!("{v:.0} µs")
-    }
+    if v >= 10_000.0 { format!("{:.1} ms", v / 1000.0) } else { format!("{v:.0} µs") }
 }
 
 fn latency_line(s: &Summary) -> String {
@@ -182,15 +178,7 @@ impl RunReport {
         let g = &self.generator;
         row(
             "scenario",
-            format!(
-                "{}{}",
-                self.scenario.name(),
-                if self.interrupted {
-                    " (interrupted: partial)"
-                } else {
-                    ""
-                }
-            ),
+            format!("{}{}", self.scenario.name(), if self.interrupted { " (interrupted: partial)" } else { "" }),
         );
         row("targets", self.targets.join(", "));
         row(
@@ -210,51 +198,24 @@ impl RunReport {
                 ),
             );
         }
-        let pace = if c.target_rate_per_s > 0.0 {
-            format!("target {}/s", si(c.target_rate_per_s))
-        } else {
-            "unpaced".into()
-        };
-        row(
-            "ramp",
-            format!(
-                "all ready in {:.2} s, {}/s ({pace})",
-                c.time_to_all_ready_s,
-                si(c.ready_per_s)
-            ),
-        );
+        let pace =
+            if c.target_rate_per_s > 0.0 { format!("target {}/s", si(c.target_rate_per_s)) } else { "unpaced".into() };
+        row("ramp", format!("all ready in {:.2} s, {}/s ({pace})", c.time_to_all_ready_s, si(c.ready_per_s)));
         row("handshake", latency_line(&c.handshake));
         let per_conn = |cpu: f64| {
-            if c.ready > 0 {
-                format!(" = {:.1} µs per connection", cpu * 1e6 / c.ready as f64)
-            } else {
-                String::new()
-            }
+            if c.ready > 0 { format!(" = {:.1} µs per connection", cpu * 1e6 / c.ready as f64) } else { String::new() }
         };
         let mut ramp_cpu = format!("generator {:.2} s{}", g.ramp_cpu_s, per_conn(g.ramp_cpu_s));
         if let Some(s) = &self.server {
-            let _ = write!(
-                ramp_cpu,
-                "; server {:.2} s{}",
-                s.ramp_cpu_s,
-                per_conn(s.ramp_cpu_s)
-            );
+            let _ = write!(ramp_cpu, "; server {:.2} s{}", s.ramp_cpu_s, per_conn(s.ramp_cpu_s));
         }
         row("ramp CPU", ramp_cpu);
         if let Some(i) = &self.idle {
-            row(
-                "idle hold",
-                format!("{:.1} s with {} connections", i.hold_s, i.connections),
-            );
-            if let (Some(rss), Some(cpu), Some(us_per)) = (
-                i.server_rss_per_conn_bytes,
-                i.server_cpu_s,
-                i.server_cpu_us_per_conn_s,
-            ) {
-                row(
-                    "server RSS / conn",
-                    format!("{:.0} bytes ({:.2} KiB)", rss, rss / 1024.0),
-                );
+            row("idle hold", format!("{:.1} s with {} connections", i.hold_s, i.connections));
+            if let (Some(rss), Some(cpu), Some(us_per)) =
+                (i.server_rss_per_conn_bytes, i.server_cpu_s, i.server_cpu_us_per_conn_s)
+            {
+                row("server RSS / conn", format!("{:.0} bytes ({:.2} KiB)", rss, rss / 1024.0));
                 // /proc/<pid>/stat counts in clock ticks (10 ms at USER_HZ 100).
                 let tick_us = 1e6 / crate::procfs::clock_ticks_per_sec();
                 let resolution = tick_us / (i.connections.max(1) as f64 * i.hold_s.max(1e-9));
@@ -283,11 +244,7 @@ impl RunReport {
                     t.errors
                 ),
             );
-            let what = if self.scenario == Scenario::Echo {
-                "replies"
-            } else {
-                "deliveries"
-            };
+            let what = if self.scenario == Scenario::Echo { "replies" } else { "deliveries" };
             row(
                 what,
                 format!(
@@ -304,14 +261,7 @@ impl RunReport {
             }
         }
         if let Some(l) = &self.latency {
-            row(
-                if self.scenario == Scenario::Echo {
-                    "round trip"
-                } else {
-                    "end-to-end"
-                },
-                latency_line(l),
-            );
+            row(if self.scenario == Scenario::Echo { "round trip" } else { "end-to-end" }, latency_line(l));
         }
         if let Some(l) = &self.ack_latency {
             row("publish → ack", latency_line(l));
@@ -334,23 +284,14 @@ impl RunReport {
             "generator",
             format!(
                 "{} workers on {} cores, cpu {:.2} s in {:.1} s = {:.0}% of a core ({:.0}% of its cores; busiest worker {:.0}%)",
-                g.workers,
-                g.cores,
-                g.cpu_s,
-                g.wall_s,
-                g.cpu_pct,
-                g.cpu_pct_of_cores,
-                g.max_worker_cpu_pct
+                g.workers, g.cores, g.cpu_s, g.wall_s, g.cpu_pct, g.cpu_pct_of_cores, g.max_worker_cpu_pct
             ),
         );
         if !g.source_ips.is_empty() {
             row("source IPs", g.source_ips.join(", "));
         }
         if g.workers_lost > 0 {
-            row(
-                "WARNING",
-                format!("{} workers died before reporting", g.workers_lost),
-            );
+            row("WARNING", format!("{} workers died before reporting", g.workers_lost));
         }
         if let Some(e) = &self.first_error {
             row("first error", e.clone());
@@ -360,11 +301,7 @@ impl RunReport {
 
     pub fn table(&self) -> String {
         let rows = self.rows();
-        let width = rows
-            .iter()
-            .map(|(k, _)| k.chars().count())
-            .max()
-            .unwrap_or(0);
+        let width = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
         let mut out = String::new();
         for (k, v) in rows {
             let _ = writeln!(out, "{k:<width$}  {v}");
@@ -390,11 +327,7 @@ impl RunReport {
         }
         h.push_str("</table>\n");
         if !self.latency_bins_us.is_empty() {
-            let what = if self.scenario == Scenario::Echo {
-                "Round-trip latency"
-            } else {
-                "End-to-end latency"
-            };
+            let what = if self.scenario == Scenario::Echo { "Round-trip latency" } else { "End-to-end latency" };
             h.push_str(&svg::histogram(
                 &format!("{what} distribution (bars) and CDF (line)"),
                 "latency (µs, log scale)",
@@ -416,16 +349,8 @@ impl RunReport {
                 "seconds since start",
                 "per second",
                 &[
-                    Series {
-                        name: recv.into(),
-                        color: "#1f77b4",
-                        points: xy(&|s| Some(s.received_per_s)),
-                    },
-                    Series {
-                        name: sent.into(),
-                        color: "#ff7f0e",
-                        points: xy(&|s| Some(s.sent_per_s)),
-                    },
+                    Series { name: recv.into(), color: "#1f77b4", points: xy(&|s| Some(s.received_per_s)) },
+                    Series { name: sent.into(), color: "#ff7f0e", points: xy(&|s| Some(s.sent_per_s)) },
                 ],
             ));
         }
@@ -434,16 +359,8 @@ impl RunReport {
             "seconds since start",
             "connections",
             &[
-                Series {
-                    name: "ready".into(),
-                    color: "#2ca02c",
-                    points: xy(&|s| Some(s.ready as f64)),
-                },
-                Series {
-                    name: "failed".into(),
-                    color: "#d62728",
-                    points: xy(&|s| Some(s.failed as f64)),
-                },
+                Series { name: "ready".into(), color: "#2ca02c", points: xy(&|s| Some(s.ready as f64)) },
+                Series { name: "failed".into(), color: "#d62728", points: xy(&|s| Some(s.failed as f64)) },
             ],
         ));
         h.push_str(&svg::line_chart(
@@ -451,16 +368,8 @@ impl RunReport {
             "seconds since start",
             "% of a core",
             &[
-                Series {
-                    name: "server".into(),
-                    color: "#9467bd",
-                    points: xy(&|s| s.server_cpu_pct),
-                },
-                Series {
-                    name: "generator".into(),
-                    color: "#8c564b",
-                    points: xy(&|s| Some(s.generator_cpu_pct)),
-                },
+                Series { name: "server".into(), color: "#9467bd", points: xy(&|s| s.server_cpu_pct) },
+                Series { name: "generator".into(), color: "#8c564b", points: xy(&|s| Some(s.generator_cpu_pct)) },
             ],
         ));
         if self.server.is_some() {
@@ -468,11 +377,7 @@ impl RunReport {
                 "Server RSS",
                 "seconds since start",
                 "MiB",
-                &[Series {
-                    name: "RSS".into(),
-                    color: "#17becf",
-                    points: xy(&|s| s.server_rss_mb),
-                }],
+                &[Series { name: "RSS".into(), color: "#17becf", points: xy(&|s| s.server_rss_mb) }],
             ));
         }
         if !self.handshake_bins_us.is_empty() {

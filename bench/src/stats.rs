@@ -21,9 +21,7 @@ pub fn new_hist() -> Hist {
 /// The recorded buckets as `[value, count]`, each value the highest
 /// equivalent value of its bucket, so that re-recording lands in the same one.
 pub fn to_pairs(h: &Hist) -> Vec<[u64; 2]> {
-    h.iter_recorded()
-        .map(|v| [v.value_iterated_to(), v.count_at_value()])
-        .collect()
+    h.iter_recorded().map(|v| [v.value_iterated_to(), v.count_at_value()]).collect()
 }
 
 /// Adds pairs made by [`to_pairs`] into `h`.
@@ -67,20 +65,12 @@ impl Summary {
 
 /// `count / seconds`, 0 when no time passed.
 pub fn per_sec(count: u64, seconds: f64) -> f64 {
-    if seconds > 0.0 {
-        count as f64 / seconds
-    } else {
-        0.0
-    }
+    if seconds > 0.0 { count as f64 / seconds } else { 0.0 }
 }
 
 /// `part / whole` in percent, 0 when `whole` is 0.
 pub fn percent(part: f64, whole: f64) -> f64 {
-    if whole > 0.0 {
-        100.0 * part / whole
-    } else {
-        0.0
-    }
+    if whole > 0.0 { 100.0 * part / whole } else { 0.0 }
 }
 
 /// Log-spaced bins for the HTML histogram: `(upper bound in µs, count)`,

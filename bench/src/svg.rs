@@ -79,12 +79,8 @@ fn frame(s: &mut String, x_label: &str, y_label: &str) {
 }
 
 fn no_data(mut s: String) -> String {
-    let _ = write!(
-        s,
-        r##"<text x="{}" y="{}" text-anchor="middle" fill="#999">no data</text></svg>"##,
-        W / 2.0,
-        H / 2.0
-    );
+    let _ =
+        write!(s, r##"<text x="{}" y="{}" text-anchor="middle" fill="#999">no data</text></svg>"##, W / 2.0, H / 2.0);
     s.push('\n');
     s
 }
@@ -98,10 +94,7 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
         return no_data(s);
     }
     let x_min = all().map(|p| p.0).fold(f64::INFINITY, f64::min);
-    let x_max = all()
-        .map(|p| p.0)
-        .fold(f64::NEG_INFINITY, f64::max)
-        .max(x_min + 1.0);
+    let x_max = all().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max).max(x_min + 1.0);
     // 15% headroom keeps the lines clear of the legend.
     let top = all().map(|p| p.1).fold(0.0, f64::max) * 1.15;
     let y_step = nice_step(top);
@@ -124,24 +117,15 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
     let x_step = nice_step(x_max - x_min);
     let mut x = (x_min / x_step).ceil() * x_step;
     while x <= x_max {
-        let _ = write!(
-            s,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
-            px(x),
-            H - BOTTOM + 16.0,
-            label(x)
-        );
+        let _ =
+            write!(s, r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#, px(x), H - BOTTOM + 16.0, label(x));
         x += x_step;
     }
     for (i, se) in series.iter().enumerate() {
         if se.points.is_empty() {
             continue;
         }
-        let pts: Vec<String> = se
-            .points
-            .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
-            .collect();
+        let pts: Vec<String> = se.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
         let _ = write!(
             s,
             r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/><rect x="{lx}" y="{ly}" width="12" height="3" fill="{c}"/><text x="{}" y="{}">{}</text>"#,
@@ -220,17 +204,11 @@ pub fn histogram(title: &str, x_label: &str, bins: &[(f64, u64)]) -> String {
             );
         }
         seen += count;
-        cdf.push(format!(
-            "{x1:.1},{:.1}",
-            H - BOTTOM - seen as f64 / total as f64 * plot_h
-        ));
+        cdf.push(format!("{x1:.1},{:.1}", H - BOTTOM - seen as f64 / total as f64 * plot_h));
         prev = upper;
     }
-    let _ = write!(
-        s,
-        r##"<polyline fill="none" stroke="#d62728" stroke-width="2" points="{}"/></svg>"##,
-        cdf.join(" ")
-    );
+    let _ =
+        write!(s, r##"<polyline fill="none" stroke="#d62728" stroke-width="2" points="{}"/></svg>"##, cdf.join(" "));
     s.push('\n');
     s
 }
@@ -252,11 +230,7 @@ mod tests {
 
     #[test]
     fn charts_are_closed_svg_without_nan_and_escape_names() {
-        let series = [Series {
-            name: "a<b".into(),
-            color: "#000",
-            points: vec![(1.0, 5.0), (2.0, 7.5)],
-        }];
+        let series = [Series { name: "a<b".into(), color: "#000", points: vec![(1.0, 5.0), (2.0, 7.5)] }];
         let line = line_chart("t", "x", "y", &series);
         let hist = histogram("h", "x", &[(1.0, 3), (1.26, 0), (1.58, 9)]);
         for svg in [&line, &hist] {
@@ -264,11 +238,7 @@ mod tests {
             assert!(!svg.contains("NaN") && !svg.contains("inf"));
         }
         assert!(line.contains("a&lt;b") && line.contains("<polyline"));
-        assert_eq!(
-            hist.matches("<rect x=").count(),
-            1 + 2,
-            "frame + two non-empty bars"
-        );
+        assert_eq!(hist.matches("<rect x=").count(), 1 + 2, "frame + two non-empty bars");
         assert!(line_chart("t", "x", "y", &[]).contains("no data"));
     }
 }

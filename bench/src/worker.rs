@@ -52,10 +52,7 @@ enum State {
 
 impl State {
     fn is_pending(self) -> bool {
-        matches!(
-            self,
-            State::Connecting | State::Upgrading | State::Subscribing
-        )
+        matches!(self, State::Connecting | State::Upgrading | State::Subscribing)
     }
 }
 
@@ -160,44 +157,35 @@ pub fn main() -> io::Result<()> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("commands".into())
-        .spawn(move || {
-            for line in io::stdin().lock().lines() {
-                let Ok(line) = line else { break };
-                match serde_json::from_str::<Command>(&line) {
-                    Ok(cmd) => {
-                        if tx.send(cmd).is_err() {
-                            return;
-                        }
+    std::thread::Builder::new().name("commands".into()).spawn(move || {
+        for line in io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            match serde_json::from_str::<Command>(&line) {
+                Ok(cmd) => {
+                    if tx.send(cmd).is_err() {
+                        return;
                     }
-                    Err(e) => eprintln!("worker: ignoring bad command {line:?}: {e}"),
                 }
-                let _ = waker.wake();
+                Err(e) => eprintln!("worker: ignoring bad command {line:?}: {e}"),
             }
-            // The parent is gone (or closed our stdin): finish on our own.
-            let _ = tx.send(Command::Finish);
             let _ = waker.wake();
-        })?;
+        }
+        // The parent is gone (or closed our stdin): finish on our own.
+        let _ = tx.send(Command::Finish);
+        let _ = waker.wake();
+    })?;
     Worker::new(plan, poll).run(&rx)
 }
 
 impl Worker {
     fn new(plan: Plan, poll: Poll) -> Worker {
         let owned: Vec<usize> = plan.owned().collect();
-        let local_senders = owned
-            .iter()
-            .filter(|&&g| matches!(plan.conn(g).role, Role::Sender { .. }))
-            .count();
-        let local_rate = if plan.senders > 0 {
-            plan.rate * local_senders as f64 / plan.senders as f64
-        } else {
-            0.0
-        };
+        let local_senders = owned.iter().filter(|&&g| matches!(plan.conn(g).role, Role::Sender { .. })).count();
+        let local_rate = if plan.senders > 0 { plan.rate * local_senders as f64 / plan.senders as f64 } else { 0.0 };
         let frames = match plan.scenario {
-            Scenario::Fanout if local_senders > 0 => (0..plan.rooms)
-                .map(|r| StampedFrame::publish(&plan.room_name(r), plan.payload, MASK))
-                .collect(),
+            Scenario::Fanout if local_senders > 0 => {
+                (0..plan.rooms).map(|r| StampedFrame::publish(&plan.room_name(r), plan.payload, MASK)).collect()
+            }
             Scenario::Echo => vec![StampedFrame::echo(plan.payload, MASK)],
             _ => Vec::new(),
         };
@@ -237,9 +225,7 @@ impl Worker {
         let mut scratch = vec![0u8; READ_CHUNK_BYTES];
         loop {
             let now = now_ns();
-            let timeout = self
-                .next_wakeup(now)
-                .map(|at| Duration::from_nanos(at.saturating_sub(now)));
+            let timeout = self.next_wakeup(now).map(|at| Duration::from_nanos(at.saturating_sub(now)));
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
             {
@@ -259,16 +245,10 @@ impl Worker {
             self.tick(now);
             if !self.ready_sent && self.next == self.owned.len() && self.pending == 0 {
                 self.ready_sent = true;
-                let report = Report::Ready {
-                    subs_per_room: self.subs_local.clone(),
-                    counters: self.snapshot(),
-                };
+                let report = Report::Ready { subs_per_room: self.subs_local.clone(), counters: self.snapshot() };
                 self.emit(&report);
             }
-            if self
-                .closing_until
-                .is_some_and(|until| self.open == 0 || now >= until)
-            {
+            if self.closing_until.is_some_and(|until| self.open == 0 || now >= until) {
                 break;
             }
         }
@@ -281,10 +261,7 @@ impl Worker {
     /// The earliest moment the loop has something to do without I/O.
     fn next_wakeup(&self, now: u64) -> Option<u64> {
         let mut at = self.next_tick;
-        if self.next < self.owned.len()
-            && self.pending < self.plan.max_pending
-            && self.closing_until.is_none()
-        {
+        if self.next < self.owned.len() && self.pending < self.plan.max_pending && self.closing_until.is_none() {
             at = at.min(self.open_time(self.owned[self.next]));
         }
         if self.running && !self.stopped && self.local_rate > 0.0 {
@@ -330,12 +307,7 @@ impl Worker {
                     match self.conns[ci].state {
                         State::Subscribing | State::Ready => {
                             let mut frame = Vec::with_capacity(8);
-                            ws::format_frame(
-                                ws::OP_CLOSE,
-                                &1000u16.to_be_bytes(),
-                                Some(MASK),
-                                &mut frame,
-                            );
+                            ws::format_frame(ws::OP_CLOSE, &1000u16.to_be_bytes(), Some(MASK), &mut frame);
                             self.pending -= usize::from(self.conns[ci].state == State::Subscribing);
                             self.conns[ci].state = State::Closing;
                             if self.write(ci, &frame).is_err() {
@@ -390,11 +362,7 @@ impl Worker {
         let ci = self.conns.len();
         let addr = self.plan.targets[cp.target].addr;
         let sock = connect(addr, cp.source_ip).and_then(|mut s| {
-            self.poll.registry().register(
-                &mut s,
-                Token(ci),
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
+            self.poll.registry().register(&mut s, Token(ci), Interest::READABLE | Interest::WRITABLE)?;
             Ok(s)
         });
         self.conns.push(Conn {
@@ -560,8 +528,7 @@ impl Worker {
 
     fn on_upgraded(&mut self, ci: usize, now: u64) {
         self.counters.connected += 1;
-        self.handshake
-            .saturating_record(now.saturating_sub(self.conns[ci].since_ns));
+        self.handshake.saturating_record(now.saturating_sub(self.conns[ci].since_ns));
         match self.conns[ci].local {
             Local::Subscriber { room } => {
                 let frame = subscribe_frame(&self.plan.room_name(room));
@@ -608,12 +575,7 @@ impl Worker {
                 if self.conns[ci].state != State::Closing {
                     // Echo the status code back, as RFC 6455 §5.5.1 asks.
                     let mut reply = Vec::with_capacity(8);
-                    ws::format_frame(
-                        ws::OP_CLOSE,
-                        payload.get(..2).unwrap_or(&[]),
-                        Some(MASK),
-                        &mut reply,
-                    );
+                    ws::format_frame(ws::OP_CLOSE, payload.get(..2).unwrap_or(&[]), Some(MASK), &mut reply);
                     let _ = self.write(ci, &reply);
                     let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
                     self.close_by_peer(ci, &format!("close frame from server, code {code:?}"));
@@ -647,9 +609,7 @@ impl Worker {
                     self.latency.saturating_record(now.saturating_sub(t));
                 }
             }
-            (Local::Subscriber { .. }, Event::Subscribed)
-                if self.conns[ci].state == State::Subscribing =>
-            {
+            (Local::Subscriber { .. }, Event::Subscribed) if self.conns[ci].state == State::Subscribing => {
                 self.on_ready(ci, now)
             }
             (Local::Sender(si), Event::Ack) => {
@@ -757,19 +717,13 @@ impl Worker {
         while self.next_tick <= now {
             let k = (self.next_tick - self.plan.t0_ns) / SECOND_NS;
             self.next_tick += SECOND_NS;
-            let report = Report::Tick {
-                k,
-                counters: self.snapshot(),
-            };
+            let report = Report::Tick { k, counters: self.snapshot() };
             self.emit(&report);
         }
     }
 
     fn snapshot(&self) -> Counters {
-        Counters {
-            cpu_s: self_cpu_s(),
-            ..self.counters
-        }
+        Counters { cpu_s: self_cpu_s(), ..self.counters }
     }
 
     fn write(&mut self, ci: usize, bytes: &[u8]) -> io::Result<()> {

@@ -56,11 +56,7 @@ pub enum HandshakeError {
 /// already WebSocket frames.
 pub fn parse_handshake_response(buf: &[u8]) -> Result<Option<usize>, HandshakeError> {
     let Some(end) = memmem::find(buf, b"\r\n\r\n") else {
-        return if buf.len() > MAX_RESPONSE_HEAD_BYTES {
-            Err(HandshakeError::Malformed)
-        } else {
-            Ok(None)
-        };
+        return if buf.len() > MAX_RESPONSE_HEAD_BYTES { Err(HandshakeError::Malformed) } else { Ok(None) };
     };
     let head = std::str::from_utf8(&buf[..end]).map_err(|_| HandshakeError::Malformed)?;
     let mut lines = head.split("\r\n");
@@ -69,10 +65,7 @@ pub fn parse_handshake_response(buf: &[u8]) -> Result<Option<usize>, HandshakeEr
     if !parts.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
         return Err(HandshakeError::Malformed);
     }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or(HandshakeError::Malformed)?;
+    let status: u16 = parts.next().and_then(|s| s.parse().ok()).ok_or(HandshakeError::Malformed)?;
     if status != 101 {
         return Err(HandshakeError::Status(status));
     }
@@ -87,18 +80,12 @@ pub fn parse_handshake_response(buf: &[u8]) -> Result<Option<usize>, HandshakeEr
         if name.eq_ignore_ascii_case("upgrade") {
             upgrade = value.eq_ignore_ascii_case("websocket");
         } else if name.eq_ignore_ascii_case("connection") {
-            connection = value
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+            connection = value.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
         } else if name.eq_ignore_ascii_case("sec-websocket-accept") {
             accept = value == HANDSHAKE_ACCEPT;
         }
     }
-    if upgrade && connection && accept {
-        Ok(Some(end + 4))
-    } else {
-        Err(HandshakeError::BadHeaders)
-    }
+    if upgrade && connection && accept { Ok(Some(end + 4)) } else { Err(HandshakeError::BadHeaders) }
 }
 
 /// A protocol violation by the peer; the connection is dropped.
@@ -177,15 +164,7 @@ impl FrameHeader {
         } else {
             None
         };
-        Ok(Some((
-            FrameHeader {
-                fin,
-                opcode,
-                mask,
-                payload_len,
-            },
-            at,
-        )))
+        Ok(Some((FrameHeader { fin, opcode, mask, payload_len }, at)))
     }
 }
 
@@ -232,12 +211,7 @@ mod tests {
         // RFC 6455 §5.7: "A single-frame masked text message".
         let mut out = Vec::new();
         format_frame(OP_TEXT, b"Hello", Some(KEY), &mut out);
-        assert_eq!(
-            out,
-            [
-                0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58
-            ]
-        );
+        assert_eq!(out, [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58]);
     }
 
     #[test]
@@ -245,28 +219,13 @@ mod tests {
         // RFC 6455 §5.7: "A single-frame unmasked text message".
         let buf = [0x81, 0x05, 0x48, 0x65, 0x6c, 0x6c, 0x6f];
         let (h, n) = FrameHeader::parse(&buf).unwrap().unwrap();
-        assert_eq!(
-            h,
-            FrameHeader {
-                fin: true,
-                opcode: OP_TEXT,
-                mask: None,
-                payload_len: 5
-            }
-        );
+        assert_eq!(h, FrameHeader { fin: true, opcode: OP_TEXT, mask: None, payload_len: 5 });
         assert_eq!(&buf[n..], b"Hello");
     }
 
     #[test]
     fn length_encodings_round_trip_at_each_boundary() {
-        for (len, header) in [
-            (0, 6),
-            (125, 6),
-            (126, 8),
-            (65535, 8),
-            (65536, 14),
-            (70000, 14),
-        ] {
+        for (len, header) in [(0, 6), (125, 6), (126, 8), (65535, 8), (65536, 14), (70000, 14)] {
             let payload = vec![b'a'; len];
             let mut out = Vec::new();
             format_frame(OP_BINARY, &payload, Some(KEY), &mut out);
@@ -291,22 +250,10 @@ mod tests {
 
     #[test]
     fn protocol_violations_are_rejected() {
-        assert_eq!(
-            FrameHeader::parse(&[0xC1, 0x00]),
-            Err(ProtocolError::ReservedBits)
-        );
-        assert_eq!(
-            FrameHeader::parse(&[0x83, 0x00]),
-            Err(ProtocolError::ReservedOpcode)
-        );
-        assert_eq!(
-            FrameHeader::parse(&[0x89, 126, 0, 126]),
-            Err(ProtocolError::BadControlFrame)
-        );
-        assert_eq!(
-            FrameHeader::parse(&[0x09, 0x00]),
-            Err(ProtocolError::BadControlFrame)
-        );
+        assert_eq!(FrameHeader::parse(&[0xC1, 0x00]), Err(ProtocolError::ReservedBits));
+        assert_eq!(FrameHeader::parse(&[0x83, 0x00]), Err(ProtocolError::ReservedOpcode));
+        assert_eq!(FrameHeader::parse(&[0x89, 126, 0, 126]), Err(ProtocolError::BadControlFrame));
+        assert_eq!(FrameHeader::parse(&[0x09, 0x00]), Err(ProtocolError::BadControlFrame));
         let huge = [0x82, 127, 0, 0, 0, 0, 0x10, 0, 0, 1];
         assert_eq!(FrameHeader::parse(&huge), Err(ProtocolError::TooLarge));
     }
@@ -340,27 +287,12 @@ mod tests {
         );
         let head_len = ok.len() - 2;
         assert_eq!(parse_handshake_response(ok.as_bytes()), Ok(Some(head_len)));
-        assert_eq!(
-            parse_handshake_response(&ok.as_bytes()[..head_len - 1]),
-            Ok(None)
-        );
+        assert_eq!(parse_handshake_response(&ok.as_bytes()[..head_len - 1]), Ok(None));
         let busy = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
-        assert_eq!(
-            parse_handshake_response(busy),
-            Err(HandshakeError::Status(503))
-        );
+        assert_eq!(parse_handshake_response(busy), Err(HandshakeError::Status(503)));
         let wrong = ok.replace(HANDSHAKE_ACCEPT, "AAAAAAAAAAAAAAAAAAAAAAAAAAA=");
-        assert_eq!(
-            parse_handshake_response(wrong.as_bytes()),
-            Err(HandshakeError::BadHeaders)
-        );
-        assert_eq!(
-            parse_handshake_response(b"SSH-2.0\r\n\r\n"),
-            Err(HandshakeError::Malformed)
-        );
-        assert_eq!(
-            parse_handshake_response(&[b'x'; 9000]),
-            Err(HandshakeError::Malformed)
-        );
+        assert_eq!(parse_handshake_response(wrong.as_bytes()), Err(HandshakeError::BadHeaders));
+        assert_eq!(parse_handshake_response(b"SSH-2.0\r\n\r\n"), Err(HandshakeError::Malformed));
+        assert_eq!(parse_handshake_response(&[b'x'; 9000]), Err(HandshakeError::Malformed));
     }
 }

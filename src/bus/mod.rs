@@ -7,9 +7,13 @@
 //! reader thread. Either way the shard fans out from its own tables.
 
 pub mod local;
+pub mod redis;
+
+use std::rc::Rc;
 
 use bytes::Bytes;
 
+use crate::conn::Conn;
 use crate::shard::Shard;
 
 /// Where a message goes: a room, or every connection of a user.
@@ -26,6 +30,7 @@ pub struct Unavailable;
 /// One per shard; lives on the shard's thread.
 pub enum Bus {
     Local,
+    Redis(redis::RedisBus),
 }
 
 impl Bus {
@@ -36,14 +41,57 @@ impl Bus {
                 local::publish(shard, target, frame);
                 Ok(())
             }
+            Bus::Redis(r) => r.publish(target, frame),
         }
     }
 
     /// This shard gained its first (`on`) or lost its last local member of
     /// `target`; the Redis bus follows with SUBSCRIBE/UNSUBSCRIBE.
-    pub fn interest(&self, _shard: &Shard, _target: Target<'_>, _on: bool) {
+    pub fn interest(&self, _shard: &Shard, target: Target<'_>, on: bool) {
         match self {
             Bus::Local => {}
+            Bus::Redis(r) => r.interest(target, on),
+        }
+    }
+
+    /// Sends `reply` (the `subscribed` event) to `conn`: at once, or with
+    /// Redis, once this node is really subscribed to `room` there.
+    pub fn reply_subscribed(&self, shard: &Shard, conn: &Rc<Conn>, room: &str, reply: Bytes) {
+        match self {
+            Bus::Local => {
+                conn.push(shard, reply);
+            }
+            Bus::Redis(r) => r.reply_subscribed(shard, conn, room, reply),
+        }
+    }
+
+    /// `conn` is about to leave `room`: a `subscribed` reply still held for
+    /// it goes out first.
+    pub fn before_leave(&self, shard: &Shard, conn: &Rc<Conn>, room: &str) {
+        if let Bus::Redis(r) = self {
+            r.before_leave(shard, conn, room);
+        }
+    }
+
+    /// `ShardMsg::Subscribed` from the Redis reader.
+    pub fn on_subscribed(&self, shard: &Shard, room: &str, seq: u64) {
+        if let Bus::Redis(r) = self {
+            r.on_subscribed(shard, room, seq);
+        }
+    }
+
+    /// `ShardMsg::RedisLink` from the Redis reader.
+    pub fn on_link(&self, shard: &Shard, up: bool) {
+        if let Bus::Redis(r) = self {
+            r.on_link(shard, up);
+        }
+    }
+
+    /// Why this node should not get new clients (a Redis link is down), if so.
+    pub fn not_ready(&self) -> Option<String> {
+        match self {
+            Bus::Local => None,
+            Bus::Redis(r) => r.not_ready(),
         }
     }
 }

@@ -239,7 +239,13 @@ impl Conn {
     /// is there, and runs `process` over every unconsumed byte (what was kept
     /// from before, then the new bytes). `process` returns how many bytes it
     /// consumed; the rest is kept in `kept` for the next call.
-    pub(crate) async fn read_some<F>(&self, shard: &Shard, kept: &mut BytesMut, deadline: Option<Instant>, mut process: F) -> Result<(), Stop>
+    pub(crate) async fn read_some<F>(
+        &self,
+        shard: &Shard,
+        kept: &mut BytesMut,
+        deadline: Option<Instant>,
+        mut process: F,
+    ) -> Result<(), Stop>
     where
         F: FnMut(&mut [u8]) -> Result<usize, Stop>,
     {

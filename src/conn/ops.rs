@@ -20,7 +20,8 @@ pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[
     match op {
         ClientOp::Subscribe { room } => {
             shard.subscribe(conn, &room);
-            conn.push(shard, event::membership("subscribed", &room, id));
+            // With Redis, held until this node is subscribed there.
+            shard.reply_subscribed(conn, &room, event::membership("subscribed", &room, id));
         }
         ClientOp::Unsubscribe { room } => {
             shard.unsubscribe(conn, &room);
@@ -48,7 +49,9 @@ fn published(shard: &Shard, conn: &Rc<Conn>, r: Result<(), crate::bus::Unavailab
         (Ok(()), None) => {}
         // Ops without an id are not answered; the refusal is counted.
         (Err(_), None) => {}
-        (Err(_), Some(id)) => refuse(shard, conn, ErrorCode::Unavailable, "the backplane is unavailable, try again", Some(id)),
+        (Err(_), Some(id)) => {
+            refuse(shard, conn, ErrorCode::Unavailable, "the backplane is unavailable, try again", Some(id))
+        }
     }
 }
 

@@ -58,8 +58,10 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
                 Err(reply) => reply,
             },
             (&Method::GET, "/healthz") => Reply::text(200, "ok\n"),
-            (&Method::GET, "/readyz") if shard.is_draining() => Reply::text(503, "draining\n"),
-            (&Method::GET, "/readyz") => Reply::text(200, "ready\n"),
+            (&Method::GET, "/readyz") => match shard.not_ready() {
+                Some(why) => Reply::new(503, "text/plain; charset=utf-8", Bytes::from(why)),
+                None => Reply::text(200, "ready\n"),
+            },
             (&Method::GET, "/metrics") => routes::metrics(shard),
             (&Method::POST, "/api/publish") => {
                 let body = match read_body(shard, conn, &head, kept, deadline).await? {
@@ -111,7 +113,11 @@ async fn read_body(
     if head.headers.contains_key("transfer-encoding") {
         return Ok(Err(Reply::text(411, "a Content-Length body is required\n")));
     }
-    let len = match head.headers.get("content-length").map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok())) {
+    let len = match head
+        .headers
+        .get("content-length")
+        .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()))
+    {
         None => 0,
         Some(Some(n)) => n,
         Some(None) => return Ok(Err(Reply::text(400, "bad Content-Length\n"))),

@@ -41,7 +41,9 @@ pub fn accept(shard: &Rc<Shard>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> R
     // server MUST abort the WebSocket handshake ... and send ... 426 Upgrade
     // Required ... with a |Sec-WebSocket-Version| header field. (§4.2.2, §4.4)
     if h.get("sec-websocket-version").map(|v| v.as_bytes()) != Some(b"13") {
-        return refuse(Reply::text(426, "only WebSocket version 13 is supported\n").header("sec-websocket-version", "13"));
+        return refuse(
+            Reply::text(426, "only WebSocket version 13 is supported\n").header("sec-websocket-version", "13"),
+        );
     }
     let Some(key) = h.get("sec-websocket-key").map(|v| v.as_bytes().trim_ascii()) else {
         return refuse(Reply::text(400, "missing Sec-WebSocket-Key\n"));

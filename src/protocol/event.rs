@@ -69,13 +69,7 @@ pub fn direct(from: &str, data: &str) -> Bytes {
 
 /// `subscribed` / `unsubscribed` with their room.
 pub fn membership(ev: &'static str, room: &str, id: Option<&str>) -> Bytes {
-    Builder::new(48 + room.len())
-        .raw("{\"ev\":\"")
-        .raw(ev)
-        .raw("\",\"room\":")
-        .string(room)
-        .id(id)
-        .frame()
+    Builder::new(48 + room.len()).raw("{\"ev\":\"").raw(ev).raw("\",\"room\":").string(room).id(id).frame()
 }
 
 /// `{"ev":"ack","id":..}` or `{"ev":"pong","id":..}`.

@@ -81,8 +81,7 @@ impl<'a> ClientOp<'a> {
             Some(r) => Ok(r),
         };
         let data = |d: Option<&'a RawValue>| {
-            d.map(RawValue::get)
-                .ok_or(OpError { code: ErrorCode::BadRequest, message: "missing \"data\"", id })
+            d.map(RawValue::get).ok_or(OpError { code: ErrorCode::BadRequest, message: "missing \"data\"", id })
         };
         let op = match &*wire.op {
             "subscribe" => ClientOp::Subscribe { room: room(wire.room)? },

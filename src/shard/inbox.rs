@@ -12,7 +12,7 @@ use std::task::Poll;
 
 use atomic_waker::AtomicWaker;
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Sender};
 
 /// What crosses into a shard. Frames are complete WebSocket frames, built once
 /// by whoever encoded the event and shared by every shard that delivers them.
@@ -24,6 +24,11 @@ pub enum ShardMsg {
     Direct { user: Arc<str>, frame: Bytes },
     /// SIGTERM/SIGINT: stop accepting and drain (PROTOCOL.md §5).
     Drain,
+    /// From the shard's Redis reader: Redis confirmed this node's
+    /// subscription to `room` for the join numbered `seq` (`bus::redis`).
+    Subscribed { room: Arc<str>, seq: u64 },
+    /// From the shard's Redis reader: its connection came up or went down.
+    RedisLink { up: bool },
 }
 
 /// The sending half; `Clone + Send`, handed to other shards and bus threads.
@@ -67,10 +72,7 @@ impl InboxSender {
 impl Inbox {
     /// Takes the next message without waiting.
     pub fn try_recv(&self) -> Option<ShardMsg> {
-        match self.rx.try_recv() {
-            Ok(m) => Some(m),
-            Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-        }
+        self.rx.try_recv().ok()
     }
 
     /// Resolves once at least one message is waiting.

@@ -104,6 +104,19 @@ impl Shard {
         self.draining.get()
     }
 
+    /// Why `/readyz` should say 503 (draining, or a Redis link down), if so.
+    pub fn not_ready(&self) -> Option<String> {
+        if self.draining.get() {
+            return Some("draining\n".into());
+        }
+        self.bus.not_ready()
+    }
+
+    /// Is `conn` still this shard's open connection (not closed and replaced)?
+    pub(crate) fn has_conn(&self, conn: &Rc<Conn>) -> bool {
+        self.conns.borrow().get(conn.id as usize).is_some_and(|c| Rc::ptr_eq(c, conn))
+    }
+
     /// Sends a message built by `make` to every shard but this one
     /// (Seastar's `invoke_on_all` minus `local()`).
     pub fn to_other_shards(&self, mut make: impl FnMut() -> ShardMsg) {
@@ -153,10 +166,11 @@ impl Shard {
         }
         self.conns.borrow_mut().try_remove(conn.id as usize);
         self.m().sockets.sub(1);
-        if self.draining.get() && self.m().connections.get() == 0 {
-            if let Some(w) = self.drain_waker.take() {
-                w.wake();
-            }
+        if self.draining.get()
+            && self.m().connections.get() == 0
+            && let Some(w) = self.drain_waker.take()
+        {
+            w.wake();
         }
     }
 
@@ -170,7 +184,14 @@ impl Shard {
         }
     }
 
+    /// Sends the `subscribed` reply for a `subscribe` of `room`; with Redis,
+    /// not before this node is subscribed there (see `bus::redis`).
+    pub fn reply_subscribed(&self, conn: &Rc<Conn>, room: &str, reply: Bytes) {
+        self.bus.reply_subscribed(self, conn, room, reply);
+    }
+
     pub fn unsubscribe(&self, conn: &Rc<Conn>, room: &str) {
+        self.bus.before_leave(self, conn, room);
         let change = self.rooms.borrow_mut().leave(room, conn.id);
         if change.changed {
             conn.remove_room(room);
@@ -213,10 +234,10 @@ impl Shard {
     /// Called by `Conn` when it gets its first frame since the last flush.
     pub(crate) fn mark_dirty(&self, conn: Rc<Conn>) {
         let mut dirty = self.dirty.borrow_mut();
-        if dirty.is_empty() {
-            if let Some(w) = self.flusher.take() {
-                w.wake();
-            }
+        if dirty.is_empty()
+            && let Some(w) = self.flusher.take()
+        {
+            w.wake();
         }
         dirty.push(conn);
     }
@@ -267,6 +288,8 @@ impl Shard {
             ShardMsg::Room { room, frame } => self.deliver(Target::Room(&room), &frame),
             ShardMsg::Direct { user, frame } => self.deliver(Target::User(&user), &frame),
             ShardMsg::Drain => self.start_drain(),
+            ShardMsg::Subscribed { room, seq } => self.bus.on_subscribed(self, &room, seq),
+            ShardMsg::RedisLink { up } => self.bus.on_link(self, up),
         }
     }
 

@@ -231,10 +231,7 @@ mod tests {
         assert_eq!(FrameHeader::parse(&[0x81, 0x05]), Err(ProtocolError::UnmaskedFrame));
         assert_eq!(FrameHeader::parse(&masked(0x09, 0, &[])), Err(ProtocolError::FragmentedControl));
         assert_eq!(FrameHeader::parse(&masked(0x89, 126, &[0, 126])), Err(ProtocolError::ControlTooLong));
-        assert_eq!(
-            FrameHeader::parse(&masked(0x82, 127, &[0x80, 0, 0, 0, 0, 0, 0, 0])),
-            Err(ProtocolError::BadLength)
-        );
+        assert_eq!(FrameHeader::parse(&masked(0x82, 127, &[0x80, 0, 0, 0, 0, 0, 0, 0])), Err(ProtocolError::BadLength));
     }
 
     #[test]

@@ -14,11 +14,7 @@ pub fn unmask(buf: &mut [u8], key: [u8; 4]) {
     // The middle part starts at payload offset head.len(), so rotate the key.
     let shift = head.len() % 4;
     let k = [key[shift], key[(shift + 1) % 4], key[(shift + 2) % 4], key[(shift + 3) % 4]];
-    let k64 = if shift == 0 {
-        key64
-    } else {
-        u64::from_ne_bytes([k[0], k[1], k[2], k[3], k[0], k[1], k[2], k[3]])
-    };
+    let k64 = if shift == 0 { key64 } else { u64::from_ne_bytes([k[0], k[1], k[2], k[3], k[0], k[1], k[2], k[3]]) };
     for w in mid.iter_mut() {
         *w ^= k64;
     }

@@ -1,6 +1,10 @@
 //! Incremental UTF-8 validation of a text message that arrives in fragments
 //! (RFC 6455 §8.1: fail fast, as soon as the bytes so far cannot be valid).
 
+/// The bytes can never become valid UTF-8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidUtf8;
+
 /// Tracks how much of a growing message buffer is known to be valid UTF-8.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Utf8Check {
@@ -11,7 +15,7 @@ impl Utf8Check {
     /// Checks the bytes of `buf` not yet checked. `Err` means no continuation
     /// can make the buffer valid; `Ok` may leave an incomplete code point at
     /// the end for the next fragment to finish.
-    pub fn feed(&mut self, buf: &[u8]) -> Result<(), ()> {
+    pub fn feed(&mut self, buf: &[u8]) -> Result<(), InvalidUtf8> {
         match simdutf8::compat::from_utf8(&buf[self.valid_up_to..]) {
             Ok(_) => {
                 self.valid_up_to = buf.len();
@@ -21,7 +25,7 @@ impl Utf8Check {
                 // error_len() == None: the input ends in the middle of a code
                 // point, which a later fragment may complete.
                 if e.error_len().is_some() {
-                    return Err(());
+                    return Err(InvalidUtf8);
                 }
                 self.valid_up_to += e.valid_up_to();
                 Ok(())

@@ -74,9 +74,7 @@ fn main() {
                 args.next();
             }
             "--echo" => echo = true,
-            other => fail(&format!(
-                "unsupported option {other} (this is the bench stand-in)"
-            )),
+            other => fail(&format!("unsupported option {other} (this is the bench stand-in)")),
         }
     }
     if let Err(e) = run(listen, echo) {
@@ -92,18 +90,10 @@ fn fail(msg: &str) -> ! {
 fn run(listen: SocketAddr, echo: bool) -> io::Result<()> {
     let poll = Poll::new()?;
     let mut listener = TcpListener::bind(listen)?;
-    poll.registry()
-        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
     eprintln!("corecast-standin listening on {listen}");
-    let mut server = Server {
-        poll,
-        listener,
-        clients: HashMap::new(),
-        rooms: HashMap::new(),
-        next_token: 0,
-        echo,
-        delivered: 0,
-    };
+    let mut server =
+        Server { poll, listener, clients: HashMap::new(), rooms: HashMap::new(), next_token: 0, echo, delivered: 0 };
     let mut events = Events::with_capacity(1024);
     let mut scratch = vec![0u8; 64 * 1024];
     loop {
@@ -145,13 +135,7 @@ impl Server {
                     {
                         self.clients.insert(
                             t,
-                            Client {
-                                sock,
-                                kind: Kind::Http,
-                                rbuf: Vec::new(),
-                                wbuf: Vec::new(),
-                                rooms: Vec::new(),
-                            },
+                            Client { sock, kind: Kind::Http, rbuf: Vec::new(), wbuf: Vec::new(), rooms: Vec::new() },
                         );
                     }
                 }
@@ -181,11 +165,7 @@ impl Server {
             return;
         };
         let buf = std::mem::take(&mut c.rbuf);
-        let used = if c.kind == Kind::Http {
-            self.http(t, &buf)
-        } else {
-            self.frames(t, &buf)
-        };
+        let used = if c.kind == Kind::Http { self.http(t, &buf) } else { self.frames(t, &buf) };
         if let (Some(used), Some(c)) = (used, self.clients.get_mut(&t)) {
             c.rbuf = buf[used..].to_vec();
         }
@@ -206,20 +186,12 @@ impl Server {
         let upgrade = head.to_ascii_lowercase().contains("upgrade: websocket");
         let key_ok = head.contains(ws::HANDSHAKE_KEY);
         let reply = |status: &str, body: &str| {
-            format!(
-                "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            )
+            format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
         };
         let kind = match path {
             "/ws" if upgrade && key_ok => {
-                let user = query
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix("user="))
-                    .unwrap_or("anonymous");
-                Some(Kind::Ws {
-                    user: user.to_string(),
-                })
+                let user = query.split('&').find_map(|kv| kv.strip_prefix("user=")).unwrap_or("anonymous");
+                Some(Kind::Ws { user: user.to_string() })
             }
             "/echo" if upgrade && key_ok && self.echo => Some(Kind::Echo),
             _ => None,
@@ -227,10 +199,7 @@ impl Server {
         let Some(kind) = kind else {
             let response = match path {
                 "/readyz" | "/healthz" => reply("200 OK", "ok"),
-                "/metrics" => reply(
-                    "200 OK",
-                    &format!("standin_deliveries_total {}\n", self.delivered),
-                ),
+                "/metrics" => reply("200 OK", &format!("standin_deliveries_total {}\n", self.delivered)),
                 "/ws" | "/echo" => reply("400 Bad Request", ""),
                 _ => reply("404 Not Found", ""),
             };
@@ -274,9 +243,7 @@ impl Server {
             ws::apply_mask(&mut payload, mask, 0);
             at += n + body.len();
             match h.opcode {
-                ws::OP_TEXT | ws::OP_BINARY
-                    if self.clients.get(&t).is_some_and(|c| c.kind == Kind::Echo) =>
-                {
+                ws::OP_TEXT | ws::OP_BINARY if self.clients.get(&t).is_some_and(|c| c.kind == Kind::Echo) => {
                     let mut frame = Vec::new();
                     ws::format_frame(h.opcode, &payload, None, &mut frame);
                     self.send(t, &frame);
@@ -289,12 +256,7 @@ impl Server {
                 }
                 ws::OP_CLOSE => {
                     let mut frame = Vec::new();
-                    ws::format_frame(
-                        ws::OP_CLOSE,
-                        payload.get(..2).unwrap_or(&[]),
-                        None,
-                        &mut frame,
-                    );
+                    ws::format_frame(ws::OP_CLOSE, payload.get(..2).unwrap_or(&[]), None, &mut frame);
                     self.send(t, &frame);
                     self.drop_client_after_flush(t);
                     return None;
@@ -313,10 +275,7 @@ impl Server {
             None => format!(r#"{{"ev":"{ev}"}}"#),
         };
         let Ok(op) = serde_json::from_slice::<Op>(json) else {
-            return self.text(
-                t,
-                r#"{"ev":"error","code":"bad_request","message":"not an op"}"#,
-            );
+            return self.text(t, r#"{"ev":"error","code":"bad_request","message":"not an op"}"#);
         };
         match (op.op, op.room) {
             ("subscribe", Some(room)) => {
@@ -327,16 +286,8 @@ impl Server {
                 if let Some(c) = self.clients.get_mut(&t) {
                     c.rooms.push(room.clone());
                 }
-                let id = op
-                    .id
-                    .map_or(String::new(), |id| format!(r#","id":{}"#, id.get()));
-                self.text(
-                    t,
-                    &format!(
-                        r#"{{"ev":"subscribed","room":{}{id}}}"#,
-                        serde_json::Value::from(room)
-                    ),
-                );
+                let id = op.id.map_or(String::new(), |id| format!(r#","id":{}"#, id.get()));
+                self.text(t, &format!(r#"{{"ev":"subscribed","room":{}{id}}}"#, serde_json::Value::from(room)));
             }
             ("unsubscribe", Some(room)) => {
                 if let Some(m) = self.rooms.get_mut(&room) {
@@ -367,10 +318,7 @@ impl Server {
                 }
             }
             ("ping", _) => self.text(t, &reply("pong", op.id)),
-            _ => self.text(
-                t,
-                r#"{"ev":"error","code":"bad_request","message":"unknown op"}"#,
-            ),
+            _ => self.text(t, r#"{"ev":"error","code":"bad_request","message":"unknown op"}"#),
         }
     }
 

@@ -1,0 +1,513 @@
+//! ⑦ The Redis backplane (PROTOCOL.md §3): how a message published on one
+//! node reaches every node's subscribers.
+//!
+//! Each shard has two Redis connections of its own:
+//!
+//! - **subscriber** — owned by the shard's `redis-NN` thread (`reader.rs`),
+//!   a plain OS thread pinned beside its shard. It SUBSCRIBEs to the
+//!   channels its shard has members for (`subs.rs` reconciles), decodes each
+//!   pushed message, checks it, builds the client frame once, and hands it to
+//!   its shard's inbox as `ShardMsg::Room` / `ShardMsg::Direct`.
+//! - **publisher** — async, on the shard's own monoio runtime
+//!   (`publisher.rs`): `PUBLISH` commands are appended to one buffer and
+//!   written together once per turn of the event loop, so a busy shard
+//!   pipelines hundreds of publishes per `send(2)` with no thread hop.
+//!
+//! With Redis, *every* delivery goes through Redis, even to the publisher's
+//! own shard: then every subscriber on every node sees one room's messages in
+//! the order Redis ran the PUBLISHes, and nothing arrives twice.
+//!
+//! This file holds the shard's side (`RedisBus`: publish, interest, the
+//! `subscribed` replies held until Redis confirms), the node-wide link
+//! `Health` behind `/readyz`, the timings, and `start`, which spawns the
+//! readers. In: `Bus` calls from the shard; `ShardMsg::Subscribed` and
+//! `ShardMsg::RedisLink` from the reader. Out: `Interest` to the reader,
+//! PUBLISH to Redis.
+//!
+//! # Why the publisher is not a thread
+//!
+//! A `redis-pub-NN` thread would put a channel send and a cross-thread
+//! wake-up on every publish and two more threads per shard on the cores the
+//! shards need. Publishing is a write of bytes the shard already has; the
+//! shard's runtime does it with the same readiness + non-blocking `send`
+//! the client connections use, and the bounded queue in front of it means it
+//! never waits on Redis. Reading is different: a message from Redis fans out
+//! to many clients, so its decode and check run beside the shard, not on it.
+
+pub mod publisher;
+pub mod reader;
+mod resp;
+pub mod subs;
+pub mod url;
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use rustc_hash::FxHashMap;
+use tracing::warn;
+
+use super::{Target, Unavailable};
+use crate::config::Config;
+use crate::conn::Conn;
+use crate::metrics::Metrics;
+use crate::protocol::event;
+use crate::shard::{InboxSender, Shard};
+use publisher::Publisher;
+use reader::SubHandle;
+use subs::{Interest, Kind};
+pub use url::RedisUrl;
+
+/// A TCP connect to Redis that takes longer fails (and is retried).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// AUTH/SELECT answered within this, or the attempt fails.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A subscriber connection silent this long is sent a PING.
+pub(crate) const PING_IDLE: Duration = Duration::from_secs(1);
+/// A PING (subscriber) or the oldest PUBLISH (publisher) unanswered this long
+/// means Redis is gone or stopped: drop the connection and reconnect.
+pub(crate) const DEAD_AFTER: Duration = Duration::from_secs(3);
+/// Reconnect delays double from `BACKOFF_MIN` up to `BACKOFF_MAX`, each
+/// jittered down by up to half so that nodes do not reconnect in step.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Why a Redis connection failed or was dropped. Redis's (or the network's)
+/// doing, never a bug here: logged at warn, then retried.
+#[derive(Debug)]
+pub enum LinkError {
+    /// Name resolution, connect, read or write failed.
+    Io(io::Error),
+    /// Redis closed the connection.
+    Closed,
+    /// Redis did not answer in time; says what we waited for.
+    Timeout(&'static str),
+    /// Redis answered a command with an error (wrong password, bad db, ACL).
+    Refused { step: &'static str, reply: String },
+    /// Bytes that are not RESP2.
+    Protocol,
+}
+
+impl fmt::Display for LinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkError::Io(e) => write!(f, "{e}"),
+            LinkError::Closed => f.write_str("connection closed by Redis"),
+            LinkError::Timeout(what) => write!(f, "no answer from Redis: {what}"),
+            LinkError::Refused { step, reply } => write!(f, "{step} refused: {reply}"),
+            LinkError::Protocol => f.write_str("not RESP2 from Redis"),
+        }
+    }
+}
+
+impl From<io::Error> for LinkError {
+    fn from(e: io::Error) -> LinkError {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => LinkError::Timeout("read or write timed out"),
+            _ => LinkError::Io(e),
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter.
+pub(crate) struct Backoff(Duration);
+
+impl Backoff {
+    pub fn new() -> Backoff {
+        Backoff(BACKOFF_MIN)
+    }
+    pub fn reset(&mut self) {
+        self.0 = BACKOFF_MIN;
+    }
+    /// The next delay: somewhere in [d/2, d], then d doubles (capped).
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (d * 2).min(BACKOFF_MAX);
+        let half = d.as_micros() as u64 / 2;
+        Duration::from_micros(half + fastrand::u64(0..=half))
+    }
+}
+
+/// Logs a link failure at warn the first time, when the reason changes, and
+/// once a minute while it lasts, so a Redis that stays down (or a wrong
+/// password) does not flood the log every two seconds.
+pub(crate) struct FailureLog(Option<(String, Instant)>);
+
+/// How often an unchanged failure is logged again at warn.
+const FAILURE_REPEAT: Duration = Duration::from_secs(60);
+
+impl FailureLog {
+    pub fn new() -> FailureLog {
+        FailureLog(None)
+    }
+    pub fn failed(&mut self, shard: usize, link: Link, url: &RedisUrl, e: &LinkError) {
+        let text = e.to_string();
+        let now = Instant::now();
+        match &self.0 {
+            Some((last, at)) if *last == text && now - *at < FAILURE_REPEAT => {
+                tracing::debug!(shard, link = link.name(), error = %text, "redis link still failing");
+            }
+            _ => {
+                warn!(shard, link = link.name(), redis = %url, error = %text, "redis link failed; retrying with backoff");
+                self.0 = Some((text, now));
+            }
+        }
+    }
+    pub fn recovered(&mut self) {
+        self.0 = None;
+    }
+}
+
+/// Which of a shard's two Redis connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    Subscriber = 0,
+    Publisher = 1,
+}
+
+impl Link {
+    pub fn name(self) -> &'static str {
+        match self {
+            Link::Subscriber => "subscriber",
+            Link::Publisher => "publisher",
+        }
+    }
+}
+
+/// Every Redis link of this node, shared by the shards (for `/readyz`), the
+/// readers and the publishers. Each flag has one writer: the reader thread
+/// for `sub`, the shard thread for `publ`; the matching gauges too.
+pub struct Health {
+    metrics: Arc<Metrics>,
+    links: Box<[LinkHealth]>,
+    /// Redis's addresses as last resolved by a reader thread; the publishers
+    /// connect to these so that no shard ever blocks in `getaddrinfo`.
+    addrs: Mutex<Vec<SocketAddr>>,
+}
+
+#[derive(Default)]
+struct LinkHealth {
+    sub: AtomicBool,
+    publ: AtomicBool,
+    /// The last failure of each link, subscriber then publisher.
+    last_error: [Mutex<Option<String>>; 2],
+}
+
+impl Health {
+    fn new(metrics: Arc<Metrics>, shards: usize) -> Health {
+        Health { metrics, links: (0..shards).map(|_| LinkHealth::default()).collect(), addrs: Mutex::default() }
+    }
+
+    /// Records whether `link` of `shard` works; keeps the gauges in step.
+    pub(crate) fn set(&self, shard: usize, link: Link, up: bool) {
+        let (flag, gauge) = match link {
+            Link::Subscriber => (&self.links[shard].sub, &self.metrics.shard(shard).redis_connected),
+            Link::Publisher => (&self.links[shard].publ, &self.metrics.shard(shard).redis_publisher_connected),
+        };
+        if flag.swap(up, Ordering::Relaxed) != up {
+            // One writer per gauge (see the struct doc), so `add`/`sub` suffice.
+            if up { gauge.inc() } else { gauge.sub(1) }
+        }
+    }
+
+    pub(crate) fn failed(&self, shard: usize, link: Link, e: &LinkError) {
+        if let Ok(mut last) = self.links[shard].last_error[link as usize].lock() {
+            *last = Some(e.to_string());
+        }
+    }
+
+    pub(crate) fn set_addrs(&self, addrs: &[SocketAddr]) {
+        if let Ok(mut a) = self.addrs.lock() {
+            a.clear();
+            a.extend_from_slice(addrs);
+        }
+    }
+
+    pub(crate) fn addrs(&self) -> Vec<SocketAddr> {
+        self.addrs.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// `None` when every link of every shard is up; else the first one down
+    /// and its last error, for the `/readyz` body.
+    pub fn not_ready(&self) -> Option<String> {
+        for (i, l) in self.links.iter().enumerate() {
+            for (link, up) in [(Link::Subscriber, &l.sub), (Link::Publisher, &l.publ)] {
+                if !up.load(Ordering::Relaxed) {
+                    let last = l.last_error[link as usize].lock().ok().and_then(|e| e.clone());
+                    return Some(match last {
+                        Some(e) => format!("redis: shard {i} {} link down (last error: {e})\n", link.name()),
+                        None => {
+                            format!("redis: shard {i} {} link not connected yet\n", link.name())
+                        }
+                    });
+                }
+            }
+        }
+        None
+    }
+}
+
+/// What a shard thread takes with it to run its side of the backplane.
+pub struct ShardLink {
+    shard: usize,
+    subs: SubHandle,
+    url: Arc<RedisUrl>,
+    prefix: Arc<str>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
+/// Parses `--redis`, then spawns and pins one `redis-NN` reader thread per
+/// shard. A reader that panics reports on `exits`, so `server::run` fails
+/// naming it. Returns each shard's `ShardLink`, in shard order.
+pub fn start(
+    cfg: &Config,
+    url: &str,
+    peers: &[InboxSender],
+    metrics: &Arc<Metrics>,
+    exits: &crossbeam_channel::Sender<(String, anyhow::Result<()>)>,
+) -> anyhow::Result<Vec<ShardLink>> {
+    let url = Arc::new(RedisUrl::parse(url).with_context(|| "--redis: cannot parse the URL".to_string())?);
+    let prefix: Arc<str> = Arc::from(cfg.channel_prefix.as_str());
+    let health = Arc::new(Health::new(metrics.clone(), peers.len()));
+    // Resolved here once so that the publishers' first attempt has an
+    // address; the readers resolve again before each connect.
+    if let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(&url.addr()) {
+        health.set_addrs(&addrs.collect::<Vec<_>>());
+    }
+    tracing::info!(redis = %url, prefix = %prefix, "redis backplane");
+    let mut links = Vec::with_capacity(peers.len());
+    for (i, inbox) in peers.iter().enumerate() {
+        let (subs, input) = reader::channel().context("redis: make the reader's wake-up pipe")?;
+        let r = reader::Reader::new(reader::ReaderParts {
+            shard: i,
+            core: cfg.cores[i],
+            url: url.clone(),
+            prefix: prefix.clone(),
+            inbox: inbox.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            input,
+            max_payload: cfg.outbound_queue_bytes,
+        });
+        let name = format!("redis-{i:02}");
+        let (exit_tx, thread_name) = (exits.clone(), name.clone());
+        thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| r.run()));
+                if r.is_err() {
+                    let _ = exit_tx.send((thread_name.clone(), Err(anyhow::anyhow!("{thread_name} panicked"))));
+                }
+            })
+            .with_context(|| format!("spawn {name}"))?;
+        links.push(ShardLink {
+            shard: i,
+            subs,
+            url: url.clone(),
+            prefix: prefix.clone(),
+            health: health.clone(),
+            metrics: metrics.clone(),
+        });
+    }
+    Ok(links)
+}
+
+/// A room this shard has members in, as far as the `subscribed` replies go.
+struct RoomSub {
+    /// The `seq` of the latest join that made the room non-empty here.
+    seq: u64,
+    /// Redis confirmed the subscription for that join.
+    confirmed: bool,
+    /// `subscribed` replies held until then.
+    waiting: Vec<(Weak<Conn>, Bytes)>,
+}
+
+/// Interest changes made during one turn of the shard's event loop, handed
+/// to the reader together (one channel send, one wake-up) by a task that
+/// runs once the turn's other tasks have had their go: a burst of joins
+/// reaches Redis as one SUBSCRIBE however the threads are scheduled.
+struct InterestQueue {
+    batch: RefCell<Vec<Interest>>,
+    /// Wakes the hand-off task when `batch` becomes non-empty.
+    waker: Cell<Option<Waker>>,
+    subs: SubHandle,
+}
+
+impl InterestQueue {
+    fn push(&self, i: Interest) {
+        let mut batch = self.batch.borrow_mut();
+        if batch.is_empty()
+            && let Some(w) = self.waker.take()
+        {
+            w.wake();
+        }
+        batch.push(i);
+    }
+
+    async fn run(self: Rc<Self>) {
+        loop {
+            poll_fn(|cx| {
+                if self.batch.borrow().is_empty() {
+                    self.waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+            let batch = std::mem::take(&mut *self.batch.borrow_mut());
+            self.subs.send(batch);
+        }
+    }
+}
+
+/// The shard's side of the Redis bus; lives on the shard's thread.
+pub struct RedisBus {
+    prefix: Arc<str>,
+    interest: Rc<InterestQueue>,
+    publisher: Rc<Publisher>,
+    health: Arc<Health>,
+    /// The subscriber link as last reported by the reader
+    /// (`ShardMsg::RedisLink`), in order with its `Subscribed` messages.
+    link_up: Cell<bool>,
+    next_seq: Cell<u64>,
+    rooms: RefCell<FxHashMap<Arc<str>, RoomSub>>,
+}
+
+impl RedisBus {
+    /// Takes the shard's link and starts its publisher on the current
+    /// (the shard's) runtime.
+    pub fn start(link: ShardLink) -> RedisBus {
+        let publisher = Publisher::new(link.shard, link.url, link.health.clone(), link.metrics);
+        monoio::spawn(publisher.clone().run());
+        let interest = Rc::new(InterestQueue { batch: RefCell::default(), waker: Cell::new(None), subs: link.subs });
+        monoio::spawn(interest.clone().run());
+        RedisBus {
+            prefix: link.prefix,
+            interest,
+            publisher,
+            health: link.health,
+            link_up: Cell::new(false),
+            next_seq: Cell::new(1),
+            rooms: RefCell::default(),
+        }
+    }
+
+    /// Queues `PUBLISH` of the frame's JSON; never waits.
+    pub fn publish(&self, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
+        self.publisher.publish(&self.prefix, target, &event::json_of(&frame))
+    }
+
+    /// Tells the reader to (un)subscribe; for a room turning on, starts
+    /// holding `subscribed` replies until Redis confirms.
+    pub fn interest(&self, target: Target<'_>, on: bool) {
+        let (kind, name) = match target {
+            Target::Room(r) => (Kind::Room, r),
+            Target::User(u) => (Kind::User, u),
+        };
+        let name: Arc<str> = Arc::from(name);
+        let mut seq = 0;
+        if kind == Kind::Room {
+            let mut rooms = self.rooms.borrow_mut();
+            if on {
+                seq = self.next_seq.replace(self.next_seq.get() + 1);
+                rooms.insert(name.clone(), RoomSub { seq, confirmed: false, waiting: Vec::new() });
+            } else {
+                // Members that left were answered (`before_leave`); closed ones need nothing.
+                rooms.remove(&*name);
+            }
+        }
+        self.interest.push(Interest { kind, name, on, seq });
+    }
+
+    /// Sends `reply` (a `subscribed` event) to `conn` now if this node is
+    /// subscribed to `room` at Redis (or Redis is down: the membership is
+    /// restored with the link), else once Redis confirms.
+    pub fn reply_subscribed(&self, shard: &Shard, conn: &Rc<Conn>, room: &str, reply: Bytes) {
+        if self.link_up.get()
+            && let Some(r) = self.rooms.borrow_mut().get_mut(room)
+            && !r.confirmed
+        {
+            r.waiting.push((Rc::downgrade(conn), reply));
+            return;
+        }
+        conn.push(shard, reply);
+    }
+
+    /// `conn` leaves `room`: its held `subscribed` goes first, so the client
+    /// sees `subscribed` before `unsubscribed`.
+    pub fn before_leave(&self, shard: &Shard, conn: &Rc<Conn>, room: &str) {
+        let held: Vec<Bytes> = match self.rooms.borrow_mut().get_mut(room) {
+            Some(r) if !r.waiting.is_empty() => {
+                let mut held = Vec::new();
+                r.waiting.retain(|(w, reply)| {
+                    let mine = w.as_ptr() == Rc::as_ptr(conn);
+                    if mine {
+                        held.push(reply.clone());
+                    }
+                    !mine
+                });
+                held
+            }
+            _ => return,
+        };
+        for reply in held {
+            conn.push(shard, reply);
+        }
+    }
+
+    /// The reader confirmed `room` for the join numbered `seq`.
+    pub fn on_subscribed(&self, shard: &Shard, room: &str, seq: u64) {
+        let waiting = match self.rooms.borrow_mut().get_mut(room) {
+            Some(r) if r.seq == seq => {
+                r.confirmed = true;
+                std::mem::take(&mut r.waiting)
+            }
+            // A confirmation for an earlier join of the room: a newer one is on its way.
+            _ => return,
+        };
+        send_held(shard, waiting);
+    }
+
+    /// The subscriber link went up or down. Down: nothing is confirmed any
+    /// more, and every held reply goes out (the reader re-subscribes and
+    /// confirms again once Redis is back).
+    pub fn on_link(&self, shard: &Shard, up: bool) {
+        self.link_up.set(up);
+        if up {
+            return;
+        }
+        let mut held = Vec::new();
+        for r in self.rooms.borrow_mut().values_mut() {
+            r.confirmed = false;
+            held.append(&mut r.waiting);
+        }
+        send_held(shard, held);
+    }
+
+    pub fn not_ready(&self) -> Option<String> {
+        self.health.not_ready()
+    }
+}
+
+/// Sends held replies to the connections that are still open.
+fn send_held(shard: &Shard, held: Vec<(Weak<Conn>, Bytes)>) {
+    for (w, reply) in held {
+        if let Some(conn) = w.upgrade()
+            && shard.has_conn(&conn)
+        {
+            conn.push(shard, reply);
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Room and direct messages across shards, publisher order, encode-once
+//! delivery to every member, on both monoio drivers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, start_server};
+use serde_json::json;
+
+/// Opens `n` clients as users u0..u{n-1} until both shards hold some.
+fn clients_on_both_shards(s: &common::Server, n: usize) -> Vec<Client> {
+    let cs: Vec<Client> = (0..n).map(|i| Client::connect(&s.ws_url(&format!("/ws?user=u{i}")))).collect();
+    s.wait_until("all connections counted", || s.metric("corecast_connections") as usize == n);
+    let (a, b) = (s.metric("corecast_connections{shard=\"0\"}"), s.metric("corecast_connections{shard=\"1\"}"));
+    assert!(a > 0.0 && b > 0.0, "both shards must hold clients: {a} / {b}");
+    cs
+}
+
+fn cross_shard_room_and_direct(driver: &str) {
+    let s = start_server(&["--shards", "2", "--driver", driver]);
+    let mut cs = clients_on_both_shards(&s, 24);
+    for c in cs.iter_mut() {
+        c.subscribe("lobby");
+    }
+    // Every client publishes once; every client (publisher included) gets all 24.
+    for (i, c) in cs.iter_mut().enumerate() {
+        c.send_json(&json!({"op":"publish","room":"lobby","data":{"n":i,"s":"x y"},"id":i}));
+    }
+    for (me, c) in cs.iter_mut().enumerate() {
+        let mut seen = [false; 24];
+        let mut got = 0;
+        let mut acked = false;
+        while got < 24 || !acked {
+            let m = c.recv();
+            if m["ev"] == "ack" {
+                assert_eq!(m, json!({"ev":"ack","id":me}));
+                assert!(!acked, "one ack per publish");
+                acked = true;
+                continue;
+            }
+            assert_eq!(m["ev"], "message", "client {me}: {m}");
+            assert_eq!(m["room"], "lobby");
+            let n = m["data"]["n"].as_u64().unwrap() as usize;
+            assert_eq!(m["from"], format!("u{n}"));
+            assert_eq!(m["data"], json!({"n":n,"s":"x y"}));
+            assert!(!seen[n], "client {me} got message {n} twice");
+            seen[n] = true;
+            got += 1;
+        }
+        c.expect_silence(Duration::from_millis(50));
+    }
+    // Direct messages reach every connection of the user, on either shard.
+    let mut second_u5 = Client::connect(&s.ws_url("/ws?user=u5"));
+    let r = cs[0].call(json!({"op":"send","user":"u5","data":[1,2],"id":"d"}));
+    assert_eq!(r, json!({"ev":"ack","id":"d"}));
+    assert_eq!(cs[5].recv(), json!({"ev":"direct","from":"u0","data":[1,2]}));
+    assert_eq!(second_u5.recv(), json!({"ev":"direct","from":"u0","data":[1,2]}));
+    for c in cs.iter_mut().take(4) {
+        c.expect_silence(Duration::from_millis(30));
+    }
+    assert!(s.metric("corecast_inbox_messages_total") > 0.0, "cross-shard delivery goes through inboxes");
+}
+
+#[test]
+fn clients_on_different_shards_get_each_others_messages_io_uring_or_fallback() {
+    cross_shard_room_and_direct("auto");
+}
+
+#[test]
+fn clients_on_different_shards_get_each_others_messages_epoll() {
+    cross_shard_room_and_direct("legacy");
+}
+
+#[test]
+fn publisher_order_is_kept_and_unsubscribe_stops_delivery() {
+    let s = start_server(&["--shards", "2"]);
+    let mut cs = clients_on_both_shards(&s, 8);
+    for c in cs.iter_mut() {
+        c.subscribe("ticker");
+    }
+    let n = 500;
+    for i in 0..n {
+        cs[0].send_json(&json!({"op":"publish","room":"ticker","data":i}));
+    }
+    for c in cs.iter_mut() {
+        for i in 0..n {
+            let m = c.recv();
+            assert_eq!(m["data"], json!(i), "out of order");
+        }
+    }
+    let r = cs[1].call(json!({"op":"unsubscribe","room":"ticker","id":9}));
+    assert_eq!(r, json!({"ev":"unsubscribed","room":"ticker","id":9}));
+    cs[0].send_json(&json!({"op":"publish","room":"ticker","data":"after"}));
+    assert_eq!(cs[2].recv()["data"], "after");
+    cs[1].expect_silence(Duration::from_millis(100));
+    // Ping keeps working and echoes the id.
+    assert_eq!(cs[1].call(json!({"op":"ping","id":"p"})), json!({"ev":"pong","id":"p"}));
+}
+
+#[test]
+fn server_side_publish_reaches_room_and_user() {
+    let s = start_server(&["--shards", "2", "--api-key", "k3y"]);
+    let mut c = Client::connect(&s.ws_url("/ws?user=alice"));
+    c.subscribe("news");
+    let auth = [("Authorization", "Bearer k3y")];
+    let (st, body) = s.http("POST", "/api/publish", &auth, br#"{"room":"news","data":{"h":"hi"}}"#);
+    assert_eq!((st, body.as_str()), (200, r#"{"ok":true}"#));
+    assert_eq!(c.recv(), json!({"ev":"message","room":"news","from":"server","data":{"h":"hi"}}));
+    let (st, _) = s.http("POST", "/api/publish", &auth, br#"{"user":"alice","data":7}"#);
+    assert_eq!(st, 200);
+    assert_eq!(c.recv(), json!({"ev":"direct","from":"server","data":7}));
+    assert_eq!(s.http("POST", "/api/publish", &[], br#"{"room":"news","data":1}"#).0, 401);
+    assert_eq!(
+        s.http("POST", "/api/publish", &[("Authorization", "Bearer nope")], br#"{"room":"news","data":1}"#).0,
+        401
+    );
+    assert_eq!(s.http("POST", "/api/publish", &auth, b"{not json").0, 400);
+    assert_eq!(s.http("POST", "/api/publish", &auth, br#"{"room":"bad room","data":1}"#).0, 400);
+    assert_eq!(s.http("POST", "/api/publish", &auth, br#"{"room":"news"}"#).0, 400);
+    c.expect_silence(Duration::from_millis(50));
+}

@@ -1,0 +1,119 @@
+//! Slow consumers, SIGTERM drain, and the open-file limit.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use common::{Client, Raw, start_server, start_server_with};
+use serde_json::json;
+
+#[test]
+fn slow_reader_is_cut_off_others_keep_receiving() {
+    let s = start_server(&["--shards", "2", "--outbound-queue-bytes", "65536"]);
+    // A subscriber that never reads, with a tiny receive buffer.
+    let mut slow = Raw::upgrade(s.addr, "/ws?user=slow");
+    slow.send_frame(0x81, br#"{"op":"subscribe","room":"firehose"}"#, true);
+    let mut fast = Client::connect(&s.ws_url("/ws?user=fast"));
+    fast.subscribe("firehose");
+    let mut publisher = Client::connect(&s.ws_url("/ws?user=pub"));
+    s.wait_until("slow subscribed", || s.metric("corecast_messages_in_total") >= 2.0);
+    let pad = "p".repeat(4000);
+    let total = 2000; // 8 MB in all: far beyond socket buffers + 64 KiB queue
+    for i in 0..total {
+        publisher.send_json(&json!({"op":"publish","room":"firehose","data":{"i":i,"pad":pad}}));
+        // The fast subscriber reads as it goes; it must get every message.
+        let m = fast.recv();
+        assert_eq!(m["data"]["i"], json!(i));
+    }
+    s.wait_until("slow consumer cut off", || s.metric("corecast_slow_consumer_disconnects_total") == 1.0);
+    // The slow client's socket is closed by the server: reading drains to EOF.
+    slow.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t = Instant::now();
+    while slow.read_frame().is_some() {
+        assert!(t.elapsed() < Duration::from_secs(10), "slow socket never closed");
+    }
+    s.wait_until("slow connection gone", || s.metric("corecast_connections") == 2.0);
+    assert_eq!(publisher.call(json!({"op":"ping","id":1})), json!({"ev":"pong","id":1}));
+}
+
+#[test]
+fn sigterm_drains_with_jittered_maintenance_then_1001() {
+    let mut s = start_server(&["--shards", "2", "--drain-secs", "2"]);
+    let mut cs: Vec<Client> = (0..10).map(|i| Client::connect(&s.ws_url(&format!("/ws?user=d{i}")))).collect();
+    s.wait_until("connected", || s.metric("corecast_connections") == 10.0);
+    s.sigterm();
+    let mut delays = Vec::new();
+    for c in cs.iter_mut() {
+        let m = c.recv();
+        assert_eq!(m["ev"], "maintenance", "{m}");
+        let d = m["reconnect_in_ms"].as_u64().expect("reconnect_in_ms");
+        assert!(d <= 2000, "{d} beyond the drain window");
+        delays.push(d);
+    }
+    delays.sort();
+    assert!(delays[0] != delays[9], "delays are jittered: {delays:?}");
+    // Ready turns 503 while draining (on a fresh connection) and new
+    // upgrades are refused.
+    let (st, _) = s.http_get("/readyz");
+    assert_eq!(st, 503);
+    assert_eq!(s.http_get("/healthz").0, 200);
+    for c in cs.iter_mut() {
+        assert_eq!(c.expect_close(), Some(1001));
+    }
+    let st = s.wait_exit(Duration::from_secs(10));
+    assert!(st.success(), "exit status {st:?}");
+    assert!(s.logs().contains("draining"));
+}
+
+#[test]
+fn open_file_limit_refuses_with_a_metric_and_recovers() {
+    let s = start_server_with(&["--shards", "1"], |c| {
+        // SAFETY: setrlimit between fork and exec only touches the child.
+        unsafe {
+            c.pre_exec(|| {
+                let lim = libc::rlimit { rlim_cur: 64, rlim_max: 64 };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for i in 0..120 {
+        let Ok(mut t) = TcpStream::connect(s.addr) else {
+            refused += 1;
+            continue;
+        };
+        t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let req = format!(
+            "GET /ws?user=f{i} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        let _ = t.write_all(req.as_bytes());
+        let mut buf = [0u8; 12];
+        use std::io::Read;
+        match t.read(&mut buf) {
+            Ok(12) if &buf == b"HTTP/1.1 101" => held.push(t),
+            _ => refused += 1,
+        }
+    }
+    assert!(refused > 0, "the 64-fd limit must refuse some of 120 connections");
+    assert!(held.len() > 20, "still serves up to the limit ({} held)", held.len());
+    // Metrics need a descriptor too: free some first.
+    held.truncate(held.len() - 10);
+    s.wait_until("refusals counted", || {
+        common::metric_in(&s.http_get("/metrics").1, "corecast_accept_refused_total").is_some_and(|v| v > 0.0)
+    });
+    assert!(s.logs().contains("open-file limit reached"), "a log line names the limit");
+    held.clear();
+    s.wait_until("sockets freed", || {
+        common::metric_in(&s.http_get("/metrics").1, "corecast_connections").is_some_and(|v| v == 0.0)
+    });
+    let mut c = Client::connect(&s.ws_url("/ws?user=after"));
+    assert_eq!(c.call(json!({"op":"ping","id":1})), json!({"ev":"pong","id":1}));
+}

@@ -1,0 +1,75 @@
+//! Logging in to Redis: an ACL user (`redis://user:pass@host/db`), a
+//! password alone (`redis://:pass@host`), and a wrong password, which keeps
+//! the node up but not ready, saying why.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Client;
+use common::redis::{RedisServer, UnreadyNode, deadline, expect_event, node, subscribe, wait_until};
+use serde_json::json;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn protected_redis() -> RedisServer {
+    let redis = RedisServer::start_with(&["--requirepass", "adminpw"]).cli_auth(&["-a", "adminpw"]);
+    // Only what corecast needs, on its channels only. (Not CLIENT SETNAME:
+    // the node must cope with that being refused.)
+    let ok = redis.cli(&[
+        "ACL",
+        "SETUSER",
+        "app",
+        "on",
+        ">app pw",
+        "resetchannels",
+        "&cc:*",
+        "+publish",
+        "+subscribe",
+        "+unsubscribe",
+        "+ping",
+        "+select",
+    ]);
+    assert_eq!(ok, "OK");
+    redis
+}
+
+#[test]
+fn an_acl_user_and_a_password_alone_both_log_in_and_messages_cross() {
+    let _d = deadline("an_acl_user_and_a_password_alone_both_log_in_and_messages_cross", 30 * SECOND);
+    let redis = protected_redis();
+    // The space in the password is percent-encoded in the URL.
+    let n0 = node(&format!("redis://app:app%20pw@127.0.0.1:{}/2", redis.port), 2);
+    let n1 = node(&format!("redis://:adminpw@127.0.0.1:{}/1", redis.port), 1);
+    let clients = redis.cli(&["CLIENT", "LIST"]);
+    assert!(clients.contains("user=app"), "{clients}");
+    assert!(clients.contains("db=2"), "SELECT 2 was run: {clients}");
+
+    let mut a = Client::connect(&n0.ws_url("/ws?user=a"));
+    let mut b = Client::connect(&n1.ws_url("/ws?user=b"));
+    subscribe(&mut a, "auth");
+    subscribe(&mut b, "auth");
+    a.send_json(&json!({"op": "publish", "room": "auth", "data": 1}));
+    b.send_json(&json!({"op": "publish", "room": "auth", "data": 2}));
+    for c in [&mut a, &mut b] {
+        let mut got: Vec<_> = (0..2).map(|_| expect_event(c, "a message", 5 * SECOND)["data"].clone()).collect();
+        got.sort_by_key(|v| v.as_u64());
+        assert_eq!(got, [json!(1), json!(2)]);
+    }
+}
+
+#[test]
+fn a_wrong_password_keeps_the_node_up_but_not_ready_and_says_why() {
+    let _d = deadline("a_wrong_password_keeps_the_node_up_but_not_ready_and_says_why", 30 * SECOND);
+    let redis = protected_redis();
+    let mut n =
+        UnreadyNode::start(&["--shards", "1", "--redis", &format!("redis://app:nope@127.0.0.1:{}", redis.port)]);
+    wait_until("/readyz names the refused login", 10 * SECOND, || {
+        let (status, body) = n.http_get("/readyz");
+        status == 503 && body.contains("WRONGPASS")
+    });
+    assert_eq!(n.http_get("/healthz").0, 200);
+    wait_until("the log says why", 5 * SECOND, || n.logs().contains("AUTH refused: WRONGPASS"));
+    assert!(!n.logs().contains("nope"), "the password must not be logged");
+    assert!(n.child.try_wait().expect("try_wait").is_none(), "the node must keep running");
+}
