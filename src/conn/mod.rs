@@ -249,12 +249,16 @@ impl Conn {
     where
         F: FnMut(&mut [u8]) -> Result<usize, Stop>,
     {
-        let ready = self.stream.readable(false);
         match deadline {
-            None => ready.await.map_err(Stop::Io)?,
+            None => self.stream.readable(false).await.map_err(Stop::Io)?,
             Some(d) => {
+                // Boxed: the timer lives on the heap only while a deadline
+                // applies (HTTP, linger), not in every idle connection's task.
                 let left = d.saturating_duration_since(Instant::now());
-                monoio::time::timeout(left, ready).await.map_err(|_| Stop::Timeout)?.map_err(Stop::Io)?
+                Box::pin(monoio::time::timeout(left, self.stream.readable(false)))
+                    .await
+                    .map_err(|_| Stop::Timeout)?
+                    .map_err(Stop::Io)?
             }
         }
         loop {
@@ -324,12 +328,15 @@ struct Fragmented {
 pub async fn run(shard: Rc<Shard>, stream: TcpStream) {
     let conn = shard.add_conn(stream);
     let mut kept = BytesMut::new();
-    let stop = match http::serve(&shard, &conn, &mut kept).await {
+    // The HTTP phase and the closing phase are boxed so that their larger
+    // state (request head, timers) is on the heap only while they run: the
+    // task of an idle WebSocket keeps just the frame loop's small state.
+    let stop = match Box::pin(http::serve(&shard, &conn, &mut kept)).await {
         Ok(mode) => ws_loop(&shard, &conn, mode, &mut kept).await,
         Err(stop) => stop,
     };
     debug!(shard = shard.id, conn = conn.id, ?stop, "connection ends");
-    finish(&shard, &conn, stop).await;
+    Box::pin(finish(&shard, &conn, stop)).await;
     shard.remove_conn(&conn);
 }
 

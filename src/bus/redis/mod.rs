@@ -21,8 +21,8 @@
 //! `subscribed` replies held until Redis confirms), the node-wide link
 //! `Health` behind `/readyz`, the timings, and `start`, which spawns the
 //! readers. In: `Bus` calls from the shard; `ShardMsg::Subscribed` and
-//! `ShardMsg::RedisLink` from the reader. Out: `Interest` to the reader,
-//! PUBLISH to Redis.
+//! `ShardMsg::RedisLink` from the reader. Out: `Interest` changes to the
+//! reader (one batch per turn of the event loop), PUBLISH to Redis.
 //!
 //! # Why the publisher is not a thread
 //!

@@ -290,9 +290,11 @@ impl Reader {
         Ok((sock, buf))
     }
 
+    /// Tells the shard first, then `/readyz`: a node reports ready only once
+    /// its shards are told (and so hold `subscribed` replies).
     fn set_link(&self, up: bool) {
-        self.health.set(self.shard, Link::Subscriber, up);
         let _ = self.inbox.send(ShardMsg::RedisLink { up });
+        self.health.set(self.shard, Link::Subscriber, up);
     }
 
     // ---- serving a connection ------------------------------------------------
