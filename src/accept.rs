@@ -25,8 +25,9 @@ use tracing::{debug, warn};
 use crate::conn;
 use crate::shard::Shard;
 
-/// Pending connections the kernel queues per shard (capped by net.core.somaxconn).
-const BACKLOG: i32 = 4096;
+/// Pending connections the kernel queues per shard. The kernel caps it at
+/// net.core.somaxconn, so the host's setting decides (tuning.md).
+const BACKLOG: i32 = 65535;
 /// Pause after an EMFILE refusal, so a flood of them cannot spin the shard.
 const EMFILE_BACKOFF: Duration = Duration::from_millis(5);
 /// At most one "open-file limit" warning per this interval.

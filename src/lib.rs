@@ -11,6 +11,8 @@
 //! 5. `shard` — the shard's room and user tables (`shard::rooms`).
 //! 6. `bus` — from the publishing shard to every shard with subscribers
 //!    (`bus::local`; Redis across nodes).
+//! 7. `bus::redis` — the Redis backplane: each shard's publisher and its
+//!    `redis-NN` reader thread (RESP → inbox).
 //! 8. `shard::inbox` — the channel + wake-up into another shard.
 //! 9. `Shard::deliver` — one encoded frame into every member's `Outbox`;
 //!    the shard's flusher writes each connection's queue in one `sendmsg`.
