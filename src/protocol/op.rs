@@ -138,3 +138,27 @@ mod tests {
         assert_eq!((e.code, e.id), (ErrorCode::BadRoom, Some("\"q\"")));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Arbitrary bytes never panic the op parser: they parse or get a code.
+        #[test]
+        fn parse_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = ClientOp::parse(&buf);
+        }
+
+        /// Any JSON value published comes back as the same raw text.
+        #[test]
+        fn data_passes_through_byte_for_byte(v in any::<(i64, String, bool, Vec<u8>)>()) {
+            let data = serde_json::to_string(&v).unwrap();
+            let text = format!(r#"{{"op":"publish","room":"r","data":{data},"id":1}}"#);
+            let (op, id) = ClientOp::parse(text.as_bytes()).unwrap();
+            prop_assert_eq!(op, ClientOp::Publish { room: "r".into(), data: &data });
+            prop_assert_eq!(id, Some("1"));
+        }
+    }
+}

@@ -256,3 +256,39 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// No input can make the header parser panic, and a parsed header
+        /// never claims more header bytes than it was given.
+        #[test]
+        fn parse_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(Some((_, n))) = FrameHeader::parse(&buf) {
+                prop_assert!(n <= buf.len());
+            }
+        }
+
+        /// A masked client frame built from any payload parses back to its
+        /// length, flags and key.
+        #[test]
+        fn client_frames_round_trip(len in 0usize..70000, fin: bool, key: [u8; 4], binary: bool) {
+            let mut head = vec![(if fin { 0x80 } else { 0 }) | if binary { 2 } else { 1 }];
+            match len {
+                0..=125 => head.push(0x80 | len as u8),
+                126..=65535 => { head.push(0x80 | 126); head.extend_from_slice(&(len as u16).to_be_bytes()); }
+                _ => { head.push(0x80 | 127); head.extend_from_slice(&(len as u64).to_be_bytes()); }
+            }
+            head.extend_from_slice(&key);
+            let (h, n) = FrameHeader::parse(&head).unwrap().unwrap();
+            prop_assert_eq!(n, head.len());
+            prop_assert_eq!(h.len, len as u64);
+            prop_assert_eq!(h.fin, fin);
+            prop_assert_eq!(h.mask, key);
+            prop_assert_eq!(h.opcode, if binary { OpCode::Binary } else { OpCode::Text });
+        }
+    }
+}
