@@ -125,7 +125,9 @@ wait_ready() {
 start_node() {
     local name=$1 port=$2
     shift 2
-    taskset -c "$SERVER_CPUS" "$SERVER" --listen "127.0.0.1:$port" --shards "$SHARDS" "$@" \
+    # Publishers run flat out: no per-connection op limit unless a flag sets one.
+    CORECAST_MAX_OPS_PER_SEC=${CORECAST_MAX_OPS_PER_SEC:-0} \
+        taskset -c "$SERVER_CPUS" "$SERVER" --listen "127.0.0.1:$port" --shards "$SHARDS" "$@" \
         >"$OUT/$name.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")

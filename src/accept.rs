@@ -64,9 +64,16 @@ pub async fn run(shard: Rc<Shard>, listener: TcpListener) {
     let mut spare = File::open("/dev/null").ok();
     let mut refused_since_log = 0u64;
     let mut last_log: Option<Instant> = None;
+    let mut pace = AcceptPace::new(shard.cfg.max_accepts_per_sec);
     loop {
+        if let Some(wait) = pace.wait() {
+            // Over --max-accepts-per-sec: the rest wait in the kernel backlog.
+            shard.m().accept_pauses_total.inc();
+            monoio::time::sleep(wait).await;
+        }
         match listener.accept().await {
             Ok((stream, _peer)) => {
+                pace.took();
                 // We coalesce frames ourselves; Nagle would only add delay.
                 let _ = stream.set_nodelay(true);
                 monoio::spawn(conn::run(shard.clone(), stream));
@@ -94,6 +101,45 @@ pub async fn run(shard: Rc<Shard>, listener: TcpListener) {
                 debug!(shard = shard.id, "accept: {e}");
                 monoio::time::sleep(Duration::from_millis(1)).await;
             }
+        }
+    }
+}
+
+/// `--max-accepts-per-sec` for one shard: a token bucket holding a tenth of a
+/// second's worth of accepts, so a reconnect storm is taken in steady slices
+/// while the kernel backlog (`BACKLOG`) holds the rest.
+struct AcceptPace {
+    /// Accepts per second; 0 = unlimited.
+    rate: u32,
+    tokens: f64,
+    at: Instant,
+}
+
+impl AcceptPace {
+    fn new(rate: u32) -> AcceptPace {
+        AcceptPace { rate, tokens: Self::burst(rate), at: Instant::now() }
+    }
+
+    fn burst(rate: u32) -> f64 {
+        (f64::from(rate) / 10.0).max(1.0)
+    }
+
+    /// How long to pause before the next accept, if at all.
+    fn wait(&mut self) -> Option<Duration> {
+        if self.rate == 0 || self.tokens >= 1.0 {
+            return None;
+        }
+        let now = Instant::now();
+        let rate = f64::from(self.rate);
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(Self::burst(self.rate));
+        self.at = now;
+        if self.tokens >= 1.0 { None } else { Some(Duration::from_secs_f64((1.0 - self.tokens) / rate)) }
+    }
+
+    /// One connection accepted.
+    fn took(&mut self) {
+        if self.rate != 0 {
+            self.tokens -= 1.0;
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -63,6 +64,22 @@ pub struct Options {
     #[arg(long, env = "CORECAST_API_KEY")]
     pub api_key: Option<String>,
 
+    /// HS256 secret for client JWTs; setting it (or `--jwt-public-key`) turns
+    /// auth on: every WebSocket upgrade needs a valid token. [default: auth off]
+    #[arg(long, env = "CORECAST_JWT_SECRET")]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key (RS256 for RSA, ES256 for EC P-256) for client JWTs;
+    /// setting it turns auth on. [default: auth off]
+    #[arg(long, env = "CORECAST_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Comma-separated exact origins (`https://app.example.com`) allowed to
+    /// open WebSockets; an upgrade whose `Origin` is not listed gets 403, one
+    /// without `Origin` (not a browser) is allowed. [default: any]
+    #[arg(long, env = "CORECAST_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
+
     /// Largest HTTP request body (`POST /api/publish`); larger gets 413. [default: 1048576]
     #[arg(long, env = "CORECAST_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -70,6 +87,34 @@ pub struct Options {
     /// Seconds a new connection has to send its complete HTTP request head. [default: 10]
     #[arg(long, env = "CORECAST_HANDSHAKE_TIMEOUT_SECS")]
     pub handshake_timeout_secs: Option<u64>,
+
+    /// Ping interval for idle WebSocket connections, in seconds; a client that
+    /// sends nothing (no frame of any kind) for 2 intervals is closed with
+    /// 1008. 0 disables heartbeats. [default: 25]
+    #[arg(long, env = "CORECAST_HEARTBEAT_SECS")]
+    pub heartbeat_secs: Option<u64>,
+
+    /// Ops per second each connection may send (token bucket, burst 2x); beyond
+    /// it an op gets `rate_limited`, and a client that keeps going is closed
+    /// with 1008. 0 = unlimited. [default: 100]
+    #[arg(long, env = "CORECAST_MAX_OPS_PER_SEC")]
+    pub max_ops_per_sec: Option<u32>,
+
+    /// Rooms one connection may be subscribed to; beyond it `subscribe` gets
+    /// `too_large`. 0 = unlimited. [default: 100]
+    #[arg(long, env = "CORECAST_MAX_ROOMS_PER_CONNECTION")]
+    pub max_rooms_per_connection: Option<usize>,
+
+    /// WebSocket connections per node; beyond it the handshake gets 503.
+    /// 0 = unlimited. [default: unlimited]
+    #[arg(long, env = "CORECAST_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// New connections each shard accepts per second; beyond it the shard
+    /// pauses accepting and the rest wait in the kernel backlog. 0 = unlimited.
+    /// [default: 10000]
+    #[arg(long, env = "CORECAST_MAX_ACCEPTS_PER_SEC")]
+    pub max_accepts_per_sec: Option<u32>,
 
     /// I/O driver: `auto` (io_uring, else epoll), `uring` or `legacy` (epoll). [default: auto]
     #[arg(long, env = "CORECAST_DRIVER")]
@@ -108,8 +153,22 @@ pub struct Config {
     pub outbound_queue_bytes: usize,
     pub drain: Duration,
     pub api_key: Option<String>,
+    /// Checks client JWTs; `None`: auth is off (`auth.rs`).
+    pub auth: Option<Arc<crate::auth::Verifier>>,
+    /// `None`: any origin.
+    pub allowed_origins: Option<Box<[String]>>,
     pub max_body_bytes: usize,
     pub handshake_timeout: Duration,
+    /// Heartbeat interval; `Duration::ZERO` = off (`shard::heartbeat`).
+    pub heartbeat: Duration,
+    /// Per-connection op rate (burst twice that); 0 = unlimited (`conn::limits`).
+    pub max_ops_per_sec: u32,
+    /// 0 = unlimited.
+    pub max_rooms_per_connection: usize,
+    /// Per node; `usize::MAX` = unlimited.
+    pub max_connections: usize,
+    /// Per shard; 0 = unlimited (`accept`).
+    pub max_accepts_per_sec: u32,
     pub driver: Driver,
     pub log_format: LogFormat,
 }
@@ -130,8 +189,16 @@ impl Options {
             outbound_queue_bytes,
             drain_secs,
             api_key,
+            jwt_secret,
+            jwt_public_key,
+            allowed_origins,
             max_body_bytes,
             handshake_timeout_secs,
+            heartbeat_secs,
+            max_ops_per_sec,
+            max_rooms_per_connection,
+            max_connections,
+            max_accepts_per_sec,
             driver,
             log_format
         )
@@ -172,6 +239,17 @@ impl Config {
             bail!("--max-message-bytes must be at least 125");
         }
         let channel_prefix = o.channel_prefix.unwrap_or_else(|| "cc:".into());
+        let auth = match (o.jwt_secret.filter(|s| !s.is_empty()), &o.jwt_public_key) {
+            (Some(_), Some(_)) => bail!("set --jwt-secret or --jwt-public-key, not both"),
+            (Some(secret), None) => Some(Arc::new(crate::auth::Verifier::hs256(secret.as_bytes()))),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).with_context(|| format!("--jwt-public-key: read {}", path.display()))?;
+                let v = crate::auth::Verifier::from_pem(&pem)
+                    .with_context(|| format!("--jwt-public-key: {}", path.display()))?;
+                Some(Arc::new(v))
+            }
+            (None, None) => None,
+        };
         Ok(Config {
             listen: o.listen.unwrap_or_else(|| "0.0.0.0:8080".parse().expect("valid literal")),
             cores,
@@ -182,8 +260,15 @@ impl Config {
             outbound_queue_bytes: o.outbound_queue_bytes.unwrap_or(1 << 20),
             drain: Duration::from_secs(o.drain_secs.unwrap_or(30)),
             api_key: o.api_key.filter(|s| !s.is_empty()),
+            auth,
+            allowed_origins: o.allowed_origins.as_deref().and_then(crate::auth::parse_origins),
             max_body_bytes: o.max_body_bytes.unwrap_or(1 << 20),
             handshake_timeout: Duration::from_secs(o.handshake_timeout_secs.unwrap_or(10).max(1)),
+            heartbeat: Duration::from_secs(o.heartbeat_secs.unwrap_or(25)),
+            max_ops_per_sec: o.max_ops_per_sec.unwrap_or(100),
+            max_rooms_per_connection: o.max_rooms_per_connection.unwrap_or(100),
+            max_connections: o.max_connections.filter(|&n| n > 0).unwrap_or(usize::MAX),
+            max_accepts_per_sec: o.max_accepts_per_sec.unwrap_or(10_000),
             driver: o.driver.unwrap_or(Driver::Auto),
             log_format: o.log_format.unwrap_or(LogFormat::Text),
         })

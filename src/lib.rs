@@ -21,6 +21,7 @@
 //! signals, drain), `protocol` (ops and events), `metrics`.
 
 pub mod accept;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod conn;

@@ -8,7 +8,7 @@
 //! shard (the Redis readers) use `add_shared`, an atomic add.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 /// A single-writer counter (or gauge, with `sub`).
 #[derive(Default, Debug)]
@@ -72,6 +72,13 @@ shard_metrics! {
     slow_consumer_disconnects_total: "counter", "Clients cut off because their outbound queue passed the limit.";
     accept_refused_total: "counter", "Connections refused because the process hit its open-file limit (EMFILE/ENFILE).";
     accept_errors_total: "counter", "Other accept(2) errors.";
+    accept_pauses_total: "counter", "Times the accept loop paused at --max-accepts-per-sec (the rest waited in the backlog).";
+    max_connections_refused_total: "counter", "Upgrades refused with 503 at --max-connections.";
+    heartbeat_pings_total: "counter", "Heartbeat pings sent to connections silent for an interval.";
+    heartbeat_timeouts_total: "counter", "Connections closed (1008) after 2 heartbeat intervals of silence.";
+    rate_limited_total: "counter", "Ops refused with rate_limited (--max-ops-per-sec).";
+    rate_limit_disconnects_total: "counter", "Connections closed (1008) for sustained rate-limit abuse.";
+    room_limit_refusals_total: "counter", "Subscribes refused with too_large at --max-rooms-per-connection.";
     bus_unavailable_total: "counter", "Publishes refused because the backplane could not take them.";
     bus_dropped_total: "counter", "Malformed messages from the backplane dropped.";
     redis_connected: "gauge", "1 while this shard's Redis subscriber connection is up (0 without --redis).";
@@ -88,11 +95,17 @@ shard_metrics! {
 #[derive(Debug)]
 pub struct Metrics {
     shards: Box<[ShardMetrics]>,
+    /// Open WebSocket connections on the whole node, for `--max-connections`:
+    /// one atomic add at each upgrade and one at each close, never per message.
+    pub node_connections: AtomicUsize,
 }
 
 impl Metrics {
     pub fn new(shards: usize) -> Metrics {
-        Metrics { shards: (0..shards).map(|_| ShardMetrics::default()).collect() }
+        Metrics {
+            shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            node_connections: AtomicUsize::new(0),
+        }
     }
 
     pub fn shard(&self, i: usize) -> &ShardMetrics {

@@ -158,6 +158,7 @@ fn run_shard(
             monoio::spawn(shard.clone().run_flusher());
             monoio::spawn(shard.clone().run_inbox(inbox));
             monoio::spawn(accept::run(shard.clone(), listener));
+            monoio::spawn(crate::shard::heartbeat::run(shard.clone()));
             info!(shard = id, core, driver, "shard running");
             let _ = ready.send(Ok(()));
             shard.drained().await;

@@ -74,7 +74,8 @@ fn clients_on_different_shards_get_each_others_messages_epoll() {
 
 #[test]
 fn publisher_order_is_kept_and_unsubscribe_stops_delivery() {
-    let s = start_server(&["--shards", "2"]);
+    // 500 publishes in one burst: past the default op rate.
+    let s = start_server(&["--shards", "2", "--max-ops-per-sec", "0"]);
     let mut cs = clients_on_both_shards(&s, 8);
     for c in cs.iter_mut() {
         c.subscribe("ticker");

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use common::redis::{RedisServer, deadline, expect_event, node, ping, subscribe, unsubscribe, wait_until};
-use common::{Client, Raw, client_frame};
+use common::{Client, Raw, client_frame, start_server};
 use serde_json::{Value, json};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -189,7 +189,10 @@ fn a_nodes_redis_channels_follow_its_members() {
 fn a_burst_of_joins_reaches_redis_as_a_few_subscribe_commands() {
     let _d = deadline("a_burst_of_joins_reaches_redis_as_a_few_subscribe_commands", 30 * SECOND);
     let redis = RedisServer::start();
-    let n = node(&redis.url(), 1);
+    // One connection joining 500 rooms at once: past the default limits.
+    let url = redis.url();
+    let n =
+        start_server(&["--shards", "1", "--redis", &url, "--max-ops-per-sec", "0", "--max-rooms-per-connection", "0"]);
     let mut c = Raw::upgrade(n.addr, "/ws?user=burst");
     wait_until("the user channel is subscribed", 5 * SECOND, || redis.numsub("cc:user:burst") == 1);
     let before = n.metric("corecast_redis_sub_commands_total");

@@ -12,6 +12,7 @@
 //! Flow: HTTP request head (`http`) → route → for `/ws` and `/echo`, the
 //! WebSocket loop (`ws_loop`) → `finish`: flush, half-close, linger, forget.
 
+pub mod limits;
 mod ops;
 pub mod outbox;
 
@@ -70,6 +71,12 @@ pub struct Conn {
     user: RefCell<Option<Rc<str>>>,
     /// Rooms this connection is in; the keys are shared with the room table.
     rooms: RefCell<Vec<Rc<str>>>,
+    /// What the connection keeps of its JWT (expiry, room patterns), boxed so
+    /// that a server without auth pays one pointer (`auth.rs`). A `Cell`: it is
+    /// only ever taken and put back (`auth::with_grant`).
+    pub(crate) grant: Cell<Option<Box<crate::auth::Grant>>>,
+    /// Liveness stamp and op rate (`limits.rs`).
+    pub(crate) limits: limits::Limits,
 }
 
 impl Conn {
@@ -83,6 +90,8 @@ impl Conn {
             outbox: RefCell::default(),
             user: RefCell::new(None),
             rooms: RefCell::default(),
+            grant: Cell::new(None),
+            limits: limits::Limits::default(),
         }
     }
 
@@ -350,6 +359,8 @@ async fn ws_loop(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, kept: &mut Byte
         }
         let r = conn
             .read_some(shard, kept, None, |buf| {
+                // Alive (`shard::heartbeat`): one store per read.
+                conn.limits.seen(shard.tick());
                 let mut pos = 0;
                 loop {
                     let Some((h, hl)) = FrameHeader::parse(&buf[pos..]).map_err(Stop::Protocol)? else {

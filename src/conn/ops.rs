@@ -2,12 +2,24 @@
 
 use std::rc::Rc;
 
-use super::Conn;
+use super::{Conn, limits};
+use crate::auth;
 use crate::bus::Target;
 use crate::protocol::{ClientOp, ErrorCode, event};
 use crate::shard::Shard;
 
 pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
+    // An expired token ends the connection whatever the op (`auth.rs`).
+    if auth::check_expiry(shard, conn) {
+        return;
+    }
+    // Every frame counts against the rate, garbage too; a refused one is
+    // parsed only to echo its id.
+    let verdict = limits::take_op(shard, conn);
+    if verdict != limits::Verdict::Allow {
+        let id = if text { ClientOp::parse(payload).map_or_else(|e| e.id, |(_, id)| id) } else { None };
+        return limits::refuse_op(shard, conn, verdict, id);
+    }
     if !text {
         // Every frame is a UTF-8 JSON text frame (§2).
         return refuse(shard, conn, ErrorCode::BadRequest, "binary frames are not supported", None);
@@ -19,6 +31,13 @@ pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[
     let Some(me) = conn.user() else { return };
     match op {
         ClientOp::Subscribe { room } => {
+            if !auth::allows(conn, &room) {
+                return refuse(shard, conn, ErrorCode::Forbidden, "the token does not allow this room", id);
+            }
+            if limits::too_many_rooms(shard, conn, &room) {
+                shard.m().room_limit_refusals_total.inc();
+                return refuse(shard, conn, ErrorCode::TooLarge, "too many rooms on this connection", id);
+            }
             shard.subscribe(conn, &room);
             // With Redis, held until this node is subscribed there.
             shard.reply_subscribed(conn, &room, event::membership("subscribed", &room, id));
@@ -28,6 +47,9 @@ pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[
             conn.push(shard, event::membership("unsubscribed", &room, id));
         }
         ClientOp::Publish { room, data } => {
+            if !auth::allows(conn, &room) {
+                return refuse(shard, conn, ErrorCode::Forbidden, "the token does not allow this room", id);
+            }
             let frame = event::message(&room, &me, data);
             published(shard, conn, shard.publish(Target::Room(&room), frame), id);
         }
@@ -38,6 +60,11 @@ pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[
         ClientOp::Ping => {
             conn.push(shard, event::reply("pong", id));
         }
+        ClientOp::Refresh { token } => match auth::refresh(shard, conn, &me, &token, id) {
+            Ok(()) => {}
+            Err(ErrorCode::BadRequest) => refuse(shard, conn, ErrorCode::BadRequest, "auth is not enabled", id),
+            Err(code) => refuse(shard, conn, code, "the token is invalid, expired or for another user", id),
+        },
     }
 }
 

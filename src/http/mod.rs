@@ -31,8 +31,15 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
         // of a kept-alive connection.
         let deadline = Instant::now() + shard.cfg.handshake_timeout;
         let head = loop {
+            let before = kept.len();
             match RequestHeadDecoder.decode(kept) {
-                Ok(Decoded::Some(head)) => break head,
+                // A complete head that arrived in one read is held to the
+                // same limit as one that trickles in.
+                Ok(Decoded::Some(head)) if before - kept.len() <= MAX_HEAD_BYTES => break head,
+                Ok(Decoded::Some(_)) => {
+                    respond(shard, conn, Reply::text(431, "request head too large\n").close());
+                    return Err(Stop::HttpDone);
+                }
                 Ok(_) if kept.len() > MAX_HEAD_BYTES => {
                     respond(shard, conn, Reply::text(431, "request head too large\n").close());
                     return Err(Stop::HttpDone);
@@ -163,6 +170,7 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         411 => "Length Required",

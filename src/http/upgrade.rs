@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::request::Parts;
 
 use super::{Reply, header_has_token, respond_raw};
+use crate::auth;
 use crate::conn::{Conn, Mode};
 use crate::protocol::is_valid_name;
 use crate::shard::Shard;
@@ -58,18 +59,44 @@ pub fn accept(shard: &Rc<Shard>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> R
     if shard.is_draining() {
         return refuse(Reply::text(503, "draining: reconnect to another node\n"));
     }
-    let user = match query_param(head.uri.query(), "user") {
-        Some(u) if is_valid_name(&u) => Rc::from(u.as_str()),
-        Some(_) => return refuse(Reply::text(400, "bad user id: 1-128 bytes of A-Z a-z 0-9 _ - . : @ /\n")),
-        None => Rc::from(format!("anon-{:016x}", fastrand::u64(..)).as_str()),
+    // Browsers always send Origin; a client without one is not a browser
+    // and is let through (`auth::origin_allowed`).
+    if !auth::origin_allowed(shard.cfg.allowed_origins.as_deref(), h) {
+        return refuse(Reply::text(403, "origin not allowed\n"));
+    }
+    // With auth on, the token's `sub` is the user and `?user=` is ignored.
+    let (user, grant) = match shard.cfg.auth.as_deref() {
+        Some(verifier) => {
+            let unauthorized = |why| refuse(Reply::text(401, why).header("www-authenticate", "Bearer"));
+            let Some(token) = auth::token_of(h, head.uri.query()) else {
+                return unauthorized("missing token: ?token=<jwt> or Authorization: Bearer <jwt>\n");
+            };
+            match verifier.verify(&token) {
+                Ok(v) => (Rc::from(v.user.as_str()), Some(auth::Grant::new(&v))),
+                Err(why) => return unauthorized(why),
+            }
+        }
+        None => match query_param(head.uri.query(), "user") {
+            Some(u) if is_valid_name(&u) => (Rc::from(u.as_str()), None),
+            Some(_) => return refuse(Reply::text(400, "bad user id: 1-128 bytes of A-Z a-z 0-9 _ - . : @ /\n")),
+            None => (Rc::from(format!("anon-{:016x}", fastrand::u64(..)).as_str()), None),
+        },
     };
     let _ = mode;
+    // Keep this the last check: the place it takes is given back when the
+    // connection (which has a user from here on) is removed.
+    if !shard.try_admit() {
+        return refuse(Reply::text(503, "connection limit reached: try another node\n"));
+    }
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
         accept_key(key)
     );
     respond_raw(shard, conn, Bytes::from(response));
     shard.upgraded(conn, user);
+    if let Some(grant) = grant {
+        auth::attach(shard, conn, grant);
+    }
     Ok(())
 }
 

@@ -14,6 +14,9 @@ pub enum ErrorCode {
     TooLarge,
     /// The backplane cannot take the publish now (Redis down or slow).
     Unavailable,
+    /// The connection's JWT expired without a `refresh`; the server closes
+    /// with 1008 right after (a corecast extension of §2).
+    TokenExpired,
 }
 
 impl ErrorCode {
@@ -25,6 +28,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::TokenExpired => "token_expired",
         }
     }
 }

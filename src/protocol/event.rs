@@ -88,6 +88,12 @@ pub fn error(code: ErrorCode, message: &str, id: Option<&str>) -> Bytes {
         .frame()
 }
 
+/// `{"ev":"refreshed","exp":N,"id":..}`: a `refresh` op's new token is in
+/// force until `exp` (Unix seconds).
+pub fn refreshed(exp: u64, id: Option<&str>) -> Bytes {
+    Builder::new(48).raw("{\"ev\":\"refreshed\",\"exp\":").raw(&exp.to_string()).id(id).frame()
+}
+
 /// `{"ev":"maintenance","reconnect_in_ms":N}`.
 pub fn maintenance(reconnect_in_ms: u64) -> Bytes {
     Builder::new(48).raw("{\"ev\":\"maintenance\",\"reconnect_in_ms\":").raw(&reconnect_in_ms.to_string()).frame()
@@ -129,6 +135,7 @@ mod tests {
             r#"{"ev":"error","code":"bad_room","message":"no","id":1}"#
         );
         assert_eq!(text(&maintenance(1500)), r#"{"ev":"maintenance","reconnect_in_ms":1500}"#);
+        assert_eq!(text(&refreshed(1700000000, Some("3"))), r#"{"ev":"refreshed","exp":1700000000,"id":3}"#);
     }
 
     #[test]

@@ -27,9 +27,13 @@ struct Wire<'a> {
     user: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
 }
 
 /// One parsed client op. Names are validated; `data` is raw JSON text.
+/// `Refresh` (a fresh JWT for a long-lived connection) is a corecast
+/// extension of §2.
 #[derive(Debug, PartialEq)]
 pub enum ClientOp<'a> {
     Subscribe { room: Cow<'a, str> },
@@ -37,6 +41,7 @@ pub enum ClientOp<'a> {
     Publish { room: Cow<'a, str>, data: &'a str },
     Send { user: Cow<'a, str>, data: &'a str },
     Ping,
+    Refresh { token: Cow<'a, str> },
 }
 
 /// Why an op was refused, with the `id` to echo when the frame had a usable one.
@@ -95,6 +100,10 @@ impl<'a> ClientOp<'a> {
                 ClientOp::Send { user, data: data(wire.data)? }
             }
             "ping" => ClientOp::Ping,
+            "refresh" => match wire.token {
+                Some(token) => ClientOp::Refresh { token },
+                None => return err(ErrorCode::BadRequest, "missing \"token\"", id),
+            },
             _ => return err(ErrorCode::BadRequest, "unknown \"op\"", id),
         };
         Ok((op, id))
@@ -118,6 +127,8 @@ mod tests {
         assert_eq!(op, ClientOp::Send { user: "bob".into(), data: "\"hi\"" });
         let (op, _) = ClientOp::parse(br#"{"op":"unsubscribe","room":"\u0041"}"#).unwrap();
         assert_eq!(op, ClientOp::Unsubscribe { room: "A".into() });
+        let (op, id) = ClientOp::parse(br#"{"op":"refresh","token":"a.b.c","id":2}"#).unwrap();
+        assert_eq!((op, id), (ClientOp::Refresh { token: "a.b.c".into() }, Some("2")));
     }
 
     #[test]
@@ -134,6 +145,7 @@ mod tests {
         assert_eq!(code(br#"{"op":"ping","id":1.5}"#), ErrorCode::BadRequest);
         assert_eq!(code(br#"{"op":"ping","id":{}}"#), ErrorCode::BadRequest);
         assert_eq!(code(br#"{"op":"send","data":1}"#), ErrorCode::BadRequest);
+        assert_eq!(code(br#"{"op":"refresh"}"#), ErrorCode::BadRequest);
         let e = ClientOp::parse(br#"{"op":"subscribe","room":"","id":"q"}"#).unwrap_err();
         assert_eq!((e.code, e.id), (ErrorCode::BadRoom, Some("\"q\"")));
     }

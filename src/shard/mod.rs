@@ -12,6 +12,7 @@
 //! event loop, so everything queued to a connection in that turn leaves in
 //! one `sendmsg`.
 
+pub mod heartbeat;
 pub mod inbox;
 pub mod rooms;
 
@@ -62,6 +63,8 @@ pub struct Shard {
     /// Wakes the shard's main future when draining starts and when the last
     /// WebSocket connection leaves during a drain.
     drain_waker: Cell<Option<Waker>>,
+    /// The heartbeat clock and cursor (`heartbeat::run`).
+    sweep: heartbeat::Sweep,
 }
 
 impl Shard {
@@ -87,6 +90,7 @@ impl Shard {
             flusher: Cell::new(None),
             draining: Cell::new(false),
             drain_waker: Cell::new(None),
+            sweep: heartbeat::Sweep::default(),
         })
     }
 
@@ -117,6 +121,11 @@ impl Shard {
         self.conns.borrow().get(conn.id as usize).is_some_and(|c| Rc::ptr_eq(c, conn))
     }
 
+    /// This shard's connection `id`, if it is open.
+    pub(crate) fn conn(&self, id: ConnId) -> Option<Rc<Conn>> {
+        self.conns.borrow().get(id as usize).cloned()
+    }
+
     /// Sends a message built by `make` to every shard but this one
     /// (Seastar's `invoke_on_all` minus `local()`).
     pub fn to_other_shards(&self, mut make: impl FnMut() -> ShardMsg) {
@@ -140,8 +149,32 @@ impl Shard {
         conn
     }
 
+    /// The current heartbeat tick, stamped on a connection when bytes arrive.
+    #[inline]
+    pub fn tick(&self) -> u32 {
+        self.sweep.now()
+    }
+
+    /// Takes one of the node's `--max-connections` places, if one is free.
+    /// A place taken here is given back by `remove_conn` once the connection
+    /// has a user (`upgraded`), so call this right before `upgraded`.
+    pub fn try_admit(&self) -> bool {
+        let max = self.cfg.max_connections;
+        if max == usize::MAX {
+            return true;
+        }
+        let open = &self.metrics.node_connections;
+        if open.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= max {
+            open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.m().max_connections_refused_total.inc();
+            return false;
+        }
+        true
+    }
+
     /// The connection finished its WebSocket handshake as `user`.
     pub fn upgraded(&self, conn: &Rc<Conn>, user: Rc<str>) {
+        conn.limits.seen(self.sweep.now());
         let first = self.users.borrow_mut().add(&user, conn.id);
         conn.set_user(user.clone());
         if first {
@@ -163,6 +196,9 @@ impl Shard {
                 self.bus.interest(self, Target::User(&user), false);
             }
             self.m().connections.sub(1);
+            if self.cfg.max_connections != usize::MAX {
+                self.metrics.node_connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         self.conns.borrow_mut().try_remove(conn.id as usize);
         self.m().sockets.sub(1);

@@ -1,0 +1,171 @@
+//! ④ Per-connection limits: the liveness stamp the heartbeat sweep reads
+//! (`shard::heartbeat`), the inbound op rate (`--max-ops-per-sec`) and the
+//! room count (`--max-rooms-per-connection`).
+//!
+//! Everything here is O(1) per op and lives in a few `Cell`s inside `Conn`
+//! (14 bytes): coarse `u32` clocks, no timer and no task per connection.
+//!
+//! # The op rate
+//!
+//! A token bucket: `N` ops per second, up to `2N` in a burst. Tokens are kept
+//! in thousandths so that a coarse millisecond clock (`CLOCK_MONOTONIC_COARSE`,
+//! one vDSO read, a few ms resolution) refills fractions of a token. An op
+//! beyond the bucket gets `error` `rate_limited`; a client that collects more
+//! than `ABUSE_STRIKES` refusals without pausing long enough for the bucket to
+//! fill up again is closed with 1008.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use super::Conn;
+use crate::protocol::{ErrorCode, event};
+use crate::shard::Shard;
+use crate::ws::CloseCode;
+
+/// Refusals (`rate_limited`) without a full bucket in between before the
+/// connection is closed with 1008.
+pub const ABUSE_STRIKES: u16 = 50;
+
+#[derive(Default)]
+pub(crate) struct Limits {
+    /// Heartbeat tick (`shard::heartbeat::Sweep::now`) of the last bytes
+    /// received; 0 while the socket still speaks HTTP, so the sweep leaves it
+    /// to the handshake timeout.
+    last_seen: Cell<u32>,
+    /// Op tokens taken and not yet refilled, in thousandths (0 = a full bucket).
+    spent: Cell<u32>,
+    /// Coarse milliseconds of the last refill.
+    refilled: Cell<u32>,
+    /// Ops refused since the bucket was last full.
+    strikes: Cell<u16>,
+}
+
+/// What to do with one inbound op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Allow,
+    /// Over the rate: refuse it.
+    Refuse,
+    /// Over the rate for too long: refuse it and close with 1008.
+    Abuse,
+}
+
+impl Limits {
+    /// Stamps the connection as alive at heartbeat tick `tick` (never 0).
+    #[inline]
+    pub(crate) fn seen(&self, tick: u32) {
+        self.last_seen.set(tick);
+    }
+
+    /// The tick of the last bytes received; 0 = not a WebSocket yet.
+    #[inline]
+    pub(crate) fn last_seen(&self) -> u32 {
+        self.last_seen.get()
+    }
+
+    /// Takes one op token at `now_ms` from a bucket of `rate` ops per second.
+    fn take(&self, rate: u32, now_ms: u32) -> Verdict {
+        let full = (u64::from(rate) * 2000).min(u64::from(u32::MAX));
+        // `rate` per second is `rate` thousandths per millisecond.
+        let elapsed = u64::from(now_ms.wrapping_sub(self.refilled.get()));
+        let spent = u64::from(self.spent.get()).saturating_sub(elapsed * u64::from(rate));
+        self.refilled.set(now_ms);
+        if spent == 0 {
+            self.strikes.set(0);
+        }
+        if spent + 1000 <= full {
+            self.spent.set((spent + 1000) as u32);
+            return Verdict::Allow;
+        }
+        self.spent.set(spent as u32);
+        let strikes = self.strikes.get().saturating_add(1);
+        self.strikes.set(strikes);
+        if strikes > ABUSE_STRIKES { Verdict::Abuse } else { Verdict::Refuse }
+    }
+}
+
+/// A coarse monotonic clock in milliseconds (wraps every 49 days; only
+/// differences are used).
+fn coarse_ms() -> u32 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64).wrapping_mul(1000).wrapping_add(ts.tv_nsec as u64 / 1_000_000) as u32
+}
+
+/// Counts one inbound op against the connection's rate (`--max-ops-per-sec`).
+pub(super) fn take_op(shard: &Shard, conn: &Conn) -> Verdict {
+    match shard.cfg.max_ops_per_sec {
+        0 => Verdict::Allow,
+        rate => conn.limits.take(rate, coarse_ms()),
+    }
+}
+
+/// Answers an op refused by `take_op`: `rate_limited` with the op's id, then
+/// for `Verdict::Abuse` a close with 1008 (what the client sends after that
+/// is dropped unread, RFC 6455 §5.5.1).
+pub(super) fn refuse_op(shard: &Shard, conn: &Rc<Conn>, verdict: Verdict, id: Option<&str>) {
+    shard.m().client_errors_total.inc();
+    shard.m().rate_limited_total.inc();
+    conn.push(shard, event::error(ErrorCode::RateLimited, "too many ops, slow down", id));
+    if verdict == Verdict::Abuse {
+        shard.m().rate_limit_disconnects_total.inc();
+        tracing::debug!(shard = shard.id, conn = conn.id, "rate limit abuse: closing");
+        conn.close(shard, CloseCode::POLICY);
+    }
+}
+
+/// Would subscribing `conn` to `room` pass `--max-rooms-per-connection`?
+/// (Subscribing again to a room it is in is not refused.)
+pub(super) fn too_many_rooms(shard: &Shard, conn: &Conn, room: &str) -> bool {
+    let max = shard.cfg.max_rooms_per_connection;
+    let rooms = conn.rooms.borrow();
+    max != 0 && rooms.len() >= max && !rooms.iter().any(|r| &**r == room)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_a_burst_of_twice_the_rate_then_refills() {
+        let l = Limits::default();
+        let t0 = 1000;
+        for _ in 0..20 {
+            assert_eq!(l.take(10, t0), Verdict::Allow);
+        }
+        assert_eq!(l.take(10, t0), Verdict::Refuse);
+        // 10 ops/s: one token per 100 ms, fractions kept.
+        assert_eq!(l.take(10, t0 + 50), Verdict::Refuse);
+        assert_eq!(l.take(10, t0 + 100), Verdict::Allow);
+        assert_eq!(l.take(10, t0 + 100), Verdict::Refuse);
+    }
+
+    #[test]
+    fn sustained_refusals_become_abuse_and_a_pause_forgives() {
+        let l = Limits::default();
+        let t0 = 5;
+        for _ in 0..4 {
+            assert_eq!(l.take(2, t0), Verdict::Allow);
+        }
+        for _ in 0..ABUSE_STRIKES {
+            assert_eq!(l.take(2, t0), Verdict::Refuse);
+        }
+        assert_eq!(l.take(2, t0), Verdict::Abuse);
+        // A pause that fills the bucket (2 s at 2/s) clears the strikes.
+        assert_eq!(l.take(2, t0 + 2000), Verdict::Allow);
+        for _ in 0..3 {
+            assert_eq!(l.take(2, t0 + 2000), Verdict::Allow);
+        }
+        assert_eq!(l.take(2, t0 + 2000), Verdict::Refuse);
+    }
+
+    #[test]
+    fn clock_wrap_is_harmless() {
+        let l = Limits::default();
+        assert_eq!(l.take(1, u32::MAX - 10), Verdict::Allow);
+        assert_eq!(l.take(1, u32::MAX - 10), Verdict::Allow);
+        assert_eq!(l.take(1, u32::MAX - 10), Verdict::Refuse);
+        assert_eq!(l.take(1, 1000), Verdict::Allow);
+    }
+}
