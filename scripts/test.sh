@@ -22,6 +22,31 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# prometheus-client: tests/metrics.rs parses /metrics with its reference parser.
+if ! python3 -c "import prometheus_client" 2>/dev/null; then
+  echo "== installing prometheus-client (Python)"
+  python3 -m pip install --quiet prometheus-client
+fi
+
+# The browser test (tests/browser.rs): Debian's chromium, driven by
+# playwright-core from tests/browser/node_modules. Without them (--quick) it skips.
+if [ $QUICK = 0 ]; then
+  need=()
+  [ -x /usr/bin/chromium ] || need+=(chromium)
+  command -v node >/dev/null || need+=(nodejs)
+  command -v npm >/dev/null || need+=(npm)
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "== installing ${need[*]}"
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+  if [ ! -d tests/browser/node_modules ]; then
+    echo "== npm ci --prefix tests/browser"
+    npm ci --prefix tests/browser --no-audit --no-fund
+  fi
+fi
 
 if [ $QUICK = 0 ]; then
   echo "== cargo fmt --check"
@@ -36,7 +61,14 @@ bash scripts/sysctl-tune.sh --check --report-only >/dev/null
 
 echo "== cargo test"
 # One test binary at a time keeps the 2-core machine from oversubscribing.
-cargo test --workspace -- --test-threads=2
+if [ $QUICK = 0 ]; then
+  # The browser test runs on its own below, where it may not skip.
+  cargo test --workspace -- --test-threads=2 --skip chromium_chats_across_two_nodes
+  echo "== browser test (headless chromium, two nodes)"
+  CORECAST_BROWSER_TEST=1 cargo test --test browser -- --test-threads=1
+else
+  cargo test --workspace -- --test-threads=2
+fi
 
 if [ $QUICK = 0 ]; then
   echo "== Autobahn RFC 6455 conformance (/echo)"

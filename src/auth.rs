@@ -308,6 +308,7 @@ fn expire(shard: &Shard, conn: &Rc<Conn>) {
     if conn.push(shard, event::error(ErrorCode::TokenExpired, "the token has expired; reconnect with a new one", None))
     {
         shard.m().client_errors_total.inc();
+        tracing::debug!(shard = shard.id, conn = conn.id, "token expired: closing");
     }
     conn.close(shard, CloseCode::POLICY);
 }

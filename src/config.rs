@@ -47,6 +47,10 @@ pub struct Options {
     #[arg(long, env = "CORECAST_ECHO", num_args = 0..=1, default_missing_value = "true")]
     pub echo: Option<bool>,
 
+    /// Serve the demo chat page at `GET /` (`--demo false`: `/` is 404). [default: true]
+    #[arg(long, env = "CORECAST_DEMO", num_args = 0..=1, default_missing_value = "true")]
+    pub demo: Option<bool>,
+
     /// Largest WebSocket message accepted; larger ones close with 1009. [default: 65536]
     #[arg(long, env = "CORECAST_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
@@ -149,6 +153,8 @@ pub struct Config {
     pub redis: Option<String>,
     pub channel_prefix: String,
     pub echo: bool,
+    /// Serve the demo page at `GET /` (`http/demo.html`).
+    pub demo: bool,
     pub max_message_bytes: usize,
     pub outbound_queue_bytes: usize,
     pub drain: Duration,
@@ -185,6 +191,7 @@ impl Options {
             redis,
             channel_prefix,
             echo,
+            demo,
             max_message_bytes,
             outbound_queue_bytes,
             drain_secs,
@@ -256,6 +263,7 @@ impl Config {
             redis: o.redis.filter(|s| !s.is_empty()),
             channel_prefix,
             echo: o.echo.unwrap_or(false),
+            demo: o.demo.unwrap_or(true),
             max_message_bytes,
             outbound_queue_bytes: o.outbound_queue_bytes.unwrap_or(1 << 20),
             drain: Duration::from_secs(o.drain_secs.unwrap_or(30)),
@@ -301,6 +309,9 @@ mod tests {
         assert!(cfg.echo);
         assert_eq!(cfg.max_message_bytes, 65536);
         assert_eq!(cfg.channel_prefix, "cc:");
+        assert!(cfg.demo, "the demo page is on by default");
+        assert!(!Config::load(["corecast", "--demo", "false"]).unwrap().demo);
+        assert!(Config::load(["corecast", "--demo"]).unwrap().demo);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! channel sends per publish, cheaper than keeping remote interest in sync.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -14,6 +15,7 @@ use super::Target;
 use crate::shard::{Shard, ShardMsg};
 
 pub fn publish(shard: &Shard, target: Target<'_>, frame: Bytes) {
+    let sent = Instant::now();
     if shard.peers().len() > 1 {
         let (name, room): (Arc<str>, bool) = match target {
             Target::Room(r) => (Arc::from(r), true),
@@ -21,11 +23,11 @@ pub fn publish(shard: &Shard, target: Target<'_>, frame: Bytes) {
         };
         shard.to_other_shards(|| {
             if room {
-                ShardMsg::Room { room: name.clone(), frame: frame.clone() }
+                ShardMsg::Room { room: name.clone(), frame: frame.clone(), sent }
             } else {
-                ShardMsg::Direct { user: name.clone(), frame: frame.clone() }
+                ShardMsg::Direct { user: name.clone(), frame: frame.clone(), sent }
             }
         });
     }
-    shard.deliver(target, &frame);
+    shard.deliver_timed(target, &frame, sent);
 }

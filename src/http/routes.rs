@@ -1,4 +1,5 @@
-//! The plain HTTP routes: `/metrics` and `POST /api/publish` (PROTOCOL.md §1, §4).
+//! The plain HTTP routes: `/metrics`, `POST /api/publish` (PROTOCOL.md §1, §4)
+//! and the demo page at `/`.
 
 use std::borrow::Cow;
 use std::fmt::Write;
@@ -16,6 +17,14 @@ use crate::shard::Shard;
 
 /// The user id that server-side publishes carry as `from` (§4).
 const SERVER_USER: &str = "server";
+
+/// The demo chat page (`--demo`, on by default): one self-contained file.
+const DEMO_PAGE: &str = include_str!("demo.html");
+
+pub fn demo() -> Reply {
+    Reply::new(200, "text/html; charset=utf-8", Bytes::from_static(DEMO_PAGE.as_bytes()))
+        .header("cache-control", "no-cache")
+}
 
 pub fn metrics(shard: &Rc<Shard>) -> Reply {
     let mut extra = String::new();

@@ -6,10 +6,12 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use http::request::Parts;
+use tracing::debug;
 
 use super::{Reply, header_has_token, respond_raw};
 use crate::auth;
 use crate::conn::{Conn, Mode};
+use crate::metrics::HandshakeResult as R;
 use crate::protocol::is_valid_name;
 use crate::shard::Shard;
 
@@ -27,8 +29,9 @@ pub fn accept_key(key: &[u8]) -> String {
 /// Checks the upgrade request; on success queues the 101 and registers the
 /// connection as a WebSocket of its user. On failure returns the reply.
 pub fn accept(shard: &Rc<Shard>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> Result<(), Reply> {
-    let refuse = |reply: Reply| {
-        shard.m().handshakes_failed_total.inc();
+    let refuse = |result: R, reply: Reply| {
+        shard.m().handshake(result);
+        debug!(shard = shard.id, conn = conn.id, result = result.label(), status = reply.status, "handshake refused");
         Err(reply.close())
     };
     let h = &head.headers;
@@ -36,38 +39,40 @@ pub fn accept(shard: &Rc<Shard>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> R
     // include the "websocket" keyword, and a |Connection| header field that
     // includes the token "Upgrade". (RFC 6455 §4.2.1)
     if !header_has_token(h, "upgrade", "websocket") || !header_has_token(h, "connection", "upgrade") {
-        return refuse(Reply::text(400, "expected a WebSocket upgrade request\n"));
+        return refuse(R::BadRequest, Reply::text(400, "expected a WebSocket upgrade request\n"));
     }
     // If this version does not match a version understood by the server, the
     // server MUST abort the WebSocket handshake ... and send ... 426 Upgrade
     // Required ... with a |Sec-WebSocket-Version| header field. (§4.2.2, §4.4)
     if h.get("sec-websocket-version").map(|v| v.as_bytes()) != Some(b"13") {
         return refuse(
+            R::Version,
             Reply::text(426, "only WebSocket version 13 is supported\n").header("sec-websocket-version", "13"),
         );
     }
     let Some(key) = h.get("sec-websocket-key").map(|v| v.as_bytes().trim_ascii()) else {
-        return refuse(Reply::text(400, "missing Sec-WebSocket-Key\n"));
+        return refuse(R::BadRequest, Reply::text(400, "missing Sec-WebSocket-Key\n"));
     };
     // A base64-encoded value that, when decoded, is 16 bytes in length. (§4.1)
     if B64.decode(key).map(|k| k.len()) != Ok(16) {
-        return refuse(Reply::text(400, "bad Sec-WebSocket-Key\n"));
+        return refuse(R::BadRequest, Reply::text(400, "bad Sec-WebSocket-Key\n"));
     }
     if !h.contains_key("host") {
-        return refuse(Reply::text(400, "missing Host\n"));
+        return refuse(R::BadRequest, Reply::text(400, "missing Host\n"));
     }
     if shard.is_draining() {
-        return refuse(Reply::text(503, "draining: reconnect to another node\n"));
+        return refuse(R::Draining, Reply::text(503, "draining: reconnect to another node\n"));
     }
     // Browsers always send Origin; a client without one is not a browser
     // and is let through (`auth::origin_allowed`).
     if !auth::origin_allowed(shard.cfg.allowed_origins.as_deref(), h) {
-        return refuse(Reply::text(403, "origin not allowed\n"));
+        return refuse(R::Forbidden, Reply::text(403, "origin not allowed\n"));
     }
     // With auth on, the token's `sub` is the user and `?user=` is ignored.
     let (user, grant) = match shard.cfg.auth.as_deref() {
         Some(verifier) => {
-            let unauthorized = |why| refuse(Reply::text(401, why).header("www-authenticate", "Bearer"));
+            let unauthorized =
+                |why| refuse(R::Unauthorized, Reply::text(401, why).header("www-authenticate", "Bearer"));
             let Some(token) = auth::token_of(h, head.uri.query()) else {
                 return unauthorized("missing token: ?token=<jwt> or Authorization: Bearer <jwt>\n");
             };
@@ -78,7 +83,12 @@ pub fn accept(shard: &Rc<Shard>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> R
         }
         None => match query_param(head.uri.query(), "user") {
             Some(u) if is_valid_name(&u) => (Rc::from(u.as_str()), None),
-            Some(_) => return refuse(Reply::text(400, "bad user id: 1-128 bytes of A-Z a-z 0-9 _ - . : @ /\n")),
+            Some(_) => {
+                return refuse(
+                    R::BadRequest,
+                    Reply::text(400, "bad user id: 1-128 bytes of A-Z a-z 0-9 _ - . : @ /\n"),
+                );
+            }
             None => (Rc::from(format!("anon-{:016x}", fastrand::u64(..)).as_str()), None),
         },
     };
@@ -86,13 +96,14 @@ pub fn accept(shard: &Rc<Shard>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> R
     // Keep this the last check: the place it takes is given back when the
     // connection (which has a user from here on) is removed.
     if !shard.try_admit() {
-        return refuse(Reply::text(503, "connection limit reached: try another node\n"));
+        return refuse(R::Full, Reply::text(503, "connection limit reached: try another node\n"));
     }
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
         accept_key(key)
     );
     respond_raw(shard, conn, Bytes::from(response));
+    shard.m().handshake(R::Ok);
     shard.upgraded(conn, user);
     if let Some(grant) = grant {
         auth::attach(shard, conn, grant);

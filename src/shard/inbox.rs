@@ -9,6 +9,7 @@
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::Instant;
 
 use atomic_waker::AtomicWaker;
 use bytes::Bytes;
@@ -16,12 +17,14 @@ use crossbeam_channel::{Receiver, Sender};
 
 /// What crosses into a shard. Frames are complete WebSocket frames, built once
 /// by whoever encoded the event and shared by every shard that delivers them.
+/// `sent` is when the publish was accepted (local bus) or read from Redis
+/// (reader thread), for `corecast_delivery_latency_seconds`.
 #[derive(Debug)]
 pub enum ShardMsg {
     /// Deliver `frame` to every local member of `room`.
-    Room { room: Arc<str>, frame: Bytes },
+    Room { room: Arc<str>, frame: Bytes, sent: Instant },
     /// Deliver `frame` to every local connection of `user`.
-    Direct { user: Arc<str>, frame: Bytes },
+    Direct { user: Arc<str>, frame: Bytes, sent: Instant },
     /// SIGTERM/SIGINT: stop accepting and drain (PROTOCOL.md §5).
     Drain,
     /// From the shard's Redis reader: Redis confirmed this node's

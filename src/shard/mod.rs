@@ -249,12 +249,24 @@ impl Shard {
         r
     }
 
-    /// ⑨ Queues `frame` to every local member of `target`.
-    pub fn deliver(&self, target: Target<'_>, frame: &Bytes) {
+    /// Like `deliver`, and if any local member got the frame, records the
+    /// time since `sent` in `corecast_delivery_latency_seconds` (once per
+    /// message per shard, not per recipient).
+    pub fn deliver_timed(&self, target: Target<'_>, frame: &Bytes, sent: Instant) {
+        if self.deliver(target, frame) > 0 {
+            self.m().delivery_latency.observe(sent.elapsed());
+        }
+    }
+
+    /// ⑨ Queues `frame` to every local member of `target`; returns how many
+    /// connections it was queued to.
+    pub fn deliver(&self, target: Target<'_>, frame: &Bytes) -> usize {
         let conns = self.conns.borrow();
+        let mut n = 0;
         let mut push = |id: &ConnId| {
             if let Some(c) = conns.get(*id as usize) {
                 c.push(self, frame.clone());
+                n += 1;
             }
         };
         match target {
@@ -265,6 +277,7 @@ impl Shard {
             }
             Target::User(user) => self.users.borrow().conns(user).iter().for_each(&mut push),
         }
+        n
     }
 
     /// Called by `Conn` when it gets its first frame since the last flush.
@@ -321,8 +334,8 @@ impl Shard {
     fn handle(self: &Rc<Self>, msg: ShardMsg) {
         self.m().inbox_messages_total.inc();
         match msg {
-            ShardMsg::Room { room, frame } => self.deliver(Target::Room(&room), &frame),
-            ShardMsg::Direct { user, frame } => self.deliver(Target::User(&user), &frame),
+            ShardMsg::Room { room, frame, sent } => self.deliver_timed(Target::Room(&room), &frame, sent),
+            ShardMsg::Direct { user, frame, sent } => self.deliver_timed(Target::User(&user), &frame, sent),
             ShardMsg::Drain => self.start_drain(),
             ShardMsg::Subscribed { room, seq } => self.bus.on_subscribed(self, &room, seq),
             ShardMsg::RedisLink { up } => self.bus.on_link(self, up),

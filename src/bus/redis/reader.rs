@@ -425,10 +425,13 @@ impl Reader {
             self.drops.dropped(self.shard, channel, why);
             return Ok(());
         }
+        // The delivery-latency clock starts here: the payload is the exact
+        // event JSON, with no room for the publisher's timestamp.
+        let sent = Instant::now();
         let frame = event::frame_json(payload);
         let msg = match kind {
-            Kind::Room => ShardMsg::Room { room: name, frame },
-            Kind::User => ShardMsg::Direct { user: name, frame },
+            Kind::Room => ShardMsg::Room { room: name, frame, sent },
+            Kind::User => ShardMsg::Direct { user: name, frame, sent },
         };
         if self.inbox.backlog() >= INBOX_HIGH_WATER {
             self.m().redis_reader_waits_total.add_shared(1);

@@ -1,0 +1,36 @@
+//! Structured logs: with `--log-format json`, every line is one JSON object,
+//! and lines about a connection carry its shard and connection id as fields.
+
+mod common;
+
+use common::{Raw, start_server_with};
+use serde_json::Value;
+
+/// The first JSON log line whose message is `message`, if any.
+fn line_with(logs: &str, message: &str) -> Option<Value> {
+    logs.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}")))
+        .find(|v| v["fields"]["message"] == message)
+}
+
+#[test]
+fn json_logs_carry_shard_and_conn() {
+    let s = start_server_with(&["--shards", "1", "--log-format", "json"], |c| {
+        c.env("RUST_LOG", "corecast=debug");
+    });
+    // A refused handshake (400) and a protocol error (an unmasked client frame).
+    assert_eq!(s.http_get("/ws").0, 400);
+    let mut raw = Raw::upgrade(s.addr, "/ws?user=logger");
+    raw.send_frame(0x81, b"{}", false);
+    assert_eq!(raw.expect_close_code(), 1002);
+    for message in ["handshake refused", "protocol error"] {
+        s.wait_until(message, || line_with(&s.logs(), message).is_some());
+        let v = line_with(&s.logs(), message).unwrap();
+        assert_eq!(v["level"], "DEBUG", "{v}");
+        assert_eq!(v["fields"]["shard"], 0, "{v}");
+        assert!(v["fields"]["conn"].is_u64(), "{v}");
+    }
+    let refused = line_with(&s.logs(), "handshake refused").unwrap();
+    assert_eq!(refused["fields"]["result"], "bad_request");
+    assert_eq!(refused["fields"]["status"], 400);
+}
