@@ -12,16 +12,20 @@ QUICK=0
 
 # redis-server: the Redis tests start private instances on free ports.
 # openssl: the auth tests make RS256/ES256 keys with it.
+# Installs the Debian packages named, if any (as root, or with sudo).
+apt_install() {
+  [ $# -gt 0 ] || return 0
+  echo "== installing $*"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v openssl >/dev/null || need+=(openssl)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "== installing ${need[*]}"
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+apt_install "${need[@]}"
 # prometheus-client: tests/metrics.rs parses /metrics with its reference parser.
 if ! python3 -c "import prometheus_client" 2>/dev/null; then
   echo "== installing prometheus-client (Python)"
@@ -35,13 +39,7 @@ if [ $QUICK = 0 ]; then
   [ -x /usr/bin/chromium ] || need+=(chromium)
   command -v node >/dev/null || need+=(nodejs)
   command -v npm >/dev/null || need+=(npm)
-  if [ ${#need[@]} -gt 0 ]; then
-    echo "== installing ${need[*]}"
-    sudo=""
-    [ "$(id -u)" = 0 ] || sudo=sudo
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
-  fi
+  apt_install "${need[@]}"
   if [ ! -d tests/browser/node_modules ]; then
     echo "== npm ci --prefix tests/browser"
     npm ci --prefix tests/browser --no-audit --no-fund

@@ -296,15 +296,7 @@ impl Shard {
     pub async fn run_flusher(self: Rc<Self>) {
         let mut batch: Vec<Rc<Conn>> = Vec::new();
         loop {
-            poll_fn(|cx| {
-                if self.dirty.borrow().is_empty() {
-                    self.flusher.set(Some(cx.waker().clone()));
-                    Poll::Pending
-                } else {
-                    Poll::Ready(())
-                }
-            })
-            .await;
+            until(&self.flusher, || !self.dirty.borrow().is_empty()).await;
             std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
             for conn in batch.drain(..) {
                 conn.flush(&self);
@@ -386,28 +378,28 @@ impl Shard {
     /// Resolves when a drain has finished: every WebSocket connection is gone
     /// or the drain window (plus a second for close handshakes) has passed.
     pub async fn drained(&self) {
-        poll_fn(|cx| {
-            if self.draining.get() {
-                Poll::Ready(())
-            } else {
-                self.drain_waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        })
-        .await;
-        let all_gone = poll_fn(|cx| {
-            if self.m().connections.get() == 0 {
-                Poll::Ready(())
-            } else {
-                self.drain_waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        });
+        until(&self.drain_waker, || self.draining.get()).await;
+        let all_gone = until(&self.drain_waker, || self.m().connections.get() == 0);
         let limit = self.cfg.drain + Duration::from_secs(1);
         if monoio::time::timeout(limit, all_gone).await.is_err() {
             debug!(shard = self.id, left = self.m().connections.get(), "drain window over");
         }
     }
+}
+
+/// Resolves once `ready()` holds. Whoever makes it hold wakes the task
+/// through `slot` (`slot.take()` then `wake()`): the single-threaded
+/// "wait until there is work" used by the shard's long-lived tasks.
+pub(crate) async fn until(slot: &Cell<Option<Waker>>, ready: impl Fn() -> bool) {
+    poll_fn(|cx| {
+        if ready() {
+            Poll::Ready(())
+        } else {
+            slot.set(Some(cx.waker().clone()));
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Lets every other ready task run once before continuing.

@@ -42,13 +42,12 @@ pub mod url;
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
-use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Poll, Waker};
+use std::task::Waker;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -357,15 +356,7 @@ impl InterestQueue {
 
     async fn run(self: Rc<Self>) {
         loop {
-            poll_fn(|cx| {
-                if self.batch.borrow().is_empty() {
-                    self.waker.set(Some(cx.waker().clone()));
-                    Poll::Pending
-                } else {
-                    Poll::Ready(())
-                }
-            })
-            .await;
+            crate::shard::until(&self.waker, || !self.batch.borrow().is_empty()).await;
             let batch = std::mem::take(&mut *self.batch.borrow_mut());
             self.subs.send(batch);
         }

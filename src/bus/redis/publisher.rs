@@ -18,12 +18,11 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -197,15 +196,7 @@ impl Publisher {
     async fn write_loop(&self, stream: &TcpStream) -> LinkError {
         let fd = stream.as_raw_fd();
         loop {
-            poll_fn(|cx| {
-                if self.out.borrow().is_empty() {
-                    self.writer.set(Some(cx.waker().clone()));
-                    Poll::Pending
-                } else {
-                    Poll::Ready(())
-                }
-            })
-            .await;
+            crate::shard::until(&self.writer, || !self.out.borrow().is_empty()).await;
             let mut batch = self.out.borrow_mut().split().freeze();
             let n = self.out_cmds.replace(0);
             self.unanswered.borrow_mut().push_back(Batch { left: n, at: Instant::now() });
