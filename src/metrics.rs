@@ -2,9 +2,9 @@
 //!
 //! Each shard writes only its own `ShardMetrics` (a load and a store, no
 //! locked instruction, no contention); a scrape on any shard reads every
-//! shard's counters with relaxed loads and renders the Prometheus text
-//! exposition format 0.0.4: one series with the node's total and one series
-//! per shard labelled `shard="N"`. Threads other than the owning shard (the
+//! shard's counters with relaxed loads and the `prometheus` crate renders the
+//! Prometheus text exposition format 0.0.4: one series with the node's total
+//! and one series per shard labelled `shard="N"`. Threads other than the owning shard (the
 //! Redis readers) use `add_shared`, an atomic add.
 //!
 //! Besides the plain counters there are two labelled families:
@@ -22,35 +22,39 @@
 //! covers reader → inbox → shard (including any wait at the inbox's high-water
 //! mark) but not the trip through Redis.
 //!
-//! # Why no metrics crate
+//! # Recording on our atomics, exposition by the `prometheus` crate
 //!
-//! We looked at `prometheus-client` (the official Rust client) for both the
-//! recording and the encoding side, and keep the hand-rolled code:
+//! Recording stays on the per-shard single-writer `Counter`s and
+//! `Histogram`s above, because no metrics crate records without a lock or a
+//! locked instruction on the hot path, which the issue rules out:
 //!
-//! - Recording: its `Histogram` keeps its state behind a lock
-//!   (`inner: Arc<Mutex<Inner>>`, `observe` calls `self.inner.lock()`, with a
-//!   `TODO: Consider using atomics` in the source; later releases use a
-//!   `parking_lot` lock, still a lock), its `Counter::inc` is a `fetch_add` (a
-//!   locked read-modify-write where ours is a plain load + store), and a
+//! - `prometheus-client` (the official client): its `Histogram::observe`
+//!   takes a `Mutex` (`inner.lock()`), `Counter::inc` is a `fetch_add`, and a
 //!   labelled `Family::get_or_create` takes an `RwLock` read guard and hashes
-//!   the label set on every call. Per-shard use would need one `Family` label
-//!   per shard or one registry per shard, and still pay those on every
-//!   message. `metrics` + `metrics-exporter-prometheus` is the same story
-//!   with a global recorder behind a `dyn` call and a registry lookup per
-//!   key. That is the "lock on the hot path" the issue rules out.
-//! - Encoding only (our atomics as the source of truth, read by a custom
-//!   `Collector` at scrape time): possible, but then the crate is a text
-//!   formatter. It writes OpenMetrics 1.0 (`application/openmetrics-text`,
-//!   `# EOF`, counter names get `_total` appended so every existing series
-//!   would have to be re-registered under a stripped name) rather than the
-//!   0.0.4 format our scrapers and dashboards read today, and it allocates
-//!   label sets per scrape just as we do. A few hundred lines of formatting
-//!   are not worth a format change plus a dependency; the integration test
-//!   (`tests/metrics.rs`) checks our output with the reference Python
-//!   parser (`prometheus_client.parser`) instead.
+//!   the label set on every call.
+//! - `prometheus` (tikv/rust-prometheus): its shared `IntCounter`/`Histogram`
+//!   are atomic read-modify-writes (`fetch_add`, a CAS loop for the float
+//!   sum) on every observation; its `local()` counters and histograms avoid
+//!   that but must be flushed periodically (or on a timer, `auto_flush`), so
+//!   a scrape sees stale values and every shard needs a flush tick.
+//!
+//! The exposition is done by the well-kept `prometheus` crate: `Exposition`
+//! implements `prometheus::core::Collector` as a scrape-time view of
+//! `Metrics` (plus the node-level `NodeInfo` families), building
+//! `MetricFamily` values from relaxed loads; `Metrics::render` registers it in
+//! a fresh `prometheus::Registry` and encodes with `prometheus::TextEncoder`
+//! (text format 0.0.4, `prometheus::TEXT_FORMAT`). The crate orders families
+//! by name and series by label values; names, labels and values are the same
+//! as before, and the integration test (`tests/metrics.rs`) checks the output
+//! with the reference Python parser (`prometheus_client.parser`).
 
-use std::fmt::Write;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, LazyLock};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
+use prometheus::{Encoder, Registry, TextEncoder};
 
 /// A single-writer counter (or gauge, with `sub`).
 #[derive(Default, Debug)]
@@ -187,8 +191,12 @@ macro_rules! shard_metrics {
         }
 
         impl ShardMetrics {
-            fn each(&self, mut f: impl FnMut(&'static str, &'static str, &'static str, u64)) {
-                $( f(stringify!($name), $kind, $help, self.$name.get()); )*
+            /// Each plain family: full name, `"counter"` or `"gauge"`, help.
+            const FAMILIES: &[(&str, &str, &str)] = &[$((concat!("corecast_", stringify!($name)), $kind, $help),)*];
+
+            /// Calls `f` with each plain counter's value, in `FAMILIES` order.
+            fn each(&self, mut f: impl FnMut(u64)) {
+                $( f(self.$name.get()); )*
             }
         }
     };
@@ -272,86 +280,193 @@ impl Metrics {
         self.shards.iter().map(|s| pick(s).get()).sum()
     }
 
-    /// Prometheus text exposition. `extra` lines (already formatted) go first.
-    pub fn render(&self, extra: &str) -> String {
-        let mut out = String::with_capacity(4096);
-        out.push_str(extra);
-        let n = self.shards.len();
-        let mut rows: Vec<(&'static str, &'static str, &'static str, Vec<u64>)> = Vec::new();
-        for (i, s) in self.shards.iter().enumerate() {
+    /// The Prometheus text exposition (format 0.0.4, `prometheus::TEXT_FORMAT`)
+    /// of these counters and of `node`, encoded by the `prometheus` crate.
+    pub fn render(self: &Arc<Self>, node: NodeInfo) -> String {
+        let registry = Registry::new();
+        // Cannot fail: the descriptors are valid (unit-tested) and the
+        // registry is fresh.
+        registry.register(Box::new(Exposition { metrics: self.clone(), node })).expect("register Exposition");
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Cannot fail either: every family has at least its node-total series.
+        TextEncoder::new().encode(&registry.gather(), &mut out).expect("encode metrics");
+        String::from_utf8(out).expect("the text encoder writes UTF-8")
+    }
+}
+
+/// The `/metrics` content type: the text format 0.0.4 the `prometheus`
+/// crate's `TextEncoder` writes (`prometheus::TEXT_FORMAT`), in UTF-8.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Node-level values exposed next to the counters: `corecast_shards`,
+/// `corecast_draining`, `corecast_info{version,driver}`.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub shards: usize,
+    pub draining: bool,
+    pub driver: &'static str,
+}
+
+const HANDSHAKES: (&str, &str) = ("corecast_handshakes_total", "Upgrade requests on /ws and /echo by result.");
+const LATENCY: (&str, &str) = (
+    "corecast_delivery_latency_seconds",
+    "Publish accepted to frame queued on a receiving shard (once per message per shard).",
+);
+const SHARDS: (&str, &str) = ("corecast_shards", "Shard threads in this process.");
+const DRAINING: (&str, &str) = ("corecast_draining", "1 while the node drains.");
+const INFO: (&str, &str) = ("corecast_info", "Build and runtime information.");
+
+/// The descriptors of every family `Exposition` collects, built once.
+static DESCS: LazyLock<Vec<Desc>> = LazyLock::new(|| {
+    let desc = |name: &str, help: &str, labels: &[&str]| {
+        let labels = labels.iter().map(|l| l.to_string()).collect();
+        Desc::new(name.into(), help.into(), labels, HashMap::new()).expect("valid metric descriptor")
+    };
+    let mut v: Vec<Desc> = ShardMetrics::FAMILIES.iter().map(|(name, _, help)| desc(name, help, &["shard"])).collect();
+    v.push(desc(HANDSHAKES.0, HANDSHAKES.1, &["result", "shard"]));
+    v.push(desc(LATENCY.0, LATENCY.1, &["shard"]));
+    v.push(desc(SHARDS.0, SHARDS.1, &[]));
+    v.push(desc(DRAINING.0, DRAINING.1, &[]));
+    v.push(desc(INFO.0, INFO.1, &["version", "driver"]));
+    v
+});
+
+/// A scrape-time view of `Metrics` for the `prometheus` crate: `collect`
+/// reads every shard's counters with relaxed loads (no lock, nothing written)
+/// and builds one family per metric, each with the node's total (no `shard`
+/// label) and one series per shard labelled `shard="N"`.
+struct Exposition {
+    metrics: Arc<Metrics>,
+    node: NodeInfo,
+}
+
+fn label(name: &str, value: impl Into<String>) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.into());
+    l.set_value(value.into());
+    l
+}
+
+fn shard_label(i: usize) -> LabelPair {
+    label("shard", i.to_string())
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<proto::Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.into());
+    f.set_help(help.into());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+/// One counter or gauge sample.
+fn sample(kind: MetricType, labels: Vec<LabelPair>, v: f64) -> proto::Metric {
+    let mut m = proto::Metric::from_label(labels);
+    if kind == MetricType::GAUGE {
+        let mut g = proto::Gauge::default();
+        g.set_value(v);
+        m.set_gauge(g);
+    } else {
+        let mut c = proto::Counter::default();
+        c.set_value(v);
+        m.set_counter(c);
+    }
+    m
+}
+
+type LatencySnapshot = ([u64; LATENCY_BOUNDS_NS.len() + 1], u64);
+
+/// One histogram sample from per-bucket (non-cumulative) counts; the
+/// encoder adds the `+Inf` bucket from the count.
+fn histogram(labels: Vec<LabelPair>, (b, sum): &LatencySnapshot) -> proto::Metric {
+    let mut cum = 0;
+    let mut buckets = Vec::with_capacity(LATENCY_BOUNDS_NS.len());
+    for (ns, v) in LATENCY_BOUNDS_NS.iter().zip(b) {
+        cum += v;
+        let mut bucket = proto::Bucket::default();
+        bucket.set_upper_bound(*ns as f64 / 1e9);
+        bucket.set_cumulative_count(cum);
+        buckets.push(bucket);
+    }
+    cum += b[LATENCY_BOUNDS_NS.len()];
+    let mut h = proto::Histogram::default();
+    h.set_bucket(buckets);
+    h.set_sample_count(cum);
+    h.set_sample_sum(*sum as f64 / 1e9);
+    let mut m = proto::Metric::from_label(labels);
+    m.set_histogram(h);
+    m
+}
+
+impl Collector for Exposition {
+    fn desc(&self) -> Vec<&Desc> {
+        DESCS.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let shards = &self.metrics.shards;
+        let mut out = Vec::with_capacity(ShardMetrics::FAMILIES.len() + 5);
+
+        // The plain counters and gauges: one row of per-shard values each.
+        let mut rows: Vec<Vec<u64>> = vec![Vec::with_capacity(shards.len()); ShardMetrics::FAMILIES.len()];
+        for s in shards.iter() {
             let mut k = 0;
-            s.each(|name, kind, help, v| {
-                if i == 0 {
-                    rows.push((name, kind, help, Vec::with_capacity(n)));
-                }
-                rows[k].3.push(v);
+            s.each(|v| {
+                rows[k].push(v);
                 k += 1;
             });
         }
-        for (name, kind, help, values) in rows {
-            let total: u64 = values.iter().sum();
-            let _ = writeln!(out, "# HELP corecast_{name} {help}");
-            let _ = writeln!(out, "# TYPE corecast_{name} {kind}");
-            let _ = writeln!(out, "corecast_{name} {total}");
+        for ((name, kind, help), values) in ShardMetrics::FAMILIES.iter().zip(rows) {
+            let kind = if *kind == "gauge" { MetricType::GAUGE } else { MetricType::COUNTER };
+            let mut series = Vec::with_capacity(values.len() + 1);
+            series.push(sample(kind, vec![], values.iter().sum::<u64>() as f64));
             for (i, v) in values.iter().enumerate() {
-                let _ = writeln!(out, "corecast_{name}{{shard=\"{i}\"}} {v}");
+                series.push(sample(kind, vec![shard_label(i)], *v as f64));
             }
+            out.push(family(name, help, kind, series));
         }
-        self.render_handshakes(&mut out);
-        self.render_latency(&mut out);
-        out
-    }
 
-    fn render_handshakes(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP corecast_handshakes_total Upgrade requests on /ws and /echo by result.");
-        let _ = writeln!(out, "# TYPE corecast_handshakes_total counter");
+        // corecast_handshakes_total{result}, per shard and total.
+        let mut series = Vec::with_capacity(HandshakeResult::ALL.len() * (shards.len() + 1));
         for r in HandshakeResult::ALL {
-            let label = r.label();
-            let per: Vec<u64> = self.shards.iter().map(|s| s.handshakes(r)).collect();
-            let _ = writeln!(out, "corecast_handshakes_total{{result=\"{label}\"}} {}", per.iter().sum::<u64>());
+            let per: Vec<u64> = shards.iter().map(|s| s.handshakes(r)).collect();
+            series.push(sample(MetricType::COUNTER, vec![label("result", r.label())], per.iter().sum::<u64>() as f64));
             for (i, v) in per.iter().enumerate() {
-                let _ = writeln!(out, "corecast_handshakes_total{{result=\"{label}\",shard=\"{i}\"}} {v}");
+                series.push(sample(MetricType::COUNTER, vec![label("result", r.label()), shard_label(i)], *v as f64));
             }
         }
-    }
+        out.push(family(HANDSHAKES.0, HANDSHAKES.1, MetricType::COUNTER, series));
 
-    fn render_latency(&self, out: &mut String) {
-        const NAME: &str = "corecast_delivery_latency_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {NAME} Publish accepted to frame queued on a receiving shard (once per message per shard)."
-        );
-        let _ = writeln!(out, "# TYPE {NAME} histogram");
-        let snaps: Vec<_> = self.shards.iter().map(|s| s.delivery_latency.snapshot()).collect();
-        let mut total = ([0u64; LATENCY_BOUNDS_NS.len() + 1], 0u64);
+        // The delivery-latency histogram, total and per shard.
+        let snaps: Vec<LatencySnapshot> = shards.iter().map(|s| s.delivery_latency.snapshot()).collect();
+        let mut total: LatencySnapshot = ([0; LATENCY_BOUNDS_NS.len() + 1], 0);
         for (b, sum) in &snaps {
             for (t, v) in total.0.iter_mut().zip(b) {
                 *t += v;
             }
             total.1 += sum;
         }
-        let one = |out: &mut String, shard: Option<usize>, (b, sum): &([u64; LATENCY_BOUNDS_NS.len() + 1], u64)| {
-            let (sep, lbl) = match shard {
-                Some(i) => (",", format!("shard=\"{i}\"")),
-                None => ("", String::new()),
-            };
-            let mut cum = 0;
-            for (i, v) in b.iter().enumerate() {
-                cum += v;
-                let le = match LATENCY_BOUNDS_NS.get(i) {
-                    Some(ns) => format!("{}", *ns as f64 / 1e9),
-                    None => "+Inf".into(),
-                };
-                let _ = writeln!(out, "{NAME}_bucket{{{lbl}{sep}le=\"{le}\"}} {cum}");
-            }
-            let braces = if lbl.is_empty() { String::new() } else { format!("{{{lbl}}}") };
-            let _ = writeln!(out, "{NAME}_sum{braces} {}", *sum as f64 / 1e9);
-            let _ = writeln!(out, "{NAME}_count{braces} {cum}");
-        };
-        one(out, None, &total);
-        for (i, s) in snaps.iter().enumerate() {
-            one(out, Some(i), s);
+        let mut series = Vec::with_capacity(snaps.len() + 1);
+        series.push(histogram(vec![], &total));
+        for (i, snap) in snaps.iter().enumerate() {
+            series.push(histogram(vec![shard_label(i)], snap));
         }
+        out.push(family(LATENCY.0, LATENCY.1, MetricType::HISTOGRAM, series));
+
+        // Node-level families.
+        let node = &self.node;
+        out.push(family(
+            SHARDS.0,
+            SHARDS.1,
+            MetricType::GAUGE,
+            vec![sample(MetricType::GAUGE, vec![], node.shards as f64)],
+        ));
+        let draining = f64::from(u8::from(node.draining));
+        out.push(family(DRAINING.0, DRAINING.1, MetricType::GAUGE, vec![sample(MetricType::GAUGE, vec![], draining)]));
+        let info = vec![label("version", env!("CARGO_PKG_VERSION")), label("driver", node.driver)];
+        out.push(family(INFO.0, INFO.1, MetricType::GAUGE, vec![sample(MetricType::GAUGE, info, 1.0)]));
+        out
     }
 }
 
@@ -361,12 +476,12 @@ mod tests {
 
     #[test]
     fn renders_totals_and_per_shard_series() {
-        let m = Metrics::new(2);
+        let m = Arc::new(Metrics::new(2));
         m.shard(0).connections.add(3);
         m.shard(1).connections.add(4);
         m.shard(1).connections.sub(1);
         m.shard(1).bus_dropped_total.add_shared(2);
-        let text = m.render("");
+        let text = m.render(NodeInfo { shards: 2, draining: false, driver: "test" });
         assert!(text.contains("# TYPE corecast_connections gauge\ncorecast_connections 6\n"));
         assert!(text.contains("corecast_connections{shard=\"0\"} 3\n"));
         assert!(text.contains("corecast_connections{shard=\"1\"} 3\n"));
@@ -375,14 +490,31 @@ mod tests {
     }
 
     #[test]
+    fn content_type_is_the_encoders_text_format() {
+        assert!(CONTENT_TYPE.starts_with(prometheus::TEXT_FORMAT));
+        assert_eq!(prometheus::TEXT_FORMAT, "text/plain; version=0.0.4");
+    }
+
+    #[test]
+    fn renders_node_families() {
+        let m = Arc::new(Metrics::new(3));
+        let text = m.render(NodeInfo { shards: 3, draining: true, driver: "epoll" });
+        assert!(text.contains("# TYPE corecast_shards gauge\ncorecast_shards 3\n"));
+        assert!(text.contains("corecast_draining 1\n"));
+        let info = format!("corecast_info{{version=\"{}\",driver=\"epoll\"}} 1\n", env!("CARGO_PKG_VERSION"));
+        assert!(text.contains(&info), "{text}");
+        assert!(text.contains("corecast_connections{shard=\"2\"} 0\n"));
+    }
+
+    #[test]
     fn renders_handshakes_and_latency() {
-        let m = Metrics::new(2);
+        let m = Arc::new(Metrics::new(2));
         m.shard(0).handshake(HandshakeResult::Ok);
         m.shard(1).handshake(HandshakeResult::Unauthorized);
         m.shard(1).delivery_latency.observe(std::time::Duration::from_micros(20));
         m.shard(1).delivery_latency.observe(std::time::Duration::from_millis(3));
         m.shard(0).delivery_latency.observe(std::time::Duration::from_secs(5));
-        let text = m.render("");
+        let text = m.render(NodeInfo { shards: 2, draining: false, driver: "test" });
         assert!(text.contains("corecast_handshakes_total{result=\"ok\"} 1\n"));
         assert!(text.contains("corecast_handshakes_total{result=\"unauthorized\",shard=\"1\"} 1\n"));
         assert!(text.contains("corecast_handshakes_failed_total 1\n"));

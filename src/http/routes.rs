@@ -2,7 +2,6 @@
 //! and the demo page at `/`.
 
 use std::borrow::Cow;
-use std::fmt::Write;
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -12,6 +11,7 @@ use serde_json::value::RawValue;
 
 use super::Reply;
 use crate::bus::Target;
+use crate::metrics::{self, NodeInfo};
 use crate::protocol::{event, is_valid_name};
 use crate::shard::Shard;
 
@@ -27,20 +27,9 @@ pub fn demo() -> Reply {
 }
 
 pub fn metrics(shard: &Rc<Shard>) -> Reply {
-    let mut extra = String::new();
-    let _ = writeln!(extra, "# HELP corecast_shards Shard threads in this process.");
-    let _ = writeln!(extra, "# TYPE corecast_shards gauge\ncorecast_shards {}", shard.peers().len());
-    let _ = writeln!(extra, "# HELP corecast_draining 1 while the node drains.");
-    let _ = writeln!(extra, "# TYPE corecast_draining gauge\ncorecast_draining {}", u8::from(shard.is_draining()));
-    let _ = writeln!(extra, "# HELP corecast_info Build and runtime information.");
-    let _ = writeln!(
-        extra,
-        "# TYPE corecast_info gauge\ncorecast_info{{version=\"{}\",driver=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION"),
-        shard.driver
-    );
-    let body = shard.metrics.render(&extra);
-    Reply::new(200, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(body))
+    let node = NodeInfo { shards: shard.peers().len(), draining: shard.is_draining(), driver: shard.driver };
+    let body = shard.metrics.render(node);
+    Reply::new(200, metrics::CONTENT_TYPE, Bytes::from(body))
 }
 
 #[derive(Deserialize)]
