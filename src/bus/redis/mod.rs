@@ -59,7 +59,7 @@ use tracing::warn;
 use super::{Target, Unavailable};
 use crate::config::Config;
 use crate::conn::Conn;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ShardMetrics};
 use crate::protocol::event;
 use crate::shard::{InboxSender, Shard};
 use publisher::Publisher;
@@ -164,6 +164,37 @@ impl FailureLog {
     }
     pub fn recovered(&mut self) {
         self.0 = None;
+    }
+}
+
+/// The reconnect bookkeeping of one Redis link: backoff, failure log, and
+/// whether a connect is a first one or a reconnect (counted).
+pub(crate) struct Retry {
+    shard: usize,
+    link: Link,
+    backoff: Backoff,
+    failures: FailureLog,
+    was_up: bool,
+}
+
+impl Retry {
+    pub fn new(shard: usize, link: Link) -> Retry {
+        Retry { shard, link, backoff: Backoff::new(), failures: FailureLog::new(), was_up: false }
+    }
+    /// The link is up: reset the backoff, end the failure, count a reconnect.
+    pub fn connected(&mut self, m: &ShardMetrics) {
+        self.backoff.reset();
+        self.failures.recovered();
+        if self.was_up {
+            m.redis_reconnects_total.add_shared(1);
+        }
+        self.was_up = true;
+    }
+    pub fn failed(&mut self, url: &RedisUrl, e: &LinkError) {
+        self.failures.failed(self.shard, self.link, url, e);
+    }
+    pub fn next_delay(&mut self) -> Duration {
+        self.backoff.next_delay()
     }
 }
 

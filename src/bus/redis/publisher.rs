@@ -29,9 +29,7 @@ use bytes::{Buf, BytesMut};
 use monoio::net::TcpStream;
 use tracing::{info, warn};
 
-use super::{
-    Backoff, CONNECT_TIMEOUT, DEAD_AFTER, FailureLog, HANDSHAKE_TIMEOUT, Health, Link, LinkError, RedisUrl, resp,
-};
+use super::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Health, Link, LinkError, RedisUrl, Retry, resp};
 use crate::bus::{Target, Unavailable};
 use crate::metrics::{Metrics, ShardMetrics};
 
@@ -114,19 +112,12 @@ impl Publisher {
 
     /// The task: connect, serve, reconnect with backoff, for the shard's life.
     pub async fn run(self: Rc<Self>) {
-        let mut backoff = Backoff::new();
-        let mut failures = FailureLog::new();
-        let mut was_up = false;
+        let mut retry = Retry::new(self.shard, Link::Publisher);
         loop {
             let attempt = monoio::time::timeout(CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT, self.connect()).await;
             match attempt.unwrap_or(Err(LinkError::Timeout("connect + AUTH/SELECT"))) {
                 Ok((stream, buf)) => {
-                    backoff.reset();
-                    failures.recovered();
-                    if was_up {
-                        self.m().redis_reconnects_total.add_shared(1);
-                    }
-                    was_up = true;
+                    retry.connected(self.m());
                     info!(shard = self.shard, redis = %self.url, "redis publisher connected");
                     self.up.set(true);
                     self.set_stalled(false);
@@ -135,15 +126,15 @@ impl Publisher {
                     self.health.set(self.shard, Link::Publisher, false);
                     self.drop_queued();
                     self.health.failed(self.shard, Link::Publisher, &e);
-                    failures.failed(self.shard, Link::Publisher, &self.url, &e);
+                    retry.failed(&self.url, &e);
                 }
                 Err(e) => {
                     self.m().redis_connect_failures_total.add_shared(1);
                     self.health.failed(self.shard, Link::Publisher, &e);
-                    failures.failed(self.shard, Link::Publisher, &self.url, &e);
+                    retry.failed(&self.url, &e);
                 }
             }
-            monoio::time::sleep(backoff.next_delay()).await;
+            monoio::time::sleep(retry.next_delay()).await;
         }
     }
 

@@ -39,7 +39,7 @@ use simd_json::prelude::*;
 use tracing::{debug, info, warn};
 
 use super::subs::{Interest, Kind, Subscriptions};
-use super::{Backoff, DEAD_AFTER, FailureLog, HANDSHAKE_TIMEOUT, Health, Link, LinkError, PING_IDLE, RedisUrl, resp};
+use super::{DEAD_AFTER, HANDSHAKE_TIMEOUT, Health, Link, LinkError, PING_IDLE, RedisUrl, Retry, resp};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::protocol::event;
 use crate::shard::{InboxSender, ShardMsg};
@@ -205,18 +205,11 @@ impl Reader {
         if !core_affinity::set_for_current(core_affinity::CoreId { id: self.core }) {
             warn!(shard = self.shard, core = self.core, "redis reader: could not pin to core");
         }
-        let mut backoff = Backoff::new();
-        let mut failures = FailureLog::new();
-        let mut was_up = false;
+        let mut retry = Retry::new(self.shard, Link::Subscriber);
         loop {
             match self.connect() {
                 Ok((sock, buf)) => {
-                    backoff.reset();
-                    failures.recovered();
-                    if was_up {
-                        self.m().redis_reconnects_total.add_shared(1);
-                    }
-                    was_up = true;
+                    retry.connected(self.m());
                     info!(shard = self.shard, redis = %self.url, "redis subscriber connected");
                     let end = self.serve(sock, buf);
                     self.set_link(false);
@@ -225,17 +218,17 @@ impl Reader {
                         End::Shutdown => return,
                         End::Lost(e) => {
                             self.health.failed(self.shard, Link::Subscriber, &e);
-                            failures.failed(self.shard, Link::Subscriber, &self.url, &e);
+                            retry.failed(&self.url, &e);
                         }
                     }
                 }
                 Err(e) => {
                     self.m().redis_connect_failures_total.add_shared(1);
                     self.health.failed(self.shard, Link::Subscriber, &e);
-                    failures.failed(self.shard, Link::Subscriber, &self.url, &e);
+                    retry.failed(&self.url, &e);
                 }
             }
-            if self.pause(backoff.next_delay()).is_err() {
+            if self.pause(retry.next_delay()).is_err() {
                 return;
             }
         }
