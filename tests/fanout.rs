@@ -8,13 +8,22 @@ use std::time::Duration;
 use common::{Client, start_server};
 use serde_json::json;
 
-/// Opens `n` clients as users u0..u{n-1} until both shards hold some.
+/// Opens `n` clients as users u0..u{n-1} such that both shards hold some.
+/// The kernel spreads connections over the SO_REUSEPORT listeners by a hash
+/// of the ports, so a small batch can land on one shard (1 in 2^(n-1)): then
+/// the batch is closed and opened again from new ports.
 fn clients_on_both_shards(s: &common::Server, n: usize) -> Vec<Client> {
-    let cs: Vec<Client> = (0..n).map(|i| Client::connect(&s.ws_url(&format!("/ws?user=u{i}")))).collect();
-    s.wait_until("all connections counted", || s.metric("corecast_connections") as usize == n);
-    let (a, b) = (s.metric("corecast_connections{shard=\"0\"}"), s.metric("corecast_connections{shard=\"1\"}"));
-    assert!(a > 0.0 && b > 0.0, "both shards must hold clients: {a} / {b}");
-    cs
+    for _ in 0..20 {
+        let cs: Vec<Client> = (0..n).map(|i| Client::connect(&s.ws_url(&format!("/ws?user=u{i}")))).collect();
+        s.wait_until("all connections counted", || s.metric("corecast_connections") as usize == n);
+        let (a, b) = (s.metric("corecast_connections{shard=\"0\"}"), s.metric("corecast_connections{shard=\"1\"}"));
+        if a > 0.0 && b > 0.0 {
+            return cs;
+        }
+        drop(cs);
+        s.wait_until("batch closed", || s.metric("corecast_connections") == 0.0);
+    }
+    panic!("20 batches of {n} connections all landed on one shard");
 }
 
 fn cross_shard_room_and_direct(driver: &str) {
