@@ -60,7 +60,7 @@ fn is_fd_limit(e: &io::Error) -> bool {
 }
 
 /// The accept loop of one shard; runs until the runtime stops.
-pub async fn run(shard: Rc<Shard>, listener: TcpListener) {
+pub async fn run(shard: Rc<Shard>, listener: TcpListener, kind: conn::Listener) {
     let mut spare = File::open("/dev/null").ok();
     let mut refused_since_log = 0u64;
     let mut last_log: Option<Instant> = None;
@@ -76,7 +76,7 @@ pub async fn run(shard: Rc<Shard>, listener: TcpListener) {
                 pace.took();
                 // We coalesce frames ourselves; Nagle would only add delay.
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(conn::run(shard.clone(), stream));
+                monoio::spawn(conn::run(shard.clone(), stream, kind));
             }
             Err(e) if is_fd_limit(&e) => {
                 shard.m().accept_refused_total.inc();

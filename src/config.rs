@@ -29,6 +29,12 @@ pub struct Options {
     #[arg(long, env = "CORECAST_LISTEN")]
     pub listen: Option<SocketAddr>,
 
+    /// Separate listener for `/metrics` and `POST /api/publish` (also
+    /// `/healthz`, `/readyz`); with it set, the client listener answers 404
+    /// for those two. Bind it to a private address. [default: none]
+    #[arg(long, env = "CORECAST_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Shard threads, each pinned to one core. [default: the cores this
     /// process may run on]
     #[arg(long, env = "CORECAST_SHARDS")]
@@ -148,6 +154,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// `--admin-listen`: where `/metrics` and `/api/publish` are served
+    /// instead of `listen` (`http::serve`).
+    pub admin_listen: Option<SocketAddr>,
     /// Cores the shards are pinned to, one per shard, in shard order.
     pub cores: Vec<usize>,
     pub redis: Option<String>,
@@ -187,6 +196,7 @@ impl Options {
         }
         layer!(
             listen,
+            admin_listen,
             shards,
             redis,
             channel_prefix,
@@ -259,6 +269,7 @@ impl Config {
         };
         Ok(Config {
             listen: o.listen.unwrap_or_else(|| "0.0.0.0:8080".parse().expect("valid literal")),
+            admin_listen: o.admin_listen,
             cores,
             redis: o.redis.filter(|s| !s.is_empty()),
             channel_prefix,

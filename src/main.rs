@@ -1,12 +1,17 @@
 //! `corecast [OPTIONS]`: flags → `Config` → `server::run`, nothing else.
 
+use std::io::IsTerminal;
+
 use corecast::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let cfg = Config::load(std::env::args_os())?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only for a person at a terminal: journald, files and
+    // `docker logs` get plain text, and `--log-format json` stays clean.
+    let ansi = cfg.log_format == LogFormat::Text && std::io::stderr().is_terminal();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match cfg.log_format {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),

@@ -204,7 +204,7 @@ macro_rules! shard_metrics {
 
 shard_metrics! {
     connections: "gauge", "Open WebSocket connections.";
-    sockets: "gauge", "Open client sockets (HTTP and WebSocket).";
+    sockets: "gauge", "Client sockets (HTTP and WebSocket) whose descriptors the node holds, counted until each is closed.";
     connections_total: "counter", "WebSocket connections accepted (successful upgrades).";
     handshakes_failed_total: "counter", "HTTP requests to /ws or /echo refused before the upgrade (the sum of corecast_handshakes_total without result=\"ok\").";
     http_requests_total: "counter", "HTTP requests served (all paths).";
@@ -236,6 +236,10 @@ shard_metrics! {
     redis_publish_writes_total: "counter", "Writes on the publisher connection (each carries every PUBLISH queued since the last).";
     redis_publish_lost_total: "counter", "PUBLISHes accepted but lost with a dropped Redis connection (at-most-once).";
     redis_reader_waits_total: "counter", "Times the Redis reader stopped reading because its shard's inbox was full.";
+    close_timeouts_total: "counter", "Connections cut off because they did not answer our close frame in time.";
+    control_rate_limited_total: "counter", "Ping/pong frames from clients ignored for exceeding --max-ops-per-sec.";
+    pongs_coalesced_total: "counter", "Pongs that replaced a waiting, unsent pong instead of being queued (RFC 6455 5.5.3).";
+    inbox_dropped_total: "counter", "Messages for this shard dropped because its inbox was full (see README: inbox policy).";
 }
 
 impl ShardMetrics {
@@ -299,12 +303,22 @@ impl Metrics {
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Node-level values exposed next to the counters: `corecast_shards`,
-/// `corecast_draining`, `corecast_info{version,driver}`.
-#[derive(Debug, Clone)]
+/// `corecast_draining`, `corecast_info{version,driver}`,
+/// `corecast_inbox_backlog{shard}`, `corecast_open_fds`.
+#[derive(Debug, Clone, Default)]
 pub struct NodeInfo {
     pub shards: usize,
     pub draining: bool,
     pub driver: &'static str,
+    /// Messages waiting in each shard's inbox, in shard order.
+    pub inbox_backlog: Vec<usize>,
+    /// Descriptors the process holds (`/proc/self/fd`), if readable.
+    pub open_fds: Option<usize>,
+}
+
+/// Counts the descriptors this process holds.
+pub fn open_fds() -> Option<usize> {
+    std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count())
 }
 
 const HANDSHAKES: (&str, &str) = ("corecast_handshakes_total", "Upgrade requests on /ws and /echo by result.");
@@ -315,6 +329,10 @@ const LATENCY: (&str, &str) = (
 const SHARDS: (&str, &str) = ("corecast_shards", "Shard threads in this process.");
 const DRAINING: (&str, &str) = ("corecast_draining", "1 while the node drains.");
 const INFO: (&str, &str) = ("corecast_info", "Build and runtime information.");
+const BACKLOG: (&str, &str) =
+    ("corecast_inbox_backlog", "Messages waiting in the shard's inbox (bounded; see README: inbox policy).");
+const FDS: (&str, &str) =
+    ("corecast_open_fds", "File descriptors the process holds (sockets, listeners, pipes, files).");
 
 /// The descriptors of every family `Exposition` collects, built once.
 static DESCS: LazyLock<Vec<Desc>> = LazyLock::new(|| {
@@ -328,6 +346,8 @@ static DESCS: LazyLock<Vec<Desc>> = LazyLock::new(|| {
     v.push(desc(SHARDS.0, SHARDS.1, &[]));
     v.push(desc(DRAINING.0, DRAINING.1, &[]));
     v.push(desc(INFO.0, INFO.1, &["version", "driver"]));
+    v.push(desc(BACKLOG.0, BACKLOG.1, &["shard"]));
+    v.push(desc(FDS.0, FDS.1, &[]));
     v
 });
 
@@ -466,6 +486,14 @@ impl Collector for Exposition {
         out.push(family(DRAINING.0, DRAINING.1, MetricType::GAUGE, vec![sample(MetricType::GAUGE, vec![], draining)]));
         let info = vec![label("version", env!("CARGO_PKG_VERSION")), label("driver", node.driver)];
         out.push(family(INFO.0, INFO.1, MetricType::GAUGE, vec![sample(MetricType::GAUGE, info, 1.0)]));
+        let mut series = vec![sample(MetricType::GAUGE, vec![], node.inbox_backlog.iter().sum::<usize>() as f64)];
+        for (i, v) in node.inbox_backlog.iter().enumerate() {
+            series.push(sample(MetricType::GAUGE, vec![shard_label(i)], *v as f64));
+        }
+        out.push(family(BACKLOG.0, BACKLOG.1, MetricType::GAUGE, series));
+        if let Some(n) = node.open_fds {
+            out.push(family(FDS.0, FDS.1, MetricType::GAUGE, vec![sample(MetricType::GAUGE, vec![], n as f64)]));
+        }
         out
     }
 }
@@ -481,7 +509,7 @@ mod tests {
         m.shard(1).connections.add(4);
         m.shard(1).connections.sub(1);
         m.shard(1).bus_dropped_total.add_shared(2);
-        let text = m.render(NodeInfo { shards: 2, draining: false, driver: "test" });
+        let text = m.render(NodeInfo { shards: 2, driver: "test", ..NodeInfo::default() });
         assert!(text.contains("# TYPE corecast_connections gauge\ncorecast_connections 6\n"));
         assert!(text.contains("corecast_connections{shard=\"0\"} 3\n"));
         assert!(text.contains("corecast_connections{shard=\"1\"} 3\n"));
@@ -498,12 +526,21 @@ mod tests {
     #[test]
     fn renders_node_families() {
         let m = Arc::new(Metrics::new(3));
-        let text = m.render(NodeInfo { shards: 3, draining: true, driver: "epoll" });
+        let text = m.render(NodeInfo {
+            shards: 3,
+            draining: true,
+            driver: "epoll",
+            inbox_backlog: vec![0, 4, 1],
+            open_fds: Some(9),
+        });
         assert!(text.contains("# TYPE corecast_shards gauge\ncorecast_shards 3\n"));
         assert!(text.contains("corecast_draining 1\n"));
         let info = format!("corecast_info{{version=\"{}\",driver=\"epoll\"}} 1\n", env!("CARGO_PKG_VERSION"));
         assert!(text.contains(&info), "{text}");
         assert!(text.contains("corecast_connections{shard=\"2\"} 0\n"));
+        assert!(text.contains("corecast_inbox_backlog 5\n"), "{text}");
+        assert!(text.contains("corecast_inbox_backlog{shard=\"1\"} 4\n"), "{text}");
+        assert!(text.contains("corecast_open_fds 9\n"), "{text}");
     }
 
     #[test]
@@ -514,7 +551,7 @@ mod tests {
         m.shard(1).delivery_latency.observe(std::time::Duration::from_micros(20));
         m.shard(1).delivery_latency.observe(std::time::Duration::from_millis(3));
         m.shard(0).delivery_latency.observe(std::time::Duration::from_secs(5));
-        let text = m.render(NodeInfo { shards: 2, draining: false, driver: "test" });
+        let text = m.render(NodeInfo { shards: 2, driver: "test", ..NodeInfo::default() });
         assert!(text.contains("corecast_handshakes_total{result=\"ok\"} 1\n"));
         assert!(text.contains("corecast_handshakes_total{result=\"unauthorized\",shard=\"1\"} 1\n"));
         assert!(text.contains("corecast_handshakes_failed_total 1\n"));

@@ -17,6 +17,7 @@ use crate::accept;
 use crate::bus::Bus;
 use crate::bus::redis::{self, RedisBus, ShardLink};
 use crate::config::{Config, Driver};
+use crate::conn::Listener;
 use crate::metrics::Metrics;
 use crate::shard::{Inbox, InboxSender, Shard, ShardMsg, inbox};
 
@@ -26,6 +27,8 @@ const URING_ENTRIES: u32 = 4096;
 /// A running node, as seen from the thread that started it.
 pub struct Node {
     pub addr: SocketAddr,
+    /// The `--admin-listen` address, when set.
+    pub admin_addr: Option<SocketAddr>,
     peers: Arc<[InboxSender]>,
     exits: Receiver<(String, anyhow::Result<()>)>,
     shards: usize,
@@ -37,6 +40,15 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
     let n = cfg.shards();
     let listeners = accept::bind_all(cfg.listen, n)?;
     let addr = listeners[0].local_addr()?;
+    // `--admin-listen`: every shard serves it too, on its own SO_REUSEPORT socket.
+    let mut admin: Vec<Option<std::net::TcpListener>> = match cfg.admin_listen {
+        Some(a) => accept::bind_all(a, n).context("--admin-listen")?.into_iter().map(Some).collect(),
+        None => (0..n).map(|_| None).collect(),
+    };
+    let admin_addr = match admin.first() {
+        Some(Some(l)) => Some(l.local_addr()?),
+        _ => None,
+    };
 
     // Wire every inbox before spawning any thread.
     let (senders, inboxes): (Vec<InboxSender>, Vec<Inbox>) = (0..n).map(|_| inbox()).unzip();
@@ -52,6 +64,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
     for (i, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let name = format!("shard-{i:02}");
         let link = links[i].take();
+        let admin = admin[i].take();
         let (cfg, metrics, peers, exit_tx, ready_tx) =
             (cfg.clone(), metrics.clone(), peers.clone(), exit_tx.clone(), ready_tx.clone());
         let thread_name = name.clone();
@@ -59,7 +72,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
             .name(name.clone())
             .spawn(move || {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_shard(i, cfg, metrics, peers, listener, inbox, link, ready_tx)
+                    run_shard(i, cfg, metrics, peers, [Some(listener), admin], inbox, link, ready_tx)
                 }));
                 let r = match r {
                     Ok(r) => r,
@@ -72,14 +85,14 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
     for _ in 0..n {
         ready_rx.recv().context("a shard died during start-up")??;
     }
-    Ok(Node { addr, peers, exits, shards: n })
+    Ok(Node { addr, admin_addr, peers, exits, shards: n })
 }
 
 impl Node {
     /// Asks every shard to drain (PROTOCOL.md §5).
     pub fn drain(&self) {
         for p in self.peers.iter() {
-            let _ = p.send(ShardMsg::Drain);
+            let _ = p.send_wait(ShardMsg::Drain);
         }
     }
 
@@ -98,6 +111,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let node = start(cfg)?;
     // Printed on stdout for scripts and tests that start us on port 0.
     println!("corecast listening on {}", node.addr);
+    if let Some(a) = node.admin_addr {
+        println!("corecast admin listening on {a}");
+    }
     let peers = node.peers.clone();
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("install signal handlers")?;
     thread::Builder::new().name("signals".into()).spawn(move || {
@@ -107,7 +123,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             if seen == 1 {
                 info!(signal = sig, "draining");
                 for p in peers.iter() {
-                    let _ = p.send(ShardMsg::Drain);
+                    let _ = p.send_wait(ShardMsg::Drain);
                 }
             } else {
                 warn!("second signal: exiting now");
@@ -130,7 +146,8 @@ fn run_shard(
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
     peers: Arc<[InboxSender]>,
-    listener: std::net::TcpListener,
+    // The client listener, then the admin one (`--admin-listen`), if any.
+    listeners: [Option<std::net::TcpListener>; 2],
     inbox: Inbox,
     link: Option<ShardLink>,
     ready: crossbeam_channel::Sender<anyhow::Result<()>>,
@@ -143,13 +160,17 @@ fn run_shard(
     let body = move |driver: &'static str| {
         let cfg2 = cfg.clone();
         async move {
-            let listener = match monoio::net::TcpListener::from_std(listener) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = ready.send(Err(anyhow::anyhow!("shard {id}: listener: {e}")));
-                    return;
+            let mut bound = Vec::with_capacity(2);
+            for (l, kind) in listeners.into_iter().zip([Listener::Client, Listener::Admin]) {
+                let Some(l) = l else { continue };
+                match monoio::net::TcpListener::from_std(l) {
+                    Ok(l) => bound.push((l, kind)),
+                    Err(e) => {
+                        let _ = ready.send(Err(anyhow::anyhow!("shard {id}: listener: {e}")));
+                        return;
+                    }
                 }
-            };
+            }
             let bus = match link {
                 Some(link) => Bus::Redis(RedisBus::start(link)),
                 None => Bus::Local,
@@ -157,7 +178,10 @@ fn run_shard(
             let shard = Shard::new(id, cfg2, metrics, peers, bus, driver);
             monoio::spawn(shard.clone().run_flusher());
             monoio::spawn(shard.clone().run_inbox(inbox));
-            monoio::spawn(accept::run(shard.clone(), listener));
+            monoio::spawn(shard.clone().run_close_reaper());
+            for (l, kind) in bound {
+                monoio::spawn(accept::run(shard.clone(), l, kind));
+            }
             monoio::spawn(crate::shard::heartbeat::run(shard.clone()));
             info!(shard = id, core, driver, "shard running");
             let _ = ready.send(Ok(()));

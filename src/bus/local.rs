@@ -5,18 +5,25 @@
 //! Every shard gets every message; a shard with no member of the room drops
 //! it after one hash lookup. With one shard per core that is a handful of
 //! channel sends per publish, cheaper than keeping remote interest in sync.
+//!
+//! While another shard's inbox is congested (past `INBOX_PUBLISH_LIMIT`),
+//! publishes are refused with `unavailable`: back-pressure to the client
+//! rather than a silent drop (the inbox policy is in `shard::inbox`).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::Target;
+use super::{Target, Unavailable};
 use crate::shard::{Shard, ShardMsg};
 
-pub fn publish(shard: &Shard, target: Target<'_>, frame: Bytes) {
+pub fn publish(shard: &Shard, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
     let sent = Instant::now();
     if shard.peers().len() > 1 {
+        if shard.peers_congested() {
+            return Err(Unavailable);
+        }
         let (name, room): (Arc<str>, bool) = match target {
             Target::Room(r) => (Arc::from(r), true),
             Target::User(u) => (Arc::from(u), false),
@@ -30,4 +37,5 @@ pub fn publish(shard: &Shard, target: Target<'_>, frame: Bytes) {
         });
     }
     shard.deliver_timed(target, &frame, sent);
+    Ok(())
 }

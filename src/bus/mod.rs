@@ -37,10 +37,7 @@ impl Bus {
     /// Publishes a complete event frame to `target` on every shard (and node).
     pub fn publish(&self, shard: &Shard, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
         match self {
-            Bus::Local => {
-                local::publish(shard, target, frame);
-                Ok(())
-            }
+            Bus::Local => local::publish(shard, target, frame),
             Bus::Redis(r) => r.publish(target, frame),
         }
     }

@@ -101,6 +101,22 @@ pub(super) fn take_op(shard: &Shard, conn: &Conn) -> Verdict {
     }
 }
 
+/// Counts one inbound control frame (ping or pong) against the same rate:
+/// over it, a ping goes unanswered; sustained, the connection is cut off.
+pub(super) fn take_control(shard: &Shard, conn: &Conn) -> Verdict {
+    let v = take_op(shard, conn);
+    match v {
+        Verdict::Allow => {}
+        Verdict::Refuse => shard.m().control_rate_limited_total.inc(),
+        Verdict::Abuse => {
+            shard.m().control_rate_limited_total.inc();
+            shard.m().rate_limit_disconnects_total.inc();
+            tracing::debug!(shard = shard.id, conn = conn.id, "control frame flood: cutting off");
+        }
+    }
+    v
+}
+
 /// Answers an op refused by `take_op`: `rate_limited` with the op's id, then
 /// for `Verdict::Abuse` a close with 1008 (what the client sends after that
 /// is dropped unread, RFC 6455 §5.5.1).

@@ -4,6 +4,12 @@
 //! recipient). `try_flush` hands as many queued frames as fit to one
 //! `sendmsg(2)` with an iovec each, so frames that piled up between two
 //! flushes leave in one system call.
+//!
+//! Every byte queued here counts in `queued`, whatever it is (data frames,
+//! pongs, pings, the close frame, HTTP responses): `Conn::push` holds the
+//! total to `--outbound-queue-bytes`. Pongs are kept to one not yet started
+//! (`push_pong` replaces the payload of a waiting one), as RFC 6455 §5.5.3
+//! allows, so a client that floods pings and never reads queues one pong.
 
 use std::collections::VecDeque;
 use std::io;
@@ -14,14 +20,28 @@ use bytes::Bytes;
 /// Frames one `sendmsg` takes at most (well under IOV_MAX = 1024).
 const IOV_PER_SEND: usize = 64;
 
-#[derive(Default)]
+/// `Outbox::pong` when no pong is waiting.
+const NO_PONG: u32 = u32::MAX;
+
 pub struct Outbox {
     frames: VecDeque<Bytes>,
     /// Bytes queued and not yet written, counting only the unwritten part of
-    /// the first frame.
-    queued: usize,
+    /// the first frame. (u32: the queue limit is far below 4 GiB.)
+    queued: u32,
     /// Bytes of `frames[0]` already written (a partial write).
-    head_written: usize,
+    head_written: u32,
+    /// Frames ever pushed (wrapping): with `frames.len()` it numbers every
+    /// queued frame, so a waiting pong can be found without a scan.
+    pushed: u32,
+    /// The number (`pushed` at its push) of the pong that is queued and not
+    /// started, or `NO_PONG`.
+    pong: u32,
+}
+
+impl Default for Outbox {
+    fn default() -> Outbox {
+        Outbox { frames: VecDeque::new(), queued: 0, head_written: 0, pushed: 0, pong: NO_PONG }
+    }
 }
 
 /// How far a flush got.
@@ -35,7 +55,7 @@ pub enum Flush {
 
 impl Outbox {
     pub fn queued(&self) -> usize {
-        self.queued
+        self.queued as usize
     }
 
     pub fn is_empty(&self) -> bool {
@@ -43,8 +63,30 @@ impl Outbox {
     }
 
     pub fn push(&mut self, frame: Bytes) {
-        self.queued += frame.len();
+        self.queued += frame.len() as u32;
         self.frames.push_back(frame);
+        self.pushed = self.pushed.wrapping_add(1);
+    }
+
+    /// Is a pong queued that has not started to go out?
+    pub fn has_pong(&self) -> bool {
+        self.pong != NO_PONG
+    }
+
+    /// Queues a pong, or, when one is already waiting, puts this one's
+    /// payload in its place ("an endpoint MAY elect to send a Pong frame for
+    /// only the most recently processed Ping frame", RFC 6455 §5.5.3).
+    pub fn push_pong(&mut self, frame: Bytes) {
+        if self.pong != NO_PONG {
+            // Frames in the queue are numbered pushed-len+1 ..= pushed.
+            let back = self.pushed.wrapping_sub(self.pong) as usize;
+            let i = self.frames.len() - 1 - back;
+            let old = std::mem::replace(&mut self.frames[i], frame);
+            self.queued = self.queued - old.len() as u32 + self.frames[i].len() as u32;
+            return;
+        }
+        self.push(frame);
+        self.pong = self.pushed;
     }
 
     /// Drops every frame not yet started, keeping a partly written first
@@ -52,7 +94,9 @@ impl Outbox {
     pub fn truncate_unstarted(&mut self) {
         let keep = usize::from(self.head_written > 0);
         self.frames.truncate(keep);
-        self.queued = self.frames.front().map_or(0, |f| f.len() - self.head_written);
+        self.queued = self.frames.front().map_or(0, |f| f.len() as u32 - self.head_written);
+        // `pushed` stays: only differences to it matter, and no pong waits.
+        self.pong = NO_PONG;
     }
 
     /// Writes queued frames to `fd` without blocking. Returns the bytes
@@ -64,7 +108,7 @@ impl Outbox {
             let mut n = 0;
             let mut want = 0;
             for (i, f) in self.frames.iter().take(IOV_PER_SEND).enumerate() {
-                let part = if i == 0 { &f[self.head_written..] } else { &f[..] };
+                let part = if i == 0 { &f[self.head_written as usize..] } else { &f[..] };
                 iov[i] = libc::iovec { iov_base: part.as_ptr() as *mut _, iov_len: part.len() };
                 want += part.len();
                 n += 1;
@@ -99,16 +143,21 @@ impl Outbox {
     }
 
     fn advance(&mut self, mut n: usize) {
-        self.queued -= n;
+        self.queued -= n as u32;
         while n > 0 {
             let Some(front) = self.frames.front() else { break };
-            let left = front.len() - self.head_written;
+            // The front frame's number; once it starts, a pong is no longer waiting.
+            let front_no = self.pushed.wrapping_sub(self.frames.len() as u32 - 1);
+            if front_no == self.pong {
+                self.pong = NO_PONG;
+            }
+            let left = front.len() - self.head_written as usize;
             if n >= left {
                 n -= left;
                 self.head_written = 0;
                 self.frames.pop_front();
             } else {
-                self.head_written += n;
+                self.head_written += n as u32;
                 n = 0;
             }
         }
@@ -148,6 +197,32 @@ mod tests {
         b.read_to_end(&mut got).unwrap();
         assert_eq!(got, expect);
         assert_eq!(ob.queued(), 0);
+    }
+
+    #[test]
+    fn one_waiting_pong_takes_the_newest_payload() {
+        let mut ob = Outbox::default();
+        ob.push(Bytes::from_static(b"data1"));
+        ob.push_pong(Bytes::from_static(b"P1"));
+        ob.push(Bytes::from_static(b"data2"));
+        for p in [&b"P22"[..], b"P333", b"P4"] {
+            ob.push_pong(Bytes::copy_from_slice(p));
+        }
+        assert_eq!(ob.frames.len(), 3, "one pong queued however many pings");
+        assert_eq!(&ob.frames[1][..], b"P4");
+        assert_eq!(ob.queued(), 5 + 2 + 5);
+        // Once the pong has started to go out, the next one queues anew.
+        ob.advance(5 + 1);
+        assert!(!ob.has_pong());
+        ob.push_pong(Bytes::from_static(b"P5"));
+        assert_eq!(ob.frames.len(), 3);
+        assert!(ob.has_pong());
+        assert_eq!(ob.queued(), 1 + 5 + 2);
+        ob.advance(1 + 5);
+        assert!(ob.has_pong(), "P5 is waiting: not started");
+        ob.advance(2);
+        assert!(!ob.has_pong());
+        assert!(ob.is_empty());
     }
 
     #[test]

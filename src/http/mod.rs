@@ -26,10 +26,28 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Serves HTTP requests on `conn` until one is upgraded (returns the
 /// WebSocket mode) or the connection is done (returns why).
 pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> Result<Mode, Stop> {
+    // Which routes this listener serves (§4): with `--admin-listen`,
+    // `/metrics` and `/api/publish` live on the admin listener only, and the
+    // admin listener serves no WebSockets and no demo page.
+    let client_routes = !conn.is_admin();
+    let admin_routes = conn.is_admin() || shard.cfg.admin_listen.is_none();
+    let mut first = true;
     loop {
-        // The deadline covers the whole head (slowloris) and the idle time
-        // of a kept-alive connection.
+        // The deadline covers the whole head (slowloris), the idle time of a
+        // kept-alive connection, and the flush of the last response.
         let deadline = Instant::now() + shard.cfg.handshake_timeout;
+        if !first {
+            // One request at a time: the next one is read (or taken from
+            // what was read with the last) only once the last response has
+            // gone out, so a client that pipelines requests and never reads
+            // makes us hold one response, not thousands; and the shard's
+            // other tasks get a turn between requests.
+            if !conn.flush_for(shard, deadline).await {
+                return Err(Stop::Timeout);
+            }
+            crate::shard::yield_now().await;
+        }
+        first = false;
         let head = loop {
             let before = kept.len();
             match RequestHeadDecoder.decode(kept) {
@@ -44,7 +62,11 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
                     respond(shard, conn, Reply::text(431, "request head too large\n").close());
                     return Err(Stop::HttpDone);
                 }
-                Ok(_) => conn.read_some(shard, kept, Some(deadline), |_| Ok(0)).await?,
+                // Read no more than the limit allows: the head limit holds as
+                // bytes arrive, whatever the socket buffer holds.
+                Ok(_) => {
+                    conn.read_some(shard, kept, Some(deadline), MAX_HEAD_BYTES + 1 - kept.len(), |_| Ok(0)).await?
+                }
                 Err(_) => {
                     // Malformed HTTP: 400 and the socket is closed (§1).
                     respond(shard, conn, Reply::text(400, "malformed HTTP request\n").close());
@@ -56,22 +78,24 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
         let keep_alive = wants_keep_alive(&head);
         let path = head.uri.path();
         let reply = match (&head.method, path) {
-            (&Method::GET, "/ws") => match upgrade::accept(shard, conn, &head, Mode::Client) {
+            (&Method::GET, "/ws") if client_routes => match upgrade::accept(shard, conn, &head, Mode::Client) {
                 Ok(()) => return Ok(Mode::Client),
                 Err(reply) => reply,
             },
-            (&Method::GET, "/echo") if shard.cfg.echo => match upgrade::accept(shard, conn, &head, Mode::Echo) {
-                Ok(()) => return Ok(Mode::Echo),
-                Err(reply) => reply,
-            },
-            (&Method::GET, "/") if shard.cfg.demo => routes::demo(),
+            (&Method::GET, "/echo") if client_routes && shard.cfg.echo => {
+                match upgrade::accept(shard, conn, &head, Mode::Echo) {
+                    Ok(()) => return Ok(Mode::Echo),
+                    Err(reply) => reply,
+                }
+            }
+            (&Method::GET, "/") if client_routes && shard.cfg.demo => routes::demo(),
             (&Method::GET, "/healthz") => Reply::text(200, "ok\n"),
             (&Method::GET, "/readyz") => match shard.not_ready() {
                 Some(why) => Reply::new(503, "text/plain; charset=utf-8", Bytes::from(why)),
                 None => Reply::text(200, "ready\n"),
             },
-            (&Method::GET, "/metrics") => routes::metrics(shard),
-            (&Method::POST, "/api/publish") => {
+            (&Method::GET, "/metrics") if admin_routes => routes::metrics(shard),
+            (&Method::POST, "/api/publish") if admin_routes => {
                 let body = match read_body(shard, conn, &head, kept, deadline).await? {
                     Ok(body) => body,
                     Err(reply) => {
@@ -81,8 +105,9 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
                 };
                 routes::publish(shard, &head, &body)
             }
-            (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => Reply::text(405, "method not allowed\n"),
-            (_, "/api/publish") => Reply::text(405, "method not allowed\n"),
+            (_, "/healthz" | "/readyz") => Reply::text(405, "method not allowed\n"),
+            (_, "/ws") if client_routes => Reply::text(405, "method not allowed\n"),
+            (_, "/metrics" | "/api/publish") if admin_routes => Reply::text(405, "method not allowed\n"),
             _ => Reply::text(404, "not found\n"),
         };
         let reply = if keep_alive { reply } else { reply.close() };
@@ -134,7 +159,8 @@ async fn read_body(
         return Ok(Err(Reply::text(413, "request body too large\n")));
     }
     while kept.len() < len {
-        conn.read_some(shard, kept, Some(deadline), |_| Ok(0)).await?;
+        // Exactly the body: what follows it is the next request's.
+        conn.read_some(shard, kept, Some(deadline), len - kept.len(), |_| Ok(0)).await?;
     }
     Ok(Ok(kept.split_to(len).freeze()))
 }
@@ -197,10 +223,10 @@ pub fn respond(shard: &Shard, conn: &Rc<Conn>, reply: Reply) {
         if reply.close { "connection: close\r\n" } else { "" },
     );
     out.put_slice(&reply.body);
-    conn.push_control(shard, out.freeze());
+    conn.push(shard, out.freeze());
 }
 
 /// Queues the raw bytes of a response that is not a `Reply` (the 101).
 pub fn respond_raw(shard: &Shard, conn: &Rc<Conn>, bytes: Bytes) {
-    conn.push_control(shard, bytes);
+    conn.push(shard, bytes);
 }

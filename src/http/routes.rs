@@ -27,7 +27,13 @@ pub fn demo() -> Reply {
 }
 
 pub fn metrics(shard: &Rc<Shard>) -> Reply {
-    let node = NodeInfo { shards: shard.peers().len(), draining: shard.is_draining(), driver: shard.driver };
+    let node = NodeInfo {
+        shards: shard.peers().len(),
+        draining: shard.is_draining(),
+        driver: shard.driver,
+        inbox_backlog: shard.peers().iter().map(|p| p.backlog()).collect(),
+        open_fds: metrics::open_fds(),
+    };
     let body = shard.metrics.render(node);
     Reply::new(200, metrics::CONTENT_TYPE, Bytes::from(body))
 }
@@ -43,6 +49,11 @@ struct PublishBody<'a> {
 }
 
 pub fn publish(shard: &Rc<Shard>, head: &Parts, body: &[u8]) -> Reply {
+    // Server-side publish is never open on an authenticated node (§4): with
+    // client auth on, it needs an API key.
+    if shard.cfg.api_key.is_none() && shard.cfg.auth.is_some() {
+        return Reply::text(403, "POST /api/publish is off: client auth is on and no --api-key is set\n");
+    }
     if let Some(key) = &shard.cfg.api_key {
         let given = head
             .headers

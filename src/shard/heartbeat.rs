@@ -95,7 +95,7 @@ fn sweep_slice(shard: &Shard, now: u32) {
             c.kill(shard, CloseCode::POLICY);
         } else if silent >= TICKS_PER_INTERVAL {
             shard.m().heartbeat_pings_total.inc();
-            c.push_control(shard, Bytes::from_static(&PING));
+            c.push(shard, Bytes::from_static(&PING));
         }
     }
 }

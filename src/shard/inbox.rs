@@ -5,6 +5,27 @@
 //! io_uring (or epoll) is woken from another thread only because monoio's
 //! `sync` feature is on: without it a cross-thread wake would be lost and the
 //! shard would sleep until its next I/O event.
+//!
+//! # The bound, and what happens at it
+//!
+//! Each inbox holds at most `INBOX_CAPACITY` messages (frames are shared
+//! `Bytes`, so a message is a few dozen bytes plus its share of one frame).
+//! At the bound the policy depends on whether the sender can wait:
+//!
+//! - Threads that can wait (the Redis reader, the signal thread) use
+//!   `send_wait`. The Redis reader also stops reading from Redis well before
+//!   (`INBOX_HIGH_WATER` in `bus::redis::reader`), so Redis buffers and the
+//!   shard catches up: back-pressure, nothing lost.
+//! - Shards never wait on one another (two shards waiting on each other's
+//!   full inbox would deadlock), so they use `send`, which fails at once when
+//!   the inbox is full: the message is dropped and counted in
+//!   `corecast_inbox_dropped_total{shard}` (the receiving shard). Before it
+//!   comes to that, the local bus refuses new publishes with `unavailable`
+//!   while any inbox is past `INBOX_PUBLISH_LIMIT` (`bus::local`), which
+//!   pushes back on the publishing clients and leaves the rest of the room
+//!   for control messages.
+//!
+//! `corecast_inbox_backlog{shard}` shows each inbox's depth at scrape time.
 
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -47,20 +68,33 @@ pub struct Inbox {
     waker: Arc<AtomicWaker>,
 }
 
+/// Messages one inbox holds at most.
+pub const INBOX_CAPACITY: usize = 16_384;
+/// Above this backlog in any shard's inbox, local-bus publishes are refused
+/// with `unavailable` (see the module docs).
+pub const INBOX_PUBLISH_LIMIT: usize = INBOX_CAPACITY / 2;
+
 /// Makes a connected pair. Wire every inbox before spawning any thread.
-///
-/// The channel is unbounded: a shard never blocks on another. Senders that
-/// can be flooded from outside (the Redis reader) bound themselves.
 pub fn inbox() -> (InboxSender, Inbox) {
-    let (tx, rx) = crossbeam_channel::unbounded();
+    let (tx, rx) = crossbeam_channel::bounded(INBOX_CAPACITY);
     let waker = Arc::new(AtomicWaker::new());
     (InboxSender { tx, waker: waker.clone() }, Inbox { rx, waker })
 }
 
 impl InboxSender {
-    /// Queues `msg` and wakes the shard. A failed hand-off (the shard has
-    /// stopped) returns the message.
+    /// Queues `msg` and wakes the shard, without waiting: a full inbox, or a
+    /// shard that has stopped, returns the message (for shards, which must
+    /// never wait on each other).
     pub fn send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.tx.try_send(msg).map_err(|e| e.into_inner())?;
+        self.waker.wake();
+        Ok(())
+    }
+
+    /// Queues `msg` and wakes the shard, waiting while the inbox is full
+    /// (for threads that may wait: the Redis reader, the signal thread). A
+    /// shard that has stopped returns the message.
+    pub fn send_wait(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
         self.tx.send(msg).map_err(|e| e.0)?;
         self.waker.wake();
         Ok(())

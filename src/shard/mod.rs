@@ -11,14 +11,31 @@
 //! the dirty list; the flusher task empties the list once per turn of the
 //! event loop, so everything queued to a connection in that turn leaves in
 //! one `sendmsg`.
+//!
+//! # The RefCell contract
+//!
+//! The tables (`conns`, `rooms`, `users`) are borrowed while the shard walks
+//! them: fan-out in `deliver`, the heartbeat sweep, the token-expiry sweep,
+//! drain planning. While one is borrowed, only these `Conn` calls may run:
+//! `push`, `pong`, `close`, `kill` (and `flush`). They touch the
+//! connection's own cells, the shard's `dirty` and `closing` lists and the
+//! socket (a `kill` only shuts the read side), never a table. Everything that
+//! changes membership — `add_conn`, `remove_conn`, `subscribe`,
+//! `unsubscribe`, `upgraded` — borrows a table mutably and must never be
+//! reached from inside such a walk: a connection that is cut off leaves the
+//! tables later, from its own task, woken by the shutdown, outside any
+//! borrow. `tests/hostile.rs` pins this by killing connections from inside a
+//! fan-out and a heartbeat sweep (a broken contract panics the shard).
+//! No borrow is ever held across an `.await`.
 
 pub mod heartbeat;
 pub mod inbox;
 pub mod rooms;
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -33,7 +50,7 @@ use rooms::{RoomTable, UserTable};
 
 use crate::bus::{Bus, Target, Unavailable};
 use crate::config::Config;
-use crate::conn::Conn;
+use crate::conn::{self, Conn, Listener};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::protocol::event;
 use crate::ws::CloseCode;
@@ -65,6 +82,29 @@ pub struct Shard {
     drain_waker: Cell<Option<Waker>>,
     /// The heartbeat clock and cursor (`heartbeat::run`).
     sweep: heartbeat::Sweep,
+    /// Connections we sent a close frame to, oldest first, with the time by
+    /// which their answer must have come (`run_close_reaper`). One entry per
+    /// close, and the timeout is the same for all, so the queue is in
+    /// deadline order.
+    closing: RefCell<VecDeque<(Instant, Weak<Conn>)>>,
+    /// Wakes the close reaper when `closing` becomes non-empty.
+    reaper: Cell<Option<Waker>>,
+}
+
+thread_local! {
+    /// This thread's shard's `corecast_sockets` gauge, for `Conn`'s `Drop`
+    /// (a `Conn` never leaves its shard's thread). Set by `Shard::new`.
+    static SOCKETS: Cell<Option<&'static crate::metrics::Counter>> = const { Cell::new(None) };
+}
+
+/// A connection's socket was closed (`Conn`'s `Drop`): one fewer in
+/// `corecast_sockets`.
+pub(crate) fn socket_closed() {
+    let _ = SOCKETS.try_with(|g| {
+        if let Some(g) = g.get() {
+            g.sub(1)
+        }
+    });
 }
 
 impl Shard {
@@ -76,6 +116,10 @@ impl Shard {
         bus: Bus,
         driver: &'static str,
     ) -> Rc<Shard> {
+        // Leaked once per shard thread so that `Conn`'s `Drop` reaches the
+        // gauge without a pointer in every connection.
+        let leaked: &'static Arc<Metrics> = Box::leak(Box::new(metrics.clone()));
+        SOCKETS.with(|g| g.set(Some(&leaked.shard(id).sockets)));
         Rc::new(Shard {
             id,
             cfg,
@@ -91,6 +135,8 @@ impl Shard {
             draining: Cell::new(false),
             drain_waker: Cell::new(None),
             sweep: heartbeat::Sweep::default(),
+            closing: RefCell::default(),
+            reaper: Cell::new(None),
         })
     }
 
@@ -127,23 +173,39 @@ impl Shard {
     }
 
     /// Sends a message built by `make` to every shard but this one
-    /// (Seastar's `invoke_on_all` minus `local()`).
+    /// (Seastar's `invoke_on_all` minus `local()`). Never waits: a full
+    /// inbox drops the message, counted in the receiver's
+    /// `corecast_inbox_dropped_total` (the policy is in `inbox.rs`).
     pub fn to_other_shards(&self, mut make: impl FnMut() -> ShardMsg) {
         for (i, p) in self.peers.iter().enumerate() {
             if i != self.id {
-                // A peer that stopped (only during shutdown) just misses it.
-                let _ = p.send(make());
+                self.to_shard(i, p, make());
             }
         }
     }
 
+    /// Sends `msg` to shard `i` (whose sender is `p`) without waiting.
+    fn to_shard(&self, i: usize, p: &InboxSender, msg: ShardMsg) {
+        // A peer that stopped (only during shutdown) just misses it.
+        if p.send(msg).is_err() && p.backlog() >= inbox::INBOX_CAPACITY {
+            self.metrics.shard(i).inbox_dropped_total.add_shared(1);
+        }
+    }
+
+    /// Is any other shard's inbox so deep that new publishes should wait
+    /// (`inbox::INBOX_PUBLISH_LIMIT`)?
+    pub fn peers_congested(&self) -> bool {
+        self.peers.iter().enumerate().any(|(i, p)| i != self.id && p.backlog() >= inbox::INBOX_PUBLISH_LIMIT)
+    }
+
     // ---- connections -------------------------------------------------------
 
-    /// Takes ownership of an accepted socket.
-    pub fn add_conn(&self, stream: TcpStream) -> Rc<Conn> {
+    /// Takes ownership of an accepted socket. `corecast_sockets` counts it
+    /// until the `Conn` (and with it the descriptor) is dropped.
+    pub fn add_conn(&self, stream: TcpStream, listener: Listener) -> Rc<Conn> {
         let mut conns = self.conns.borrow_mut();
         let entry = conns.vacant_entry();
-        let conn = Rc::new(Conn::new(entry.key() as ConnId, stream));
+        let conn = Rc::new(Conn::new(entry.key() as ConnId, stream, listener));
         entry.insert(conn.clone());
         self.m().sockets.inc();
         conn
@@ -201,7 +263,6 @@ impl Shard {
             }
         }
         self.conns.borrow_mut().try_remove(conn.id as usize);
-        self.m().sockets.sub(1);
         if self.draining.get()
             && self.m().connections.get() == 0
             && let Some(w) = self.drain_waker.take()
@@ -304,6 +365,54 @@ impl Shard {
         }
     }
 
+    // ---- closing handshakes ----------------------------------------------------
+
+    /// `conn` was sent a close frame: if it has not answered (and gone) by
+    /// `CLOSE_TIMEOUT` from now, the close reaper cuts it off.
+    pub(crate) fn watch_close(&self, conn: &Rc<Conn>) {
+        let mut closing = self.closing.borrow_mut();
+        if closing.is_empty()
+            && let Some(w) = self.reaper.take()
+        {
+            w.wake();
+        }
+        closing.push_back((Instant::now() + conn::CLOSE_TIMEOUT, Rc::downgrade(conn)));
+    }
+
+    /// The close reaper: kills each connection whose closing handshake is
+    /// overdue (a client that keeps sending but never answers our close),
+    /// so that it is gone in bounded time whatever the peer does.
+    pub async fn run_close_reaper(self: Rc<Self>) {
+        loop {
+            until(&self.reaper, || !self.closing.borrow().is_empty()).await;
+            let next = self.closing.borrow().front().map(|(at, _)| *at);
+            if let Some(at) = next {
+                let now = Instant::now();
+                if at > now {
+                    monoio::time::sleep(at - now).await;
+                }
+            }
+            let now = Instant::now();
+            loop {
+                let due = {
+                    let mut closing = self.closing.borrow_mut();
+                    match closing.front() {
+                        Some((at, _)) if *at <= now => closing.pop_front(),
+                        _ => None,
+                    }
+                };
+                let Some((_, conn)) = due else { break };
+                if let Some(conn) = conn.upgrade()
+                    && self.has_conn(&conn)
+                {
+                    self.m().close_timeouts_total.inc();
+                    debug!(shard = self.id, conn = conn.id, "close not answered in time: cut off");
+                    conn.kill(&self, CloseCode::POLICY);
+                }
+            }
+        }
+    }
+
     // ---- the inbox -----------------------------------------------------------
 
     /// The inbox task: handles what other shards and bus threads send.
@@ -346,16 +455,18 @@ impl Shard {
         let window_ms = self.cfg.drain.as_millis() as u64;
         // Leave the last fifth of the window for close handshakes.
         let spread = window_ms * 4 / 5;
-        let mut plan: Vec<(u64, Rc<Conn>)> = self
+        let mut plan: Vec<(u64, Weak<Conn>)> = self
             .conns
             .borrow()
             .iter()
             .filter(|(_, c)| c.user().is_some())
-            .map(|(_, c)| (fastrand::u64(0..=spread), c.clone()))
+            .map(|(_, c)| (fastrand::u64(0..=spread), Rc::downgrade(c)))
             .collect();
         info!(shard = self.id, connections = plan.len(), window_ms, "draining");
         for (delay, c) in &plan {
-            c.push_control(self, event::maintenance(*delay));
+            if let Some(c) = c.upgrade() {
+                c.push(self, event::maintenance(*delay));
+            }
         }
         plan.sort_by_key(|(d, _)| *d);
         let shard = self.clone();
@@ -367,7 +478,11 @@ impl Shard {
                 if at > now {
                     monoio::time::sleep(at - now).await;
                 }
-                c.close(&shard, CloseCode::GOING_AWAY);
+                if let Some(c) = c.upgrade()
+                    && shard.has_conn(&c)
+                {
+                    c.close(&shard, CloseCode::GOING_AWAY);
+                }
             }
         });
         if let Some(w) = self.drain_waker.take() {
@@ -403,7 +518,7 @@ pub(crate) async fn until(slot: &Cell<Option<Waker>>, ready: impl Fn() -> bool) 
 }
 
 /// Lets every other ready task run once before continuing.
-async fn yield_now() {
+pub(crate) async fn yield_now() {
     let mut yielded = false;
     poll_fn(|cx| {
         if yielded {

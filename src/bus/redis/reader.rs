@@ -286,7 +286,7 @@ impl Reader {
     /// Tells the shard first, then `/readyz`: a node reports ready only once
     /// its shards are told (and so hold `subscribed` replies).
     fn set_link(&self, up: bool) {
-        let _ = self.inbox.send(ShardMsg::RedisLink { up });
+        let _ = self.inbox.send_wait(ShardMsg::RedisLink { up });
         self.health.set(self.shard, Link::Subscriber, up);
     }
 
@@ -439,7 +439,7 @@ impl Reader {
     }
 
     fn to_shard(&self, msg: ShardMsg) -> Result<(), End> {
-        self.inbox.send(msg).map_err(|_| End::Shutdown)
+        self.inbox.send_wait(msg).map_err(|_| End::Shutdown)
     }
 
     // ---- the shard's side ----------------------------------------------------

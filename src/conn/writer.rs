@@ -1,0 +1,193 @@
+//! ④ The write side of a connection: what may be queued, and how it leaves.
+//!
+//! In: frames from fan-out (`Shard::deliver`), replies from ops, pongs,
+//! heartbeat pings, close frames and HTTP responses — all through `push` (or
+//! `pong`), all counted against one limit, `--outbound-queue-bytes`: a client
+//! that lets its queue pass it is cut off with 1008 (`kill`), whatever kind
+//! of bytes it made us queue. Out: `sendmsg(2)` by the shard's flusher once
+//! per turn (`flush`); a socket that is full gets a writer task that waits
+//! for it to become writable, and that task ends as soon as the connection is
+//! `GONE` (see `Conn::release`).
+
+use std::io;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tracing::debug;
+
+use super::outbox::Flush;
+use super::{CLOSE_SENT, Conn, DIRTY, GONE, KILLED, WRITER};
+use crate::shard::Shard;
+use crate::ws::{self, CloseCode};
+
+/// While another task owns the socket's writes, `flush_for` looks again
+/// this often (only on the closing and HTTP paths).
+const OWNER_POLL: Duration = Duration::from_millis(10);
+
+impl Conn {
+    /// Queues a frame (a delivery, a reply, a ping, an HTTP response). A
+    /// client whose queue would pass the configured limit is cut off with
+    /// 1008 instead: fan-out never waits on one client. Returns whether the
+    /// frame was queued.
+    pub fn push(self: &Rc<Self>, shard: &Shard, frame: Bytes) -> bool {
+        if self.has(CLOSE_SENT | KILLED) || !self.fits(shard, frame.len()) {
+            return false;
+        }
+        self.enqueue(shard, frame);
+        true
+    }
+
+    /// Would `len` more bytes stay within `--outbound-queue-bytes`? If not,
+    /// the client is cut off (counted as a slow consumer).
+    fn fits(self: &Rc<Self>, shard: &Shard, len: usize) -> bool {
+        if self.outbox.borrow().queued() + len <= shard.cfg.outbound_queue_bytes {
+            return true;
+        }
+        shard.m().slow_consumer_disconnects_total.inc();
+        debug!(shard = shard.id, conn = self.id, "outbound queue full: cut off");
+        self.kill(shard, CloseCode::POLICY);
+        false
+    }
+
+    /// Queues the pong for a ping. At most one pong waits unsent: if one
+    /// does, the socket gets a chance to take it first (a reading client gets
+    /// a pong per ping), and if it still waits, this pong's payload replaces
+    /// its own (RFC 6455 §5.5.3), so a ping flood queues 125 bytes at most.
+    pub fn pong(self: &Rc<Self>, shard: &Rc<Shard>, frame: Bytes) {
+        if self.has(CLOSE_SENT | KILLED) {
+            return;
+        }
+        if self.outbox.borrow().has_pong() && !self.has(WRITER) {
+            self.flush(shard);
+        }
+        if self.has(KILLED) {
+            return;
+        }
+        let waiting = self.outbox.borrow().has_pong();
+        if waiting {
+            shard.m().pongs_coalesced_total.inc();
+        } else if self.fits(shard, frame.len()) {
+            shard.m().messages_out_total.inc();
+        } else {
+            return;
+        }
+        self.outbox.borrow_mut().push_pong(frame);
+        self.mark_dirty(shard);
+    }
+
+    fn enqueue(self: &Rc<Self>, shard: &Shard, frame: Bytes) {
+        shard.m().messages_out_total.inc();
+        self.outbox.borrow_mut().push(frame);
+        self.mark_dirty(shard);
+    }
+
+    fn mark_dirty(self: &Rc<Self>, shard: &Shard) {
+        if !self.has(DIRTY) {
+            self.set(DIRTY);
+            shard.mark_dirty(self.clone());
+        }
+    }
+
+    /// Starts the closing handshake from our side (§7.1.2): the close frame
+    /// goes after what is queued; the reader waits for the client's answer,
+    /// and the shard's close reaper cuts it off after `CLOSE_TIMEOUT`.
+    pub fn close(self: &Rc<Self>, shard: &Shard, code: CloseCode) {
+        if !self.has(CLOSE_SENT | KILLED) {
+            // A close frame is at most 125 bytes: it is queued even past the
+            // limit, so that the client learns why.
+            self.enqueue(shard, ws::close::frame(code));
+            self.set(CLOSE_SENT);
+            shard.watch_close(self);
+        }
+    }
+
+    /// Cuts the connection off now: drops what has not started to go out,
+    /// queues a close frame, and wakes the reader (shutdown of the read side
+    /// makes the socket readable) so that it ends the connection.
+    pub fn kill(self: &Rc<Self>, shard: &Shard, code: CloseCode) {
+        if self.has(KILLED) {
+            return;
+        }
+        self.outbox.borrow_mut().truncate_unstarted();
+        if !self.has(CLOSE_SENT) {
+            self.enqueue(shard, ws::close::frame(code));
+        }
+        self.set(KILLED | CLOSE_SENT);
+        // SAFETY: plain syscall on a descriptor this connection owns.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RD) };
+    }
+
+    /// Writes what is queued; called by the flusher. A full socket gets a
+    /// writer task; a broken one gets killed.
+    pub fn flush(self: &Rc<Self>, shard: &Rc<Shard>) {
+        self.clear(DIRTY);
+        if self.has(WRITER | GONE) {
+            return;
+        }
+        match self.try_write(shard) {
+            Ok(Flush::Empty) => {}
+            Ok(Flush::Blocked) => {
+                self.set(WRITER);
+                monoio::spawn(Conn::run_writer(self.clone(), shard.clone()));
+            }
+            Err(_) => self.kill(shard, CloseCode::INTERNAL),
+        }
+    }
+
+    fn try_write(&self, shard: &Shard) -> io::Result<Flush> {
+        let (n, st) = self.outbox.borrow_mut().try_flush(self.fd)?;
+        shard.m().bytes_out_total.add(n as u64);
+        Ok(st)
+    }
+
+    /// Waits for a full socket to drain, then writes the rest. Ends when
+    /// everything is written, on a write error, or once the connection is
+    /// `GONE` (`Conn::release` resets the socket, which wakes this wait).
+    async fn run_writer(self: Rc<Self>, shard: Rc<Shard>) {
+        loop {
+            if self.stream.writable(false).await.is_err() || self.has(GONE) {
+                break;
+            }
+            match self.try_write(&shard) {
+                Ok(Flush::Empty) => break,
+                Ok(Flush::Blocked) => continue,
+                Err(_) => {
+                    self.kill(&shard, CloseCode::INTERNAL);
+                    break;
+                }
+            }
+        }
+        self.clear(WRITER);
+    }
+
+    /// Writes what is queued until `deadline`; returns whether everything
+    /// went out. Takes the socket's writes for itself (`WRITER`) while it
+    /// waits; if a writer task already has them, lets it work and watches.
+    pub(crate) async fn flush_for(self: &Rc<Self>, shard: &Shard, deadline: Instant) -> bool {
+        loop {
+            if self.outbox.borrow().is_empty() {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.has(GONE) {
+                return false;
+            }
+            if self.has(WRITER) {
+                monoio::time::sleep(left.min(OWNER_POLL)).await;
+                continue;
+            }
+            match self.try_write(shard) {
+                Ok(Flush::Empty) => return true,
+                Ok(Flush::Blocked) => {}
+                Err(_) => return false,
+            }
+            self.set(WRITER);
+            let ready = monoio::time::timeout(left, self.stream.writable(false)).await;
+            self.clear(WRITER);
+            if !matches!(ready, Ok(Ok(()))) {
+                return false;
+            }
+        }
+    }
+}
