@@ -59,13 +59,22 @@ bash scripts/sysctl-tune.sh --check --report-only >/dev/null
 
 echo "== cargo test"
 # One test binary at a time keeps the 2-core machine from oversubscribing.
+# The socket-level tests run on both monoio drivers, each named explicitly
+# (tests/driver.rs checks from /metrics that the node ran the one asked for),
+# so an io_uring regression cannot hide behind the epoll fallback.
+# The browser test runs on its own below, where it may not skip.
+SKIP=(--skip chromium_chats_across_two_nodes)
+for driver in uring legacy; do
+  echo "== integration tests, --driver $driver"
+  if [ $driver = uring ]; then
+    CORECAST_TEST_DRIVER=$driver cargo test --workspace -- --test-threads=2 "${SKIP[@]}"
+  else
+    CORECAST_TEST_DRIVER=$driver cargo test -p corecast --tests -- --test-threads=2 "${SKIP[@]}"
+  fi
+done
 if [ $QUICK = 0 ]; then
-  # The browser test runs on its own below, where it may not skip.
-  cargo test --workspace -- --test-threads=2 --skip chromium_chats_across_two_nodes
   echo "== browser test (headless chromium, two nodes)"
   CORECAST_BROWSER_TEST=1 cargo test --test browser -- --test-threads=1
-else
-  cargo test --workspace -- --test-threads=2
 fi
 
 if [ $QUICK = 0 ]; then

@@ -133,6 +133,12 @@ pub struct Options {
     /// Log output: `text` or `json`. [default: text]
     #[arg(long, env = "CORECAST_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+
+    /// Test-only: serve `GET /debug/shard` (which shard answers) and
+    /// `GET /debug/stall?ms=N` (blocks the answering shard's thread for N ms,
+    /// at most 10 s), so that tests can stall one shard. Never in production.
+    #[arg(long, env = "CORECAST_DEBUG_HOOKS", hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub debug_hooks: Option<bool>,
 }
 
 #[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +192,8 @@ pub struct Config {
     pub max_accepts_per_sec: u32,
     pub driver: Driver,
     pub log_format: LogFormat,
+    /// `--debug-hooks` (hidden, test-only): `/debug/shard`, `/debug/stall`.
+    pub debug_hooks: bool,
 }
 
 impl Options {
@@ -217,7 +225,8 @@ impl Options {
             max_connections,
             max_accepts_per_sec,
             driver,
-            log_format
+            log_format,
+            debug_hooks
         )
     }
 }
@@ -290,6 +299,7 @@ impl Config {
             max_accepts_per_sec: o.max_accepts_per_sec.unwrap_or(10_000),
             driver: o.driver.unwrap_or(Driver::Auto),
             log_format: o.log_format.unwrap_or(LogFormat::Text),
+            debug_hooks: o.debug_hooks.unwrap_or(false),
         })
     }
 

@@ -34,3 +34,14 @@ fn json_logs_carry_shard_and_conn() {
     assert_eq!(refused["fields"]["result"], "bad_request");
     assert_eq!(refused["fields"]["status"], 400);
 }
+
+#[test]
+fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    // stderr is a pipe here, as under journald, a file or `docker logs`.
+    let s = common::start_server(&["--shards", "1"]);
+    assert_eq!(s.http_get("/healthz").0, 200);
+    s.wait_until("start-up lines", || s.logs().contains("shard running"));
+    let logs = s.logs();
+    assert!(!logs.contains('\x1b'), "escape codes in the log:\n{logs:?}");
+    assert!(logs.lines().any(|l| l.contains("INFO") && l.contains("shard running")), "{logs}");
+}

@@ -169,6 +169,10 @@ fn frames(
     let max = shard.cfg.max_message_bytes;
     let mut pos = 0;
     loop {
+        // Cut off: whatever else arrived is not looked at.
+        if conn.has(KILLED) {
+            return Ok(buf.len());
+        }
         let Some((h, hl)) = FrameHeader::parse(&buf[pos..]).map_err(Stop::Protocol)? else {
             return Ok(pos);
         };
@@ -186,9 +190,6 @@ fn frames(
         mask::unmask(payload, h.mask);
         pos = end;
         on_frame(shard, conn, mode, frag, h, payload)?;
-        if conn.has(KILLED) {
-            return Ok(pos);
-        }
     }
 }
 

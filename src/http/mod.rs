@@ -90,6 +90,9 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
             }
             (&Method::GET, "/") if client_routes && shard.cfg.demo => routes::demo(),
             (&Method::GET, "/healthz") => Reply::text(200, "ok\n"),
+            (&Method::GET, "/debug/shard" | "/debug/stall") if shard.cfg.debug_hooks => {
+                routes::debug(shard, path, head.uri.query())
+            }
             (&Method::GET, "/readyz") => match shard.not_ready() {
                 Some(why) => Reply::new(503, "text/plain; charset=utf-8", Bytes::from(why)),
                 None => Reply::text(200, "ready\n"),

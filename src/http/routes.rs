@@ -94,3 +94,19 @@ fn json(status: u16, body: &'static str) -> Reply {
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+/// `--debug-hooks` (test-only): `/debug/shard` names the shard answering;
+/// `/debug/stall?ms=N` blocks this shard's thread for N ms (at most 10 s)
+/// before answering, as a shard stuck in a long computation would.
+pub fn debug(shard: &Rc<Shard>, path: &str, query: Option<&str>) -> Reply {
+    if path == "/debug/stall" {
+        let ms = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "ms")
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            .min(10_000);
+        tracing::warn!(shard = shard.id, ms, "debug hook: stalling this shard's thread");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    Reply::new(200, "text/plain; charset=utf-8", Bytes::from(format!("{}\n", shard.id)))
+}

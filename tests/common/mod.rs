@@ -21,6 +21,8 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// A corecast process, killed on drop.
 pub struct Server {
     pub addr: SocketAddr,
+    /// The `--admin-listen` address, when the test asked for one.
+    pub admin: Option<SocketAddr>,
     pub child: Child,
     /// stderr (logs) of the process, collected by a thread.
     logs: std::sync::Arc<std::sync::Mutex<String>>,
@@ -31,10 +33,22 @@ pub fn start_server(args: &[&str]) -> Server {
     start_server_with(args, |_| {})
 }
 
+/// The monoio driver every test server runs on when `CORECAST_TEST_DRIVER`
+/// is set (`uring` or `legacy`; scripts/test.sh runs the socket-level tests
+/// once with each), unless the test picks one itself.
+pub fn test_driver() -> Option<String> {
+    std::env::var("CORECAST_TEST_DRIVER").ok().filter(|d| !d.is_empty())
+}
+
 /// Like `start_server`, with a hook to adjust the command (env, rlimits).
 pub fn start_server_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_corecast"));
     cmd.arg("--listen").arg("127.0.0.1:0").args(args);
+    if let Some(d) = test_driver()
+        && !args.contains(&"--driver")
+    {
+        cmd.arg("--driver").arg(d);
+    }
     cmd.env("RUST_LOG", std::env::var("CORECAST_TEST_LOG").unwrap_or_else(|_| "info".into()));
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
     adjust(&mut cmd);
@@ -51,21 +65,26 @@ pub fn start_server_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Se
     });
     let out = child.stdout.take().expect("piped stdout");
     let (tx, rx) = std::sync::mpsc::channel();
+    let wants_admin = args.contains(&"--admin-listen");
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             if let Some(a) = line.strip_prefix("corecast listening on ") {
                 let _ = tx.send(a.trim().to_string());
+            } else if let Some(a) = line.strip_prefix("corecast admin listening on ") {
+                let _ = tx.send(format!("admin {}", a.trim()));
             }
         }
     });
-    let addr: SocketAddr = match rx.recv_timeout(DEADLINE) {
-        Ok(a) => a.parse().expect("address"),
+    let mut got = || match rx.recv_timeout(DEADLINE) {
+        Ok(a) => a,
         Err(_) => {
             let _ = child.kill();
             panic!("corecast did not start: {}", logs.lock().unwrap());
         }
     };
-    let s = Server { addr, child, logs };
+    let addr: SocketAddr = got().parse().expect("address");
+    let admin = wants_admin.then(|| got().strip_prefix("admin ").expect("admin address").parse().expect("address"));
+    let s = Server { addr, admin, child, logs };
     s.wait_until("/readyz 200", || s.http_get("/readyz").0 == 200);
     s
 }
@@ -81,9 +100,32 @@ impl Server {
 
     /// One HTTP/1.1 request with `Connection: close`; returns status and body.
     pub fn http(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
-        let Ok(mut s) = TcpStream::connect(self.addr) else { return (0, String::new()) };
+        http_at(self.addr, method, path, headers, body)
+    }
+
+    /// Descriptors the process holds, from `/proc/<pid>/fd`.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).expect("read /proc/<pid>/fd").count()
+    }
+
+    /// Resident memory of the process in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+/// One HTTP/1.1 request to `addr` with `Connection: close`; returns status and body.
+pub fn http_at(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    {
+        let Ok(mut s) = TcpStream::connect(addr) else { return (0, String::new()) };
         s.set_read_timeout(Some(DEADLINE)).unwrap();
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", addr);
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -97,7 +139,9 @@ impl Server {
         let _ = s.read_to_end(&mut resp);
         parse_response(&resp)
     }
+}
 
+impl Server {
     pub fn http_get(&self, path: &str) -> (u16, String) {
         self.http("GET", path, &[], b"")
     }
@@ -272,7 +316,11 @@ pub struct Raw {
 impl Raw {
     /// Connects and completes a WebSocket handshake on `path`.
     pub fn upgrade(addr: SocketAddr, path: &str) -> Raw {
-        let mut s = TcpStream::connect(addr).expect("connect");
+        Raw::upgrade_on(TcpStream::connect(addr).expect("connect"), path)
+    }
+
+    /// Completes a WebSocket handshake on `path` over a connected socket.
+    pub fn upgrade_on(mut s: TcpStream, path: &str) -> Raw {
         s.set_read_timeout(Some(DEADLINE)).unwrap();
         write!(
             s,

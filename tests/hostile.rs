@@ -1,0 +1,495 @@
+//! One hostile client against a default node, attack by attack (issue:
+//! "a public node that one hostile client cannot hurt"): each test makes a
+//! single client try to pin memory, descriptors or its shard, and checks
+//! from outside (`/proc/<pid>`, `/metrics`, a second client's round trips)
+//! that the node stays bounded and keeps serving everyone else.
+//!
+//! Memory bounds are generous (tens of MiB over a baseline, debug build) but
+//! far below what the attacks would pin if unbounded (hundreds of MiB).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Client, Raw, client_frame, http_at, start_server};
+use serde_json::json;
+use socket2::{Domain, Socket, Type};
+
+/// The tests here measure other clients' round trips: they run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What an attack may add to the node's RSS before the test calls it unbounded.
+const RSS_SLACK_KIB: u64 = 48 * 1024;
+
+/// A TCP connection whose receive buffer is as small as the kernel allows,
+/// set before the handshake so the advertised window stays tiny: once its
+/// buffer is full it advertises a zero window.
+fn tiny_window(addr: SocketAddr) -> TcpStream {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(1024).unwrap();
+    s.connect(&addr.into()).unwrap();
+    s.into()
+}
+
+/// A client on its own thread that sends `ping` ops and records the longest
+/// round trip until `stop` is set.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    worst: thread::JoinHandle<(Duration, usize)>,
+}
+
+impl Prober {
+    fn start(url: &str) -> Prober {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut c = Client::connect(url);
+        let st = stop.clone();
+        let worst = thread::spawn(move || {
+            let (mut worst, mut n) = (Duration::ZERO, 0usize);
+            while !st.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let r = c.call(json!({"op":"ping","id":n}));
+                assert_eq!(r, json!({"ev":"pong","id":n}));
+                worst = worst.max(t.elapsed());
+                n += 1;
+                // 50 a second: well within the default op rate.
+                thread::sleep(Duration::from_millis(20));
+            }
+            (worst, n)
+        });
+        Prober { stop, worst }
+    }
+
+    /// Stops and returns the longest round trip and how many were made.
+    fn finish(self) -> (Duration, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.worst.join().expect("prober")
+    }
+}
+
+#[test]
+fn zero_window_subscribers_are_cut_off_and_their_descriptors_come_back() {
+    let _one_at_a_time = serial();
+    let s = start_server(&["--shards", "2", "--outbound-queue-bytes", "65536", "--max-ops-per-sec", "0"]);
+    let mut reader = Client::connect(&s.ws_url("/ws?user=reader"));
+    reader.subscribe("flood");
+    let mut publisher = Client::connect(&s.ws_url("/ws?user=pub"));
+    s.wait_until("2 connections", || s.metric("corecast_connections") == 2.0);
+    let baseline = s.open_fds();
+    // 200 subscribers that never read, behind a tiny window.
+    let mut slow: Vec<Raw> = (0..200)
+        .map(|i| {
+            let mut r = Raw::upgrade_on(tiny_window(s.addr), &format!("/ws?user=slow{i}"));
+            r.send_frame(0x81, br#"{"op":"subscribe","room":"flood","id":1}"#, true);
+            r
+        })
+        .collect();
+    s.wait_until("200 more subscribers", || s.metric("corecast_messages_in_total") >= 201.0);
+    assert_eq!(s.open_fds(), baseline + 200);
+    // Flood the room in batches the reading client takes in as it goes; it
+    // must get every message, in order.
+    let pad = "f".repeat(2000);
+    let (batch, mut sent) = (16, 0u64);
+    let t = Instant::now();
+    while s.metric("corecast_slow_consumer_disconnects_total") < 200.0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "slow subscribers were not all cut off");
+        for _ in 0..batch {
+            publisher.send_json(&json!({"op":"publish","room":"flood","data":{"i":sent,"pad":pad}}));
+            sent += 1;
+        }
+        for k in (sent - batch)..sent {
+            let m = reader.recv();
+            assert_eq!(m["data"]["i"], json!(k), "the reading client gets everything, in order");
+        }
+    }
+    // Within 5 s every cut-off socket is closed: descriptors back to the
+    // baseline, and the socket gauge agrees with the connection gauge.
+    let t = Instant::now();
+    while s.open_fds() > baseline {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "descriptors: {} open, baseline {baseline}, after {:?}",
+            s.open_fds(),
+            t.elapsed()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let m = s.metrics();
+    let conns = common::metric_in(&m, "corecast_connections").unwrap();
+    let sockets = common::metric_in(&m, "corecast_sockets").unwrap();
+    assert_eq!(conns, 2.0, "{m}");
+    // The scrape's own socket is the one more.
+    assert_eq!(sockets, conns + 1.0, "sockets and connections agree");
+    // The attackers see their connections end (reset or FIN), never hang.
+    for r in slow.iter_mut().take(5) {
+        r.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        r.expect_eof();
+    }
+    assert_eq!(publisher.call(json!({"op":"ping","id":1})), json!({"ev":"pong","id":1}));
+}
+
+#[test]
+fn ping_flood_without_reading_is_cut_off_and_memory_stays_bounded() {
+    let _one_at_a_time = serial();
+    let s = start_server(&["--shards", "1"]);
+    let base = s.rss_kib();
+    let mut attacker = Raw::upgrade_on(tiny_window(s.addr), "/ws?user=attacker");
+    let ping = client_frame(0x89, &[b'p'; 125], true);
+    let chunk: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 512).collect();
+    attacker.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let t = Instant::now();
+    let mut written = 0usize;
+    // Up to 200 MiB of pings, never reading a pong.
+    let cut = loop {
+        if written > 200 << 20 || t.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+        match attacker.s.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break true,
+        }
+    };
+    assert!(cut, "the ping flood was not cut off ({written} bytes written)");
+    s.wait_until("flood counted", || s.metric("corecast_control_rate_limited_total") > 0.0);
+    assert_eq!(s.metric("corecast_rate_limit_disconnects_total"), 1.0);
+    let grown = s.rss_kib().saturating_sub(base);
+    assert!(grown < RSS_SLACK_KIB, "RSS grew by {grown} KiB");
+    let mut other = Client::connect(&s.ws_url("/ws?user=other"));
+    assert_eq!(other.call(json!({"op":"ping","id":2})), json!({"ev":"pong","id":2}));
+}
+
+#[test]
+fn ping_flood_with_no_rate_limit_queues_one_pong() {
+    let _one_at_a_time = serial();
+    // Without an op rate the flood is not cut off, but it can queue one pong.
+    let s = start_server(&["--shards", "1", "--max-ops-per-sec", "0"]);
+    let prober = Prober::start(&s.ws_url("/ws?user=prober"));
+    let base = s.rss_kib();
+    let mut attacker = Raw::upgrade_on(tiny_window(s.addr), "/ws?user=attacker");
+    let ping = client_frame(0x89, &[b'p'; 125], true);
+    let chunk: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 512).collect();
+    attacker.s.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
+    let t = Instant::now();
+    let mut written = 0usize;
+    while written < 100 << 20 && t.elapsed() < Duration::from_secs(15) {
+        if let Ok(n) = attacker.s.write(&chunk) {
+            written += n;
+        }
+    }
+    assert!(written > 8 << 20, "the server stopped reading the pings: only {written} bytes taken");
+    assert!(s.metric("corecast_pongs_coalesced_total") > 1000.0, "pongs were coalesced");
+    let grown = s.rss_kib().saturating_sub(base);
+    assert!(grown < RSS_SLACK_KIB, "RSS grew by {grown} KiB after {written} bytes of pings");
+    let (worst, n) = prober.finish();
+    assert!(n > 10, "prober ran");
+    assert!(worst < Duration::from_millis(200), "another client's ping took {worst:?}");
+}
+
+#[test]
+fn pipelined_http_without_reading_holds_one_response_and_the_shard_keeps_serving() {
+    let _one_at_a_time = serial();
+    let s = start_server(&["--shards", "1", "--handshake-timeout-secs", "3"]);
+    let prober = Prober::start(&s.ws_url("/ws?user=prober"));
+    let base = s.rss_kib();
+    let mut attacker = TcpStream::connect(s.addr).unwrap();
+    attacker.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    let one = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let chunk: Vec<u8> = one.iter().copied().cycle().take(one.len() * 1000).collect();
+    // 100k of each, never reading; the writes block once the node stops reading.
+    let t = Instant::now();
+    let mut sent = 0usize;
+    let mut ended = false;
+    while sent < 100_000 && t.elapsed() < Duration::from_secs(20) {
+        match attacker.write(&chunk) {
+            Ok(n) => sent += n / one.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => {
+                ended = true;
+                break;
+            }
+        }
+    }
+    let served = s.metric("corecast_http_requests_total");
+    assert!(served < 10_000.0, "the node kept answering a client that never reads: {served} requests");
+    let grown = s.rss_kib().saturating_sub(base);
+    assert!(grown < RSS_SLACK_KIB, "RSS grew by {grown} KiB");
+    // The handshake timeout covers the flush of a response: the attacker is
+    // dropped once it has not read for that long.
+    if !ended {
+        attacker.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        attacker.shutdown(std::net::Shutdown::Write).ok();
+        let mut sink = vec![0u8; 1 << 20];
+        let t = Instant::now();
+        loop {
+            match attacker.read(&mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => assert!(t.elapsed() < Duration::from_secs(10), "never closed"),
+            }
+        }
+    }
+    let (worst, n) = prober.finish();
+    assert!(n > 10, "prober ran");
+    assert!(worst < Duration::from_millis(50), "another client's ping took {worst:?}");
+}
+
+#[test]
+fn endless_http_head_is_refused_at_the_limit_with_memory_bounded() {
+    let _one_at_a_time = serial();
+    let s = start_server(&["--shards", "1"]);
+    let prober = Prober::start(&s.ws_url("/ws?user=prober"));
+    let base = s.rss_kib();
+    let mut attacker = TcpStream::connect(s.addr).unwrap();
+    attacker.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    attacker.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Endless: ").unwrap();
+    let chunk = vec![b'a'; 1 << 20];
+    let mut reader = attacker.try_clone().unwrap();
+    let response = thread::spawn(move || {
+        reader.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut head = [0u8; 12];
+        reader.read_exact(&mut head).map(|_| head.to_vec())
+    });
+    let t = Instant::now();
+    let mut written = 0usize;
+    while written < 64 << 20 && t.elapsed() < Duration::from_secs(10) {
+        match attacker.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+    }
+    let head = response.join().unwrap().expect("a response before the close");
+    assert_eq!(&head, b"HTTP/1.1 431", "{}", String::from_utf8_lossy(&head));
+    let grown = s.rss_kib().saturating_sub(base);
+    assert!(grown < RSS_SLACK_KIB, "RSS grew by {grown} KiB after {written} bytes of head");
+    let (worst, _) = prober.finish();
+    assert!(worst < Duration::from_millis(50), "another client's ping took {worst:?}");
+}
+
+#[test]
+fn endless_http_body_is_refused_at_the_limit() {
+    let _one_at_a_time = serial();
+    let s = start_server(&["--shards", "1"]);
+    let base = s.rss_kib();
+    for head in [
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n",
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ] {
+        let mut attacker = TcpStream::connect(s.addr).unwrap();
+        attacker.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+        attacker.write_all(head.as_bytes()).unwrap();
+        let mut reader = attacker.try_clone().unwrap();
+        let response = thread::spawn(move || {
+            reader.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut status = [0u8; 12];
+            reader.read_exact(&mut status).map(|_| status.to_vec())
+        });
+        let chunk = vec![b'{'; 1 << 20];
+        let t = Instant::now();
+        let mut written = 0usize;
+        while written < 32 << 20 && t.elapsed() < Duration::from_secs(5) {
+            match attacker.write(&chunk) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => break,
+            }
+        }
+        let status = response.join().unwrap().expect("a response");
+        let want: &[u8] = if head.contains("chunked") { b"HTTP/1.1 411" } else { b"HTTP/1.1 413" };
+        assert_eq!(&status[..], want, "{}", String::from_utf8_lossy(&status));
+    }
+    let grown = s.rss_kib().saturating_sub(base);
+    assert!(grown < RSS_SLACK_KIB, "RSS grew by {grown} KiB");
+    assert_eq!(s.http_get("/healthz").0, 200);
+}
+
+#[test]
+fn publish_api_is_403_with_jwt_auth_and_no_api_key() {
+    let _one_at_a_time = serial();
+    let s = start_server(&["--jwt-secret", "s3cret"]);
+    let (st, body) = s.http("POST", "/api/publish", &[], br#"{"room":"r","data":1}"#);
+    assert_eq!(st, 403, "{body}");
+    // With a key it is the key that decides.
+    let s = start_server(&["--jwt-secret", "s3cret", "--api-key", "k"]);
+    assert_eq!(s.http("POST", "/api/publish", &[], br#"{"room":"r","data":1}"#).0, 401);
+    let auth = [("Authorization", "Bearer k")];
+    assert_eq!(s.http("POST", "/api/publish", &auth, br#"{"room":"r","data":1}"#).0, 200);
+}
+
+#[test]
+fn admin_listener_serves_metrics_and_publish_and_the_client_port_does_not() {
+    let _one_at_a_time = serial();
+    let s = start_server(&["--admin-listen", "127.0.0.1:0", "--api-key", "k"]);
+    let admin = s.admin.expect("admin address printed");
+    assert_ne!(admin, s.addr);
+    let auth = [("Authorization", "Bearer k")];
+    let body = br#"{"room":"news","data":{"n":1}}"#;
+    // Client port: no /metrics, no /api/publish.
+    assert_eq!(s.http_get("/metrics").0, 404);
+    assert_eq!(s.http("POST", "/api/publish", &auth, body).0, 404);
+    assert_eq!(s.http_get("/healthz").0, 200);
+    // Admin port: both, plus health; no WebSockets and no demo page.
+    let mut sub = Client::connect(&s.ws_url("/ws?user=u"));
+    sub.subscribe("news");
+    let (st, m) = http_at(admin, "GET", "/metrics", &[], b"");
+    assert_eq!(st, 200);
+    assert!(m.contains("corecast_connections 1"), "{m}");
+    assert_eq!(http_at(admin, "POST", "/api/publish", &auth, body).0, 200);
+    let got = sub.recv();
+    assert_eq!(got["from"], "server");
+    assert_eq!(got["data"], json!({"n":1}));
+    assert_eq!(http_at(admin, "GET", "/readyz", &[], b"").0, 200);
+    assert_eq!(http_at(admin, "GET", "/", &[], b"").0, 404);
+    let (st, _) = http_at(
+        admin,
+        "GET",
+        "/ws",
+        &[
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+        ],
+        b"",
+    );
+    assert_eq!(st, 404, "no WebSockets on the admin port");
+}
+
+#[test]
+fn a_close_that_is_never_answered_is_reaped() {
+    let _one_at_a_time = serial();
+    // One op per second: the third op in a burst is refused, and after 50
+    // refusals the node closes with 1008 and waits for the answer.
+    let s = start_server(&["--shards", "1", "--max-ops-per-sec", "1"]);
+    let mut r = Raw::upgrade(s.addr, "/ws?user=stubborn");
+    for _ in 0..60 {
+        r.send_frame(0x81, br#"{"op":"ping"}"#, true);
+    }
+    assert_eq!(r.expect_close_code(), 1008);
+    // The client never answers the close but keeps sending: within the
+    // close timeout (5 s) the node cuts it off.
+    r.s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    let t = Instant::now();
+    loop {
+        if r.s.write_all(&client_frame(0x81, br#"{"op":"ping"}"#, true)).is_err() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(12), "the unanswered close was never reaped");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(t.elapsed() >= Duration::from_secs(3), "cut off before the close timeout: {:?}", t.elapsed());
+    assert_eq!(s.metric("corecast_close_timeouts_total"), 1.0);
+    s.wait_until("socket closed", || s.metric("corecast_sockets") == 1.0);
+}
+
+#[test]
+fn frames_sent_with_the_upgrade_request_are_handled_at_once() {
+    let _one_at_a_time = serial();
+    let s = start_server(&["--shards", "1"]);
+    let mut st = TcpStream::connect(s.addr).unwrap();
+    let mut bytes = b"GET /ws?user=eager HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    bytes.extend(client_frame(0x81, br#"{"op":"ping","id":7}"#, true));
+    st.write_all(&bytes).unwrap();
+    // Nothing more is sent: the reply must come from the bytes already there.
+    st.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    let want = br#"{"ev":"pong","id":7}"#;
+    while !got.windows(want.len()).any(|w| w == want) {
+        let n = st.read(&mut b).expect("the pong, without sending more");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&b[..n]);
+    }
+}
+
+#[test]
+fn a_stalled_shard_bounds_its_inbox_and_the_other_shard_keeps_serving() {
+    let _one_at_a_time = serial();
+    // A queue big enough for everything shard 1 is handed while stuck.
+    let s = start_server(&[
+        "--shards",
+        "2",
+        "--debug-hooks",
+        "--max-ops-per-sec",
+        "0",
+        "--outbound-queue-bytes",
+        "67108864",
+    ]);
+    // A keep-alive HTTP connection on shard 1: ask, then stall it there.
+    let mut stall = loop {
+        let mut c = TcpStream::connect(s.addr).unwrap();
+        c.write_all(b"GET /debug/shard HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut b = [0u8; 512];
+        let n = c.read(&mut b).unwrap();
+        if String::from_utf8_lossy(&b[..n]).ends_with("\r\n\r\n1\n") {
+            break c;
+        }
+    };
+    // Subscribers on both shards, and a publisher on shard 0 (found by the
+    // per-shard connection gauge).
+    let on_shard = |want: usize, user: &str| loop {
+        let before = s.metric(&format!("corecast_connections{{shard=\"{want}\"}}"));
+        let c = Client::connect(&s.ws_url(&format!("/ws?user={user}")));
+        if s.metric(&format!("corecast_connections{{shard=\"{want}\"}}")) > before {
+            break c;
+        }
+    };
+    let mut sub1 = on_shard(1, "sub1");
+    sub1.subscribe("busy");
+    let mut publisher = on_shard(0, "pub");
+    let mut sub0 = on_shard(0, "sub0");
+    sub0.subscribe("busy");
+    let base = s.rss_kib();
+    stall.write_all(b"GET /debug/stall?ms=5000 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    thread::sleep(Duration::from_millis(100));
+    // Publish from shard 0 while shard 1 is stuck, 200 at a time: shard 1's
+    // inbox fills to its publish limit, then publishes are refused with
+    // `unavailable` (back-pressure) and shard 0 goes on serving.
+    let data = "x".repeat(1000);
+    let (mut acked, mut refused) = (0u32, 0u32);
+    let t = Instant::now();
+    let mut id = 0u64;
+    while refused == 0 && t.elapsed() < Duration::from_secs(4) {
+        for _ in 0..200 {
+            id += 1;
+            publisher.send_json(&json!({"op":"publish","room":"busy","data":data,"id":id}));
+        }
+        let mut ok = 0;
+        for _ in 0..200 {
+            let r = publisher.recv();
+            match r["ev"].as_str() {
+                Some("ack") => ok += 1,
+                Some("error") if r["code"] == "unavailable" => refused += 1,
+                _ => panic!("unexpected {r}"),
+            }
+        }
+        acked += ok;
+        // Shard 0's subscriber keeps receiving while shard 1 is stuck.
+        for _ in 0..ok {
+            assert_eq!(sub0.recv()["ev"], "message");
+        }
+    }
+    assert!(refused > 0, "publishes were never refused ({acked} acked) while a shard was stuck");
+    assert!(acked >= 8000, "back-pressure started early: {acked} acked");
+    let m = s.metrics();
+    let backlog = common::metric_in(&m, "corecast_inbox_backlog{shard=\"1\"}").unwrap();
+    assert!(backlog <= 16_384.0, "{backlog}");
+    let grown = s.rss_kib().saturating_sub(base);
+    assert!(grown < RSS_SLACK_KIB, "RSS grew by {grown} KiB");
+    // Once the shard is back it delivers everything that was accepted, in order.
+    for _ in 0..acked {
+        assert_eq!(sub1.recv()["ev"], "message");
+    }
+    sub1.expect_silence(Duration::from_millis(200));
+    assert_eq!(s.metric("corecast_inbox_dropped_total"), 0.0, "nothing accepted was dropped");
+}
