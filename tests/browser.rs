@@ -1,7 +1,8 @@
-//! The demo page (`GET /`, `--demo`): served as self-contained HTML, 404 when
-//! off; and a real browser (headless Chromium driven by playwright-core,
+//! The demo page (`GET /`, `--demo`) and the JS client it imports
+//! (`GET /corecast.js`): served as self-contained files, 404 when off; and a
+//! real browser (headless Chromium driven by playwright-core,
 //! `tests/browser/two_nodes.mjs`) chatting through it across two nodes on a
-//! private Redis.
+//! private Redis, cut off and reconnecting by itself.
 //!
 //! The browser test needs `chromium` (`apt-get install -y chromium`) and
 //! `tests/browser/node_modules` (`npm ci --prefix tests/browser`);
@@ -29,15 +30,28 @@ fn demo_page_is_served_at_root_and_can_be_switched_off() {
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
     assert!(head.to_ascii_lowercase().contains("content-type: text/html; charset=utf-8"), "{head}");
     assert!(body.starts_with("<!doctype html>"), "{body:.80}");
-    assert!(body.contains("<title>corecast demo</title>") && body.contains("new WebSocket("));
+    assert!(body.contains("<title>corecast demo</title>"));
+    assert!(body.contains(r#"import { Corecast } from "/corecast.js";"#), "the page uses the JS client");
     // Self-contained: nothing fetched from elsewhere.
     for external in ["http://", "https://", "src=", "stylesheet", "@import"] {
         assert!(!body.contains(external), "the page references {external}");
     }
     assert_eq!(s.http("POST", "/", &[], b"").0, 404);
+    // The JS client itself, exactly as clients/js ships it.
+    let mut t = std::net::TcpStream::connect(s.addr).unwrap();
+    std::io::Write::write_all(&mut t, b"GET /corecast.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    t.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: text/javascript; charset=utf-8"), "{head}");
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js/corecast.js")).unwrap();
+    assert!(body == shipped, "GET /corecast.js is clients/js/corecast.js");
 
     let off = start_server(&["--shards", "1", "--demo", "false"]);
     assert_eq!(off.http_get("/").0, 404);
+    assert_eq!(off.http_get("/corecast.js").0, 404);
     assert_eq!(off.http_get("/healthz").0, 200);
     let env_off = start_server_with(&["--shards", "1"], |c| {
         c.env("CORECAST_DEMO", "false");
@@ -66,7 +80,7 @@ fn chromium_chats_across_two_nodes() {
         return;
     }
 
-    let _d = deadline("chromium_chats_across_two_nodes", Duration::from_secs(45));
+    let _d = deadline("chromium_chats_across_two_nodes", Duration::from_secs(60));
     let redis = RedisServer::start();
     let a = node(&redis.url(), 2);
     let b = node(&redis.url(), 2);
@@ -93,7 +107,7 @@ fn chromium_chats_across_two_nodes() {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let limit = Duration::from_secs(30);
+    let limit = Duration::from_secs(45);
     let start = Instant::now();
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
@@ -115,7 +129,13 @@ fn chromium_chats_across_two_nodes() {
     let status = status.unwrap_or_else(|| panic!("two_nodes.mjs ran past {limit:?}\n{report}"));
     assert!(status.success(), "two_nodes.mjs failed ({status})\n{report}");
     assert!(stdout.lines().any(|l| l == "browser test passed"), "{report}");
-    for want in ["declined", "bob's page (node B) shows alice's message", "alice's page (node A) shows bob's message"] {
+    for want in [
+        "declined",
+        "bob's page (node B) shows alice's message",
+        "alice's page (node A) shows bob's message",
+        "alice's page reconnected by itself",
+        "alice's page gets live messages again after the reconnect",
+    ] {
         assert!(stdout.contains(want), "missing {want:?}\n{report}");
     }
     eprintln!("{stdout}");

@@ -68,8 +68,14 @@ export class Subscription {
     this.handlers = handlers || {};
     /** "pending" until the first `subscribed`, then "subscribed"; "closed" when over. */
     this.state = "pending";
-    /** Last stream position seen, `{epoch, offset}`, or null (no history). */
-    this.position = null;
+    /** Last stream position seen, `{epoch, offset}`, or null (no history).
+     * `handlers.since` starts it at a position stored earlier (§7 recovery
+     * from there on the first subscribe too). */
+    const since = this.handlers.since;
+    this.position =
+      since && typeof since.epoch === "string" && Number.isInteger(since.offset)
+        ? { epoch: since.epoch, offset: since.offset }
+        : null;
     /** Messages dropped because their offset was already seen. */
     this.duplicatesDropped = 0;
     this._retryTimer = null;

@@ -65,6 +65,7 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
                 Err(reply) => reply,
             },
             (&Method::GET, "/") if shard.cfg.demo => routes::demo(),
+            (&Method::GET, "/corecast.js") if shard.cfg.demo => routes::client_js(),
             (&Method::GET, "/healthz") => Reply::text(200, "ok\n"),
             (&Method::GET, "/readyz") => match shard.not_ready() {
                 Some(why) => Reply::new(503, "text/plain; charset=utf-8", Bytes::from(why)),
