@@ -358,6 +358,8 @@ export class Corecast {
   /** Gives up on a socket that is not closing by itself; `code` is what the
    * app's "close" event reports. */
   _drop(ws, code, why) {
+    // Detached first: closing may fire error/close events synchronously.
+    detach(ws);
     try {
       ws.close(code === 1000 ? 1000 : 4000, why);
     } catch {
