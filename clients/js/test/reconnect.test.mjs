@@ -182,3 +182,30 @@ test("a refused token is retried with backoff, never opening", { timeout: 30000 
   // The cap grows with every attempt: 50, 100, 200, 400, 400 ...
   delays.forEach((d, i) => assert.ok(d <= Math.min(400, 50 * 2 ** i), `attempt ${i}: ${d} ms`));
 });
+
+test("after a drain it moves on to the next node in its list", { timeout: 60000 }, async (t) => {
+  const node1 = await startCorecast(["--drain-secs", "2"]);
+  const node2 = await startCorecast();
+  t.after(() => node1.stop());
+  t.after(() => node2.stop());
+  const cc = new Corecast([node1.url, node2.url], FAST);
+  t.after(() => cc.close());
+  const opened = [];
+  cc.on("open", (o) => opened.push(o.url));
+  await cc.connect();
+  const r = room("move");
+  const got = [];
+  const sub = cc.subscribe(r, { onMessage: (m) => got.push(m.data) });
+  await sub.ready;
+
+  node1.proc.kill("SIGTERM");
+  await waitFor("reconnected to node 2", () => cc.connects === 2 && sub.state === "subscribed");
+  assert.deepEqual(opened, [node1.url, node2.url]);
+  const other = new Corecast(node2.url, FAST);
+  t.after(() => other.close());
+  await other.connect();
+  await other.publish(r, "on node 2");
+  await waitFor("message on node 2", () => got.length === 1);
+  assert.deepEqual(got, ["on node 2"]);
+  assert.equal((await node1.exited).code, 0, "node 1 drained and exited cleanly");
+});

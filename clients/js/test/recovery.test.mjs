@@ -112,9 +112,10 @@ test("a client cut off from the network resumes with every missed offset exactly
   for (let i = 3; i < 8; i++) await b.publish(r, i); // each acked: in the history
   proxy.restore();
   await waitFor("a back", () => a.state === "open" && a.connects === 2);
-  await waitFor("the 5 missed messages", () => rec.messages.length === 8);
+  // A gap ends the wait early: the assertions below then say what went wrong.
+  await waitFor("the 5 missed messages", () => rec.messages.length >= 8 || rec.gaps.length > 0);
   await b.publish(r, 8);
-  await waitFor("a live one after the replay", () => rec.messages.length === 9);
+  await waitFor("a live one after the replay", () => rec.messages.at(-1)?.data === 8);
 
   assertContiguous(rec.messages, epoch, T + 1, T + 9);
   assert.deepEqual(
@@ -151,9 +152,9 @@ test("reconnects by itself after a node restart on Redis and resumes every room 
   for (const r of rooms) for (let i = 2; i < 6; i++) await b.publish(r, `${r}#${i}`);
   node1 = await startCorecast(args, { port: node1.port });
   await waitFor("a back on the restarted node", () => a.state === "open" && a.connects === 2);
-  await waitFor("every missed message", () => recs.every((x) => x.messages.length === 6));
+  await waitFor("every missed message", () => recs.every((x) => x.messages.length >= 6 || x.gaps.length > 0));
   for (const r of rooms) await b.publish(r, `${r}#6`);
-  await waitFor("live again", () => recs.every((x) => x.messages.length === 7));
+  await waitFor("live again", () => recs.every((x, k) => x.messages.at(-1)?.data === `${rooms[k]}#6`));
 
   rooms.forEach((r, k) => {
     const x = recs[k];
@@ -254,7 +255,7 @@ test("a drained node's clients move to another node and lose nothing", { timeout
   await waitFor("more messages after the move", () => sent >= atMove + 10);
   stop = true;
   await pump;
-  await waitFor("every message", () => rec.messages.length === sent);
+  await waitFor("every message", () => rec.messages.length >= sent || rec.gaps.length > 0);
 
   assertContiguous(rec.messages, epoch, T + 1, T + sent);
   assert.deepEqual(
@@ -287,9 +288,15 @@ test("a backplane that lost its history is surfaced as a gap", { timeout: 90000 
   // Redis restarts empty (no persistence): §7 says the epoch changes.
   await redis.stop();
   redis2 = await startRedis({ port: redis.port });
-  await waitFor("the node's Redis links back", async () => (await fetch(`${server.http}/readyz`)).status === 200);
-  await waitFor("a publish accepted again", async () => (await server.apiPublish({ room: r, data: "after" })).status === 200);
-  await waitFor("the message after the outage", () => rec.messages.some((m) => m.data === "after"));
+  // The node may not even have noticed the outage yet, and an accepted
+  // publish can still be lost with a dropping link (README): publish again
+  // until one arrives.
+  await waitFor("a message after the outage", async () => {
+    if (rec.messages.some((m) => m.data === "after")) return true;
+    await server.apiPublish({ room: r, data: "after" }).catch(() => null);
+    await new Promise((res) => setTimeout(res, 200));
+    return false;
+  }, 30000);
 
   assert.equal(cc.connects, 1, "the client itself stayed connected");
   assert.ok(rec.gaps.length >= 1, "told about the gap");
