@@ -37,6 +37,18 @@ export class CorecastError extends Error {
   constructor(code: ErrorCode, message?: string);
 }
 
+/** What the client needs of a WebSocket (the WHATWG API: browsers, node's
+ * global, the `ws` package). */
+export interface WebSocketLike {
+  readonly readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((event: any) => void) | null;
+  onmessage: ((event: any) => void) | null;
+  onerror: ((event: any) => void) | null;
+  onclose: ((event: any) => void) | null;
+}
+
 export type State = "idle" | "connecting" | "open" | "reconnecting" | "closed";
 
 export interface StateChange {
@@ -66,7 +78,7 @@ export interface CorecastOptions {
   user?: string;
   /** WebSocket class (WHATWG API), e.g. from the `ws` package in node 20;
    * defaults to `globalThis.WebSocket`. */
-  WebSocket?: new (url: string) => WebSocket;
+  WebSocket?: new (url: string) => WebSocketLike;
   /** Full-jitter exponential backoff between attempts: a uniform draw from
    * [0, min(maxMs, minMs * 2^attempt)]. Defaults 250 ms and 15 s. */
   backoff?: { minMs?: number; maxMs?: number };
