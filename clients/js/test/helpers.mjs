@@ -165,11 +165,14 @@ function redisPing(port) {
 
 /** A TCP proxy on 127.0.0.1 in front of `target` ("host:port"). `cut()`
  * drops every proxied connection and refuses new ones (accepts and closes at
- * once) until `restore()`: a network outage as the client sees it. */
+ * once) until `restore()`: a network outage as the client sees it.
+ * `freeze()` keeps every socket open but silently discards what either side
+ * sends (a half-open path: a dead NAT entry, a pulled cable) until `thaw()`. */
 export async function startProxy(target) {
   const [host, port] = [target.slice(0, target.lastIndexOf(":")), Number(target.slice(target.lastIndexOf(":") + 1))];
   const live = new Set();
   let down = false;
+  let frozen = false;
   const srv = net.createServer((client) => {
     if (down) {
       client.destroy();
@@ -186,8 +189,8 @@ export async function startProxy(target) {
     };
     client.on("error", end).on("close", end);
     upstream.on("error", end).on("close", end);
-    client.pipe(upstream);
-    upstream.pipe(client);
+    client.on("data", (d) => frozen || upstream.write(d));
+    upstream.on("data", (d) => frozen || client.write(d));
   });
   await new Promise((r) => srv.listen(0, "127.0.0.1", r));
   const addr = `127.0.0.1:${srv.address().port}`;
@@ -201,6 +204,12 @@ export async function startProxy(target) {
     },
     restore() {
       down = false;
+    },
+    freeze() {
+      frozen = true;
+    },
+    thaw() {
+      frozen = false;
     },
     close() {
       down = true;

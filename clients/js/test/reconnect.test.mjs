@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { Corecast, jwtExp } from "../corecast.js";
-import { FAST, hs256, room, startCorecast, waitFor } from "./helpers.mjs";
+import { FAST, hs256, room, startCorecast, startProxy, waitFor } from "./helpers.mjs";
 
 test("reconnects by itself after the node restarts and resubscribes every room", { timeout: 60000 }, async (t) => {
   let server = await startCorecast();
@@ -208,4 +208,66 @@ test("after a drain it moves on to the next node in its list", { timeout: 60000 
   await waitFor("message on node 2", () => got.length === 1);
   assert.deepEqual(got, ["on node 2"]);
   assert.equal((await node1.exited).code, 0, "node 1 drained and exited cleanly");
+});
+
+test("a half-open connection is found by its unanswered ping and replaced", { timeout: 60000 }, async (t) => {
+  const server = await startCorecast();
+  t.after(() => server.stop());
+  const proxy = await startProxy(server.addr);
+  t.after(() => proxy.close());
+  const cc = new Corecast(proxy.url, { ...FAST, pingIntervalMs: 200, requestTimeoutMs: 1000 });
+  t.after(() => cc.close());
+  const closes = [];
+  cc.on("close", (c) => closes.push(c));
+  await cc.connect();
+  const r = room("halfopen");
+  const got = [];
+  const sub = cc.subscribe(r, { onMessage: (m) => got.push(m.data) });
+  await sub.ready;
+
+  // Nothing gets through any more, yet no socket closes: only the client's
+  // own ping can tell.
+  proxy.freeze();
+  await waitFor("the client gives up on the silent connection", () => closes.length === 1);
+  assert.equal(closes[0].reason, "ping timeout");
+  assert.equal(closes[0].wasOpen, true);
+  proxy.thaw();
+  await waitFor("a new connection", () => cc.connects === 2 && sub.state === "subscribed");
+  const other = new Corecast(server.url, FAST);
+  t.after(() => other.close());
+  await other.connect();
+  await other.publish(r, "through the new connection");
+  await waitFor("message", () => got.length === 1);
+});
+
+test("a refreshed token that no longer grants a room ends that subscription", { timeout: 60000 }, async (t) => {
+  const server = await startCorecast(["--jwt-secret", SECRET]);
+  t.after(() => server.stop());
+  const exp = () => Math.floor(Date.now() / 1000);
+  let calls = 0;
+  // First token: rooms a-* and b-*, short; the refresh drops a-*.
+  const getToken = async () => {
+    calls++;
+    const rooms = calls === 1 ? ["a-*", "b-*"] : ["b-*"];
+    return hs256(SECRET, { sub: "gail", rooms, exp: exp() + (calls === 1 ? 2 : 3600) });
+  };
+  const cc = new Corecast(server.url, { ...FAST, getToken });
+  t.after(() => cc.close());
+  await cc.connect();
+  const [ra, rb] = [room("a"), room("b")];
+  const errors = [];
+  const sa = cc.subscribe(ra, { onError: (e) => errors.push(e.code) });
+  const sb = cc.subscribe(rb, {});
+  await Promise.all([sa.ready, sb.ready]);
+  const refreshed = [];
+  cc.on("refreshed", (x) => refreshed.push(x));
+
+  await waitFor("the refresh", () => refreshed.length === 1);
+  await waitFor("room a left", () => sa.state === "closed");
+  assert.deepEqual(errors, ["forbidden"]);
+  assert.equal(cc.subscription(ra), undefined, "not resubscribed on a later reconnect");
+  assert.equal(sb.state, "subscribed");
+  assert.equal(cc.connects, 1);
+  await assert.rejects(cc.publish(ra, 1), { code: "forbidden" });
+  await cc.publish(rb, 1);
 });
