@@ -1,7 +1,10 @@
-//! The demo page (`GET /`, `--demo`): served as self-contained HTML, 404 when
-//! off; and a real browser (headless Chromium driven by playwright-core,
+//! The demo page (`GET /`, `--demo`) and the JS client it imports
+//! (`GET /corecast.js`): served as self-contained files, 404 when off; and a
+//! real browser (headless Chromium driven by playwright-core,
 //! `tests/browser/two_nodes.mjs`) chatting through it across two nodes on a
-//! private Redis.
+//! private Redis, cut off and reconnecting by itself. When the binary has
+//! room history (`--history-size`, PROTOCOL.md §7) the nodes run with it and
+//! the page must show the missed message recovered.
 //!
 //! The browser test needs `chromium` (`apt-get install -y chromium`) and
 //! `tests/browser/node_modules` (`npm ci --prefix tests/browser`);
@@ -15,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::redis::{RedisServer, deadline, node};
+use common::redis::{RedisServer, deadline};
 use common::{start_server, start_server_with};
 
 #[test]
@@ -29,15 +32,28 @@ fn demo_page_is_served_at_root_and_can_be_switched_off() {
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
     assert!(head.to_ascii_lowercase().contains("content-type: text/html; charset=utf-8"), "{head}");
     assert!(body.starts_with("<!doctype html>"), "{body:.80}");
-    assert!(body.contains("<title>corecast demo</title>") && body.contains("new WebSocket("));
+    assert!(body.contains("<title>corecast demo</title>"));
+    assert!(body.contains(r#"import { Corecast } from "/corecast.js";"#), "the page uses the JS client");
     // Self-contained: nothing fetched from elsewhere.
     for external in ["http://", "https://", "src=", "stylesheet", "@import"] {
         assert!(!body.contains(external), "the page references {external}");
     }
     assert_eq!(s.http("POST", "/", &[], b"").0, 404);
+    // The JS client itself, exactly as clients/js ships it.
+    let mut t = std::net::TcpStream::connect(s.addr).unwrap();
+    std::io::Write::write_all(&mut t, b"GET /corecast.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    t.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: text/javascript; charset=utf-8"), "{head}");
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js/corecast.js")).unwrap();
+    assert!(body == shipped, "GET /corecast.js is clients/js/corecast.js");
 
     let off = start_server(&["--shards", "1", "--demo", "false"]);
     assert_eq!(off.http_get("/").0, 404);
+    assert_eq!(off.http_get("/corecast.js").0, 404);
     assert_eq!(off.http_get("/healthz").0, 200);
     let env_off = start_server_with(&["--shards", "1"], |c| {
         c.env("CORECAST_DEMO", "false");
@@ -66,10 +82,22 @@ fn chromium_chats_across_two_nodes() {
         return;
     }
 
-    let _d = deadline("chromium_chats_across_two_nodes", Duration::from_secs(45));
+    let _d = deadline("chromium_chats_across_two_nodes", Duration::from_secs(60));
     let redis = RedisServer::start();
-    let a = node(&redis.url(), 2);
-    let b = node(&redis.url(), 2);
+    // With room history in the server (PROTOCOL.md §7; the binary lists
+    // `--history-size`), the nodes keep it and the page must show the missed
+    // message recovered; without, it must show "history off".
+    let help = Command::new(env!("CARGO_BIN_EXE_corecast")).arg("--help").output().expect("corecast --help");
+    let history = String::from_utf8_lossy(&help.stdout).contains("--history-size");
+    let node = |url: &str| {
+        let mut args = vec!["--shards", "2", "--redis", url];
+        if history {
+            args.extend(["--history-size", "100"]);
+        }
+        start_server(&args)
+    };
+    let a = node(&redis.url());
+    let b = node(&redis.url());
     let (url_a, url_b) = (format!("http://{}", a.addr), format!("http://{}", b.addr));
 
     let mut child = Command::new("node")
@@ -93,7 +121,7 @@ fn chromium_chats_across_two_nodes() {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let limit = Duration::from_secs(30);
+    let limit = Duration::from_secs(45);
     let start = Instant::now();
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
@@ -115,8 +143,16 @@ fn chromium_chats_across_two_nodes() {
     let status = status.unwrap_or_else(|| panic!("two_nodes.mjs ran past {limit:?}\n{report}"));
     assert!(status.success(), "two_nodes.mjs failed ({status})\n{report}");
     assert!(stdout.lines().any(|l| l == "browser test passed"), "{report}");
-    for want in ["declined", "bob's page (node B) shows alice's message", "alice's page (node A) shows bob's message"] {
+    for want in [
+        "declined",
+        "bob's page (node B) shows alice's message",
+        "alice's page (node A) shows bob's message",
+        "alice's page reconnected by itself",
+        "alice's page gets live messages again after the reconnect",
+    ] {
         assert!(stdout.contains(want), "missing {want:?}\n{report}");
     }
+    let outcome = if history { "recovered the missed message" } else { "history off" };
+    assert!(stdout.contains(outcome), "history {history}: missing {outcome:?}\n{report}");
     eprintln!("{stdout}");
 }

@@ -89,6 +89,7 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
                 }
             }
             (&Method::GET, "/") if client_routes && shard.cfg.demo => routes::demo(),
+            (&Method::GET, "/corecast.js") if client_routes && shard.cfg.demo => routes::client_js(),
             (&Method::GET, "/healthz") => Reply::text(200, "ok\n"),
             (&Method::GET, "/debug/shard" | "/debug/stall") if shard.cfg.debug_hooks => {
                 routes::debug(shard, path, head.uri.query())

@@ -1,5 +1,5 @@
 //! The plain HTTP routes: `/metrics`, `POST /api/publish` (PROTOCOL.md §1, §4)
-//! and the demo page at `/`.
+//! and the demo page at `/` with the JS client it imports at `/corecast.js`.
 
 use std::borrow::Cow;
 use std::rc::Rc;
@@ -23,6 +23,15 @@ const DEMO_PAGE: &str = include_str!("demo.html");
 
 pub fn demo() -> Reply {
     Reply::new(200, "text/html; charset=utf-8", Bytes::from_static(DEMO_PAGE.as_bytes()))
+        .header("cache-control", "no-cache")
+}
+
+/// The JavaScript client library (`clients/js/corecast.js`) the demo page
+/// imports; served with the page (`--demo`).
+const CLIENT_JS: &str = include_str!("../../clients/js/corecast.js");
+
+pub fn client_js() -> Reply {
+    Reply::new(200, "text/javascript; charset=utf-8", Bytes::from_static(CLIENT_JS.as_bytes()))
         .header("cache-control", "no-cache")
 }
 

@@ -1,15 +1,24 @@
 // Drives headless Chromium against two corecast nodes sharing a Redis
-// backplane: the demo page (`GET /`) on node A and on node B join the same
-// room; A's message shows on B's page and B's on A's; each page shows its
-// node's connection count from /metrics. Also checks the WebSocket handshake:
-// Chromium offers permessage-deflate and corecast declines it by leaving
+// backplane: the demo page (`GET /`, built on the JS client served at
+// `/corecast.js`) on node A and on node B join the same room; A's message
+// shows on B's page and B's on A's; each page shows its node's connection
+// count from /metrics. Also checks the WebSocket handshake: Chromium offers
+// permessage-deflate and corecast declines it by leaving
 // Sec-WebSocket-Extensions out of the 101 (RFC 7692 §5.1).
+//
+// Alice's page reaches node A through a TCP proxy run here. The proxy cuts
+// her off (every socket dropped, new ones refused) while Bob publishes, then
+// lets her back: the page must reconnect by itself, resubscribe, and show the
+// outcome for the room: with room history on the nodes (PROTOCOL.md §7) the
+// missed message is replayed and the room shows "recovered"; without, the
+// room shows "history off" and the missed message is not there.
 //
 // Usage: node tests/browser/two_nodes.mjs http://127.0.0.1:PORT_A http://127.0.0.1:PORT_B
 // Exit 0 and a last line `browser test passed` on success.
 // Env: CORECAST_CHROMIUM (default /usr/bin/chromium).
 
 import { mkdtempSync, rmSync } from "node:fs";
+import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
@@ -21,12 +30,13 @@ if (!urlA || !urlB) {
 }
 const STEP_MS = 8000;
 const ROOM = "browser-" + Date.now().toString(36);
+let proxy = null; // in front of node A, for alice's page (startProxy below)
 
 // The whole run is bounded: a hang must not hang the Rust test.
 const watchdog = setTimeout(() => {
-  console.error("two_nodes.mjs: gave up after 25 s");
+  console.error("two_nodes.mjs: gave up after 40 s");
   process.exit(3);
-}, 25000);
+}, 40000);
 
 const userDataDir = mkdtempSync(join(tmpdir(), "corecast-chromium-"));
 let context;
@@ -54,8 +64,48 @@ try {
   process.exitCode = 1;
 } finally {
   clearTimeout(watchdog);
+  proxy?.close();
   if (context) await context.close().catch(() => {});
   rmSync(userDataDir, { recursive: true, force: true });
+}
+
+// A TCP proxy in front of a node; `cut()` drops every connection and
+// refuses new ones until `restore()`.
+async function startProxy(target) {
+  const u = new URL(target);
+  const live = new Set();
+  let down = false;
+  const srv = net.createServer((c) => {
+    if (down) return c.destroy();
+    const up = net.connect(Number(u.port), u.hostname);
+    live.add(c).add(up);
+    const end = () => {
+      c.destroy();
+      up.destroy();
+      live.delete(c);
+      live.delete(up);
+    };
+    c.on("error", end).on("close", end);
+    up.on("error", end).on("close", end);
+    c.pipe(up);
+    up.pipe(c);
+  });
+  await new Promise((r) => srv.listen(0, "127.0.0.1", r));
+  return {
+    url: `http://127.0.0.1:${srv.address().port}`,
+    cut() {
+      down = true;
+      for (const s of live) s.destroy();
+      live.clear();
+    },
+    restore() {
+      down = false;
+    },
+    close() {
+      this.cut();
+      srv.close();
+    },
+  };
 }
 
 async function openPage(ctx, base, user) {
@@ -110,7 +160,8 @@ async function expectMessage(to, line) {
 }
 
 async function run(ctx) {
-  const a = await openPage(ctx, urlA, "alice");
+  proxy = await startProxy(urlA);
+  const a = await openPage(ctx, proxy.url, "alice");
   const b = await openPage(ctx, urlB, "bob");
 
   for (const p of [a, b]) {
@@ -139,4 +190,36 @@ async function run(ctx) {
     });
   }
   console.log("both pages show 1 connection on their node (from /metrics)");
+
+  // Alice is cut off; Bob publishes while she is away; she comes back.
+  const history = await roomCell(a, ".position");
+  const historyOn = history !== "history off";
+  proxy.cut();
+  await a.page.waitForSelector("body[data-state=reconnecting]");
+  await say(b, "while alice was away");
+  await expectMessage(b, "bob: while alice was away");
+  proxy.restore();
+  await a.page.waitForSelector("body[data-state=joined]", { timeout: 15000 });
+  await a.page.waitForFunction(() => document.getElementById("reconnects").textContent === "1");
+  if (historyOn) {
+    await expectMessage(a, "bob: while alice was away");
+    await a.page.waitForFunction(
+      () => document.querySelector("#rooms td.recovery").dataset.outcome === "recovered",
+    );
+    console.log(`alice's page reconnected by itself and recovered the missed message: ${await roomCell(a, ".recovery")}`);
+  } else {
+    await a.page.waitForFunction(() => /history off/.test(document.querySelector("#rooms td.recovery").textContent));
+    console.log(`alice's page reconnected by itself and resubscribed (${await roomCell(a, ".recovery")})`);
+  }
+  await say(b, "welcome back");
+  await expectMessage(a, "bob: welcome back");
+  if (!historyOn) {
+    const lines = await a.page.$$eval("#messages li", (lis) => lis.map((li) => li.textContent));
+    if (lines.includes("bob: while alice was away")) throw new Error("without history a missed message cannot be there");
+  }
+  console.log("alice's page gets live messages again after the reconnect");
+}
+
+async function roomCell(p, cls) {
+  return p.page.$eval(`#rooms tbody tr td${cls}`, (td) => td.textContent);
 }

@@ -1,0 +1,686 @@
+// corecast.js: the JavaScript client of corecast (PROTOCOL.md v1.1 plus the
+// `refresh` extension in the project README). A plain ES module with no
+// dependencies and no build step: it runs as is in browsers and in node
+// (node >= 22 has a global WebSocket; node 20 needs --experimental-websocket,
+// or pass any WHATWG-style WebSocket class as `options.WebSocket`).
+//
+// What it owns: one WebSocket at a time to a corecast node, and everything a
+// long-lived connection needs around it:
+// - requests with an `id` (publish, send, history, ping, subscribe) are
+//   Promises resolved by the server's reply to that id (`ack`, `pong`,
+//   `history`, `subscribed`) or rejected by an `error` carrying it;
+// - reconnect by itself with full-jitter exponential backoff, and after a
+//   `maintenance` event (§5) no earlier than the delay the server asked for;
+// - on every new connection, resubscribe every room, with `since` = the last
+//   stream position seen (§7), so that a room with history replays exactly
+//   what was missed; the outcome (`recovered` true/false, `gap`) goes to the
+//   app's handlers;
+// - a safety net on the client: a message whose offset is at or below the
+//   last one seen in the same epoch is dropped, and a skipped offset is
+//   reported as a gap;
+// - token refresh: `getToken()` is asked for a token before every connect and
+//   again before the current token's `exp` (read from the JWT, not verified),
+//   sent with the `refresh` op.
+//
+// What enters: server events (JSON text frames). What leaves: client ops,
+// and callbacks / Promise results to the app.
+
+/** Error with the server's `code` (`bad_request`, `bad_room`, `forbidden`,
+ * `rate_limited`, `too_large`, `unavailable`, `token_expired`) or one of the
+ * client's own: `not_connected`, `disconnected`, `timeout`, `closed`. */
+export class CorecastError extends Error {
+  constructor(code, message) {
+    super(message ? `${code}: ${message}` : code);
+    this.name = "CorecastError";
+    this.code = code;
+  }
+}
+
+const OPEN = 1; // WebSocket.OPEN
+
+/** Reads `exp` (Unix seconds) from a JWT without verifying it; null if absent. */
+export function jwtExp(token) {
+  if (typeof token !== "string") return null;
+  const part = token.split(".")[1];
+  if (!part) return null;
+  try {
+    const b64 = part.replace(/-/g, "+").replace(/_/g, "/") + "===".slice((part.length + 3) % 4);
+    const bin = atob(b64);
+    const bytes = Uint8Array.from(bin, (c) => c.charCodeAt(0));
+    const claims = JSON.parse(new TextDecoder().decode(bytes));
+    return typeof claims.exp === "number" ? claims.exp : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Full-jitter exponential backoff: a uniform draw from [0, min(max, min * 2^attempt)]. */
+export function backoffDelay(attempt, minMs, maxMs, random = Math.random) {
+  const cap = Math.min(maxMs, minMs * 2 ** Math.min(attempt, 30));
+  return Math.round(random() * cap);
+}
+
+/** One room the app is subscribed to; resubscribed after every reconnect. */
+export class Subscription {
+  constructor(client, room, handlers) {
+    this.client = client;
+    this.room = room;
+    this.handlers = handlers || {};
+    /** "pending" until the first `subscribed`, then "subscribed"; "closed" when over. */
+    this.state = "pending";
+    /** Last stream position seen, `{epoch, offset}`, or null (no history).
+     * `handlers.since` starts it at a position stored earlier (§7 recovery
+     * from there on the first subscribe too). */
+    const since = this.handlers.since;
+    this.position =
+      since && typeof since.epoch === "string" && Number.isInteger(since.offset)
+        ? { epoch: since.epoch, offset: since.offset }
+        : null;
+    /** Messages dropped because their offset was already seen. */
+    this.duplicatesDropped = 0;
+    this._retryTimer = null;
+    this.ready = new Promise((resolve, reject) => {
+      this._resolveReady = resolve;
+      this._rejectReady = reject;
+    });
+    // An app that never looks at `ready` still hears of errors via onError.
+    this.ready.catch(() => {});
+  }
+
+  /** Leaves the room. Resolves when the server confirmed (or at once if offline). */
+  unsubscribe() {
+    return this.client._unsubscribe(this);
+  }
+
+  _call(name, arg) {
+    const fn = this.handlers[name];
+    if (typeof fn !== "function") return;
+    try {
+      fn.call(this, arg, this);
+    } catch (e) {
+      this.client._emit("error", e);
+    }
+  }
+}
+
+export class Corecast {
+  /**
+   * @param {string|string[]} url  ws(s):// or http(s):// address of a node (or
+   *   several, tried in turn); a bare origin gets the path `/ws`.
+   * @param {object} [options]  see corecast.d.ts
+   */
+  constructor(url, options = {}) {
+    const urls = Array.isArray(url) ? url : [url];
+    if (urls.length === 0) throw new TypeError("corecast: no url");
+    this.urls = urls.map(normalizeUrl);
+    this.options = options;
+    this.WebSocket = options.WebSocket || globalThis.WebSocket;
+    if (typeof this.WebSocket !== "function") {
+      throw new TypeError(
+        "corecast: no WebSocket class; pass options.WebSocket (node 20: run with --experimental-websocket)",
+      );
+    }
+    this.backoff = {
+      minMs: options.backoff?.minMs ?? 250,
+      maxMs: options.backoff?.maxMs ?? 15000,
+    };
+    this.requestTimeoutMs = options.requestTimeoutMs ?? 10000;
+    this.pingIntervalMs = options.pingIntervalMs ?? 25000;
+    this.refreshMarginMs = options.refreshMarginMs ?? 30000;
+    this.random = options.random || Math.random;
+
+    /** "idle" | "connecting" | "open" | "reconnecting" | "closed" */
+    this.state = "idle";
+    /** Completed connects (the first one included). */
+    this.connects = 0;
+    /** Failed or lost connections so far. */
+    this.disconnects = 0;
+    this.token = options.token ?? null;
+    this.tokenExp = jwtExp(this.token);
+
+    this._subs = new Map(); // room -> Subscription
+    this._pending = new Map(); // id -> {resolve, reject, timer}
+    this._nextId = 1;
+    this._ws = null;
+    this._urlIndex = 0;
+    this._attempt = 0;
+    this._openedAt = 0;
+    this._maintenanceUntil = 0; // Date.now() before which we must not reconnect
+    this._timers = { reconnect: null, ping: null, refresh: null };
+    this._listeners = new Map();
+    this._openWaiters = [];
+    if (options.onState) this.on("state", options.onState);
+    if (options.onDirect) this.on("direct", options.onDirect);
+    if (options.onError) this.on("error", options.onError);
+  }
+
+  // ---- events --------------------------------------------------------------
+
+  /** Adds a listener: "state", "direct", "error", "maintenance", "refreshed",
+   * "open", "close". Returns a function that removes it. */
+  on(name, fn) {
+    if (!this._listeners.has(name)) this._listeners.set(name, new Set());
+    this._listeners.get(name).add(fn);
+    return () => this._listeners.get(name)?.delete(fn);
+  }
+
+  _emit(name, arg) {
+    const set = this._listeners.get(name);
+    if (!set || set.size === 0) return;
+    for (const fn of [...set]) {
+      try {
+        fn(arg, this);
+      } catch (e) {
+        if (name !== "error") this._emit("error", e);
+      }
+    }
+  }
+
+  _setState(state, detail = {}) {
+    this.state = state;
+    this._emit("state", { state, ...detail });
+  }
+
+  // ---- connection lifecycle -------------------------------------------------
+
+  /** Starts connecting (and reconnecting, until `close()`). Resolves once a
+   * connection is open. */
+  connect() {
+    if (this.state === "closed") return Promise.reject(new CorecastError("closed", "client was closed"));
+    const opened = this.state === "open" ? Promise.resolve() : new Promise((resolve, reject) => {
+      this._openWaiters.push({ resolve, reject });
+    });
+    if (this.state === "idle") this._open("start");
+    return opened;
+  }
+
+  /** Closes for good: no reconnect, pending requests reject with `closed`. */
+  close() {
+    if (this.state === "closed") return;
+    this._clearTimers();
+    for (const sub of this._subs.values()) clearTimeout(sub._retryTimer);
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      detach(ws);
+      try {
+        ws.close(1000);
+      } catch {
+        // already closing
+      }
+    }
+    this._failPending(new CorecastError("closed", "client was closed"));
+    for (const w of this._openWaiters.splice(0)) w.reject(new CorecastError("closed", "client was closed"));
+    this._setState("closed");
+  }
+
+  async _open(reason) {
+    this._timers.reconnect = null;
+    const url = this.urls[this._urlIndex % this.urls.length];
+    this._setState("connecting", { url, attempt: this._attempt, reason });
+    let token = this.token;
+    if (this.options.getToken) {
+      try {
+        token = await this.options.getToken();
+      } catch (e) {
+        this._emit("error", e);
+        if (this.state !== "closed") this._scheduleReconnect("token");
+        return;
+      }
+      if (this.state === "closed") return;
+      this.token = token;
+      this.tokenExp = jwtExp(token);
+    }
+    const q = new URLSearchParams();
+    if (this.options.user) q.set("user", this.options.user);
+    if (token) q.set("token", token);
+    const qs = q.toString();
+    const full = qs ? `${url}${url.includes("?") ? "&" : "?"}${qs}` : url;
+    let ws;
+    try {
+      ws = new this.WebSocket(full);
+    } catch (e) {
+      this._emit("error", e);
+      this._scheduleReconnect("error");
+      return;
+    }
+    this._ws = ws;
+    let opened = false;
+    // A handshake that hangs (a black-holed address) counts as a failure.
+    const connectTimer = setTimeout(() => {
+      if (!opened && ws === this._ws) this._drop(ws, 1006, "connect timeout");
+    }, this.requestTimeoutMs);
+    ws.onopen = () => {
+      opened = true;
+      clearTimeout(connectTimer);
+      this._onOpen(ws, url);
+    };
+    ws.onmessage = (e) => this._onFrame(ws, e.data);
+    ws.onerror = () => {
+      // Browsers follow an error with a close event; node 20's WebSocket
+      // does not when the handshake fails (refused, 401, 503), and leaves
+      // readyState at CONNECTING. Either way, a socket that never opened is
+      // done; an open one gets a moment for its close event.
+      if (!opened) {
+        clearTimeout(connectTimer);
+        if (ws === this._ws) this._drop(ws, 1006, "connect failed");
+        return;
+      }
+      setTimeout(() => {
+        if (ws === this._ws) this._drop(ws, 1006, "socket error");
+      }, 1000);
+    };
+    ws.onclose = (e) => {
+      clearTimeout(connectTimer);
+      this._onClose(ws, e.code, e.reason);
+    };
+  }
+
+  _onOpen(ws, url) {
+    if (ws !== this._ws) return;
+    this._openedAt = Date.now();
+    this._maintenanceUntil = 0;
+    this.connects++;
+    this._setState("open", { url, reconnect: this.connects > 1 });
+    this._emit("open", { url, reconnect: this.connects > 1 });
+    for (const w of this._openWaiters.splice(0)) w.resolve();
+    for (const sub of this._subs.values()) this._sendSubscribe(sub);
+    this._schedulePing();
+    this._scheduleRefresh();
+  }
+
+  _onClose(ws, code, reason) {
+    if (ws !== this._ws) return;
+    detach(ws);
+    this._ws = null;
+    clearTimeout(this._timers.ping);
+    clearTimeout(this._timers.refresh);
+    this._failPending(new CorecastError("disconnected", `connection closed (${code})`));
+    for (const sub of this._subs.values()) {
+      clearTimeout(sub._retryTimer);
+      if (sub.state === "subscribed") sub.state = "pending";
+    }
+    this.disconnects++;
+    const wasOpen = this._openedAt > 0;
+    // A connection that stayed up a while starts the backoff afresh; one that
+    // keeps dying at once (an expired token, a full node) keeps backing off.
+    if (wasOpen && Date.now() - this._openedAt >= Math.max(5000, this.backoff.maxMs)) this._attempt = 0;
+    this._openedAt = 0;
+    this._emit("close", { code, reason, wasOpen });
+    if (this.state === "closed") return;
+    // Next node in the list (one node: the same again).
+    this._urlIndex++;
+    this._scheduleReconnect(this._maintenanceUntil > Date.now() ? "maintenance" : "closed", code);
+  }
+
+  _scheduleReconnect(reason, code) {
+    if (this.state === "closed") return;
+    const now = Date.now();
+    let delayMs;
+    if (this._maintenanceUntil > 0) {
+      // §5: the server said when to come back; its delays are already spread
+      // over the drain window, so no more jitter on top.
+      delayMs = Math.max(0, this._maintenanceUntil - now);
+      this._maintenanceUntil = 0;
+      reason = "maintenance";
+    } else {
+      delayMs = backoffDelay(this._attempt, this.backoff.minMs, this.backoff.maxMs, this.random);
+      this._attempt++;
+    }
+    this._setState("reconnecting", { delayMs, reason, code, attempt: this._attempt });
+    this._timers.reconnect = setTimeout(() => this._open(reason), delayMs);
+  }
+
+  _clearTimers() {
+    for (const k of Object.keys(this._timers)) {
+      clearTimeout(this._timers[k]);
+      this._timers[k] = null;
+    }
+  }
+
+  _schedulePing() {
+    clearTimeout(this._timers.ping);
+    if (!(this.pingIntervalMs > 0)) return;
+    const ws = this._ws;
+    this._timers.ping = setTimeout(() => {
+      if (ws !== this._ws) return;
+      // A reply proves the path is alive; none within the request timeout
+      // means a half-open connection: drop it and reconnect.
+      this.ping().then(
+        () => this._schedulePing(),
+        (e) => {
+          if (ws === this._ws && e.code === "timeout") this._drop(ws, 1006, "ping timeout");
+        },
+      );
+    }, this.pingIntervalMs);
+  }
+
+  /** Gives up on a socket that is not closing by itself; `code` is what the
+   * app's "close" event reports. */
+  _drop(ws, code, why) {
+    // Detached first: closing may fire error/close events synchronously.
+    detach(ws);
+    try {
+      ws.close(code === 1000 ? 1000 : 4000, why);
+    } catch {
+      // already closing, or never opened
+    }
+    this._onClose(ws, code, why);
+  }
+
+  // ---- token refresh --------------------------------------------------------
+
+  _scheduleRefresh() {
+    clearTimeout(this._timers.refresh);
+    if (!this.options.getToken || !this.tokenExp) return;
+    const left = this.tokenExp * 1000 - Date.now();
+    const margin = Math.min(this.refreshMarginMs, left / 2);
+    const ws = this._ws;
+    this._timers.refresh = setTimeout(() => this._refresh(ws), Math.max(0, left - margin));
+  }
+
+  async _refresh(ws) {
+    if (ws !== this._ws) return;
+    let token;
+    try {
+      token = await this.options.getToken();
+    } catch (e) {
+      this._emit("error", e);
+      return;
+    }
+    if (ws !== this._ws) return;
+    try {
+      const reply = await this._request({ op: "refresh", token });
+      this.token = token;
+      this.tokenExp = typeof reply.exp === "number" ? reply.exp : jwtExp(token);
+      this._emit("refreshed", { exp: this.tokenExp });
+      this._scheduleRefresh();
+    } catch (e) {
+      // The old token still holds until its exp; at expiry the server closes
+      // with token_expired and the reconnect asks getToken() again.
+      this._emit("error", e);
+    }
+  }
+
+  // ---- requests -------------------------------------------------------------
+
+  /** Sends `op` with a fresh id. Without `hooks`, returns a Promise of the
+   * reply; with `{ok, err}`, calls them synchronously from the frame handler
+   * (subscribe needs that: the frames after `subscribed` must see its effect). */
+  _request(op, hooks) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== OPEN) {
+      const e = new CorecastError("not_connected", "no open connection");
+      if (hooks) return hooks.err(e);
+      return Promise.reject(e);
+    }
+    const id = this._nextId++;
+    const register = (resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._pending.delete(id);
+        reject(new CorecastError("timeout", `no reply to ${op.op} within ${this.requestTimeoutMs} ms`));
+      }, this.requestTimeoutMs);
+      this._pending.set(id, { resolve, reject, timer });
+      ws.send(JSON.stringify({ ...op, id }));
+    };
+    if (hooks) return register(hooks.ok, hooks.err);
+    return new Promise(register);
+  }
+
+  _failPending(err) {
+    const all = [...this._pending.values()];
+    this._pending.clear();
+    for (const p of all) {
+      clearTimeout(p.timer);
+      p.reject(err);
+    }
+  }
+
+  _settle(id, ok, value) {
+    const p = this._pending.get(id);
+    if (!p) return false;
+    this._pending.delete(id);
+    clearTimeout(p.timer);
+    (ok ? p.resolve : p.reject)(value);
+    return true;
+  }
+
+  /** Publishes `data` (any JSON value) to `room`. Resolves on `ack`. */
+  publish(room, data) {
+    return this._request({ op: "publish", room, data }).then(() => undefined);
+  }
+
+  /** Sends `data` to every connection of `user`. Resolves on `ack`. */
+  send(user, data) {
+    return this._request({ op: "send", user, data }).then(() => undefined);
+  }
+
+  /** §7 history op: `{room, epoch, offset, messages}`. */
+  history(room, { limit, since } = {}) {
+    const op = { op: "history", room };
+    if (limit !== undefined) op.limit = limit;
+    if (since) op.since = { epoch: since.epoch, offset: since.offset };
+    return this._request(op).then((m) => ({
+      room: m.room,
+      epoch: m.epoch,
+      offset: m.offset,
+      messages: m.messages || [],
+    }));
+  }
+
+  /** Round trip to the server; resolves to the time it took in ms. */
+  ping() {
+    const t0 = Date.now();
+    return this._request({ op: "ping" }).then(() => Date.now() - t0);
+  }
+
+  // ---- subscriptions --------------------------------------------------------
+
+  /** Subscribes to `room`; kept across reconnects until `unsubscribe()`. */
+  subscribe(room, handlers = {}) {
+    if (this.state === "closed") throw new CorecastError("closed", "client was closed");
+    if (this._subs.has(room)) throw new Error(`corecast: already subscribed to ${room}`);
+    const sub = new Subscription(this, room, handlers);
+    this._subs.set(room, sub);
+    if (this._ws && this._ws.readyState === OPEN) this._sendSubscribe(sub);
+    return sub;
+  }
+
+  /** The Subscription for `room`, if any. */
+  subscription(room) {
+    return this._subs.get(room);
+  }
+
+  _sendSubscribe(sub) {
+    clearTimeout(sub._retryTimer);
+    const ws = this._ws;
+    const since = sub.position ? { epoch: sub.position.epoch, offset: sub.position.offset } : null;
+    const op = { op: "subscribe", room: sub.room };
+    if (since) op.since = since;
+    this._request(op, {
+      ok: (reply) => {
+        if (this._subs.get(sub.room) !== sub || ws !== this._ws) return;
+        this._onSubscribed(sub, reply, since);
+      },
+      err: (err) => {
+        if (this._subs.get(sub.room) !== sub) return;
+        if (err.code === "disconnected" || err.code === "not_connected" || err.code === "closed") return; // resent on open
+        if (ws !== this._ws) return;
+        if (err.code === "rate_limited" || err.code === "unavailable" || err.code === "timeout") {
+          // Passing trouble: try again on this connection a little later.
+          sub._call("onError", err);
+          const delay = backoffDelay(2, this.backoff.minMs, this.backoff.maxMs, this.random) + this.backoff.minMs;
+          sub._retryTimer = setTimeout(() => {
+            if (this._subs.get(sub.room) === sub && ws === this._ws) this._sendSubscribe(sub);
+          }, delay);
+          return;
+        }
+        // forbidden, bad_room, too_large: this subscription cannot be.
+        this._subs.delete(sub.room);
+        sub.state = "closed";
+        sub._rejectReady(err);
+        sub._call("onError", err);
+      },
+    });
+  }
+
+  _onSubscribed(sub, reply, since) {
+    const resubscribed = sub._subscribedOnce === true;
+    sub._subscribedOnce = true;
+    sub.state = "subscribed";
+    const hasHistory = reply.epoch !== undefined && reply.offset !== undefined;
+    if (hasHistory) {
+      const current = { epoch: reply.epoch, offset: reply.offset };
+      if (since) {
+        const recovered = reply.recovered === true && reply.epoch === since.epoch;
+        if (recovered) {
+          // The replay of since.offset+1 … reply.offset follows; position
+          // advances as those messages arrive.
+          sub._call("onRecovered", { room: sub.room, recovered: true, since, ...current });
+        } else {
+          sub.position = current;
+          sub._call("onRecovered", { room: sub.room, recovered: false, since, ...current });
+          sub._call("onGap", { room: sub.room, reason: "not_recovered", since, ...current });
+        }
+      } else {
+        sub.position = current;
+      }
+    }
+    sub._call("onSubscribed", {
+      room: sub.room,
+      resubscribed,
+      history: hasHistory,
+      epoch: reply.epoch,
+      offset: reply.offset,
+      recovered: reply.recovered,
+    });
+    sub._resolveReady(sub);
+  }
+
+  _unsubscribe(sub) {
+    if (this._subs.get(sub.room) !== sub) return Promise.resolve();
+    this._subs.delete(sub.room);
+    clearTimeout(sub._retryTimer);
+    sub.state = "closed";
+    sub._rejectReady(new CorecastError("closed", "unsubscribed"));
+    if (!this._ws || this._ws.readyState !== OPEN) return Promise.resolve();
+    return this._request({ op: "unsubscribe", room: sub.room }).then(
+      () => undefined,
+      (e) => {
+        if (e.code === "disconnected" || e.code === "not_connected") return; // gone with the connection
+        throw e;
+      },
+    );
+  }
+
+  // ---- incoming frames ------------------------------------------------------
+
+  _onFrame(ws, raw) {
+    if (ws !== this._ws) return;
+    let m;
+    try {
+      m = JSON.parse(typeof raw === "string" ? raw : new TextDecoder().decode(raw));
+    } catch {
+      this._emit("error", new CorecastError("bad_frame", "server sent a frame that is not JSON"));
+      return;
+    }
+    if (!m || typeof m !== "object") return;
+    switch (m.ev) {
+      case "message":
+        this._onMessage(m);
+        break;
+      case "gap": {
+        const sub = this._subs.get(m.room);
+        if (!sub) break;
+        const since = sub.position;
+        sub.position = { epoch: m.epoch, offset: m.offset };
+        sub._call("onGap", { room: m.room, reason: "gap", since, epoch: m.epoch, offset: m.offset });
+        break;
+      }
+      case "direct":
+        this._emit("direct", { from: m.from, data: m.data });
+        break;
+      case "maintenance": {
+        const ms = Number(m.reconnect_in_ms) || 0;
+        this._maintenanceUntil = Date.now() + ms;
+        this._emit("maintenance", { reconnectInMs: ms });
+        // The server closes us (1001) when the delay is up; until then we
+        // keep receiving. If it does not, leave on time anyway.
+        const until = this._maintenanceUntil;
+        setTimeout(() => {
+          if (ws === this._ws && this._maintenanceUntil === until) this._drop(ws, 1000, "maintenance");
+        }, ms + 2000);
+        break;
+      }
+      case "unsubscribed":
+        if (m.id === undefined) {
+          // A refreshed token no longer grants the room; the server left it.
+          const sub = this._subs.get(m.room);
+          if (sub) {
+            this._subs.delete(m.room);
+            sub.state = "closed";
+            sub._call("onError", new CorecastError("forbidden", "the refreshed token no longer grants this room"));
+          }
+          break;
+        }
+        this._settle(m.id, true, m);
+        break;
+      case "error": {
+        const err = new CorecastError(m.code, m.message);
+        err.event = m;
+        if (m.id !== undefined && this._settle(m.id, false, err)) break;
+        this._emit("error", err);
+        break;
+      }
+      default:
+        // subscribed, ack, pong, history, refreshed, and anything newer.
+        if (m.id !== undefined) this._settle(m.id, true, m);
+    }
+  }
+
+  _onMessage(m) {
+    const sub = this._subs.get(m.room);
+    if (!sub) return;
+    if (typeof m.offset === "number" && m.epoch !== undefined) {
+      const pos = sub.position;
+      if (pos && pos.epoch === m.epoch) {
+        if (m.offset <= pos.offset) {
+          sub.duplicatesDropped++;
+          return;
+        }
+        if (m.offset > pos.offset + 1) {
+          sub._call("onGap", {
+            room: m.room,
+            reason: "skipped",
+            since: pos,
+            epoch: m.epoch,
+            offset: m.offset - 1,
+          });
+        }
+      } else if (pos) {
+        sub._call("onGap", { room: m.room, reason: "epoch_changed", since: pos, epoch: m.epoch, offset: m.offset - 1 });
+      }
+      sub.position = { epoch: m.epoch, offset: m.offset };
+    }
+    sub._call("onMessage", {
+      room: m.room,
+      from: m.from,
+      data: m.data,
+      epoch: m.epoch,
+      offset: m.offset,
+    });
+  }
+}
+
+function normalizeUrl(u) {
+  let s = String(u);
+  if (s.startsWith("http://")) s = "ws://" + s.slice(7);
+  else if (s.startsWith("https://")) s = "wss://" + s.slice(8);
+  const m = /^(wss?:\/\/[^/?#]+)(\/?)$/.exec(s);
+  return m ? m[1] + "/ws" : s;
+}
+
+function detach(ws) {
+  ws.onopen = ws.onmessage = ws.onclose = null;
+  ws.onerror = () => {};
+}
