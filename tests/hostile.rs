@@ -122,6 +122,10 @@ fn zero_window_subscribers_are_cut_off_and_their_descriptors_come_back() {
         );
         thread::sleep(Duration::from_millis(20));
     }
+    eprintln!(
+        "FIGURE zero-window: 200 cut off after {sent} messages; descriptors back to baseline {baseline} in {:?}",
+        t.elapsed()
+    );
     let m = s.metrics();
     let conns = common::metric_in(&m, "corecast_connections").unwrap();
     let sockets = common::metric_in(&m, "corecast_sockets").unwrap();
@@ -159,6 +163,12 @@ fn ping_flood_without_reading_is_cut_off_and_memory_stays_bounded() {
         }
     };
     assert!(cut, "the ping flood was not cut off ({written} bytes written)");
+    eprintln!(
+        "FIGURE ping flood (default rate): cut off after {:?}, {} KiB written; RSS {base} -> {} KiB",
+        t.elapsed(),
+        written / 1024,
+        s.rss_kib()
+    );
     s.wait_until("flood counted", || s.metric("corecast_control_rate_limited_total") > 0.0);
     assert_eq!(s.metric("corecast_rate_limit_disconnects_total"), 1.0);
     let grown = s.rss_kib().saturating_sub(base);
@@ -186,6 +196,13 @@ fn ping_flood_with_no_rate_limit_queues_one_pong() {
         }
     }
     assert!(written > 8 << 20, "the server stopped reading the pings: only {written} bytes taken");
+    eprintln!(
+        "FIGURE ping flood (no rate limit): {} MiB of pings in {:?}, {} pongs coalesced; RSS {base} -> {} KiB",
+        written >> 20,
+        t.elapsed(),
+        s.metric("corecast_pongs_coalesced_total"),
+        s.rss_kib()
+    );
     assert!(s.metric("corecast_pongs_coalesced_total") > 1000.0, "pongs were coalesced");
     let grown = s.rss_kib().saturating_sub(base);
     assert!(grown < RSS_SLACK_KIB, "RSS grew by {grown} KiB after {written} bytes of pings");
@@ -219,6 +236,7 @@ fn pipelined_http_without_reading_holds_one_response_and_the_shard_keeps_serving
         }
     }
     let served = s.metric("corecast_http_requests_total");
+    eprintln!("FIGURE pipelined: {sent} requests written, {served} answered; RSS {base} -> {} KiB", s.rss_kib());
     assert!(served < 10_000.0, "the node kept answering a client that never reads: {served} requests");
     let grown = s.rss_kib().saturating_sub(base);
     assert!(grown < RSS_SLACK_KIB, "RSS grew by {grown} KiB");
@@ -237,6 +255,7 @@ fn pipelined_http_without_reading_holds_one_response_and_the_shard_keeps_serving
         }
     }
     let (worst, n) = prober.finish();
+    eprintln!("FIGURE pipelined: other client's worst ping round trip {worst:?} over {n}");
     assert!(n > 10, "prober ran");
     assert!(worst < Duration::from_millis(50), "another client's ping took {worst:?}");
 }
@@ -268,9 +287,11 @@ fn endless_http_head_is_refused_at_the_limit_with_memory_bounded() {
     }
     let head = response.join().unwrap().expect("a response before the close");
     assert_eq!(&head, b"HTTP/1.1 431", "{}", String::from_utf8_lossy(&head));
+    eprintln!("FIGURE endless head: 431 after {} KiB written; RSS {base} -> {} KiB", written / 1024, s.rss_kib());
     let grown = s.rss_kib().saturating_sub(base);
     assert!(grown < RSS_SLACK_KIB, "RSS grew by {grown} KiB after {written} bytes of head");
-    let (worst, _) = prober.finish();
+    let (worst, n) = prober.finish();
+    eprintln!("FIGURE endless head: other client's worst ping round trip {worst:?} over {n}");
     assert!(worst < Duration::from_millis(50), "another client's ping took {worst:?}");
 }
 
@@ -485,6 +506,9 @@ fn a_stalled_shard_bounds_its_inbox_and_the_other_shard_keeps_serving() {
     let backlog = common::metric_in(&m, "corecast_inbox_backlog{shard=\"1\"}").unwrap();
     assert!(backlog <= 16_384.0, "{backlog}");
     let grown = s.rss_kib().saturating_sub(base);
+    eprintln!(
+        "FIGURE stalled shard: {acked} accepted, then {refused} refused with unavailable; backlog {backlog}; RSS +{grown} KiB"
+    );
     assert!(grown < RSS_SLACK_KIB, "RSS grew by {grown} KiB");
     // Once the shard is back it delivers everything that was accepted, in order.
     for _ in 0..acked {
@@ -492,4 +516,86 @@ fn a_stalled_shard_bounds_its_inbox_and_the_other_shard_keeps_serving() {
     }
     sub1.expect_silence(Duration::from_millis(200));
     assert_eq!(s.metric("corecast_inbox_dropped_total"), 0.0, "nothing accepted was dropped");
+}
+
+#[test]
+fn kills_from_inside_a_fan_out_and_a_heartbeat_sweep_leave_the_shard_serving() {
+    let _one_at_a_time = serial();
+    // One shard, so every kill below happens on the shard that serves the
+    // others too: a fan-out cuts off zero-window subscribers while it walks
+    // the room, and the heartbeat sweep cuts off silent ones while it walks
+    // the connection table (the RefCell contract in src/shard/mod.rs).
+    let s = start_server(&[
+        "--shards",
+        "1",
+        "--heartbeat-secs",
+        "2",
+        "--outbound-queue-bytes",
+        "32768",
+        "--max-ops-per-sec",
+        "0",
+    ]);
+    let mut reader = Client::connect(&s.ws_url("/ws?user=reader"));
+    reader.subscribe("r");
+    let mut publisher = Client::connect(&s.ws_url("/ws?user=pub"));
+    let baseline = s.open_fds();
+    // Silent subscribers: they read (so fan-out does not cut them off) but
+    // never answer a ping, so only the sweep can end them.
+    let silent: Vec<Raw> = (0..50)
+        .map(|i| {
+            let mut r = Raw::upgrade(s.addr, &format!("/ws?user=silent{i}"));
+            r.send_frame(0x81, br#"{"op":"subscribe","room":"r"}"#, true);
+            r
+        })
+        .collect();
+    let drains: Vec<_> = silent
+        .into_iter()
+        .map(|mut r| {
+            thread::spawn(move || {
+                r.s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut b = vec![0u8; 1 << 16];
+                while matches!(r.s.read(&mut b), Ok(n) if n > 0) {}
+            })
+        })
+        .collect();
+    let _stuck: Vec<Raw> = (0..50)
+        .map(|i| {
+            let mut r = Raw::upgrade_on(tiny_window(s.addr), &format!("/ws?user=stuck{i}"));
+            r.send_frame(0x81, br#"{"op":"subscribe","room":"r"}"#, true);
+            r
+        })
+        .collect();
+    s.wait_until("100 more subscribers", || s.metric("corecast_messages_in_total") >= 101.0);
+    let pad = "k".repeat(1500);
+    let t = Instant::now();
+    let mut i = 0u64;
+    // The stuck ones are silent too: either walk may end them first, but
+    // the flood (flat out until they are cut off) beats 2 intervals.
+    let cut = || s.metric("corecast_heartbeat_timeouts_total") + s.metric("corecast_slow_consumer_disconnects_total");
+    while cut() < 100.0 || s.metric("corecast_heartbeat_timeouts_total") < 50.0 {
+        let flat_out = s.metric("corecast_slow_consumer_disconnects_total") < 50.0;
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "not every attacker was cut off: {} by the sweep, {} in fan-out",
+            s.metric("corecast_heartbeat_timeouts_total"),
+            s.metric("corecast_slow_consumer_disconnects_total")
+        );
+        for _ in 0..8 {
+            publisher.send_json(&json!({"op":"publish","room":"r","data":{"i":i,"pad":pad}}));
+            i += 1;
+        }
+        for k in (i - 8)..i {
+            assert_eq!(reader.recv()["data"]["i"], json!(k));
+        }
+        if !flat_out {
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    s.wait_until("descriptors back", || s.open_fds() <= baseline);
+    for d in drains {
+        d.join().unwrap();
+    }
+    assert_eq!(publisher.call(json!({"op":"ping","id":9})), json!({"ev":"pong","id":9}));
+    assert_eq!(s.metric("corecast_connections"), 2.0);
+    assert!(s.metric("corecast_slow_consumer_disconnects_total") > 0.0, "some were cut off inside a fan-out");
 }
