@@ -11,7 +11,15 @@ fn main() -> anyhow::Result<()> {
     // Colour codes only for a person at a terminal: journald, files and
     // `docker logs` get plain text, and `--log-format json` stays clean.
     let ansi = cfg.log_format == LogFormat::Text && std::io::stderr().is_terminal();
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    // A log line that cannot be written (stderr closed: a restarted
+    // journald, a reader that went away) is dropped. tracing-subscriber's
+    // default reports it with `eprintln!`, which panics on that same closed
+    // stderr and takes the logging thread (a shard!) down with it.
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .log_internal_errors(false);
     match cfg.log_format {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),

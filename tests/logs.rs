@@ -45,3 +45,42 @@ fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
     assert!(!logs.contains('\x1b'), "escape codes in the log:\n{logs:?}");
     assert!(logs.lines().any(|l| l.contains("INFO") && l.contains("shard running")), "{logs}");
 }
+
+#[test]
+fn a_closed_stderr_does_not_take_the_node_down() {
+    // stderr's reader goes away (a restarted journald, a `| head`): log
+    // lines are dropped, and nothing panics.
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_corecast"))
+        .args(["--listen", "127.0.0.1:0", "--shards", "2", "--drain-secs", "1"])
+        .env("RUST_LOG", "corecast=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn corecast");
+    drop(child.stderr.take());
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr: std::net::SocketAddr = line.trim().strip_prefix("corecast listening on ").expect(&line).parse().unwrap();
+    // Debug lines on every shard: refused handshakes and protocol errors.
+    for _ in 0..20 {
+        assert_eq!(common::http_at(addr, "GET", "/ws", &[], b"").0, 400);
+        let mut raw = Raw::upgrade(addr, "/ws?user=quiet");
+        raw.send_frame(0x81, b"{}", false);
+        assert_eq!(raw.expect_close_code(), 1002);
+    }
+    assert_eq!(common::http_at(addr, "GET", "/healthz", &[], b"").0, 200);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "the node did not drain and exit");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}: a shard died writing to the closed stderr");
+}
