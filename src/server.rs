@@ -159,6 +159,9 @@ fn run_shard(
             monoio::spawn(shard.clone().run_inbox(inbox));
             monoio::spawn(accept::run(shard.clone(), listener));
             monoio::spawn(crate::shard::heartbeat::run(shard.clone()));
+            if shard.history().is_some() && shard.cfg.redis.is_none() {
+                monoio::spawn(crate::history::ShardHistory::run_sweep(shard.clone()));
+            }
             info!(shard = id, core, driver, "shard running");
             let _ = ready.send(Ok(()));
             shard.drained().await;

@@ -79,7 +79,7 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
                         return Err(Stop::HttpDone);
                     }
                 };
-                routes::publish(shard, &head, &body)
+                routes::publish(shard, &head, &body).await
             }
             (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => Reply::text(405, "method not allowed\n"),
             (_, "/api/publish") => Reply::text(405, "method not allowed\n"),
