@@ -138,3 +138,90 @@ impl Tracker {
         self.seen.keys().next_back().copied().unwrap_or(self.start.unwrap_or(0))
     }
 }
+
+/// A logical client that follows one room across connections: it connects
+/// to `url()` (asked again before every reconnect), subscribes with its last
+/// position, records everything into its `Tracker`, honours `maintenance`
+/// (waits its delay before reconnecting), and reconnects whenever the
+/// connection breaks. It stops once it has seen `done` (non-zero) or the
+/// deadline passes.
+pub struct Roamer {
+    pub tracker: Tracker,
+    pub connects: u32,
+    pub maintenance: u32,
+}
+
+pub fn roam(
+    url: &dyn Fn(u32) -> String,
+    room: &str,
+    done: &std::sync::atomic::AtomicU64,
+    subscribed: &std::sync::atomic::AtomicUsize,
+    limit: Duration,
+) -> Roamer {
+    use std::sync::atomic::Ordering;
+    use tungstenite::Message;
+    let end = Instant::now() + limit;
+    let mut r = Roamer { tracker: Tracker::default(), connects: 0, maintenance: 0 };
+    let finished = |t: &Tracker| {
+        let d = done.load(Ordering::SeqCst);
+        d > 0 && t.highest() >= d
+    };
+    loop {
+        assert!(Instant::now() < end, "roamer in {room} gave up after {limit:?}: {:?}", r.tracker.last);
+        let Ok((mut ws, _)) = tungstenite::connect(url(r.connects)) else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        r.connects += 1;
+        let mut op = json!({"op": "subscribe", "room": room, "id": "s"});
+        if let Some(p) = &r.tracker.last {
+            op["since"] = p.since();
+        }
+        if ws.send(Message::text(op.to_string())).is_err() {
+            continue;
+        }
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
+            s.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+        }
+        let mut reconnect_at = None;
+        let mut first = true;
+        loop {
+            if finished(&r.tracker) {
+                return r;
+            }
+            assert!(Instant::now() < end, "roamer in {room} timed out: {:?}", r.tracker.last);
+            match ws.read() {
+                Ok(Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(&t).expect("JSON");
+                    match v["ev"].as_str() {
+                        Some("subscribed") => {
+                            assert!(first, "one subscribed per connection: {v}");
+                            first = false;
+                            r.tracker.subscribed(&v);
+                            if r.connects == 1 {
+                                subscribed.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        Some("maintenance") => {
+                            r.maintenance += 1;
+                            let ms = v["reconnect_in_ms"].as_u64().expect("reconnect_in_ms");
+                            reconnect_at = Some(Instant::now() + Duration::from_millis(ms));
+                        }
+                        Some("error") => panic!("roamer got an error: {v}"),
+                        _ => {
+                            assert!(!first, "an event before subscribed: {v}");
+                            r.tracker.take(&v);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => break,
+            }
+        }
+        if let Some(at) = reconnect_at {
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        }
+    }
+}
