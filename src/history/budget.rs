@@ -16,6 +16,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 /// Reads one connection may have going at once.
@@ -63,14 +64,21 @@ impl ConnBudget {
     }
 }
 
-/// Per shard: a FIFO semaphore without locks (single-threaded).
+/// Per shard: a FIFO semaphore without locks (single-threaded), O(1) per
+/// wait and per release.
 #[derive(Default)]
 pub struct ShardBudget {
     in_flight: Cell<usize>,
-    waiting: RefCell<VecDeque<(u64, Option<Waker>)>>,
-    next_ticket: Cell<u64>,
-    /// The ticket whose turn it is to take a freed place.
-    granted: RefCell<Vec<u64>>,
+    waiting: RefCell<VecDeque<Rc<Waiter>>>,
+}
+
+#[derive(Default)]
+struct Waiter {
+    /// A released place was handed to this waiter.
+    granted: Cell<bool>,
+    /// The waiting task was dropped: skip it.
+    gone: Cell<bool>,
+    waker: Cell<Option<Waker>>,
 }
 
 /// A place taken from a `ShardBudget`; gives it back when dropped.
@@ -78,18 +86,7 @@ pub struct Permit<'a>(&'a ShardBudget);
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        let b = self.0;
-        let next = b.waiting.borrow_mut().pop_front();
-        match next {
-            // The place passes straight to the next in line.
-            Some((ticket, waker)) => {
-                b.granted.borrow_mut().push(ticket);
-                if let Some(w) = waker {
-                    w.wake();
-                }
-            }
-            None => b.in_flight.set(b.in_flight.get() - 1),
-        }
+        self.0.release();
     }
 }
 
@@ -104,24 +101,41 @@ impl ShardBudget {
         self.waiting.borrow().len()
     }
 
+    /// A place is free: it passes straight to the next one in line, if any.
+    fn release(&self) {
+        loop {
+            let next = self.waiting.borrow_mut().pop_front();
+            match next {
+                Some(w) if w.gone.get() => continue,
+                Some(w) => {
+                    w.granted.set(true);
+                    if let Some(k) = w.waker.take() {
+                        k.wake();
+                    }
+                    return;
+                }
+                None => {
+                    self.in_flight.set(self.in_flight.get() - 1);
+                    return;
+                }
+            }
+        }
+    }
+
     /// Waits for a place (FIFO).
     pub async fn acquire(&self) -> Permit<'_> {
         if self.in_flight.get() < SHARD_IN_FLIGHT && self.waiting.borrow().is_empty() {
             self.in_flight.set(self.in_flight.get() + 1);
             return Permit(self);
         }
-        let ticket = self.next_ticket.replace(self.next_ticket.get() + 1);
-        self.waiting.borrow_mut().push_back((ticket, None));
-        let mut guard = Waiting { budget: self, ticket, done: false };
+        let w = Rc::new(Waiter::default());
+        self.waiting.borrow_mut().push_back(w.clone());
+        let mut guard = Waiting { budget: self, w, done: false };
         poll_fn(|cx| {
-            let mut granted = self.granted.borrow_mut();
-            if let Some(i) = granted.iter().position(|&t| t == ticket) {
-                granted.swap_remove(i);
+            if guard.w.granted.get() {
                 return Poll::Ready(());
             }
-            if let Some(w) = self.waiting.borrow_mut().iter_mut().find(|(t, _)| *t == ticket) {
-                w.1 = Some(cx.waker().clone());
-            }
+            guard.w.waker.set(Some(cx.waker().clone()));
             Poll::Pending
         })
         .await;
@@ -134,7 +148,7 @@ impl ShardBudget {
 /// passes on a place it was granted but never used.
 struct Waiting<'a> {
     budget: &'a ShardBudget,
-    ticket: u64,
+    w: Rc<Waiter>,
     done: bool,
 }
 
@@ -143,18 +157,10 @@ impl Drop for Waiting<'_> {
         if self.done {
             return;
         }
-        let b = self.budget;
-        let mut waiting = b.waiting.borrow_mut();
-        if let Some(i) = waiting.iter().position(|(t, _)| *t == self.ticket) {
-            waiting.remove(i);
-            return;
-        }
-        drop(waiting);
-        let mut granted = b.granted.borrow_mut();
-        if let Some(i) = granted.iter().position(|&t| t == self.ticket) {
-            granted.swap_remove(i);
-            drop(granted);
-            drop(Permit(b));
+        if self.w.granted.get() {
+            self.budget.release();
+        } else {
+            self.w.gone.set(true);
         }
     }
 }
@@ -181,5 +187,43 @@ mod tests {
         assert_eq!(taken, 2 * CONN_READS_PER_SEC, "burst of twice the rate");
         assert!(!b.take(1050));
         assert!(b.take(1100), "one token per 100 ms at 10/s");
+    }
+
+    #[test]
+    fn the_shard_budget_serves_waiters_in_order_and_passes_on_places() {
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().unwrap();
+        rt.block_on(async {
+            let b: &'static ShardBudget = Box::leak(Box::default());
+            let held: Vec<Permit<'static>> = futures_lite_join(b, SHARD_IN_FLIGHT).await;
+            let order = Rc::new(RefCell::new(Vec::new()));
+            let tasks: Vec<_> = (0..3)
+                .map(|i| {
+                    let order = order.clone();
+                    monoio::spawn(async move {
+                        let _p = b.acquire().await;
+                        order.borrow_mut().push(i);
+                    })
+                })
+                .collect();
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            assert_eq!(b.waiting(), 3);
+            assert!(order.borrow().is_empty(), "all places are taken");
+            drop(held);
+            for t in tasks {
+                t.await;
+            }
+            assert_eq!(*order.borrow(), [0, 1, 2]);
+            assert_eq!(b.in_flight.get(), 0, "every place came back");
+        });
+    }
+
+    async fn futures_lite_join(b: &'static ShardBudget, n: usize) -> Vec<Permit<'static>> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(b.acquire().await);
+        }
+        v
     }
 }

@@ -79,7 +79,6 @@ enum Phase {
 /// A member of the room whose live delivery is not plain yet.
 struct ConnState {
     conn: Weak<Conn>,
-    id: ConnId,
     token: u64,
     phase: Phase,
 }
@@ -95,7 +94,7 @@ struct RoomState {
     catching_up: bool,
     /// The link dropped again while the catch-up task ran.
     again: bool,
-    conns: Vec<ConnState>,
+    conns: FxHashMap<ConnId, ConnState>,
     /// Tasks waiting for the room's SUBSCRIBE to be confirmed.
     waiters: Vec<Waker>,
 }
@@ -223,8 +222,8 @@ impl ShardHistory {
         let start_catch_up = {
             let mut rooms = self.rooms.borrow_mut();
             let st = rooms.entry(Arc::from(room)).or_default();
-            st.conns.retain(|c| c.id != conn.id);
-            st.conns.push(ConnState { conn: Rc::downgrade(conn), id: conn.id, token, phase: Phase::Buffering(vec![]) });
+            // A second subscribe replaces a recovery still under way.
+            st.conns.insert(conn.id, ConnState { conn: Rc::downgrade(conn), token, phase: Phase::Buffering(vec![]) });
             // A room that joins while the subscriber link is down catches up
             // once it is back.
             if link_down && st.held.is_none() && !st.catching_up {
@@ -262,10 +261,10 @@ impl ShardHistory {
     ) {
         let mut rooms = self.rooms.borrow_mut();
         let Some(st) = rooms.get_mut(room) else { return };
-        let Some(i) = st.conns.iter().position(|c| c.token == token) else {
+        if st.conns.get(&conn.id).is_none_or(|c| c.token != token) {
             return; // Unsubscribed, or subscribed again, meanwhile.
-        };
-        let state = st.conns.swap_remove(i);
+        }
+        let Some(state) = st.conns.remove(&conn.id) else { return };
         if !shard.has_conn(conn) {
             return;
         }
@@ -308,14 +307,14 @@ impl ShardHistory {
         // Still on its way through the live path? Keep filtering until passed.
         let passed = st.last.is_some_and(|l| l.epoch == got.epoch && l.offset >= got.offset);
         if !passed {
-            st.conns.push(ConnState { conn: state.conn, id: state.id, token, phase: Phase::Filtering(got) });
+            st.conns.insert(conn.id, ConnState { conn: state.conn, token, phase: Phase::Filtering(got) });
         }
     }
 
     /// `conn` left `room` (unsubscribe): its pending recovery is dropped.
     pub fn forget(&self, conn: &Conn, room: &str) {
         if let Some(st) = self.rooms.borrow_mut().get_mut(room) {
-            st.conns.retain(|c| c.id != conn.id);
+            st.conns.remove(&conn.id);
         }
     }
 
@@ -470,9 +469,8 @@ fn fan_out(shard: &Shard, room: &str, st: &mut RoomState, item: Item, sent: Opti
         }
         return;
     }
-    let special: Vec<ConnId> = st.conns.iter().map(|c| c.id).collect();
-    shard.deliver_except(room, &item.frame, &special);
-    st.conns.retain_mut(|c| {
+    shard.deliver_except(room, &item.frame, |id| st.conns.contains_key(&id));
+    st.conns.retain(|_, c| {
         let Some(conn) = c.conn.upgrade().filter(|conn| shard.has_conn(conn)) else { return false };
         match &mut c.phase {
             Phase::Buffering(items) => {

@@ -301,12 +301,12 @@ impl Shard {
         n
     }
 
-    /// Like `deliver` to a room, but skips the members in `except` (the ones
+    /// Like `deliver` to a room, but skips the members `except` picks (the ones
     /// `history::recover` serves itself).
-    pub(crate) fn deliver_except(&self, room: &str, frame: &Bytes, except: &[ConnId]) {
+    pub(crate) fn deliver_except(&self, room: &str, frame: &Bytes, except: impl Fn(ConnId) -> bool) {
         let conns = self.conns.borrow();
         if let Some(members) = self.rooms.borrow().members(room) {
-            for id in members.iter().filter(|id| !except.contains(id)) {
+            for id in members.iter().filter(|id| !except(**id)) {
                 if let Some(c) = conns.get(*id as usize) {
                     c.push(self, frame.clone());
                 }
