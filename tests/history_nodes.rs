@@ -226,7 +226,8 @@ fn a_redis_that_lost_its_data_gives_a_new_epoch_and_no_false_recovery() {
     let room = "reset";
     let mut c = Client::connect(&a.ws_url("/ws"));
     subscribe_since(&mut c, room, None);
-    let old = (1..=5).map(|i| api_publish(&a, room, json!(i))).last().unwrap();
+    let published: Vec<Pos> = (1..=5).map(|i| api_publish(&a, room, json!(i))).collect();
+    let old = published[4].clone();
     assert_eq!(offsets(&messages(&mut c, room, 5, Duration::from_secs(5))), [1, 2, 3, 4, 5]);
     r.restart(); // No persistence: everything is gone.
     a.wait_until("links back", || a.http_get("/readyz").0 == 200);

@@ -65,7 +65,7 @@ pub fn publish(
         None => 0,
     };
     let msg = Msg::Publish { room: Arc::from(room), msg, reply_to: shard.id, token };
-    if shard.peers()[owner].send(ShardMsg::History(msg)).is_err() {
+    if shard.peers()[owner].send(ShardMsg::History(Box::new(msg))).is_err() {
         h.forget_token(token);
         return Err(Unavailable);
     }
@@ -82,7 +82,7 @@ pub async fn read(shard: &Shard, room: &str, q: Query) -> Result<ReadResult, Una
     let slot = Slot::default();
     let token = h.wait_for(Waiting::Read(slot.clone()));
     let msg = Msg::Read { room: Arc::from(room), q, reply_to: shard.id, token };
-    if shard.peers()[owner].send(ShardMsg::History(msg)).is_err() {
+    if shard.peers()[owner].send(ShardMsg::History(Box::new(msg))).is_err() {
         h.forget_token(token);
         return Err(Unavailable);
     }
@@ -95,7 +95,12 @@ fn own_publish(shard: &Shard, h: &ShardHistory, room: &str, msg: MessagePrefix) 
     let (pos, frame) = h.rings().publish(room, msg, sent);
     if shard.peers().len() > 1 {
         let name: Arc<str> = Arc::from(room);
-        shard.to_other_shards(|| ShardMsg::Room { room: name.clone(), frame: frame.clone(), sent, pos: Some(pos) });
+        shard.to_other_shards(|| ShardMsg::Room {
+            room: name.clone(),
+            frame: frame.clone(),
+            sent,
+            pos: Some(Box::new(pos)),
+        });
     }
     h.on_live(shard, room, pos, frame, sent);
     pos
@@ -120,7 +125,7 @@ pub fn handle(shard: &Shard, msg: Msg) {
 }
 
 fn reply(shard: &Shard, to: usize, token: u64, reply: Reply) {
-    let msg = ShardMsg::History(Msg::Reply { token, reply });
+    let msg = ShardMsg::History(Box::new(Msg::Reply { token, reply }));
     // A shard that stopped (shutdown) no longer waits for it.
     let _ = shard.peers()[to].send(msg);
 }

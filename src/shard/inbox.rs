@@ -24,7 +24,7 @@ pub enum ShardMsg {
     /// Deliver `frame` to every local member of `room`. `pos`: the message's
     /// place in the room's history (§7), when it has one (`history::recover`
     /// then gates it: in order, once).
-    Room { room: Arc<str>, frame: Bytes, sent: Instant, pos: Option<crate::history::Position> },
+    Room { room: Arc<str>, frame: Bytes, sent: Instant, pos: Option<Box<crate::history::Position>> },
     /// Deliver `frame` to every local connection of `user`.
     Direct { user: Arc<str>, frame: Bytes, sent: Instant },
     /// SIGTERM/SIGINT: stop accepting and drain (PROTOCOL.md §5).
@@ -36,7 +36,7 @@ pub enum ShardMsg {
     RedisLink { up: bool },
     /// Standalone history: a request to the room's owner shard, or its
     /// answer (`history::local`).
-    History(crate::history::local::Msg),
+    History(Box<crate::history::local::Msg>),
 }
 
 /// The sending half; `Clone + Send`, handed to other shards and bus threads.

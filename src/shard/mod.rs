@@ -361,7 +361,7 @@ impl Shard {
         self.m().inbox_messages_total.inc();
         match msg {
             ShardMsg::Room { room, frame, sent, pos } => match (pos, &self.history) {
-                (Some(pos), Some(h)) => h.on_live(self, &room, pos, frame, sent),
+                (Some(pos), Some(h)) => h.on_live(self, &room, *pos, frame, sent),
                 _ => self.deliver_timed(Target::Room(&room), &frame, sent),
             },
             ShardMsg::Direct { user, frame, sent } => self.deliver_timed(Target::User(&user), &frame, sent),
@@ -378,7 +378,7 @@ impl Shard {
                     h.on_link(self, up);
                 }
             }
-            ShardMsg::History(msg) => crate::history::local::handle(self, msg),
+            ShardMsg::History(msg) => crate::history::local::handle(self, *msg),
         }
     }
 
