@@ -231,3 +231,70 @@ fn without_history_since_is_answered_unrecovered_and_the_history_op_refused() {
     let v: Value = c.recv();
     assert_eq!(v, json!({"ev":"message","room":"r","from":"server","data":1}), "no position without history");
 }
+
+#[test]
+fn standalone_offsets_are_one_order_for_every_subscriber_and_keep_each_publishers_order() {
+    let _d = deadline("standalone_order", Duration::from_secs(120));
+    let s = standalone();
+    let room = "order";
+    let mut subs: Vec<Client> = (0..4).map(|_| Client::connect(&s.ws_url("/ws"))).collect();
+    for c in &mut subs {
+        subscribe_since(c, room, None);
+    }
+    const EACH: u64 = 300;
+    let pubs: Vec<_> = ["p0", "p1"]
+        .into_iter()
+        .map(|user| {
+            let url = s.ws_url(&format!("/ws?user={user}"));
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&url);
+                for i in 0..EACH {
+                    c.send_json(&json!({"op":"publish","room":room,"data":i}));
+                }
+                c
+            })
+        })
+        .collect();
+    let _pubs: Vec<Client> = pubs.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut orders = Vec::new();
+    for c in &mut subs {
+        let got = messages(c, room, 2 * EACH as usize, Duration::from_secs(20));
+        assert_eq!(offsets(&got), (1..=2 * EACH).collect::<Vec<_>>(), "offsets in order, once");
+        for user in ["p0", "p1"] {
+            let data: Vec<u64> =
+                got.iter().filter(|m| m["from"] == user).map(|m| m["data"].as_u64().unwrap()).collect();
+            assert_eq!(data, (0..EACH).collect::<Vec<_>>(), "{user}'s order");
+        }
+        orders.push(got.iter().map(|m| (m["from"].clone(), m["data"].clone())).collect::<Vec<_>>());
+    }
+    assert!(orders.windows(2).all(|w| w[0] == w[1]), "every subscriber sees the same order");
+}
+
+#[test]
+fn standalone_history_expires_after_its_ttl_and_a_restart_starts_new_epochs() {
+    let _d = deadline("standalone_expiry", Duration::from_secs(120));
+    let args = ["--shards", "2", "--history-size", SIZE, "--history-ttl-secs", "1", "--max-ops-per-sec", "0"];
+    let s = start_server(&args);
+    let old = api_publish(&s, "ttl", json!(1));
+    let mut poll = Client::connect(&s.ws_url("/ws"));
+    s.wait_until("the room's history expired", || {
+        // Within the connection's read rate (10/s).
+        std::thread::sleep(Duration::from_millis(150));
+        let v = poll.call(json!({"op":"history","room":"ttl","id":1}));
+        v["epoch"] != old.epoch.as_str()
+    });
+    let mut c = Client::connect(&s.ws_url("/ws"));
+    let v = subscribe_since(&mut c, "ttl", Some(&old));
+    assert_eq!((v["recovered"].clone(), v["offset"].clone()), (json!(false), json!(0)));
+    assert_ne!(v["epoch"], old.epoch.as_str());
+    // A restarted node: a position from the old process is not recovered.
+    let s1 = start_server(&["--shards", "2", "--history-size", SIZE]);
+    let p = api_publish(&s1, "r", json!(1));
+    drop(s1);
+    let s2 = start_server(&["--shards", "2", "--history-size", SIZE]);
+    assert_eq!(api_publish(&s2, "r", json!(1)).offset, 1);
+    let mut c = Client::connect(&s2.ws_url("/ws"));
+    let v = subscribe_since(&mut c, "r", Some(&p));
+    assert_eq!(v["recovered"], false);
+    assert_ne!(v["epoch"], p.epoch.as_str());
+}
