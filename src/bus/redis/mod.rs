@@ -13,6 +13,11 @@
 //!   written together once per turn of the event loop, so a busy shard
 //!   pipelines hundreds of publishes per `send(2)` with no thread hop.
 //!
+//! - **history** — with `--history-size`, a third connection on the shard's
+//!   runtime (`history.rs`) runs the Lua scripts that publish into and read a
+//!   room's history (PROTOCOL.md §7); publishes into history rooms go there
+//!   instead of the publisher.
+//!
 //! With Redis, *every* delivery goes through Redis, even to the publisher's
 //! own shard: then every subscriber on every node sees one room's messages in
 //! the order Redis ran the PUBLISHes, and nothing arrives twice.
