@@ -198,9 +198,12 @@ impl ShardHistory {
     }
 
     /// Does the budget allow one more read for `conn`? Refuses with
-    /// `rate_limited` if not. A `true` must be paired with `conn.hist.done()`.
-    fn take_budget(&self, shard: &Shard, conn: &Rc<Conn>, id: Option<&str>) -> bool {
-        if self.budget.has_room() && conn.hist.take(crate::conn::limits::coarse_ms()) {
+    /// `rate_limited` if not. A `true` with `asked` (the client asked for
+    /// history: `since` or the `history` op) must be paired with
+    /// `conn.hist.done()`; a plain subscribe only needs the shard's room.
+    fn take_budget(&self, shard: &Shard, conn: &Rc<Conn>, asked: bool, id: Option<&str>) -> bool {
+        let burst = super::budget::burst(shard.cfg.max_rooms_per_connection);
+        if self.budget.has_room() && (!asked || conn.hist.take(crate::conn::limits::coarse_ms(), burst)) {
             return true;
         }
         shard.m().client_errors_total.inc();
@@ -213,7 +216,7 @@ impl ShardHistory {
 
     /// `subscribe` (with or without `since`) of a room with history.
     pub fn subscribe(&self, shard: &Rc<Shard>, conn: &Rc<Conn>, room: &str, since: Option<Since>, id: Option<&str>) {
-        if !self.take_budget(shard, conn, id) {
+        if !self.take_budget(shard, conn, since.is_some(), id) {
             return;
         }
         shard.subscribe(conn, room);
@@ -243,7 +246,9 @@ impl ShardHistory {
             h.room_ready(&shard, &room, false).await;
             let q = Query { after: since, limit: if since.is_some() { h.settings.size } else { 0 } };
             let r = h.read(&shard, &room, q).await;
-            conn.hist.done();
+            if since.is_some() {
+                conn.hist.done();
+            }
             h.finish_subscribe(&shard, &conn, &room, token, since, id.as_deref(), r);
         });
     }
@@ -342,7 +347,7 @@ impl ShardHistory {
         since: Option<Since>,
         id: Option<&str>,
     ) {
-        if !self.take_budget(shard, conn, id) {
+        if !self.take_budget(shard, conn, true, id) {
             return;
         }
         let limit = limit.min(self.settings.size);
