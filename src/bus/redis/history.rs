@@ -57,6 +57,10 @@ pub const READ_LUA: &str = include_str!("scripts/read.lua");
 const MAX_QUEUED_BYTES: usize = 8 << 20;
 /// Commands unanswered beyond which publishes and reads are refused.
 const MAX_PENDING: usize = 65_536;
+/// Oldest command unanswered this long: refuse new ones until Redis answers
+/// (as the publisher does), so that a Redis slower than the publishers
+/// sheds load with `unavailable` instead of queueing seconds of latency.
+const STALL_AFTER: Duration = Duration::from_secs(1);
 /// How often the watch task looks at the oldest unanswered command.
 const WATCH_TICK: Duration = Duration::from_millis(100);
 /// Bytes read per `recv(2)` (publisher.rs reads this much too).
@@ -127,6 +131,8 @@ pub struct HistLink {
     prefix: Arc<str>,
     shared: Arc<Shared>,
     up: Cell<bool>,
+    /// Redis has left a command unanswered for `STALL_AFTER`.
+    stalled: Cell<bool>,
     /// The node's epoch candidate, new for every connection.
     candidate: Cell<Epoch>,
     /// SHA1s of publish.lua and read.lua, as SCRIPT LOAD answered.
@@ -156,6 +162,7 @@ impl HistLink {
             prefix,
             shared,
             up: Cell::new(false),
+            stalled: Cell::new(false),
             candidate: Cell::new(Epoch::random()),
             sha_publish: RefCell::default(),
             sha_read: RefCell::default(),
@@ -174,7 +181,10 @@ impl HistLink {
     }
 
     fn can_take(&self) -> bool {
-        self.up.get() && self.out.borrow().len() < MAX_QUEUED_BYTES && self.pending.borrow().len() < MAX_PENDING
+        self.up.get()
+            && !self.stalled.get()
+            && self.out.borrow().len() < MAX_QUEUED_BYTES
+            && self.pending.borrow().len() < MAX_PENDING
     }
 
     fn keys(&self, room: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
@@ -287,6 +297,7 @@ impl HistLink {
 
     fn set_up(&self, up: bool) {
         self.up.set(up);
+        self.stalled.set(false);
         self.shared.up[self.shard].store(up, Ordering::Relaxed);
     }
 
@@ -429,9 +440,13 @@ impl HistLink {
     async fn watch(&self) -> LinkError {
         loop {
             monoio::time::sleep(WATCH_TICK).await;
-            let oldest = self.pending.borrow().iter().find_map(Pending::at);
-            if oldest.is_some_and(|at| at.elapsed() >= DEAD_AFTER) {
+            let age = self.pending.borrow().iter().find_map(Pending::at).map(|at| at.elapsed());
+            if age.is_some_and(|a| a >= DEAD_AFTER) {
                 return LinkError::Timeout("replies to history scripts");
+            }
+            let stalled = age.is_some_and(|a| a >= STALL_AFTER);
+            if self.stalled.replace(stalled) != stalled && stalled {
+                warn!(shard = self.shard, "redis history: no answer for {STALL_AFTER:?}; refusing until Redis answers");
             }
         }
     }
