@@ -236,6 +236,7 @@ shard_metrics! {
     redis_publish_writes_total: "counter", "Writes on the publisher connection (each carries every PUBLISH queued since the last).";
     redis_publish_lost_total: "counter", "PUBLISHes accepted but lost with a dropped Redis connection (at-most-once).";
     redis_reader_waits_total: "counter", "Times the Redis reader stopped reading because its shard's inbox was full.";
+    redis_history_connected: "gauge", "1 while this shard's Redis history connection (--history-size) is up.";
     history_recovered_total: "counter", "Subscribes with since that the room history covered (recovered:true).";
     history_unrecovered_total: "counter", "Subscribes with since that it could not cover (recovered:false).";
     history_duplicates_dropped_total: "counter", "Live history messages dropped at a room because this shard already had them.";

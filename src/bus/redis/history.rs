@@ -272,7 +272,7 @@ impl HistLink {
 
     /// The task: connect, serve, reconnect with backoff, for the shard's life.
     pub async fn run(self: Rc<Self>) {
-        let mut retry = Retry::new(self.shard, Link::Publisher);
+        let mut retry = Retry::new(self.shard, Link::History);
         loop {
             let attempt = monoio::time::timeout(CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT, self.connect()).await;
             match attempt.unwrap_or(Err(LinkError::Timeout("connect + AUTH/SELECT + SCRIPT LOAD"))) {
@@ -296,7 +296,10 @@ impl HistLink {
     }
 
     fn set_up(&self, up: bool) {
-        self.up.set(up);
+        if self.up.replace(up) != up {
+            let g = &self.m().redis_history_connected;
+            if up { g.inc() } else { g.sub(1) }
+        }
         self.stalled.set(false);
         self.shared.up[self.shard].store(up, Ordering::Relaxed);
     }

@@ -204,11 +204,13 @@ impl Retry {
     }
 }
 
-/// Which of a shard's two Redis connections.
+/// Which of a shard's Redis connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Link {
     Subscriber = 0,
     Publisher = 1,
+    /// Room history (`history.rs`); its health is `history::Shared`, not here.
+    History = 2,
 }
 
 impl Link {
@@ -216,6 +218,7 @@ impl Link {
         match self {
             Link::Subscriber => "subscriber",
             Link::Publisher => "publisher",
+            Link::History => "history",
         }
     }
 }
@@ -249,6 +252,7 @@ impl Health {
         let (flag, gauge) = match link {
             Link::Subscriber => (&self.links[shard].sub, &self.metrics.shard(shard).redis_connected),
             Link::Publisher => (&self.links[shard].publ, &self.metrics.shard(shard).redis_publisher_connected),
+            Link::History => return,
         };
         if flag.swap(up, Ordering::Relaxed) != up {
             // One writer per gauge (see the struct doc), so `add`/`sub` suffice.
@@ -257,7 +261,7 @@ impl Health {
     }
 
     pub(crate) fn failed(&self, shard: usize, link: Link, e: &LinkError) {
-        if let Ok(mut last) = self.links[shard].last_error[link as usize].lock() {
+        if let Some(Ok(mut last)) = self.links[shard].last_error.get(link as usize).map(|m| m.lock()) {
             *last = Some(e.to_string());
         }
     }
