@@ -299,3 +299,20 @@ fn standalone_history_expires_after_its_ttl_and_a_restart_starts_new_epochs() {
     assert_eq!(v["recovered"], false);
     assert_ne!(v["epoch"], p.epoch.as_str());
 }
+
+#[test]
+fn history_needs_the_same_grant_as_subscribe() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    const SECRET: &str = "history-secret-0123456789";
+    let s = start_server(&["--shards", "1", "--history-size", SIZE, "--jwt-secret", SECRET, "--api-key", "k"]);
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let claims = json!({"sub":"dora","exp":exp,"rooms":["team:*"]});
+    let t = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
+    let mut c = Client::connect(&s.ws_url(&format!("/ws?token={t}")));
+    let v = c.call(json!({"op":"history","room":"secret","id":1}));
+    assert_eq!((v["code"].as_str(), v["id"].clone()), (Some("forbidden"), json!(1)));
+    let v = c.call(json!({"op":"subscribe","room":"secret","since":{"epoch":"e","offset":0},"id":2}));
+    assert_eq!((v["code"].as_str(), v["id"].clone()), (Some("forbidden"), json!(2)));
+    let v = c.call(json!({"op":"history","room":"team:1","id":3}));
+    assert_eq!((v["ev"].as_str(), v["messages"].clone()), (Some("history"), json!([])));
+}
