@@ -114,6 +114,16 @@ fn history_op_lists_stored_messages(s: &Server) {
     let v = c.call(json!({"op":"history","room":room,"since":{"epoch":empty_epoch,"offset":9},"id":3}));
     let after: Vec<u64> = v["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();
     assert_eq!(after, [10, 11, 12]);
+    let list = |v: Value| -> Vec<u64> {
+        v["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect()
+    };
+    // `since` partly trimmed: what is left after it.
+    let v = c.call(json!({"op":"history","room":room,"since":{"epoch":empty_epoch,"offset":1},"id":4}));
+    assert_eq!(list(v), (3..=12).collect::<Vec<_>>());
+    // `since` from another epoch: the last K, in the current epoch.
+    let v = c.call(json!({"op":"history","room":room,"limit":2,"since":{"epoch":"stale","offset":5},"id":5}));
+    assert_eq!(v["epoch"], empty_epoch.as_str());
+    assert_eq!(list(v), [11, 12]);
     // It did not subscribe.
     api_publish(s, room, json!(13));
     c.expect_silence(Duration::from_millis(300));

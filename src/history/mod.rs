@@ -107,6 +107,18 @@ pub struct Query {
     pub after: Option<Position>,
     /// At most this many messages (0: only the position).
     pub limit: usize,
+    /// For the `history` op: what is left after `after` even if some of it
+    /// was trimmed, and with `after` from another epoch the last `limit`
+    /// (§7: "the last K messages, or those after N when since is given and
+    /// E is current"). A recovery never takes a partial history.
+    pub listing: bool,
+}
+
+impl Query {
+    /// A recovery (or, with `after: None` and `limit: 0`, just the position).
+    pub fn recover(after: Option<Position>, limit: usize) -> Query {
+        Query { after, limit, listing: false }
+    }
 }
 
 /// What a history read found.
@@ -131,7 +143,7 @@ impl ReadResult {
             Some(a) if a.offset == pos.offset => true,
             Some(a) => entries.first().is_some_and(|e| e.offset == a.offset + 1),
         };
-        if !covered || q.limit == 0 {
+        if (!covered && !q.listing) || q.limit == 0 {
             entries.clear();
         }
         ReadResult { pos, covered, entries }
@@ -220,7 +232,7 @@ mod tests {
 
     #[test]
     fn a_read_is_covered_only_in_the_same_epoch_with_nothing_trimmed() {
-        let q = |e: &str, n| Query { after: Some(pos(e, n)), limit: 100 };
+        let q = |e: &str, n| Query::recover(Some(pos(e, n)), 100);
         let r = ReadResult::judge(pos("a", 20), q("a", 12), entries(13..=20));
         assert!(r.covered);
         assert_eq!(r.entries.len(), 8);
@@ -232,8 +244,11 @@ mod tests {
         assert!(!r.covered, "above T");
         let r = ReadResult::judge(pos("a", 20), q("a", 20), vec![]);
         assert!(r.covered, "nothing missed");
-        let r = ReadResult::judge(pos("a", 0), Query { after: None, limit: 5 }, vec![]);
+        let r = ReadResult::judge(pos("a", 0), Query::recover(None, 5), vec![]);
         assert!(r.covered);
+        let list = Query { after: Some(pos("a", 2)), limit: 100, listing: true };
+        let r = ReadResult::judge(pos("a", 20), list, entries(11..=20));
+        assert!(!r.covered && r.entries.len() == 10, "a listing keeps what is left");
     }
 
     #[test]

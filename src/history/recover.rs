@@ -244,7 +244,7 @@ impl ShardHistory {
         monoio::spawn(async move {
             let Some(h) = shard.history() else { return };
             h.room_ready(&shard, &room, false).await;
-            let q = Query { after: since, limit: if since.is_some() { h.settings.size } else { 0 } };
+            let q = Query::recover(since, if since.is_some() { h.settings.size } else { 0 });
             let r = h.read(&shard, &room, q).await;
             if since.is_some() {
                 conn.hist.done();
@@ -354,7 +354,7 @@ impl ShardHistory {
         let (shard, conn, room, id) = (shard.clone(), conn.clone(), Arc::<str>::from(room), id.map(Box::<str>::from));
         monoio::spawn(async move {
             let Some(h) = shard.history() else { return };
-            let q = Query { after: since, limit };
+            let q = Query { after: since, limit, listing: true };
             let r = h.read(&shard, &room, q).await;
             conn.hist.done();
             if !shard.has_conn(&conn) {
@@ -506,7 +506,7 @@ async fn catch_up(shard: Rc<Shard>, room: Arc<str>) {
         let mut got = None;
         if let Some(last) = last {
             for _ in 0..CATCH_UP_TRIES {
-                match h.read(&shard, &room, Query { after: Some(last), limit: h.settings.size }).await {
+                match h.read(&shard, &room, Query::recover(Some(last), h.settings.size)).await {
                     Ok(r) => {
                         got = Some(r);
                         break;

@@ -96,8 +96,8 @@ impl Rings {
             Some(a) if a.epoch == room.epoch => {
                 room.entries.iter().skip_while(|e| e.offset <= a.offset).take(limit).cloned().collect()
             }
-            Some(_) => Vec::new(),
-            None => room.entries.iter().skip(room.entries.len() - limit).cloned().collect(),
+            Some(_) if !q.listing => Vec::new(),
+            _ => room.entries.iter().skip(room.entries.len() - limit).cloned().collect(),
         };
         ReadResult::judge(pos, q, entries)
     }
@@ -145,7 +145,7 @@ mod tests {
         assert_eq!(a.iter().map(|p| p.offset).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(b[0].offset, 1);
         assert_ne!(a[0].epoch, b[0].epoch, "each room has its own epoch");
-        let got = r.read("a", Query { after: None, limit: 1 }, now);
+        let got = r.read("a", Query::recover(None, 1), now);
         let json = event::json_of(&got.entries[0].frame);
         let epoch = a[0].epoch.as_str();
         assert_eq!(
@@ -160,16 +160,19 @@ mod tests {
         let now = Instant::now();
         let p = publish(&mut r, "a", 20, now);
         let e = p[0].epoch;
-        let got = r.read("a", Query { after: Some(Position { epoch: e, offset: 12 }), limit: 10 }, now);
+        let got = r.read("a", Query::recover(Some(Position { epoch: e, offset: 12 }), 10), now);
         assert!(got.covered);
         assert_eq!(offsets(&got), (13..=20).collect::<Vec<_>>());
         assert_eq!(got.pos.offset, 20);
-        let trimmed = r.read("a", Query { after: Some(Position { epoch: e, offset: 5 }), limit: 10 }, now);
+        let trimmed = r.read("a", Query::recover(Some(Position { epoch: e, offset: 5 }), 10), now);
         assert!(!trimmed.covered && trimmed.entries.is_empty());
         let other = Epoch::new("other").unwrap();
-        let wrong = r.read("a", Query { after: Some(Position { epoch: other, offset: 12 }), limit: 10 }, now);
+        let wrong = r.read("a", Query::recover(Some(Position { epoch: other, offset: 12 }), 10), now);
         assert!(!wrong.covered && wrong.entries.is_empty());
-        assert_eq!(offsets(&r.read("a", Query { after: None, limit: 3 }, now)), [18, 19, 20]);
+        assert_eq!(offsets(&r.read("a", Query::recover(None, 3), now)), [18, 19, 20]);
+        let list = |after| Query { after: Some(after), limit: 3, listing: true };
+        assert_eq!(offsets(&r.read("a", list(Position { epoch: e, offset: 5 }), now)), [11, 12, 13], "what is left");
+        assert_eq!(offsets(&r.read("a", list(Position { epoch: other, offset: 5 }), now)), [18, 19, 20], "the last K");
     }
 
     #[test]
@@ -178,7 +181,7 @@ mod tests {
         let t0 = Instant::now();
         let old = publish(&mut r, "a", 5, t0)[0].epoch;
         let later = t0 + Duration::from_secs(61);
-        let got = r.read("a", Query { after: Some(Position { epoch: old, offset: 5 }), limit: 10 }, later);
+        let got = r.read("a", Query::recover(Some(Position { epoch: old, offset: 5 }), 10), later);
         assert!(!got.covered);
         assert_ne!(got.pos.epoch, old);
         assert_eq!(got.pos.offset, 0);

@@ -256,6 +256,7 @@ impl HistLink {
             &epoch,
             after.as_bytes(),
             limit.as_bytes(),
+            if q.listing { b"1" } else { b"0" },
         ]);
         let slot = Slot::default();
         self.queue(cmd.clone(), Pending::Read { cmd, retried: false, q, slot: slot.clone(), at: Instant::now() });
@@ -542,7 +543,7 @@ mod tests {
         assert_eq!((p.epoch.as_str(), p.offset), ("e1", 7));
         assert!(parse_position(&BytesFrame::Array(vec![bulk("e1"), BytesFrame::Integer(-1)])).is_none());
         let e1 = Epoch::new("e1").unwrap();
-        let q = Query { after: Some(Position { epoch: e1, offset: 5 }), limit: 10 };
+        let q = Query::recover(Some(Position { epoch: e1, offset: 5 }), 10);
         let reply = BytesFrame::Array(vec![
             bulk("e1"),
             BytesFrame::Integer(7),

@@ -7,6 +7,8 @@
 -- ARGV[3] the epoch to read after ('' = the last messages)
 -- ARGV[4] the offset to read after
 -- ARGV[5] at most this many messages
+-- ARGV[6] '1' for a listing (the history op): ARGV[3] from another epoch
+--         reads the last messages instead of none
 -- Returns {epoch, T, id1, msg1, id2, msg2, ...} in offset order.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local last = 0
@@ -25,7 +27,7 @@ if limit == 0 or last == 0 then
   return out
 end
 local entries
-if ARGV[3] == '' then
+if ARGV[3] == '' or (ARGV[6] == '1' and ARGV[3] ~= epoch) then
   entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', limit)
   for i = #entries, 1, -1 do
     out[#out + 1] = entries[i][1]
