@@ -61,6 +61,11 @@ const CATCH_UP_RETRY: Duration = Duration::from_millis(200);
 const CATCH_UP_TRIES: u32 = 25;
 /// How often the owner shard forgets expired standalone rooms.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// What one buffered message costs besides its frame (position, `Bytes`).
+const ITEM_OVERHEAD: usize = std::mem::size_of::<Item>();
+/// Bytes a catching-up room may hold; beyond, what it holds is dropped and
+/// read again from the history once the current read is done.
+const MAX_HELD_BYTES: usize = 16 << 20;
 
 /// A live message (or a `gap`) on its way to a connection.
 #[derive(Clone)]
@@ -70,8 +75,9 @@ struct Item {
 }
 
 enum Phase {
-    /// Waiting for its read: live messages are kept here.
-    Buffering(Vec<Item>),
+    /// Waiting for its read: live messages are kept here (and their bytes,
+    /// held to `--outbound-queue-bytes` like an outbox).
+    Buffering(Vec<Item>, usize),
     /// Got everything up to this position; drops what is not after it.
     Filtering(Position),
 }
@@ -90,6 +96,10 @@ struct RoomState {
     last: Option<Position>,
     /// Live messages held while catching up (`Some` = catching up).
     held: Option<Vec<Item>>,
+    held_bytes: usize,
+    /// `held` passed `MAX_HELD_BYTES` this round: live messages are dropped
+    /// until the next round reads them from the history.
+    overflowed: bool,
     /// A catch-up task runs for the room.
     catching_up: bool,
     /// The link dropped again while the catch-up task ran.
@@ -226,7 +236,10 @@ impl ShardHistory {
             let mut rooms = self.rooms.borrow_mut();
             let st = rooms.entry(Arc::from(room)).or_default();
             // A second subscribe replaces a recovery still under way.
-            st.conns.insert(conn.id, ConnState { conn: Rc::downgrade(conn), token, phase: Phase::Buffering(vec![]) });
+            st.conns.insert(
+                conn.id,
+                ConnState { conn: Rc::downgrade(conn), token, phase: Phase::Buffering(Vec::new(), 0) },
+            );
             // A room that joins while the subscriber link is down catches up
             // once it is back.
             if link_down && st.held.is_none() && !st.catching_up {
@@ -301,7 +314,7 @@ impl ShardHistory {
         if let Some(last) = r.entries.last() {
             got.offset = last.offset.max(got.offset);
         }
-        if let Phase::Buffering(items) = state.phase {
+        if let Phase::Buffering(items, _) = state.phase {
             for item in items {
                 if after(&item.pos, &got) {
                     conn.push(shard, item.frame);
@@ -383,6 +396,14 @@ impl ShardHistory {
         };
         let item = Item { pos, frame };
         if let Some(held) = &mut st.held {
+            st.held_bytes += item.frame.len() + ITEM_OVERHEAD;
+            if st.overflowed || st.held_bytes > MAX_HELD_BYTES {
+                // The history has them: the next round reads them.
+                held.clear();
+                st.overflowed = true;
+                st.again = true;
+                return;
+            }
             held.push(item);
             return;
         }
@@ -478,7 +499,14 @@ fn fan_out(shard: &Shard, room: &str, st: &mut RoomState, item: Item, sent: Opti
     st.conns.retain(|_, c| {
         let Some(conn) = c.conn.upgrade().filter(|conn| shard.has_conn(conn)) else { return false };
         match &mut c.phase {
-            Phase::Buffering(items) => {
+            Phase::Buffering(items, bytes) => {
+                *bytes += item.frame.len() + ITEM_OVERHEAD;
+                if *bytes > shard.cfg.outbound_queue_bytes {
+                    // As a slow consumer's outbox would (`Conn::push`).
+                    shard.m().slow_consumer_disconnects_total.inc();
+                    conn.kill(shard, crate::ws::CloseCode::POLICY);
+                    return false;
+                }
                 items.push(item.clone());
                 true
             }
@@ -518,6 +546,8 @@ async fn catch_up(shard: Rc<Shard>, room: Arc<str>) {
         let mut rooms = h.rooms.borrow_mut();
         let Some(st) = rooms.get_mut(&room) else { return };
         let held = st.held.take().unwrap_or_default();
+        st.held_bytes = 0;
+        st.overflowed = false;
         match got {
             Some(r) if r.covered => {
                 let n = r.entries.len();
