@@ -326,3 +326,25 @@ fn history_needs_the_same_grant_as_subscribe() {
     let v = c.call(json!({"op":"history","room":"team:1","id":3}));
     assert_eq!((v["ev"].as_str(), v["messages"].clone()), (Some("history"), json!([])));
 }
+
+#[test]
+fn a_message_that_never_arrived_live_is_fetched_from_the_history_in_order() {
+    let _d = deadline("hole", Duration::from_secs(60));
+    let r = RedisServer::start();
+    let s = with_redis(&r);
+    let room = "hole";
+    let mut c = Client::connect(&s.ws_url("/ws"));
+    subscribe_since(&mut c, room, None);
+    let p1 = api_publish(&s, room, json!("one"));
+    assert_eq!(next_message(&mut c, room, Duration::from_secs(5)).unwrap()["offset"], 1);
+    // Offset 2 goes into the history but is never published (as if a hop
+    // had lost it), then offset 3 is published as usual.
+    assert_eq!(r.cli(&["HINCRBY", "{cc:room:hole}:meta", "offset", "1"]), "2");
+    let lost = format!(r#"{{"ev":"message","room":"hole","from":"x","data":"two","epoch":"{}","offset":2}}"#, p1.epoch);
+    assert_eq!(r.cli(&["XADD", "{cc:room:hole}:log", "2-0", "m", &lost]), "2-0");
+    assert_eq!(api_publish(&s, room, json!("three")).offset, 3);
+    let got = messages(&mut c, room, 2, Duration::from_secs(5));
+    assert_eq!(offsets(&got), [2, 3]);
+    assert_eq!((got[0]["data"].as_str(), got[1]["data"].as_str()), (Some("two"), Some("three")));
+    c.expect_silence(Duration::from_millis(300));
+}

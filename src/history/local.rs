@@ -12,6 +12,7 @@
 //! In: `Msg` from other shards' inboxes, local calls. Out: `ShardMsg`s to
 //! other shards, slots filled for the task that asked.
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -46,7 +47,7 @@ pub(super) enum Waiting {
 /// Publishes in `room` through its owner. With `want`, the slot gets the
 /// message's position.
 pub fn publish(
-    shard: &Shard,
+    shard: &Rc<Shard>,
     room: &str,
     msg: MessagePrefix,
     want: Option<Slot<Result<Position, Unavailable>>>,
@@ -90,7 +91,7 @@ pub async fn read(shard: &Shard, room: &str, q: Query) -> Result<ReadResult, Una
 }
 
 /// The owner: assigns, stores, fans out to every shard (this one directly).
-fn own_publish(shard: &Shard, h: &ShardHistory, room: &str, msg: MessagePrefix) -> Position {
+fn own_publish(shard: &Rc<Shard>, h: &ShardHistory, room: &str, msg: MessagePrefix) -> Position {
     let sent = Instant::now();
     let (pos, frame) = h.rings().publish(room, msg, sent);
     if shard.peers().len() > 1 {
@@ -107,7 +108,7 @@ fn own_publish(shard: &Shard, h: &ShardHistory, room: &str, msg: MessagePrefix) 
 }
 
 /// A `ShardMsg::History` arrived.
-pub fn handle(shard: &Shard, msg: Msg) {
+pub fn handle(shard: &Rc<Shard>, msg: Msg) {
     let Some(h) = shard.history() else { return };
     match msg {
         Msg::Publish { room, msg, reply_to, token } => {

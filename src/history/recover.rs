@@ -175,7 +175,7 @@ impl ShardHistory {
     /// `want`, the slot gets its position once the authority assigned it.
     pub fn publish(
         &self,
-        shard: &Shard,
+        shard: &Rc<Shard>,
         room: &str,
         from: &str,
         data: &str,
@@ -386,7 +386,7 @@ impl ShardHistory {
     // ---- live messages ---------------------------------------------------------
 
     /// A live message with a position, from the owner shard or Redis.
-    pub fn on_live(&self, shard: &Shard, room: &str, pos: Position, frame: Bytes, sent: Instant) {
+    pub fn on_live(&self, shard: &Rc<Shard>, room: &str, pos: Position, frame: Bytes, sent: Instant) {
         let mut rooms = self.rooms.borrow_mut();
         let Some(st) = rooms.get_mut(room) else {
             // No member here (the local bus fans out to every shard).
@@ -409,6 +409,23 @@ impl ShardHistory {
         }
         if st.last.is_some_and(|l| !after(&pos, &l)) {
             shard.m().history_duplicates_dropped_total.inc();
+            return;
+        }
+        if st.last.is_some_and(|l| l.epoch == pos.epoch && pos.offset > l.offset + 1) {
+            // A message of this epoch never reached the shard (it cannot
+            // happen on an ordered, lossless path; if a hop ever drops one,
+            // the history has it): hold this one and read what is missing.
+            debug!(
+                shard = shard.id,
+                room,
+                after = st.last.map(|l| l.offset),
+                got = pos.offset,
+                "hole in a live stream"
+            );
+            st.held = Some(vec![item]);
+            st.catching_up = true;
+            drop(rooms);
+            monoio::spawn(catch_up(shard.clone(), Arc::from(room)));
             return;
         }
         st.last = Some(pos);
@@ -621,7 +638,13 @@ fn history_reply(room: &str, r: &ReadResult, id: Option<&str>) -> Bytes {
 
 /// `POST /api/publish` into a history room: waits for the position and
 /// answers `{"ok":true,"epoch":E,"offset":N}` (§4).
-pub async fn api_publish(shard: &Shard, h: &ShardHistory, room: &str, from: &str, data: &str) -> crate::http::Reply {
+pub async fn api_publish(
+    shard: &Rc<Shard>,
+    h: &ShardHistory,
+    room: &str,
+    from: &str,
+    data: &str,
+) -> crate::http::Reply {
     let slot = Slot::default();
     if h.publish(shard, room, from, data, Some(slot.clone())).is_err() {
         return unavailable_reply();
