@@ -143,6 +143,9 @@ pub struct HistLink {
     /// Every command queued or written and not yet answered, in order.
     pending: RefCell<VecDeque<Pending>>,
     writer: Cell<Option<Waker>>,
+    /// `--history-size` and `--history-ttl-secs` as script arguments.
+    size_arg: String,
+    ttl_arg: String,
 }
 
 impl HistLink {
@@ -160,7 +163,6 @@ impl HistLink {
             health,
             metrics,
             prefix,
-            shared,
             up: Cell::new(false),
             stalled: Cell::new(false),
             candidate: Cell::new(Epoch::random()),
@@ -169,6 +171,9 @@ impl HistLink {
             out: RefCell::default(),
             pending: RefCell::default(),
             writer: Cell::new(None),
+            size_arg: shared.settings.size.to_string(),
+            ttl_arg: shared.settings.ttl.as_secs().to_string(),
+            shared,
         })
     }
 
@@ -206,10 +211,8 @@ impl HistLink {
         if !self.can_take() {
             return Err(Unavailable);
         }
-        let s = self.settings();
         let (meta, log, chan) = self.keys(room);
-        let size = s.size.to_string();
-        let ttl = s.ttl.as_secs().to_string();
+        let (size, ttl) = (&self.size_arg, &self.ttl_arg);
         let sha = self.sha_publish.borrow();
         let cand = self.candidate.get();
         let cmd = command(&[
@@ -237,7 +240,7 @@ impl HistLink {
         }
         let s = self.settings();
         let (meta, log, _) = self.keys(room);
-        let ttl = s.ttl.as_secs().to_string();
+        let ttl = &self.ttl_arg;
         let (epoch, after) = match &q.after {
             Some(p) => (p.epoch.as_str().as_bytes().to_vec(), p.offset.to_string()),
             None => (Vec::new(), "0".to_string()),
@@ -488,10 +491,12 @@ async fn next_frame(stream: &TcpStream, buf: &mut BytesMut) -> Result<BytesFrame
 
 /// A RESP2 command: an array of bulk strings.
 fn command(args: &[&[u8]]) -> Bytes {
+    use std::fmt::Write;
     let mut b = BytesMut::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
-    b.put_slice(format!("*{}\r\n", args.len()).as_bytes());
+    // Writing into a BytesMut cannot fail.
+    let _ = write!(b, "*{}\r\n", args.len());
     for a in args {
-        b.put_slice(format!("${}\r\n", a.len()).as_bytes());
+        let _ = write!(b, "${}\r\n", a.len());
         b.put_slice(a);
         b.put_slice(b"\r\n");
     }
