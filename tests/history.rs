@@ -348,3 +348,17 @@ fn a_message_that_never_arrived_live_is_fetched_from_the_history_in_order() {
     assert_eq!((got[0]["data"].as_str(), got[1]["data"].as_str()), (Some("two"), Some("three")));
     c.expect_silence(Duration::from_millis(300));
 }
+
+#[test]
+fn history_is_configured_from_the_environment_too() {
+    let s = common::start_server_with(&["--shards", "1"], |cmd| {
+        cmd.env("CORECAST_HISTORY_SIZE", "3").env("CORECAST_HISTORY_TTL_SECS", "60");
+    });
+    for i in 1..=5 {
+        assert_eq!(api_publish(&s, "env", json!(i)).offset, i);
+    }
+    let mut c = Client::connect(&s.ws_url("/ws"));
+    let v = c.call(json!({"op":"history","room":"env","id":1}));
+    let got: Vec<u64> = v["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(got, [3, 4, 5], "CORECAST_HISTORY_SIZE=3");
+}
