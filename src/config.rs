@@ -130,6 +130,15 @@ pub struct Options {
     #[arg(long, env = "CORECAST_DRIVER")]
     pub driver: Option<Driver>,
 
+    /// Messages kept per room for recovery and the `history` op (PROTOCOL.md
+    /// §7); 0 turns history off. [default: 0]
+    #[arg(long, env = "CORECAST_HISTORY_SIZE")]
+    pub history_size: Option<usize>,
+
+    /// How long a room's history outlives its last publish, in seconds. [default: 300]
+    #[arg(long, env = "CORECAST_HISTORY_TTL_SECS")]
+    pub history_ttl_secs: Option<u64>,
+
     /// Log output: `text` or `json`. [default: text]
     #[arg(long, env = "CORECAST_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -194,6 +203,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `--debug-hooks` (hidden, test-only): `/debug/shard`, `/debug/stall`.
     pub debug_hooks: bool,
+    /// Room history (§7); `None`: off.
+    pub history: Option<crate::history::Settings>,
 }
 
 impl Options {
@@ -226,7 +237,9 @@ impl Options {
             max_accepts_per_sec,
             driver,
             log_format,
-            debug_hooks
+            debug_hooks,
+            history_size,
+            history_ttl_secs
         )
     }
 }
@@ -276,6 +289,16 @@ impl Config {
             }
             (None, None) => None,
         };
+        let history = match o.history_size.unwrap_or(0) {
+            0 => None,
+            size => {
+                let ttl = o.history_ttl_secs.unwrap_or(300);
+                if ttl == 0 {
+                    bail!("--history-ttl-secs must be at least 1");
+                }
+                Some(crate::history::Settings { size, ttl: Duration::from_secs(ttl) })
+            }
+        };
         Ok(Config {
             listen: o.listen.unwrap_or_else(|| "0.0.0.0:8080".parse().expect("valid literal")),
             admin_listen: o.admin_listen,
@@ -300,6 +323,7 @@ impl Config {
             driver: o.driver.unwrap_or(Driver::Auto),
             log_format: o.log_format.unwrap_or(LogFormat::Text),
             debug_hooks: o.debug_hooks.unwrap_or(false),
+            history,
         })
     }
 
@@ -333,6 +357,20 @@ mod tests {
         assert!(cfg.demo, "the demo page is on by default");
         assert!(!Config::load(["corecast", "--demo", "false"]).unwrap().demo);
         assert!(Config::load(["corecast", "--demo"]).unwrap().demo);
+    }
+
+    #[test]
+    fn history_is_off_by_default_and_reads_flag_env_and_file() {
+        assert_eq!(Config::load(["corecast"]).unwrap().history, None);
+        let cfg = Config::load(["corecast", "--history-size", "50"]).unwrap();
+        assert_eq!(cfg.history, Some(crate::history::Settings { size: 50, ttl: Duration::from_secs(300) }));
+        let dir = std::env::temp_dir().join(format!("cc-cfg3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "history_size = 7\nhistory_ttl_secs = 9\n").unwrap();
+        let cfg = Config::load(["corecast", "--config", file.to_str().unwrap()]).unwrap();
+        assert_eq!(cfg.history, Some(crate::history::Settings { size: 7, ttl: Duration::from_secs(9) }));
+        assert!(Config::load(["corecast", "--history-size", "1", "--history-ttl-secs", "0"]).is_err());
     }
 
     #[test]

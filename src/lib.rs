@@ -18,13 +18,16 @@
 //!    the shard's flusher writes each connection's queue in one `sendmsg`.
 //!
 //! Around them: `config` (flags, env, TOML), `server` (threads, pinning,
-//! signals, drain), `protocol` (ops and events), `metrics`.
+//! signals, drain), `protocol` (ops and events), `metrics`, and `history`
+//! (PROTOCOL.md §7: offsets, epochs, recovery and catch-up; the standalone
+//! rings, with Redis `bus::redis::history`).
 
 pub mod accept;
 pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod conn;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod protocol;

@@ -240,6 +240,13 @@ shard_metrics! {
     control_rate_limited_total: "counter", "Ping/pong frames from clients ignored for exceeding --max-ops-per-sec.";
     pongs_coalesced_total: "counter", "Pongs that replaced a waiting, unsent pong instead of being queued (RFC 6455 5.5.3).";
     inbox_dropped_total: "counter", "Messages for this shard dropped because its inbox was full (see README: inbox policy).";
+    redis_history_connected: "gauge", "1 while this shard's Redis history connection (--history-size) is up.";
+    history_recovered_total: "counter", "Subscribes with since that the room history covered (recovered:true).";
+    history_unrecovered_total: "counter", "Subscribes with since that it could not cover (recovered:false).";
+    history_duplicates_dropped_total: "counter", "Live history messages dropped at a room because this shard already had them.";
+    history_caught_up_total: "counter", "Messages delivered from history after the Redis subscriber link came back.";
+    history_gaps_total: "counter", "gap events: a catch-up the history could not cover.";
+    history_publish_lost_total: "counter", "History publishes accepted but lost with a dropped Redis history connection.";
 }
 
 impl ShardMetrics {

@@ -183,6 +183,9 @@ fn run_shard(
                 monoio::spawn(accept::run(shard.clone(), l, kind));
             }
             monoio::spawn(crate::shard::heartbeat::run(shard.clone()));
+            if shard.history().is_some() && shard.cfg.redis.is_none() {
+                monoio::spawn(crate::history::ShardHistory::run_sweep(shard.clone()));
+            }
             info!(shard = id, core, driver, "shard running");
             let _ = ready.send(Ok(()));
             shard.drained().await;

@@ -30,7 +30,7 @@ pub fn publish(shard: &Shard, target: Target<'_>, frame: Bytes) -> Result<(), Un
         };
         shard.to_other_shards(|| {
             if room {
-                ShardMsg::Room { room: name.clone(), frame: frame.clone(), sent }
+                ShardMsg::Room { room: name.clone(), frame: frame.clone(), sent, pos: None }
             } else {
                 ShardMsg::Direct { user: name.clone(), frame: frame.clone(), sent }
             }

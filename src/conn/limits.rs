@@ -86,7 +86,7 @@ impl Limits {
 
 /// A coarse monotonic clock in milliseconds (wraps every 49 days; only
 /// differences are used).
-fn coarse_ms() -> u32 {
+pub(crate) fn coarse_ms() -> u32 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };

@@ -104,6 +104,8 @@ pub struct Conn {
     pub(crate) grant: Cell<Option<Box<crate::auth::Grant>>>,
     /// Liveness stamp and op rate (`limits.rs`).
     pub(crate) limits: limits::Limits,
+    /// History reads in flight and their rate (`history::budget`).
+    pub(crate) hist: crate::history::budget::ConnBudget,
 }
 
 impl Conn {
@@ -119,6 +121,7 @@ impl Conn {
             rooms: RefCell::default(),
             grant: Cell::new(None),
             limits: limits::Limits::default(),
+            hist: Default::default(),
         }
     }
 

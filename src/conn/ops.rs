@@ -30,7 +30,7 @@ pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[
     };
     let Some(me) = conn.user() else { return };
     match op {
-        ClientOp::Subscribe { room } => {
+        ClientOp::Subscribe { room, since } => {
             if !auth::allows(conn, &room) {
                 return refuse(shard, conn, ErrorCode::Forbidden, "the token does not allow this room", id);
             }
@@ -38,17 +38,43 @@ pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[
                 shard.m().room_limit_refusals_total.inc();
                 return refuse(shard, conn, ErrorCode::TooLarge, "too many rooms on this connection", id);
             }
+            if let Some(h) = shard.history() {
+                // §7: position, recovery; the reply comes after the read.
+                return h.subscribe(shard, conn, &room, since, id);
+            }
             shard.subscribe(conn, &room);
+            // §7: `since` with history off is answered, never replayed.
+            let reply = match since {
+                Some(_) => event::subscribed_unrecovered(&room, id),
+                None => event::membership("subscribed", &room, id),
+            };
             // With Redis, held until this node is subscribed there.
-            shard.reply_subscribed(conn, &room, event::membership("subscribed", &room, id));
+            shard.reply_subscribed(conn, &room, reply);
+        }
+        ClientOp::History { room, limit, since } => {
+            let Some(h) = shard.history() else {
+                return refuse(shard, conn, ErrorCode::BadRequest, "room history is off on this server", id);
+            };
+            if !auth::allows(conn, &room) {
+                return refuse(shard, conn, ErrorCode::Forbidden, "the token does not allow this room", id);
+            }
+            h.history_op(shard, conn, &room, limit, since, id);
         }
         ClientOp::Unsubscribe { room } => {
+            if let Some(h) = shard.history() {
+                h.forget(conn, &room);
+            }
             shard.unsubscribe(conn, &room);
             conn.push(shard, event::membership("unsubscribed", &room, id));
         }
         ClientOp::Publish { room, data } => {
             if !auth::allows(conn, &room) {
                 return refuse(shard, conn, ErrorCode::Forbidden, "the token does not allow this room", id);
+            }
+            if let Some(h) = shard.history() {
+                // §7: the room's authority assigns the offset.
+                let r = h.publish(shard, &room, &me, data, None).map_err(|_| crate::bus::Unavailable);
+                return published(shard, conn, r, id);
             }
             let frame = event::message(&room, &me, data);
             published(shard, conn, shard.publish(Target::Room(&room), frame), id);

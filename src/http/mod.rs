@@ -107,7 +107,7 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
                         return Err(Stop::HttpDone);
                     }
                 };
-                routes::publish(shard, &head, &body)
+                routes::publish(shard, &head, &body).await
             }
             (_, "/healthz" | "/readyz") => Reply::text(405, "method not allowed\n"),
             (_, "/ws") if client_routes => Reply::text(405, "method not allowed\n"),

@@ -57,7 +57,7 @@ struct PublishBody<'a> {
     data: &'a RawValue,
 }
 
-pub fn publish(shard: &Rc<Shard>, head: &Parts, body: &[u8]) -> Reply {
+pub async fn publish(shard: &Rc<Shard>, head: &Parts, body: &[u8]) -> Reply {
     // Server-side publish is never open on an authenticated node (§4): with
     // client auth on, it needs an API key.
     if shard.cfg.api_key.is_none() && shard.cfg.auth.is_some() {
@@ -79,9 +79,11 @@ pub fn publish(shard: &Rc<Shard>, head: &Parts, body: &[u8]) -> Reply {
     };
     let data = req.data.get();
     let result = match (&req.room, &req.user) {
-        (Some(room), None) if is_valid_name(room) => {
-            shard.publish(Target::Room(room), event::message(room, SERVER_USER, data))
-        }
+        (Some(room), None) if is_valid_name(room) => match shard.history() {
+            // §4 + §7: the reply carries the message's position.
+            Some(h) => return crate::history::recover::api_publish(shard, h, room, SERVER_USER, data).await,
+            None => shard.publish(Target::Room(room), event::message(room, SERVER_USER, data)),
+        },
         (Some(_), None) => return json(400, r#"{"ok":false,"error":"bad_room"}"#),
         (None, Some(user)) if is_valid_name(user) => {
             shard.publish(Target::User(user), event::direct(SERVER_USER, data))

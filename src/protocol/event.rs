@@ -9,6 +9,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::ErrorCode;
+use crate::history::Position;
 use crate::ws::frame::{HEADROOM, OpCode, encode_with_headroom};
 
 /// A JSON text being built behind room for its frame header.
@@ -55,6 +56,110 @@ pub fn message(room: &str, from: &str, data: &str) -> Bytes {
         .raw(",\"data\":")
         .raw(data)
         .frame()
+}
+
+/// A `message` event of a room with history, still open: everything up to
+/// and including `data`, waiting for the `epoch` and `offset` that the
+/// room's one authority assigns (the owner shard, or the Redis script). It
+/// is built once where the op arrived; `data` is never re-encoded.
+#[derive(Debug)]
+pub struct MessagePrefix(BytesMut);
+
+/// `{"ev":"message","room":R,"from":U,"data":D` — see `MessagePrefix`.
+pub fn message_prefix(room: &str, from: &str, data: &str) -> MessagePrefix {
+    let b = Builder::new(100 + room.len() + from.len() + data.len())
+        .raw("{\"ev\":\"message\",\"room\":")
+        .string(room)
+        .raw(",\"from\":")
+        .string(from)
+        .raw(",\"data\":")
+        .raw(data);
+    MessagePrefix(b.0)
+}
+
+impl MessagePrefix {
+    /// The JSON text so far (what the Redis script completes).
+    pub fn json(&self) -> &[u8] {
+        &self.0[HEADROOM..]
+    }
+
+    /// Closes it with `,"epoch":E,"offset":N}`: the complete frame.
+    pub fn finish(self, pos: &Position) -> Bytes {
+        Builder(self.0)
+            .raw(",\"epoch\":")
+            .string(pos.epoch.as_str())
+            .raw(",\"offset\":")
+            .raw(&pos.offset.to_string())
+            .frame()
+    }
+}
+
+/// `subscribed` of a room with history (§7): the position the subscription
+/// took effect at, and with `since`, whether the history covered it.
+pub fn subscribed(room: &str, id: Option<&str>, pos: &Position, recovered: Option<bool>) -> Bytes {
+    let b = Builder::new(120 + room.len()).raw("{\"ev\":\"subscribed\",\"room\":").string(room).id(id);
+    let b = match recovered {
+        Some(r) => b.raw(if r { ",\"recovered\":true" } else { ",\"recovered\":false" }),
+        None => b,
+    };
+    b.raw(",\"epoch\":").string(pos.epoch.as_str()).raw(",\"offset\":").raw(&pos.offset.to_string()).frame()
+}
+
+/// `subscribed` with `"recovered":false` and no position: `since` given
+/// while history is off.
+pub fn subscribed_unrecovered(room: &str, id: Option<&str>) -> Bytes {
+    Builder::new(64 + room.len())
+        .raw("{\"ev\":\"subscribed\",\"room\":")
+        .string(room)
+        .id(id)
+        .raw(",\"recovered\":false")
+        .frame()
+}
+
+/// `{"ev":"gap","room":R,"epoch":E,"offset":T}` (§7 catch-up).
+pub fn gap(room: &str, pos: &Position) -> Bytes {
+    Builder::new(100 + room.len())
+        .raw("{\"ev\":\"gap\",\"room\":")
+        .string(room)
+        .raw(",\"epoch\":")
+        .string(pos.epoch.as_str())
+        .raw(",\"offset\":")
+        .raw(&pos.offset.to_string())
+        .frame()
+}
+
+/// One message of a `history` reply: raw JSON `from` and `data`.
+pub struct HistoryItem<'a> {
+    pub offset: u64,
+    pub from: &'a str,
+    pub data: &'a str,
+}
+
+/// `{"ev":"history","room":R,"epoch":E,"offset":T,"messages":[{"offset":..,"from":..,"data":..},…],"id":..}`.
+pub fn history(room: &str, pos: &Position, items: &[HistoryItem<'_>], id: Option<&str>) -> Bytes {
+    let size: usize = items.iter().map(|i| 40 + i.from.len() + i.data.len()).sum();
+    let mut b = Builder::new(120 + room.len() + size)
+        .raw("{\"ev\":\"history\",\"room\":")
+        .string(room)
+        .raw(",\"epoch\":")
+        .string(pos.epoch.as_str())
+        .raw(",\"offset\":")
+        .raw(&pos.offset.to_string())
+        .raw(",\"messages\":[");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            b = b.raw(",");
+        }
+        b = b
+            .raw("{\"offset\":")
+            .raw(&item.offset.to_string())
+            .raw(",\"from\":")
+            .raw(item.from)
+            .raw(",\"data\":")
+            .raw(item.data)
+            .raw("}");
+    }
+    b.raw("]").id(id).frame()
 }
 
 /// `{"ev":"direct","from":U,"data":D}` — `data` is raw JSON text.
@@ -136,6 +241,39 @@ mod tests {
         );
         assert_eq!(text(&maintenance(1500)), r#"{"ev":"maintenance","reconnect_in_ms":1500}"#);
         assert_eq!(text(&refreshed(1700000000, Some("3"))), r#"{"ev":"refreshed","exp":1700000000,"id":3}"#);
+    }
+
+    #[test]
+    fn history_events_are_byte_exact_and_data_is_not_re_encoded() {
+        let pos = Position { epoch: crate::history::Epoch::new("e1").unwrap(), offset: 7 };
+        let m = message_prefix("r", "u1", "{\"a\": [1, 2.50]}");
+        assert_eq!(m.json(), br#"{"ev":"message","room":"r","from":"u1","data":{"a": [1, 2.50]}"#);
+        assert_eq!(
+            text(&m.finish(&pos)),
+            r#"{"ev":"message","room":"r","from":"u1","data":{"a": [1, 2.50]},"epoch":"e1","offset":7}"#
+        );
+        assert_eq!(
+            text(&subscribed("r", Some("5"), &pos, Some(true))),
+            r#"{"ev":"subscribed","room":"r","id":5,"recovered":true,"epoch":"e1","offset":7}"#
+        );
+        assert_eq!(
+            text(&subscribed("r", None, &pos, None)),
+            r#"{"ev":"subscribed","room":"r","epoch":"e1","offset":7}"#
+        );
+        assert_eq!(text(&subscribed_unrecovered("r", None)), r#"{"ev":"subscribed","room":"r","recovered":false}"#);
+        assert_eq!(text(&gap("r", &pos)), r#"{"ev":"gap","room":"r","epoch":"e1","offset":7}"#);
+        let items = [
+            HistoryItem { offset: 6, from: "\"a\"", data: "1" },
+            HistoryItem { offset: 7, from: "\"b\"", data: "[2]" },
+        ];
+        assert_eq!(
+            text(&history("r", &pos, &items, Some("\"q\""))),
+            r#"{"ev":"history","room":"r","epoch":"e1","offset":7,"messages":[{"offset":6,"from":"a","data":1},{"offset":7,"from":"b","data":[2]}],"id":"q"}"#
+        );
+        assert_eq!(
+            text(&history("r", &pos, &[], None)),
+            r#"{"ev":"history","room":"r","epoch":"e1","offset":7,"messages":[]}"#
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{ErrorCode, is_valid_name};
+use crate::history::{Epoch, Since};
 
 /// The fields any op may carry; unknown fields are ignored so that newer
 /// clients keep working.
@@ -29,6 +30,27 @@ struct Wire<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    /// §7: `{"epoch":E,"offset":N}` on `subscribe` and `history`.
+    #[serde(borrow, default)]
+    since: Option<&'a RawValue>,
+    /// §7: how many messages a `history` op wants.
+    #[serde(borrow, default)]
+    limit: Option<&'a RawValue>,
+}
+
+/// `since` as it must be: an object with a string `epoch` and an unsigned
+/// integer `offset` (other fields are ignored, like everywhere in an op).
+#[derive(Deserialize)]
+struct SinceWire<'a> {
+    #[serde(borrow)]
+    epoch: Cow<'a, str>,
+    offset: u64,
+}
+
+/// Parses `since` (§7); `None` when it is not what §7 says.
+fn parse_since(raw: &RawValue) -> Option<Since> {
+    let w: SinceWire = serde_json::from_str(raw.get()).ok()?;
+    Some(Since { epoch: Epoch::new(&w.epoch)?, offset: w.offset })
 }
 
 /// One parsed client op. Names are validated; `data` is raw JSON text.
@@ -36,12 +58,33 @@ struct Wire<'a> {
 /// extension of §2.
 #[derive(Debug, PartialEq)]
 pub enum ClientOp<'a> {
-    Subscribe { room: Cow<'a, str> },
-    Unsubscribe { room: Cow<'a, str> },
-    Publish { room: Cow<'a, str>, data: &'a str },
-    Send { user: Cow<'a, str>, data: &'a str },
+    /// `since`: recover from this position (§7).
+    Subscribe {
+        room: Cow<'a, str>,
+        since: Option<Since>,
+    },
+    Unsubscribe {
+        room: Cow<'a, str>,
+    },
+    Publish {
+        room: Cow<'a, str>,
+        data: &'a str,
+    },
+    Send {
+        user: Cow<'a, str>,
+        data: &'a str,
+    },
     Ping,
-    Refresh { token: Cow<'a, str> },
+    Refresh {
+        token: Cow<'a, str>,
+    },
+    /// §7: `limit` defaults to the whole history (`usize::MAX`, capped by
+    /// the server at `--history-size`).
+    History {
+        room: Cow<'a, str>,
+        limit: usize,
+        since: Option<Since>,
+    },
 }
 
 /// Why an op was refused, with the `id` to echo when the frame had a usable one.
@@ -88,8 +131,34 @@ impl<'a> ClientOp<'a> {
         let data = |d: Option<&'a RawValue>| {
             d.map(RawValue::get).ok_or(OpError { code: ErrorCode::BadRequest, message: "missing \"data\"", id })
         };
+        let since = match wire.since {
+            None => None,
+            Some(raw) if raw.get() == "null" => None,
+            Some(raw) => match parse_since(raw) {
+                Some(s) => Some(s),
+                None => {
+                    return err(
+                        ErrorCode::BadRequest,
+                        "\"since\" must be {\"epoch\":string of at most 64 bytes,\"offset\":unsigned integer}",
+                        id,
+                    );
+                }
+            },
+        };
         let op = match &*wire.op {
-            "subscribe" => ClientOp::Subscribe { room: room(wire.room)? },
+            "subscribe" => ClientOp::Subscribe { room: room(wire.room)?, since },
+            "history" => {
+                let limit = match wire.limit {
+                    None => usize::MAX,
+                    Some(raw) => match raw.get().parse::<u64>() {
+                        Ok(n) => usize::try_from(n).unwrap_or(usize::MAX),
+                        Err(_) => {
+                            return err(ErrorCode::BadRequest, "\"limit\" must be an unsigned integer", id);
+                        }
+                    },
+                };
+                ClientOp::History { room: room(wire.room)?, limit, since }
+            }
             "unsubscribe" => ClientOp::Unsubscribe { room: room(wire.room)? },
             "publish" => ClientOp::Publish { room: room(wire.room)?, data: data(wire.data)? },
             "send" => {
@@ -120,7 +189,7 @@ mod tests {
         assert_eq!(op, ClientOp::Publish { room: "r".into(), data: r#"{"a": [1, 2.50]}"# });
         assert_eq!(id, Some("7"));
         let (op, id) = ClientOp::parse(br#"{"op":"subscribe","room":"a:b","id":"x"}"#).unwrap();
-        assert_eq!(op, ClientOp::Subscribe { room: "a:b".into() });
+        assert_eq!(op, ClientOp::Subscribe { room: "a:b".into(), since: None });
         assert_eq!(id, Some("\"x\""));
         assert_eq!(ClientOp::parse(br#"{"op":"ping"}"#).unwrap(), (ClientOp::Ping, None));
         let (op, _) = ClientOp::parse(br#"{"op":"send","user":"bob","data":"hi","extra":1}"#).unwrap();
@@ -148,6 +217,55 @@ mod tests {
         assert_eq!(code(br#"{"op":"refresh"}"#), ErrorCode::BadRequest);
         let e = ClientOp::parse(br#"{"op":"subscribe","room":"","id":"q"}"#).unwrap_err();
         assert_eq!((e.code, e.id), (ErrorCode::BadRoom, Some("\"q\"")));
+    }
+
+    #[test]
+    fn since_and_history_parse_as_section_7_says() {
+        let e = |s: &str| Epoch::new(s).unwrap();
+        let (op, id) =
+            ClientOp::parse(br#"{"op":"subscribe","room":"r","since":{"epoch":"ab","offset":12},"id":1}"#).unwrap();
+        assert_eq!(op, ClientOp::Subscribe { room: "r".into(), since: Some(Since { epoch: e("ab"), offset: 12 }) });
+        assert_eq!(id, Some("1"));
+        let (op, _) = ClientOp::parse(br#"{"op":"subscribe","room":"r","since":null}"#).unwrap();
+        assert_eq!(op, ClientOp::Subscribe { room: "r".into(), since: None });
+        let (op, _) = ClientOp::parse(br#"{"op":"history","room":"r","limit":5}"#).unwrap();
+        assert_eq!(op, ClientOp::History { room: "r".into(), limit: 5, since: None });
+        let (op, _) = ClientOp::parse(br#"{"op":"history","room":"r","since":{"offset":0,"epoch":"x"}}"#).unwrap();
+        assert_eq!(
+            op,
+            ClientOp::History { room: "r".into(), limit: usize::MAX, since: Some(Since { epoch: e("x"), offset: 0 }) }
+        );
+    }
+
+    #[test]
+    fn bad_since_and_limit_values_are_bad_requests_with_their_id() {
+        let bad = |s: String| {
+            let e = ClientOp::parse(s.as_bytes()).unwrap_err();
+            assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some("9")), "{s}");
+        };
+        let long = "e".repeat(65);
+        for since in [
+            "1".to_string(),
+            "\"x\"".into(),
+            "[]".into(),
+            "{}".into(),
+            r#"{"epoch":"a"}"#.into(),
+            r#"{"offset":1}"#.into(),
+            r#"{"epoch":"a","offset":-1}"#.into(),
+            r#"{"epoch":"a","offset":1.5}"#.into(),
+            r#"{"epoch":"a","offset":"1"}"#.into(),
+            r#"{"epoch":1,"offset":1}"#.into(),
+            format!(r#"{{"epoch":"{long}","offset":1}}"#),
+        ] {
+            bad(format!(r#"{{"op":"subscribe","room":"r","since":{since},"id":9}}"#));
+            bad(format!(r#"{{"op":"history","room":"r","since":{since},"id":9}}"#));
+        }
+        for limit in ["-1", "1.5", "\"3\"", "{}"] {
+            bad(format!(r#"{{"op":"history","room":"r","limit":{limit},"id":9}}"#));
+        }
+        let ok = format!(r#"{{"op":"subscribe","room":"r","since":{{"epoch":"{}","offset":1}}}}"#, "e".repeat(64));
+        assert!(ClientOp::parse(ok.as_bytes()).is_ok(), "64 bytes is allowed");
+        assert_eq!(ClientOp::parse(br#"{"op":"history"}"#).unwrap_err().code, ErrorCode::BadRoom);
     }
 }
 

@@ -42,8 +42,10 @@ use crossbeam_channel::{Receiver, Sender};
 /// (reader thread), for `corecast_delivery_latency_seconds`.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// Deliver `frame` to every local member of `room`.
-    Room { room: Arc<str>, frame: Bytes, sent: Instant },
+    /// Deliver `frame` to every local member of `room`. `pos`: the message's
+    /// place in the room's history (§7), when it has one (`history::recover`
+    /// then gates it: in order, once).
+    Room { room: Arc<str>, frame: Bytes, sent: Instant, pos: Option<Box<crate::history::Position>> },
     /// Deliver `frame` to every local connection of `user`.
     Direct { user: Arc<str>, frame: Bytes, sent: Instant },
     /// SIGTERM/SIGINT: stop accepting and drain (PROTOCOL.md §5).
@@ -53,6 +55,9 @@ pub enum ShardMsg {
     Subscribed { room: Arc<str>, seq: u64 },
     /// From the shard's Redis reader: its connection came up or went down.
     RedisLink { up: bool },
+    /// Standalone history: a request to the room's owner shard, or its
+    /// answer (`history::local`).
+    History(Box<crate::history::local::Msg>),
 }
 
 /// The sending half; `Clone + Send`, handed to other shards and bus threads.

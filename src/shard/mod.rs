@@ -89,6 +89,8 @@ pub struct Shard {
     closing: RefCell<VecDeque<(Instant, Weak<Conn>)>>,
     /// Wakes the close reaper when `closing` becomes non-empty.
     reaper: Cell<Option<Waker>>,
+    /// Room history (PROTOCOL.md §7) when `--history-size` > 0.
+    history: Option<crate::history::ShardHistory>,
 }
 
 thread_local! {
@@ -120,6 +122,7 @@ impl Shard {
         // gauge without a pointer in every connection.
         let leaked: &'static Arc<Metrics> = Box::leak(Box::new(metrics.clone()));
         SOCKETS.with(|g| g.set(Some(&leaked.shard(id).sockets)));
+        let cfg_history = cfg.history;
         Rc::new(Shard {
             id,
             cfg,
@@ -137,6 +140,7 @@ impl Shard {
             sweep: heartbeat::Sweep::default(),
             closing: RefCell::default(),
             reaper: Cell::new(None),
+            history: cfg_history.map(|h| crate::history::ShardHistory::new(h, crate::history::Epoch::node())),
         })
     }
 
@@ -148,6 +152,15 @@ impl Shard {
 
     pub fn peers(&self) -> &[InboxSender] {
         &self.peers
+    }
+
+    /// Room history, when on.
+    pub fn history(&self) -> Option<&crate::history::ShardHistory> {
+        self.history.as_ref()
+    }
+
+    pub(crate) fn bus(&self) -> &Bus {
+        &self.bus
     }
 
     pub fn is_draining(&self) -> bool {
@@ -251,6 +264,7 @@ impl Shard {
         for room in conn.take_rooms() {
             if self.rooms.borrow_mut().leave(&room, conn.id).edge {
                 self.bus.interest(self, Target::Room(&room), false);
+                self.history_room_gone(&room);
             }
         }
         if let Some(user) = conn.user() {
@@ -295,6 +309,13 @@ impl Shard {
         }
         if change.edge {
             self.bus.interest(self, Target::Room(room), false);
+            self.history_room_gone(room);
+        }
+    }
+
+    fn history_room_gone(&self, room: &str) {
+        if let Some(h) = &self.history {
+            h.room_gone(room);
         }
     }
 
@@ -339,6 +360,19 @@ impl Shard {
             Target::User(user) => self.users.borrow().conns(user).iter().for_each(&mut push),
         }
         n
+    }
+
+    /// Like `deliver` to a room, but skips the members `except` picks (the ones
+    /// `history::recover` serves itself).
+    pub(crate) fn deliver_except(&self, room: &str, frame: &Bytes, except: impl Fn(ConnId) -> bool) {
+        let conns = self.conns.borrow();
+        if let Some(members) = self.rooms.borrow().members(room) {
+            for id in members.iter().filter(|id| !except(**id)) {
+                if let Some(c) = conns.get(*id as usize) {
+                    c.push(self, frame.clone());
+                }
+            }
+        }
     }
 
     /// Called by `Conn` when it gets its first frame since the last flush.
@@ -435,11 +469,25 @@ impl Shard {
     fn handle(self: &Rc<Self>, msg: ShardMsg) {
         self.m().inbox_messages_total.inc();
         match msg {
-            ShardMsg::Room { room, frame, sent } => self.deliver_timed(Target::Room(&room), &frame, sent),
+            ShardMsg::Room { room, frame, sent, pos } => match (pos, &self.history) {
+                (Some(pos), Some(h)) => h.on_live(self, &room, *pos, frame, sent),
+                _ => self.deliver_timed(Target::Room(&room), &frame, sent),
+            },
             ShardMsg::Direct { user, frame, sent } => self.deliver_timed(Target::User(&user), &frame, sent),
             ShardMsg::Drain => self.start_drain(),
-            ShardMsg::Subscribed { room, seq } => self.bus.on_subscribed(self, &room, seq),
-            ShardMsg::RedisLink { up } => self.bus.on_link(self, up),
+            ShardMsg::Subscribed { room, seq } => {
+                self.bus.on_subscribed(self, &room, seq);
+                if let Some(h) = &self.history {
+                    h.on_subscribed(&room);
+                }
+            }
+            ShardMsg::RedisLink { up } => {
+                self.bus.on_link(self, up);
+                if let Some(h) = &self.history {
+                    h.on_link(self, up);
+                }
+            }
+            ShardMsg::History(msg) => crate::history::local::handle(self, *msg),
         }
     }
 

@@ -4,6 +4,7 @@
 //! synchronize where a condition can be polled.
 #![allow(dead_code)]
 
+pub mod history;
 pub mod redis;
 
 use std::io::{BufRead, BufReader, Read, Write};

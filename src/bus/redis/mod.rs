@@ -13,6 +13,11 @@
 //!   written together once per turn of the event loop, so a busy shard
 //!   pipelines hundreds of publishes per `send(2)` with no thread hop.
 //!
+//! - **history** — with `--history-size`, a third connection on the shard's
+//!   runtime (`history.rs`) runs the Lua scripts that publish into and read a
+//!   room's history (PROTOCOL.md §7); publishes into history rooms go there
+//!   instead of the publisher.
+//!
 //! With Redis, *every* delivery goes through Redis, even to the publisher's
 //! own shard: then every subscriber on every node sees one room's messages in
 //! the order Redis ran the PUBLISHes, and nothing arrives twice.
@@ -34,6 +39,7 @@
 //! never waits on Redis. Reading is different: a message from Redis fans out
 //! to many clients, so its decode and check run beside the shard, not on it.
 
+pub mod history;
 pub mod publisher;
 pub mod reader;
 mod resp;
@@ -198,11 +204,13 @@ impl Retry {
     }
 }
 
-/// Which of a shard's two Redis connections.
+/// Which of a shard's Redis connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Link {
     Subscriber = 0,
     Publisher = 1,
+    /// Room history (`history.rs`); its health is `history::Shared`, not here.
+    History = 2,
 }
 
 impl Link {
@@ -210,6 +218,7 @@ impl Link {
         match self {
             Link::Subscriber => "subscriber",
             Link::Publisher => "publisher",
+            Link::History => "history",
         }
     }
 }
@@ -243,6 +252,7 @@ impl Health {
         let (flag, gauge) = match link {
             Link::Subscriber => (&self.links[shard].sub, &self.metrics.shard(shard).redis_connected),
             Link::Publisher => (&self.links[shard].publ, &self.metrics.shard(shard).redis_publisher_connected),
+            Link::History => return,
         };
         if flag.swap(up, Ordering::Relaxed) != up {
             // One writer per gauge (see the struct doc), so `add`/`sub` suffice.
@@ -251,7 +261,7 @@ impl Health {
     }
 
     pub(crate) fn failed(&self, shard: usize, link: Link, e: &LinkError) {
-        if let Ok(mut last) = self.links[shard].last_error[link as usize].lock() {
+        if let Some(Ok(mut last)) = self.links[shard].last_error.get(link as usize).map(|m| m.lock()) {
             *last = Some(e.to_string());
         }
     }
@@ -295,6 +305,8 @@ pub struct ShardLink {
     prefix: Arc<str>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    /// Room history (`history.rs`), when `--history-size` > 0.
+    history: Option<Arc<history::Shared>>,
 }
 
 /// Parses `--redis`, then spawns and pins one `redis-NN` reader thread per
@@ -317,6 +329,7 @@ pub fn start(
     }
     tracing::info!(redis = %url, prefix = %prefix, "redis backplane");
     let mut links = Vec::with_capacity(peers.len());
+    let hist = cfg.history.map(|h| history::Shared::new(h, peers.len()));
     for (i, inbox) in peers.iter().enumerate() {
         let (subs, input) = reader::channel().context("redis: make the reader's wake-up pipe")?;
         let r = reader::Reader::new(reader::ReaderParts {
@@ -348,6 +361,7 @@ pub fn start(
             prefix: prefix.clone(),
             health: health.clone(),
             metrics: metrics.clone(),
+            history: hist.clone(),
         });
     }
     Ok(links)
@@ -405,12 +419,26 @@ pub struct RedisBus {
     link_up: Cell<bool>,
     next_seq: Cell<u64>,
     rooms: RefCell<FxHashMap<Arc<str>, RoomSub>>,
+    /// The shard's history connection and the node's history links (§7).
+    history: Option<(Rc<history::HistLink>, Arc<history::Shared>)>,
 }
 
 impl RedisBus {
     /// Takes the shard's link and starts its publisher on the current
     /// (the shard's) runtime.
     pub fn start(link: ShardLink) -> RedisBus {
+        let history = link.history.map(|shared| {
+            let h = history::HistLink::new(
+                link.shard,
+                link.url.clone(),
+                link.health.clone(),
+                link.metrics.clone(),
+                link.prefix.clone(),
+                shared.clone(),
+            );
+            monoio::spawn(h.clone().run());
+            (h, shared)
+        });
         let publisher = Publisher::new(link.shard, link.url, link.health.clone(), link.metrics);
         monoio::spawn(publisher.clone().run());
         let interest = Rc::new(InterestQueue { batch: RefCell::default(), waker: Cell::new(None), subs: link.subs });
@@ -423,7 +451,25 @@ impl RedisBus {
             link_up: Cell::new(false),
             next_seq: Cell::new(1),
             rooms: RefCell::default(),
+            history,
         }
+    }
+
+    // ---- room history (§7, `history.rs`) ----
+
+    /// The shard's history connection, when history is on.
+    pub fn history(&self) -> Option<&Rc<history::HistLink>> {
+        self.history.as_ref().map(|(h, _)| h)
+    }
+
+    /// The subscriber link as last reported by the reader.
+    pub fn link_is_up(&self) -> bool {
+        self.link_up.get()
+    }
+
+    /// Redis confirmed this node's SUBSCRIBE to `room` (for its latest join).
+    pub fn is_confirmed(&self, room: &str) -> bool {
+        self.rooms.borrow().get(room).is_some_and(|r| r.confirmed)
     }
 
     /// Queues `PUBLISH` of the frame's JSON; never waits.
@@ -519,7 +565,10 @@ impl RedisBus {
     }
 
     pub fn not_ready(&self) -> Option<String> {
-        self.health.not_ready()
+        self.health.not_ready().or_else(|| {
+            let down = self.history.as_ref().and_then(|(_, s)| s.down())?;
+            Some(format!("redis: shard {down} history link not connected\n"))
+        })
     }
 }
 

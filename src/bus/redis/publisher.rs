@@ -292,11 +292,11 @@ impl Publisher {
 
 // ---- non-blocking I/O on the shard's runtime ------------------------------------
 
-fn would_block(e: &io::Error) -> bool {
+pub(super) fn would_block(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
 }
 
-fn try_send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+pub(super) fn try_send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
     // SAFETY: plain syscall on a descriptor the stream owns, reading from a
     // slice we borrow for the call.
     let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
@@ -304,7 +304,7 @@ fn try_send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
 }
 
 /// Reads once into the end of `buf`.
-fn try_recv(fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
+pub(super) fn try_recv(fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
     let start = buf.len();
     buf.resize(start + READ_CHUNK, 0);
     // SAFETY: plain syscall on a descriptor the stream owns, writing into
@@ -315,7 +315,7 @@ fn try_recv(fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
     r
 }
 
-async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+pub(super) async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         match try_send(stream.as_raw_fd(), data) {
             Ok(n) => data = &data[n..],

@@ -413,17 +413,20 @@ impl Reader {
             return Ok(());
         };
         let name = name.clone();
-        if let Err(why) = self.json.check(kind, &name, payload, self.max_payload) {
-            self.m().bus_dropped_total.add_shared(1);
-            self.drops.dropped(self.shard, channel, why);
-            return Ok(());
-        }
+        let pos = match self.json.check_with_position(kind, &name, payload, self.max_payload) {
+            Ok(pos) => pos,
+            Err(why) => {
+                self.m().bus_dropped_total.add_shared(1);
+                self.drops.dropped(self.shard, channel, why);
+                return Ok(());
+            }
+        };
         // The delivery-latency clock starts here: the payload is the exact
         // event JSON, with no room for the publisher's timestamp.
         let sent = Instant::now();
         let frame = event::frame_json(payload);
         let msg = match kind {
-            Kind::Room => ShardMsg::Room { room: name, frame, sent },
+            Kind::Room => ShardMsg::Room { room: name, frame, sent, pos: pos.map(Box::new) },
             Kind::User => ShardMsg::Direct { user: name, frame, sent },
         };
         if self.inbox.backlog() >= INBOX_HIGH_WATER {
@@ -504,6 +507,21 @@ pub struct JsonCheck {
 impl JsonCheck {
     /// Is `payload` the event a `kind` channel named `name` carries?
     pub fn check(&mut self, kind: Kind, name: &str, payload: &[u8], max: usize) -> Result<(), Malformed> {
+        self.check_with_position(kind, name, payload, max).map(|_| ())
+    }
+
+    /// `check`, and for a room message with history (PROTOCOL.md §7) its
+    /// `epoch` and `offset`. A message without them (a backend's raw
+    /// PUBLISH) has no position and is delivered as before; one with an
+    /// `offset` that is not an unsigned integer or an `epoch` that is not a
+    /// string of at most 64 bytes is treated as having none.
+    pub fn check_with_position(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        payload: &[u8],
+        max: usize,
+    ) -> Result<Option<crate::history::Position>, Malformed> {
         if payload.len() > max {
             return Err(Malformed::TooLarge);
         }
@@ -518,7 +536,12 @@ impl JsonCheck {
             Kind::Room if !is("ev", "message") => Err(Malformed::WrongEvent),
             Kind::Room if !is("room", name) => Err(Malformed::WrongRoom),
             Kind::User if !is("ev", "direct") => Err(Malformed::WrongEvent),
-            _ => Ok(()),
+            Kind::User => Ok(None),
+            Kind::Room => {
+                let offset = obj.get("offset").and_then(|v| v.as_u64());
+                let epoch = obj.get("epoch").and_then(|v| v.as_str().and_then(crate::history::Epoch::new));
+                Ok(offset.zip(epoch).map(|(offset, epoch)| crate::history::Position { epoch, offset }))
+            }
         }
     }
 }
@@ -609,6 +632,18 @@ mod tests {
         assert_eq!(j.check(Kind::Room, "lobby", ok, 10), Err(Malformed::TooLarge));
         // The buffers are reused: a valid one after invalid ones still passes.
         assert_eq!(j.check(Kind::Room, "lobby", ok, 1 << 20), Ok(()));
+    }
+
+    #[test]
+    fn history_messages_pass_their_position_and_raw_ones_have_none() {
+        let mut j = JsonCheck::default();
+        let raw = br#"{"ev":"message","room":"r","from":"backend","data":1}"#;
+        assert_eq!(j.check_with_position(Kind::Room, "r", raw, 1 << 20), Ok(None));
+        let hist = br#"{"ev":"message","room":"r","from":"u","data":{"offset":1},"epoch":"e1","offset":42}"#;
+        let pos = j.check_with_position(Kind::Room, "r", hist, 1 << 20).unwrap().unwrap();
+        assert_eq!((pos.epoch.as_str(), pos.offset), ("e1", 42));
+        let bad = br#"{"ev":"message","room":"r","from":"u","data":1,"epoch":"e1","offset":-3}"#;
+        assert_eq!(j.check_with_position(Kind::Room, "r", bad, 1 << 20), Ok(None));
     }
 
     #[test]

@@ -1,0 +1,47 @@
+-- corecast: read a room's history position and messages (PROTOCOL.md §7),
+-- atomically with respect to publish.lua.
+--
+-- KEYS[1] {<prefix>room:R}:meta   KEYS[2] {<prefix>room:R}:log
+-- ARGV[1] a candidate epoch (used if the room has no history yet)
+-- ARGV[2] TTL in seconds (for a history created here)
+-- ARGV[3] the epoch to read after ('' = the last messages)
+-- ARGV[4] the offset to read after
+-- ARGV[5] at most this many messages
+-- ARGV[6] '1' for a listing (the history op): ARGV[3] from another epoch
+--         reads the last messages instead of none
+-- Returns {epoch, T, id1, msg1, id2, msg2, ...} in offset order.
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local last = 0
+if not epoch then
+  local t = redis.call('TIME')
+  epoch = ARGV[1] .. '-' .. t[1] .. t[2]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+else
+  last = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+end
+local out = {epoch, last}
+local limit = tonumber(ARGV[5])
+if limit == 0 or last == 0 then
+  return out
+end
+local entries
+if ARGV[3] == '' or (ARGV[6] == '1' and ARGV[3] ~= epoch) then
+  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', limit)
+  for i = #entries, 1, -1 do
+    out[#out + 1] = entries[i][1]
+    out[#out + 1] = entries[i][2][2]
+  end
+  return out
+end
+local after = tonumber(ARGV[4])
+if ARGV[3] ~= epoch or after >= last then
+  return out
+end
+entries = redis.call('XRANGE', KEYS[2], string.format('%d', after + 1), '+', 'COUNT', limit)
+for i = 1, #entries do
+  out[#out + 1] = entries[i][1]
+  out[#out + 1] = entries[i][2][2]
+end
+return out

@@ -1,0 +1,139 @@
+//! Standalone history: reaching a room's owner shard (`ring::owner_of`)
+//! through the inboxes, and the owner's side.
+//!
+//! A publish in a room with history goes to the room's owner, which assigns
+//! the offset, stores the frame in its ring and fans it out to every shard
+//! (itself included) as `ShardMsg::Room { pos: Some(..) }`. A read goes to
+//! the owner too and its answer comes back as `Msg::Reply`. Each shard's
+//! inbox is FIFO per sender, so a shard receives the owner's fan-out of every
+//! message up to T before the answer of a read that found T: the merge in
+//! `recover.rs` then never sees a gap.
+//!
+//! In: `Msg` from other shards' inboxes, local calls. Out: `ShardMsg`s to
+//! other shards, slots filled for the task that asked.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Position, Query, ReadResult, ShardHistory, Slot, Unavailable, ring::owner_of};
+use crate::protocol::event::MessagePrefix;
+use crate::shard::{Shard, ShardMsg};
+
+/// What crosses between shards for standalone history.
+#[derive(Debug)]
+pub enum Msg {
+    /// To the owner: assign an offset, store and fan out. `token` (non-zero)
+    /// asks for the position back (`POST /api/publish`).
+    Publish { room: Arc<str>, msg: MessagePrefix, reply_to: usize, token: u64 },
+    /// To the owner: read the room's history.
+    Read { room: Arc<str>, q: Query, reply_to: usize, token: u64 },
+    /// From the owner: the answer to `token`.
+    Reply { token: u64, reply: Reply },
+}
+
+#[derive(Debug)]
+pub enum Reply {
+    Published(Position),
+    Read(ReadResult),
+}
+
+/// What a task on this shard waits for.
+pub(super) enum Waiting {
+    Published(Slot<Result<Position, Unavailable>>),
+    Read(Slot<Result<ReadResult, Unavailable>>),
+}
+
+/// Publishes in `room` through its owner. With `want`, the slot gets the
+/// message's position.
+pub fn publish(
+    shard: &Rc<Shard>,
+    room: &str,
+    msg: MessagePrefix,
+    want: Option<Slot<Result<Position, Unavailable>>>,
+) -> Result<(), Unavailable> {
+    let h = shard.history().ok_or(Unavailable)?;
+    // The owner fans out to every shard: refused while an inbox is
+    // congested, like every local-bus publish (`shard::inbox` policy), which
+    // keeps the other half of each inbox for replies and control messages.
+    if shard.peers().len() > 1 && shard.peers_congested() {
+        return Err(Unavailable);
+    }
+    let owner = owner_of(room, shard.peers().len());
+    if owner == shard.id {
+        let pos = own_publish(shard, h, room, msg);
+        if let Some(slot) = want {
+            slot.fill(Ok(pos));
+        }
+        return Ok(());
+    }
+    let token = match want {
+        Some(slot) => h.wait_for(Waiting::Published(slot)),
+        None => 0,
+    };
+    let msg = Msg::Publish { room: Arc::from(room), msg, reply_to: shard.id, token };
+    if shard.peers()[owner].send(ShardMsg::History(Box::new(msg))).is_err() {
+        h.forget_token(token);
+        return Err(Unavailable);
+    }
+    Ok(())
+}
+
+/// Reads `room`'s history from its owner.
+pub async fn read(shard: &Shard, room: &str, q: Query) -> Result<ReadResult, Unavailable> {
+    let h = shard.history().ok_or(Unavailable)?;
+    let owner = owner_of(room, shard.peers().len());
+    if owner == shard.id {
+        return Ok(h.rings().read(room, q, Instant::now()));
+    }
+    let slot = Slot::default();
+    let token = h.wait_for(Waiting::Read(slot.clone()));
+    let msg = Msg::Read { room: Arc::from(room), q, reply_to: shard.id, token };
+    if shard.peers()[owner].send(ShardMsg::History(Box::new(msg))).is_err() {
+        h.forget_token(token);
+        return Err(Unavailable);
+    }
+    slot.wait().await
+}
+
+/// The owner: assigns, stores, fans out to every shard (this one directly).
+fn own_publish(shard: &Rc<Shard>, h: &ShardHistory, room: &str, msg: MessagePrefix) -> Position {
+    let sent = Instant::now();
+    let (pos, frame) = h.rings().publish(room, msg, sent);
+    if shard.peers().len() > 1 {
+        let name: Arc<str> = Arc::from(room);
+        shard.to_other_shards(|| ShardMsg::Room {
+            room: name.clone(),
+            frame: frame.clone(),
+            sent,
+            pos: Some(Box::new(pos)),
+        });
+    }
+    h.on_live(shard, room, pos, frame, sent);
+    pos
+}
+
+/// A `ShardMsg::History` arrived.
+pub fn handle(shard: &Rc<Shard>, msg: Msg) {
+    let Some(h) = shard.history() else { return };
+    match msg {
+        Msg::Publish { room, msg, reply_to, token } => {
+            let pos = own_publish(shard, h, &room, msg);
+            if token != 0 {
+                reply(shard, reply_to, token, Reply::Published(pos));
+            }
+        }
+        Msg::Read { room, q, reply_to, token } => {
+            let r = h.rings().read(&room, q, Instant::now());
+            reply(shard, reply_to, token, Reply::Read(r));
+        }
+        Msg::Reply { token, reply } => h.answer(token, reply),
+    }
+}
+
+fn reply(shard: &Shard, to: usize, token: u64, reply: Reply) {
+    let msg = ShardMsg::History(Box::new(Msg::Reply { token, reply }));
+    // A shard that stopped (shutdown) no longer waits for it. Data is held
+    // to half of each inbox (`peers_congested`), so a reply finds room.
+    let _ = shard.peers()[to].send(msg);
+}

@@ -1,0 +1,259 @@
+//! Room history and recovery (PROTOCOL.md §7): the types every stage shares
+//! and the per-shard state that keeps delivery exactly-once across a
+//! reconnect or a backplane outage.
+//!
+//! - `mod.rs` — `Epoch`, `Position`, `Since`, what a history read returns
+//!   (`ReadResult`), and `ShardHistory`, one per shard.
+//! - `ring.rs` — standalone: the owner shard's in-memory ring per room.
+//! - `local.rs` — standalone: reaching a room's owner shard through the
+//!   inboxes (`ShardMsg::History*`).
+//! - `recover.rs` — subscribe, then read, then merge by offset; the live
+//!   gate (duplicates, epochs) and the node-level catch-up after the Redis
+//!   subscriber link comes back. Shared by both buses.
+//! - `budget.rs` — how many reads a connection and a shard may have going.
+//!
+//! With Redis the history itself lives in Redis (`bus::redis::history`).
+//!
+//! In: history ops from `conn::ops`, live room messages carrying a position
+//! (`ShardMsg::Room { pos: Some(..) }`), link and subscription changes from the
+//! bus. Out: frames to connections (`subscribed`, replays, `history`, `gap`).
+
+pub mod budget;
+pub mod local;
+pub mod recover;
+pub mod ring;
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+pub use recover::ShardHistory;
+
+/// Longest epoch accepted from a client (§7: at most 64 bytes).
+pub const MAX_EPOCH: usize = 64;
+
+/// A room history's epoch: an opaque string of at most 64 bytes, kept inline
+/// (no allocation; `Copy`) because it travels with every message.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Epoch {
+    len: u8,
+    buf: [u8; MAX_EPOCH],
+}
+
+impl Epoch {
+    /// `None` when `s` is longer than 64 bytes.
+    pub fn new(s: &str) -> Option<Epoch> {
+        if s.len() > MAX_EPOCH {
+            return None;
+        }
+        let mut buf = [0u8; MAX_EPOCH];
+        buf[..s.len()].copy_from_slice(s.as_bytes());
+        Some(Epoch { len: s.len() as u8, buf })
+    }
+
+    /// A fresh random epoch: 16 hex digits of `fastrand` (a new one for every
+    /// standalone start, and the candidate a Redis script takes when a room's
+    /// history is missing).
+    pub fn random() -> Epoch {
+        Epoch::new(&format!("{:016x}", fastrand::u64(..))).expect("16 bytes")
+    }
+
+    /// This process's epoch base, drawn once: every standalone room epoch
+    /// starts with it, so a restarted node never reuses one.
+    pub fn node() -> Epoch {
+        static NODE: std::sync::OnceLock<Epoch> = std::sync::OnceLock::new();
+        *NODE.get_or_init(Epoch::random)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Built only from `&str` (whole, never cut), so always UTF-8.
+        std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or("")
+    }
+}
+
+impl fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// Where a room's stream is: its epoch and an offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: Epoch,
+    pub offset: u64,
+}
+
+/// A client's `since`: the last position it saw.
+pub type Since = Position;
+
+/// One stored message: its offset and the complete `message` frame (with
+/// `epoch` and `offset`), as it was delivered live.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub offset: u64,
+    pub frame: Bytes,
+}
+
+/// What a history read asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Query {
+    /// Messages after this position; `None`: the last `limit`.
+    pub after: Option<Position>,
+    /// At most this many messages (0: only the position).
+    pub limit: usize,
+    /// For the `history` op: what is left after `after` even if some of it
+    /// was trimmed, and with `after` from another epoch the last `limit`
+    /// (§7: "the last K messages, or those after N when since is given and
+    /// E is current"). A recovery never takes a partial history.
+    pub listing: bool,
+}
+
+impl Query {
+    /// A recovery (or, with `after: None` and `limit: 0`, just the position).
+    pub fn recover(after: Option<Position>, limit: usize) -> Query {
+        Query { after, limit, listing: false }
+    }
+}
+
+/// What a history read found.
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    /// The room's current epoch and latest offset T.
+    pub pos: Position,
+    /// With `after`: the history still holds every message after it in this
+    /// epoch (so `entries` are exactly `after+1 ..`, up to `limit`).
+    pub covered: bool,
+    /// In offset order.
+    pub entries: Vec<Entry>,
+}
+
+impl ReadResult {
+    /// Applies the §7 rules to the raw `entries` after `q.after` (or the
+    /// last ones) that a store returned with its position.
+    pub fn judge(pos: Position, q: Query, mut entries: Vec<Entry>) -> ReadResult {
+        let covered = match q.after {
+            None => true,
+            Some(a) if a.epoch != pos.epoch || a.offset > pos.offset => false,
+            Some(a) if a.offset == pos.offset => true,
+            Some(a) => entries.first().is_some_and(|e| e.offset == a.offset + 1),
+        };
+        if (!covered && !q.listing) || q.limit == 0 {
+            entries.clear();
+        }
+        ReadResult { pos, covered, entries }
+    }
+}
+
+/// History settings, from `--history-size` and `--history-ttl-secs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub size: usize,
+    pub ttl: Duration,
+}
+
+/// The backplane (or the owner shard) could not answer a history read or
+/// take a publish now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;
+
+/// A value that another task (or, through the inbox, another shard) fills
+/// in later; `wait` resolves once it is there. Single-threaded (`Rc`).
+pub struct Slot<T>(Rc<SlotInner<T>>);
+
+struct SlotInner<T> {
+    value: RefCell<Option<T>>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl<T> Clone for Slot<T> {
+    fn clone(&self) -> Self {
+        Slot(self.0.clone())
+    }
+}
+
+impl<T> Default for Slot<T> {
+    fn default() -> Self {
+        Slot(Rc::new(SlotInner { value: RefCell::new(None), waker: Cell::new(None) }))
+    }
+}
+
+impl<T> Slot<T> {
+    pub fn fill(&self, v: T) {
+        *self.0.value.borrow_mut() = Some(v);
+        if let Some(w) = self.0.waker.take() {
+            w.wake();
+        }
+    }
+
+    pub async fn wait(&self) -> T {
+        poll_fn(|cx| match self.0.value.borrow_mut().take() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                self.0.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// The offset in a stored message id `<offset>-0` (Redis stream ids).
+pub fn offset_of_id(id: &[u8]) -> Option<u64> {
+    let head = id.split(|&b| b == b'-').next()?;
+    std::str::from_utf8(head).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(e: &str, n: u64) -> Position {
+        Position { epoch: Epoch::new(e).unwrap(), offset: n }
+    }
+
+    fn entries(r: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
+        r.map(|offset| Entry { offset, frame: Bytes::new() }).collect()
+    }
+
+    #[test]
+    fn epochs_are_at_most_64_bytes_and_random_ones_differ() {
+        assert!(Epoch::new(&"e".repeat(64)).is_some());
+        assert!(Epoch::new(&"e".repeat(65)).is_none());
+        assert_eq!(Epoch::new("abc").unwrap().as_str(), "abc");
+        assert_ne!(Epoch::random(), Epoch::random());
+        assert_eq!(Epoch::random().as_str().len(), 16);
+    }
+
+    #[test]
+    fn a_read_is_covered_only_in_the_same_epoch_with_nothing_trimmed() {
+        let q = |e: &str, n| Query::recover(Some(pos(e, n)), 100);
+        let r = ReadResult::judge(pos("a", 20), q("a", 12), entries(13..=20));
+        assert!(r.covered);
+        assert_eq!(r.entries.len(), 8);
+        let r = ReadResult::judge(pos("a", 20), q("b", 12), entries(13..=20));
+        assert!(!r.covered && r.entries.is_empty(), "another epoch");
+        let r = ReadResult::judge(pos("a", 20), q("a", 2), entries(11..=20));
+        assert!(!r.covered && r.entries.is_empty(), "trimmed");
+        let r = ReadResult::judge(pos("a", 20), q("a", 21), vec![]);
+        assert!(!r.covered, "above T");
+        let r = ReadResult::judge(pos("a", 20), q("a", 20), vec![]);
+        assert!(r.covered, "nothing missed");
+        let r = ReadResult::judge(pos("a", 0), Query::recover(None, 5), vec![]);
+        assert!(r.covered);
+        let list = Query { after: Some(pos("a", 2)), limit: 100, listing: true };
+        let r = ReadResult::judge(pos("a", 20), list, entries(11..=20));
+        assert!(!r.covered && r.entries.len() == 10, "a listing keeps what is left");
+    }
+
+    #[test]
+    fn stream_ids_give_offsets() {
+        assert_eq!(offset_of_id(b"13-0"), Some(13));
+        assert_eq!(offset_of_id(b"x-0"), None);
+    }
+}
