@@ -34,16 +34,20 @@
 //! never waits on Redis. Reading is different: a message from Redis fans out
 //! to many clients, so its decode and check run beside the shard, not on it.
 
+pub mod cluster;
+pub mod publink;
 pub mod publisher;
 pub mod reader;
 mod resp;
+pub mod sentinel;
+mod subconn;
 pub mod subs;
+pub mod topology;
 pub mod url;
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,7 +69,8 @@ use crate::shard::{InboxSender, Shard};
 use publisher::Publisher;
 use reader::SubHandle;
 use subs::{Interest, Kind};
-pub use url::RedisUrl;
+use topology::Topology;
+pub use url::{RedisUrl, Spec};
 
 /// A TCP connect to Redis that takes longer fails (and is retried).
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -191,6 +196,7 @@ impl Retry {
         self.was_up = true;
     }
     pub fn failed(&mut self, url: &RedisUrl, e: &LinkError) {
+        // (`url` names the server; the password is never shown.)
         self.failures.failed(self.shard, self.link, url, e);
     }
     pub fn next_delay(&mut self) -> Duration {
@@ -220,9 +226,9 @@ impl Link {
 pub struct Health {
     metrics: Arc<Metrics>,
     links: Box<[LinkHealth]>,
-    /// Redis's addresses as last resolved by a reader thread; the publishers
-    /// connect to these so that no shard ever blocks in `getaddrinfo`.
-    addrs: Mutex<Vec<SocketAddr>>,
+    /// Set once the topology exists: its own problems (unserved slots, no
+    /// primary found) come first in `/readyz`.
+    topo: std::sync::OnceLock<Arc<Topology>>,
 }
 
 #[derive(Default)]
@@ -235,7 +241,7 @@ struct LinkHealth {
 
 impl Health {
     fn new(metrics: Arc<Metrics>, shards: usize) -> Health {
-        Health { metrics, links: (0..shards).map(|_| LinkHealth::default()).collect(), addrs: Mutex::default() }
+        Health { metrics, links: (0..shards).map(|_| LinkHealth::default()).collect(), topo: Default::default() }
     }
 
     /// Records whether `link` of `shard` works; keeps the gauges in step.
@@ -250,26 +256,19 @@ impl Health {
         }
     }
 
-    pub(crate) fn failed(&self, shard: usize, link: Link, e: &LinkError) {
+    /// Records the last failure of `link` of `shard`, at Redis server `node`.
+    pub(crate) fn failed(&self, shard: usize, link: Link, node: &str, e: &LinkError) {
         if let Ok(mut last) = self.links[shard].last_error[link as usize].lock() {
-            *last = Some(e.to_string());
+            *last = Some(format!("{node}: {e}"));
         }
-    }
-
-    pub(crate) fn set_addrs(&self, addrs: &[SocketAddr]) {
-        if let Ok(mut a) = self.addrs.lock() {
-            a.clear();
-            a.extend_from_slice(addrs);
-        }
-    }
-
-    pub(crate) fn addrs(&self) -> Vec<SocketAddr> {
-        self.addrs.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
     /// `None` when every link of every shard is up; else the first one down
     /// and its last error, for the `/readyz` body.
     pub fn not_ready(&self) -> Option<String> {
+        if let Some(p) = self.topo.get().and_then(|t| t.problem()) {
+            return Some(format!("redis: {p}\n"));
+        }
         for (i, l) in self.links.iter().enumerate() {
             for (link, up) in [(Link::Subscriber, &l.sub), (Link::Publisher, &l.publ)] {
                 if !up.load(Ordering::Relaxed) {
@@ -291,7 +290,7 @@ impl Health {
 pub struct ShardLink {
     shard: usize,
     subs: SubHandle,
-    url: Arc<RedisUrl>,
+    topo: Arc<Topology>,
     prefix: Arc<str>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
@@ -307,22 +306,21 @@ pub fn start(
     metrics: &Arc<Metrics>,
     exits: &crossbeam_channel::Sender<(String, anyhow::Result<()>)>,
 ) -> anyhow::Result<Vec<ShardLink>> {
-    let url = Arc::new(RedisUrl::parse(url).with_context(|| "--redis: cannot parse the URL".to_string())?);
+    let spec = Spec::parse(url).map_err(|e| anyhow::anyhow!("--redis: cannot parse the URL: {e}"))?;
     let prefix: Arc<str> = Arc::from(cfg.channel_prefix.as_str());
     let health = Arc::new(Health::new(metrics.clone(), peers.len()));
-    // Resolved here once so that the publishers' first attempt has an
-    // address; the readers resolve again before each connect.
-    if let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(&url.addr()) {
-        health.set_addrs(&addrs.collect::<Vec<_>>());
-    }
-    tracing::info!(redis = %url, prefix = %prefix, "redis backplane");
+    tracing::info!(redis = %spec, prefix = %prefix, "redis backplane");
+    // Sentinel and Cluster: asks now, and fails start-up if nobody answers.
+    let topo = Topology::start(spec, metrics.clone())?;
+    let _ = health.topo.set(topo.clone());
     let mut links = Vec::with_capacity(peers.len());
     for (i, inbox) in peers.iter().enumerate() {
         let (subs, input) = reader::channel().context("redis: make the reader's wake-up pipe")?;
+        topo.add_waker(subs.waker().context("redis: share the reader's wake-up pipe")?);
         let r = reader::Reader::new(reader::ReaderParts {
             shard: i,
             core: cfg.cores[i],
-            url: url.clone(),
+            topo: topo.clone(),
             prefix: prefix.clone(),
             inbox: inbox.clone(),
             metrics: metrics.clone(),
@@ -344,7 +342,7 @@ pub fn start(
         links.push(ShardLink {
             shard: i,
             subs,
-            url: url.clone(),
+            topo: topo.clone(),
             prefix: prefix.clone(),
             health: health.clone(),
             metrics: metrics.clone(),
@@ -411,8 +409,8 @@ impl RedisBus {
     /// Takes the shard's link and starts its publisher on the current
     /// (the shard's) runtime.
     pub fn start(link: ShardLink) -> RedisBus {
-        let publisher = Publisher::new(link.shard, link.url, link.health.clone(), link.metrics);
-        monoio::spawn(publisher.clone().run());
+        let publisher = Publisher::start(link.shard, link.topo, link.health.clone(), link.metrics);
+        monoio::spawn(publisher.clone().follow());
         let interest = Rc::new(InterestQueue { batch: RefCell::default(), waker: Cell::new(None), subs: link.subs });
         monoio::spawn(interest.clone().run());
         RedisBus {

@@ -1,0 +1,220 @@
+//! ⑦ One subscriber connection of a `redis-NN` reader: to one primary (the
+//! single Redis, the Sentinel-named primary, or one cluster primary).
+//!
+//! Owns the blocking socket, its read buffer, the heartbeat, the
+//! reconnect backoff, the channels wanted *at this primary*
+//! (`Subscriptions`), and the commands written but not yet answered, so that
+//! an error reply (`MOVED`, `CLUSTERDOWN`) is matched to the channels of the
+//! command it refuses, and an `sunsubscribe` that answers no command of ours
+//! is known for what it is: Redis dropping a channel whose slot moved.
+//!
+//! In: connect/plan calls from the reader, bytes from Redis. Out: commands
+//! to Redis and `Confirm`s (what a confirmation frame meant) to the reader,
+//! which alone talks to the shard.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use super::subs::{Settled, Subscriptions};
+use super::topology::Node;
+use super::{DEAD_AFTER, HANDSHAKE_TIMEOUT, LinkError, PING_IDLE, Retry, cluster, resp};
+
+/// Bytes read from Redis per `read(2)`.
+pub const READ_CHUNK: usize = 32 * 1024;
+/// Channels per SUBSCRIBE/UNSUBSCRIBE command; a larger batch is split.
+const MAX_CHANNELS_PER_COMMAND: usize = 4096;
+/// TCP keepalive: probe after this much silence, so that a vanished host is
+/// noticed even when both sides are idle.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+
+/// A command written, waiting for one confirmation per channel.
+struct Pending {
+    unsubscribe: bool,
+    left: usize,
+    channels: Vec<Box<[u8]>>,
+}
+
+pub struct Live {
+    pub sock: TcpStream,
+    pub buf: BytesMut,
+    pub last_rx: Instant,
+    pub ping_sent: Option<Instant>,
+}
+
+pub struct SubConn {
+    pub node: Arc<Node>,
+    pub subs: Subscriptions,
+    pub live: Option<Live>,
+    pub retry: Retry,
+    /// While down: when to try again.
+    pub retry_at: Instant,
+    pending: VecDeque<Pending>,
+}
+
+/// What one confirmation frame (`subscribe`, `sunsubscribe`, ...) meant.
+pub enum Confirm {
+    /// Answers a command of ours; maybe settles a room.
+    Answer(Option<Settled>),
+    /// Redis unsubscribed a channel by itself; `true` if still wanted.
+    Unsolicited(bool),
+}
+
+impl SubConn {
+    pub fn new(node: Arc<Node>, prefix: &str, retry: Retry) -> SubConn {
+        SubConn {
+            node,
+            subs: Subscriptions::new(prefix),
+            live: None,
+            retry,
+            retry_at: Instant::now(),
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Connects and logs in (AUTH, SELECT, CLIENT SETNAME, with Sentinel
+    /// `ROLE`), blocking up to the connect and handshake timeouts.
+    pub fn connect(&mut self, client_name: &str, check_role: bool) -> Result<(), LinkError> {
+        if self.node.addrs.is_empty() {
+            return Err(LinkError::Io(io::Error::new(io::ErrorKind::NotFound, "the Redis host has no address")));
+        }
+        let mut last = None;
+        for addr in &self.node.addrs {
+            match TcpStream::connect_timeout(addr, super::CONNECT_TIMEOUT) {
+                Ok(sock) => {
+                    let (sock, buf) = self.handshake(sock, client_name, check_role)?;
+                    self.live = Some(Live { sock, buf, last_rx: Instant::now(), ping_sent: None });
+                    self.pending.clear();
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.map_or(LinkError::Closed, LinkError::from))
+    }
+
+    fn handshake(
+        &self,
+        mut sock: TcpStream,
+        client_name: &str,
+        check_role: bool,
+    ) -> Result<(TcpStream, BytesMut), LinkError> {
+        sock.set_nodelay(true)?;
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(Duration::from_secs(1))
+            .with_retries(3);
+        socket2::SockRef::from(&sock).set_tcp_keepalive(&keepalive)?;
+        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        sock.set_write_timeout(Some(DEAD_AFTER))?;
+        let (out, steps) = resp::handshake(&self.node.url, client_name, check_role);
+        sock.write_all(&out)?;
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        for step in steps {
+            let reply = loop {
+                if let Some(reply) = resp::take_frame(&mut buf)? {
+                    break reply;
+                }
+                match read_more(&mut sock, &mut buf) {
+                    Ok(0) => return Err(LinkError::Closed),
+                    Ok(_) => {}
+                    Err(e) if is_timeout(&e) => return Err(LinkError::Timeout("AUTH/SELECT/ROLE")),
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            resp::check(step, &reply)?;
+        }
+        Ok((sock, buf))
+    }
+
+    /// The connection is gone: Redis has nothing of ours any more.
+    pub fn lose(&mut self, delay: Duration) {
+        self.live = None;
+        self.subs.reset();
+        self.pending.clear();
+        self.retry_at = Instant::now() + delay;
+    }
+
+    /// Writes what brings this primary to the wanted subscriptions; returns
+    /// how many commands. In a cluster (`sharded`) each command names the
+    /// channels of one slot only.
+    pub fn write_plan(&mut self, sharded: bool) -> io::Result<u64> {
+        let Some(live) = &mut self.live else { return Ok(0) };
+        let plan = self.subs.plan();
+        if plan.is_empty() {
+            return Ok(0);
+        }
+        let (sub, unsub): (&[u8], &[u8]) =
+            if sharded { (b"SSUBSCRIBE", b"SUNSUBSCRIBE") } else { (b"SUBSCRIBE", b"UNSUBSCRIBE") };
+        let mut out = BytesMut::new();
+        let mut commands = 0;
+        for (unsubscribe, list) in [(true, plan.unsubscribe), (false, plan.subscribe)] {
+            let cmd = if unsubscribe { unsub } else { sub };
+            let groups = if sharded { cluster::group_by_slot(list) } else { vec![(0, list)] };
+            for (_, group) in groups {
+                for chunk in group.chunks(MAX_CHANNELS_PER_COMMAND) {
+                    resp::put_channels(&mut out, cmd, chunk);
+                    self.pending.push_back(Pending { unsubscribe, left: chunk.len(), channels: chunk.to_vec() });
+                    commands += 1;
+                }
+            }
+        }
+        live.sock.write_all(&out)?;
+        Ok(commands)
+    }
+
+    /// A `subscribe`/`unsubscribe` (or sharded) frame for `channel`.
+    pub fn confirm(&mut self, unsubscribe: bool, channel: &[u8]) -> Confirm {
+        match self.pending.front_mut() {
+            Some(p) if p.unsubscribe == unsubscribe => {
+                p.left -= 1;
+                if p.left == 0 {
+                    self.pending.pop_front();
+                }
+                Confirm::Answer(self.subs.confirm(channel))
+            }
+            _ if unsubscribe => Confirm::Unsolicited(self.subs.lost(channel)),
+            // A confirmation of nothing we sent: ignore it.
+            _ => Confirm::Answer(None),
+        }
+    }
+
+    /// Redis refused the oldest unanswered command: none of its channels is
+    /// subscribed here. Returns them.
+    pub fn refused(&mut self) -> Vec<Box<[u8]>> {
+        let Some(p) = self.pending.pop_front() else { return Vec::new() };
+        for c in &p.channels {
+            self.subs.refused(c);
+        }
+        p.channels
+    }
+}
+
+/// Reads once into the end of `buf`.
+pub fn read_more(sock: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let start = buf.len();
+    buf.resize(start + READ_CHUNK, 0);
+    let r = sock.read(&mut buf[start..]);
+    buf.truncate(start + *r.as_ref().unwrap_or(&0));
+    r
+}
+
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+/// When this connection next needs attention without any input: its
+/// heartbeat (up) or its next attempt (down).
+pub fn deadline(c: &SubConn) -> Instant {
+    match &c.live {
+        Some(l) => match l.ping_sent {
+            Some(at) => at + DEAD_AFTER,
+            None => l.last_rx + PING_IDLE,
+        },
+        None => c.retry_at,
+    }
+}
