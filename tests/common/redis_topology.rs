@@ -78,6 +78,12 @@ impl RedisCluster {
                     &conf,
                     "--cluster-node-timeout",
                     "1000",
+                    // Replicas sync at once (not after the 5 s diskless
+                    // delay) and may always take over.
+                    "--repl-diskless-sync-delay",
+                    "0",
+                    "--cluster-replica-validity-factor",
+                    "0",
                     "--dir",
                     &dir.0.to_string_lossy(),
                 ])
@@ -100,6 +106,9 @@ impl RedisCluster {
         );
         let c = RedisCluster { servers, _dir: dir };
         c.wait_ok(Duration::from_secs(20));
+        if replicas > 0 {
+            c.wait_replicas_synced(Duration::from_secs(20));
+        }
         c
     }
 
@@ -132,6 +141,16 @@ impl RedisCluster {
                 views.push(owners);
             }
             !views.is_empty() && views.windows(2).all(|w| w[0] == w[1])
+        });
+    }
+
+    /// Every running replica has its master link up (so it may fail over).
+    pub fn wait_replicas_synced(&self, limit: Duration) {
+        wait_until("every replica is in sync", limit, || {
+            self.servers.iter().filter(|s| s.is_running()).all(|s| {
+                s.try_cli(&["INFO", "replication"])
+                    .is_some_and(|i| i.contains("role:master") || i.contains("master_link_status:up"))
+            })
         });
     }
 
