@@ -380,6 +380,7 @@ impl Monitor {
 pub struct Collector {
     rx: std::sync::mpsc::Receiver<(serde_json::Value, Instant)>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
     /// Everything taken from the thread so far.
     pub got: Vec<(serde_json::Value, Instant)>,
 }
@@ -389,7 +390,7 @@ impl Collector {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
                 if let Some(v) = c.recv_json(Duration::from_millis(100))
                     && tx.send((v, Instant::now())).is_err()
@@ -398,7 +399,7 @@ impl Collector {
                 }
             }
         });
-        Collector { rx, stop, got: Vec::new() }
+        Collector { rx, stop, thread: Some(thread), got: Vec::new() }
     }
 
     /// Takes what has arrived.
@@ -429,6 +430,9 @@ impl Collector {
 impl Drop for Collector {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
