@@ -344,32 +344,61 @@ fn start_sentinel(dir: &TempDir, i: usize, primary: u16) -> Sentinel {
 
 // ---- MONITOR ------------------------------------------------------------------------
 
-/// Every command a Redis server runs, as `MONITOR` prints it, collected by
-/// a thread until the server goes away.
+/// Every command a Redis server runs for its clients, as `MONITOR` prints
+/// it, collected by a thread until dropped. A MONITOR connection killed
+/// (Sentinel kills every normal client when it turns a server into a
+/// replica) is made again at once.
 pub struct Monitor {
-    pub lines: Arc<Mutex<Vec<String>>>,
+    lines: Arc<Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Monitor {
     pub fn start(port: u16) -> Monitor {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect for MONITOR");
-        s.write_all(b"MONITOR\r\n").expect("MONITOR");
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let mut r = BufReader::new(s);
-        let mut first = String::new();
-        r.read_line(&mut first).expect("MONITOR reply");
-        assert!(first.starts_with("+OK"), "MONITOR: {first:?}");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let first = Self::connect(port).expect("MONITOR");
+        let (sink, flag) = (lines.clone(), stop.clone());
         std::thread::spawn(move || {
-            for line in r.lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
+            let mut conn = Some(first);
+            while !flag.load(Ordering::Relaxed) {
+                let Some(r) = conn.as_mut() else {
+                    conn = Self::connect(port);
+                    if conn.is_none() {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    continue;
+                };
+                let mut line = String::new();
+                match r.read_line(&mut line) {
+                    Ok(0) => conn = None,
+                    Ok(_) => sink.lock().unwrap().push(line.trim_end().to_string()),
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                    Err(_) => conn = None,
+                }
             }
         });
-        Monitor { lines }
+        Monitor { lines, stop }
+    }
+
+    fn connect(port: u16) -> Option<BufReader<TcpStream>> {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(100))).ok()?;
+        s.write_all(b"MONITOR\r\n").ok()?;
+        let mut r = BufReader::new(s);
+        let mut first = String::new();
+        r.read_line(&mut first).ok()?;
+        first.starts_with("+OK").then_some(r)
     }
 
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
