@@ -305,7 +305,7 @@ fn field<'a>(reply: &'a str, name: &str) -> Option<&'a str> {
     lines.iter().position(|l| l.trim() == name).and_then(|i| lines.get(i + 1)).map(|v| v.trim())
 }
 
-fn start_sentinel(dir: &TempDir, i: usize, primary: u16) -> Sentinel {
+pub fn start_sentinel(dir: &TempDir, i: usize, primary: u16) -> Sentinel {
     for _ in 0..5 {
         let port = free_port();
         let conf = dir.file(&format!("sentinel-{i}.conf"));

@@ -309,9 +309,10 @@ pub fn start(
     let spec = Spec::parse(url).map_err(|e| anyhow::anyhow!("--redis: cannot parse the URL: {e}"))?;
     let prefix: Arc<str> = Arc::from(cfg.channel_prefix.as_str());
     let health = Arc::new(Health::new(metrics.clone(), peers.len()));
-    tracing::info!(redis = %spec, prefix = %prefix, "redis backplane");
+    let shown = spec.to_string();
     // Sentinel and Cluster: asks now, and fails start-up if nobody answers.
     let topo = Topology::start(spec, metrics.clone())?;
+    tracing::info!(redis = %shown, prefix = %prefix, "redis backplane");
     let _ = health.topo.set(topo.clone());
     let mut links = Vec::with_capacity(peers.len());
     for (i, inbox) in peers.iter().enumerate() {
