@@ -67,7 +67,11 @@ fn every_message_reaches_every_subscriber_on_every_node_through_the_slot_owners(
         for _ in 0..(ROOMS as u64 * PER_ROOM * 3) {
             let v = expect_event(c, "a message", 10 * SECOND);
             assert_eq!(v["ev"], "message", "{v}");
-            let (room, node, k) = (v["room"].as_str().unwrap().to_string(), v["data"]["node"].as_u64().unwrap(), v["data"]["k"].as_u64().unwrap());
+            let (room, node, k) = (
+                v["room"].as_str().unwrap().to_string(),
+                v["data"]["node"].as_u64().unwrap(),
+                v["data"]["k"].as_u64().unwrap(),
+            );
             assert_eq!(v["from"], format!("p{node}"));
             let n = next.entry((room.clone(), node)).or_insert(0);
             assert_eq!(k, *n, "subscriber on node {me}: room {room} from node {node} out of order or twice");
@@ -87,11 +91,13 @@ fn every_message_reaches_every_subscriber_on_every_node_through_the_slot_owners(
 
 #[test]
 fn a_killed_primary_is_followed_to_its_promoted_replica_while_other_rooms_never_stop() {
-    let _d = deadline("a_killed_primary_is_followed_to_its_promoted_replica_while_other_rooms_never_stop", 120 * SECOND);
+    let _d =
+        deadline("a_killed_primary_is_followed_to_its_promoted_replica_while_other_rooms_never_stop", 120 * SECOND);
     let mut cluster = RedisCluster::start(3, 1);
     let (n0, n1) = (cluster_node(&cluster.url()), cluster_node(&cluster.url()));
     let rooms: Vec<String> = (0..30).map(|i| format!("f-{i}")).collect();
-    let owner: HashMap<String, usize> = rooms.iter().map(|r| (r.clone(), cluster.owner(&format!("cc:room:{r}")))).collect();
+    let owner: HashMap<String, usize> =
+        rooms.iter().map(|r| (r.clone(), cluster.owner(&format!("cc:room:{r}")))).collect();
     let victim = owner["f-0"];
     let victim_port = cluster.servers[victim].port;
     let (hit, spared): (Vec<String>, Vec<String>) = rooms.iter().cloned().partition(|r| owner[r] == victim);
@@ -150,7 +156,9 @@ fn a_killed_primary_is_followed_to_its_promoted_replica_while_other_rooms_never_
     let (t_promoted, t_healed) = (promoted.unwrap(), healed.unwrap());
     assert!(t_healed - t_promoted < 5 * SECOND, "delivery resumed {:?} after the promotion", t_healed - t_promoted);
     assert!(saw_not_ready, "/readyz named the dead primary during the outage");
-    wait_until("/readyz is 200 again", 10 * SECOND, || n0.http_get("/readyz").0 == 200 && n1.http_get("/readyz").0 == 200);
+    wait_until("/readyz is 200 again", 10 * SECOND, || {
+        n0.http_get("/readyz").0 == 200 && n1.http_get("/readyz").0 == 200
+    });
 
     // Let the last deliveries arrive.
     std::thread::sleep(SECOND);
@@ -229,8 +237,7 @@ fn subscribers_keep_receiving_when_a_busy_rooms_slot_moves_to_another_primary() 
     let seqs = got.seqs("busy");
     assert_in_order("busy", &seqs);
     // Everything acknowledged after the subscription moved arrived.
-    let acked_after: Vec<u64> =
-        p.acked["busy"].iter().filter(|&&(_, at)| at >= followed).map(|&(s, _)| s).collect();
+    let acked_after: Vec<u64> = p.acked["busy"].iter().filter(|&&(_, at)| at >= followed).map(|&(s, _)| s).collect();
     assert!(acked_after.len() > 20, "publishing went on: {}", acked_after.len());
     for s in &acked_after {
         assert!(seqs.contains(s), "message {s} (after the move) did not arrive; got {seqs:?}");

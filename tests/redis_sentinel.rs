@@ -76,7 +76,9 @@ fn a_sentinel_failover_is_followed_and_the_old_primary_never_gets_a_publish() {
     let after = healed.unwrap() - promoted.unwrap();
     assert!(after < 5 * SECOND, "delivery resumed {after:?} after the promotion");
     assert!(saw_not_ready, "/readyz named the lost primary during the failover");
-    wait_until("/readyz is 200 again", 10 * SECOND, || n0.http_get("/readyz").0 == 200 && n1.http_get("/readyz").0 == 200);
+    wait_until("/readyz is 200 again", 10 * SECOND, || {
+        n0.http_get("/readyz").0 == 200 && n1.http_get("/readyz").0 == 200
+    });
 
     // The old primary comes back; the sentinels make it a replica of the new one.
     s.primary.restart();

@@ -66,7 +66,10 @@ fn unreachable_seeds_and_sentinels_fail_start_up_with_one_line() {
     let (a, b) = (free_port(), free_port());
     let err = fails_with_one_line(&format!("redis+cluster://:hunter2@127.0.0.1:{a},127.0.0.1:{b}"));
     assert!(err.contains("no cluster node answered CLUSTER SLOTS"), "{err}");
-    assert!(err.contains(&format!("127.0.0.1:{a}")) && err.contains(&format!("127.0.0.1:{b}")), "names every seed: {err}");
+    assert!(
+        err.contains(&format!("127.0.0.1:{a}")) && err.contains(&format!("127.0.0.1:{b}")),
+        "names every seed: {err}"
+    );
     assert!(!err.contains("hunter2"), "the password is never shown: {err}");
 
     let err = fails_with_one_line(&format!("redis+sentinel://u:hunter2@127.0.0.1:{a},127.0.0.1:{b}/mymaster"));
@@ -76,7 +79,10 @@ fn unreachable_seeds_and_sentinels_fail_start_up_with_one_line() {
 
 #[test]
 fn a_plain_redis_as_a_cluster_and_an_unknown_primary_name_fail_start_up_with_one_line() {
-    let _d = deadline("a_plain_redis_as_a_cluster_and_an_unknown_primary_name_fail_start_up_with_one_line", 60 * Duration::from_secs(1));
+    let _d = deadline(
+        "a_plain_redis_as_a_cluster_and_an_unknown_primary_name_fail_start_up_with_one_line",
+        60 * Duration::from_secs(1),
+    );
     let plain = RedisServer::start();
     let err = fails_with_one_line(&format!("redis+cluster://127.0.0.1:{}", plain.port));
     assert!(err.contains("cluster support disabled"), "{err}");

@@ -255,10 +255,12 @@ mod tests {
                 },
             ]
         );
-        assert!(parse_slots(&BytesFrame::Error("ERR This instance has cluster support disabled".into()), "h")
-            .unwrap_err()
-            .0
-            .contains("cluster support disabled"));
+        assert!(
+            parse_slots(&BytesFrame::Error("ERR This instance has cluster support disabled".into()), "h")
+                .unwrap_err()
+                .0
+                .contains("cluster support disabled")
+        );
         assert!(parse_slots(&arr(vec![arr(vec![int(5), int(1), arr(vec![bulk("h"), int(1)])])]), "h").is_err());
         assert!(parse_slots(&arr(vec![arr(vec![int(0), int(16384), arr(vec![bulk("h"), int(1)])])]), "h").is_err());
         assert_eq!(parse_slots(&arr(vec![]), "h").unwrap(), []);

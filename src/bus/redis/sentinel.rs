@@ -171,6 +171,9 @@ mod tests {
         let msg = |p: &str| BytesFrame::Array(vec![bulk("message"), bulk("+switch-master"), bulk(p)]);
         assert!(switched(&msg("mymaster 127.0.0.1 6379 127.0.0.1 6380"), "mymaster"));
         assert!(!switched(&msg("other 127.0.0.1 6379 127.0.0.1 6380"), "mymaster"));
-        assert!(!switched(&BytesFrame::Array(vec![bulk("subscribe"), bulk("+switch-master"), BytesFrame::Integer(1)]), "mymaster"));
+        assert!(!switched(
+            &BytesFrame::Array(vec![bulk("subscribe"), bulk("+switch-master"), BytesFrame::Integer(1)]),
+            "mymaster"
+        ));
     }
 }

@@ -327,7 +327,12 @@ fn discover(spec: &Spec, current: Option<&View>) -> Result<View, String> {
                 warn!(redis = %url, "cannot resolve the Redis host yet; retrying");
             }
             let name = cluster::node_name(&url.host, url.port).into();
-            Ok(View { mode: Mode::Single, nodes: vec![Arc::new(Node { name, url: url.clone(), addrs })], slots: None, replicas: vec![] })
+            Ok(View {
+                mode: Mode::Single,
+                nodes: vec![Arc::new(Node { name, url: url.clone(), addrs })],
+                slots: None,
+                replicas: vec![],
+            })
         }
         Spec::Sentinel { sentinels, master, login } => {
             let p = sentinel::find_primary(sentinels, master, login)?;
@@ -483,7 +488,10 @@ mod tests {
     fn a_cluster_view_routes_each_channel_to_its_slots_primary() {
         let login = RedisUrl::parse("redis://:pw@127.0.0.1:1").unwrap();
         let v = cluster_view(vec![range(5461, 10922, 7002), range(0, 5460, 7001), range(10923, 16383, 7003)], &login);
-        assert_eq!(v.nodes.iter().map(|n| &*n.name).collect::<Vec<_>>(), ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]);
+        assert_eq!(
+            v.nodes.iter().map(|n| &*n.name).collect::<Vec<_>>(),
+            ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
+        );
         assert_eq!(v.nodes[1].url.password.as_deref(), Some("pw"));
         // "foo" is slot 12182, "bar" 5061, "{user1000}.x" is user1000's slot.
         assert_eq!(v.owner(b"foo"), Some(2));
@@ -491,7 +499,8 @@ mod tests {
         assert_eq!(v.slots_of(0), "0-5460");
         assert_eq!(v.unserved(), None);
         // The same ranges in another order give an equal view (no spurious change).
-        let again = cluster_view(vec![range(0, 5460, 7001), range(10923, 16383, 7003), range(5461, 10922, 7002)], &login);
+        let again =
+            cluster_view(vec![range(0, 5460, 7001), range(10923, 16383, 7003), range(5461, 10922, 7002)], &login);
         assert_eq!(v, again);
     }
 

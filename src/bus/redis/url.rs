@@ -43,9 +43,16 @@ pub enum Spec {
     Single(RedisUrl),
     /// `login` carries the user, password and db for the primary; its host
     /// and port are the first sentinel's (only for display).
-    Sentinel { sentinels: Vec<HostPort>, master: String, login: RedisUrl },
+    Sentinel {
+        sentinels: Vec<HostPort>,
+        master: String,
+        login: RedisUrl,
+    },
     /// `login`: user and password for every cluster node; db is 0.
-    Cluster { seeds: Vec<HostPort>, login: RedisUrl },
+    Cluster {
+        seeds: Vec<HostPort>,
+        login: RedisUrl,
+    },
 }
 
 /// One `host:port` of a list.
@@ -57,7 +64,11 @@ pub struct HostPort {
 
 impl fmt::Display for HostPort {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') { write!(f, "[{}]:{}", self.host, self.port) } else { write!(f, "{}:{}", self.host, self.port) }
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
     }
 }
 
