@@ -119,6 +119,8 @@ fn a_killed_primary_is_followed_to_its_promoted_replica_while_other_rooms_never_
     cluster.servers[victim].kill();
     let killed = Instant::now();
     let mut saw_not_ready = false;
+    let mut saw_links_down = false;
+    let victim_links = format!("corecast_redis_node_links_up{{node=\"127.0.0.1:{victim_port}\",link=\"subscriber\"}}");
     let mut promoted: Option<Instant> = None;
     let mut healed: Option<Instant> = None;
     while healed.is_none_or(|h| h.elapsed() < SECOND) {
@@ -139,6 +141,9 @@ fn a_killed_primary_is_followed_to_its_promoted_replica_while_other_rooms_never_
         if !saw_not_ready {
             let (status, body) = n0.http_get("/readyz");
             saw_not_ready = status == 503 && body.contains(&victim_port.to_string());
+        }
+        if !saw_links_down {
+            saw_links_down = common::metric_in(&n1.metrics(), &victim_links) == Some(0.0);
         }
         if promoted.is_none() && cluster.primaries().len() == 3 && !cluster.primaries().contains(&victim) {
             promoted = Some(Instant::now());
@@ -186,6 +191,10 @@ fn a_killed_primary_is_followed_to_its_promoted_replica_while_other_rooms_never_
         got.poll();
         got.seqs("f-0").len() >= before + 5
     });
+}
+
+fn owner_now(cluster: &RedisCluster, room: &str) -> usize {
+    cluster.owner(&format!("cc:room:{room}"))
 }
 
 #[test]

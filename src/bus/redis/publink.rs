@@ -173,9 +173,11 @@ impl NodeLink {
                     retry.connected(self.m());
                     info!(shard = self.shard, redis = %self.node.name, "redis publisher connected");
                     self.up.set(true);
+                    self.metrics.redis_nodes.link(&self.node.name, true, true);
                     self.set_stalled(false);
                     let e = self.serve(&stream, buf).await;
                     self.up.set(false);
+                    self.metrics.redis_nodes.link(&self.node.name, true, false);
                     self.drop_queued();
                     self.changed();
                     if self.retired.get() {

@@ -232,7 +232,7 @@ impl Reader {
     }
 
     fn new_conn(&self, node: Arc<Node>) -> SubConn {
-        SubConn::new(node, &self.prefix, Retry::new(self.shard, Link::Subscriber))
+        SubConn::new(node, &self.prefix, Retry::new(self.shard, Link::Subscriber), self.metrics.clone())
     }
 
     fn m(&self) -> &ShardMetrics {
@@ -246,7 +246,7 @@ impl Reader {
         }
         let _ = self.serve();
         for c in &mut self.conns {
-            c.live = None;
+            c.set_live(None);
         }
     }
 

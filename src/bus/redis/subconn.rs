@@ -23,6 +23,7 @@ use bytes::BytesMut;
 use super::subs::{Settled, Subscriptions};
 use super::topology::Node;
 use super::{DEAD_AFTER, HANDSHAKE_TIMEOUT, LinkError, PING_IDLE, Retry, cluster, resp};
+use crate::metrics::Metrics;
 
 /// Bytes read from Redis per `read(2)`.
 pub const READ_CHUNK: usize = 32 * 1024;
@@ -49,7 +50,10 @@ pub struct Live {
 pub struct SubConn {
     pub node: Arc<Node>,
     pub subs: Subscriptions,
+    /// The connection, while up; set only through `set_live` (it keeps
+    /// `corecast_redis_node_links_up` in step).
     pub live: Option<Live>,
+    metrics: Arc<Metrics>,
     pub retry: Retry,
     /// While down: when to try again.
     pub retry_at: Instant,
@@ -65,11 +69,12 @@ pub enum Confirm {
 }
 
 impl SubConn {
-    pub fn new(node: Arc<Node>, prefix: &str, retry: Retry) -> SubConn {
+    pub fn new(node: Arc<Node>, prefix: &str, retry: Retry, metrics: Arc<Metrics>) -> SubConn {
         SubConn {
             node,
             subs: Subscriptions::new(prefix),
             live: None,
+            metrics,
             retry,
             retry_at: Instant::now(),
             pending: VecDeque::new(),
@@ -87,7 +92,7 @@ impl SubConn {
             match TcpStream::connect_timeout(addr, super::CONNECT_TIMEOUT) {
                 Ok(sock) => {
                     let (sock, buf) = self.handshake(sock, client_name, check_role)?;
-                    self.live = Some(Live { sock, buf, last_rx: Instant::now(), ping_sent: None });
+                    self.set_live(Some(Live { sock, buf, last_rx: Instant::now(), ping_sent: None }));
                     self.pending.clear();
                     return Ok(());
                 }
@@ -131,9 +136,17 @@ impl SubConn {
         Ok((sock, buf))
     }
 
+    pub fn set_live(&mut self, live: Option<Live>) {
+        let (was, is) = (self.live.is_some(), live.is_some());
+        self.live = live;
+        if was != is {
+            self.metrics.redis_nodes.link(&self.node.name, false, is);
+        }
+    }
+
     /// The connection is gone: Redis has nothing of ours any more.
     pub fn lose(&mut self, delay: Duration) {
-        self.live = None;
+        self.set_live(None);
         self.subs.reset();
         self.pending.clear();
         self.retry_at = Instant::now() + delay;
@@ -191,6 +204,12 @@ impl SubConn {
             self.subs.refused(c);
         }
         p.channels
+    }
+}
+
+impl Drop for SubConn {
+    fn drop(&mut self) {
+        self.set_live(None);
     }
 }
 

@@ -204,6 +204,7 @@ impl Topology {
             metrics,
         });
         topo.check_problem(&topo.view());
+        topo.metrics.redis_nodes.primaries(topo.view().nodes.iter().map(|n| &*n.name));
         info!(redis = %topo.spec, nodes = %topo.view().summary(), "redis topology");
         let weak = Arc::downgrade(&topo);
         thread::Builder::new().name("topology".into()).spawn(move || run(weak, rx))?;
@@ -266,6 +267,7 @@ impl Topology {
         if !changed {
             return;
         }
+        self.metrics.redis_nodes.primaries(self.view().nodes.iter().map(|n| &*n.name));
         self.version.fetch_add(1, Ordering::AcqRel);
         self.metrics.shard(0).redis_topology_changes_total.add_shared(1);
         if let Ok(wakers) = self.wakers.lock() {
