@@ -164,6 +164,13 @@ fn a_killed_primary_is_followed_to_its_promoted_replica_while_other_rooms_never_
     wait_until("/readyz is 200 again", 10 * SECOND, || {
         n0.http_get("/readyz").0 == 200 && n1.http_get("/readyz").0 == 200
     });
+    assert!(saw_links_down, "the metrics showed the dead primary's links down");
+    // The promoted replica has both shards' links of each node.
+    let heir = cluster.servers[owner_now(&cluster, "f-0")].port;
+    for link in ["subscriber", "publisher"] {
+        let series = format!("corecast_redis_node_links_up{{node=\"127.0.0.1:{heir}\",link=\"{link}\"}}");
+        wait_until("the new primary's links are counted", 5 * SECOND, || n0.metric(&series) == 2.0);
+    }
 
     // Let the last deliveries arrive.
     std::thread::sleep(SECOND);
