@@ -236,6 +236,7 @@ shard_metrics! {
     redis_publish_writes_total: "counter", "Writes on the publisher connection (each carries every PUBLISH queued since the last).";
     redis_publish_lost_total: "counter", "PUBLISHes accepted but lost with a dropped Redis connection (at-most-once).";
     redis_reader_waits_total: "counter", "Times the Redis reader stopped reading because its shard's inbox was full.";
+    redis_publish_refused_total: "counter", "Publishes accepted, then refused by Redis (NOPERM, CLUSTERDOWN, ...) and so lost.";
     redis_redirects_total: "counter", "MOVED/ASK redirections followed (Redis Cluster).";
     redis_unsolicited_unsubscribes_total: "counter", "Shard channels Redis unsubscribed by itself (slot migrated); subscribed again at the new owner.";
     redis_topology_changes_total: "counter", "New Redis topologies adopted (failover, slot map change); counted on shard 0.";

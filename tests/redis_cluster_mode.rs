@@ -263,3 +263,63 @@ fn subscribers_keep_receiving_when_a_busy_rooms_slot_moves_to_another_primary() 
     eprintln!("publisher redirects {redirects}, sunsubscribes pushed by Redis {dropped}");
     assert!(dropped >= 1.0, "Redis dropped the subscription itself when the slot left (sunsubscribe)");
 }
+
+#[test]
+fn while_a_primary_is_down_only_its_rooms_are_refused_and_subscribed_still_means_subscribed() {
+    let _d = deadline(
+        "while_a_primary_is_down_only_its_rooms_are_refused_and_subscribed_still_means_subscribed",
+        90 * SECOND,
+    );
+    let mut cluster = RedisCluster::start(3, 0);
+    let (n0, n1) = (cluster_node(&cluster.url()), cluster_node(&cluster.url()));
+    let victim = cluster.owner("cc:room:x-0");
+    let victim_port = cluster.servers[victim].port;
+    // Room names by owner: some on the victim, some elsewhere.
+    let names: Vec<(String, usize)> =
+        (0..60).map(|i| format!("x-{i}")).map(|r| (r.clone(), cluster.owner(&format!("cc:room:{r}")))).collect();
+    let dead_room = names.iter().find(|(_, o)| *o == victim).unwrap().0.clone();
+    let live_rooms: Vec<String> = names.iter().filter(|(_, o)| *o != victim).map(|(r, _)| r.clone()).take(20).collect();
+
+    cluster.servers[victim].kill();
+    for n in [&n0, &n1] {
+        wait_until("/readyz names the lost primary", 5 * SECOND, || {
+            let (status, body) = n.http_get("/readyz");
+            status == 503 && body.contains(&format!("127.0.0.1:{victim_port}"))
+        });
+    }
+    let mut a = Client::connect(&n0.ws_url("/ws?user=a"));
+    let mut b = Client::connect(&n1.ws_url("/ws?user=b"));
+    // A room of a live primary: `subscribed` comes once Redis has the
+    // subscription, so a message published right after it arrives.
+    for r in &live_rooms {
+        common::redis::subscribe(&mut a, r);
+        b.send_json(&json!({"op": "publish", "room": r, "data": "now", "id": r}));
+        assert_eq!(expect_event(&mut b, "ack", 5 * SECOND), json!({"ev": "ack", "id": r}));
+        let v = expect_event(&mut a, "the message published right after `subscribed`", 5 * SECOND);
+        assert_eq!(v, json!({"ev": "message", "room": r, "from": "b", "data": "now"}));
+    }
+    // The dead primary's room: answered at once (not held for a primary
+    // that is gone), and publishing there is refused.
+    let t = Instant::now();
+    common::redis::subscribe(&mut a, &dead_room);
+    assert!(t.elapsed() < 2 * SECOND, "`subscribed` was held {:?}", t.elapsed());
+    b.send_json(&json!({"op": "publish", "room": dead_room, "data": 1, "id": "dead"}));
+    let v = expect_event(&mut b, "unavailable", 5 * SECOND);
+    assert_eq!(
+        (v["ev"].as_str(), v["code"].as_str(), v["id"].as_str()),
+        (Some("error"), Some("unavailable"), Some("dead"))
+    );
+    a.expect_silence(Duration::from_millis(300));
+
+    // Back: the room's subscription is made, and it flows again.
+    cluster.servers[victim].restart();
+    cluster.wait_ok(20 * SECOND);
+    for n in [&n0, &n1] {
+        wait_until("/readyz is 200 again", 10 * SECOND, || n.http_get("/readyz").0 == 200);
+    }
+    wait_until("the dead room's subscription is back", 5 * SECOND, || {
+        cluster.shardnumsub(victim, &format!("cc:room:{dead_room}")) == 1
+    });
+    b.send_json(&json!({"op": "publish", "room": dead_room, "data": 2}));
+    assert_eq!(expect_event(&mut a, "the room flows again", 5 * SECOND)["data"], 2);
+}

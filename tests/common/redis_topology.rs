@@ -84,6 +84,9 @@ impl RedisCluster {
                     "0",
                     "--cluster-replica-validity-factor",
                     "0",
+                    // A primary lost takes only its own slots down.
+                    "--cluster-require-full-coverage",
+                    "no",
                     "--dir",
                     &dir.0.to_string_lossy(),
                 ])
@@ -128,7 +131,11 @@ impl RedisCluster {
             let mut views = Vec::new();
             for s in self.servers.iter().filter(|s| s.is_running()) {
                 let Some(info) = s.try_cli(&["CLUSTER", "INFO"]) else { return false };
-                if !info.contains("cluster_state:ok") || !info.contains("cluster_slots_assigned:16384") {
+                if !info.contains("cluster_state:ok")
+                    || !info.contains("cluster_slots_assigned:16384")
+                    || !info.contains("cluster_slots_fail:0")
+                    || !info.contains("cluster_slots_pfail:0")
+                {
                     return false;
                 }
                 let Some(nodes) = self.nodes_from(s) else { return false };

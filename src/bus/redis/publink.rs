@@ -338,6 +338,7 @@ impl NodeLink {
             if text.starts_with("CLUSTERDOWN") || text.starts_with("TRYAGAIN") {
                 self.topo.request_refresh();
             }
+            self.m().redis_publish_refused_total.add(1);
             if refusals.is_power_of_two() || *refusals == 0 {
                 warn!(shard = self.shard, redis = %self.node.name, reply = %text, refused_so_far = *refusals + 1, "redis refused a command");
             }

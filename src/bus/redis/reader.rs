@@ -268,6 +268,9 @@ impl Reader {
                     let mut c = old.swap_remove(i);
                     if c.node.addrs != n.addrs {
                         // Same name, new address: connect again there.
+                        for w in c.subs.waiting() {
+                            let _ = self.to_shard(ShardMsg::Subscribed { room: w.room, seq: w.seq });
+                        }
                         c.lose(Duration::ZERO);
                     }
                     c.node = n.clone();
@@ -303,37 +306,72 @@ impl Reader {
     }
 
     /// Hands one interest change to the connection of the primary serving it.
+    ///
+    /// A room joined while its primary is unreachable (or its slot has no
+    /// primary) is confirmed to the shard at once, as the whole link did
+    /// before there were several: the shard answers `subscribed` now, and the
+    /// subscription is made when the primary is back. Rooms on the other
+    /// primaries still wait for Redis.
     fn route(&mut self, i: Interest) {
         self.homeless.retain(|h| !(h.kind == i.kind && h.name == i.name));
         let channel = channel_name(&self.prefix, i.kind, &i.name);
-        match self.view.owner(&channel) {
-            Some(o) => self.conns[o].subs.apply(i),
-            None if i.on => self.homeless.push(i),
-            None => {}
+        let answer_now = i.on && i.kind == Kind::Room;
+        let (room, seq) = (i.name.clone(), i.seq);
+        let reachable = match self.view.owner(&channel) {
+            Some(o) => {
+                self.conns[o].subs.apply(i);
+                self.conns[o].live.is_some()
+            }
+            None if i.on => {
+                self.homeless.push(i);
+                false
+            }
+            None => true,
+        };
+        if answer_now && !reachable {
+            let _ = self.to_shard(ShardMsg::Subscribed { room, seq });
         }
     }
 
-    /// Whether every primary's connection is up (and every channel has a
-    /// home): what the shard is told and `/readyz` shows.
+    /// Every primary's connection is up and every channel has a home:
+    /// what `/readyz` shows.
     fn all_up(&self) -> bool {
         !self.conns.is_empty() && self.homeless.is_empty() && self.conns.iter().all(|c| c.live.is_some())
     }
 
-    /// Tells the shard first, then `/readyz`: a node reports ready only once
-    /// its shards are told (and so hold `subscribed` replies). Back up, every
-    /// room is confirmed again (the shard forgot on the way down).
+    /// Tells the shard whether `subscribed` replies may be held (some
+    /// primary is reachable: its rooms are confirmed as Redis answers, the
+    /// others at once), then `/readyz` (every primary reachable): a node
+    /// reports ready only once its shards are told. Back up, every room is
+    /// confirmed again (the shard forgot on the way down).
     fn update_link(&mut self) {
-        let up = self.all_up();
-        if up == self.link_up {
-            return;
-        }
-        self.link_up = up;
-        let _ = self.inbox.send(ShardMsg::RedisLink { up });
-        self.health.set(self.shard, Link::Subscriber, up);
-        if up {
-            for c in &mut self.conns {
-                c.subs.renotify();
+        let up = self.conns.iter().any(|c| c.live.is_some());
+        if up != self.link_up {
+            self.link_up = up;
+            let _ = self.inbox.send(ShardMsg::RedisLink { up });
+            if up {
+                for i in 0..self.conns.len() {
+                    self.conns[i].subs.renotify();
+                    // Rooms of a primary still unreachable are answered at once (see `route`).
+                    if self.conns[i].live.is_none() {
+                        self.release_waiting(i);
+                    }
+                }
+                let homeless: Vec<(Arc<str>, u64)> =
+                    self.homeless.iter().filter(|h| h.kind == Kind::Room).map(|h| (h.name.clone(), h.seq)).collect();
+                for (room, seq) in homeless {
+                    let _ = self.to_shard(ShardMsg::Subscribed { room, seq });
+                }
             }
+        }
+        self.health.set(self.shard, Link::Subscriber, self.all_up());
+    }
+
+    /// Connection `i` is going down: the replies the shard holds for its
+    /// rooms go out now.
+    fn release_waiting(&mut self, i: usize) {
+        for s in self.conns[i].subs.waiting() {
+            let _ = self.to_shard(ShardMsg::Subscribed { room: s.room, seq: s.seq });
         }
     }
 
@@ -440,6 +478,7 @@ impl Reader {
 
     fn lost(&mut self, i: usize, e: LinkError) {
         self.fail(i, &e);
+        self.release_waiting(i);
         let d = self.conns[i].retry.next_delay();
         self.conns[i].lose(d);
     }

@@ -276,6 +276,20 @@ impl Subscriptions {
         }
     }
 
+    /// Rooms whose `subscribed` replies the shard still holds: handed out
+    /// (and no longer awaited) when this connection is lost, so that no
+    /// reply waits for a primary that is gone.
+    pub fn waiting(&mut self) -> Vec<Settled> {
+        let mut out = Vec::new();
+        for c in self.chans.values_mut() {
+            if c.notify && c.want && c.kind == Kind::Room {
+                c.notify = false;
+                out.push(Settled { room: c.name.clone(), seq: c.seq });
+            }
+        }
+        out
+    }
+
     /// The shard forgot its confirmations (`RedisLink { up: false }`): every
     /// wanted room is confirmed again, at once if settled, else when Redis answers.
     pub fn renotify(&mut self) {
