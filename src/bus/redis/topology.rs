@@ -51,6 +51,8 @@ const REFRESH_GAP: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Single,
+    /// Several independent servers, channels spread by jump consistent hash.
+    Several,
     Sentinel,
     Cluster,
 }
@@ -76,6 +78,15 @@ pub struct Node {
     pub url: RedisUrl,
     /// Resolved by the topology thread, so that no shard ever resolves.
     pub addrs: Vec<SocketAddr>,
+}
+
+/// "CRC-64/XZ", the key jump consistent hash spreads channels by over
+/// `redis://a,redis://b,...` (README: a backend publishing directly computes
+/// the same: `jump(crc64_xz(channel), number of servers)`, servers in URL order).
+static CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+
+fn spread_key(channel: &[u8]) -> u64 {
+    CRC64.checksum(channel)
 }
 
 /// Slot map entry for a slot no primary serves.
@@ -106,6 +117,9 @@ impl View {
     /// The index in `nodes` of the primary for `channel`, if any serves it.
     pub fn owner(&self, channel: &[u8]) -> Option<usize> {
         match &self.slots {
+            None if self.mode == Mode::Several && !self.nodes.is_empty() => {
+                Some(jumpch::hash(spread_key(channel), self.nodes.len() as u32) as usize)
+            }
             None => (!self.nodes.is_empty()).then_some(0),
             Some(slots) => match slots[cluster::key_slot(channel) as usize] {
                 NO_OWNER => None,
@@ -185,6 +199,7 @@ impl Topology {
     pub fn start(spec: Spec, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Topology>> {
         let mode = match spec {
             Spec::Single(_) => Mode::Single,
+            Spec::Several(_) => Mode::Several,
             Spec::Sentinel { .. } => Mode::Sentinel,
             Spec::Cluster { .. } => Mode::Cluster,
         };
@@ -335,6 +350,16 @@ fn discover(spec: &Spec, current: Option<&View>) -> Result<View, String> {
                 slots: None,
                 replicas: vec![],
             })
+        }
+        Spec::Several(urls) => {
+            let nodes = urls
+                .iter()
+                .map(|u| {
+                    let name = cluster::node_name(&u.host, u.port).into();
+                    Arc::new(Node { name, url: u.clone(), addrs: resolve(&u.host, u.port) })
+                })
+                .collect();
+            Ok(View { mode: Mode::Several, nodes, slots: None, replicas: vec![] })
         }
         Spec::Sentinel { sentinels, master, login } => {
             let p = sentinel::find_primary(sentinels, master, login)?;
@@ -504,6 +529,35 @@ mod tests {
         let again =
             cluster_view(vec![range(0, 5460, 7001), range(10923, 16383, 7003), range(5461, 10922, 7002)], &login);
         assert_eq!(v, again);
+    }
+
+    #[test]
+    fn several_servers_share_the_channels_by_jump_hash_in_url_order() {
+        let node = |p: u16| {
+            let url = RedisUrl::parse(&format!("redis://127.0.0.1:{p}")).unwrap();
+            Arc::new(Node { name: format!("127.0.0.1:{p}").into(), url, addrs: vec![] })
+        };
+        let v = |n: u16| View {
+            mode: Mode::Several,
+            nodes: (0..n).map(|i| node(7000 + i)).collect(),
+            slots: None,
+            replicas: vec![],
+        };
+        let (three, four) = (v(3), v(4));
+        let mut per = [0; 3];
+        let mut moved = 0;
+        for i in 0..3000 {
+            let ch = format!("cc:room:r{i}");
+            let o = three.owner(ch.as_bytes()).unwrap();
+            per[o] += 1;
+            let o4 = four.owner(ch.as_bytes()).unwrap();
+            // Consistent: a fourth server takes channels only for itself.
+            assert!(o4 == o || o4 == 3, "{ch}: {o} -> {o4}");
+            moved += usize::from(o4 != o);
+        }
+        assert!(per.iter().all(|&n| n > 800), "spread evenly: {per:?}");
+        assert!((500..1000).contains(&moved), "about a quarter move: {moved}");
+        assert_eq!(spread_key(b"123456789"), 0x995DC9BBDF1939FA, "the CRC-64/XZ check value");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - `redis+sentinel://[user:pass@]h1:p1,h2:p2/MASTER[/db]` — the primary
 //!   named MASTER as the sentinels report it (default port 26379). The user
 //!   and password log in to the primary; the sentinels are asked without;
+//! - `redis://h1,redis://h2,...` — several independent servers, channels
+//!   spread over them by jump consistent hash (`Spec::Several`);
 //! - `redis+cluster://[user:pass@]h1:p1,h2:p2` — Redis Cluster seeds
 //!   (default port 6379; a cluster has only database 0).
 //!
@@ -41,6 +43,9 @@ const DEFAULT_SENTINEL_PORT: u16 = 26379;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Spec {
     Single(RedisUrl),
+    /// `redis://a,redis://b,...`: independent servers, each channel on one
+    /// of them by jump consistent hash (`topology.rs`), in this order.
+    Several(Vec<RedisUrl>),
     /// `login` carries the user, password and db for the primary; its host
     /// and port are the first sentinel's (only for display).
     Sentinel {
@@ -78,6 +83,13 @@ impl Spec {
         let (scheme, rest) = s.split_once("://").ok_or(UrlError::Scheme)?;
         let scheme = scheme.to_ascii_lowercase();
         match scheme.as_str() {
+            "redis" | "rediss" if s.contains(',') => {
+                let urls = s
+                    .split(',')
+                    .map(|u| if u.contains("://") { RedisUrl::parse(u) } else { Err(UrlError::SeveralHosts) })
+                    .collect::<Result<Vec<_>, _>>()?;
+                return Ok(Spec::Several(urls));
+            }
             "redis" | "rediss" => return RedisUrl::parse(s).map(Spec::Single),
             "redis+sentinel" | "redis+cluster" => {}
             "rediss+sentinel" | "rediss+cluster" => return Err(UrlError::Tls),
@@ -129,6 +141,7 @@ impl fmt::Display for Spec {
         let list = |hosts: &[HostPort]| hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(",");
         match self {
             Spec::Single(u) => fmt::Display::fmt(u, f),
+            Spec::Several(urls) => f.write_str(&urls.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(",")),
             Spec::Sentinel { sentinels, master, login: u } => {
                 f.write_str("redis+sentinel://")?;
                 login(f, u)?;
@@ -204,7 +217,9 @@ impl fmt::Display for UrlError {
         f.write_str(match self {
             UrlError::Scheme => "expected redis://[user:pass@]host[:port][/db], redis+sentinel://[user:pass@]h1:p1,h2:p2/MASTER[/db] or redis+cluster://[user:pass@]h1:p1,h2:p2",
             UrlError::NoMaster => "redis+sentinel:// needs the primary's name as the path: redis+sentinel://h1:26379,h2:26379/mymaster",
-            UrlError::SeveralHosts => "redis:// takes one host; for several use redis+sentinel:// or redis+cluster://",
+            UrlError::SeveralHosts => {
+                "redis:// takes one host; list several servers as redis://h1:p1,redis://h2:p2, or use redis+sentinel:// or redis+cluster://"
+            }
             UrlError::ClusterDb => "redis+cluster:// has no database: a cluster has only database 0",
             UrlError::Tls => "rediss:// (TLS) is not supported; use redis:// on a trusted network or a TLS proxy",
             UrlError::NoHost => "no host",
@@ -366,6 +381,10 @@ mod tests {
         assert_eq!((login.user, login.password.as_deref(), login.db), (None, Some("pw"), 0));
         assert_eq!(Spec::parse("redis://h:1/3"), Ok(Spec::Single(url("h", 1, None, None, 3))));
         assert_eq!(
+            Spec::parse("redis://a:1,redis://:pw@b:2/1"),
+            Ok(Spec::Several(vec![url("a", 1, None, None, 0), url("b", 2, None, Some("pw"), 1)]))
+        );
+        assert_eq!(
             Spec::parse("redis+sentinel://u:secret@a:1,b:2/m").unwrap().to_string(),
             "redis+sentinel://u:***@a:1,b:2/m/0"
         );
@@ -384,6 +403,7 @@ mod tests {
         assert_eq!(Spec::parse("rediss+cluster://h1"), Err(UrlError::Tls));
         assert_eq!(Spec::parse("redis+mesh://h1"), Err(UrlError::Scheme));
         assert_eq!(Spec::parse("redis://a:1,b:2"), Err(UrlError::SeveralHosts));
+        assert_eq!(Spec::parse("redis://a:1,redis://b:2/x"), Err(UrlError::Db));
         assert_eq!(Spec::parse("redis+cluster://h?x=1"), Err(UrlError::Query));
     }
 }
