@@ -74,6 +74,7 @@ fn a_sentinel_failover_is_followed_and_the_old_primary_never_gets_a_publish() {
         }
     }
     let after = healed.unwrap() - promoted.unwrap();
+    eprintln!("sentinels agreed {:?} after the kill; delivery back {after:?} after that", promoted.unwrap() - killed);
     assert!(after < 5 * SECOND, "delivery resumed {after:?} after the promotion");
     assert!(saw_not_ready, "/readyz named the lost primary during the failover");
     wait_until("/readyz is 200 again", 10 * SECOND, || {
