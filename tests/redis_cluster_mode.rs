@@ -159,7 +159,11 @@ fn a_killed_primary_is_followed_to_its_promoted_replica_while_other_rooms_never_
         }
     }
     let (t_promoted, t_healed) = (promoted.unwrap(), healed.unwrap());
-    eprintln!("promoted {:?} after the kill; delivery back {:?} after that", t_promoted - killed, t_healed - t_promoted);
+    eprintln!(
+        "promoted {:?} after the kill; delivery back {:?} after that",
+        t_promoted - killed,
+        t_healed - t_promoted
+    );
     assert!(t_healed - t_promoted < 5 * SECOND, "delivery resumed {:?} after the promotion", t_healed - t_promoted);
     assert!(saw_not_ready, "/readyz named the dead primary during the outage");
     wait_until("/readyz is 200 again", 10 * SECOND, || {

@@ -36,7 +36,7 @@ use tracing::{info, warn};
 
 use super::cluster::Redirect;
 use super::publisher::{Publisher, ReplyFn};
-use super::topology::{Node, Topology};
+use super::topology::{Mode, Node, Topology};
 use super::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Health, Link, LinkError, Retry, resp};
 use crate::bus::Unavailable;
 use crate::metrics::{Metrics, ShardMetrics};
@@ -172,6 +172,10 @@ impl NodeLink {
                 Ok((stream, buf)) if !self.retired.get() => {
                     retry.connected(self.m());
                     info!(shard = self.shard, redis = %self.node.name, "redis publisher connected");
+                    if self.topo.mode == Mode::Sentinel {
+                        // Sentinel: ask again on every (re)connect; `ROLE` was checked meanwhile.
+                        self.topo.request_refresh();
+                    }
                     self.up.set(true);
                     self.metrics.redis_nodes.link(&self.node.name, true, true);
                     self.set_stalled(false);

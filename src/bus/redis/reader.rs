@@ -50,7 +50,7 @@ use tracing::{debug, info, warn};
 
 use super::subconn::{self, Confirm, SubConn, is_timeout, read_more};
 use super::subs::{Interest, Kind, channel_name};
-use super::topology::{Node, Topology, View};
+use super::topology::{Mode, Node, Topology, View};
 use super::{DEAD_AFTER, Health, Link, LinkError, PING_IDLE, Retry, cluster, resp};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::protocol::event;
@@ -458,6 +458,10 @@ impl Reader {
                 let m = self.metrics.clone();
                 self.conns[i].retry.connected(m.shard(self.shard));
                 info!(shard = self.shard, redis = %self.conns[i].node.name, "redis subscriber connected");
+                if self.topo.mode == Mode::Sentinel {
+                    // Sentinel: ask again on every (re)connect; `ROLE` was checked meanwhile.
+                    self.topo.request_refresh();
+                }
             }
             Err(e) => {
                 self.m().redis_connect_failures_total.add_shared(1);

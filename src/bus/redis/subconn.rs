@@ -237,3 +237,89 @@ pub fn deadline(c: &SubConn) -> Instant {
         None => c.retry_at,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use redis_protocol::resp2::decode::decode_bytes_mut;
+    use redis_protocol::resp2::types::BytesFrame;
+
+    use super::*;
+    use crate::bus::redis::Link;
+    use crate::bus::redis::subs::{Interest, Kind};
+
+    /// A `SubConn` whose socket is one end of a loopback pair; returns the other end.
+    fn conn() -> (SubConn, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (theirs, _) = l.accept().unwrap();
+        let url = super::super::RedisUrl::parse("redis://127.0.0.1:1").unwrap();
+        let node = Arc::new(Node { name: "127.0.0.1:1".into(), url, addrs: vec![] });
+        let metrics = Arc::new(Metrics::new(1));
+        let mut c = SubConn::new(node, "cc:", Retry::new(0, Link::Subscriber), metrics);
+        c.set_live(Some(Live { sock: ours, buf: BytesMut::new(), last_rx: Instant::now(), ping_sent: None }));
+        (c, theirs)
+    }
+
+    fn room(name: &str, seq: u64) -> Interest {
+        Interest { kind: Kind::Room, name: name.into(), on: true, seq }
+    }
+
+    /// The commands written to `sock` so far, as lists of strings.
+    fn commands(sock: &mut TcpStream, n: usize) -> Vec<Vec<String>> {
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        while out.len() < n {
+            read_more(sock, &mut buf).unwrap();
+            while let Some((BytesFrame::Array(parts), _, _)) = decode_bytes_mut(&mut buf).unwrap() {
+                out.push(parts.iter().map(|p| cluster::text(p).unwrap().to_string()).collect());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_cluster_plan_sends_one_ssubscribe_per_slot() {
+        let (mut c, mut redis) = conn();
+        // {a} tags share a slot; "b" is elsewhere.
+        for (i, r) in ["{a}1", "b", "{a}2"].iter().enumerate() {
+            c.subs.apply(room(r, i as u64));
+        }
+        assert_eq!(c.write_plan(true).unwrap(), 2);
+        let mut cmds = commands(&mut redis, 2);
+        cmds.sort();
+        assert_eq!(cmds, [vec!["SSUBSCRIBE", "cc:room:b"], vec!["SSUBSCRIBE", "cc:room:{a}1", "cc:room:{a}2"]]);
+        // Outside a cluster: one SUBSCRIBE for everything.
+        let (mut plain, mut redis) = conn();
+        for (i, r) in ["{a}1", "b"].iter().enumerate() {
+            plain.subs.apply(room(r, i as u64));
+        }
+        assert_eq!(plain.write_plan(false).unwrap(), 1);
+        assert_eq!(commands(&mut redis, 1)[0][0], "SUBSCRIBE");
+    }
+
+    #[test]
+    fn an_error_refuses_the_oldest_command_and_an_unasked_sunsubscribe_is_told_apart() {
+        let (mut c, mut redis) = conn();
+        c.subs.apply(room("x", 1));
+        c.write_plan(true).unwrap();
+        c.subs.apply(room("y", 2));
+        c.write_plan(true).unwrap();
+        commands(&mut redis, 2);
+        // MOVED for the first command: only "x" is refused.
+        assert_eq!(c.refused(), vec![Box::<[u8]>::from(&b"cc:room:x"[..])]);
+        match c.confirm(false, b"cc:room:y") {
+            Confirm::Answer(Some(s)) => assert_eq!((&*s.room, s.seq), ("y", 2)),
+            _ => panic!("y is confirmed"),
+        }
+        // Nothing of ours is outstanding: Redis dropped "y" by itself.
+        assert!(matches!(c.confirm(true, b"cc:room:y"), Confirm::Unsolicited(true)));
+        assert!(matches!(c.confirm(true, b"cc:room:zz"), Confirm::Unsolicited(false)));
+        // Both are subscribed again once looked at (`touch`, as the reader's rehome does).
+        for ch in [&b"cc:room:x"[..], b"cc:room:y"] {
+            c.subs.touch(ch);
+        }
+        assert_eq!(c.write_plan(true).unwrap(), 2);
+    }
+}
