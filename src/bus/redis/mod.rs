@@ -1,26 +1,32 @@
-//! ⑦ The Redis backplane (PROTOCOL.md §3): how a message published on one
-//! node reaches every node's subscribers.
+//! ⑦ The Redis backplane (PROTOCOL.md §3, §8): how a message published on
+//! one node reaches every node's subscribers.
 //!
-//! Each shard has two Redis connections of its own:
+//! Where a channel lives is the topology's business (`topology.rs`: one
+//! Redis, several by jump hash, the primary Sentinel names, or the Redis
+//! Cluster primary owning the channel's slot — `sentinel.rs`, `cluster.rs`).
+//! Each shard has two Redis connections of its own *per primary*:
 //!
-//! - **subscriber** — owned by the shard's `redis-NN` thread (`reader.rs`),
-//!   a plain OS thread pinned beside its shard. It SUBSCRIBEs to the
-//!   channels its shard has members for (`subs.rs` reconciles), decodes each
-//!   pushed message, checks it, builds the client frame once, and hands it to
-//!   its shard's inbox as `ShardMsg::Room` / `ShardMsg::Direct`.
+//! - **subscriber** — owned by the shard's `redis-NN` thread (`reader.rs`,
+//!   one `subconn.rs` per primary), a plain OS thread pinned beside its
+//!   shard. It SUBSCRIBEs (SSUBSCRIBEs in a cluster) to the channels its
+//!   shard has members for (`subs.rs` reconciles), decodes each pushed
+//!   message, checks it, builds the client frame once, and hands it to its
+//!   shard's inbox as `ShardMsg::Room` / `ShardMsg::Direct`.
 //! - **publisher** — async, on the shard's own monoio runtime
-//!   (`publisher.rs`): `PUBLISH` commands are appended to one buffer and
-//!   written together once per turn of the event loop, so a busy shard
-//!   pipelines hundreds of publishes per `send(2)` with no thread hop.
+//!   (`publisher.rs` routes, one `publink.rs` per primary): commands are
+//!   appended to the owning primary's buffer and written together once per
+//!   turn of the event loop, so a busy shard pipelines hundreds of publishes
+//!   per `send(2)` with no thread hop.
 //!
 //! With Redis, *every* delivery goes through Redis, even to the publisher's
 //! own shard: then every subscriber on every node sees one room's messages in
-//! the order Redis ran the PUBLISHes, and nothing arrives twice.
+//! the order Redis ran the PUBLISHes, and nothing arrives twice (a room's
+//! channel is at one primary at a time, in every topology).
 //!
 //! This file holds the shard's side (`RedisBus`: publish, interest, the
 //! `subscribed` replies held until Redis confirms), the node-wide link
-//! `Health` behind `/readyz`, the timings, and `start`, which spawns the
-//! readers. In: `Bus` calls from the shard; `ShardMsg::Subscribed` and
+//! `Health` behind `/readyz`, the timings, and `start`, which finds the
+//! topology and spawns the readers. In: `Bus` calls from the shard; `ShardMsg::Subscribed` and
 //! `ShardMsg::RedisLink` from the reader. Out: `Interest` changes to the
 //! reader (one batch per turn of the event loop), PUBLISH to Redis.
 //!
@@ -204,7 +210,7 @@ impl Retry {
     }
 }
 
-/// Which of a shard's two Redis connections.
+/// Which of a shard's two kinds of Redis connection (one of each per primary).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Link {
     Subscriber = 0,
