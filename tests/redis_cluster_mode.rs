@@ -328,3 +328,47 @@ fn while_a_primary_is_down_only_its_rooms_are_refused_and_subscribed_still_means
     b.send_json(&json!({"op": "publish", "room": dead_room, "data": 2}));
     assert_eq!(expect_event(&mut a, "the room flows again", 5 * SECOND)["data"], 2);
 }
+
+#[test]
+fn a_paused_primary_never_holds_up_the_rooms_of_the_others() {
+    let _d = deadline("a_paused_primary_never_holds_up_the_rooms_of_the_others", 90 * SECOND);
+    let cluster = RedisCluster::start(3, 0);
+    // One shard per node: one reader thread serves every primary's connection.
+    let url = cluster.url();
+    let args = ["--shards", "1", "--redis", &url, "--max-rooms-per-connection", "0", "--max-ops-per-sec", "0"];
+    let (n0, n1) = (start_server(&args), start_server(&args));
+    let victim = cluster.owner("cc:room:p-0");
+    let rooms: Vec<String> = (0..60)
+        .map(|i| format!("p-{i}"))
+        .filter(|r| cluster.owner(&format!("cc:room:{r}")) != victim)
+        .take(10)
+        .collect();
+    let mut sub = Client::connect(&n1.ws_url("/ws?user=sub"));
+    subscribe_all(&mut sub, &rooms);
+    let mut got = Collector::start(sub);
+    let mut p = Prober::new(Client::connect(&n0.ws_url("/ws?user=pub")));
+
+    // SIGSTOP: connections to it stay open (and new ones are accepted by
+    // the kernel) but nothing answers, for longer than every timeout.
+    cluster.servers[victim].pause();
+    let paused = std::time::Instant::now();
+    while paused.elapsed() < 8 * SECOND {
+        p.round(&rooms);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(SECOND / 2);
+    got.poll();
+    cluster.servers[victim].resume();
+    // Every message of the other primaries' rooms arrived, and promptly:
+    // never waiting behind the paused primary's connect or log-in attempts.
+    let mut worst = Duration::ZERO;
+    for r in &rooms {
+        assert_eq!(p.refused(r), 0, "room {r} was refused");
+        let seqs = got.seqs(r);
+        assert_eq!(seqs, p.acked_seqs(r), "room {r} lost messages");
+        for &(seq, sent) in &p.acked[r] {
+            worst = worst.max(got.arrival(r, seq).unwrap() - sent);
+        }
+    }
+    assert!(worst < SECOND, "a message of a healthy primary took {worst:?}");
+}

@@ -391,8 +391,17 @@ impl Reader {
                 self.rehome(Vec::new());
             }
             for i in 0..self.conns.len() {
-                if self.conns[i].live.is_none() && Instant::now() >= self.conns[i].retry_at {
-                    self.connect(i);
+                let c = &self.conns[i];
+                if c.live.is_some() {
+                    continue;
+                }
+                if c.attempt.is_none() && Instant::now() >= c.retry_at {
+                    self.start_connect(i);
+                }
+                // Progress comes with readiness (below); here only the deadline.
+                let c = &self.conns[i];
+                if c.attempt.is_some() && Instant::now() >= subconn::deadline(c) {
+                    self.advance_connect(i);
                 }
             }
             self.update_link();
@@ -421,6 +430,9 @@ impl Reader {
                 if let Some(l) = &c.live {
                     fds.push(pollfd(l.sock.as_raw_fd()));
                     polled.push(i);
+                } else if let Some((fd, events)) = c.attempt_poll() {
+                    fds.push(libc::pollfd { fd, events, revents: 0 });
+                    polled.push(i);
                 }
             }
             if let Err(e) = poll(&mut fds, next.saturating_duration_since(now)) {
@@ -433,7 +445,12 @@ impl Reader {
                 self.take_interest()?;
             }
             for (k, &i) in polled.iter().enumerate() {
-                if !is_ready(&fds[k + 1]) {
+                let f = &fds[k + 1];
+                if f.revents & (f.events | libc::POLLHUP | libc::POLLERR) == 0 {
+                    continue;
+                }
+                if self.conns[i].live.is_none() {
+                    self.advance_connect(i);
                     continue;
                 }
                 let Some(l) = &mut self.conns[i].live else { continue };
@@ -450,11 +467,20 @@ impl Reader {
         }
     }
 
-    fn connect(&mut self, i: usize) {
+    /// Starts a connect to primary `i` (non-blocking; see `SubConn::start_attempt`).
+    fn start_connect(&mut self, i: usize) {
         let name = format!("corecast-sub-{:02}", self.shard);
         let check_role = self.topo.mode.check_role();
-        match self.conns[i].connect(&name, check_role) {
-            Ok(()) => {
+        if let Err(e) = self.conns[i].start_attempt(&name, check_role) {
+            self.attempt_failed(i, &e);
+        }
+    }
+
+    /// Moves primary `i`'s connect on; handles its success or failure.
+    fn advance_connect(&mut self, i: usize) {
+        match self.conns[i].advance() {
+            Ok(false) => {}
+            Ok(true) => {
                 let m = self.metrics.clone();
                 self.conns[i].retry.connected(m.shard(self.shard));
                 info!(shard = self.shard, redis = %self.conns[i].node.name, "redis subscriber connected");
@@ -463,13 +489,15 @@ impl Reader {
                     self.topo.request_refresh();
                 }
             }
-            Err(e) => {
-                self.m().redis_connect_failures_total.add_shared(1);
-                self.fail(i, &e);
-                let d = self.conns[i].retry.next_delay();
-                self.conns[i].retry_at = Instant::now() + d;
-            }
+            Err(e) => self.attempt_failed(i, &e),
         }
+    }
+
+    fn attempt_failed(&mut self, i: usize, e: &LinkError) {
+        self.m().redis_connect_failures_total.add_shared(1);
+        self.fail(i, e);
+        let d = self.conns[i].retry.next_delay();
+        self.conns[i].retry_at = Instant::now() + d;
     }
 
     fn fail(&mut self, i: usize, e: &LinkError) {

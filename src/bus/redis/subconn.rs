@@ -15,10 +15,12 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use socket2::{Domain, Protocol, Socket, Type};
 
 use super::subs::{Settled, Subscriptions};
 use super::topology::Node;
@@ -47,8 +49,65 @@ pub struct Live {
     pub ping_sent: Option<Instant>,
 }
 
+/// A connection being made: a non-blocking connect, then the log-in.
+pub struct Attempt {
+    sock: TcpStream,
+    /// Connect, then log-in, must be done by then.
+    deadline: Instant,
+    connected: bool,
+    /// Handshake bytes not yet written.
+    out: BytesMut,
+    buf: BytesMut,
+    /// The handshake replies still to come, in order.
+    steps: VecDeque<resp::Step>,
+}
+
+impl Attempt {
+    fn advance(&mut self) -> Result<bool, LinkError> {
+        if !self.connected {
+            if let Some(e) = self.sock.take_error()? {
+                return Err(e.into());
+            }
+            // Writable with no error: connected (else not ready yet).
+            if self.sock.peer_addr().is_err() {
+                return Ok(false);
+            }
+            self.connected = true;
+            self.deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        }
+        while !self.out.is_empty() {
+            match (&self.sock).write(&self.out) {
+                Ok(n) => {
+                    let _ = self.out.split_to(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        loop {
+            while let Some(frame) = resp::take_frame(&mut self.buf)? {
+                let Some(step) = self.steps.pop_front() else { break };
+                resp::check(step, &frame)?;
+            }
+            if self.steps.is_empty() {
+                return Ok(true);
+            }
+            match read_more(&mut self.sock, &mut self.buf) {
+                Ok(0) => return Err(LinkError::Closed),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
 pub struct SubConn {
     pub node: Arc<Node>,
+    /// The connect under way, while down.
+    pub attempt: Option<Attempt>,
+    /// Which of the node's addresses the next attempt uses.
+    next_addr: usize,
     pub subs: Subscriptions,
     /// The connection, while up; set only through `set_live` (it keeps
     /// `corecast_redis_node_links_up` in step).
@@ -72,6 +131,8 @@ impl SubConn {
     pub fn new(node: Arc<Node>, prefix: &str, retry: Retry, metrics: Arc<Metrics>) -> SubConn {
         SubConn {
             node,
+            attempt: None,
+            next_addr: 0,
             subs: Subscriptions::new(prefix),
             live: None,
             metrics,
@@ -81,59 +142,75 @@ impl SubConn {
         }
     }
 
-    /// Connects and logs in (AUTH, SELECT, CLIENT SETNAME, with Sentinel
-    /// `ROLE`), blocking up to the connect and handshake timeouts.
-    pub fn connect(&mut self, client_name: &str, check_role: bool) -> Result<(), LinkError> {
-        if self.node.addrs.is_empty() {
+    /// Starts connecting (non-blocking) to the node's next address. The
+    /// connect and the log-in (AUTH, SELECT, CLIENT SETNAME, with Sentinel
+    /// `ROLE`) then advance as `poll` says the socket is ready (`advance`),
+    /// so a host that does not answer holds up nothing but itself.
+    pub fn start_attempt(&mut self, client_name: &str, check_role: bool) -> Result<(), LinkError> {
+        let addrs = &self.node.addrs;
+        if addrs.is_empty() {
             return Err(LinkError::Io(io::Error::new(io::ErrorKind::NotFound, "the Redis host has no address")));
         }
-        let mut last = None;
-        for addr in &self.node.addrs {
-            match TcpStream::connect_timeout(addr, super::CONNECT_TIMEOUT) {
-                Ok(sock) => {
-                    let (sock, buf) = self.handshake(sock, client_name, check_role)?;
-                    self.set_live(Some(Live { sock, buf, last_rx: Instant::now(), ping_sent: None }));
-                    self.pending.clear();
-                    return Ok(());
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.map_or(LinkError::Closed, LinkError::from))
-    }
-
-    fn handshake(
-        &self,
-        mut sock: TcpStream,
-        client_name: &str,
-        check_role: bool,
-    ) -> Result<(TcpStream, BytesMut), LinkError> {
-        sock.set_nodelay(true)?;
+        let addr = addrs[self.next_addr % addrs.len()];
+        self.next_addr = self.next_addr.wrapping_add(1);
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        sock.set_nonblocking(true)?;
+        sock.set_tcp_nodelay(true)?;
         let keepalive = socket2::TcpKeepalive::new()
             .with_time(KEEPALIVE_IDLE)
             .with_interval(Duration::from_secs(1))
             .with_retries(3);
-        socket2::SockRef::from(&sock).set_tcp_keepalive(&keepalive)?;
-        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        sock.set_write_timeout(Some(DEAD_AFTER))?;
-        let (out, steps) = resp::handshake(&self.node.url, client_name, check_role);
-        sock.write_all(&out)?;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        for step in steps {
-            let reply = loop {
-                if let Some(reply) = resp::take_frame(&mut buf)? {
-                    break reply;
-                }
-                match read_more(&mut sock, &mut buf) {
-                    Ok(0) => return Err(LinkError::Closed),
-                    Ok(_) => {}
-                    Err(e) if is_timeout(&e) => return Err(LinkError::Timeout("AUTH/SELECT/ROLE")),
-                    Err(e) => return Err(e.into()),
-                }
-            };
-            resp::check(step, &reply)?;
+        sock.set_tcp_keepalive(&keepalive)?;
+        match sock.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e.into()),
         }
-        Ok((sock, buf))
+        let (out, steps) = resp::handshake(&self.node.url, client_name, check_role);
+        self.attempt = Some(Attempt {
+            sock: sock.into(),
+            deadline: Instant::now() + super::CONNECT_TIMEOUT,
+            connected: false,
+            out,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            steps: steps.into(),
+        });
+        Ok(())
+    }
+
+    /// What the attempt under way waits for: its socket and `poll` events.
+    pub fn attempt_poll(&self) -> Option<(RawFd, libc::c_short)> {
+        let a = self.attempt.as_ref()?;
+        let events = if !a.connected || !a.out.is_empty() { libc::POLLOUT } else { libc::POLLIN };
+        Some((a.sock.as_raw_fd(), events))
+    }
+
+    /// Moves the attempt on as far as the socket allows (or fails it at its
+    /// deadline). `Ok(true)`: logged in, the connection is live.
+    pub fn advance(&mut self) -> Result<bool, LinkError> {
+        let Some(a) = &mut self.attempt else { return Ok(false) };
+        let r = a.advance();
+        match r {
+            Ok(true) => {
+                let Some(a) = self.attempt.take() else { return Ok(false) };
+                a.sock.set_nonblocking(false)?;
+                a.sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+                a.sock.set_write_timeout(Some(DEAD_AFTER))?;
+                self.pending.clear();
+                self.set_live(Some(Live { sock: a.sock, buf: a.buf, last_rx: Instant::now(), ping_sent: None }));
+                Ok(true)
+            }
+            Ok(false) if Instant::now() >= a.deadline => {
+                let what = if a.connected { "AUTH/SELECT/ROLE" } else { "connect" };
+                self.attempt = None;
+                Err(LinkError::Timeout(what))
+            }
+            Ok(false) => Ok(false),
+            Err(e) => {
+                self.attempt = None;
+                Err(e)
+            }
+        }
     }
 
     pub fn set_live(&mut self, live: Option<Live>) {
@@ -147,6 +224,7 @@ impl SubConn {
     /// The connection is gone: Redis has nothing of ours any more.
     pub fn lose(&mut self, delay: Duration) {
         self.set_live(None);
+        self.attempt = None;
         self.subs.reset();
         self.pending.clear();
         self.retry_at = Instant::now() + delay;
@@ -229,12 +307,13 @@ pub fn is_timeout(e: &io::Error) -> bool {
 /// When this connection next needs attention without any input: its
 /// heartbeat (up) or its next attempt (down).
 pub fn deadline(c: &SubConn) -> Instant {
-    match &c.live {
-        Some(l) => match l.ping_sent {
+    match (&c.live, &c.attempt) {
+        (Some(l), _) => match l.ping_sent {
             Some(at) => at + DEAD_AFTER,
             None => l.last_rx + PING_IDLE,
         },
-        None => c.retry_at,
+        (None, Some(a)) => a.deadline,
+        (None, None) => c.retry_at,
     }
 }
 
