@@ -1,8 +1,10 @@
 //! ⑦ One subscriber connection of a `redis-NN` reader: to one primary (the
 //! single Redis, the Sentinel-named primary, or one cluster primary).
 //!
-//! Owns the blocking socket, its read buffer, the heartbeat, the
-//! reconnect backoff, the channels wanted *at this primary*
+//! Owns the socket (connected and logged in without blocking, driven by the
+//! reader's `poll`, so that a primary that does not answer holds up no
+//! other; then read after `poll` says so), its read buffer, the heartbeat,
+//! the reconnect backoff, the channels wanted *at this primary*
 //! (`Subscriptions`), and the commands written but not yet answered, so that
 //! an error reply (`MOVED`, `CLUSTERDOWN`) is matched to the channels of the
 //! command it refuses, and an `sunsubscribe` that answers no command of ours

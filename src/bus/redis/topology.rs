@@ -35,7 +35,7 @@ use tracing::{info, warn};
 
 use super::cluster::{self, NodeAddr, SLOTS, SlotRange};
 use super::url::{HostPort, Spec};
-use super::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, LinkError, RedisUrl, resp, sentinel};
+use super::{LinkError, RedisUrl, resp, sentinel};
 use crate::metrics::Metrics;
 
 /// A cluster's slot map is asked again this often even when nothing failed.
@@ -44,6 +44,9 @@ const CLUSTER_REFRESH: Duration = Duration::from_secs(1);
 const SENTINEL_REFRESH: Duration = Duration::from_secs(2);
 /// A single Redis's name is resolved again at most this often unasked.
 const SINGLE_REFRESH: Duration = Duration::from_secs(30);
+/// A server asked about the topology that has not answered in this long is
+/// passed over for the next one (a paused node must not delay a failover).
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Refresh requests closer together than this are served by one refresh.
 const REFRESH_GAP: Duration = Duration::from_millis(100);
 
@@ -472,10 +475,10 @@ pub(crate) fn connect(url: &RedisUrl) -> Result<TcpStream, LinkError> {
     let addrs = resolve(&url.host, url.port);
     let mut last = LinkError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, "the host has no address"));
     for a in &addrs {
-        match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
+        match TcpStream::connect_timeout(a, ASK_TIMEOUT) {
             Ok(s) => {
-                s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-                s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+                s.set_read_timeout(Some(ASK_TIMEOUT))?;
+                s.set_write_timeout(Some(ASK_TIMEOUT))?;
                 s.set_nodelay(true)?;
                 return Ok(s);
             }
