@@ -436,6 +436,26 @@ impl RedisBus {
         self.publisher.publish(&self.prefix, target, &event::json_of(&frame))
     }
 
+    /// `<prefix>room:R` or `<prefix>user:U`: the Redis channel of `target`.
+    pub fn channel(&self, target: Target<'_>) -> Vec<u8> {
+        let mut c = Vec::new();
+        resp::channel_of(&mut c, &self.prefix, target);
+        c
+    }
+
+    /// Queues one command (written by `put`) at the primary that owns
+    /// `channel` (its slot, in a cluster), e.g. a script whose keys are
+    /// tagged `{<channel>}`; `on_reply` gets its reply. See
+    /// `Publisher::send_to_owner`.
+    pub fn send_to_owner(
+        &self,
+        channel: &[u8],
+        put: impl FnOnce(&mut bytes::BytesMut),
+        on_reply: Option<publisher::ReplyFn>,
+    ) -> Result<(), Unavailable> {
+        self.publisher.send_to_owner(channel, put, on_reply)
+    }
+
     /// Tells the reader to (un)subscribe; for a room turning on, starts
     /// holding `subscribed` replies until Redis confirms.
     pub fn interest(&self, target: Target<'_>, on: bool) {
