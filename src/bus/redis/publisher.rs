@@ -184,3 +184,78 @@ impl Publisher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::bus::redis::url::Spec;
+
+    /// A private redis-server on a free port, killed on drop.
+    struct Redis(std::process::Child, u16);
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn redis() -> Option<Redis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let r = Redis(child, port);
+        let end = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(r)
+    }
+
+    #[test]
+    fn a_command_sent_to_a_channels_owner_gets_its_reply() {
+        let Some(r) = redis() else {
+            panic!("redis-server is needed (apt-get install -y redis-server)");
+        };
+        let metrics = Arc::new(Metrics::new(1));
+        let spec = Spec::parse(&format!("redis://127.0.0.1:{}", r.1)).unwrap();
+        let topo = Topology::start(spec, metrics.clone()).unwrap();
+        let health = Arc::new(Health::new(metrics.clone(), 1));
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap();
+        let got = rt.block_on(async move {
+            let p = Publisher::start(0, topo, health, metrics);
+            let end = Instant::now() + Duration::from_secs(5);
+            while !p.healthy.get() {
+                assert!(Instant::now() < end, "the publisher link did not come up");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let replies: Rc<RefCell<Vec<Result<BytesFrame, Unavailable>>>> = Rc::default();
+            for _ in 0..2 {
+                let sink = replies.clone();
+                let on_reply: ReplyFn = Box::new(move |r| sink.borrow_mut().push(r));
+                let queued = p.send_to_owner(
+                    b"cc:room:lobby",
+                    |out| resp::put_command(out, &[b"INCR", b"{cc:room:lobby}:n"]),
+                    Some(on_reply),
+                );
+                assert!(queued.is_ok());
+            }
+            while replies.borrow().len() < 2 {
+                assert!(Instant::now() < end, "no reply");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            replies.take()
+        });
+        assert_eq!(got, [Ok(BytesFrame::Integer(1)), Ok(BytesFrame::Integer(2))]);
+    }
+}
