@@ -64,7 +64,7 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     /// `primaries` primaries with `replicas` replicas each, `cluster-node-timeout`
-    /// 1000 ms, every slot assigned, `cluster_state:ok` everywhere.
+    /// 2000 ms, every slot assigned, `cluster_state:ok` everywhere.
     pub fn start(primaries: usize, replicas: usize) -> RedisCluster {
         let dir = TempDir::new("cluster");
         let n = primaries * (1 + replicas);
@@ -76,8 +76,10 @@ impl RedisCluster {
                     "yes",
                     "--cluster-config-file",
                     &conf,
+                    // Short, for quick failovers; not so short that a busy
+                    // 2-core machine makes a healthy primary look dead.
                     "--cluster-node-timeout",
-                    "1000",
+                    "2000",
                     // Replicas sync at once (not after the 5 s diskless
                     // delay) and may always take over.
                     "--repl-diskless-sync-delay",
