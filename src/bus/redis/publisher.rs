@@ -258,4 +258,126 @@ mod tests {
         });
         assert_eq!(got, [Ok(BytesFrame::Integer(1)), Ok(BytesFrame::Integer(2))]);
     }
+
+    /// `redis-cli -p port args...`, trimmed stdout.
+    fn cli(port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").arg("-p").arg(port.to_string()).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn cluster_node(dir: &std::path::Path) -> Option<Redis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let conf = dir.join(format!("nodes-{port}.conf"));
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--cluster-enabled", "yes", "--cluster-config-file", conf.to_str()?])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let r = Redis(child, port);
+        let end = Instant::now() + Duration::from_secs(5);
+        while cli(port, &["PING"]) != "PONG" {
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(r)
+    }
+
+    #[test]
+    fn ask_and_moved_replies_are_followed_to_the_node_they_name() {
+        let dir = std::env::temp_dir().join(format!("corecast-ask-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let nodes: Vec<Redis> = (0..3).map(|_| cluster_node(&dir).expect("redis-server")).collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.1)).collect();
+        let made = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .arg("--cluster-yes")
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let end = Instant::now() + Duration::from_secs(20);
+        while !nodes.iter().all(|n| cli(n.1, &["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
+            assert!(Instant::now() < end, "cluster_state:ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let channel = "cc:room:lobby";
+        let slot = cli(nodes[0].1, &["CLUSTER", "KEYSLOT", channel]);
+        let slot_n: u16 = slot.parse().unwrap();
+        assert_eq!(slot_n, crate::bus::redis::cluster::key_slot(channel.as_bytes()));
+        // Who owns the slot now, from the node's own answer to a key command.
+        let key = format!("{{{channel}}}:k");
+        let moved = cli(nodes[0].1, &["GET", &key]);
+        let from = if moved.starts_with("MOVED") {
+            let port: u16 = moved.rsplit(':').next().unwrap().parse().unwrap();
+            nodes.iter().position(|n| n.1 == port).unwrap()
+        } else {
+            0
+        };
+        let to = (from + 1) % 3;
+        let (from_id, to_id) = (cli(nodes[from].1, &["CLUSTER", "MYID"]), cli(nodes[to].1, &["CLUSTER", "MYID"]));
+        assert_eq!(cli(nodes[to].1, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]), "OK");
+        assert_eq!(cli(nodes[from].1, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]), "OK");
+        assert!(cli(nodes[from].1, &["GET", &key]).starts_with("ASK "), "the source answers ASK for a missing key");
+
+        let metrics = Arc::new(Metrics::new(1));
+        let spec = Spec::parse(&format!("redis+cluster://{}", addrs[0])).unwrap();
+        let topo = Topology::start(spec, metrics.clone()).unwrap();
+        let health = Arc::new(Health::new(metrics.clone(), 1));
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap();
+        let (to_port, from_port) = (nodes[to].1, nodes[from].1);
+        let (slot2, to_id2) = (slot.clone(), to_id.clone());
+        let key2 = key.clone();
+        let topo2 = topo.clone();
+        let got = rt.block_on(async move {
+            let v0 = topo2.version();
+            let p = Publisher::start(0, topo, health, metrics.clone());
+            let end = Instant::now() + Duration::from_secs(10);
+            while !p.healthy.get() {
+                assert!(Instant::now() < end, "the publisher links did not come up");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let replies: Rc<RefCell<Vec<Result<BytesFrame, Unavailable>>>> = Rc::default();
+            let send = |p: &Publisher, cmd: Vec<Vec<u8>>| {
+                let sink = replies.clone();
+                let on_reply: ReplyFn = Box::new(move |r| sink.borrow_mut().push(r));
+                let args: Vec<&[u8]> = cmd.iter().map(|a| a.as_slice()).collect();
+                assert!(
+                    p.send_to_owner(channel.as_bytes(), |out| resp::put_command(out, &args), Some(on_reply)).is_ok()
+                );
+            };
+            // Migrating: the source says ASK; the target, after ASKING, runs it.
+            send(&p, vec![b"SET".to_vec(), key2.clone().into_bytes(), b"v".to_vec()]);
+            while replies.borrow().is_empty() {
+                assert!(Instant::now() < end, "no reply to the SET");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // The slot moves for good: the source (still the owner in our map) says MOVED.
+            for port in [to_port, from_port] {
+                assert_eq!(cli(port, &["CLUSTER", "SETSLOT", &slot2, "NODE", &to_id2]), "OK");
+            }
+            // (Unless the topology thread's periodic refresh saw the move first.)
+            let moved_expected = topo2.version() == v0;
+            send(&p, vec![b"GET".to_vec(), key2.into_bytes()]);
+            while replies.borrow().len() < 2 {
+                assert!(Instant::now() < end, "no reply to the GET");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (replies.take(), metrics.shard(0).redis_redirects_total.get(), moved_expected)
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        let (replies, redirects, moved_expected) = got;
+        assert_eq!(replies[0], Ok(BytesFrame::SimpleString("OK".into())), "SET ran at the importing node");
+        assert_eq!(replies[1], Ok(BytesFrame::BulkString("v".into())), "GET followed MOVED to the new owner");
+        assert_eq!(cli(to_port, &["GET", &key]), "v", "the key is at the new owner");
+        let want = if moved_expected { 2 } else { 1 };
+        assert!(redirects >= want, "an ASK and a MOVED were followed: {redirects}");
+    }
 }
