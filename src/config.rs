@@ -40,7 +40,10 @@ pub struct Options {
     #[arg(long, env = "CORECAST_SHARDS")]
     pub shards: Option<usize>,
 
-    /// Redis backplane `redis://[user:pass@]host:port[/db]`; without it the
+    /// Redis backplane: `redis://[user:pass@]host:port[/db]`,
+    /// `redis+sentinel://[user:pass@]h1:p1,h2:p2/MASTER[/db]`,
+    /// `redis+cluster://[user:pass@]h1:p1,h2:p2`, or several
+    /// `redis://…,redis://…` (channels spread by jump hash); without it the
     /// node runs standalone on the embedded local bus.
     #[arg(long, env = "CORECAST_REDIS")]
     pub redis: Option<String>,

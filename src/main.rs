@@ -5,7 +5,18 @@ use std::io::IsTerminal;
 use corecast::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // One line for the operator (no backtrace, the causes joined by `: `).
+        Err(e) => {
+            eprintln!("corecast: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cfg = Config::load(std::env::args_os())?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour codes only for a person at a terminal: journald, files and

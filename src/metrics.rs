@@ -50,7 +50,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
@@ -247,6 +247,10 @@ shard_metrics! {
     history_caught_up_total: "counter", "Messages delivered from history after the Redis subscriber link came back.";
     history_gaps_total: "counter", "gap events: a catch-up the history could not cover.";
     history_publish_lost_total: "counter", "History publishes accepted but lost with a dropped Redis history connection.";
+    redis_publish_refused_total: "counter", "Publishes accepted, then refused by Redis (NOPERM, CLUSTERDOWN, ...) and so lost.";
+    redis_redirects_total: "counter", "MOVED/ASK redirections followed (Redis Cluster).";
+    redis_unsolicited_unsubscribes_total: "counter", "Shard channels Redis unsubscribed by itself (slot migrated); subscribed again at the new owner.";
+    redis_topology_changes_total: "counter", "New Redis topologies adopted (failover, slot map change); counted on shard 0.";
 }
 
 impl ShardMetrics {
@@ -272,6 +276,41 @@ pub struct Metrics {
     /// Open WebSocket connections on the whole node, for `--max-connections`:
     /// one atomic add at each upgrade and one at each close, never per message.
     pub node_connections: AtomicUsize,
+    /// Per Redis server: how many shards have their links to it up.
+    pub redis_nodes: RedisNodes,
+}
+
+/// `corecast_redis_node_links_up{node,link}`: for each Redis primary this
+/// node uses, how many shards' subscriber / publisher links to it are up.
+/// Written only when a link goes up or down and when the topology changes
+/// (never on the message path), so a mutex is enough.
+#[derive(Debug, Default)]
+pub struct RedisNodes(Mutex<std::collections::BTreeMap<String, [i64; 2]>>);
+
+impl RedisNodes {
+    /// One shard's `publisher` (else subscriber) link to `node` went up or down.
+    pub fn link(&self, node: &str, publisher: bool, up: bool) {
+        if let Ok(mut m) = self.0.lock() {
+            let e = m.entry(node.to_string()).or_default();
+            e[usize::from(publisher)] += if up { 1 } else { -1 };
+        }
+    }
+
+    /// The primaries now: each shows (at 0 while unreachable); a former one
+    /// goes once its links are closed.
+    pub fn primaries<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        if let Ok(mut m) = self.0.lock() {
+            let names: Vec<&str> = names.into_iter().collect();
+            m.retain(|k, v| names.contains(&k.as_str()) || v.iter().any(|&n| n != 0));
+            for n in names {
+                m.entry(n.to_string()).or_default();
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(String, [i64; 2])> {
+        self.0.lock().map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect()).unwrap_or_default()
+    }
 }
 
 impl Metrics {
@@ -279,6 +318,7 @@ impl Metrics {
         Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             node_connections: AtomicUsize::new(0),
+            redis_nodes: RedisNodes::default(),
         }
     }
 
@@ -340,6 +380,10 @@ const BACKLOG: (&str, &str) =
     ("corecast_inbox_backlog", "Messages waiting in the shard's inbox (bounded; see README: inbox policy).");
 const FDS: (&str, &str) =
     ("corecast_open_fds", "File descriptors the process holds (sockets, listeners, pipes, files).");
+const REDIS_NODE_LINKS: (&str, &str) = (
+    "corecast_redis_node_links_up",
+    "Shards whose subscriber / publisher link to this Redis primary is up (with --redis; 0 while it is unreachable).",
+);
 
 /// The descriptors of every family `Exposition` collects, built once.
 static DESCS: LazyLock<Vec<Desc>> = LazyLock::new(|| {
@@ -355,6 +399,7 @@ static DESCS: LazyLock<Vec<Desc>> = LazyLock::new(|| {
     v.push(desc(INFO.0, INFO.1, &["version", "driver"]));
     v.push(desc(BACKLOG.0, BACKLOG.1, &["shard"]));
     v.push(desc(FDS.0, FDS.1, &[]));
+    v.push(desc(REDIS_NODE_LINKS.0, REDIS_NODE_LINKS.1, &["node", "link"]));
     v
 });
 
@@ -501,6 +546,20 @@ impl Collector for Exposition {
         if let Some(n) = node.open_fds {
             out.push(family(FDS.0, FDS.1, MetricType::GAUGE, vec![sample(MetricType::GAUGE, vec![], n as f64)]));
         }
+        let nodes = self.metrics.redis_nodes.snapshot();
+        if !nodes.is_empty() {
+            let mut series = Vec::with_capacity(nodes.len() * 2);
+            for (node, [sub, publ]) in nodes {
+                for (link, v) in [("subscriber", sub), ("publisher", publ)] {
+                    series.push(sample(
+                        MetricType::GAUGE,
+                        vec![label("node", node.clone()), label("link", link)],
+                        v as f64,
+                    ));
+                }
+            }
+            out.push(family(REDIS_NODE_LINKS.0, REDIS_NODE_LINKS.1, MetricType::GAUGE, series));
+        }
         out
     }
 }
@@ -528,6 +587,29 @@ mod tests {
     fn content_type_is_the_encoders_text_format() {
         assert!(CONTENT_TYPE.starts_with(prometheus::TEXT_FORMAT));
         assert_eq!(prometheus::TEXT_FORMAT, "text/plain; version=0.0.4");
+    }
+
+    #[test]
+    fn redis_node_links_are_counted_per_node_and_kept_while_a_primary() {
+        let m = Arc::new(Metrics::new(2));
+        m.redis_nodes.primaries(["10.0.0.1:7000", "10.0.0.2:7000"]);
+        m.redis_nodes.link("10.0.0.1:7000", false, true);
+        m.redis_nodes.link("10.0.0.1:7000", true, true);
+        m.redis_nodes.link("10.0.0.1:7000", true, true);
+        let text = m.render(NodeInfo { shards: 2, driver: "test", ..NodeInfo::default() });
+        assert!(text.contains("corecast_redis_node_links_up{node=\"10.0.0.1:7000\",link=\"publisher\"} 2\n"), "{text}");
+        assert!(
+            text.contains("corecast_redis_node_links_up{node=\"10.0.0.2:7000\",link=\"subscriber\"} 0\n"),
+            "{text}"
+        );
+        // A former primary stays until its links are closed.
+        m.redis_nodes.primaries(["10.0.0.2:7000"]);
+        assert_eq!(m.redis_nodes.snapshot().len(), 2);
+        for publisher in [false, true, true] {
+            m.redis_nodes.link("10.0.0.1:7000", publisher, false);
+        }
+        m.redis_nodes.primaries(["10.0.0.2:7000"]);
+        assert_eq!(m.redis_nodes.snapshot(), [("10.0.0.2:7000".to_string(), [0, 0])]);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod history;
 pub mod redis;
+pub mod redis_topology;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -130,6 +130,17 @@ impl RedisServer {
         signal(self.pid(), libc::SIGCONT);
     }
 
+    /// Whether the process is running (not killed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Like `cli`, but `None` if redis-cli fails (e.g. the server is down).
+    pub fn try_cli(&self, args: &[&str]) -> Option<String> {
+        let out = self.cli_command().args(args).output().ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
     /// Runs `redis-cli -p PORT args...`; returns its stdout, trimmed.
     pub fn cli(&self, args: &[&str]) -> String {
         let out = self.cli_command().args(args).output().expect("run redis-cli");
@@ -311,13 +322,13 @@ fn require(bin: &str) {
     );
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local addr").port()
 }
 
 /// Does something on `port` answer an inline PING (even with NOAUTH)?
-fn answers(port: u16) -> bool {
+pub fn answers(port: u16) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
@@ -331,7 +342,7 @@ fn answers(port: u16) -> bool {
 
 /// The child gets SIGKILL when the thread that spawned it (the test's) ends,
 /// so an aborted test leaves no redis-server behind.
-fn die_with_parent(cmd: &mut Command) {
+pub fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {

@@ -44,8 +44,8 @@ use redis_protocol::resp2::decode::decode_bytes_mut;
 use redis_protocol::resp2::types::BytesFrame;
 use tracing::{info, warn};
 
-use super::publisher::{try_recv, try_send, would_block, write_all};
-use super::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Health, Link, LinkError, RedisUrl, Retry, resp};
+use super::publink::{try_recv, try_send, would_block, write_all};
+use super::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Link, LinkError, RedisUrl, Retry, resp};
 use crate::history::{Entry, Epoch, Position, Query, ReadResult, Settings, Slot, Unavailable, offset_of_id};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::protocol::event::{self, MessagePrefix};
@@ -125,8 +125,10 @@ impl Pending {
 
 pub struct HistLink {
     shard: usize,
-    url: Arc<RedisUrl>,
-    health: Arc<Health>,
+    /// Where Redis is: the history lives on the (one) primary of the view.
+    topo: Arc<super::topology::Topology>,
+    /// The primary last connected to (for logs).
+    url: RefCell<RedisUrl>,
     metrics: Arc<Metrics>,
     prefix: Arc<str>,
     shared: Arc<Shared>,
@@ -151,16 +153,18 @@ pub struct HistLink {
 impl HistLink {
     pub fn new(
         shard: usize,
-        url: Arc<RedisUrl>,
-        health: Arc<Health>,
+        topo: Arc<super::topology::Topology>,
         metrics: Arc<Metrics>,
         prefix: Arc<str>,
         shared: Arc<Shared>,
     ) -> Rc<HistLink> {
+        // `start` refused history with no primary in the view (cluster and
+        // several-server topologies are not wired for history yet).
+        let url = RefCell::new(topo.view().nodes.first().map(|n| n.url.clone()).expect("a primary"));
         Rc::new(HistLink {
             shard,
+            topo,
             url,
-            health,
             metrics,
             prefix,
             up: Cell::new(false),
@@ -282,17 +286,17 @@ impl HistLink {
             match attempt.unwrap_or(Err(LinkError::Timeout("connect + AUTH/SELECT + SCRIPT LOAD"))) {
                 Ok((stream, buf)) => {
                     retry.connected(self.m());
-                    info!(shard = self.shard, redis = %self.url, "redis history connection up");
+                    info!(shard = self.shard, redis = %self.url.borrow(), "redis history connection up");
                     self.candidate.set(Epoch::random());
                     self.set_up(true);
                     let e = self.serve(&stream, buf).await;
                     self.set_up(false);
                     self.fail_all();
-                    retry.failed(&self.url, &e);
+                    retry.failed(&self.url.borrow(), &e);
                 }
                 Err(e) => {
                     self.m().redis_connect_failures_total.add_shared(1);
-                    retry.failed(&self.url, &e);
+                    retry.failed(&self.url.borrow(), &e);
                 }
             }
             monoio::time::sleep(retry.next_delay()).await;
@@ -310,7 +314,12 @@ impl HistLink {
 
     async fn connect(&self) -> Result<(TcpStream, BytesMut), LinkError> {
         let mut last = LinkError::Io(io::Error::new(io::ErrorKind::NotFound, "Redis's address is not resolved yet"));
-        for addr in self.health.addrs() {
+        // One primary: a single Redis, or Sentinel's current primary (asked
+        // again by the topology thread on every failure).
+        let view = self.topo.view();
+        let Some(node) = view.nodes.first() else { return Err(last) };
+        *self.url.borrow_mut() = node.url.clone();
+        for &addr in &node.addrs {
             match TcpStream::connect_addr(addr).await {
                 Ok(stream) => return self.handshake(stream).await,
                 Err(e) => last = e.into(),
@@ -323,18 +332,16 @@ impl HistLink {
     async fn handshake(&self, stream: TcpStream) -> Result<(TcpStream, BytesMut), LinkError> {
         stream.set_nodelay(true)?;
         stream.set_tcp_keepalive(Some(Duration::from_secs(5)), Some(Duration::from_secs(1)), Some(3))?;
-        let (mut out, steps) = resp::handshake(&self.url, &format!("corecast-hist-{:02}", self.shard));
+        let name = format!("corecast-hist-{:02}", self.shard);
+        // Under Sentinel the primary's role is checked: history is never written to a replica.
+        let (mut out, steps) = resp::handshake(&self.url.borrow(), &name, self.topo.mode.check_role());
         out.extend_from_slice(&command(&[b"SCRIPT", b"LOAD", PUBLISH_LUA.as_bytes()]));
         out.extend_from_slice(&command(&[b"SCRIPT", b"LOAD", READ_LUA.as_bytes()]));
         write_all(&stream, &out).await?;
         let mut buf = BytesMut::new();
         for step in steps {
             let reply = next_frame(&stream, &mut buf).await?;
-            let r = match &reply {
-                BytesFrame::Error(e) => Err(&**e),
-                _ => Ok(()),
-            };
-            resp::check(step, r)?;
+            resp::check(step, &reply)?;
         }
         for sha in [&self.sha_publish, &self.sha_read] {
             match next_frame(&stream, &mut buf).await? {

@@ -1,17 +1,22 @@
-//! ⑦ The Redis backplane (PROTOCOL.md §3): how a message published on one
-//! node reaches every node's subscribers.
+//! ⑦ The Redis backplane (PROTOCOL.md §3, §8): how a message published on
+//! one node reaches every node's subscribers.
 //!
-//! Each shard has two Redis connections of its own:
+//! Where a channel lives is the topology's business (`topology.rs`: one
+//! Redis, several by jump hash, the primary Sentinel names, or the Redis
+//! Cluster primary owning the channel's slot — `sentinel.rs`, `cluster.rs`).
+//! Each shard has two Redis connections of its own *per primary*:
 //!
-//! - **subscriber** — owned by the shard's `redis-NN` thread (`reader.rs`),
-//!   a plain OS thread pinned beside its shard. It SUBSCRIBEs to the
-//!   channels its shard has members for (`subs.rs` reconciles), decodes each
-//!   pushed message, checks it, builds the client frame once, and hands it to
-//!   its shard's inbox as `ShardMsg::Room` / `ShardMsg::Direct`.
+//! - **subscriber** — owned by the shard's `redis-NN` thread (`reader.rs`,
+//!   one `subconn.rs` per primary), a plain OS thread pinned beside its
+//!   shard. It SUBSCRIBEs (SSUBSCRIBEs in a cluster) to the channels its
+//!   shard has members for (`subs.rs` reconciles), decodes each pushed
+//!   message, checks it, builds the client frame once, and hands it to its
+//!   shard's inbox as `ShardMsg::Room` / `ShardMsg::Direct`.
 //! - **publisher** — async, on the shard's own monoio runtime
-//!   (`publisher.rs`): `PUBLISH` commands are appended to one buffer and
-//!   written together once per turn of the event loop, so a busy shard
-//!   pipelines hundreds of publishes per `send(2)` with no thread hop.
+//!   (`publisher.rs` routes, one `publink.rs` per primary): commands are
+//!   appended to the owning primary's buffer and written together once per
+//!   turn of the event loop, so a busy shard pipelines hundreds of publishes
+//!   per `send(2)` with no thread hop.
 //!
 //! - **history** — with `--history-size`, a third connection on the shard's
 //!   runtime (`history.rs`) runs the Lua scripts that publish into and read a
@@ -20,12 +25,13 @@
 //!
 //! With Redis, *every* delivery goes through Redis, even to the publisher's
 //! own shard: then every subscriber on every node sees one room's messages in
-//! the order Redis ran the PUBLISHes, and nothing arrives twice.
+//! the order Redis ran the PUBLISHes, and nothing arrives twice (a room's
+//! channel is at one primary at a time, in every topology).
 //!
 //! This file holds the shard's side (`RedisBus`: publish, interest, the
 //! `subscribed` replies held until Redis confirms), the node-wide link
-//! `Health` behind `/readyz`, the timings, and `start`, which spawns the
-//! readers. In: `Bus` calls from the shard; `ShardMsg::Subscribed` and
+//! `Health` behind `/readyz`, the timings, and `start`, which finds the
+//! topology and spawns the readers. In: `Bus` calls from the shard; `ShardMsg::Subscribed` and
 //! `ShardMsg::RedisLink` from the reader. Out: `Interest` changes to the
 //! reader (one batch per turn of the event loop), PUBLISH to Redis.
 //!
@@ -39,17 +45,21 @@
 //! never waits on Redis. Reading is different: a message from Redis fans out
 //! to many clients, so its decode and check run beside the shard, not on it.
 
+pub mod cluster;
 pub mod history;
+pub mod publink;
 pub mod publisher;
 pub mod reader;
 mod resp;
+pub mod sentinel;
+mod subconn;
 pub mod subs;
+pub mod topology;
 pub mod url;
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,7 +81,8 @@ use crate::shard::{InboxSender, Shard};
 use publisher::Publisher;
 use reader::SubHandle;
 use subs::{Interest, Kind};
-pub use url::RedisUrl;
+use topology::Topology;
+pub use url::{RedisUrl, Spec};
 
 /// A TCP connect to Redis that takes longer fails (and is retried).
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -197,6 +208,7 @@ impl Retry {
         self.was_up = true;
     }
     pub fn failed(&mut self, url: &RedisUrl, e: &LinkError) {
+        // (`url` names the server; the password is never shown.)
         self.failures.failed(self.shard, self.link, url, e);
     }
     pub fn next_delay(&mut self) -> Duration {
@@ -204,7 +216,8 @@ impl Retry {
     }
 }
 
-/// Which of a shard's Redis connections.
+/// Which kind of a shard's Redis connections (subscriber and publisher:
+/// one of each per primary; history: one, `history.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Link {
     Subscriber = 0,
@@ -229,9 +242,9 @@ impl Link {
 pub struct Health {
     metrics: Arc<Metrics>,
     links: Box<[LinkHealth]>,
-    /// Redis's addresses as last resolved by a reader thread; the publishers
-    /// connect to these so that no shard ever blocks in `getaddrinfo`.
-    addrs: Mutex<Vec<SocketAddr>>,
+    /// Set once the topology exists: its own problems (unserved slots, no
+    /// primary found) come first in `/readyz`.
+    topo: std::sync::OnceLock<Arc<Topology>>,
 }
 
 #[derive(Default)]
@@ -244,7 +257,7 @@ struct LinkHealth {
 
 impl Health {
     fn new(metrics: Arc<Metrics>, shards: usize) -> Health {
-        Health { metrics, links: (0..shards).map(|_| LinkHealth::default()).collect(), addrs: Mutex::default() }
+        Health { metrics, links: (0..shards).map(|_| LinkHealth::default()).collect(), topo: Default::default() }
     }
 
     /// Records whether `link` of `shard` works; keeps the gauges in step.
@@ -260,26 +273,20 @@ impl Health {
         }
     }
 
-    pub(crate) fn failed(&self, shard: usize, link: Link, e: &LinkError) {
+    /// Records the last failure of `link` of `shard`, at Redis server `node`.
+    pub(crate) fn failed(&self, shard: usize, link: Link, node: &str, e: &LinkError) {
+        // The history link keeps its own health (`history::Shared`).
         if let Some(Ok(mut last)) = self.links[shard].last_error.get(link as usize).map(|m| m.lock()) {
-            *last = Some(e.to_string());
+            *last = Some(format!("{node}: {e}"));
         }
-    }
-
-    pub(crate) fn set_addrs(&self, addrs: &[SocketAddr]) {
-        if let Ok(mut a) = self.addrs.lock() {
-            a.clear();
-            a.extend_from_slice(addrs);
-        }
-    }
-
-    pub(crate) fn addrs(&self) -> Vec<SocketAddr> {
-        self.addrs.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
     /// `None` when every link of every shard is up; else the first one down
     /// and its last error, for the `/readyz` body.
     pub fn not_ready(&self) -> Option<String> {
+        if let Some(p) = self.topo.get().and_then(|t| t.problem()) {
+            return Some(format!("redis: {p}\n"));
+        }
         for (i, l) in self.links.iter().enumerate() {
             for (link, up) in [(Link::Subscriber, &l.sub), (Link::Publisher, &l.publ)] {
                 if !up.load(Ordering::Relaxed) {
@@ -301,7 +308,7 @@ impl Health {
 pub struct ShardLink {
     shard: usize,
     subs: SubHandle,
-    url: Arc<RedisUrl>,
+    topo: Arc<Topology>,
     prefix: Arc<str>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
@@ -319,23 +326,29 @@ pub fn start(
     metrics: &Arc<Metrics>,
     exits: &crossbeam_channel::Sender<(String, anyhow::Result<()>)>,
 ) -> anyhow::Result<Vec<ShardLink>> {
-    let url = Arc::new(RedisUrl::parse(url).with_context(|| "--redis: cannot parse the URL".to_string())?);
+    let spec = Spec::parse(url).map_err(|e| anyhow::anyhow!("--redis: cannot parse the URL: {e}"))?;
     let prefix: Arc<str> = Arc::from(cfg.channel_prefix.as_str());
     let health = Arc::new(Health::new(metrics.clone(), peers.len()));
-    // Resolved here once so that the publishers' first attempt has an
-    // address; the readers resolve again before each connect.
-    if let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(&url.addr()) {
-        health.set_addrs(&addrs.collect::<Vec<_>>());
+    let shown = spec.to_string();
+    // Sentinel and Cluster: asks now, and fails start-up if nobody answers.
+    let topo = Topology::start(spec, metrics.clone())?;
+    if cfg.history.is_some() && !matches!(topo.mode, topology::Mode::Single | topology::Mode::Sentinel) {
+        anyhow::bail!(
+            "--history-size with --redis {shown}: room history runs on one Redis or a Sentinel-managed primary; \
+             Redis Cluster and several servers are not supported for history yet"
+        );
     }
-    tracing::info!(redis = %url, prefix = %prefix, "redis backplane");
+    tracing::info!(redis = %shown, prefix = %prefix, "redis backplane");
+    let _ = health.topo.set(topo.clone());
     let mut links = Vec::with_capacity(peers.len());
     let hist = cfg.history.map(|h| history::Shared::new(h, peers.len()));
     for (i, inbox) in peers.iter().enumerate() {
         let (subs, input) = reader::channel().context("redis: make the reader's wake-up pipe")?;
+        topo.add_waker(subs.waker().context("redis: share the reader's wake-up pipe")?);
         let r = reader::Reader::new(reader::ReaderParts {
             shard: i,
             core: cfg.cores[i],
-            url: url.clone(),
+            topo: topo.clone(),
             prefix: prefix.clone(),
             inbox: inbox.clone(),
             metrics: metrics.clone(),
@@ -357,7 +370,7 @@ pub fn start(
         links.push(ShardLink {
             shard: i,
             subs,
-            url: url.clone(),
+            topo: topo.clone(),
             prefix: prefix.clone(),
             health: health.clone(),
             metrics: metrics.clone(),
@@ -430,8 +443,7 @@ impl RedisBus {
         let history = link.history.map(|shared| {
             let h = history::HistLink::new(
                 link.shard,
-                link.url.clone(),
-                link.health.clone(),
+                link.topo.clone(),
                 link.metrics.clone(),
                 link.prefix.clone(),
                 shared.clone(),
@@ -439,8 +451,8 @@ impl RedisBus {
             monoio::spawn(h.clone().run());
             (h, shared)
         });
-        let publisher = Publisher::new(link.shard, link.url, link.health.clone(), link.metrics);
-        monoio::spawn(publisher.clone().run());
+        let publisher = Publisher::start(link.shard, link.topo, link.health.clone(), link.metrics);
+        monoio::spawn(publisher.clone().follow());
         let interest = Rc::new(InterestQueue { batch: RefCell::default(), waker: Cell::new(None), subs: link.subs });
         monoio::spawn(interest.clone().run());
         RedisBus {
@@ -475,6 +487,26 @@ impl RedisBus {
     /// Queues `PUBLISH` of the frame's JSON; never waits.
     pub fn publish(&self, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
         self.publisher.publish(&self.prefix, target, &event::json_of(&frame))
+    }
+
+    /// `<prefix>room:R` or `<prefix>user:U`: the Redis channel of `target`.
+    pub fn channel(&self, target: Target<'_>) -> Vec<u8> {
+        let mut c = Vec::new();
+        resp::channel_of(&mut c, &self.prefix, target);
+        c
+    }
+
+    /// Queues one command (written by `put`) at the primary that owns
+    /// `channel` (its slot, in a cluster), e.g. a script whose keys are
+    /// tagged `{<channel>}`; `on_reply` gets its reply. See
+    /// `Publisher::send_to_owner`.
+    pub fn send_to_owner(
+        &self,
+        channel: &[u8],
+        put: impl FnOnce(&mut bytes::BytesMut),
+        on_reply: Option<publisher::ReplyFn>,
+    ) -> Result<(), Unavailable> {
+        self.publisher.send_to_owner(channel, put, on_reply)
     }
 
     /// Tells the reader to (un)subscribe; for a room turning on, starts

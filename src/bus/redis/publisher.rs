@@ -1,327 +1,383 @@
-//! ⑦ One shard's Redis publisher: an async task on the shard's own monoio
-//! runtime that owns the shard's PUBLISH connection.
+//! ⑦ One shard's Redis publisher: routes each command to the primary that
+//! owns its channel, over that primary's `NodeLink` (`publink.rs`), all on
+//! the shard's own monoio runtime.
 //!
 //! In: `publish` calls from the shard (client `publish`/`send` ops and
-//! `POST /api/publish`), each appending one `PUBLISH` command to `out`.
-//! Out: those commands, written together once per turn of the event loop
-//! (readiness + non-blocking `send(2)`, like the client connections), so a
-//! busy shard pipelines as many PUBLISHes per write as it produced in the
-//! turn. Redis's replies (subscriber counts) are read and only counted.
+//! `POST /api/publish`), and any other command that must run where a
+//! channel lives (`send_to_owner`: e.g. a history script whose keys share
+//! the room channel's slot, with a callback for its reply). Out: the
+//! command, queued on the owner's link, or `Unavailable` at once when that
+//! primary is not reachable — other channels, served by other primaries,
+//! are not affected.
 //!
-//! A publish never waits. It is refused (`Unavailable`, the client gets
-//! `error` `unavailable`) when the connection is down, when Redis has left
-//! the oldest command unanswered for `STALL_AFTER` (stopped or overloaded),
-//! or when the queue is full. After `DEAD_AFTER` without an answer the
-//! connection is dropped and re-made with backoff. Commands queued or
-//! unanswered when a connection drops are lost (at-most-once) and counted in
-//! `redis_publish_lost_total`.
+//! Which primary owns what is the topology's `View`; the publisher keeps
+//! its own `Arc` of it and compares the topology's version (one relaxed
+//! atomic load, no lock) before each command. A new view retires the links
+//! of nodes that are no longer primaries and starts links to new ones.
+//! `PUBLISH` in the single and Sentinel topologies, `SPUBLISH` in a cluster.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
-use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
-use std::task::Waker;
-use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
-use monoio::net::TcpStream;
-use tracing::{info, warn};
+use bytes::{BufMut, Bytes, BytesMut};
+use redis_protocol::resp2::types::BytesFrame;
+use tracing::debug;
 
-use super::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Health, Link, LinkError, RedisUrl, Retry, resp};
+use super::cluster::Redirect;
+use super::publink::{MAX_HOPS, NodeLink};
+use super::topology::{Topology, View};
+use super::{Health, Link, resp};
 use crate::bus::{Target, Unavailable};
-use crate::metrics::{Metrics, ShardMetrics};
+use crate::metrics::Metrics;
 
-/// Oldest command unanswered this long: refuse publishes until Redis answers.
-const STALL_AFTER: Duration = Duration::from_secs(1);
-/// How often the watch task looks at the oldest unanswered command.
-const WATCH_TICK: Duration = Duration::from_millis(100);
-/// Queued (not yet written) bytes beyond which publishes are refused.
-const MAX_QUEUED_BYTES: usize = 8 << 20;
-/// Commands queued or unanswered beyond which publishes are refused.
-const MAX_UNANSWERED: usize = 65_536;
-/// Bytes read per `recv(2)`.
-const READ_CHUNK: usize = 16 * 1024;
-
-/// Commands written in one go, and when.
-struct Batch {
-    left: u32,
-    at: Instant,
-}
+/// Told the reply to one command: the reply frame (an error reply too), or
+/// `Unavailable` when the command was lost with its connection.
+pub type ReplyFn = Box<dyn FnOnce(Result<BytesFrame, Unavailable>)>;
 
 pub struct Publisher {
     shard: usize,
-    url: Arc<RedisUrl>,
+    topo: Arc<Topology>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    /// Connected and logged in.
-    up: Cell<bool>,
-    /// Redis has not answered for `STALL_AFTER`.
-    stalled: Cell<bool>,
-    /// PUBLISH commands not yet written.
-    out: RefCell<BytesMut>,
-    out_cmds: Cell<u32>,
-    /// Written batches whose replies have not all come back, oldest first.
-    unanswered: RefCell<VecDeque<Batch>>,
-    unanswered_cmds: Cell<usize>,
-    /// Wakes the writer task when `out` becomes non-empty.
-    writer: Cell<Option<Waker>>,
+    me: Weak<Publisher>,
+    view: RefCell<Arc<View>>,
+    seen: Cell<u64>,
+    /// One per primary, in `view.nodes` order.
+    links: RefCell<Vec<Rc<NodeLink>>>,
+    /// The channel name of the publish being queued.
+    scratch: RefCell<Vec<u8>>,
+    /// What `/readyz` was last told.
+    healthy: Cell<bool>,
 }
 
 impl Publisher {
-    pub fn new(shard: usize, url: Arc<RedisUrl>, health: Arc<Health>, metrics: Arc<Metrics>) -> Rc<Publisher> {
-        Rc::new(Publisher {
+    /// Makes the publisher and starts a link per primary on the current
+    /// (the shard's) runtime.
+    pub fn start(shard: usize, topo: Arc<Topology>, health: Arc<Health>, metrics: Arc<Metrics>) -> Rc<Publisher> {
+        let view = topo.view();
+        let p = Rc::new_cyclic(|me| Publisher {
             shard,
-            url,
+            topo: topo.clone(),
             health,
             metrics,
-            up: Cell::new(false),
-            stalled: Cell::new(false),
-            out: RefCell::default(),
-            out_cmds: Cell::new(0),
-            unanswered: RefCell::default(),
-            unanswered_cmds: Cell::new(0),
-            writer: Cell::new(None),
-        })
+            me: me.clone(),
+            view: RefCell::new(view.clone()),
+            seen: Cell::new(topo.version()),
+            links: RefCell::default(),
+            scratch: RefCell::default(),
+            healthy: Cell::new(false),
+        });
+        let links = view.nodes.iter().map(|n| p.spawn_link(n.clone())).collect();
+        *p.links.borrow_mut() = links;
+        p
     }
 
-    fn m(&self) -> &ShardMetrics {
-        self.metrics.shard(self.shard)
+    fn spawn_link(&self, node: Arc<super::topology::Node>) -> Rc<NodeLink> {
+        let link = NodeLink::new(
+            self.shard,
+            node,
+            self.topo.clone(),
+            self.health.clone(),
+            self.metrics.clone(),
+            self.me.clone(),
+        );
+        monoio::spawn(link.clone().run());
+        link
     }
 
-    /// Queues `PUBLISH <prefix><room:R|user:U> json`, or refuses at once.
+    /// Queues `PUBLISH <prefix><room:R|user:U> json` (`SPUBLISH` in a
+    /// cluster) at the channel's primary, or refuses at once.
     pub fn publish(&self, prefix: &str, target: Target<'_>, json: &[u8]) -> Result<(), Unavailable> {
-        if !self.up.get() || self.stalled.get() {
-            return Err(Unavailable);
-        }
-        {
-            let mut out = self.out.borrow_mut();
-            let queued = self.out_cmds.get() as usize + self.unanswered_cmds.get();
-            if out.len() >= MAX_QUEUED_BYTES || queued >= MAX_UNANSWERED {
-                return Err(Unavailable);
-            }
-            resp::put_publish(&mut out, prefix, target, json);
-        }
-        self.out_cmds.set(self.out_cmds.get() + 1);
-        if let Some(w) = self.writer.take() {
-            w.wake();
-        }
-        Ok(())
+        let mut channel = self.scratch.borrow_mut();
+        resp::channel_of(&mut channel, prefix, target);
+        let sharded = self.topo.mode.sharded();
+        self.send_to_owner(&channel, |out| resp::put_publish(out, sharded, &channel, json), None)
     }
 
-    /// The task: connect, serve, reconnect with backoff, for the shard's life.
-    pub async fn run(self: Rc<Self>) {
-        let mut retry = Retry::new(self.shard, Link::Publisher);
+    /// Queues the command `put` writes (one RESP command) on the link to
+    /// the primary that owns `channel`'s slot (in a cluster; the one
+    /// primary otherwise), or refuses at once. `on_reply`, if given, gets
+    /// the reply — after any `MOVED`/`ASK` was followed — or `Unavailable`
+    /// if the command was lost. Keys the command touches must hash to the
+    /// channel's slot (tag them `{<channel>}`).
+    pub fn send_to_owner(
+        &self,
+        channel: &[u8],
+        put: impl FnOnce(&mut BytesMut),
+        on_reply: Option<ReplyFn>,
+    ) -> Result<(), Unavailable> {
+        self.sync_view();
+        let owner = self.view.borrow().owner(channel).ok_or(Unavailable)?;
+        let link = self.links.borrow().get(owner).cloned().ok_or(Unavailable)?;
+        link.queue(put, 0, on_reply).map_err(|(u, _)| u)
+    }
+
+    /// A `MOVED`/`ASK` reply: sends `cmd` on to the node it names, if we
+    /// have a link there (else it is lost and counted).
+    pub(super) fn redirect(&self, r: &Redirect, cmd: Bytes, hops: u8, on_reply: Option<ReplyFn>) {
+        self.sync_view();
+        let link = self.links.borrow().iter().find(|l| &*l.node.name == r.addr()).cloned();
+        let lost = |on_reply: Option<ReplyFn>| {
+            self.metrics.shard(self.shard).redis_publish_lost_total.add(1);
+            if let Some(f) = on_reply {
+                f(Err(Unavailable));
+            }
+        };
+        let Some(link) = link.filter(|_| hops <= MAX_HOPS) else {
+            debug!(shard = self.shard, to = r.addr(), hops, "redirect to a node not (yet) known as a primary: lost");
+            self.topo.request_refresh();
+            return lost(on_reply);
+        };
+        if matches!(r, Redirect::Ask { .. }) {
+            // "ASKING" first, on the same connection, for this one command; never redirected itself.
+            if let Err((_, f)) = link.queue(|out| resp::put_command(out, &[b"ASKING"]), MAX_HOPS + 1, None) {
+                return lost(f.or(on_reply));
+            }
+        }
+        if let Err((_, f)) = link.queue(|out| out.put_slice(&cmd), hops, on_reply) {
+            lost(f);
+        }
+    }
+
+    /// Adopts the topology's latest view, if it moved: keeps the links of
+    /// primaries that stay, retires the others, starts new ones.
+    fn sync_view(&self) {
+        let version = self.topo.version();
+        if version == self.seen.get() {
+            return;
+        }
+        self.seen.set(version);
+        let view = self.topo.view();
+        let mut old = std::mem::take(&mut *self.links.borrow_mut());
+        let mut links = Vec::with_capacity(view.nodes.len());
+        for n in &view.nodes {
+            match old.iter().position(|l| l.node == *n) {
+                Some(i) => links.push(old.swap_remove(i)),
+                None => links.push(self.spawn_link(n.clone())),
+            }
+        }
+        *self.links.borrow_mut() = links;
+        *self.view.borrow_mut() = view;
+        for l in old {
+            l.retire();
+        }
+        self.update_health();
+    }
+
+    /// Every link up and answering: `/readyz` and the gauge follow.
+    pub(super) fn update_health(&self) {
+        let Ok(links) = self.links.try_borrow() else { return };
+        let up = !links.is_empty() && links.iter().all(|l| l.healthy());
+        if self.healthy.replace(up) != up {
+            self.health.set(self.shard, Link::Publisher, up);
+        }
+    }
+
+    /// Checks for a new view now and then even without publishes, so that a
+    /// failover is followed (and `/readyz` heals) on an idle shard too.
+    pub async fn follow(self: Rc<Self>) {
         loop {
-            let attempt = monoio::time::timeout(CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT, self.connect()).await;
-            match attempt.unwrap_or(Err(LinkError::Timeout("connect + AUTH/SELECT"))) {
-                Ok((stream, buf)) => {
-                    retry.connected(self.m());
-                    info!(shard = self.shard, redis = %self.url, "redis publisher connected");
-                    self.up.set(true);
-                    self.set_stalled(false);
-                    let e = self.serve(&stream, buf).await;
-                    self.up.set(false);
-                    self.health.set(self.shard, Link::Publisher, false);
-                    self.drop_queued();
-                    self.health.failed(self.shard, Link::Publisher, &e);
-                    retry.failed(&self.url, &e);
-                }
-                Err(e) => {
-                    self.m().redis_connect_failures_total.add_shared(1);
-                    self.health.failed(self.shard, Link::Publisher, &e);
-                    retry.failed(&self.url, &e);
-                }
-            }
-            monoio::time::sleep(retry.next_delay()).await;
+            monoio::time::sleep(std::time::Duration::from_millis(100)).await;
+            self.sync_view();
+            self.update_health();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::bus::redis::url::Spec;
+
+    /// A private redis-server on a free port, killed on drop.
+    struct Redis(std::process::Child, u16);
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
     }
 
-    /// Connects to the addresses a reader resolved (no DNS on the shard).
-    async fn connect(&self) -> Result<(TcpStream, BytesMut), LinkError> {
-        let mut last = LinkError::Io(io::Error::new(io::ErrorKind::NotFound, "Redis's address is not resolved yet"));
-        for addr in self.health.addrs() {
-            match TcpStream::connect_addr(addr).await {
-                Ok(stream) => return self.handshake(stream).await,
-                Err(e) => last = e.into(),
+    fn redis() -> Option<Redis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let r = Redis(child, port);
+        let end = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > end {
+                return None;
             }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        Err(last)
+        Some(r)
     }
 
-    async fn handshake(&self, stream: TcpStream) -> Result<(TcpStream, BytesMut), LinkError> {
-        stream.set_nodelay(true)?;
-        stream.set_tcp_keepalive(Some(Duration::from_secs(5)), Some(Duration::from_secs(1)), Some(3))?;
-        let (out, steps) = resp::handshake(&self.url, &format!("corecast-pub-{:02}", self.shard));
-        write_all(&stream, &out).await?;
-        let mut buf = BytesMut::new();
-        for step in steps {
-            let reply = loop {
-                if let Some(reply) = resp::take_reply(&mut buf)? {
-                    break reply;
-                }
-                stream.readable(false).await?;
-                match try_recv(stream.as_raw_fd(), &mut buf) {
-                    Ok(0) => return Err(LinkError::Closed),
-                    Ok(_) => {}
-                    Err(e) if would_block(&e) => {}
-                    Err(e) => return Err(e.into()),
-                }
+    #[test]
+    fn a_command_sent_to_a_channels_owner_gets_its_reply() {
+        let Some(r) = redis() else {
+            panic!("redis-server is needed (apt-get install -y redis-server)");
+        };
+        let metrics = Arc::new(Metrics::new(1));
+        let spec = Spec::parse(&format!("redis://127.0.0.1:{}", r.1)).unwrap();
+        let topo = Topology::start(spec, metrics.clone()).unwrap();
+        let health = Arc::new(Health::new(metrics.clone(), 1));
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap();
+        let got = rt.block_on(async move {
+            let p = Publisher::start(0, topo, health, metrics);
+            let end = Instant::now() + Duration::from_secs(5);
+            while !p.healthy.get() {
+                assert!(Instant::now() < end, "the publisher link did not come up");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let replies: Rc<RefCell<Vec<Result<BytesFrame, Unavailable>>>> = Rc::default();
+            for _ in 0..2 {
+                let sink = replies.clone();
+                let on_reply: ReplyFn = Box::new(move |r| sink.borrow_mut().push(r));
+                let queued = p.send_to_owner(
+                    b"cc:room:lobby",
+                    |out| resp::put_command(out, &[b"INCR", b"{cc:room:lobby}:n"]),
+                    Some(on_reply),
+                );
+                assert!(queued.is_ok());
+            }
+            while replies.borrow().len() < 2 {
+                assert!(Instant::now() < end, "no reply");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            replies.take()
+        });
+        assert_eq!(got, [Ok(BytesFrame::Integer(1)), Ok(BytesFrame::Integer(2))]);
+    }
+
+    /// `redis-cli -p port args...`, trimmed stdout.
+    fn cli(port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").arg("-p").arg(port.to_string()).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn cluster_node(dir: &std::path::Path) -> Option<Redis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let conf = dir.join(format!("nodes-{port}.conf"));
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--cluster-enabled", "yes", "--cluster-config-file", conf.to_str()?])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let r = Redis(child, port);
+        let end = Instant::now() + Duration::from_secs(5);
+        while cli(port, &["PING"]) != "PONG" {
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(r)
+    }
+
+    #[test]
+    fn ask_and_moved_replies_are_followed_to_the_node_they_name() {
+        let dir = std::env::temp_dir().join(format!("corecast-ask-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let nodes: Vec<Redis> = (0..3).map(|_| cluster_node(&dir).expect("redis-server")).collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.1)).collect();
+        let made = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .arg("--cluster-yes")
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let end = Instant::now() + Duration::from_secs(20);
+        while !nodes.iter().all(|n| cli(n.1, &["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
+            assert!(Instant::now() < end, "cluster_state:ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let channel = "cc:room:lobby";
+        let slot = cli(nodes[0].1, &["CLUSTER", "KEYSLOT", channel]);
+        let slot_n: u16 = slot.parse().unwrap();
+        assert_eq!(slot_n, crate::bus::redis::cluster::key_slot(channel.as_bytes()));
+        // Who owns the slot now, from the node's own answer to a key command.
+        let key = format!("{{{channel}}}:k");
+        let moved = cli(nodes[0].1, &["GET", &key]);
+        let from = if moved.starts_with("MOVED") {
+            let port: u16 = moved.rsplit(':').next().unwrap().parse().unwrap();
+            nodes.iter().position(|n| n.1 == port).unwrap()
+        } else {
+            0
+        };
+        let to = (from + 1) % 3;
+        let (from_id, to_id) = (cli(nodes[from].1, &["CLUSTER", "MYID"]), cli(nodes[to].1, &["CLUSTER", "MYID"]));
+        assert_eq!(cli(nodes[to].1, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]), "OK");
+        assert_eq!(cli(nodes[from].1, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]), "OK");
+        assert!(cli(nodes[from].1, &["GET", &key]).starts_with("ASK "), "the source answers ASK for a missing key");
+
+        let metrics = Arc::new(Metrics::new(1));
+        let spec = Spec::parse(&format!("redis+cluster://{}", addrs[0])).unwrap();
+        let topo = Topology::start(spec, metrics.clone()).unwrap();
+        let health = Arc::new(Health::new(metrics.clone(), 1));
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap();
+        let (to_port, from_port) = (nodes[to].1, nodes[from].1);
+        let (slot2, to_id2) = (slot.clone(), to_id.clone());
+        let key2 = key.clone();
+        let topo2 = topo.clone();
+        let got = rt.block_on(async move {
+            let v0 = topo2.version();
+            let p = Publisher::start(0, topo, health, metrics.clone());
+            let end = Instant::now() + Duration::from_secs(10);
+            while !p.healthy.get() {
+                assert!(Instant::now() < end, "the publisher links did not come up");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let replies: Rc<RefCell<Vec<Result<BytesFrame, Unavailable>>>> = Rc::default();
+            let send = |p: &Publisher, cmd: Vec<Vec<u8>>| {
+                let sink = replies.clone();
+                let on_reply: ReplyFn = Box::new(move |r| sink.borrow_mut().push(r));
+                let args: Vec<&[u8]> = cmd.iter().map(|a| a.as_slice()).collect();
+                assert!(
+                    p.send_to_owner(channel.as_bytes(), |out| resp::put_command(out, &args), Some(on_reply)).is_ok()
+                );
             };
-            resp::check(step, reply.as_ref().map(|_| ()).map_err(String::as_str))?;
-        }
-        Ok((stream, buf))
-    }
-
-    /// Runs the connection until it fails; returns why.
-    async fn serve(&self, stream: &TcpStream, buf: BytesMut) -> LinkError {
-        monoio::select! {
-            e = self.write_loop(stream) => e,
-            e = self.read_loop(stream, buf) => e,
-            e = self.watch() => e,
-        }
-    }
-
-    /// Writes everything queued, one batch per wake-up.
-    async fn write_loop(&self, stream: &TcpStream) -> LinkError {
-        let fd = stream.as_raw_fd();
-        loop {
-            crate::shard::until(&self.writer, || !self.out.borrow().is_empty()).await;
-            let mut batch = self.out.borrow_mut().split().freeze();
-            let n = self.out_cmds.replace(0);
-            self.unanswered.borrow_mut().push_back(Batch { left: n, at: Instant::now() });
-            self.unanswered_cmds.set(self.unanswered_cmds.get() + n as usize);
-            self.m().redis_publish_writes_total.inc();
-            while !batch.is_empty() {
-                match try_send(fd, &batch) {
-                    Ok(k) => batch.advance(k),
-                    Err(e) if would_block(&e) => {
-                        if let Err(e) = stream.writable(false).await {
-                            return e.into();
-                        }
-                    }
-                    Err(e) => return e.into(),
-                }
+            // Migrating: the source says ASK; the target, after ASKING, runs it.
+            send(&p, vec![b"SET".to_vec(), key2.clone().into_bytes(), b"v".to_vec()]);
+            while replies.borrow().is_empty() {
+                assert!(Instant::now() < end, "no reply to the SET");
+                monoio::time::sleep(Duration::from_millis(10)).await;
             }
-        }
-    }
-
-    /// Reads replies; each answers the oldest unanswered command.
-    async fn read_loop(&self, stream: &TcpStream, mut buf: BytesMut) -> LinkError {
-        let fd = stream.as_raw_fd();
-        let mut refusals = 0u64;
-        loop {
-            loop {
-                match resp::take_reply(&mut buf) {
-                    Ok(Some(reply)) => {
-                        self.answered();
-                        if let Err(text) = reply {
-                            // E.g. NOPERM: an ACL that does not allow PUBLISH on the channel.
-                            if refusals.is_power_of_two() || refusals == 0 {
-                                warn!(shard = self.shard, reply = %text, refused_so_far = refusals + 1, "redis refused a PUBLISH");
-                            }
-                            refusals += 1;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => return e,
-                }
+            // The slot moves for good: the source (still the owner in our map) says MOVED.
+            for port in [to_port, from_port] {
+                assert_eq!(cli(port, &["CLUSTER", "SETSLOT", &slot2, "NODE", &to_id2]), "OK");
             }
-            if let Err(e) = stream.readable(false).await {
-                return e.into();
+            // (Unless the topology thread's periodic refresh saw the move first.)
+            let moved_expected = topo2.version() == v0;
+            send(&p, vec![b"GET".to_vec(), key2.into_bytes()]);
+            while replies.borrow().len() < 2 {
+                assert!(Instant::now() < end, "no reply to the GET");
+                monoio::time::sleep(Duration::from_millis(10)).await;
             }
-            loop {
-                match try_recv(fd, &mut buf) {
-                    Ok(0) => return LinkError::Closed,
-                    Ok(n) if n < READ_CHUNK => break,
-                    Ok(_) => {}
-                    Err(e) if would_block(&e) => break,
-                    Err(e) => return e.into(),
-                }
-            }
-        }
+            (replies.take(), metrics.shard(0).redis_redirects_total.get(), moved_expected)
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        let (replies, redirects, moved_expected) = got;
+        assert_eq!(replies[0], Ok(BytesFrame::SimpleString("OK".into())), "SET ran at the importing node");
+        assert_eq!(replies[1], Ok(BytesFrame::BulkString("v".into())), "GET followed MOVED to the new owner");
+        assert_eq!(cli(to_port, &["GET", &key]), "v", "the key is at the new owner");
+        let want = if moved_expected { 2 } else { 1 };
+        assert!(redirects >= want, "an ASK and a MOVED were followed: {redirects}");
     }
-
-    fn answered(&self) {
-        let mut q = self.unanswered.borrow_mut();
-        if let Some(front) = q.front_mut() {
-            front.left -= 1;
-            if front.left == 0 {
-                q.pop_front();
-            }
-            self.unanswered_cmds.set(self.unanswered_cmds.get().saturating_sub(1));
-        }
-    }
-
-    /// Watches how long the oldest command has waited for its answer.
-    async fn watch(&self) -> LinkError {
-        loop {
-            monoio::time::sleep(WATCH_TICK).await;
-            let age = self.unanswered.borrow().front().map(|b| b.at.elapsed());
-            match age {
-                Some(age) if age >= DEAD_AFTER => return LinkError::Timeout("replies to PUBLISH"),
-                Some(age) => self.set_stalled(age >= STALL_AFTER),
-                None => self.set_stalled(false),
-            }
-        }
-    }
-
-    fn set_stalled(&self, stalled: bool) {
-        if self.stalled.replace(stalled) != stalled && stalled {
-            warn!(
-                shard = self.shard,
-                "redis publisher: no answer for {STALL_AFTER:?}; refusing publishes until Redis answers"
-            );
-        }
-        self.health.set(self.shard, Link::Publisher, self.up.get() && !stalled);
-    }
-
-    /// The connection is gone and with it whatever it had not delivered.
-    fn drop_queued(&self) {
-        let lost = self.out_cmds.replace(0) as usize + self.unanswered_cmds.replace(0);
-        self.out.borrow_mut().clear();
-        self.unanswered.borrow_mut().clear();
-        self.stalled.set(false);
-        if lost > 0 {
-            self.m().redis_publish_lost_total.add(lost as u64);
-            warn!(shard = self.shard, lost, "publishes lost with the redis connection (delivery is at-most-once)");
-        }
-    }
-}
-
-// ---- non-blocking I/O on the shard's runtime ------------------------------------
-
-pub(super) fn would_block(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
-}
-
-pub(super) fn try_send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
-    // SAFETY: plain syscall on a descriptor the stream owns, reading from a
-    // slice we borrow for the call.
-    let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-}
-
-/// Reads once into the end of `buf`.
-pub(super) fn try_recv(fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
-    let start = buf.len();
-    buf.resize(start + READ_CHUNK, 0);
-    // SAFETY: plain syscall on a descriptor the stream owns, writing into
-    // initialised memory we borrow exclusively for the call.
-    let n = unsafe { libc::recv(fd, buf[start..].as_mut_ptr().cast(), READ_CHUNK, libc::MSG_DONTWAIT) };
-    let r = if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) };
-    buf.truncate(start + *r.as_ref().unwrap_or(&0));
-    r
-}
-
-pub(super) async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match try_send(stream.as_raw_fd(), data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if would_block(&e) => stream.writable(false).await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

@@ -1,6 +1,14 @@
 //! ⑦ The `redis-NN` thread: one per shard, pinned beside it, owning that
-//! shard's Redis SUBSCRIBE connection (blocking `std::net::TcpStream`; the
-//! thread has nothing else to do).
+//! shard's Redis subscriber connections — one per primary (`subconn.rs`):
+//! the one Redis, the Sentinel-named primary, or each cluster primary —
+//! all blocking `std::net::TcpStream`s multiplexed with one `poll(2)`.
+//!
+//! Which primary a channel belongs to is the topology's `View`
+//! (`topology.rs`); when it changes (failover, slot migration) the reader
+//! moves each wanted channel to its new primary's connection. In a cluster
+//! it uses sharded Pub/Sub (`SSUBSCRIBE`, one slot per command), follows
+//! `MOVED`/`CLUSTERDOWN` refusals and Redis's own `sunsubscribe` (a slot
+//! left the node) by asking for a fresh view and subscribing again there.
 //!
 //! In: `Interest` changes from the shard (a crossbeam channel, plus a
 //! self-pipe that wakes the thread's `poll(2)`), and pushed RESP2 frames from
@@ -19,11 +27,13 @@
 //! buffer passes `client-output-buffer-limit pubsub`; we then reconnect).
 //!
 //! On any failure the connection is dropped, the shard is told
-//! (`RedisLink { up: false }`), and the thread reconnects with backoff and
-//! subscribes again to everything its shard still needs.
+//! (`RedisLink { up: false }`: not every primary is reachable, so held
+//! `subscribed` replies go out), the topology is asked to refresh, and the
+//! thread reconnects with backoff and subscribes again to everything its
+//! shard still needs there. The other primaries' connections go on
+//! delivering meanwhile.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -31,21 +41,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use redis_protocol::resp2::decode::decode_bytes_mut;
 use redis_protocol::resp2::types::BytesFrame;
 use simd_json::prelude::*;
 use tracing::{debug, info, warn};
 
-use super::subs::{Interest, Kind, Subscriptions};
-use super::{DEAD_AFTER, HANDSHAKE_TIMEOUT, Health, Link, LinkError, PING_IDLE, RedisUrl, Retry, resp};
+use super::subconn::{self, Confirm, SubConn, is_timeout, read_more};
+use super::subs::{Interest, Kind, channel_name};
+use super::topology::{Mode, Node, Topology, View};
+use super::{DEAD_AFTER, Health, Link, LinkError, PING_IDLE, Retry, cluster, resp};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::protocol::event;
 use crate::shard::{InboxSender, ShardMsg};
 
-/// Bytes read from Redis per `read(2)`.
-const READ_CHUNK: usize = 32 * 1024;
 /// Above this many messages waiting in the shard's inbox the reader stops
 /// reading from Redis ...
 const INBOX_HIGH_WATER: usize = 8192;
@@ -53,11 +63,6 @@ const INBOX_HIGH_WATER: usize = 8192;
 const INBOX_LOW_WATER: usize = 1024;
 /// How long the reader naps while its shard catches up.
 const BACKPRESSURE_NAP: Duration = Duration::from_micros(200);
-/// Channels per SUBSCRIBE/UNSUBSCRIBE command; a larger batch is split.
-const MAX_CHANNELS_PER_COMMAND: usize = 4096;
-/// TCP keepalive: probe after this much silence, so that a vanished host is
-/// noticed even when both sides are idle.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
 
 /// The shard's end: batches of `Interest` changes to its reader. `Send`,
 /// moved into the shard thread; dropping it (the shard stopped) stops the
@@ -71,6 +76,11 @@ pub struct SubHandle {
 }
 
 impl SubHandle {
+    /// Another write end of the wake-up pipe, for the topology thread.
+    pub fn waker(&self) -> io::Result<UnixStream> {
+        self.pipe.try_clone()
+    }
+
     /// Hands over the changes of one turn of the shard's event loop.
     pub fn send(&self, batch: Vec<Interest>) {
         if self.tx.send(batch).is_err() {
@@ -131,7 +141,7 @@ pub fn channel() -> io::Result<(SubHandle, ReaderInput)> {
 pub struct ReaderParts {
     pub shard: usize,
     pub core: usize,
-    pub url: Arc<RedisUrl>,
+    pub topo: Arc<Topology>,
     pub prefix: Arc<str>,
     pub inbox: InboxSender,
     pub metrics: Arc<Metrics>,
@@ -145,12 +155,23 @@ pub struct ReaderParts {
 pub struct Reader {
     shard: usize,
     core: usize,
-    url: Arc<RedisUrl>,
+    topo: Arc<Topology>,
+    view: Arc<View>,
+    /// The topology version `view` is from.
+    seen: u64,
+    prefix: Arc<str>,
+    /// One per primary, in `view.nodes` order.
+    conns: Vec<SubConn>,
+    /// Wanted channels whose slot no primary serves (yet).
+    homeless: Vec<Interest>,
+    /// When to look again at channels Redis refused or dropped.
+    rehome_at: Option<Instant>,
+    /// What the shard was last told (`ShardMsg::RedisLink`).
+    link_up: bool,
     inbox: InboxSender,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     input: ReaderInput,
-    subs: Subscriptions,
     json: JsonCheck,
     max_payload: usize,
     drops: DropLog,
@@ -179,236 +200,425 @@ impl From<io::Error> for End {
 /// The shard's `SubHandle` is gone.
 struct Shutdown;
 
+/// A refused or dropped channel is looked at again this long after, by
+/// when the topology thread has usually answered the refresh it asked for.
+const REHOME_DELAY: Duration = Duration::from_millis(300);
+
 impl Reader {
     pub fn new(p: ReaderParts) -> Reader {
-        Reader {
+        let view = p.topo.view();
+        let seen = p.topo.version();
+        let mut r = Reader {
             shard: p.shard,
             core: p.core,
-            url: p.url,
+            topo: p.topo,
+            view: view.clone(),
+            seen,
+            prefix: p.prefix,
+            conns: Vec::new(),
+            homeless: Vec::new(),
+            rehome_at: None,
+            link_up: false,
             inbox: p.inbox,
             metrics: p.metrics,
             health: p.health,
             input: p.input,
-            subs: Subscriptions::new(&p.prefix),
             json: JsonCheck::default(),
             max_payload: p.max_payload,
             drops: DropLog::default(),
-        }
+        };
+        r.conns = view.nodes.iter().map(|n| r.new_conn(n.clone())).collect();
+        r
+    }
+
+    fn new_conn(&self, node: Arc<Node>) -> SubConn {
+        SubConn::new(node, &self.prefix, Retry::new(self.shard, Link::Subscriber), self.metrics.clone())
     }
 
     fn m(&self) -> &ShardMetrics {
         self.metrics.shard(self.shard)
     }
 
-    /// The thread's body: connect, serve, reconnect, until the shard stops.
+    /// The thread's body: serve every primary's connection until the shard stops.
     pub fn run(mut self) {
         if !core_affinity::set_for_current(core_affinity::CoreId { id: self.core }) {
             warn!(shard = self.shard, core = self.core, "redis reader: could not pin to core");
         }
-        let mut retry = Retry::new(self.shard, Link::Subscriber);
-        loop {
-            match self.connect() {
-                Ok((sock, buf)) => {
-                    retry.connected(self.m());
-                    info!(shard = self.shard, redis = %self.url, "redis subscriber connected");
-                    let end = self.serve(sock, buf);
-                    self.set_link(false);
-                    self.subs.reset();
-                    match end {
-                        End::Shutdown => return,
-                        End::Lost(e) => {
-                            self.health.failed(self.shard, Link::Subscriber, &e);
-                            retry.failed(&self.url, &e);
+        let _ = self.serve();
+        for c in &mut self.conns {
+            c.set_live(None);
+        }
+    }
+
+    // ---- the topology ----------------------------------------------------------
+
+    /// Adopts a new view: a connection per primary (kept where the primary
+    /// stays), and every wanted channel at the primary now serving it.
+    fn apply_view(&mut self) {
+        self.view = self.topo.view();
+        self.seen = self.topo.version();
+        let mut old = std::mem::take(&mut self.conns);
+        let mut moving = Vec::new();
+        let view = self.view.clone();
+        let mut conns = Vec::with_capacity(view.nodes.len());
+        for n in &view.nodes {
+            let found = old.iter().position(|c| c.node.name == n.name);
+            match found {
+                Some(i) => {
+                    let mut c = old.swap_remove(i);
+                    if c.node.addrs != n.addrs {
+                        // Same name, new address: connect again there.
+                        for w in c.subs.waiting() {
+                            let _ = self.to_shard(ShardMsg::Subscribed { room: w.room, seq: w.seq });
                         }
+                        c.lose(Duration::ZERO);
+                    }
+                    c.node = n.clone();
+                    conns.push(c);
+                }
+                None => conns.push(self.new_conn(n.clone())),
+            }
+        }
+        for mut c in old {
+            info!(shard = self.shard, redis = %c.node.name, "no longer a primary: closing its subscriber connection");
+            moving.extend(c.subs.drain_wanted());
+        }
+        self.conns = conns;
+        self.rehome(moving);
+    }
+
+    /// Puts every wanted channel (and `moving`) at the primary serving it,
+    /// and makes those refused or dropped be subscribed again.
+    fn rehome(&mut self, mut moving: Vec<Interest>) {
+        moving.append(&mut self.homeless);
+        for i in 0..self.conns.len() {
+            for key in self.conns[i].subs.wanted_keys() {
+                if self.view.owner(&key) == Some(i) {
+                    self.conns[i].subs.touch(&key);
+                } else if let Some(interest) = self.conns[i].subs.forget(&key) {
+                    moving.push(interest);
+                }
+            }
+        }
+        for i in moving {
+            self.route(i);
+        }
+    }
+
+    /// Hands one interest change to the connection of the primary serving it.
+    ///
+    /// A room joined while its primary is unreachable (or its slot has no
+    /// primary) is confirmed to the shard at once, as the whole link did
+    /// before there were several: the shard answers `subscribed` now, and the
+    /// subscription is made when the primary is back. Rooms on the other
+    /// primaries still wait for Redis.
+    fn route(&mut self, i: Interest) {
+        self.homeless.retain(|h| !(h.kind == i.kind && h.name == i.name));
+        let channel = channel_name(&self.prefix, i.kind, &i.name);
+        let answer_now = i.on && i.kind == Kind::Room;
+        let (room, seq) = (i.name.clone(), i.seq);
+        let reachable = match self.view.owner(&channel) {
+            Some(o) => {
+                self.conns[o].subs.apply(i);
+                self.conns[o].live.is_some()
+            }
+            None if i.on => {
+                self.homeless.push(i);
+                false
+            }
+            None => true,
+        };
+        if answer_now && !reachable {
+            let _ = self.to_shard(ShardMsg::Subscribed { room, seq });
+        }
+    }
+
+    /// Every primary's connection is up and every channel has a home:
+    /// what `/readyz` shows.
+    fn all_up(&self) -> bool {
+        !self.conns.is_empty() && self.homeless.is_empty() && self.conns.iter().all(|c| c.live.is_some())
+    }
+
+    /// Tells the shard whether `subscribed` replies may be held (some
+    /// primary is reachable: its rooms are confirmed as Redis answers, the
+    /// others at once), then `/readyz` (every primary reachable): a node
+    /// reports ready only once its shards are told. Back up, every room is
+    /// confirmed again (the shard forgot on the way down).
+    fn update_link(&mut self) {
+        let up = self.conns.iter().any(|c| c.live.is_some());
+        if up != self.link_up {
+            self.link_up = up;
+            let _ = self.inbox.send_wait(ShardMsg::RedisLink { up });
+            if up {
+                for i in 0..self.conns.len() {
+                    self.conns[i].subs.renotify();
+                    // Rooms of a primary still unreachable are answered at once (see `route`).
+                    if self.conns[i].live.is_none() {
+                        self.release_waiting(i);
                     }
                 }
-                Err(e) => {
-                    self.m().redis_connect_failures_total.add_shared(1);
-                    self.health.failed(self.shard, Link::Subscriber, &e);
-                    retry.failed(&self.url, &e);
+                let homeless: Vec<(Arc<str>, u64)> =
+                    self.homeless.iter().filter(|h| h.kind == Kind::Room).map(|h| (h.name.clone(), h.seq)).collect();
+                for (room, seq) in homeless {
+                    let _ = self.to_shard(ShardMsg::Subscribed { room, seq });
                 }
             }
-            if self.pause(retry.next_delay()).is_err() {
-                return;
-            }
+        }
+        self.health.set(self.shard, Link::Subscriber, self.all_up());
+    }
+
+    /// Connection `i` is going down: the replies the shard holds for its
+    /// rooms go out now.
+    fn release_waiting(&mut self, i: usize) {
+        for s in self.conns[i].subs.waiting() {
+            let _ = self.to_shard(ShardMsg::Subscribed { room: s.room, seq: s.seq });
         }
     }
 
-    // ---- connecting ----------------------------------------------------------
+    // ---- serving ---------------------------------------------------------------
 
-    fn connect(&mut self) -> Result<(TcpStream, BytesMut), LinkError> {
-        let addrs: Vec<SocketAddr> = self.url.addr().to_socket_addrs()?.collect();
-        if addrs.is_empty() {
-            return Err(LinkError::Io(io::Error::new(io::ErrorKind::NotFound, "the Redis host has no address")));
-        }
-        self.health.set_addrs(&addrs);
-        let mut last = None;
-        for addr in &addrs {
-            match TcpStream::connect_timeout(addr, super::CONNECT_TIMEOUT) {
-                Ok(sock) => return self.handshake(sock),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.map_or(LinkError::Closed, LinkError::from))
-    }
-
-    /// AUTH, SELECT, CLIENT SETNAME, pipelined; returns the socket and any
-    /// bytes read past the last reply.
-    fn handshake(&self, mut sock: TcpStream) -> Result<(TcpStream, BytesMut), LinkError> {
-        sock.set_nodelay(true)?;
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(KEEPALIVE_IDLE)
-            .with_interval(Duration::from_secs(1))
-            .with_retries(3);
-        socket2::SockRef::from(&sock).set_tcp_keepalive(&keepalive)?;
-        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        sock.set_write_timeout(Some(DEAD_AFTER))?;
-        let (out, steps) = resp::handshake(&self.url, &format!("corecast-sub-{:02}", self.shard));
-        sock.write_all(&out)?;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        for step in steps {
-            let reply = loop {
-                if let Some(reply) = resp::take_reply(&mut buf)? {
-                    break reply;
-                }
-                match read_more(&mut sock, &mut buf) {
-                    Ok(0) => return Err(LinkError::Closed),
-                    Ok(_) => {}
-                    Err(e) if is_timeout(&e) => return Err(LinkError::Timeout("AUTH/SELECT")),
-                    Err(e) => return Err(e.into()),
-                }
-            };
-            resp::check(step, reply.as_ref().map(|_| ()).map_err(String::as_str))?;
-        }
-        Ok((sock, buf))
-    }
-
-    /// Tells the shard first, then `/readyz`: a node reports ready only once
-    /// its shards are told (and so hold `subscribed` replies).
-    fn set_link(&self, up: bool) {
-        let _ = self.inbox.send_wait(ShardMsg::RedisLink { up });
-        self.health.set(self.shard, Link::Subscriber, up);
-    }
-
-    // ---- serving a connection ------------------------------------------------
-
-    fn serve(&mut self, mut sock: TcpStream, mut buf: BytesMut) -> End {
-        // Up before the first SUBSCRIBE, so that every confirmation after it
-        // reaches a shard that knows the link is up.
-        self.set_link(true);
-        if self.take_interest().is_err() {
-            return End::Shutdown;
-        }
-        let sock_fd = sock.as_raw_fd();
+    fn serve(&mut self) -> Result<(), Shutdown> {
+        self.take_interest()?;
         let wake_fd = self.input.pipe.as_raw_fd();
-        let mut last_rx = Instant::now();
-        let mut ping_sent: Option<Instant> = None;
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        let mut polled: Vec<usize> = Vec::new();
         loop {
-            if let Err(end) = self.write_plan(&mut sock) {
-                return end;
+            if self.topo.version() != self.seen {
+                self.apply_view();
             }
-            loop {
-                match decode_bytes_mut(&mut buf) {
-                    Ok(Some((frame, _, _))) => {
-                        if let Err(end) = self.on_frame(frame) {
-                            return end;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(_) => return End::Lost(LinkError::Protocol),
+            if self.rehome_at.is_some_and(|t| Instant::now() >= t) {
+                self.rehome_at = None;
+                self.rehome(Vec::new());
+            }
+            for i in 0..self.conns.len() {
+                let c = &self.conns[i];
+                if c.live.is_some() {
+                    continue;
+                }
+                if c.attempt.is_none() && Instant::now() >= c.retry_at {
+                    self.start_connect(i);
+                }
+                // Progress comes with readiness (below); here only the deadline.
+                let c = &self.conns[i];
+                if c.attempt.is_some() && Instant::now() >= subconn::deadline(c) {
+                    self.advance_connect(i);
                 }
             }
-            // Heartbeat: a silent connection gets a PING; an unanswered one is dead.
+            self.update_link();
+            for i in 0..self.conns.len() {
+                if let Err(end) = self.service(i) {
+                    match end {
+                        End::Shutdown => return Err(Shutdown),
+                        End::Lost(e) => self.lost(i, e),
+                    }
+                }
+            }
+            self.update_link();
+
             let now = Instant::now();
-            match ping_sent {
-                Some(at) if now - at >= DEAD_AFTER => return End::Lost(LinkError::Timeout("PING")),
-                None if now - last_rx >= PING_IDLE => {
-                    if let Err(e) = sock.write_all(resp::PING) {
-                        return e.into();
-                    }
-                    ping_sent = Some(now);
+            let mut next = now + PING_IDLE;
+            for c in &self.conns {
+                next = next.min(subconn::deadline(c));
+            }
+            if let Some(t) = self.rehome_at {
+                next = next.min(t);
+            }
+            fds.clear();
+            polled.clear();
+            fds.push(pollfd(wake_fd));
+            for (i, c) in self.conns.iter().enumerate() {
+                if let Some(l) = &c.live {
+                    fds.push(pollfd(l.sock.as_raw_fd()));
+                    polled.push(i);
+                } else if let Some((fd, events)) = c.attempt_poll() {
+                    fds.push(libc::pollfd { fd, events, revents: 0 });
+                    polled.push(i);
                 }
-                _ => {}
             }
-            let wait = match ping_sent {
-                Some(at) => (at + DEAD_AFTER).saturating_duration_since(now),
-                None => (last_rx + PING_IDLE).saturating_duration_since(now),
-            };
-            let mut fds = [pollfd(sock_fd), pollfd(wake_fd)];
-            if let Err(e) = poll(&mut fds, wait) {
-                return e.into();
+            if let Err(e) = poll(&mut fds, next.saturating_duration_since(now)) {
+                warn!(shard = self.shard, error = %e, "redis reader: poll failed");
+                thread::sleep(Duration::from_millis(10));
             }
-            if is_ready(&fds[1]) && self.take_interest().is_err() {
-                return End::Shutdown;
+            // Also on a timeout: the topology holds a write end of the pipe,
+            // so a stopped shard is noticed by the channel, not by EOF.
+            if is_ready(&fds[0]) || fds.iter().all(|f| !is_ready(f)) {
+                self.take_interest()?;
             }
-            if is_ready(&fds[0]) {
-                match read_more(&mut sock, &mut buf) {
-                    Ok(0) => return End::Lost(LinkError::Closed),
+            for (k, &i) in polled.iter().enumerate() {
+                let f = &fds[k + 1];
+                if f.revents & (f.events | libc::POLLHUP | libc::POLLERR) == 0 {
+                    continue;
+                }
+                if self.conns[i].live.is_none() {
+                    self.advance_connect(i);
+                    continue;
+                }
+                let Some(l) = &mut self.conns[i].live else { continue };
+                match read_more(&mut l.sock, &mut l.buf) {
+                    Ok(0) => self.lost(i, LinkError::Closed),
                     Ok(_) => {
-                        last_rx = Instant::now();
-                        ping_sent = None;
+                        l.last_rx = Instant::now();
+                        l.ping_sent = None;
                     }
                     Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return e.into(),
+                    Err(e) => self.lost(i, e.into()),
                 }
             }
         }
     }
 
-    /// Writes what it takes to reach the wanted subscriptions, and confirms
-    /// to the shard the rooms that needed nothing.
-    fn write_plan(&mut self, sock: &mut TcpStream) -> Result<(), End> {
-        let plan = self.subs.plan();
-        if !plan.is_empty() {
-            let mut out = BytesMut::new();
-            let mut commands = 0;
-            for (cmd, list) in [(&b"UNSUBSCRIBE"[..], &plan.unsubscribe), (&b"SUBSCRIBE"[..], &plan.subscribe)] {
-                for chunk in list.chunks(MAX_CHANNELS_PER_COMMAND) {
-                    resp::put_channels(&mut out, cmd, chunk);
-                    commands += 1;
+    /// Starts a connect to primary `i` (non-blocking; see `SubConn::start_attempt`).
+    fn start_connect(&mut self, i: usize) {
+        let name = format!("corecast-sub-{:02}", self.shard);
+        let check_role = self.topo.mode.check_role();
+        if let Err(e) = self.conns[i].start_attempt(&name, check_role) {
+            self.attempt_failed(i, &e);
+        }
+    }
+
+    /// Moves primary `i`'s connect on; handles its success or failure.
+    fn advance_connect(&mut self, i: usize) {
+        match self.conns[i].advance() {
+            Ok(false) => {}
+            Ok(true) => {
+                let m = self.metrics.clone();
+                self.conns[i].retry.connected(m.shard(self.shard));
+                info!(shard = self.shard, redis = %self.conns[i].node.name, "redis subscriber connected");
+                if self.topo.mode == Mode::Sentinel {
+                    // Sentinel: ask again on every (re)connect; `ROLE` was checked meanwhile.
+                    self.topo.request_refresh();
                 }
             }
-            sock.write_all(&out)?;
-            self.m().redis_sub_commands_total.add_shared(commands);
-            debug!(
-                shard = self.shard,
-                subscribe = plan.subscribe.len(),
-                unsubscribe = plan.unsubscribe.len(),
-                commands,
-                wanted = self.subs.wanted(),
-                "redis subscriptions changed"
-            );
+            Err(e) => self.attempt_failed(i, &e),
         }
-        for s in self.subs.settled() {
+    }
+
+    fn attempt_failed(&mut self, i: usize, e: &LinkError) {
+        self.m().redis_connect_failures_total.add_shared(1);
+        self.fail(i, e);
+        let d = self.conns[i].retry.next_delay();
+        self.conns[i].retry_at = Instant::now() + d;
+    }
+
+    fn fail(&mut self, i: usize, e: &LinkError) {
+        let c = &mut self.conns[i];
+        self.health.failed(self.shard, Link::Subscriber, &c.node.name, e);
+        c.retry.failed(&c.node.url, e);
+        // Maybe a failover: ask where the primary is now.
+        self.topo.request_refresh();
+    }
+
+    fn lost(&mut self, i: usize, e: LinkError) {
+        self.fail(i, &e);
+        self.release_waiting(i);
+        let d = self.conns[i].retry.next_delay();
+        self.conns[i].lose(d);
+    }
+
+    /// Writes connection `i`'s plan, handles its buffered frames, and keeps
+    /// its heartbeat.
+    fn service(&mut self, i: usize) -> Result<(), End> {
+        if self.conns[i].live.is_none() {
+            return Ok(());
+        }
+        let sharded = self.topo.mode.sharded();
+        let commands = self.conns[i].write_plan(sharded)?;
+        if commands > 0 {
+            self.m().redis_sub_commands_total.add_shared(commands);
+            debug!(shard = self.shard, redis = %self.conns[i].node.name, commands, wanted = self.conns[i].subs.wanted(), "redis subscriptions changed");
+        }
+        for s in self.conns[i].subs.settled() {
             self.to_shard(ShardMsg::Subscribed { room: s.room, seq: s.seq })?;
+        }
+        loop {
+            let Some(l) = &mut self.conns[i].live else { return Ok(()) };
+            match decode_bytes_mut(&mut l.buf) {
+                Ok(Some((frame, _, _))) => self.on_frame(i, frame)?,
+                Ok(None) => break,
+                Err(_) => return Err(End::Lost(LinkError::Protocol)),
+            }
+        }
+        // Heartbeat: a silent connection gets a PING; an unanswered one is dead.
+        let Some(l) = &mut self.conns[i].live else { return Ok(()) };
+        let now = Instant::now();
+        match l.ping_sent {
+            Some(at) if now - at >= DEAD_AFTER => return Err(End::Lost(LinkError::Timeout("PING"))),
+            None if now - l.last_rx >= PING_IDLE => {
+                l.sock.write_all(resp::PING)?;
+                l.ping_sent = Some(now);
+            }
+            _ => {}
         }
         Ok(())
     }
 
-    fn on_frame(&mut self, frame: BytesFrame) -> Result<(), End> {
+    fn on_frame(&mut self, i: usize, frame: BytesFrame) -> Result<(), End> {
         use BytesFrame::{Array, BulkString};
         match frame {
             Array(parts) => match parts.as_slice() {
-                [BulkString(kind), BulkString(channel), BulkString(payload)] if kind == "message" => {
-                    self.on_message(channel, payload)
+                [BulkString(kind), BulkString(channel), BulkString(payload)]
+                    if kind == "message" || kind == "smessage" =>
+                {
+                    self.on_message(i, channel, payload)
                 }
-                [BulkString(kind), BulkString(channel), _] if kind == "subscribe" || kind == "unsubscribe" => {
-                    match self.subs.confirm(channel) {
-                        Some(s) => self.to_shard(ShardMsg::Subscribed { room: s.room, seq: s.seq }),
-                        None => Ok(()),
+                [BulkString(kind), BulkString(channel), _] => {
+                    let unsubscribe = match &kind[..] {
+                        b"subscribe" | b"ssubscribe" => false,
+                        b"unsubscribe" | b"sunsubscribe" => true,
+                        _ => return Ok(()),
+                    };
+                    match self.conns[i].confirm(unsubscribe, channel) {
+                        Confirm::Answer(Some(s)) => self.to_shard(ShardMsg::Subscribed { room: s.room, seq: s.seq }),
+                        Confirm::Answer(None) => Ok(()),
+                        Confirm::Unsolicited(wanted) => {
+                            self.m().redis_unsolicited_unsubscribes_total.add_shared(1);
+                            if wanted {
+                                debug!(shard = self.shard, redis = %self.conns[i].node.name, channel = %String::from_utf8_lossy(channel), "redis dropped a shard channel (slot moved); following it");
+                                self.topo.request_refresh();
+                                self.rehome_soon();
+                            }
+                            Ok(())
+                        }
                     }
                 }
                 // ["pong", ""] and anything else Redis may push.
                 _ => Ok(()),
             },
-            // E.g. NOPERM on SUBSCRIBE (an ACL without the channel): reconnect and retry.
-            BytesFrame::Error(e) => Err(End::Lost(LinkError::Refused { step: "SUBSCRIBE", reply: e.to_string() })),
+            BytesFrame::Error(e) => {
+                let text: &str = &e;
+                let movable = cluster::Redirect::parse(text).is_some()
+                    || text.starts_with("CLUSTERDOWN")
+                    || text.starts_with("TRYAGAIN");
+                if self.topo.mode.sharded() && movable {
+                    // The slot is elsewhere (or nowhere yet): subscribe there once the map says where.
+                    let refused = self.conns[i].refused();
+                    self.m().redis_redirects_total.add_shared(1);
+                    debug!(shard = self.shard, redis = %self.conns[i].node.name, channels = refused.len(), reply = text, "redis refused a subscription; following the slot");
+                    self.topo.request_refresh();
+                    self.rehome_soon();
+                    Ok(())
+                } else {
+                    // E.g. NOPERM on SUBSCRIBE (an ACL without the channel): reconnect and retry.
+                    Err(End::Lost(LinkError::Refused { step: "SUBSCRIBE", reply: text.to_string() }))
+                }
+            }
             _ => Ok(()),
         }
     }
 
-    fn on_message(&mut self, channel: &Bytes, payload: &Bytes) -> Result<(), End> {
-        let Some((kind, name)) = self.subs.lookup(channel) else {
+    fn rehome_soon(&mut self) {
+        let at = Instant::now() + REHOME_DELAY;
+        self.rehome_at = Some(self.rehome_at.map_or(at, |t| t.min(at)));
+    }
+
+    fn on_message(&mut self, i: usize, channel: &Bytes, payload: &Bytes) -> Result<(), End> {
+        // Usually wanted at this connection; during a slot move, maybe
+        // already at the new owner's (the message is still ours, once).
+        let found = self.conns[i].subs.lookup(channel).or_else(|| {
+            let o = self.view.owner(channel)?;
+            self.conns.get(o)?.subs.lookup(channel)
+        });
+        let Some((kind, name)) = found else {
             // Sent before our UNSUBSCRIBE reached Redis: nobody here wants it.
             return Ok(());
         };
@@ -449,23 +659,12 @@ impl Reader {
 
     /// Applies every `Interest` waiting. Fails once the shard has stopped.
     fn take_interest(&mut self) -> Result<(), Shutdown> {
-        let subs = &mut self.subs;
-        self.input.take(|i| subs.apply(i))
-    }
-
-    /// Sleeps `d` between connection attempts, still taking interest changes.
-    fn pause(&mut self, d: Duration) -> Result<(), Shutdown> {
-        let until = Instant::now() + d;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(());
-            }
-            let mut fds = [pollfd(self.input.pipe.as_raw_fd())];
-            if poll(&mut fds, left).is_err() || is_ready(&fds[0]) {
-                self.take_interest()?;
-            }
+        let mut batch = Vec::new();
+        self.input.take(|i| batch.push(i))?;
+        for i in batch {
+            self.route(i);
         }
+        Ok(())
     }
 }
 
@@ -574,19 +773,6 @@ impl DropLog {
 }
 
 // ---- small I/O helpers ----------------------------------------------------------
-
-/// Reads once into the end of `buf`.
-fn read_more(sock: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    let start = buf.len();
-    buf.resize(start + READ_CHUNK, 0);
-    let r = sock.read(&mut buf[start..]);
-    buf.truncate(start + *r.as_ref().unwrap_or(&0));
-    r
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
-}
 
 fn pollfd(fd: RawFd) -> libc::pollfd {
     libc::pollfd { fd, events: libc::POLLIN, revents: 0 }

@@ -6,9 +6,9 @@
 //! (`reader.rs`, `publisher.rs`); this file only says which handshake reply
 //! is fatal.
 
-use bytes::{Buf, BufMut, BytesMut};
-use redis_protocol::resp2::decode::decode_range;
-use redis_protocol::resp2::types::RangeFrame;
+use bytes::{BufMut, BytesMut};
+use redis_protocol::resp2::decode::decode_bytes_mut;
+use redis_protocol::resp2::types::BytesFrame;
 
 use super::LinkError;
 use super::subs::Kind;
@@ -62,9 +62,8 @@ pub fn put_channels(buf: &mut BytesMut, cmd: &[u8], channels: &[Box<[u8]>]) {
     }
 }
 
-/// Appends `PUBLISH <prefix>room:R json` (or `user:U`), building the channel
-/// name in place.
-pub fn put_publish(buf: &mut BytesMut, prefix: &str, target: Target<'_>, json: &[u8]) {
+/// Writes `<prefix>room:R` (or `user:U`) into `out` (cleared first).
+pub fn channel_of(out: &mut Vec<u8>, prefix: &str, target: Target<'_>) {
     let (kind, name) = match target {
         Target::Room(r) => (Kind::Room, r),
         Target::User(u) => (Kind::User, u),
@@ -73,9 +72,17 @@ pub fn put_publish(buf: &mut BytesMut, prefix: &str, target: Target<'_>, json: &
         Kind::Room => b"room:",
         Kind::User => b"user:",
     };
-    buf.reserve(40 + prefix.len() + name.len() + json.len());
-    buf.put_slice(b"*3\r\n$7\r\nPUBLISH\r\n");
-    put_bulk(buf, &[prefix.as_bytes(), infix, name.as_bytes()]);
+    out.clear();
+    out.extend_from_slice(prefix.as_bytes());
+    out.extend_from_slice(infix);
+    out.extend_from_slice(name.as_bytes());
+}
+
+/// Appends `PUBLISH channel json` (`SPUBLISH` in a cluster: `sharded`).
+pub fn put_publish(buf: &mut BytesMut, sharded: bool, channel: &[u8], json: &[u8]) {
+    buf.reserve(40 + channel.len() + json.len());
+    buf.put_slice(if sharded { b"*3\r\n$8\r\nSPUBLISH\r\n" } else { b"*3\r\n$7\r\nPUBLISH\r\n" });
+    put_bulk(buf, &[channel]);
     put_bulk(buf, &[json]);
 }
 
@@ -85,10 +92,13 @@ pub enum Step {
     Auth,
     Select,
     SetName,
+    /// `ROLE` must answer `master` (Sentinel: never write to a replica).
+    Role,
 }
 
-/// The commands a new connection sends before anything else, pipelined.
-pub fn handshake(url: &RedisUrl, client_name: &str) -> (BytesMut, Vec<Step>) {
+/// The commands a new connection sends before anything else, pipelined;
+/// with `check_role`, ends with `ROLE`.
+pub fn handshake(url: &RedisUrl, client_name: &str, check_role: bool) -> (BytesMut, Vec<Step>) {
     let mut buf = BytesMut::with_capacity(128);
     let mut steps = Vec::with_capacity(3);
     match (&url.user, &url.password) {
@@ -106,34 +116,39 @@ pub fn handshake(url: &RedisUrl, client_name: &str) -> (BytesMut, Vec<Step>) {
     // Shows up in CLIENT LIST; a user whose ACL forbids it still works.
     put_command(&mut buf, &[b"CLIENT", b"SETNAME", client_name.as_bytes()]);
     steps.push(Step::SetName);
+    if check_role {
+        put_command(&mut buf, &[b"ROLE"]);
+        steps.push(Step::Role);
+    }
     (buf, steps)
 }
 
-/// Judges one handshake reply: `Ok(())` for `+OK`, `Err(text)` for an error.
-pub fn check(step: Step, reply: Result<(), &str>) -> Result<(), LinkError> {
+/// Judges one handshake reply.
+pub fn check(step: Step, reply: &BytesFrame) -> Result<(), LinkError> {
+    let refused = |step, e: &str| Err(LinkError::Refused { step, reply: e.to_string() });
     match (step, reply) {
-        (_, Ok(())) | (Step::SetName, Err(_)) => Ok(()),
-        (Step::Auth, Err(e)) => Err(LinkError::Refused { step: "AUTH", reply: e.to_string() }),
-        (Step::Select, Err(e)) => Err(LinkError::Refused { step: "SELECT", reply: e.to_string() }),
+        (Step::SetName, _) => Ok(()),
+        (Step::Auth, BytesFrame::Error(e)) => refused("AUTH", e),
+        (Step::Select, BytesFrame::Error(e)) => refused("SELECT", e),
+        (Step::Role, BytesFrame::Array(parts)) => match parts.first() {
+            Some(BytesFrame::BulkString(role)) if role == "master" => Ok(()),
+            Some(BytesFrame::BulkString(role)) => {
+                refused("ROLE", &format!("not a primary (role {})", String::from_utf8_lossy(role)))
+            }
+            _ => refused("ROLE", "an unexpected reply"),
+        },
+        (Step::Role, BytesFrame::Error(e)) => refused("ROLE", e),
+        (Step::Role, _) => refused("ROLE", "an unexpected reply"),
+        _ => Ok(()),
     }
 }
 
-/// Takes one complete reply off the front of `buf`: `Ok(())` for anything
-/// but an error reply, `Err(text)` for one. Returns `Ok(None)` if the reply
-/// is incomplete and does not consume anything in this case.
-pub fn take_reply(buf: &mut BytesMut) -> Result<Option<Result<(), String>>, LinkError> {
-    match decode_range(buf) {
+/// Takes one complete reply off the front of `buf`, as a frame sharing
+/// `buf`'s memory; `Ok(None)` while incomplete.
+pub fn take_frame(buf: &mut BytesMut) -> Result<Option<BytesFrame>, LinkError> {
+    match decode_bytes_mut(buf) {
+        Ok(Some((frame, _, _))) => Ok(Some(frame)),
         Ok(None) => Ok(None),
-        Ok(Some((frame, n))) => {
-            let reply = match frame {
-                RangeFrame::Error((start, end)) => {
-                    Err(String::from_utf8_lossy(buf.get(start..end).unwrap_or_default()).into_owned())
-                }
-                _ => Ok(()),
-            };
-            buf.advance(n);
-            Ok(Some(reply))
-        }
         Err(_) => Err(LinkError::Protocol),
     }
 }
@@ -149,8 +164,14 @@ mod tests {
     #[test]
     fn commands_are_byte_exact_resp() {
         let mut b = BytesMut::new();
-        put_publish(&mut b, "cc:", Target::Room("lobby"), br#"{"a":1}"#);
+        let mut ch = Vec::new();
+        channel_of(&mut ch, "cc:", Target::Room("lobby"));
+        put_publish(&mut b, false, &ch, br#"{"a":1}"#);
         assert_eq!(text(&b), "*3\r\n$7\r\nPUBLISH\r\n$13\r\ncc:room:lobby\r\n$7\r\n{\"a\":1}\r\n");
+        b.clear();
+        channel_of(&mut ch, "p/", Target::User("u"));
+        put_publish(&mut b, true, &ch, b"{}");
+        assert_eq!(text(&b), "*3\r\n$8\r\nSPUBLISH\r\n$8\r\np/user:u\r\n$2\r\n{}\r\n");
         b.clear();
         put_channels(&mut b, b"SUBSCRIBE", &[b"x:room:a".as_slice().into(), b"x:user:bb".as_slice().into()]);
         assert_eq!(text(&b), "*3\r\n$9\r\nSUBSCRIBE\r\n$8\r\nx:room:a\r\n$9\r\nx:user:bb\r\n");
@@ -165,31 +186,43 @@ mod tests {
     #[test]
     fn handshake_logs_in_selects_and_names_the_connection() {
         let url = RedisUrl::parse("redis://app:pw@h:1/2").unwrap();
-        let (b, steps) = handshake(&url, "cc-sub-00");
+        let (b, steps) = handshake(&url, "cc-sub-00", false);
         assert_eq!(steps, [Step::Auth, Step::Select, Step::SetName]);
         assert!(text(&b).starts_with("*3\r\n$4\r\nAUTH\r\n$3\r\napp\r\n$2\r\npw\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n"));
-        let (b, steps) = handshake(&RedisUrl::parse("redis://:pw@h").unwrap(), "n");
-        assert_eq!(steps, [Step::Auth, Step::SetName]);
+        let (b, steps) = handshake(&RedisUrl::parse("redis://:pw@h").unwrap(), "n", true);
+        assert_eq!(steps, [Step::Auth, Step::SetName, Step::Role]);
+        assert!(text(&b).ends_with("*1\r\n$4\r\nROLE\r\n"));
         assert!(text(&b).starts_with("*2\r\n$4\r\nAUTH\r\n$2\r\npw\r\n"));
-        assert_eq!(handshake(&RedisUrl::parse("redis://h").unwrap(), "n").1, [Step::SetName]);
+        assert_eq!(handshake(&RedisUrl::parse("redis://h").unwrap(), "n", false).1, [Step::SetName]);
     }
 
     #[test]
     fn replies_are_taken_one_at_a_time_and_incomplete_ones_wait() {
         let mut b = BytesMut::from(&b":1\r\n-WRONGPASS invalid\r\n+OK\r\n$3\r\nab"[..]);
-        assert_eq!(take_reply(&mut b).unwrap(), Some(Ok(())));
-        assert_eq!(take_reply(&mut b).unwrap(), Some(Err("WRONGPASS invalid".to_string())));
-        assert_eq!(take_reply(&mut b).unwrap(), Some(Ok(())));
-        assert_eq!(take_reply(&mut b).unwrap(), None);
+        assert_eq!(take_frame(&mut b).unwrap(), Some(BytesFrame::Integer(1)));
+        assert_eq!(take_frame(&mut b).unwrap(), Some(BytesFrame::Error("WRONGPASS invalid".into())));
+        assert_eq!(take_frame(&mut b).unwrap(), Some(BytesFrame::SimpleString("OK".into())));
+        assert_eq!(take_frame(&mut b).unwrap(), None);
         assert_eq!(&b[..], b"$3\r\nab");
         let mut bad = BytesMut::from(&b"?nonsense\r\n"[..]);
-        assert!(matches!(take_reply(&mut bad), Err(LinkError::Protocol)));
+        assert!(matches!(take_frame(&mut bad), Err(LinkError::Protocol)));
     }
 
     #[test]
-    fn only_auth_and_select_errors_are_fatal() {
-        assert!(check(Step::SetName, Err("NOPERM")).is_ok());
-        assert!(matches!(check(Step::Auth, Err("WRONGPASS x")), Err(LinkError::Refused { step: "AUTH", .. })));
-        assert!(check(Step::Select, Ok(())).is_ok());
+    fn only_auth_select_and_role_can_fail_the_handshake() {
+        let ok = BytesFrame::SimpleString("OK".into());
+        assert!(check(Step::SetName, &BytesFrame::Error("NOPERM".into())).is_ok());
+        assert!(matches!(
+            check(Step::Auth, &BytesFrame::Error("WRONGPASS x".into())),
+            Err(LinkError::Refused { step: "AUTH", .. })
+        ));
+        assert!(check(Step::Select, &ok).is_ok());
+        let role = |r: &'static str| BytesFrame::Array(vec![BytesFrame::BulkString(r.into()), BytesFrame::Integer(0)]);
+        assert!(check(Step::Role, &role("master")).is_ok());
+        let Err(LinkError::Refused { step: "ROLE", reply }) = check(Step::Role, &role("slave")) else {
+            panic!("a replica must be refused")
+        };
+        assert!(reply.contains("not a primary"), "{reply}");
+        assert!(check(Step::Role, &ok).is_err());
     }
 }

@@ -88,6 +88,9 @@ struct Chan {
 }
 
 impl Chan {
+    fn interest(&self) -> Interest {
+        Interest { kind: self.kind, name: self.name.clone(), on: true, seq: self.seq }
+    }
     fn settled(&self) -> bool {
         self.want && self.sent && self.outstanding == 0
     }
@@ -112,7 +115,7 @@ impl Subscriptions {
 
     /// `<prefix>room:R` or `<prefix>user:U`.
     pub fn channel(&self, kind: Kind, name: &str) -> Box<[u8]> {
-        [self.prefix.as_bytes(), kind.infix().as_bytes(), name.as_bytes()].concat().into_boxed_slice()
+        channel_name(&self.prefix, kind, name)
     }
 
     /// Records what the shard wants now. Nothing is written until `plan`.
@@ -217,6 +220,91 @@ impl Subscriptions {
     pub fn wanted(&self) -> usize {
         self.chans.values().filter(|c| c.want).count()
     }
+
+    // ---- moving channels between connections (Sentinel, Cluster) -------------
+
+    /// Every wanted channel, as the `Interest` that would want it again; the
+    /// set is left empty (the connection is gone for good).
+    pub fn drain_wanted(&mut self) -> Vec<Interest> {
+        self.changed.clear();
+        self.turned_on.clear();
+        self.chans.drain().filter(|(_, c)| c.want).map(|(_, c)| c.interest()).collect()
+    }
+
+    /// The channels wanted here.
+    pub fn wanted_keys(&self) -> Vec<Box<[u8]>> {
+        self.chans.iter().filter(|(_, c)| c.want).map(|(k, _)| k.clone()).collect()
+    }
+
+    /// Drops `channel` from this connection without a command (its slot
+    /// moved elsewhere); returns the `Interest` to apply at its new home.
+    pub fn forget(&mut self, channel: &[u8]) -> Option<Interest> {
+        self.chans.remove(channel).filter(|c| c.want).map(|c| c.interest())
+    }
+
+    /// Makes the next `plan` look at `channel` again (e.g. after a refusal).
+    pub fn touch(&mut self, channel: &[u8]) {
+        if let Some(c) = self.chans.get(channel)
+            && c.want != c.sent
+            && c.outstanding == 0
+        {
+            self.changed.push(channel.into());
+        }
+    }
+
+    /// Redis refused one command for `channel` (`MOVED`, `CLUSTERDOWN`):
+    /// it is not subscribed there. Not retried until `touch`ed.
+    pub fn refused(&mut self, channel: &[u8]) {
+        if let Some(c) = self.chans.get_mut(channel) {
+            c.outstanding = c.outstanding.saturating_sub(1);
+            c.sent = false;
+            if c.is_idle() {
+                self.chans.remove(channel);
+            }
+        }
+    }
+
+    /// Redis unsubscribed `channel` by itself (its slot left the node).
+    /// Returns whether the shard still wants it.
+    pub fn lost(&mut self, channel: &[u8]) -> bool {
+        match self.chans.get_mut(channel) {
+            Some(c) => {
+                c.sent = false;
+                c.want
+            }
+            None => false,
+        }
+    }
+
+    /// Rooms whose `subscribed` replies the shard still holds: handed out
+    /// (and no longer awaited) when this connection is lost, so that no
+    /// reply waits for a primary that is gone.
+    pub fn waiting(&mut self) -> Vec<Settled> {
+        let mut out = Vec::new();
+        for c in self.chans.values_mut() {
+            if c.notify && c.want && c.kind == Kind::Room {
+                c.notify = false;
+                out.push(Settled { room: c.name.clone(), seq: c.seq });
+            }
+        }
+        out
+    }
+
+    /// The shard forgot its confirmations (`RedisLink { up: false }`): every
+    /// wanted room is confirmed again, at once if settled, else when Redis answers.
+    pub fn renotify(&mut self) {
+        for (key, c) in &mut self.chans {
+            if c.want && c.kind == Kind::Room {
+                c.notify = true;
+                self.turned_on.push(key.clone());
+            }
+        }
+    }
+}
+
+/// `<prefix>room:R` or `<prefix>user:U`.
+pub fn channel_name(prefix: &str, kind: Kind, name: &str) -> Box<[u8]> {
+    [prefix.as_bytes(), kind.infix().as_bytes(), name.as_bytes()].concat().into_boxed_slice()
 }
 
 #[cfg(test)]
@@ -305,5 +393,43 @@ mod tests {
         plan.subscribe.sort();
         assert_eq!(plan.subscribe, chans(&["cc:room:a"]));
         assert_eq!(s.confirm(b"cc:room:a"), Some(Settled { room: "a".into(), seq: 1 }));
+    }
+
+    #[test]
+    fn a_channel_moved_away_is_forgotten_and_a_refused_one_waits_for_a_touch() {
+        let mut s = Subscriptions::new("cc:");
+        s.apply(on("a", 1));
+        s.apply(on("b", 2));
+        s.plan();
+        assert!(s.confirm(b"cc:room:a").is_some());
+        // "b" was refused (MOVED): not subscribed, not retried by itself.
+        s.refused(b"cc:room:b");
+        assert!(s.plan().is_empty());
+        s.touch(b"cc:room:b");
+        assert_eq!(s.plan().subscribe, chans(&["cc:room:b"]));
+        // "a" moves to another connection, with its join's seq.
+        let moved = s.forget(b"cc:room:a").unwrap();
+        assert_eq!((moved.name.as_ref(), moved.seq, moved.on), ("a", 1, true));
+        assert_eq!(s.lookup(b"cc:room:a"), None);
+        assert_eq!(s.wanted_keys(), chans(&["cc:room:b"]));
+        // Redis dropped "b" by itself: still wanted, subscribed again when touched.
+        assert!(s.confirm(b"cc:room:b").is_some());
+        assert!(s.lost(b"cc:room:b"));
+        s.touch(b"cc:room:b");
+        assert_eq!(s.plan().subscribe, chans(&["cc:room:b"]));
+        let all = s.drain_wanted();
+        assert_eq!(all.len(), 1);
+        assert_eq!(s.wanted(), 0);
+    }
+
+    #[test]
+    fn renotify_confirms_settled_rooms_again() {
+        let mut s = Subscriptions::new("cc:");
+        s.apply(on("a", 7));
+        s.plan();
+        assert!(s.confirm(b"cc:room:a").is_some());
+        assert!(s.settled().is_empty());
+        s.renotify();
+        assert_eq!(s.settled(), vec![Settled { room: "a".into(), seq: 7 }]);
     }
 }
