@@ -80,15 +80,15 @@ fi
 
 # The JS client (clients/js) against real corecast processes, with node's
 # own test runner. Node 20 has its WebSocket behind a flag; 22+ has it on.
-# clients/js/test/recovery.test.mjs needs room history (PROTOCOL.md §7) in
-# the server and is not run here until the server has it.
+# recovery.test.mjs runs them against room history (PROTOCOL.md §7), standalone
+# and on private redis-server processes.
 if command -v node >/dev/null; then
   echo "== JS client tests (node --test)"
   cargo build -q -p corecast
   node_ws=()
   node -e 'typeof WebSocket === "function" || process.exit(1)' 2>/dev/null || node_ws=(--experimental-websocket)
   (cd clients/js && CORECAST_BIN=../../target/debug/corecast node "${node_ws[@]}" --test \
-    test/basic.test.mjs test/reconnect.test.mjs test/safety-net.test.mjs)
+    test/basic.test.mjs test/reconnect.test.mjs test/safety-net.test.mjs test/recovery.test.mjs)
 else
   [ $QUICK = 1 ] || { echo "node is missing" >&2; exit 1; }
   echo "== JS client tests skipped (no node; scripts/test.sh without --quick installs it)"

@@ -14,8 +14,13 @@ use common::redis_topology::{TempDir, start_sentinel};
 /// Runs corecast with `--redis url`; returns its stderr once it exited,
 /// after checking that it failed with exactly one line.
 fn fails_with_one_line(url: &str) -> String {
+    fails_with_one_line_and(url, &[])
+}
+
+fn fails_with_one_line_and(url: &str, extra: &[&str]) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_corecast"))
         .args(["--listen", "127.0.0.1:0", "--shards", "1", "--redis", url])
+        .args(extra)
         .env("RUST_BACKTRACE", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -97,4 +102,13 @@ fn a_plain_redis_as_a_cluster_and_an_unknown_primary_name_fail_start_up_with_one
     let wrong = start_sentinel(&dir2, 1, replica.port);
     let err = fails_with_one_line(&format!("redis+sentinel://127.0.0.1:{}/mymaster", wrong.port));
     assert!(err.contains("not a primary (role slave)"), "{err}");
+}
+
+#[test]
+fn history_on_several_servers_is_refused_at_start_up_for_now() {
+    let _d = deadline("history_on_several_servers_is_refused_at_start_up_for_now", Duration::from_secs(30));
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let url = format!("{},{}", a.url(), b.url());
+    let err = fails_with_one_line_and(&url, &["--history-size", "10"]);
+    assert!(err.contains("room history (--history-size) runs on one plain redis:// server"), "{err}");
 }

@@ -158,8 +158,8 @@ impl HistLink {
         prefix: Arc<str>,
         shared: Arc<Shared>,
     ) -> Rc<HistLink> {
-        // `start` refused history with no primary in the view (cluster and
-        // several-server topologies are not wired for history yet).
+        // A single-server view always holds its one node (`topology`), and
+        // `start` allows history on a single Redis only.
         let url = RefCell::new(topo.view().nodes.first().map(|n| n.url.clone()).expect("a primary"));
         Rc::new(HistLink {
             shard,
@@ -314,8 +314,7 @@ impl HistLink {
 
     async fn connect(&self) -> Result<(TcpStream, BytesMut), LinkError> {
         let mut last = LinkError::Io(io::Error::new(io::ErrorKind::NotFound, "Redis's address is not resolved yet"));
-        // One primary: a single Redis, or Sentinel's current primary (asked
-        // again by the topology thread on every failure).
+        // The one server (`start` allows history on a single Redis only).
         let view = self.topo.view();
         let Some(node) = view.nodes.first() else { return Err(last) };
         *self.url.borrow_mut() = node.url.clone();
@@ -333,7 +332,6 @@ impl HistLink {
         stream.set_nodelay(true)?;
         stream.set_tcp_keepalive(Some(Duration::from_secs(5)), Some(Duration::from_secs(1)), Some(3))?;
         let name = format!("corecast-hist-{:02}", self.shard);
-        // Under Sentinel the primary's role is checked: history is never written to a replica.
         let (mut out, steps) = resp::handshake(&self.url.borrow(), &name, self.topo.mode.check_role());
         out.extend_from_slice(&command(&[b"SCRIPT", b"LOAD", PUBLISH_LUA.as_bytes()]));
         out.extend_from_slice(&command(&[b"SCRIPT", b"LOAD", READ_LUA.as_bytes()]));

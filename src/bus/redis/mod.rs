@@ -331,13 +331,13 @@ pub fn start(
     let health = Arc::new(Health::new(metrics.clone(), peers.len()));
     let shown = spec.to_string();
     // Sentinel and Cluster: asks now, and fails start-up if nobody answers.
-    let topo = Topology::start(spec, metrics.clone())?;
-    if cfg.history.is_some() && !matches!(topo.mode, topology::Mode::Single | topology::Mode::Sentinel) {
+    if cfg.history.is_some() && !matches!(spec, Spec::Single(_)) {
         anyhow::bail!(
-            "--history-size with --redis {shown}: room history runs on one Redis or a Sentinel-managed primary; \
-             Redis Cluster and several servers are not supported for history yet"
+            "--redis {shown}: room history (--history-size) runs on one plain redis:// server for now; \
+             Sentinel, Redis Cluster and several servers are not supported for history yet"
         );
     }
+    let topo = Topology::start(spec, metrics.clone())?;
     tracing::info!(redis = %shown, prefix = %prefix, "redis backplane");
     let _ = health.topo.set(topo.clone());
     let mut links = Vec::with_capacity(peers.len());
