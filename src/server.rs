@@ -179,6 +179,7 @@ fn run_shard(
             monoio::spawn(shard.clone().run_flusher());
             monoio::spawn(shard.clone().run_inbox(inbox));
             monoio::spawn(shard.clone().run_close_reaper());
+            monoio::spawn(shard.clone().run_yields());
             for (l, kind) in bound {
                 monoio::spawn(accept::run(shard.clone(), l, kind));
             }

@@ -71,17 +71,17 @@ impl Rtts {
     fn p99(&self) -> Duration {
         self.0.get(self.0.len() * 99 / 100).copied().unwrap_or_default()
     }
-    /// That another client on the attacked shard was served throughout. The
-    /// bound is on the 99th percentile: on this 2-core box the kernel's
-    /// loopback work for the attack (charged to whichever side runs it) can
-    /// deschedule the prober process itself for a moment — seen with strace:
-    /// the prober's next ping left it ~200 ms late while the shard was polling
-    /// its sockets every few ms — and a single such sample says nothing about
-    /// the shard. A shard held by the attacker delays every ping after it.
+    /// That another client on the attacked shard was served throughout:
+    /// p99 under 50 ms, and no round trip over 200 ms (a margin for this
+    /// shared 2-core box, where the attack's loopback traffic is kernel work
+    /// on the same cores). A shard held by the attacker delays every ping
+    /// after it: before `Shard::yield_now` parked its waker instead of
+    /// waking itself, the epoll driver let a ping flood hold the shard for
+    /// the whole flood (1.1-1.6 s).
     fn assert_served(&self, what: &str) {
         assert!(self.0.len() > 10, "{what}: the prober ran only {} round trips", self.0.len());
         assert!(self.p99() < Duration::from_millis(50), "{what}: p99 round trip {:?} (all: {:?})", self.p99(), self.0);
-        assert!(self.worst() < Duration::from_secs(1), "{what}: a round trip took {:?}", self.worst());
+        assert!(self.worst() < Duration::from_millis(200), "{what}: a round trip took {:?}", self.worst());
     }
 }
 
@@ -91,12 +91,29 @@ impl std::fmt::Display for Rtts {
     }
 }
 
+/// Sets the calling thread's nice value (Linux: per thread). The probing
+/// client runs at -15 and the attacking one at +10, so that on this 2-core
+/// box the kernel's work for the attack (loopback traffic is processed on
+/// the sending side) does not keep the prober itself from running: what is
+/// measured is the node. Needs root for a negative value (CI is root);
+/// without it the call fails and the test measures as it can.
+fn nice(n: i32) {
+    // SAFETY: plain syscalls about the calling thread.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, n);
+    }
+}
+
 impl Prober {
     fn start(url: &str) -> Prober {
         let stop = Arc::new(AtomicBool::new(false));
         let mut c = Client::connect(url);
         let st = stop.clone();
+        // The attacker is the test's own thread.
+        nice(10);
         let rtts = thread::spawn(move || {
+            nice(-15);
             let mut rtts = Vec::new();
             while !st.load(Ordering::Relaxed) {
                 let n = rtts.len();

@@ -109,7 +109,7 @@ impl Conn {
             }
         }
         // More may be waiting: let the shard's other tasks have a turn first.
-        crate::shard::yield_now().await;
+        shard.yield_now().await;
         Ok(())
     }
 }

@@ -45,7 +45,7 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
             if !conn.flush_for(shard, deadline).await {
                 return Err(Stop::Timeout);
             }
-            crate::shard::yield_now().await;
+            shard.yield_now().await;
         }
         first = false;
         let head = loop {

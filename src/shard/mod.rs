@@ -89,6 +89,10 @@ pub struct Shard {
     closing: RefCell<VecDeque<(Instant, Weak<Conn>)>>,
     /// Wakes the close reaper when `closing` becomes non-empty.
     reaper: Cell<Option<Waker>>,
+    /// Tasks that yielded (`yield_now`), woken by `run_yields`.
+    yielders: RefCell<Vec<Waker>>,
+    /// Wakes the yield task when `yielders` becomes non-empty.
+    yield_waker: Cell<Option<Waker>>,
     /// Room history (PROTOCOL.md §7) when `--history-size` > 0.
     history: Option<crate::history::ShardHistory>,
 }
@@ -140,6 +144,8 @@ impl Shard {
             sweep: heartbeat::Sweep::default(),
             closing: RefCell::default(),
             reaper: Cell::new(None),
+            yielders: RefCell::default(),
+            yield_waker: Cell::new(None),
             history: cfg_history.map(|h| crate::history::ShardHistory::new(h, crate::history::Epoch::node())),
         })
     }
@@ -399,6 +405,47 @@ impl Shard {
         }
     }
 
+    // ---- yielding -------------------------------------------------------------
+
+    /// Lets every other task that is ready run before continuing.
+    ///
+    /// Not `wake_by_ref` + `Pending`: monoio puts a task that wakes itself
+    /// during its own poll at the *front* of the run queue, so it would run
+    /// again at once and, on the epoll driver (where readiness is answered
+    /// without waiting), one busy connection would starve every other task
+    /// on the shard. Instead the waker is parked in `yielders` and woken by
+    /// the yield task (`run_yields`): a wake from another task goes to the
+    /// back of the queue, behind everything that became ready meanwhile.
+    pub(crate) async fn yield_now(&self) {
+        let mut parked = false;
+        poll_fn(|cx| {
+            if parked {
+                return Poll::Ready(());
+            }
+            parked = true;
+            let mut yielders = self.yielders.borrow_mut();
+            if yielders.is_empty()
+                && let Some(w) = self.yield_waker.take()
+            {
+                w.wake();
+            }
+            yielders.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The yield task: wakes, from the back of the run queue, the tasks
+    /// that yielded (`yield_now`).
+    pub async fn run_yields(self: Rc<Self>) {
+        let mut batch: Vec<Waker> = Vec::new();
+        loop {
+            until(&self.yield_waker, || !self.yielders.borrow().is_empty()).await;
+            std::mem::swap(&mut batch, &mut *self.yielders.borrow_mut());
+            batch.drain(..).for_each(Waker::wake);
+        }
+    }
+
     // ---- closing handshakes ----------------------------------------------------
 
     /// `conn` was sent a close frame: if it has not answered (and gone) by
@@ -459,7 +506,7 @@ impl Shard {
                 n += 1;
                 if n == INBOX_BATCH {
                     // Let the flusher and the connections run between batches.
-                    yield_now().await;
+                    self.yield_now().await;
                     n = 0;
                 }
             }
@@ -559,21 +606,6 @@ pub(crate) async fn until(slot: &Cell<Option<Waker>>, ready: impl Fn() -> bool) 
             Poll::Ready(())
         } else {
             slot.set(Some(cx.waker().clone()));
-            Poll::Pending
-        }
-    })
-    .await
-}
-
-/// Lets every other ready task run once before continuing.
-pub(crate) async fn yield_now() {
-    let mut yielded = false;
-    poll_fn(|cx| {
-        if yielded {
-            Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
             Poll::Pending
         }
     })
