@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use monoio::net::TcpStream;
 use redis_protocol::resp2::types::BytesFrame;
 use tracing::{info, warn};
@@ -252,11 +252,10 @@ impl NodeLink {
 
     /// Writes everything queued, one batch per wake-up.
     async fn write_loop(&self, stream: &TcpStream) -> LinkError {
-        let fd = stream.as_raw_fd();
         let keep = self.topo.mode.sharded();
         loop {
             crate::shard::until(&self.writer, || !self.out.borrow().is_empty()).await;
-            let mut batch = self.out.borrow_mut().split().freeze();
+            let batch = self.out.borrow_mut().split().freeze();
             let now = Instant::now();
             {
                 let mut inflight = self.inflight.borrow_mut();
@@ -268,16 +267,8 @@ impl NodeLink {
                 }
             }
             self.m().redis_publish_writes_total.inc();
-            while !batch.is_empty() {
-                match try_send(fd, &batch) {
-                    Ok(k) => batch.advance(k),
-                    Err(e) if would_block(&e) => {
-                        if let Err(e) = stream.writable(false).await {
-                            return e.into();
-                        }
-                    }
-                    Err(e) => return e.into(),
-                }
+            if let Err(e) = write_all(stream, &batch).await {
+                return e.into();
             }
         }
     }
