@@ -53,12 +53,18 @@ fn settled_fds(s: &common::Server) -> usize {
     low
 }
 
-/// A client on its own thread that sends `ping` ops and records every round
-/// trip until stopped.
+/// A client that sends a `ping` op every `PROBE_EVERY` on one thread,
+/// whether or not the last was answered, and times each `pong` on another:
+/// a shard held for a while shows as every ping sent meanwhile being late,
+/// not as one slow sample.
 struct Prober {
     stop: Arc<AtomicBool>,
-    rtts: thread::JoinHandle<Vec<Duration>>,
+    sender: thread::JoinHandle<Vec<Instant>>,
+    receiver: thread::JoinHandle<Vec<(usize, Instant)>>,
 }
+
+/// 50 a second: well within the default op rate.
+const PROBE_EVERY: Duration = Duration::from_millis(20);
 
 /// Round trips of one prober, sorted.
 struct Rtts(Vec<Duration>);
@@ -71,32 +77,54 @@ impl Rtts {
     fn p99(&self) -> Duration {
         self.0.get(self.0.len() * 99 / 100).copied().unwrap_or_default()
     }
-    /// That another client on the attacked shard was served throughout:
-    /// p99 under 50 ms, and no round trip over 200 ms (a margin for this
-    /// shared 2-core box, where the attack's loopback traffic is kernel work
-    /// on the same cores). A shard held by the attacker delays every ping
-    /// after it: before `Shard::yield_now` parked its waker instead of
-    /// waking itself, the epoll driver let a ping flood hold the shard for
-    /// the whole flood (1.1-1.6 s).
+    /// That another client on the attacked shard was served throughout: at
+    /// most 2% of round trips (at least one allowed) over 50 ms, and none
+    /// over 1 s. Pings go out on a clock, so a shard held for a time makes
+    /// every ping of that time late: a hold of more than 2% of the run (or
+    /// of two probe intervals) fails. The worst gets a
+    /// margin, since on this shared 2-core box a moment of CPU taken by
+    /// other processes lands on one sample or two (seen up to ~0.6 s at a
+    /// load average of 6; a few ms when the box is quiet). Before
+    /// `Shard::yield_now` parked its waker instead of waking itself, the
+    /// epoll driver let a ping flood hold the shard for the whole flood
+    /// (1.1-1.6 s).
     fn assert_served(&self, what: &str) {
         assert!(self.0.len() > 10, "{what}: the prober ran only {} round trips", self.0.len());
-        assert!(self.p99() < Duration::from_millis(50), "{what}: p99 round trip {:?} (all: {:?})", self.p99(), self.0);
-        assert!(self.worst() < Duration::from_millis(200), "{what}: a round trip took {:?}", self.worst());
+        let slow = self.0.iter().filter(|d| **d > Duration::from_millis(50)).count();
+        assert!(
+            slow <= (self.0.len() / 50).max(1),
+            "{what}: {slow} of {} round trips over 50 ms: {:?}",
+            self.0.len(),
+            self.0
+        );
+        assert!(self.worst() < Duration::from_secs(1), "{what}: a round trip took {:?}", self.worst());
     }
 }
 
 impl std::fmt::Display for Rtts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "p99 {:?}, worst {:?} over {}", self.p99(), self.worst(), self.0.len())
+        let slow = self.0.iter().filter(|d| **d > Duration::from_millis(50)).count();
+        write!(f, "p99 {:?}, worst {:?} over {} ({slow} over 50 ms)", self.p99(), self.worst(), self.0.len())
     }
 }
 
-/// Sets the calling thread's nice value (Linux: per thread). The probing
-/// client runs at -15 and the attacking one at +10, so that on this 2-core
-/// box the kernel's work for the attack (loopback traffic is processed on
-/// the sending side) does not keep the prober itself from running: what is
-/// measured is the node. Needs root for a negative value (CI is root);
-/// without it the call fails and the test measures as it can.
+/// Runs the calling thread (the prober's, which mostly sleeps) under
+/// SCHED_FIFO, so that on this 2-core box the CPU the attack takes (its
+/// loopback traffic is kernel work on the same cores) cannot keep the
+/// prober itself from running: what is measured is the node. Checked: with
+/// a prober at nice -15 the epoll-driver runs showed 0.4-0.8 s of
+/// consecutive late pings while the attacker drained its responses; at
+/// SCHED_FIFO, none (worst 12-17 ms). Needs root (CI is root); without it,
+/// falls back to nice -15 and the test measures as it can.
+fn realtime() {
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: plain syscall about the calling thread; `param` outlives it.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        nice(-15);
+    }
+}
+
+/// Sets the calling thread's nice value (Linux: per thread).
 fn nice(n: i32) {
     // SAFETY: plain syscalls about the calling thread.
     unsafe {
@@ -107,32 +135,68 @@ fn nice(n: i32) {
 
 impl Prober {
     fn start(url: &str) -> Prober {
+        let addr: SocketAddr = url.trim_start_matches("ws://").split('/').next().unwrap().parse().unwrap();
+        let path = &url[url.find("/ws").expect("a /ws url")..];
+        let mut raw = Raw::upgrade(addr, path);
+        let mut out = raw.s.try_clone().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let mut c = Client::connect(url);
         let st = stop.clone();
-        // The attacker is the test's own thread.
-        nice(10);
-        let rtts = thread::spawn(move || {
-            nice(-15);
-            let mut rtts = Vec::new();
+        let sender = thread::spawn(move || {
+            realtime();
+            let mut sent = Vec::new();
             while !st.load(Ordering::Relaxed) {
-                let n = rtts.len();
-                let t = Instant::now();
-                let r = c.call(json!({"op":"ping","id":n}));
-                assert_eq!(r, json!({"ev":"pong","id":n}));
-                rtts.push(t.elapsed());
-                // 50 a second: well within the default op rate.
-                thread::sleep(Duration::from_millis(20));
+                let op = format!(r#"{{"op":"ping","id":{}}}"#, sent.len());
+                sent.push(Instant::now());
+                out.write_all(&client_frame(0x81, op.as_bytes(), true)).expect("prober write");
+                thread::sleep(PROBE_EVERY);
             }
-            rtts
+            sent
         });
-        Prober { stop, rtts }
+        let st = stop.clone();
+        let receiver = thread::spawn(move || {
+            realtime();
+            raw.s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let (mut got, mut buf, mut b) = (Vec::new(), Vec::<u8>::new(), [0u8; 4096]);
+            let mut stopped_at: Option<Instant> = None;
+            loop {
+                match raw.s.read(&mut b) {
+                    Ok(0) => panic!("the prober's connection ended"),
+                    Ok(n) => buf.extend_from_slice(&b[..n]),
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                    Err(e) => panic!("prober read: {e}"),
+                }
+                // Server frames: unmasked, and a pong is under 126 bytes.
+                while buf.len() >= 2 && buf.len() >= 2 + (buf[1] & 0x7f) as usize {
+                    let len = (buf[1] & 0x7f) as usize;
+                    let v: serde_json::Value = serde_json::from_slice(&buf[2..2 + len]).expect("JSON");
+                    assert_eq!(v["ev"], "pong", "{v}");
+                    got.push((v["id"].as_u64().expect("id") as usize, Instant::now()));
+                    buf.drain(..2 + len);
+                }
+                if st.load(Ordering::Relaxed) {
+                    // After the stop, a moment for the stragglers.
+                    if stopped_at.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(2) {
+                        break;
+                    }
+                }
+            }
+            got
+        });
+        Prober { stop, sender, receiver }
     }
 
-    /// Stops and returns the round trips, sorted.
+    /// Stops, waits for the answers, and returns the round trips, sorted.
+    /// A ping never answered counts as the time since it was sent.
     fn finish(self) -> Rtts {
         self.stop.store(true, Ordering::Relaxed);
-        let mut v = self.rtts.join().expect("prober");
+        let sent = self.sender.join().expect("prober sender");
+        let got = self.receiver.join().expect("prober receiver");
+        let mut v: Vec<Duration> = sent.iter().map(|t| t.elapsed()).collect();
+        for (id, at) in got {
+            if let Some(t) = sent.get(id) {
+                v[id] = at.duration_since(*t);
+            }
+        }
         v.sort();
         Rtts(v)
     }

@@ -25,8 +25,9 @@ use crate::ws::{CloseCode, FrameHeader, OpCode, ProtocolError, frame, mask, utf8
 
 /// Size of each shard's receive scratch buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
-/// Full scratch buffers one wake-up may read before the task yields.
-const READS_PER_WAKE: usize = 4;
+/// Full scratch buffers one wake-up may read before the task yields: one
+/// (64 KiB, e.g. 512 pings) keeps a flooding client's turn to a few ms.
+const READS_PER_WAKE: usize = 1;
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Box<[u8]>> =
