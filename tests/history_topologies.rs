@@ -142,6 +142,8 @@ fn cluster_a_killed_subscriber_connection_to_one_primary_is_caught_up() {
     let mut cl = Client::connect(&b.ws_url("/ws"));
     for (room, _) in &rooms {
         subscribe_since(&mut cl, room, None);
+    }
+    for (room, _) in &rooms {
         api_publish(&a, room, json!("before"));
     }
     let got = collect(&mut cl, |g| g.len() == rooms.len());
@@ -250,7 +252,7 @@ fn cluster_a_history_room_whose_slot_moves_under_a_publisher_loses_and_repeats_n
     let got = collect(&mut live, |g| g.last().is_some_and(|v| v["offset"] == end.offset));
     let gaps: Vec<&Value> = got.iter().filter(|v| v["ev"] != "message").collect();
     assert!(gaps.is_empty(), "no gap: {gaps:?}");
-    assert_eq!(offsets(&got), (2..=end.offset).collect::<Vec<_>>(), "every offset once, in order");
+    assert_eq!(offsets(&got), (1..=end.offset).collect::<Vec<_>>(), "every offset once, in order");
     assert!(got.iter().all(|m| m["epoch"] == first.epoch.as_str()));
     live.expect_silence(Duration::from_millis(300));
 
