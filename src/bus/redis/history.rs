@@ -1,5 +1,9 @@
-//! ⑦ Room history in Redis (PROTOCOL.md §7): one shard's history connection,
-//! an async task on the shard's own monoio runtime, like the publisher.
+//! ⑦ Room history in Redis (PROTOCOL.md §7): one shard's history link, an
+//! async task on the shard's own monoio runtime, like the publisher. On one
+//! plain server it has a connection of its own (below); on every other
+//! topology (Sentinel, Cluster, several servers) it sends the same scripts
+//! to the primary owning the room channel's slot over the publisher's links
+//! instead (`history_owner.rs`, which says why that keeps each room's order).
 //!
 //! The history of room R lives in Redis, shared by every node:
 //!

@@ -72,7 +72,7 @@ impl OwnerRoute {
         channel: Bytes,
         script: Script,
         args: &[&[u8]],
-        done: Box<dyn FnOnce(Result<BytesFrame, Unavailable>)>,
+        done: ReplyFn,
     ) -> Result<(), Unavailable> {
         let mut tail = BytesMut::with_capacity(args.iter().map(|a| a.len() + 16).sum());
         for a in args {
@@ -96,11 +96,7 @@ struct Call {
 
 impl Call {
     /// `EVALSHA` (or, `with_body`, `EVAL`); on refusal gives `done` back.
-    fn send(
-        self,
-        with_body: bool,
-        done: Box<dyn FnOnce(Result<BytesFrame, Unavailable>)>,
-    ) -> Result<(), Box<dyn FnOnce(Result<BytesFrame, Unavailable>)>> {
+    fn send(self, with_body: bool, done: ReplyFn) -> Result<(), ReplyFn> {
         let (verb, script): (&[u8], &[u8]) = match (with_body, self.script) {
             (false, s) => (b"EVALSHA", self.route.sha[s as usize].as_bytes()),
             (true, Script::Publish) => (b"EVAL", PUBLISH_LUA.as_bytes()),
@@ -115,8 +111,7 @@ impl Call {
         // The reply decides: NOSCRIPT the first time sends the body (same owner).
         let publisher = self.route.publisher.clone();
         let channel = self.channel.clone();
-        let slot: Rc<std::cell::Cell<Option<Box<dyn FnOnce(Result<BytesFrame, Unavailable>)>>>> =
-            Rc::new(std::cell::Cell::new(Some(done)));
+        let slot: Rc<std::cell::Cell<Option<ReplyFn>>> = Rc::new(std::cell::Cell::new(Some(done)));
         let kept = slot.clone();
         let on_reply: ReplyFn = Box::new(move |r| {
             let Some(done) = kept.take() else { return };

@@ -18,10 +18,11 @@
 //!   turn of the event loop, so a busy shard pipelines hundreds of publishes
 //!   per `send(2)` with no thread hop.
 //!
-//! - **history** — with `--history-size`, a third connection on the shard's
-//!   runtime (`history.rs`) runs the Lua scripts that publish into and read a
-//!   room's history (PROTOCOL.md §7); publishes into history rooms go there
-//!   instead of the publisher.
+//! - **history** — with `--history-size`, the Lua scripts that publish into
+//!   and read a room's history (PROTOCOL.md §7; `history.rs`); publishes into
+//!   history rooms go there instead of a plain PUBLISH. On one plain server
+//!   a third connection on the shard's runtime; elsewhere the publisher's
+//!   link to the room channel's owner (`history_owner.rs`).
 //!
 //! With Redis, *every* delivery goes through Redis, even to the publisher's
 //! own shard: then every subscriber on every node sees one room's messages in
@@ -441,8 +442,8 @@ impl RedisBus {
         let history = link.history.map(|shared| {
             // One plain server: the history link's own connection; any other
             // topology: the channel's owner, over the publisher's links.
-            let route = (link.topo.mode != topology::Mode::Single)
-                .then(|| history_owner::OwnerRoute::new(publisher.clone()));
+            let route =
+                (link.topo.mode != topology::Mode::Single).then(|| history_owner::OwnerRoute::new(publisher.clone()));
             let h = history::HistLink::new(
                 link.shard,
                 link.topo.clone(),
