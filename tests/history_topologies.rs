@@ -94,12 +94,26 @@ fn cluster_history_lives_on_the_slot_owner_and_since_replays_exactly_the_missing
         cl.expect_silence(Duration::from_millis(300));
     }
 
+    // SCRIPT FLUSH at one owner: the next EVALSHA there gets NOSCRIPT and is
+    // sent again as EVAL; offsets stay one per publish, in order.
+    let (room0, owner0) = &rooms[0];
+    assert_eq!(c.servers[*owner0].cli(&["SCRIPT", "FLUSH"]), "OK");
+    let mut cl = Client::connect(&b.ws_url("/ws"));
+    assert_eq!(subscribe_since(&mut cl, room0, None)["offset"], 22);
+    let mut cw = Client::connect(&a.ws_url("/ws?user=w"));
+    for i in 0..5 {
+        cw.send_json(&json!({"op":"publish","room":room0,"data":i}));
+    }
+    let after_flush = messages(&mut cl, room0, 5, 10 * SECOND);
+    assert_positions(&after_flush, &epochs[room0], 23..=27);
+    assert!(after_flush.iter().enumerate().all(|(i, m)| m["data"] == i), "the publisher's order: {after_flush:?}");
+    drop((cl, cw));
+
     // A client cut off on A while 50 are published (per room) on B gets exactly those.
     let mut cl = Client::connect(&a.ws_url("/ws"));
     let mut last = BTreeMap::new();
     for (room, _) in &rooms {
         let v = subscribe_since(&mut cl, room, None);
-        assert_eq!(v["offset"], 22);
         last.insert(room.clone(), Pos::of(&v));
     }
     drop(cl);
@@ -113,9 +127,9 @@ fn cluster_history_lives_on_the_slot_owner_and_since_replays_exactly_the_missing
         let pos = &last[room];
         let v = subscribe_since(&mut cl, room, Some(pos));
         assert_eq!(v["recovered"], true, "{v}");
-        assert_eq!(v["offset"], 72);
+        assert_eq!(v["offset"], pos.offset + 50);
         let missed = messages(&mut cl, room, 50, 10 * SECOND);
-        assert_positions(&missed, &pos.epoch, 23..=72);
+        assert_positions(&missed, &pos.epoch, pos.offset + 1..=pos.offset + 50);
         assert!(missed.iter().enumerate().all(|(i, m)| m["data"] == json!({"away": i})));
         cl.expect_silence(Duration::from_millis(300));
     }
@@ -376,4 +390,48 @@ fn several_servers_keep_each_rooms_history_on_its_channels_server() {
         assert_positions(&messages(&mut cl, room, 8, 10 * SECOND), &epoch, 13..=20);
     }
     assert!(holders[0] > 0 && holders[1] > 0, "rooms spread over both servers: {holders:?}");
+}
+
+#[test]
+fn sentinel_history_follows_a_demoted_primary_to_the_new_one_and_recovers_exactly() {
+    let _d = deadline("sentinel_history_follows_a_demoted_primary", 180 * SECOND);
+    let s = SentinelSetup::start();
+    let new_port = s.replica.port;
+    let (n0, n1) = (hist_node(&s.url()), hist_node(&s.url()));
+    let room = "demoted";
+    let mut before = Vec::new();
+    for i in 1..=10u64 {
+        before.push(api_publish(if i % 2 == 0 { &n0 } else { &n1 }, room, json!(i)));
+    }
+    let epoch = before[0].epoch.clone();
+    assert_eq!(before[9].offset, 10);
+    // A graceful failover: the old primary stays up, as a replica.
+    s.sentinels[0].cli(&["SENTINEL", "FAILOVER", "mymaster"]);
+    wait_until("the sentinels name the replica", 60 * SECOND, || s.agreed_primary() == Some(new_port));
+    wait_until("the old primary is a replica", 30 * SECOND, || {
+        s.primary.try_cli(&["ROLE"]).is_some_and(|r| r.starts_with("slave"))
+    });
+    let after = publish_retrying(&n0, room, json!("after"));
+    assert_eq!(after, Pos { epoch: epoch.clone(), offset: 11 }, "the history goes on at the new primary");
+    let more = publish_retrying(&n1, room, json!("more"));
+    assert_eq!(more.offset, 12);
+    // Every history (and publish) link is at the new primary; none writes to the demoted one.
+    wait_until("no corecast link left at the demoted primary", 30 * SECOND, || {
+        s.primary.try_cli(&["CLIENT", "LIST"]).is_some_and(|l| !l.contains("name=corecast-pub"))
+    });
+    let at_new = s.replica.cli(&["CLIENT", "LIST"]);
+    assert!(at_new.contains("name=corecast-pub-00") && at_new.contains("name=corecast-pub-01"), "{at_new}");
+    wait_until("the demoted primary replicates the new history", 30 * SECOND, || {
+        s.primary.try_cli(&["HGET", &format!("{{cc:room:{room}}}:meta"), "offset"]).as_deref() == Some("12")
+    });
+    // A position from before: exactly what followed it.
+    for node in [&n0, &n1] {
+        let mut cl = Client::connect(&node.ws_url("/ws"));
+        let v = subscribe_since(&mut cl, room, Some(&before[3]));
+        assert_eq!(v, json!({"ev":"subscribed","room":room,"id":"s","recovered":true,"epoch":epoch,"offset":12}));
+        let missed = messages(&mut cl, room, 8, 10 * SECOND);
+        assert_positions(&missed, &epoch, 5..=12);
+        assert_eq!(missed[7]["data"], "more");
+        cl.expect_silence(Duration::from_millis(300));
+    }
 }
