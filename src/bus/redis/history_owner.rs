@@ -38,10 +38,10 @@ use std::rc::Rc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
-use tracing::warn;
 
 use super::history::{PUBLISH_LUA, READ_LUA};
 use super::publisher::{Publisher, ReplyFn};
+use super::resp;
 use crate::bus::Unavailable;
 
 /// One of the two scripts.
@@ -121,10 +121,7 @@ impl Call {
                         done(Err(Unavailable));
                     }
                 }
-                Ok(BytesFrame::Error(e)) => {
-                    warn!(reply = %e, "redis refused a history command");
-                    done(Ok(BytesFrame::Error(e)));
-                }
+                // Other refusals are counted and logged by the link (`publink.rs`).
                 r => done(r),
             }
         });
@@ -137,16 +134,11 @@ impl Call {
 }
 
 fn put_header(out: &mut BytesMut, n: usize) {
-    use std::fmt::Write;
-    // Writing into a BytesMut cannot fail.
-    let _ = write!(out, "*{n}\r\n");
+    resp::put_len(out, b'*', n);
 }
 
 fn put_bulk(out: &mut BytesMut, a: &[u8]) {
-    use std::fmt::Write;
-    let _ = write!(out, "${}\r\n", a.len());
-    out.put_slice(a);
-    out.put_slice(b"\r\n");
+    resp::put_bulk(out, &[a]);
 }
 
 #[cfg(test)]
