@@ -4,7 +4,8 @@
 //! nowhere else, `since` replays exactly what is missing, a client away
 //! while 50 are published on the other node gets exactly those, a
 //! subscriber connection to one primary killed is caught up, and a slot
-//! moved (keys MIGRATEd) under a publisher loses and repeats nothing;
+//! moved (keys MIGRATEd) under a publisher loses and repeats nothing, and a
+//! primary killed hands the history to its promoted replica;
 //! under Sentinel history goes on after a failover and never replays wrong;
 //! on several plain servers each room's history is on its channel's server.
 
@@ -432,6 +433,39 @@ fn sentinel_history_follows_a_demoted_primary_to_the_new_one_and_recovers_exactl
         let missed = messages(&mut cl, room, 8, 10 * SECOND);
         assert_positions(&missed, &epoch, 5..=12);
         assert_eq!(missed[7]["data"], "more");
+        cl.expect_silence(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn cluster_history_goes_on_at_a_promoted_replica_and_recovers_exactly() {
+    let _d = deadline("cluster_history_goes_on_at_a_promoted_replica", 180 * SECOND);
+    let mut c = RedisCluster::start(3, 1);
+    let (a, b) = (hist_node(&c.url()), hist_node(&c.url()));
+    let (room, owner) = rooms_on_every_primary(&c).remove(0);
+    let mut live = Client::connect(&b.ws_url("/ws"));
+    subscribe_since(&mut live, &room, None);
+    let before: Vec<Pos> = (1..=10u64).map(|i| api_publish(&a, &room, json!(i))).collect();
+    let epoch = before[0].epoch.clone();
+    assert_positions(&messages(&mut live, &room, 10, 10 * SECOND), &epoch, 1..=10);
+    // Its replica has all of it before the primary goes.
+    assert_eq!(c.servers[owner].cli(&["WAIT", "1", "5000"]), "1");
+    c.servers[owner].kill();
+    wait_until("a replica takes over the lost primary's slots", 60 * SECOND, || {
+        let p = c.primaries();
+        p.len() == 3 && !p.contains(&owner)
+    });
+    c.wait_ok(60 * SECOND);
+    assert_ne!(c.owner(&format!("cc:room:{room}")), owner);
+    let after = publish_retrying(&a, &room, json!("after"));
+    assert_eq!(after, Pos { epoch: epoch.clone(), offset: 11 }, "the replicated history goes on");
+    let got = collect(&mut live, |g| g.last().is_some_and(|v| v["offset"] == 11));
+    assert_eq!(offsets(&got), [11], "once, no gap: {got:?}");
+    for node in [&a, &b] {
+        let mut cl = Client::connect(&node.ws_url("/ws"));
+        let v = subscribe_since(&mut cl, &room, Some(&before[6]));
+        assert_eq!(v, json!({"ev":"subscribed","room":room,"id":"s","recovered":true,"epoch":epoch,"offset":11}));
+        assert_positions(&messages(&mut cl, &room, 4, 10 * SECOND), &epoch, 8..=11);
         cl.expect_silence(Duration::from_millis(300));
     }
 }
