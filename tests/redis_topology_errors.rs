@@ -103,12 +103,3 @@ fn a_plain_redis_as_a_cluster_and_an_unknown_primary_name_fail_start_up_with_one
     let err = fails_with_one_line(&format!("redis+sentinel://127.0.0.1:{}/mymaster", wrong.port));
     assert!(err.contains("not a primary (role slave)"), "{err}");
 }
-
-#[test]
-fn history_on_several_servers_is_refused_at_start_up_for_now() {
-    let _d = deadline("history_on_several_servers_is_refused_at_start_up_for_now", Duration::from_secs(30));
-    let (a, b) = (RedisServer::start(), RedisServer::start());
-    let url = format!("{},{}", a.url(), b.url());
-    let err = fails_with_one_line_and(&url, &["--history-size", "10"]);
-    assert!(err.contains("room history (--history-size) runs on one plain redis:// server"), "{err}");
-}

@@ -66,10 +66,19 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// This server's RDB file name in /tmp (per test process and port).
+    fn rdb_name(&self) -> String {
+        format!("corecast-test-{}-{}.rdb", std::process::id(), self.port)
+    }
+
     fn spawn(&mut self) -> Result<(), String> {
         let port = self.port.to_string();
+        // An RDB of its own: a replica's full sync writes one even with
+        // `--save ""`, and a server starting later must not load it.
+        let rdb = self.rdb_name();
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", "/tmp"])
+            .args(["--dbfilename", &rdb])
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -189,6 +198,7 @@ impl Drop for RedisServer {
             signal(c.id() as i32, libc::SIGCONT);
         }
         self.kill();
+        let _ = std::fs::remove_file(std::path::Path::new("/tmp").join(self.rdb_name()));
     }
 }
 

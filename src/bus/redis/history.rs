@@ -1,5 +1,9 @@
-//! ⑦ Room history in Redis (PROTOCOL.md §7): one shard's history connection,
-//! an async task on the shard's own monoio runtime, like the publisher.
+//! ⑦ Room history in Redis (PROTOCOL.md §7): one shard's history link, an
+//! async task on the shard's own monoio runtime, like the publisher. On one
+//! plain server it has a connection of its own (below); on every other
+//! topology (Sentinel, Cluster, several servers) it sends the same scripts
+//! to the primary owning the room channel's slot over the publisher's links
+//! instead (`history_owner.rs`, which says why that keeps each room's order).
 //!
 //! The history of room R lives in Redis, shared by every node:
 //!
@@ -44,6 +48,7 @@ use redis_protocol::resp2::decode::decode_bytes_mut;
 use redis_protocol::resp2::types::BytesFrame;
 use tracing::{info, warn};
 
+use super::history_owner::{OwnerRoute, Script};
 use super::publink::{try_recv, try_send, would_block, write_all};
 use super::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Link, LinkError, RedisUrl, Retry, resp};
 use crate::history::{Entry, Epoch, Position, Query, ReadResult, Settings, Slot, Unavailable, offset_of_id};
@@ -148,6 +153,10 @@ pub struct HistLink {
     /// `--history-size` and `--history-ttl-secs` as script arguments.
     size_arg: String,
     ttl_arg: String,
+    /// Every topology but one plain server: the scripts go to the owner of
+    /// the room channel's slot over the publisher's links
+    /// (`history_owner.rs`), not over a connection of this link's own.
+    route: Option<Rc<OwnerRoute>>,
 }
 
 impl HistLink {
@@ -157,10 +166,13 @@ impl HistLink {
         metrics: Arc<Metrics>,
         prefix: Arc<str>,
         shared: Arc<Shared>,
+        route: Option<Rc<OwnerRoute>>,
     ) -> Rc<HistLink> {
-        // A single-server view always holds its one node (`topology`), and
-        // `start` allows history on a single Redis only.
-        let url = RefCell::new(topo.view().nodes.first().map(|n| n.url.clone()).expect("a primary"));
+        // For the logs of the own connection (one plain server: its one node).
+        let url = RefCell::new(match topo.view().nodes.first() {
+            Some(n) => n.url.clone(),
+            None => RedisUrl { host: String::new(), port: 0, user: None, password: None, db: 0 },
+        });
         Rc::new(HistLink {
             shard,
             topo,
@@ -178,6 +190,7 @@ impl HistLink {
             size_arg: shared.settings.size.to_string(),
             ttl_arg: shared.settings.ttl.as_secs().to_string(),
             shared,
+            route,
         })
     }
 
@@ -212,6 +225,9 @@ impl HistLink {
         msg: MessagePrefix,
         want: Option<Slot<Result<Position, Unavailable>>>,
     ) -> Result<(), Unavailable> {
+        if let Some(route) = &self.route {
+            return self.publish_at_owner(route, room, msg, want);
+        }
         if !self.can_take() {
             return Err(Unavailable);
         }
@@ -237,21 +253,86 @@ impl HistLink {
         Ok(())
     }
 
+    /// `publish` at the owner of the room's channel (`history_owner.rs`):
+    /// `SPUBLISH` in a cluster, where the readers `SSUBSCRIBE`.
+    fn publish_at_owner(
+        &self,
+        route: &Rc<OwnerRoute>,
+        room: &str,
+        msg: MessagePrefix,
+        want: Option<Slot<Result<Position, Unavailable>>>,
+    ) -> Result<(), Unavailable> {
+        let (meta, log, chan) = self.keys(room);
+        let verb: &[u8] = if self.topo.mode.sharded() { b"SPUBLISH" } else { b"PUBLISH" };
+        let cand = self.candidate.get();
+        let (metrics, shard) = (self.metrics.clone(), self.shard);
+        let done = Box::new(move |r: Result<BytesFrame, crate::bus::Unavailable>| {
+            let pos = match r {
+                Ok(f) => {
+                    let pos = parse_position(&f);
+                    if pos.is_none() && !matches!(f, BytesFrame::Error(_)) {
+                        warn!(shard, "unexpected reply to the history publish script");
+                    }
+                    pos
+                }
+                Err(crate::bus::Unavailable) => {
+                    metrics.shard(shard).history_publish_lost_total.inc();
+                    None
+                }
+            };
+            if let Some(s) = want {
+                s.fill(pos.ok_or(Unavailable));
+            }
+        });
+        let args: [&[u8]; 9] = [
+            b"3",
+            &meta,
+            &log,
+            &chan,
+            msg.json(),
+            cand.as_str().as_bytes(),
+            self.size_arg.as_bytes(),
+            self.ttl_arg.as_bytes(),
+            verb,
+        ];
+        route.run(Bytes::copy_from_slice(&chan), Script::Publish, &args, done).map_err(|_| Unavailable)
+    }
+
     /// Reads `room`'s history.
     pub async fn read(&self, room: &str, q: Query) -> Result<ReadResult, Unavailable> {
-        if !self.can_take() {
+        if self.route.is_none() && !self.can_take() {
             return Err(Unavailable);
         }
         let s = self.settings();
-        let (meta, log, _) = self.keys(room);
+        let (meta, log, chan) = self.keys(room);
         let ttl = &self.ttl_arg;
         let (epoch, after) = match &q.after {
             Some(p) => (p.epoch.as_str().as_bytes().to_vec(), p.offset.to_string()),
             None => (Vec::new(), "0".to_string()),
         };
         let limit = q.limit.min(s.size).to_string();
-        let sha = self.sha_read.borrow().clone();
         let cand = self.candidate.get();
+        if let Some(route) = &self.route {
+            let slot = Slot::default();
+            let fill = slot.clone();
+            let done = Box::new(move |r: Result<BytesFrame, crate::bus::Unavailable>| {
+                fill.fill(r.ok().and_then(|f| parse_read(&f, q)).ok_or(Unavailable));
+            });
+            let args: [&[u8]; 9] = [
+                b"2",
+                &meta,
+                &log,
+                cand.as_str().as_bytes(),
+                ttl.as_bytes(),
+                &epoch,
+                after.as_bytes(),
+                limit.as_bytes(),
+                if q.listing { b"1" } else { b"0" },
+            ];
+            route.run(Bytes::from(chan), Script::Read, &args, done).map_err(|_| Unavailable)?;
+            return slot.wait().await;
+        }
+        let sha = self.sha_read.borrow().clone();
         let cmd = command(&[
             b"EVALSHA",
             sha.as_bytes(),
@@ -280,6 +361,12 @@ impl HistLink {
 
     /// The task: connect, serve, reconnect with backoff, for the shard's life.
     pub async fn run(self: Rc<Self>) {
+        if self.route.is_some() {
+            // No connection of its own: the publisher's links carry the
+            // scripts, and their health is the publisher's (`/readyz`).
+            self.set_up(true);
+            return;
+        }
         let mut retry = Retry::new(self.shard, Link::History);
         loop {
             let attempt = monoio::time::timeout(CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT, self.connect()).await;

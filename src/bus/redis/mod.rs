@@ -18,10 +18,11 @@
 //!   turn of the event loop, so a busy shard pipelines hundreds of publishes
 //!   per `send(2)` with no thread hop.
 //!
-//! - **history** — with `--history-size`, a third connection on the shard's
-//!   runtime (`history.rs`) runs the Lua scripts that publish into and read a
-//!   room's history (PROTOCOL.md §7); publishes into history rooms go there
-//!   instead of the publisher.
+//! - **history** — with `--history-size`, the Lua scripts that publish into
+//!   and read a room's history (PROTOCOL.md §7; `history.rs`); publishes into
+//!   history rooms go there instead of a plain PUBLISH. On one plain server
+//!   a third connection on the shard's runtime; elsewhere the publisher's
+//!   link to the room channel's owner (`history_owner.rs`).
 //!
 //! With Redis, *every* delivery goes through Redis, even to the publisher's
 //! own shard: then every subscriber on every node sees one room's messages in
@@ -47,6 +48,7 @@
 
 pub mod cluster;
 pub mod history;
+mod history_owner;
 pub mod publink;
 pub mod publisher;
 pub mod reader;
@@ -331,12 +333,6 @@ pub fn start(
     let health = Arc::new(Health::new(metrics.clone(), peers.len()));
     let shown = spec.to_string();
     // Sentinel and Cluster: asks now, and fails start-up if nobody answers.
-    if cfg.history.is_some() && !matches!(spec, Spec::Single(_)) {
-        anyhow::bail!(
-            "--redis {shown}: room history (--history-size) runs on one plain redis:// server for now; \
-             Sentinel, Redis Cluster and several servers are not supported for history yet"
-        );
-    }
     let topo = Topology::start(spec, metrics.clone())?;
     tracing::info!(redis = %shown, prefix = %prefix, "redis backplane");
     let _ = health.topo.set(topo.clone());
@@ -355,6 +351,7 @@ pub fn start(
             health: health.clone(),
             input,
             max_payload: cfg.outbound_queue_bytes,
+            history: cfg.history.is_some(),
         });
         let name = format!("redis-{i:02}");
         let (exit_tx, thread_name) = (exits.clone(), name.clone());
@@ -440,19 +437,24 @@ impl RedisBus {
     /// Takes the shard's link and starts its publisher on the current
     /// (the shard's) runtime.
     pub fn start(link: ShardLink) -> RedisBus {
+        let publisher = Publisher::start(link.shard, link.topo.clone(), link.health.clone(), link.metrics.clone());
+        monoio::spawn(publisher.clone().follow());
         let history = link.history.map(|shared| {
+            // One plain server: the history link's own connection; any other
+            // topology: the channel's owner, over the publisher's links.
+            let route =
+                (link.topo.mode != topology::Mode::Single).then(|| history_owner::OwnerRoute::new(publisher.clone()));
             let h = history::HistLink::new(
                 link.shard,
                 link.topo.clone(),
                 link.metrics.clone(),
                 link.prefix.clone(),
                 shared.clone(),
+                route,
             );
             monoio::spawn(h.clone().run());
             (h, shared)
         });
-        let publisher = Publisher::start(link.shard, link.topo, link.health.clone(), link.metrics);
-        monoio::spawn(publisher.clone().follow());
         let interest = Rc::new(InterestQueue { batch: RefCell::default(), waker: Cell::new(None), subs: link.subs });
         monoio::spawn(interest.clone().run());
         RedisBus {

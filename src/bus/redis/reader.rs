@@ -150,6 +150,8 @@ pub struct ReaderParts {
     /// Larger payloads are dropped: they would cut off every receiver
     /// (`--outbound-queue-bytes`).
     pub max_payload: usize,
+    /// Room history is on (`--history-size`): see `Reader::blip`.
+    pub history: bool,
 }
 
 pub struct Reader {
@@ -168,6 +170,15 @@ pub struct Reader {
     rehome_at: Option<Instant>,
     /// What the shard was last told (`ShardMsg::RedisLink`).
     link_up: bool,
+    /// Room history is on.
+    history: bool,
+    /// Some channels may have missed messages while the link as a whole
+    /// stayed up: a primary's connection came (back) up, the view moved
+    /// channels to another primary, or Redis dropped a shard channel (slot
+    /// moved). With history, the shard is told `RedisLink` down then up, so
+    /// that every history room catches up (`history::recover`) once its
+    /// SUBSCRIBE is confirmed again; the live gate drops what it already had.
+    blip: bool,
     inbox: InboxSender,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -219,6 +230,8 @@ impl Reader {
             homeless: Vec::new(),
             rehome_at: None,
             link_up: false,
+            history: p.history,
+            blip: false,
             inbox: p.inbox,
             metrics: p.metrics,
             health: p.health,
@@ -257,6 +270,8 @@ impl Reader {
     fn apply_view(&mut self) {
         self.view = self.topo.view();
         self.seen = self.topo.version();
+        // Channels may move to another primary's connection.
+        self.blip = true;
         let mut old = std::mem::take(&mut self.conns);
         let mut moving = Vec::new();
         let view = self.view.clone();
@@ -346,6 +361,11 @@ impl Reader {
     /// confirmed again (the shard forgot on the way down).
     fn update_link(&mut self) {
         let up = self.conns.iter().any(|c| c.live.is_some());
+        if std::mem::take(&mut self.blip) && self.history && up && self.link_up {
+            // Down then up (below): see `blip`.
+            self.link_up = false;
+            let _ = self.inbox.send_wait(ShardMsg::RedisLink { up: false });
+        }
         if up != self.link_up {
             self.link_up = up;
             let _ = self.inbox.send_wait(ShardMsg::RedisLink { up });
@@ -484,6 +504,7 @@ impl Reader {
                 let m = self.metrics.clone();
                 self.conns[i].retry.connected(m.shard(self.shard));
                 info!(shard = self.shard, redis = %self.conns[i].node.name, "redis subscriber connected");
+                self.blip = true;
                 if self.topo.mode == Mode::Sentinel {
                     // Sentinel: ask again on every (re)connect; `ROLE` was checked meanwhile.
                     self.topo.request_refresh();
@@ -573,6 +594,7 @@ impl Reader {
                         Confirm::Unsolicited(wanted) => {
                             self.m().redis_unsolicited_unsubscribes_total.add_shared(1);
                             if wanted {
+                                self.blip = true;
                                 debug!(shard = self.shard, redis = %self.conns[i].node.name, channel = %String::from_utf8_lossy(channel), "redis dropped a shard channel (slot moved); following it");
                                 self.topo.request_refresh();
                                 self.rehome_soon();

@@ -19,7 +19,7 @@ use crate::bus::Target;
 pub const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 
 /// Appends `*<n>\r\n` or `$<n>\r\n`.
-fn put_len(buf: &mut BytesMut, tag: u8, n: usize) {
+pub(super) fn put_len(buf: &mut BytesMut, tag: u8, n: usize) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     let mut n = n;
@@ -37,7 +37,7 @@ fn put_len(buf: &mut BytesMut, tag: u8, n: usize) {
 }
 
 /// Appends one bulk string made of `parts` laid end to end.
-fn put_bulk(buf: &mut BytesMut, parts: &[&[u8]]) {
+pub(super) fn put_bulk(buf: &mut BytesMut, parts: &[&[u8]]) {
     put_len(buf, b'$', parts.iter().map(|p| p.len()).sum());
     for p in parts {
         buf.put_slice(p);
