@@ -69,6 +69,16 @@ pub struct Options {
     #[arg(long, env = "CORECAST_OUTBOUND_QUEUE_BYTES")]
     pub outbound_queue_bytes: Option<usize>,
 
+    /// permessage-deflate (RFC 7692): `on` accepts a client's offer (always
+    /// with server_no_context_takeover), `off` declines it. [default: off]
+    #[arg(long, env = "CORECAST_COMPRESSION")]
+    pub compression: Option<Compression>,
+
+    /// With compression on: messages whose payload is smaller than this go
+    /// out uncompressed (RSV1 clear). [default: 256]
+    #[arg(long, env = "CORECAST_COMPRESSION_MIN_BYTES")]
+    pub compression_min_bytes: Option<usize>,
+
     /// Drain window after SIGTERM/SIGINT, in seconds. [default: 30]
     #[arg(long, env = "CORECAST_DRAIN_SECS")]
     pub drain_secs: Option<u64>,
@@ -153,6 +163,14 @@ pub struct Options {
     pub debug_hooks: Option<bool>,
 }
 
+/// `--compression`: permessage-deflate accepted or declined.
+#[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Off,
+    On,
+}
+
 #[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Driver {
@@ -184,6 +202,10 @@ pub struct Config {
     pub demo: bool,
     pub max_message_bytes: usize,
     pub outbound_queue_bytes: usize,
+    /// `--compression on`: permessage-deflate is negotiated (`ws::deflate`).
+    pub compression: bool,
+    /// Smallest payload sent compressed.
+    pub compression_min_bytes: usize,
     pub drain: Duration,
     pub api_key: Option<String>,
     /// Checks client JWTs; `None`: auth is off (`auth.rs`).
@@ -226,6 +248,8 @@ impl Options {
             demo,
             max_message_bytes,
             outbound_queue_bytes,
+            compression,
+            compression_min_bytes,
             drain_secs,
             api_key,
             jwt_secret,
@@ -312,6 +336,8 @@ impl Config {
             demo: o.demo.unwrap_or(true),
             max_message_bytes,
             outbound_queue_bytes: o.outbound_queue_bytes.unwrap_or(1 << 20),
+            compression: o.compression == Some(Compression::On),
+            compression_min_bytes: o.compression_min_bytes.unwrap_or(256),
             drain: Duration::from_secs(o.drain_secs.unwrap_or(30)),
             api_key: o.api_key.filter(|s| !s.is_empty()),
             auth,
