@@ -90,7 +90,7 @@ fn chromium_chats_across_two_nodes() {
     let help = Command::new(env!("CARGO_BIN_EXE_corecast")).arg("--help").output().expect("corecast --help");
     let history = String::from_utf8_lossy(&help.stdout).contains("--history-size");
     let node = |url: &str| {
-        let mut args = vec!["--shards", "2", "--redis", url];
+        let mut args = vec!["--shards", "2", "--redis", url, "--compression", "on"];
         if history {
             args.extend(["--history-size", "100"]);
         }
@@ -144,7 +144,8 @@ fn chromium_chats_across_two_nodes() {
     assert!(status.success(), "two_nodes.mjs failed ({status})\n{report}");
     assert!(stdout.lines().any(|l| l == "browser test passed"), "{report}");
     for want in [
-        "declined",
+        "101 accepted [permessage-deflate; server_no_context_takeover",
+        "long (compressed) messages arrive intact both ways",
         "bob's page (node B) shows alice's message",
         "alice's page (node A) shows bob's message",
         "alice's page reconnected by itself",
@@ -154,5 +155,10 @@ fn chromium_chats_across_two_nodes() {
     }
     let outcome = if history { "recovered the missed message" } else { "history off" };
     assert!(stdout.contains(outcome), "history {history}: missing {outcome:?}\n{report}");
+    // Each node inflated what its page sent and sent compressed frames.
+    for n in [&a, &b] {
+        assert!(n.metric("corecast_deflate_messages_in_total") >= 1.0, "no compressed message in\n{report}");
+        assert!(n.metric("corecast_deflate_frames_out_total") >= 1.0, "no compressed frame out\n{report}");
+    }
     eprintln!("{stdout}");
 }
