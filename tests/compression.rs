@@ -295,6 +295,73 @@ fn an_idle_compressed_connection_costs_about_what_a_plain_one_does() {
     };
     let (plain, _p) = per_conn("", "p");
     let (nct, _z1) = per_conn("Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover\r\n", "n");
-    println!("idle RSS per connection: plain {plain} B, compressed (client_no_context_takeover) {nct} B");
+    println!("FIGURE idle RSS per connection: plain {plain} B, compressed (client_no_context_takeover) {nct} B");
     assert!(nct < plain.max(1600) * 3, "compressed {nct} B vs plain {plain} B");
+    // A client that keeps its context (Chromium's offer) makes the node keep
+    // an inflater with its window: printed, bounded by a 32 KiB window plus
+    // zlib-rs's state.
+    let (ctx, _z2) = per_conn(OFFER, "c");
+    println!("FIGURE idle RSS per connection: compressed with context takeover (window 15) {ctx} B");
+    assert!(ctx < 64 * 1024, "{ctx} B");
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap() // utime + stime
+}
+
+/// Bench figure (bench/RESULTS.md), not run by default: bytes on the wire
+/// and deliveries per server CPU-second for a ~1 KB JSON message to 1000
+/// subscribers, all plain vs all compressed. Run it on a release build:
+/// `cargo test --release --test compression -- --ignored --nocapture figure`.
+#[test]
+#[ignore]
+fn figure_wire_bytes_and_cpu_plain_vs_compressed() {
+    const SUBS: usize = 1000;
+    const MESSAGES: usize = 200;
+    for (label, offer) in [("plain", ""), ("compressed", OFFER)] {
+        let s = start_server(&[
+            "--shards",
+            "2",
+            "--compression",
+            "on",
+            "--max-ops-per-sec",
+            "0",
+            "--max-accepts-per-sec",
+            "0",
+        ]);
+        let mut subs: Vec<Raw> = (0..SUBS)
+            .map(|i| {
+                let (mut c, _) = Raw::upgrade_with(s.addr, &format!("/ws?user=s{i}"), offer);
+                send_json(&mut c, &json!({"op":"subscribe","room":"bench","id":1}));
+                next_event(&mut c);
+                c
+            })
+            .collect();
+        let (mut publisher, _) = Raw::upgrade_with(s.addr, "/ws?user=pub", "");
+        let data = |m: usize| json!({"seq": m, "items": (0..12).map(|k| json!({"id": k, "name": format!("item-{k}"), "price": 10.5 + k as f64, "tags": ["new", "sale"]})).collect::<Vec<_>>()});
+        let size = json!({"ev":"message","room":"bench","from":"pub","data":data(0)}).to_string().len();
+        let (bytes0, cpu0) = (s.metric("corecast_bytes_out_total"), cpu_ticks(s.child.id()));
+        let start = Instant::now();
+        for m in 0..MESSAGES {
+            send_json(&mut publisher, &json!({"op":"publish","room":"bench","data":data(m)}));
+        }
+        for c in subs.iter_mut() {
+            for m in 0..MESSAGES {
+                assert_eq!(next_event(c).1["data"]["seq"], m);
+            }
+        }
+        let wall = start.elapsed();
+        let cpu = (cpu_ticks(s.child.id()) - cpu0) as f64 / 100.0; // USER_HZ
+        let bytes = s.metric("corecast_bytes_out_total") - bytes0;
+        let deliveries = (SUBS * MESSAGES) as f64;
+        println!(
+            "FIGURE {label}: {size} B JSON event, {SUBS} subscribers x {MESSAGES} messages: {:.0} B on the wire per delivery, server CPU {cpu:.2} s, {:.0} deliveries per server CPU-second (wall {:.2} s)",
+            bytes / deliveries,
+            deliveries / cpu.max(0.01),
+            wall.as_secs_f64()
+        );
+    }
 }
