@@ -505,3 +505,41 @@ mod tests {
         assert_eq!(l.frame_for(Agreed::OFF, || {})[0], 0x81);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a client sends as compressed data, the inflater neither
+        /// panics nor holds more than the limit + 1 byte, cut into any frames.
+        #[test]
+        fn inflate_is_bounded_on_any_input(data in proptest::collection::vec(any::<u8>(), 0..2048), max in 0usize..4096, cut in 1usize..64) {
+            let mut inf = Inflater::new(15);
+            let mut out = Vec::new();
+            let chunks: Vec<&[u8]> = data.chunks(cut).collect();
+            for (i, c) in chunks.iter().enumerate() {
+                if inf.inflate(c, i + 1 == chunks.len(), &mut out, max).is_err() {
+                    break;
+                }
+            }
+            prop_assert!(out.len() <= max + 1 && out.capacity() <= max + 1);
+        }
+
+        /// What we send inflates back to the payload, whole or cut into frames.
+        #[test]
+        fn compressed_payloads_round_trip(text in "[a-c ]{0,3000}", cut in 1usize..512) {
+            if let Some(z) = compress(OpCode::Text, text.as_bytes()) {
+                let h = match z[1] { 126 => 4, 127 => 10, _ => 2 };
+                let mut inf = Inflater::new(15);
+                let mut out = Vec::new();
+                let chunks: Vec<&[u8]> = z[h..].chunks(cut).collect();
+                for (i, c) in chunks.iter().enumerate() {
+                    inf.inflate(c, i + 1 == chunks.len(), &mut out, text.len()).unwrap();
+                }
+                prop_assert_eq!(out, text.as_bytes());
+            }
+        }
+    }
+}
