@@ -321,7 +321,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn figure_wire_bytes_and_cpu_plain_vs_compressed() {
     const SUBS: usize = 1000;
     const MESSAGES: usize = 200;
-    for (label, offer) in [("plain", ""), ("compressed", OFFER)] {
+    for (label, offer) in [("plain", ""), ("compressed", OFFER), ("plain", ""), ("compressed", OFFER)] {
         let s = start_server(&[
             "--shards",
             "2",
@@ -341,7 +341,7 @@ fn figure_wire_bytes_and_cpu_plain_vs_compressed() {
             })
             .collect();
         let (mut publisher, _) = Raw::upgrade_with(s.addr, "/ws?user=pub", "");
-        let data = |m: usize| json!({"seq": m, "items": (0..12).map(|k| json!({"id": k, "name": format!("item-{k}"), "price": 10.5 + k as f64, "tags": ["new", "sale"]})).collect::<Vec<_>>()});
+        let data = |m: usize| json!({"seq": m, "items": (0..16).map(|k| json!({"id": k, "name": format!("item-{k}"), "price": 10.5 + k as f64, "tags": ["new", "sale"]})).collect::<Vec<_>>()});
         let size = json!({"ev":"message","room":"bench","from":"pub","data":data(0)}).to_string().len();
         let (bytes0, cpu0) = (s.metric("corecast_bytes_out_total"), cpu_ticks(s.child.id()));
         let start = Instant::now();
