@@ -403,6 +403,23 @@ mod tests {
     }
 
     #[test]
+    fn compression_is_off_by_default_and_reads_flag_and_file() {
+        let cfg = Config::load(["corecast"]).unwrap();
+        assert!(!cfg.compression);
+        assert_eq!(cfg.compression_min_bytes, 256);
+        let cfg = Config::load(["corecast", "--compression", "on", "--compression-min-bytes", "64"]).unwrap();
+        assert!(cfg.compression);
+        assert_eq!(cfg.compression_min_bytes, 64);
+        let dir = std::env::temp_dir().join(format!("cc-cfg4-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "compression = \"on\"\n").unwrap();
+        assert!(Config::load(["corecast", "--config", file.to_str().unwrap()]).unwrap().compression);
+        let cfg = Config::load(["corecast", "--config", file.to_str().unwrap(), "--compression", "off"]).unwrap();
+        assert!(!cfg.compression, "the flag beats the file");
+    }
+
+    #[test]
     fn unknown_file_key_is_an_error() {
         let dir = std::env::temp_dir().join(format!("cc-cfg2-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
