@@ -69,6 +69,16 @@ pub struct Options {
     #[arg(long, env = "CORECAST_OUTBOUND_QUEUE_BYTES")]
     pub outbound_queue_bytes: Option<usize>,
 
+    /// permessage-deflate (RFC 7692): `on` accepts a client's offer (always
+    /// with server_no_context_takeover), `off` declines it. [default: off]
+    #[arg(long, env = "CORECAST_COMPRESSION")]
+    pub compression: Option<Compression>,
+
+    /// With compression on: messages whose payload is smaller than this go
+    /// out uncompressed (RSV1 clear). [default: 256]
+    #[arg(long, env = "CORECAST_COMPRESSION_MIN_BYTES")]
+    pub compression_min_bytes: Option<usize>,
+
     /// Drain window after SIGTERM/SIGINT, in seconds. [default: 30]
     #[arg(long, env = "CORECAST_DRAIN_SECS")]
     pub drain_secs: Option<u64>,
@@ -153,6 +163,14 @@ pub struct Options {
     pub debug_hooks: Option<bool>,
 }
 
+/// `--compression`: permessage-deflate accepted or declined.
+#[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Off,
+    On,
+}
+
 #[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Driver {
@@ -184,6 +202,10 @@ pub struct Config {
     pub demo: bool,
     pub max_message_bytes: usize,
     pub outbound_queue_bytes: usize,
+    /// `--compression on`: permessage-deflate is negotiated (`ws::deflate`).
+    pub compression: bool,
+    /// Smallest payload sent compressed.
+    pub compression_min_bytes: usize,
     pub drain: Duration,
     pub api_key: Option<String>,
     /// Checks client JWTs; `None`: auth is off (`auth.rs`).
@@ -226,6 +248,8 @@ impl Options {
             demo,
             max_message_bytes,
             outbound_queue_bytes,
+            compression,
+            compression_min_bytes,
             drain_secs,
             api_key,
             jwt_secret,
@@ -312,6 +336,8 @@ impl Config {
             demo: o.demo.unwrap_or(true),
             max_message_bytes,
             outbound_queue_bytes: o.outbound_queue_bytes.unwrap_or(1 << 20),
+            compression: o.compression == Some(Compression::On),
+            compression_min_bytes: o.compression_min_bytes.unwrap_or(256),
             drain: Duration::from_secs(o.drain_secs.unwrap_or(30)),
             api_key: o.api_key.filter(|s| !s.is_empty()),
             auth,
@@ -374,6 +400,23 @@ mod tests {
         let cfg = Config::load(["corecast", "--config", file.to_str().unwrap()]).unwrap();
         assert_eq!(cfg.history, Some(crate::history::Settings { size: 7, ttl: Duration::from_secs(9) }));
         assert!(Config::load(["corecast", "--history-size", "1", "--history-ttl-secs", "0"]).is_err());
+    }
+
+    #[test]
+    fn compression_is_off_by_default_and_reads_flag_and_file() {
+        let cfg = Config::load(["corecast"]).unwrap();
+        assert!(!cfg.compression);
+        assert_eq!(cfg.compression_min_bytes, 256);
+        let cfg = Config::load(["corecast", "--compression", "on", "--compression-min-bytes", "64"]).unwrap();
+        assert!(cfg.compression);
+        assert_eq!(cfg.compression_min_bytes, 64);
+        let dir = std::env::temp_dir().join(format!("cc-cfg4-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "compression = \"on\"\n").unwrap();
+        assert!(Config::load(["corecast", "--config", file.to_str().unwrap()]).unwrap().compression);
+        let cfg = Config::load(["corecast", "--config", file.to_str().unwrap(), "--compression", "off"]).unwrap();
+        assert!(!cfg.compression, "the flag beats the file");
     }
 
     #[test]

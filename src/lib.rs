@@ -6,7 +6,9 @@
 //!
 //! 1. `accept` — each shard's SO_REUSEPORT listener and accept loop.
 //! 2. `http` — the request head, the routes, the WebSocket upgrade.
-//! 3. `ws` — RFC 6455 frames: parse, unmask, validate, format.
+//! 3. `ws` — RFC 6455 frames: parse, unmask, validate, format;
+//!    `ws::deflate`, permessage-deflate (RFC 7692): negotiation, bounded
+//!    inflate, compressed frames.
 //! 4. `conn` — one connection's task: reads frames, runs ops, owns its `Outbox`.
 //! 5. `shard` — the shard's room and user tables (`shard::rooms`).
 //! 6. `bus` — from the publishing shard to every shard with subscribers
@@ -14,7 +16,9 @@
 //! 7. `bus::redis` — the Redis backplane: each shard's publisher and its
 //!    `redis-NN` reader thread (RESP → inbox).
 //! 8. `shard::inbox` — the channel + wake-up into another shard.
-//! 9. `Shard::deliver` — one encoded frame into every member's `Outbox`;
+//! 9. `Shard::deliver` — one encoded frame into every member's `Outbox`
+//!    (and, built at most once per shard, its compressed form into the
+//!    `Outbox` of every member that negotiated compression);
 //!    the shard's flusher writes each connection's queue in one `sendmsg`.
 //!
 //! Around them: `config` (flags, env, TOML), `server` (threads, pinning,

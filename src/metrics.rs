@@ -251,6 +251,9 @@ shard_metrics! {
     redis_redirects_total: "counter", "MOVED/ASK redirections followed (Redis Cluster).";
     redis_unsolicited_unsubscribes_total: "counter", "Shard channels Redis unsubscribed by itself (slot migrated); subscribed again at the new owner.";
     redis_topology_changes_total: "counter", "New Redis topologies adopted (failover, slot map change); counted on shard 0.";
+    deflate_compressions_total: "counter", "Outgoing messages deflated (permessage-deflate): at most once per message per shard for room fan-out, once per echo.";
+    deflate_frames_out_total: "counter", "Compressed (RSV1) frames queued to clients.";
+    deflate_messages_in_total: "counter", "Compressed messages received and inflated.";
 }
 
 impl ShardMetrics {

@@ -85,8 +85,10 @@ fn chromium_chats_across_two_nodes() {
     let _d = deadline("chromium_chats_across_two_nodes", Duration::from_secs(60));
     let redis = RedisServer::start();
     // The nodes keep room history (PROTOCOL.md §7): the page must show the
-    // message published while alice was cut off as recovered.
-    let node = |url: &str| start_server(&["--shards", "2", "--redis", url, "--history-size", "100"]);
+    // message published while alice was cut off as recovered. Compression
+    // is on: Chromium negotiates permessage-deflate (RFC 7692).
+    let node =
+        |url: &str| start_server(&["--shards", "2", "--redis", url, "--history-size", "100", "--compression", "on"]);
     let a = node(&redis.url());
     let b = node(&redis.url());
     let (url_a, url_b) = (format!("http://{}", a.addr), format!("http://{}", b.addr));
@@ -135,7 +137,8 @@ fn chromium_chats_across_two_nodes() {
     assert!(status.success(), "two_nodes.mjs failed ({status})\n{report}");
     assert!(stdout.lines().any(|l| l == "browser test passed"), "{report}");
     for want in [
-        "declined",
+        "101 accepted [permessage-deflate; server_no_context_takeover",
+        "long (compressed) messages arrive intact both ways",
         "bob's page (node B) shows alice's message",
         "alice's page (node A) shows bob's message",
         "alice's page reconnected by itself",
@@ -145,5 +148,10 @@ fn chromium_chats_across_two_nodes() {
     }
     let outcome = "recovered the missed message";
     assert!(stdout.contains(outcome), "missing {outcome:?}\n{report}");
+    // Each node inflated what its page sent and sent compressed frames.
+    for n in [&a, &b] {
+        assert!(n.metric("corecast_deflate_messages_in_total") >= 1.0, "no compressed message in\n{report}");
+        assert!(n.metric("corecast_deflate_frames_out_total") >= 1.0, "no compressed frame out\n{report}");
+    }
     eprintln!("{stdout}");
 }

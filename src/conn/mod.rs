@@ -93,6 +93,10 @@ pub struct Conn {
     stream: TcpStream,
     fd: RawFd,
     flags: Cell<u8>,
+    /// permessage-deflate as agreed in the upgrade (`ws::deflate::Agreed`;
+    /// 0: not negotiated). Two bytes; the inflater, when a connection needs
+    /// one, lives in its reader task (`reader::Rx`), not here.
+    deflate: Cell<u16>,
     outbox: RefCell<Outbox>,
     /// Set by the upgrade; `None` while the socket speaks HTTP.
     user: RefCell<Option<Rc<str>>>,
@@ -116,6 +120,7 @@ impl Conn {
             stream,
             fd,
             flags: Cell::new(if listener == Listener::Admin { ADMIN } else { 0 }),
+            deflate: Cell::new(0),
             outbox: RefCell::default(),
             user: RefCell::new(None),
             rooms: RefCell::default(),
@@ -138,6 +143,14 @@ impl Conn {
     /// Came in on the admin listener.
     pub fn is_admin(&self) -> bool {
         self.has(ADMIN)
+    }
+
+    /// What permessage-deflate the upgrade agreed (`Agreed::OFF`: none).
+    pub fn deflate(&self) -> crate::ws::deflate::Agreed {
+        crate::ws::deflate::Agreed::from_bits(self.deflate.get())
+    }
+    pub(crate) fn set_deflate(&self, a: crate::ws::deflate::Agreed) {
+        self.deflate.set(a.bits())
     }
 
     pub fn user(&self) -> Option<Rc<str>> {

@@ -21,6 +21,7 @@ use bytes::{Buf, BytesMut};
 
 use super::{CLOSE_SENT, Conn, KILLED, Mode, Stop, limits, ops};
 use crate::shard::Shard;
+use crate::ws::deflate::{self, Agreed, Inflater};
 use crate::ws::{CloseCode, FrameHeader, OpCode, ProtocolError, frame, mask, utf8::Utf8Check};
 
 /// Size of each shard's receive scratch buffer.
@@ -118,8 +119,44 @@ impl Conn {
 /// A text or binary message being reassembled from fragments.
 struct Fragmented {
     text: bool,
+    /// RSV1 was set on its first frame: `buf` holds the inflated bytes.
+    compressed: bool,
     buf: Vec<u8>,
     utf8: Utf8Check,
+}
+
+/// The frame loop's state between reads: two pointers, both `None` on an
+/// idle connection unless it keeps a deflate context.
+#[derive(Default)]
+struct Rx {
+    frag: Option<Box<Fragmented>>,
+    /// permessage-deflate: the connection's inflater. With
+    /// `client_no_context_takeover` it is held only while a compressed
+    /// message is being read (lent by the shard, `deflate::take_spare`);
+    /// otherwise it is made at the first compressed message, with the
+    /// negotiated window, and kept (the client may refer back to it).
+    inflater: Option<Box<Inflater>>,
+}
+
+impl Rx {
+    fn inflater(&mut self, agreed: Agreed) -> &mut Inflater {
+        self.inflater.get_or_insert_with(|| {
+            if agreed.client_no_context() {
+                deflate::take_spare()
+            } else {
+                Box::new(Inflater::new(agreed.client_bits()))
+            }
+        })
+    }
+
+    /// A compressed message was read to its end.
+    fn message_inflated(&mut self, agreed: Agreed) {
+        if agreed.client_no_context()
+            && let Some(i) = self.inflater.take()
+        {
+            deflate::put_spare(i);
+        }
+    }
 }
 
 /// Bytes one wake-up of the frame loop may read (`READS_PER_WAKE` scratch
@@ -128,12 +165,12 @@ const WS_READ_BUDGET: usize = READS_PER_WAKE * SCRATCH_BYTES;
 
 /// Reads frames until the connection ends.
 pub(super) async fn ws_loop(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, kept: &mut BytesMut) -> Stop {
-    let mut frag: Option<Box<Fragmented>> = None;
+    let mut rx = Rx::default();
     // Bytes that came in with the upgrade request are frames already: they
     // are handled now, not when the next bytes arrive.
     if !kept.is_empty() {
         conn.limits.seen(shard.tick());
-        match frames(shard, conn, mode, &mut frag, &mut kept[..]) {
+        match frames(shard, conn, mode, &mut rx, &mut kept[..]) {
             Ok(used) => kept.advance(used),
             Err(stop) => return stop,
         }
@@ -149,7 +186,7 @@ pub(super) async fn ws_loop(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, kept
             .read_some(shard, kept, None, WS_READ_BUDGET, |buf| {
                 // Alive (`shard::heartbeat`): one store per read.
                 conn.limits.seen(shard.tick());
-                frames(shard, conn, mode, &mut frag, buf)
+                frames(shard, conn, mode, &mut rx, buf)
             })
             .await;
         if let Err(stop) = r {
@@ -160,26 +197,22 @@ pub(super) async fn ws_loop(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, kept
 
 /// Handles every complete frame at the start of `buf`; returns the bytes
 /// consumed (an incomplete frame is left for the next read).
-fn frames(
-    shard: &Rc<Shard>,
-    conn: &Rc<Conn>,
-    mode: Mode,
-    frag: &mut Option<Box<Fragmented>>,
-    buf: &mut [u8],
-) -> Result<usize, Stop> {
+fn frames(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, rx: &mut Rx, buf: &mut [u8]) -> Result<usize, Stop> {
     let max = shard.cfg.max_message_bytes;
+    let deflate = conn.deflate().is_on();
     let mut pos = 0;
     loop {
         // Cut off: whatever else arrived is not looked at.
         if conn.has(KILLED) {
             return Ok(buf.len());
         }
-        let Some((h, hl)) = FrameHeader::parse(&buf[pos..]).map_err(Stop::Protocol)? else {
+        let Some((h, hl)) = FrameHeader::parse_with(&buf[pos..], deflate).map_err(Stop::Protocol)? else {
             return Ok(pos);
         };
-        let in_progress = frag.as_ref().map_or(0, |f| f.buf.len()) as u64;
+        let in_progress = rx.frag.as_ref().map_or(0, |f| f.buf.len()) as u64;
         // Checked on the header, before the payload is waited for: an
-        // oversized message is never buffered.
+        // oversized message is never buffered. (A compressed frame is held
+        // to the same limit before inflating, and its inflated size after.)
         if !h.opcode.is_control() && h.len + in_progress > max as u64 {
             return Err(Stop::Protocol(ProtocolError::TooLarge));
         }
@@ -190,7 +223,7 @@ fn frames(
         let payload = &mut buf[pos + hl..end];
         mask::unmask(payload, h.mask);
         pos = end;
-        on_frame(shard, conn, mode, frag, h, payload)?;
+        on_frame(shard, conn, mode, rx, h, payload)?;
     }
 }
 
@@ -199,11 +232,12 @@ fn on_frame(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     mode: Mode,
-    frag: &mut Option<Box<Fragmented>>,
+    rx: &mut Rx,
     h: FrameHeader,
     payload: &mut [u8],
 ) -> Result<(), Stop> {
     use ProtocolError::*;
+    let max = shard.cfg.max_message_bytes;
     match h.opcode {
         OpCode::Ping | OpCode::Pong => {
             // Control frames cost us work (and a ping, a reply): they count
@@ -235,34 +269,64 @@ fn on_frame(
             Err(Stop::Closed)
         }
         OpCode::Text | OpCode::Binary => {
-            if frag.is_some() {
+            if rx.frag.is_some() {
                 return Err(Stop::Protocol(BadFragmentation));
             }
             let text = h.opcode == OpCode::Text;
-            if h.fin {
+            if h.rsv1 {
+                // RSV1 only parses when deflate was negotiated (frame.rs).
+                let agreed = conn.deflate();
+                let mut out = Vec::new();
+                rx.inflater(agreed).inflate(payload, h.fin, &mut out, max).map_err(Stop::Protocol)?;
+                shard.m().deflate_messages_in_total.inc();
+                if h.fin {
+                    rx.message_inflated(agreed);
+                    // UTF-8 is checked on the inflated bytes (RFC 7692 §6.2).
+                    if text && simdutf8::basic::from_utf8(&out).is_err() {
+                        return Err(Stop::Protocol(InvalidUtf8));
+                    }
+                    on_message(shard, conn, mode, text, &mut out);
+                } else {
+                    let mut f = Box::new(Fragmented { text, compressed: true, buf: out, utf8: Utf8Check::default() });
+                    if text && f.utf8.feed(&f.buf).is_err() {
+                        return Err(Stop::Protocol(InvalidUtf8));
+                    }
+                    rx.frag = Some(f);
+                }
+            } else if h.fin {
                 if text && simdutf8::basic::from_utf8(payload).is_err() {
                     return Err(Stop::Protocol(InvalidUtf8));
                 }
                 on_message(shard, conn, mode, text, payload);
             } else {
-                let mut f = Box::new(Fragmented { text, buf: payload.to_vec(), utf8: Utf8Check::default() });
+                let mut f =
+                    Box::new(Fragmented { text, compressed: false, buf: payload.to_vec(), utf8: Utf8Check::default() });
                 if text && f.utf8.feed(&f.buf).is_err() {
                     return Err(Stop::Protocol(InvalidUtf8));
                 }
-                *frag = Some(f);
+                rx.frag = Some(f);
             }
             Ok(())
         }
         OpCode::Continue => {
-            let Some(f) = frag.as_mut() else {
+            let Some(f) = rx.frag.as_mut() else {
                 return Err(Stop::Protocol(BadFragmentation));
             };
-            f.buf.extend_from_slice(payload);
+            if f.compressed {
+                let agreed = conn.deflate();
+                let inflater = rx.inflater.get_or_insert_with(|| Box::new(Inflater::new(agreed.client_bits())));
+                inflater.inflate(payload, h.fin, &mut f.buf, max).map_err(Stop::Protocol)?;
+            } else {
+                f.buf.extend_from_slice(payload);
+            }
             if f.text && f.utf8.feed(&f.buf).is_err() {
                 return Err(Stop::Protocol(InvalidUtf8));
             }
             if h.fin {
-                let mut f = frag.take().expect("checked above");
+                let mut f = rx.frag.take().expect("checked above");
+                if f.compressed {
+                    rx.message_inflated(conn.deflate());
+                }
                 if f.text && !f.utf8.is_complete(&f.buf) {
                     return Err(Stop::Protocol(InvalidUtf8));
                 }
@@ -284,7 +348,23 @@ fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, text: bool, payloa
     match mode {
         Mode::Echo => {
             let op = if text { OpCode::Text } else { OpCode::Binary };
-            conn.push(shard, frame::encode(op, payload));
+            // Echo replies are compressed per connection (no fan-out to share).
+            let agreed = conn.deflate();
+            let z = (agreed.is_on()
+                && payload.len() >= shard.cfg.compression_min_bytes
+                && payload.len() <= agreed.max_compressed_payload())
+            .then(|| deflate::compress(op, payload))
+            .flatten();
+            match z {
+                Some(z) => {
+                    shard.m().deflate_compressions_total.inc();
+                    shard.m().deflate_frames_out_total.inc();
+                    conn.push(shard, z);
+                }
+                None => {
+                    conn.push(shard, frame::encode(op, payload));
+                }
+            }
         }
         Mode::Client => ops::handle(shard, conn, text, payload),
     }

@@ -98,8 +98,21 @@ pub fn accept(shard: &Rc<Shard>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> R
     if !shard.try_admit() {
         return refuse(R::Full, Reply::text(503, "connection limit reached: try another node\n"));
     }
+    // permessage-deflate (RFC 7692): with `--compression off`, or when no
+    // offer can be honoured, the extension is left out of the 101.
+    let deflate = match shard.cfg.compression {
+        true => crate::ws::deflate::negotiate(h.get_all("sec-websocket-extensions").iter().map(|v| v.as_bytes())),
+        false => None,
+    };
+    let extensions = match &deflate {
+        Some((agreed, value)) => {
+            conn.set_deflate(*agreed);
+            format!("sec-websocket-extensions: {value}\r\n")
+        }
+        None => String::new(),
+    };
     let response = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n{extensions}\r\n",
         accept_key(key)
     );
     respond_raw(shard, conn, Bytes::from(response));

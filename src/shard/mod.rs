@@ -348,12 +348,17 @@ impl Shard {
 
     /// ⑨ Queues `frame` to every local member of `target`; returns how many
     /// connections it was queued to.
+    ///
+    /// Members that negotiated permessage-deflate get the message's one
+    /// compressed frame, built here the first time one of them needs it
+    /// (`ws::deflate::Lazy`): at most one deflate per message per shard.
     pub fn deliver(&self, target: Target<'_>, frame: &Bytes) -> usize {
         let conns = self.conns.borrow();
         let mut n = 0;
+        let mut z = crate::ws::deflate::Lazy::new(frame, self.cfg.compression_min_bytes);
         let mut push = |id: &ConnId| {
             if let Some(c) = conns.get(*id as usize) {
-                c.push(self, frame.clone());
+                self.push_maybe_compressed(c, &mut z);
                 n += 1;
             }
         };
@@ -372,13 +377,26 @@ impl Shard {
     /// `history::recover` serves itself).
     pub(crate) fn deliver_except(&self, room: &str, frame: &Bytes, except: impl Fn(ConnId) -> bool) {
         let conns = self.conns.borrow();
+        let mut z = crate::ws::deflate::Lazy::new(frame, self.cfg.compression_min_bytes);
         if let Some(members) = self.rooms.borrow().members(room) {
             for id in members.iter().filter(|id| !except(**id)) {
                 if let Some(c) = conns.get(*id as usize) {
-                    c.push(self, frame.clone());
+                    self.push_maybe_compressed(c, &mut z);
                 }
             }
         }
+    }
+
+    /// Queues one fan-out frame to `c`: compressed if `c` negotiated it and
+    /// the message has a compressed form.
+    #[inline]
+    fn push_maybe_compressed(&self, c: &Rc<Conn>, z: &mut crate::ws::deflate::Lazy<'_>) {
+        let agreed = c.deflate();
+        let f = z.frame_for(agreed, || self.m().deflate_compressions_total.inc());
+        if agreed.is_on() && f[0] & 0x40 != 0 {
+            self.m().deflate_frames_out_total.inc();
+        }
+        c.push(self, f.clone());
     }
 
     /// Called by `Conn` when it gets its first frame since the last flush.

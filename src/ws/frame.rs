@@ -48,15 +48,18 @@ pub enum ProtocolError {
     BadClose,
     /// Invalid UTF-8 in a text message or a close reason (§8.1).
     InvalidUtf8,
-    /// A message larger than the configured limit.
+    /// A message larger than the configured limit (for a compressed one,
+    /// once inflated).
     TooLarge,
+    /// A compressed message that does not inflate (RFC 7692 §7.2.2).
+    BadDeflate,
 }
 
 impl ProtocolError {
     pub fn close_code(self) -> super::CloseCode {
         use super::CloseCode;
         match self {
-            ProtocolError::InvalidUtf8 => CloseCode::INVALID_PAYLOAD,
+            ProtocolError::InvalidUtf8 | ProtocolError::BadDeflate => CloseCode::INVALID_PAYLOAD,
             ProtocolError::TooLarge => CloseCode::TOO_BIG,
             _ => CloseCode::PROTOCOL,
         }
@@ -67,6 +70,9 @@ impl ProtocolError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
     pub fin: bool,
+    /// RSV1: with permessage-deflate, "this message is compressed" (RFC 7692
+    /// §6); only ever set on the first frame of a data message.
+    pub rsv1: bool,
     pub opcode: OpCode,
     pub mask: [u8; 4],
     pub len: u64,
@@ -79,13 +85,25 @@ impl FrameHeader {
     /// not consume anything in this case; otherwise the header and its length
     /// in bytes. The payload may not be complete yet: the caller checks `len`.
     pub fn parse(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, ProtocolError> {
+        Self::parse_with(buf, false)
+    }
+
+    /// Like `parse`; `deflate`: permessage-deflate was negotiated, so RSV1
+    /// may be set on the first frame of a text or binary message.
+    pub fn parse_with(buf: &[u8], deflate: bool) -> Result<Option<(FrameHeader, usize)>, ProtocolError> {
         if buf.len() < 2 {
             return Ok(None);
         }
         let (b0, b1) = (buf[0], buf[1]);
         // MUST be 0 unless an extension is negotiated that defines meanings
         // for non-zero values. (RFC 6455 §5.2)
-        if b0 & 0x70 != 0 {
+        if b0 & 0x30 != 0 || (b0 & 0x40 != 0 && !deflate) {
+            return Err(ProtocolError::ReservedBits);
+        }
+        let rsv1 = b0 & 0x40 != 0;
+        // An endpoint MUST NOT set the "Per-Message Compressed" bit of control
+        // frames and non-first fragments of a data message. (RFC 7692 §6.1)
+        if rsv1 && !matches!(b0 & 0x0f, 0x1 | 0x2) {
             return Err(ProtocolError::ReservedBits);
         }
         let opcode = match b0 & 0x0f {
@@ -139,7 +157,7 @@ impl FrameHeader {
             return Ok(None);
         }
         let mask = [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]];
-        Ok(Some((FrameHeader { fin, opcode, mask, len }, at + 4)))
+        Ok(Some((FrameHeader { fin, rsv1, opcode, mask, len }, at + 4)))
     }
 }
 
@@ -169,6 +187,13 @@ pub fn format_header(out: &mut [u8], opcode: OpCode, len: usize) {
             out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
         }
     }
+}
+
+/// Like `format_header`, with RSV1 set: a compressed message (RFC 7692 §6).
+#[inline]
+pub fn format_header_compressed(out: &mut [u8], opcode: OpCode, len: usize) {
+    format_header(out, opcode, len);
+    out[0] |= 0x40;
 }
 
 /// Room left in front of an encoded payload for the largest frame header.
@@ -232,6 +257,19 @@ mod tests {
         assert_eq!(FrameHeader::parse(&masked(0x09, 0, &[])), Err(ProtocolError::FragmentedControl));
         assert_eq!(FrameHeader::parse(&masked(0x89, 126, &[0, 126])), Err(ProtocolError::ControlTooLong));
         assert_eq!(FrameHeader::parse(&masked(0x82, 127, &[0x80, 0, 0, 0, 0, 0, 0, 0])), Err(ProtocolError::BadLength));
+    }
+
+    #[test]
+    fn rsv1_only_with_deflate_and_only_on_a_first_data_frame() {
+        let (h, _) = FrameHeader::parse_with(&masked(0xC1, 0, &[]), true).unwrap().unwrap();
+        assert!(h.rsv1 && h.fin && h.opcode == OpCode::Text);
+        let (h, _) = FrameHeader::parse_with(&masked(0x81, 0, &[]), true).unwrap().unwrap();
+        assert!(!h.rsv1);
+        assert_eq!(FrameHeader::parse_with(&masked(0xC1, 0, &[]), false), Err(ProtocolError::ReservedBits));
+        assert_eq!(FrameHeader::parse_with(&masked(0xC0, 0, &[]), true), Err(ProtocolError::ReservedBits));
+        assert_eq!(FrameHeader::parse_with(&masked(0xC9, 0, &[]), true), Err(ProtocolError::ReservedBits));
+        assert_eq!(FrameHeader::parse_with(&masked(0xA1, 0, &[]), true), Err(ProtocolError::ReservedBits));
+        assert_eq!(FrameHeader::parse_with(&masked(0x91, 0, &[]), true), Err(ProtocolError::ReservedBits));
     }
 
     #[test]

@@ -3,10 +3,13 @@
 //! `frame` parses client frame headers and formats server frames (one `Bytes`
 //! holding header + payload, so a fan-out frame is built once and shared);
 //! `mask` unmasks client payloads in place; `close` validates close frames;
-//! `utf8` validates text messages incrementally across fragments. The
+//! `utf8` validates text messages incrementally across fragments; `deflate`
+//! is permessage-deflate (RFC 7692): negotiation, shared compressed frames,
+//! bounded inflate. The
 //! connection task (`conn`) drives them over its receive buffer.
 
 pub mod close;
+pub mod deflate;
 pub mod frame;
 pub mod mask;
 pub mod utf8;

@@ -2,9 +2,11 @@
 // backplane: the demo page (`GET /`, built on the JS client served at
 // `/corecast.js`) on node A and on node B join the same room; A's message
 // shows on B's page and B's on A's; each page shows its node's connection
-// count from /metrics. Also checks the WebSocket handshake: Chromium offers
-// permessage-deflate and corecast declines it by leaving
-// Sec-WebSocket-Extensions out of the 101 (RFC 7692 §5.1).
+// count from /metrics. Also checks the WebSocket handshake: the nodes run
+// with `--compression on`, Chromium offers permessage-deflate and the 101
+// accepts it with server_no_context_takeover (RFC 7692, PROTOCOL.md §9); a
+// message long enough to be compressed (past --compression-min-bytes) goes
+// each way intact.
 //
 // Alice's page reaches node A through a TCP proxy run here. The proxy cuts
 // her off (every socket dropped, new ones refused) while Bob publishes, then
@@ -169,10 +171,21 @@ async function run(ctx) {
     if (!request || !response) throw new Error(`${p.user}: no WebSocket handshake seen via CDP`);
     if (response.status !== 101) throw new Error(`${p.user}: handshake status ${response.status}`);
     const offered = request["sec-websocket-extensions"] || "";
-    const accepted = response.headers["sec-websocket-extensions"];
-    if (accepted !== undefined) throw new Error(`${p.user}: server accepted extensions ${accepted}`);
-    console.log(`${p.user}: browser offered [${offered}]; 101 carries no Sec-WebSocket-Extensions (declined); joined ${ROOM}`);
+    const accepted = lower(response.headers)["sec-websocket-extensions"] || "";
+    if (!/^permessage-deflate\b/.test(accepted) || !/server_no_context_takeover/.test(accepted)) {
+      throw new Error(`${p.user}: browser offered [${offered}], 101 answered [${accepted}]: permessage-deflate not negotiated`);
+    }
+    console.log(`${p.user}: browser offered [${offered}]; 101 accepted [${accepted}]; joined ${ROOM}`);
   }
+
+  // Long enough to be compressed both ways (the default threshold is 256 bytes).
+  const longA = "compressed from A: " + "the quick brown fox jumps over the lazy dog ".repeat(12);
+  const longB = "compressed from B: " + "pack my box with five dozen liquor jugs ".repeat(12);
+  await say(a, longA);
+  await expectMessage(b, `alice: ${longA}`);
+  await say(b, longB);
+  await expectMessage(a, `bob: ${longB}`);
+  console.log("long (compressed) messages arrive intact both ways");
 
   await say(a, "hello from A");
   await expectMessage(b, "alice: hello from A");

@@ -321,6 +321,23 @@ impl Raw {
         Raw::upgrade_on(TcpStream::connect(addr).expect("connect"), path)
     }
 
+    /// Like `upgrade`, with extra request header lines (each ending in
+    /// CRLF); returns the 101's head too.
+    pub fn upgrade_with(addr: SocketAddr, path: &str, extra: &str) -> (Raw, String) {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        )
+        .unwrap();
+        let mut r = Raw { s, buf: Vec::new() };
+        let head = String::from_utf8_lossy(&r.read_until(b"\r\n\r\n")).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        (r, head)
+    }
+
     /// Completes a WebSocket handshake on `path` over a connected socket.
     pub fn upgrade_on(mut s: TcpStream, path: &str) -> Raw {
         s.set_read_timeout(Some(DEADLINE)).unwrap();
