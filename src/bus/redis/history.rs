@@ -49,7 +49,7 @@ use redis_protocol::resp2::types::BytesFrame;
 use tracing::{info, warn};
 
 use super::history_owner::{OwnerRoute, Script};
-use super::publink::{try_recv, try_send, would_block, write_all};
+use super::publink::{connect_any, next_frame, try_recv, try_send, would_block, write_all};
 use super::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Link, LinkError, RedisUrl, Retry, resp};
 use crate::history::{Entry, Epoch, Position, Query, ReadResult, Settings, Slot, Unavailable, offset_of_id};
 use crate::metrics::{Metrics, ShardMetrics};
@@ -312,30 +312,8 @@ impl HistLink {
         };
         let limit = q.limit.min(s.size).to_string();
         let cand = self.candidate.get();
-        if let Some(route) = &self.route {
-            let slot = Slot::default();
-            let fill = slot.clone();
-            let done = Box::new(move |r: Result<BytesFrame, crate::bus::Unavailable>| {
-                fill.fill(r.ok().and_then(|f| parse_read(&f, q)).ok_or(Unavailable));
-            });
-            let args: [&[u8]; 9] = [
-                b"2",
-                &meta,
-                &log,
-                cand.as_str().as_bytes(),
-                ttl.as_bytes(),
-                &epoch,
-                after.as_bytes(),
-                limit.as_bytes(),
-                if q.listing { b"1" } else { b"0" },
-            ];
-            route.run(Bytes::from(chan), Script::Read, &args, done).map_err(|_| Unavailable)?;
-            return slot.wait().await;
-        }
-        let sha = self.sha_read.borrow().clone();
-        let cmd = command(&[
-            b"EVALSHA",
-            sha.as_bytes(),
+        // KEYS and ARGV of read.lua, the same on either route.
+        let args: [&[u8]; 9] = [
             b"2",
             &meta,
             &log,
@@ -345,7 +323,21 @@ impl HistLink {
             after.as_bytes(),
             limit.as_bytes(),
             if q.listing { b"1" } else { b"0" },
-        ]);
+        ];
+        if let Some(route) = &self.route {
+            let slot = Slot::default();
+            let fill = slot.clone();
+            let done = Box::new(move |r: Result<BytesFrame, crate::bus::Unavailable>| {
+                fill.fill(r.ok().and_then(|f| parse_read(&f, q)).ok_or(Unavailable));
+            });
+            route.run(Bytes::from(chan), Script::Read, &args, done).map_err(|_| Unavailable)?;
+            return slot.wait().await;
+        }
+        let sha = self.sha_read.borrow().clone();
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 + args.len());
+        parts.extend_from_slice(&[b"EVALSHA", sha.as_bytes()]);
+        parts.extend_from_slice(&args);
+        let cmd = command(&parts);
         let slot = Slot::default();
         self.queue(cmd.clone(), Pending::Read { cmd, retried: false, q, slot: slot.clone(), at: Instant::now() });
         slot.wait().await
@@ -400,24 +392,17 @@ impl HistLink {
     }
 
     async fn connect(&self) -> Result<(TcpStream, BytesMut), LinkError> {
-        let mut last = LinkError::Io(io::Error::new(io::ErrorKind::NotFound, "Redis's address is not resolved yet"));
-        // The one server (`start` allows history on a single Redis only).
+        // The one server (routed topologies use the publisher's links).
         let view = self.topo.view();
-        let Some(node) = view.nodes.first() else { return Err(last) };
+        let Some(node) = view.nodes.first() else {
+            return Err(LinkError::Io(io::Error::new(io::ErrorKind::NotFound, "no Redis server in the view")));
+        };
         *self.url.borrow_mut() = node.url.clone();
-        for &addr in &node.addrs {
-            match TcpStream::connect_addr(addr).await {
-                Ok(stream) => return self.handshake(stream).await,
-                Err(e) => last = e.into(),
-            }
-        }
-        Err(last)
+        self.handshake(connect_any(&node.addrs).await?).await
     }
 
     /// AUTH/SELECT/SETNAME, then SCRIPT LOAD of both scripts, pipelined.
     async fn handshake(&self, stream: TcpStream) -> Result<(TcpStream, BytesMut), LinkError> {
-        stream.set_nodelay(true)?;
-        stream.set_tcp_keepalive(Some(Duration::from_secs(5)), Some(Duration::from_secs(1)), Some(3))?;
         let name = format!("corecast-hist-{:02}", self.shard);
         let (mut out, steps) = resp::handshake(&self.url.borrow(), &name, self.topo.mode.check_role());
         out.extend_from_slice(&command(&[b"SCRIPT", b"LOAD", PUBLISH_LUA.as_bytes()]));
@@ -559,24 +544,6 @@ impl HistLink {
         }
         if lost > 0 {
             warn!(shard = self.shard, lost, "history publishes lost with the redis connection");
-        }
-    }
-}
-
-/// Reads until one whole reply is decoded (handshake only).
-async fn next_frame(stream: &TcpStream, buf: &mut BytesMut) -> Result<BytesFrame, LinkError> {
-    loop {
-        match decode_bytes_mut(buf) {
-            Ok(Some((frame, _, _))) => return Ok(frame),
-            Ok(None) => {}
-            Err(_) => return Err(LinkError::Protocol),
-        }
-        stream.readable(false).await?;
-        match try_recv(stream.as_raw_fd(), buf) {
-            Ok(0) => return Err(LinkError::Closed),
-            Ok(_) => {}
-            Err(e) if would_block(&e) => {}
-            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -205,37 +205,16 @@ impl NodeLink {
 
     /// Connects to the addresses the topology resolved (no DNS on the shard).
     async fn connect(&self) -> Result<(TcpStream, BytesMut), LinkError> {
-        let mut last = LinkError::Io(io::Error::new(io::ErrorKind::NotFound, "the Redis host has no address"));
-        for &addr in &self.node.addrs {
-            match TcpStream::connect_addr(addr).await {
-                Ok(stream) => return self.handshake(stream).await,
-                Err(e) => last = e.into(),
-            }
-        }
-        Err(last)
+        self.handshake(connect_any(&self.node.addrs).await?).await
     }
 
     async fn handshake(&self, stream: TcpStream) -> Result<(TcpStream, BytesMut), LinkError> {
-        stream.set_nodelay(true)?;
-        stream.set_tcp_keepalive(Some(Duration::from_secs(5)), Some(Duration::from_secs(1)), Some(3))?;
         let name = format!("corecast-pub-{:02}", self.shard);
         let (out, steps) = resp::handshake(&self.node.url, &name, self.topo.mode.check_role());
         write_all(&stream, &out).await?;
         let mut buf = BytesMut::new();
         for step in steps {
-            let reply = loop {
-                if let Some(reply) = resp::take_frame(&mut buf)? {
-                    break reply;
-                }
-                stream.readable(false).await?;
-                match try_recv(stream.as_raw_fd(), &mut buf) {
-                    Ok(0) => return Err(LinkError::Closed),
-                    Ok(_) => {}
-                    Err(e) if would_block(&e) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            };
-            resp::check(step, &reply)?;
+            resp::check(step, &next_frame(&stream, &mut buf).await?)?;
         }
         Ok((stream, buf))
     }
@@ -394,6 +373,40 @@ impl NodeLink {
 }
 
 // ---- non-blocking I/O on the shard's runtime ------------------------------------
+
+/// Connects to the first of `addrs` that answers, with the socket options
+/// every Redis link of a shard uses (no Nagle; keepalive probes after 5 s of
+/// silence, so a vanished host is noticed even when both sides are idle).
+pub(super) async fn connect_any(addrs: &[std::net::SocketAddr]) -> Result<TcpStream, LinkError> {
+    let mut last = LinkError::Io(io::Error::new(io::ErrorKind::NotFound, "the Redis host has no address"));
+    for &addr in addrs {
+        match TcpStream::connect_addr(addr).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                stream.set_tcp_keepalive(Some(Duration::from_secs(5)), Some(Duration::from_secs(1)), Some(3))?;
+                return Ok(stream);
+            }
+            Err(e) => last = e.into(),
+        }
+    }
+    Err(last)
+}
+
+/// Reads until one whole reply is in `buf`, and takes it.
+pub(super) async fn next_frame(stream: &TcpStream, buf: &mut BytesMut) -> Result<BytesFrame, LinkError> {
+    loop {
+        if let Some(frame) = resp::take_frame(buf)? {
+            return Ok(frame);
+        }
+        stream.readable(false).await?;
+        match try_recv(stream.as_raw_fd(), buf) {
+            Ok(0) => return Err(LinkError::Closed),
+            Ok(_) => {}
+            Err(e) if would_block(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
 
 pub(super) fn would_block(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
