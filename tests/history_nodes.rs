@@ -202,7 +202,12 @@ fn a_killed_subscriber_link_is_caught_up_in_order_once() {
         thread::sleep(Duration::from_millis(400));
         let killed: u64 = r.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).parse().unwrap();
         assert!(killed >= 2, "the node's subscriber connections were killed ({killed})");
-        a.wait_until("subscriber links back", || a.http_get("/readyz").0 == 200);
+        // Both shards' subscriber connections back at Redis (a `/readyz` read
+        // right after the kill can still say 200 before the node noticed).
+        a.wait_until("subscriber links back", || {
+            r.cli(&["CLIENT", "LIST", "TYPE", "pubsub"]).lines().filter(|l| l.contains("corecast-sub")).count() >= 2
+                && a.http_get("/readyz").0 == 200
+        });
     }
     thread::sleep(Duration::from_millis(400));
     let (missing, dup, rs) = finish(&a, room, &stop, p, &done, rs);
