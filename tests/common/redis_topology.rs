@@ -163,6 +163,39 @@ impl RedisCluster {
         });
     }
 
+    /// Every replica of primary `i` has applied everything `i` has written so
+    /// far (its `slave_repl_offset` reached the primary's `master_repl_offset`).
+    /// `WAIT` from a fresh `redis-cli` connection cannot say this: it waits only
+    /// for that connection's own writes, so it returns at once. A replica that
+    /// just finished its initial (diskless) sync may still lack writes made
+    /// since, until the primary puts it online on its first ACK.
+    pub fn wait_replicas_caught_up(&self, i: usize, limit: Duration) {
+        let field = |info: &str, key: &str| -> Option<u64> {
+            info.lines().find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+        };
+        let primary = &self.servers[i];
+        let info = primary.cli(&["INFO", "replication"]);
+        let target = field(&info, "master_repl_offset:").expect("master_repl_offset");
+        let replicas: Vec<&RedisServer> = self
+            .servers
+            .iter()
+            .filter(|s| {
+                s.is_running()
+                    && s.try_cli(&["INFO", "replication"]).is_some_and(|r| {
+                        r.contains("role:slave") && r.contains(&format!("master_port:{}", primary.port))
+                    })
+            })
+            .collect();
+        assert!(!replicas.is_empty(), "server {i} has a replica");
+        wait_until("the replicas have applied every write of their primary", limit, || {
+            replicas.iter().all(|r| {
+                r.try_cli(&["INFO", "replication"])
+                    .and_then(|x| field(&x, "slave_repl_offset:"))
+                    .is_some_and(|o| o >= target)
+            })
+        });
+    }
+
     /// `CLUSTER NODES` as seen by server `s`.
     pub fn nodes_from(&self, s: &RedisServer) -> Option<Vec<ClusterNode>> {
         let text = s.try_cli(&["CLUSTER", "NODES"])?;

@@ -16,7 +16,7 @@ if not epoch then
   -- No history (new room, expired, deleted, or a Redis that lost its data):
   -- a new epoch, and nothing left of an older stream.
   local t = redis.call('TIME')
-  epoch = ARGV[2] .. '-' .. t[1] .. t[2]
+  epoch = ARGV[2] .. '-' .. t[1] .. string.format('%06d', tonumber(t[2]))
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
 end

@@ -14,7 +14,7 @@ local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local last = 0
 if not epoch then
   local t = redis.call('TIME')
-  epoch = ARGV[1] .. '-' .. t[1] .. t[2]
+  epoch = ARGV[1] .. '-' .. t[1] .. string.format('%06d', tonumber(t[2]))
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
   redis.call('EXPIRE', KEYS[1], ARGV[2])
