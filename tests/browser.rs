@@ -137,7 +137,7 @@ fn chromium_chats_across_two_nodes() {
     assert!(status.success(), "two_nodes.mjs failed ({status})\n{report}");
     assert!(stdout.lines().any(|l| l == "browser test passed"), "{report}");
     for want in [
-        "101 accepted [permessage-deflate; server_no_context_takeover",
+        "101 accepted [permessage-deflate; server_no_context_takeover; client_no_context_takeover",
         "long (compressed) messages arrive intact both ways",
         "bob's page (node B) shows alice's message",
         "alice's page (node A) shows bob's message",

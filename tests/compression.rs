@@ -68,10 +68,15 @@ fn negotiation_accepts_what_it_can_honour_and_declines_the_rest() {
     let s = start_server(&["--shards", "1", "--compression", "on"]);
     let ext = |extra: &str| extensions(&Raw::upgrade_with(s.addr, "/ws", extra).1);
     assert_eq!(ext(""), None, "no offer: no extension");
-    assert_eq!(ext(OFFER).as_deref(), Some("permessage-deflate; server_no_context_takeover"));
+    // client_no_context_takeover is asked of every client, offered or not
+    // (RFC 7692 §7.1.1.2), so that an idle connection keeps no inflater.
+    assert_eq!(
+        ext(OFFER).as_deref(),
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+    );
     assert_eq!(
         ext("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits=10\r\n").as_deref(),
-        Some("permessage-deflate; server_no_context_takeover; client_max_window_bits=10")
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover; client_max_window_bits=10")
     );
     assert_eq!(
         ext("Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover\r\n").as_deref(),
@@ -79,7 +84,7 @@ fn negotiation_accepts_what_it_can_honour_and_declines_the_rest() {
     );
     assert_eq!(
         ext("Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=10\r\n").as_deref(),
-        Some("permessage-deflate; server_no_context_takeover; server_max_window_bits=10")
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=10")
     );
     // Parameters we cannot honour: the offer is declined, the upgrade is not.
     assert_eq!(ext("Sec-WebSocket-Extensions: permessage-deflate; mystery=1\r\n"), None);
@@ -294,15 +299,19 @@ fn an_idle_compressed_connection_costs_about_what_a_plain_one_does() {
         (bytes, cs)
     };
     let (plain, _p) = per_conn("", "p");
-    let (nct, _z1) = per_conn("Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover\r\n", "n");
-    println!("FIGURE idle RSS per connection: plain {plain} B, compressed (client_no_context_takeover) {nct} B");
-    assert!(nct < plain.max(1600) * 3, "compressed {nct} B vs plain {plain} B");
-    // A client that keeps its context (Chromium's offer) makes the node keep
-    // an inflater with its window: printed, bounded by a 32 KiB window plus
-    // zlib-rs's state.
-    let (ctx, _z2) = per_conn(OFFER, "c");
-    println!("FIGURE idle RSS per connection: compressed with context takeover (window 15) {ctx} B");
-    assert!(ctx < 64 * 1024, "{ctx} B");
+    // Chromium's offer (client_max_window_bits, context takeover allowed):
+    // answered with client_no_context_takeover, so no inflater stays behind.
+    let (chromium, _z1) = per_conn(OFFER, "c");
+    let (nct, _z2) = per_conn("Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover\r\n", "n");
+    println!(
+        "FIGURE idle RSS per connection: plain {plain} B, compressed (Chromium's offer) {chromium} B, \
+         compressed (client_no_context_takeover offered) {nct} B"
+    );
+    // An inflater with a 32 KiB window would be > 40 KiB each; the bound is
+    // loose only for the shared, noisy box.
+    for got in [chromium, nct] {
+        assert!(got < plain.max(1600) * 3, "compressed {got} B vs plain {plain} B");
+    }
 }
 
 fn cpu_ticks(pid: u32) -> u64 {

@@ -8,7 +8,9 @@
 //! compressed frame (a `Bytes` with RSV1 set) per message per shard; inflated
 //! messages, never larger than `--max-message-bytes`.
 //!
-//! The server always answers with `server_no_context_takeover`, so every
+//! The server always answers with `server_no_context_takeover` and
+//! `client_no_context_takeover` (an inflater exists only while a compressed
+//! message is being read), so every
 //! compressed message it sends is an independent raw DEFLATE stream (its
 //! trailing 0x00 0x00 0xff 0xff removed, §7.2.1) and one frame serves every
 //! subscriber that negotiated compression. A client's
@@ -130,11 +132,16 @@ fn accept_offer<'a>(params: impl Iterator<Item = &'a str>) -> Option<(Agreed, St
             _ => return None,
         }
     }
-    let _ = snct; // we always use no context takeover, asked for or not
-    let mut response = format!("{NAME}; server_no_context_takeover");
-    if cnct {
-        response.push_str("; client_no_context_takeover");
-    }
+    // We always use no context takeover, asked for or not; and we always ask
+    // it of the client, offered or not ("A server MAY include the
+    // client_no_context_takeover extension parameter in an extension
+    // negotiation response", RFC 7692 §7.1.1.2): the node then holds an
+    // inflater only while a compressed message is being read, and an idle
+    // compressed connection costs what a plain one does. Client-to-server
+    // traffic on a fan-out server is small; its ratio matters less than
+    // memory per idle connection.
+    let _ = (snct, cnct);
+    let mut response = format!("{NAME}; server_no_context_takeover; client_no_context_takeover");
     if let Some(n) = sbits {
         // The server MUST include the "server_max_window_bits" extension
         // parameter ... with a value equal to or smaller than the received
@@ -148,7 +155,7 @@ fn accept_offer<'a>(params: impl Iterator<Item = &'a str>) -> Option<(Agreed, St
         }
         _ => 15,
     };
-    Some((Agreed::new(cnct, client_bits, sbits.unwrap_or(15)), response))
+    Some((Agreed::new(true, client_bits, sbits.unwrap_or(15)), response))
 }
 
 /// A quoted-string value is the same after unquoting (RFC 7692 §7); only
@@ -377,15 +384,15 @@ mod tests {
     #[test]
     fn a_plain_offer_is_accepted_with_server_no_context_takeover() {
         let (a, r) = neg("permessage-deflate").unwrap();
-        assert_eq!(r, "permessage-deflate; server_no_context_takeover");
-        assert!(a.is_on() && !a.client_no_context());
+        assert_eq!(r, "permessage-deflate; server_no_context_takeover; client_no_context_takeover");
+        assert!(a.is_on() && a.client_no_context(), "asked of the client even if not offered");
         assert_eq!((a.client_bits(), a.server_bits()), (15, 15));
     }
 
     #[test]
     fn client_parameters_are_answered_as_offered() {
         let (a, r) = neg("permessage-deflate; client_max_window_bits").unwrap();
-        assert_eq!(r, "permessage-deflate; server_no_context_takeover");
+        assert_eq!(r, "permessage-deflate; server_no_context_takeover; client_no_context_takeover");
         assert_eq!(a.client_bits(), 15);
         let (a, r) = neg("permessage-deflate; client_max_window_bits=10; client_no_context_takeover").unwrap();
         assert_eq!(
@@ -395,7 +402,10 @@ mod tests {
         assert!(a.client_no_context());
         assert_eq!(a.client_bits(), 10);
         let (a, r) = neg("Permessage-Deflate; server_max_window_bits=\"9\"; server_no_context_takeover").unwrap();
-        assert_eq!(r, "permessage-deflate; server_no_context_takeover; server_max_window_bits=9");
+        assert_eq!(
+            r,
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=9"
+        );
         assert_eq!((a.server_bits(), a.max_compressed_payload()), (9, 512));
     }
 

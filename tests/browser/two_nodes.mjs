@@ -4,7 +4,7 @@
 // shows on B's page and B's on A's; each page shows its node's connection
 // count from /metrics. Also checks the WebSocket handshake: the nodes run
 // with `--compression on`, Chromium offers permessage-deflate and the 101
-// accepts it with server_no_context_takeover (RFC 7692, PROTOCOL.md §9); a
+// accepts it with server_ and client_no_context_takeover (RFC 7692, PROTOCOL.md §9); a
 // message long enough to be compressed (past --compression-min-bytes) goes
 // each way intact.
 //
@@ -172,7 +172,7 @@ async function run(ctx) {
     if (response.status !== 101) throw new Error(`${p.user}: handshake status ${response.status}`);
     const offered = request["sec-websocket-extensions"] || "";
     const accepted = lower(response.headers)["sec-websocket-extensions"] || "";
-    if (!/^permessage-deflate\b/.test(accepted) || !/server_no_context_takeover/.test(accepted)) {
+    if (!/^permessage-deflate\b/.test(accepted) || !/server_no_context_takeover/.test(accepted) || !/client_no_context_takeover/.test(accepted)) {
       throw new Error(`${p.user}: browser offered [${offered}], 101 answered [${accepted}]: permessage-deflate not negotiated`);
     }
     console.log(`${p.user}: browser offered [${offered}]; 101 accepted [${accepted}]; joined ${ROOM}`);
