@@ -11,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::history::{Pos, api_publish};
+use common::priority::{nice, realtime};
 use common::redis::{RedisServer, deadline};
 use common::{Client, start_server};
 use serde_json::json;
@@ -18,14 +19,15 @@ use tungstenite::Message;
 
 const CLIENTS: usize = 5000;
 const THREADS: usize = 10;
-/// The bound on a ping round trip during the storm. The issue asks for
-/// 100 ms; this box (2 cores shared by several engineers' builds and tests,
-/// a debug build of the server, the test's own 10 client threads) is noisy:
-/// measured worst round trips were 38-243 ms, typically ~70 ms. So the bound
-/// is 250 ms, or a third of the storm's duration when the box is so loaded
-/// that the storm itself takes longer than 750 ms: a shard that blocked on
-/// the storm would hold a ping for about the whole storm, which fails either.
-const PING_BOUND: Duration = Duration::from_millis(250);
+/// The bound on a ping round trip during the storm, as the issue asks.
+/// The box has 2 cores shared by the node, its Redis and the 5000 clients'
+/// threads; in production the clients are other machines. So the client
+/// threads run at nice 19 (they stand in for remote clients: the node's
+/// threads come first) and the pinger under SCHED_FIFO (its own scheduling
+/// is never what is late): what the bound measures is the node's shards.
+/// Before (pinger and clients at the same priority) worst round trips were
+/// 24-243 ms; the box's noise, not the shard.
+const PING_BOUND: Duration = Duration::from_millis(100);
 
 /// The storms share the box's two cores: one at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -58,6 +60,7 @@ fn storm(extra: &[&str]) {
         .map(|_| {
             let (url, go, since) = (url.clone(), go.clone(), since.clone());
             thread::spawn(move || {
+                nice(19);
                 let mut cs: Vec<Client> = (0..CLIENTS / THREADS).map(|_| Client::connect(&url)).collect();
                 go.wait();
                 let op = json!({"op":"subscribe","room":room,"since":since,"id":1}).to_string();
@@ -91,6 +94,7 @@ fn storm(extra: &[&str]) {
         let (url, storming, started_storm) = (url.clone(), storming.clone(), started_storm.clone());
         let mut c = Client::connect(&url);
         thread::spawn(move || {
+            realtime();
             let mut worst = Duration::ZERO;
             let mut pings = 0;
             while storming.load(Ordering::SeqCst) {
@@ -124,8 +128,7 @@ fn storm(extra: &[&str]) {
     assert_eq!(recovered, CLIENTS);
     assert!(s.metric("corecast_history_recovered_total") as usize >= CLIENTS);
     assert!(pings > 0);
-    let bound = PING_BOUND.max(took / 3);
-    assert!(worst < bound, "a ping took {worst:?} during a storm of {took:?} (bound {bound:?})");
+    assert!(worst < PING_BOUND, "a ping took {worst:?} during a storm of {took:?} (bound {PING_BOUND:?})");
 }
 
 /// The next text message, within a minute.

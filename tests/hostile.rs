@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::priority::realtime;
 use common::{Client, Raw, client_frame, http_at, start_server};
 use serde_json::json;
 use socket2::{Domain, Socket, Type};
@@ -105,31 +106,6 @@ impl std::fmt::Display for Rtts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let slow = self.0.iter().filter(|d| **d > Duration::from_millis(50)).count();
         write!(f, "p99 {:?}, worst {:?} over {} ({slow} over 50 ms)", self.p99(), self.worst(), self.0.len())
-    }
-}
-
-/// Runs the calling thread (the prober's, which mostly sleeps) under
-/// SCHED_FIFO, so that on this 2-core box the CPU the attack takes (its
-/// loopback traffic is kernel work on the same cores) cannot keep the
-/// prober itself from running: what is measured is the node. Checked: with
-/// a prober at nice -15 the epoll-driver runs showed 0.4-0.8 s of
-/// consecutive late pings while the attacker drained its responses; at
-/// SCHED_FIFO, none (worst 12-17 ms). Needs root (CI is root); without it,
-/// falls back to nice -15 and the test measures as it can.
-fn realtime() {
-    let param = libc::sched_param { sched_priority: 10 };
-    // SAFETY: plain syscall about the calling thread; `param` outlives it.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
-        nice(-15);
-    }
-}
-
-/// Sets the calling thread's nice value (Linux: per thread).
-fn nice(n: i32) {
-    // SAFETY: plain syscalls about the calling thread.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, n);
     }
 }
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod history;
+pub mod priority;
 pub mod redis;
 pub mod redis_topology;
 
