@@ -25,21 +25,23 @@ pids=()
 cleanup() { for p in "${pids[@]+"${pids[@]}"}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-# start_node MODE: a node on a free port; prints its address.
+# start_node MODE: a node on a free port; sets $addr. (Not in a command
+# substitution: the node's pid must reach `pids` in this shell for cleanup.)
 start_node() {
   local log="$OUT/node-$1.log"
   # Autobahn's 9.* cases send messages up to 16 MiB: raise the limits for this run.
   "$BIN" --listen 127.0.0.1:0 --shards 2 --echo --max-message-bytes 20000000 \
     --outbound-queue-bytes 67108864 --compression "$1" >"$log" 2>"$log.err" &
   pids+=($!)
+  addr=""
   for _ in $(seq 100); do grep -q 'listening on' "$log" && break; sleep 0.05; done
-  local addr
   addr=$(sed -n 's/^corecast listening on //p' "$log")
   [ -n "$addr" ] || { cat "$log.err" >&2; echo "autobahn.sh: corecast --compression $1 did not start" >&2; exit 2; }
-  echo "$addr"
 }
-off=$(start_node off)
-on=$(start_node on)
+start_node off
+off=$addr
+start_node on
+on=$addr
 
 CORE='1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*'
 # The cost of a 12.*/13.* case grows with its last number (message size and

@@ -161,6 +161,11 @@ pub struct Options {
     /// at most 10 s), so that tests can stall one shard. Never in production.
     #[arg(long, env = "CORECAST_DEBUG_HOOKS", hide = true, num_args = 0..=1, default_missing_value = "true")]
     pub debug_hooks: Option<bool>,
+    /// Benchmarks only: `false` makes the io_uring driver write one
+    /// `sendmsg(2)` per connection as the epoll driver does, for A/B runs of
+    /// the batched sends on one binary. [default: true]
+    #[arg(long, env = "CORECAST_BATCHED_SENDS", hide = true)]
+    pub batched_sends: Option<bool>,
 }
 
 /// `--compression`: permessage-deflate accepted or declined.
@@ -228,6 +233,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `--debug-hooks` (hidden, test-only): `/debug/shard`, `/debug/stall`.
     pub debug_hooks: bool,
+    /// `--batched-sends` (hidden, for benchmarks): io_uring batches the
+    /// flusher's writes (io_uring driver only).
+    pub batched_sends: bool,
     /// Room history (§7); `None`: off.
     pub history: Option<crate::history::Settings>,
 }
@@ -265,6 +273,7 @@ impl Options {
             driver,
             log_format,
             debug_hooks,
+            batched_sends,
             history_size,
             history_ttl_secs
         )
@@ -352,6 +361,7 @@ impl Config {
             driver: o.driver.unwrap_or(Driver::Auto),
             log_format: o.log_format.unwrap_or(LogFormat::Text),
             debug_hooks: o.debug_hooks.unwrap_or(false),
+            batched_sends: o.batched_sends.unwrap_or(true),
             history,
         })
     }

@@ -238,6 +238,8 @@ shard_metrics! {
     redis_reader_waits_total: "counter", "Times the Redis reader stopped reading because its shard's inbox was full.";
     close_timeouts_total: "counter", "Connections cut off because they did not answer our close frame in time.";
     control_rate_limited_total: "counter", "Ping/pong frames from clients ignored for exceeding --max-ops-per-sec.";
+    sends_batched_total: "counter", "Socket writes that went to the kernel in an io_uring batch (io_uring driver), not one sendmsg(2) each.";
+    send_batches_total: "counter", "io_uring_enter calls that carried those batched writes.";
     pongs_coalesced_total: "counter", "Pongs that replaced a waiting, unsent pong instead of being queued (RFC 6455 5.5.3).";
     inbox_dropped_total: "counter", "Messages for this shard dropped because its inbox was full (see README: inbox policy).";
     redis_history_connected: "gauge", "1 while this shard's Redis history connection (--history-size) is up.";

@@ -69,6 +69,11 @@ const KILLED: u8 = 8;
 const GONE: u8 = 16;
 /// Accepted on the admin listener (`--admin-listen`).
 const ADMIN: u8 = 32;
+/// A batched send of the queue is with the kernel (`shard::flush`): the
+/// queue must not be prepared again before its completion. (A connection
+/// can be on the dirty list twice: a direct `flush`, e.g. for a waiting
+/// pong, clears `DIRTY` and a new frame puts it back.)
+const SENDING: u8 = 64;
 
 /// What the WebSocket loop serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +96,7 @@ pub enum Listener {
 pub struct Conn {
     pub id: ConnId,
     stream: TcpStream,
-    fd: RawFd,
+    pub(crate) fd: RawFd,
     flags: Cell<u8>,
     /// permessage-deflate as agreed in the upgrade (`ws::deflate::Agreed`;
     /// 0: not negotiated). Two bytes; the inflater, when a connection needs

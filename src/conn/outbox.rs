@@ -18,7 +18,15 @@ use std::os::fd::RawFd;
 use bytes::Bytes;
 
 /// Frames one `sendmsg` takes at most (well under IOV_MAX = 1024).
-const IOV_PER_SEND: usize = 64;
+pub const IOV_PER_SEND: usize = 64;
+
+/// An iovec that points nowhere (to fill arrays).
+pub const EMPTY_IOV: libc::iovec = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+
+/// `sendmsg` flags for every send: never block (a full socket answers
+/// EAGAIN, through io_uring too: MSG_DONTWAIT makes the request fail rather
+/// than wait), never raise SIGPIPE.
+pub const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
 
 /// `Outbox::pong` when no pong is waiting.
 const NO_PONG: u32 = u32::MAX;
@@ -104,22 +112,15 @@ impl Outbox {
     pub fn try_flush(&mut self, fd: RawFd) -> io::Result<(usize, Flush)> {
         let mut written = 0;
         while !self.frames.is_empty() {
-            let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; IOV_PER_SEND];
-            let mut n = 0;
-            let mut want = 0;
-            for (i, f) in self.frames.iter().take(IOV_PER_SEND).enumerate() {
-                let part = if i == 0 { &f[self.head_written as usize..] } else { &f[..] };
-                iov[i] = libc::iovec { iov_base: part.as_ptr() as *mut _, iov_len: part.len() };
-                want += part.len();
-                n += 1;
-            }
+            let mut iov = [EMPTY_IOV; IOV_PER_SEND];
+            let (n, want) = self.prepare(&mut iov);
             // SAFETY: msghdr is plain data; all-zero is a valid empty header.
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
             msg.msg_iov = iov.as_mut_ptr();
             msg.msg_iovlen = n;
             // SAFETY: every iovec points into a `Bytes` owned by `self.frames`,
             // which is not touched until the call returns.
-            let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            let r = unsafe { libc::sendmsg(fd, &msg, SEND_FLAGS) };
             if r < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
@@ -128,18 +129,41 @@ impl Outbox {
                     _ => return Err(e),
                 }
             }
-            let r = r as usize;
-            written += r;
-            self.advance(r);
-            if r < want {
+            written += r as usize;
+            if self.complete(r as usize, want) == Flush::Blocked {
                 return Ok((written, Flush::Blocked));
             }
         }
-        // An idle connection should not keep a grown queue around.
-        if self.frames.capacity() > 16 {
+        Ok((written, Flush::Empty))
+    }
+
+    /// Points `iov` at the queued bytes, as many frames as it has room for (the
+    /// first from where a partial write left it). Returns the iovecs filled
+    /// and the bytes they cover. The frames must not change until the send
+    /// that uses `iov` has completed (`complete`).
+    pub fn prepare(&self, iov: &mut [libc::iovec]) -> (usize, usize) {
+        let (mut n, mut want) = (0, 0);
+        for (i, f) in self.frames.iter().take(iov.len()).enumerate() {
+            let part = if i == 0 { &f[self.head_written as usize..] } else { &f[..] };
+            iov[i] = libc::iovec { iov_base: part.as_ptr() as *mut _, iov_len: part.len() };
+            want += part.len();
+            n += 1;
+        }
+        (n, want)
+    }
+
+    /// A send of `want` prepared bytes wrote `r` of them: drops what went
+    /// out. `Blocked` if the socket took less (it is full).
+    pub fn complete(&mut self, r: usize, want: usize) -> Flush {
+        self.advance(r);
+        if r < want {
+            return Flush::Blocked;
+        }
+        if self.frames.is_empty() && self.frames.capacity() > 16 {
+            // An idle connection should not keep a grown queue around.
             self.frames = VecDeque::new();
         }
-        Ok((written, Flush::Empty))
+        Flush::Empty
     }
 
     fn advance(&mut self, mut n: usize) {

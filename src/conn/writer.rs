@@ -4,8 +4,9 @@
 //! heartbeat pings, close frames and HTTP responses — all through `push` (or
 //! `pong`), all counted against one limit, `--outbound-queue-bytes`: a client
 //! that lets its queue pass it is cut off with 1008 (`kill`), whatever kind
-//! of bytes it made us queue. Out: `sendmsg(2)` by the shard's flusher once
-//! per turn (`flush`); a socket that is full gets a writer task that waits
+//! of bytes it made us queue. Out: by the shard's flusher once per turn,
+//! batched through io_uring (`prepare_send` / `sent`, see `shard::flush`) or
+//! one `sendmsg(2)` each (`flush`); a socket that is full gets a writer task that waits
 //! for it to become writable, and that task ends as soon as the connection is
 //! `GONE` (see `Conn::release`).
 
@@ -17,7 +18,7 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::outbox::Flush;
-use super::{CLOSE_SENT, Conn, DIRTY, GONE, KILLED, WRITER};
+use super::{CLOSE_SENT, Conn, DIRTY, GONE, KILLED, SENDING, WRITER};
 use crate::shard::Shard;
 use crate::ws::{self, CloseCode};
 
@@ -127,11 +128,56 @@ impl Conn {
         }
         match self.try_write(shard) {
             Ok(Flush::Empty) => {}
-            Ok(Flush::Blocked) => {
-                self.set(WRITER);
-                monoio::spawn(Conn::run_writer(self.clone(), shard.clone()));
-            }
+            Ok(Flush::Blocked) => self.wait_writable(shard),
             Err(_) => self.kill(shard, CloseCode::INTERNAL),
+        }
+    }
+
+    fn wait_writable(self: &Rc<Self>, shard: &Rc<Shard>) {
+        self.set(WRITER);
+        monoio::spawn(Conn::run_writer(self.clone(), shard.clone()));
+    }
+
+    // ---- the batched path (`shard::flush`, io_uring driver) ----------------
+    //
+    // `prepare_send` points iovecs at the queue; the flusher submits many
+    // connections' sends in one `io_uring_enter` and hands each result to
+    // `sent`. Between the two nothing touches the queue: the flusher does
+    // both in one synchronous step, with no await in between.
+
+    /// Takes this connection's turn in a flush pass: whether it has bytes
+    /// for a batched send now (not while a writer task owns the socket).
+    pub(crate) fn take_turn(&self) -> bool {
+        self.clear(DIRTY);
+        !self.has(WRITER | GONE | SENDING) && !self.outbox.borrow().is_empty()
+    }
+
+    /// Fills `iov` for one `sendmsg`; returns (iovecs used, bytes covered).
+    /// The queue is the kernel's to read until `sent`.
+    pub(crate) fn prepare_send(&self, iov: &mut [libc::iovec]) -> (usize, usize) {
+        self.set(SENDING);
+        self.outbox.borrow().prepare(iov)
+    }
+
+    /// The result of a batched send prepared by `prepare_send`: bytes
+    /// written, or a negated errno.
+    pub(crate) fn sent(self: &Rc<Self>, shard: &Rc<Shard>, res: i32, want: usize) {
+        self.clear(SENDING);
+        if res >= 0 {
+            shard.m().bytes_out_total.add(res as u64);
+            let st = self.outbox.borrow_mut().complete(res as usize, want);
+            match st {
+                Flush::Blocked => self.wait_writable(shard),
+                // More frames than one send took: the rest at once.
+                Flush::Empty if !self.outbox.borrow().is_empty() => self.flush(shard),
+                Flush::Empty => {}
+            }
+        } else if res == -libc::EAGAIN {
+            self.wait_writable(shard);
+        } else if res == -libc::EINTR {
+            self.flush(shard);
+        } else {
+            self.kill(shard, CloseCode::INTERNAL);
         }
     }
 

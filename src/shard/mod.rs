@@ -28,6 +28,7 @@
 //! fan-out and a heartbeat sweep (a broken contract panics the shard).
 //! No borrow is ever held across an `.await`.
 
+mod flush;
 pub mod heartbeat;
 pub mod inbox;
 pub mod rooms;
@@ -60,8 +61,6 @@ pub type ConnId = u32;
 
 /// Inbox messages handled before the inbox task yields to the others.
 const INBOX_BATCH: usize = 256;
-/// Connections the flusher writes out before it lets other tasks run.
-const FLUSH_BATCH: usize = 512;
 
 pub struct Shard {
     pub id: usize,
@@ -410,27 +409,6 @@ impl Shard {
             w.wake();
         }
         dirty.push(conn);
-    }
-
-    /// The flusher task: once per turn of the event loop, writes out every
-    /// connection that got frames, one `sendmsg` each. Bounded per pass: after
-    /// `FLUSH_BATCH` connections it yields, so that a huge room (or a recovery
-    /// storm) does not keep the shard from reading and answering everyone
-    /// else; the rest of the batch goes out on the next pass.
-    pub async fn run_flusher(self: Rc<Self>) {
-        let mut batch: Vec<Rc<Conn>> = Vec::new();
-        loop {
-            until(&self.flusher, || !self.dirty.borrow().is_empty()).await;
-            std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
-            let mut n = 0;
-            for conn in batch.drain(..) {
-                conn.flush(&self);
-                n += 1;
-                if n % FLUSH_BATCH == 0 {
-                    self.yield_now().await;
-                }
-            }
-        }
     }
 
     // ---- yielding -------------------------------------------------------------
