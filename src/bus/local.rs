@@ -1,5 +1,5 @@
 //! The embedded local bus: a publish goes straight into every other shard's
-//! inbox (one shared frame, one shared room name) and is delivered to this
+//! inbox (each its own copy of the frame and room name) and is delivered to this
 //! shard's own members without a hop (Seastar's `invoke_on` vs `local()`).
 //!
 //! Every shard gets every message; a shard with no member of the room drops
@@ -24,15 +24,20 @@ pub fn publish(shard: &Shard, target: Target<'_>, frame: Bytes) -> Result<(), Un
         if shard.peers_congested() {
             return Err(Unavailable);
         }
-        let (name, room): (Arc<str>, bool) = match target {
-            Target::Room(r) => (Arc::from(r), true),
-            Target::User(u) => (Arc::from(u), false),
+        // Each shard gets its own copy of the frame and the name: the
+        // shards' deliveries clone and drop them once per member, and a
+        // reference count shared across cores would bounce its cache line
+        // between them on every one. One memcpy per shard is cheaper.
+        let (name, room) = match target {
+            Target::Room(r) => (r, true),
+            Target::User(u) => (u, false),
         };
         shard.to_other_shards(|| {
+            let (name, frame): (Arc<str>, Bytes) = (Arc::from(name), Bytes::copy_from_slice(&frame));
             if room {
-                ShardMsg::Room { room: name.clone(), frame: frame.clone(), sent, pos: None }
+                ShardMsg::Room { room: name, frame, sent, pos: None }
             } else {
-                ShardMsg::Direct { user: name.clone(), frame: frame.clone(), sent }
+                ShardMsg::Direct { user: name, frame, sent }
             }
         });
     }

@@ -71,6 +71,12 @@ impl Batcher {
             if !conn.take_turn() {
                 continue;
             }
+            if sq.is_full() {
+                // Unreachable (BATCH entries, BATCH connections at most):
+                // this one the plain way.
+                conn.flush(shard);
+                continue;
+            }
             let slot = &mut self.slots[i];
             let (n, want) = conn.prepare_send(&mut slot.iov);
             slot.want = want;
@@ -83,13 +89,13 @@ impl Batcher {
             // SAFETY: the slot (msghdr and iovecs) and the frames it points
             // into stay alive and unchanged until its completion is read in
             // `complete` below, before this function returns; at most BATCH
-            // requests (the ring's size) are pushed between two submissions.
+            // requests (the ring's size) are pushed between two submissions,
+            // and the queue is not full (checked above).
             if unsafe { sq.push(&sqe) }.is_ok() {
                 queued += 1;
             } else {
-                // Unreachable (BATCH entries, BATCH connections at most):
-                // this one the plain way.
-                conn.flush(shard);
+                // Cannot happen; if it did, the writer task takes over.
+                conn.sent(shard, -libc::EAGAIN, 0);
             }
         }
         drop(sq);
