@@ -895,4 +895,91 @@ mod tests {
         drop(h);
         assert_eq!((&input.pipe).read(&mut buf).unwrap(), 0, "a stopped shard closes the pipe");
     }
+
+    /// The same check with serde_json (borrowed fields, the rest skipped
+    /// and validated by `IgnoredAny`), for the measurement below.
+    fn serde_check(kind: Kind, name: &str, payload: &[u8]) -> Result<Option<(String, u64)>, Malformed> {
+        #[derive(serde::Deserialize)]
+        struct Probe<'a> {
+            #[serde(borrow)]
+            ev: Option<std::borrow::Cow<'a, str>>,
+            #[serde(borrow)]
+            room: Option<std::borrow::Cow<'a, str>>,
+            #[serde(borrow)]
+            epoch: Option<std::borrow::Cow<'a, str>>,
+            offset: Option<serde_json::Value>,
+        }
+        let p: Probe<'_> = serde_json::from_slice(payload).map_err(|_| Malformed::NotJson)?;
+        let want = if kind == Kind::Room { "message" } else { "direct" };
+        if p.ev.as_deref() != Some(want) {
+            return Err(Malformed::WrongEvent);
+        }
+        if kind == Kind::Room && p.room.as_deref() != Some(name) {
+            return Err(Malformed::WrongRoom);
+        }
+        Ok(p.epoch.zip(p.offset.and_then(|o| o.as_u64())).map(|(e, o)| (e.into_owned(), o)))
+    }
+
+    /// A room message of about `size` bytes: a chat/ticker-like `data`
+    /// object with strings, numbers and a nested array, as backends publish.
+    fn payload(size: usize) -> Vec<u8> {
+        let mut items = Vec::new();
+        let mut i = 0;
+        loop {
+            items.push(serde_json::json!({"id": i, "sym": format!("S{i:04}"), "px": 101.25 + i as f64,
+                "qty": i * 7, "text": "the quick brown fox jumps", "tags": ["a", "b", i]}));
+            let v = serde_json::json!({"ev":"message","room":"lobby","from":"backend","data":{"items":items},
+                "epoch":"abc-1796124832349700","offset":12345});
+            let out = serde_json::to_vec(&v).unwrap();
+            if out.len() >= size || i > 10_000 {
+                return out;
+            }
+            i += 1;
+        }
+    }
+
+    /// Measurement (bench/RESULTS.md), not run by default: simd-json (what
+    /// the reader uses) vs serde_json for the reader's per-message check.
+    /// `cargo test --release --lib -- --ignored --nocapture json_check_simd_vs_serde`
+    #[test]
+    #[ignore]
+    fn json_check_simd_vs_serde() {
+        let mut j = JsonCheck::default();
+        for size in [100, 300, 600, 1024, 4096, 16 * 1024, 64 * 1024] {
+            let p = payload(size);
+            assert_eq!(
+                j.check_with_position(Kind::Room, "lobby", &p, usize::MAX).unwrap().map(|x| x.offset),
+                serde_check(Kind::Room, "lobby", &p).unwrap().map(|x| x.1),
+                "same answer"
+            );
+            let iters = (64 << 20) / p.len();
+            let time = |f: &mut dyn FnMut()| {
+                let mut best = f64::MAX;
+                for _ in 0..5 {
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        f();
+                    }
+                    best = best.min(t.elapsed().as_secs_f64() / iters as f64);
+                }
+                best
+            };
+            let simd = time(&mut || {
+                std::hint::black_box(j.check_with_position(Kind::Room, "lobby", std::hint::black_box(&p), usize::MAX))
+                    .unwrap();
+            });
+            let serde = time(&mut || {
+                std::hint::black_box(serde_check(Kind::Room, "lobby", std::hint::black_box(&p))).unwrap();
+            });
+            println!(
+                "FIGURE json check {} B: simd-json {:.0} ns ({:.2} GB/s), serde_json {:.0} ns ({:.2} GB/s), serde/simd {:.2}",
+                p.len(),
+                simd * 1e9,
+                p.len() as f64 / simd / 1e9,
+                serde * 1e9,
+                p.len() as f64 / serde / 1e9,
+                serde / simd
+            );
+        }
+    }
 }
