@@ -470,3 +470,70 @@ fn cluster_history_goes_on_at_a_promoted_replica_and_recovers_exactly() {
         cl.expect_silence(Duration::from_millis(300));
     }
 }
+
+/// Asynchronous replication can lose the last writes in a failover: the
+/// promoted replica's history ends before what the nodes delivered. Those
+/// offsets must never be used again for other messages (a client holding
+/// one would be "recovered" past messages it never saw): the node that
+/// delivered them notices at its catch-up and the room starts a new epoch.
+#[test]
+fn cluster_failover_that_lost_the_last_writes_starts_a_new_epoch_never_reuses_offsets() {
+    let _d = deadline("cluster_failover_that_lost_the_last_writes", 180 * SECOND);
+    let mut c = RedisCluster::start(3, 1);
+    let (a, b) = (hist_node(&c.url()), hist_node(&c.url()));
+    let (room, owner) = rooms_on_every_primary(&c).remove(0);
+    let owner_port = c.servers[owner].port;
+    let replica = (0..c.servers.len())
+        .find(|&i| {
+            c.servers[i]
+                .try_cli(&["INFO", "replication"])
+                .is_some_and(|r| r.contains("role:slave") && r.contains(&format!("master_port:{owner_port}")))
+        })
+        .expect("the owner's replica");
+    let mut live = Client::connect(&b.ws_url("/ws"));
+    subscribe_since(&mut live, &room, None);
+    let mut before: Vec<Pos> = (1..=7u64).map(|i| api_publish(&a, &room, json!(i))).collect();
+    let epoch = before[0].epoch.clone();
+    c.wait_replicas_caught_up(owner, 10 * SECOND);
+    // Cut replication: the replica stopped, its link closed by the primary
+    // (nothing more reaches its socket), then three more writes.
+    c.servers[replica].pause();
+    c.servers[owner].cli(&["CLIENT", "KILL", "TYPE", "replica"]);
+    before.extend((8..=10u64).map(|i| api_publish(&a, &room, json!(i))));
+    assert_eq!(before[9], Pos { epoch: epoch.clone(), offset: 10 });
+    assert_positions(&messages(&mut live, &room, 10, 10 * SECOND), &epoch, 1..=10);
+    c.servers[owner].kill();
+    c.servers[replica].resume();
+    wait_until("the replica takes over the lost primary's slots", 60 * SECOND, || {
+        let p = c.primaries();
+        p.len() == 3 && p.contains(&replica)
+    });
+    c.wait_ok(60 * SECOND);
+    // The promoted replica's history ends at 7.
+    assert_eq!(
+        c.servers[replica].cli(&["HGET", &format!("{{cc:room:{room}}}:meta"), "offset"]),
+        "7",
+        "the failover lost the last three writes"
+    );
+    // Node b delivered 8..10: its catch-up finds the history behind it and
+    // renews the epoch; its subscriber is told with a gap.
+    let got = collect(&mut live, |g| g.iter().any(|v| v["ev"] == "gap"));
+    let gap = got.iter().find(|v| v["ev"] == "gap").unwrap_or_else(|| panic!("a gap: {got:?}"));
+    assert!(got.iter().all(|v| v["ev"] == "gap"), "nothing delivered from the lost epoch: {got:?}");
+    let renewed = gap["epoch"].as_str().expect("epoch").to_string();
+    assert_ne!(renewed, epoch, "{gap}");
+    assert_eq!(gap["offset"], 0);
+    // New messages: the new epoch from 1, never epoch E offsets 8..10 again.
+    let after = publish_retrying(&a, &room, json!("after"));
+    assert_eq!(after, Pos { epoch: renewed.clone(), offset: 1 });
+    let m = messages(&mut live, &room, 1, 10 * SECOND);
+    assert_positions(&m, &renewed, 1..=1);
+    // A client that held offset 9 of the old epoch is not "recovered".
+    for node in [&a, &b] {
+        let mut cl = Client::connect(&node.ws_url("/ws"));
+        let v = subscribe_since(&mut cl, &room, Some(&before[8]));
+        assert_eq!(v["recovered"], false, "{v}");
+        assert_eq!((v["epoch"].as_str(), v["offset"].as_u64()), (Some(renewed.as_str()), Some(1)), "{v}");
+        cl.expect_silence(Duration::from_millis(300));
+    }
+}

@@ -112,12 +112,24 @@ pub struct Query {
     /// (§7: "the last K messages, or those after N when since is given and
     /// E is current"). A recovery never takes a partial history.
     pub listing: bool,
+    /// A shard's catch-up, whose `after` is a position it delivered itself:
+    /// if the store's history is behind it in the same epoch, the store
+    /// lost messages (a failover to a replica that had not received them)
+    /// and the epoch is renewed there, so that no offset is ever reused for
+    /// another message (`scripts/read.lua`). Never set from a client's
+    /// `since`, which a client could make up.
+    pub fence: bool,
 }
 
 impl Query {
     /// A recovery (or, with `after: None` and `limit: 0`, just the position).
     pub fn recover(after: Option<Position>, limit: usize) -> Query {
-        Query { after, limit, listing: false }
+        Query { after, limit, listing: false, fence: false }
+    }
+
+    /// A shard's catch-up after `last`, which it delivered (see `fence`).
+    pub fn catch_up(last: Position, limit: usize) -> Query {
+        Query { after: Some(last), limit, listing: false, fence: true }
     }
 }
 
@@ -246,7 +258,7 @@ mod tests {
         assert!(r.covered, "nothing missed");
         let r = ReadResult::judge(pos("a", 0), Query::recover(None, 5), vec![]);
         assert!(r.covered);
-        let list = Query { after: Some(pos("a", 2)), limit: 100, listing: true };
+        let list = Query { after: Some(pos("a", 2)), limit: 100, listing: true, fence: false };
         let r = ReadResult::judge(pos("a", 20), list, entries(11..=20));
         assert!(!r.covered && r.entries.len() == 10, "a listing keeps what is left");
     }

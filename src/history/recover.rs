@@ -369,7 +369,7 @@ impl ShardHistory {
         let (shard, conn, room, id) = (shard.clone(), conn.clone(), Arc::<str>::from(room), id.map(Box::<str>::from));
         monoio::spawn(async move {
             let Some(h) = shard.history() else { return };
-            let q = Query { after: since, limit, listing: true };
+            let q = Query { after: since, limit, listing: true, fence: false };
             let r = h.read(&shard, &room, q).await;
             conn.hist.done();
             if !shard.has_conn(&conn) {
@@ -553,7 +553,7 @@ async fn catch_up(shard: Rc<Shard>, room: Arc<str>) {
         let mut got = None;
         if let Some(last) = last {
             for _ in 0..CATCH_UP_TRIES {
-                match h.read(&shard, &room, Query::recover(Some(last), h.settings.size)).await {
+                match h.read(&shard, &room, Query::catch_up(last, h.settings.size)).await {
                     Ok(r) => {
                         got = Some(r);
                         break;
@@ -594,7 +594,13 @@ async fn catch_up(shard: Rc<Shard>, room: Arc<str>) {
                 }
             }
         }
+        // The room's epoch changed under us (history lost, or fenced by the
+        // read above): what was held from the old epoch is gone with it.
+        let stale = last.filter(|l| st.last.is_some_and(|n| n.epoch != l.epoch)).map(|l| l.epoch);
         for item in held {
+            if stale.is_some_and(|e| item.pos.epoch == e) {
+                continue;
+            }
             if st.last.is_none_or(|l| after(&item.pos, &l)) {
                 st.last = Some(item.pos);
                 fan_out(&shard, &room, st, item, None);

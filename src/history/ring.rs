@@ -170,7 +170,7 @@ mod tests {
         let wrong = r.read("a", Query::recover(Some(Position { epoch: other, offset: 12 }), 10), now);
         assert!(!wrong.covered && wrong.entries.is_empty());
         assert_eq!(offsets(&r.read("a", Query::recover(None, 3), now)), [18, 19, 20]);
-        let list = |after| Query { after: Some(after), limit: 3, listing: true };
+        let list = |after| Query { after: Some(after), limit: 3, listing: true, fence: false };
         assert_eq!(offsets(&r.read("a", list(Position { epoch: e, offset: 5 }), now)), [11, 12, 13], "what is left");
         assert_eq!(offsets(&r.read("a", list(Position { epoch: other, offset: 5 }), now)), [18, 19, 20], "the last K");
     }

@@ -313,7 +313,7 @@ impl HistLink {
         let limit = q.limit.min(s.size).to_string();
         let cand = self.candidate.get();
         // KEYS and ARGV of read.lua, the same on either route.
-        let args: [&[u8]; 9] = [
+        let args: [&[u8]; 10] = [
             b"2",
             &meta,
             &log,
@@ -323,6 +323,7 @@ impl HistLink {
             after.as_bytes(),
             limit.as_bytes(),
             if q.listing { b"1" } else { b"0" },
+            if q.fence { b"1" } else { b"0" },
         ];
         if let Some(route) = &self.route {
             let slot = Slot::default();

@@ -9,6 +9,11 @@
 -- ARGV[5] at most this many messages
 -- ARGV[6] '1' for a listing (the history op): ARGV[3] from another epoch
 --         reads the last messages instead of none
+-- ARGV[7] '1' for a node's catch-up: ARGV[3]/ARGV[4] is a position the node
+--         delivered. If it is past the history in the same epoch, this
+--         history lost messages (a failover to a replica that had not got
+--         them): a new epoch starts now, so that no offset is ever used for
+--         another message than the one delivered under it.
 -- Returns {epoch, T, id1, msg1, id2, msg2, ...} in offset order.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local last = 0
@@ -20,6 +25,14 @@ if not epoch then
   redis.call('EXPIRE', KEYS[1], ARGV[2])
 else
   last = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+end
+if ARGV[7] == '1' and ARGV[3] == epoch and tonumber(ARGV[4]) > last then
+  local t = redis.call('TIME')
+  epoch = ARGV[1] .. '-' .. t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return {epoch, 0}
 end
 local out = {epoch, last}
 local limit = tonumber(ARGV[5])
