@@ -2,7 +2,8 @@
 //! message's sends to many connections enter the kernel together, one
 //! `io_uring_enter` for the batch, and every member still gets every frame,
 //! in order; the epoll driver (and `--batched-sends false`) writes one
-//! `sendmsg` each. Counted from `/metrics`.
+//! `sendmsg` each. Heartbeat pings that fall due together share a batch too.
+//! Counted from `/metrics`.
 
 mod common;
 
@@ -66,4 +67,32 @@ fn batched_sends_can_be_turned_off_for_ab_benchmarks() {
     if test_driver().as_deref() != Some("legacy") {
         plain(&["--driver", "uring", "--batched-sends", "false"]);
     }
+}
+
+/// Heartbeat pings that fall due together (one sweep tick's slice of the
+/// connection table) go out in one pass of the flusher: on io_uring, one
+/// kernel entry for many pings.
+#[test]
+fn heartbeat_pings_due_together_go_out_in_one_batch() {
+    if test_driver().as_deref() == Some("legacy") {
+        return;
+    }
+    let s = start_server(&["--shards", "1", "--driver", "uring", "--heartbeat-secs", "2"]);
+    // Silent WebSockets: they never send, so each is pinged after 2 s.
+    let _idle: Vec<common::Raw> =
+        (0..MEMBERS).map(|i| common::Raw::upgrade(s.addr, &format!("/ws?user=i{i}"))).collect();
+    s.wait_until("all connected", || s.metric("corecast_connections") as usize == MEMBERS);
+    let (sends0, batches0, pings0) = (
+        s.metric("corecast_sends_batched_total"),
+        s.metric("corecast_send_batches_total"),
+        s.metric("corecast_heartbeat_pings_total"),
+    );
+    s.wait_until("every idle connection pinged", || {
+        s.metric("corecast_heartbeat_pings_total") - pings0 >= MEMBERS as f64
+    });
+    let sends = s.metric("corecast_sends_batched_total") - sends0;
+    let batches = s.metric("corecast_send_batches_total") - batches0;
+    eprintln!("{sends} pings and other sends in {batches} io_uring batches");
+    assert!(sends >= MEMBERS as f64, "{sends}");
+    assert!(batches >= 1.0 && sends / batches >= 10.0, "{sends} sends in {batches} batches");
 }
