@@ -543,9 +543,7 @@ impl Worker {
                     Join::Wait => self.conns[ci].state = State::Subscribing,
                     Join::Send(text) => {
                         self.conns[ci].state = State::Subscribing;
-                        if self.send_text(ci, &text).is_err() {
-                            self.close(ci, Why::Closed);
-                        }
+                        self.send_text_or_close(ci, &text);
                     }
                 }
             }
@@ -667,11 +665,7 @@ impl Worker {
     /// a sender takes its own copy back as the ack and ignores other senders'.
     fn on_peer_message(&mut self, ci: usize, msg: &[u8], now: u64) {
         match (self.peer.classify(self.plan.protocol, msg), self.conns[ci].local) {
-            (Incoming::Reply(text), _) => {
-                if self.send_text(ci, text).is_err() {
-                    self.close(ci, Why::Closed);
-                }
-            }
+            (Incoming::Reply(text), _) => self.send_text_or_close(ci, text),
             (Incoming::Joined, _) if self.conns[ci].state == State::Subscribing => self.on_ready(ci, now),
             (Incoming::Error, _) => {
                 self.counters.errors += 1;
@@ -699,11 +693,13 @@ impl Worker {
         }
     }
 
-    /// Writes `text` as one masked text frame.
-    fn send_text(&mut self, ci: usize, text: &[u8]) -> io::Result<()> {
+    /// Writes `text` as one masked text frame; a failed write closes the connection.
+    fn send_text_or_close(&mut self, ci: usize, text: &[u8]) {
         let mut frame = Vec::with_capacity(text.len() + 14);
         ws::format_frame(ws::OP_TEXT, text, Some(MASK), &mut frame);
-        self.write(ci, &frame)
+        if self.write(ci, &frame).is_err() {
+            self.close(ci, Why::Closed);
+        }
     }
 
     /// A sender's request was answered: free its slot, refill in window mode.
