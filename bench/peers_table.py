@@ -62,9 +62,11 @@ def metrics(report):
     return m
 
 
-def fmt(v, digits):
+def fmt(v, digits, short=True):
     if v is None:
         return "—"
+    if not short:
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.{digits}f}"
     if abs(v) >= 10000:
         return f"{v / 1000:.0f}k"
     if abs(v) >= 1000:
@@ -72,13 +74,14 @@ def fmt(v, digits):
     return f"{v:.{digits}f}"
 
 
-def cell(stats, key, digits, unit=""):
+def cell(stats, key, digits, unit="", short=True):
+    """Median (min–max over the runs); `short=False` keeps whole numbers (latency in ms)."""
     s = stats.get(key)
     if not s:
         return "—"
-    text = fmt(s["median"], digits) + unit
+    text = fmt(s["median"], digits, short) + unit
     if len(s["samples"]) > 1:
-        text += f" ({fmt(s['min'], digits)}–{fmt(s['max'], digits)})"
+        text += f" ({fmt(s['min'], digits, short)}–{fmt(s['max'], digits, short)})"
     return text
 
 
@@ -170,7 +173,7 @@ def main():
                     f"| {label} | {system}{runs_note}{conn_note} | {cell(s, 'sent_per_s', 0)} "
                     f"| {cell(s, 'deliveries_per_server_cpu_s', 0)} "
                     f"| {cell(s, 'cpu_us_per_delivery', 2)} | {cell(s, 'redis_us_per_delivery', 2)} "
-                    f"| {cell(s, 'p50_ms', 2)} | {cell(s, 'p99_ms', 2)} | {loss_cell(s)} "
+                    f"| {cell(s, 'p50_ms', 2, short=False)} | {cell(s, 'p99_ms', 2, short=False)} | {loss_cell(s)} "
                     f"| {cell(s, 'server_rss_mib', 1, ' MiB')} | — |")
     mode = "quick" if a.quick == "1" else "full"
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
