@@ -41,8 +41,14 @@ ROWS="redis-2x1000-50,redis-2x50-3000,solo-2000-50,solo-100-1000,solo-100-3000,r
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 SERVER="${CORECAST_BIN:-$TARGET/release/corecast}"
 BENCH="$TARGET/release/corecast-bench"
-PEERS_SRC="${PEERS_SRC:-$ROOT/../../shared/peers}"
-[[ -d $PEERS_SRC ]] || PEERS_SRC=/work/shared/peers
+# The peers live next to the repository (../shared/peers); a worktree is one
+# level deeper. $PEERS_SRC overrides.
+if [[ -z ${PEERS_SRC:-} ]]; then
+    for d in "$ROOT/../shared/peers" "$ROOT/../../shared/peers" /work/shared/peers; do
+        [[ -d $d ]] && { PEERS_SRC=$(cd "$d" && pwd); break; }
+    done
+fi
+PEERS_SRC=${PEERS_SRC:-$ROOT/../shared/peers}
 PEERS="$TARGET/peers"
 OUT="$ROOT/bench/out/peers"
 
