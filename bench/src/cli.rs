@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::plan::{Plan, Scenario, Target};
 use crate::procfs::cores_available;
+use crate::proto::Protocol;
 
 #[derive(Parser)]
 #[command(name = "corecast-bench", version, about = "Load generator for corecast WebSocket fan-out servers")]
@@ -60,6 +61,13 @@ pub struct Common {
     /// Server process to watch for RSS and CPU (repeat for several nodes).
     #[arg(long = "server-pid")]
     pub server_pids: Vec<u32>,
+    /// A backplane process (e.g. redis-server) whose CPU is reported on its own (repeatable).
+    #[arg(long = "redis-pid")]
+    pub redis_pids: Vec<u32>,
+    /// Client protocol: corecast's, or a peer's (`raw` text broadcast, `socketio`, `centrifuge`),
+    /// whose servers have one channel (`--rooms 1`).
+    #[arg(long, value_enum, default_value_t = Protocol::Corecast)]
+    pub protocol: Protocol,
     /// Room names are this prefix plus a number.
     #[arg(long, default_value = "bench-")]
     pub room_prefix: String,
@@ -165,6 +173,7 @@ pub struct RunOpts {
     pub duration: Duration,
     pub grace: Duration,
     pub server_pids: Vec<u32>,
+    pub redis_pids: Vec<u32>,
     pub json: Option<PathBuf>,
     pub html: Option<PathBuf>,
     pub quiet: bool,
@@ -186,6 +195,7 @@ pub fn run_opts(cmd: &Cmd) -> Result<RunOpts, String> {
     }
     let mut plan = Plan {
         scenario,
+        protocol: common.protocol,
         worker: 0,
         workers: 1,
         t0_ns: 0,
@@ -232,6 +242,16 @@ pub fn run_opts(cmd: &Cmd) -> Result<RunOpts, String> {
     if !plan.user_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
         return Err("--user-prefix: use only A-Z a-z 0-9 _ - .".into());
     }
+    if !plan.protocol.has_rooms() && plan.rooms > 1 {
+        return Err(format!(
+            "--rooms {}: the {} protocol has one channel; use --rooms 1",
+            plan.rooms,
+            plan.protocol.name()
+        ));
+    }
+    if plan.protocol != Protocol::Corecast && scenario == Scenario::Echo {
+        return Err("--protocol: echo needs corecast's /echo".into());
+    }
     let total = plan.total();
     if total == 0 {
         return Err("nothing to do: the run has no connections".into());
@@ -252,6 +272,7 @@ pub fn run_opts(cmd: &Cmd) -> Result<RunOpts, String> {
         duration,
         grace,
         server_pids: common.server_pids.clone(),
+        redis_pids: common.redis_pids.clone(),
         json: common.json.clone(),
         html: common.html.clone(),
         quiet: common.quiet,
@@ -331,5 +352,10 @@ mod tests {
         let err = opts(&["b", "idle", "--room-prefix", "a b"]).err().unwrap();
         assert!(err.contains("--room-prefix"), "{err}");
         assert!(opts(&["b", "fanout", "--url", "wss://x"]).is_err());
+        let err = opts(&["b", "fanout", "--protocol", "raw", "--rooms", "10"]).err().unwrap();
+        assert!(err.contains("--rooms"), "{err}");
+        assert!(opts(&["b", "echo", "--protocol", "socketio"]).is_err());
+        let ok = opts(&["b", "idle", "--protocol", "centrifuge", "--rooms", "1"]).unwrap();
+        assert_eq!(ok.plan.protocol, Protocol::Centrifuge);
     }
 }

@@ -163,6 +163,7 @@ pub fn run(opts: RunOpts) -> Result<RunReport, String> {
     let ramp_deadline = t0 + ((ramp_s + 30.0) * 1e9) as u64 + plan.connect_timeout_ms * 1_000_000;
     let mut phase_end = ramp_deadline;
     let (mut server_at_go, mut server_at_stop, mut server_at_end) = (None, None, None);
+    let (mut redis_at_go, mut redis_at_end) = (None, None);
     let mut ready_counters = Counters::default();
 
     loop {
@@ -242,6 +243,7 @@ pub fn run(opts: RunOpts) -> Result<RunReport, String> {
                     progress.println("ramp did not finish in time; measuring what is connected");
                 }
                 server_at_go = sample_server(&opts.server_pids).ok().flatten();
+                redis_at_go = sample_server(&opts.redis_pids).ok().flatten();
                 if ready_counters.ready == 0 && !was_interrupted {
                     progress.println("no connection is ready: nothing to measure");
                 }
@@ -269,6 +271,7 @@ pub fn run(opts: RunOpts) -> Result<RunReport, String> {
                     && c.acked + c.errors >= c.sent * u64::from(plan.scenario == Scenario::Fanout);
                 if caught_up || stop_now || now >= phase_end {
                     server_at_end = sample_server(&opts.server_pids).ok().flatten();
+                    redis_at_end = sample_server(&opts.redis_pids).ok().flatten();
                     broadcast(&mut workers, &Command::Finish);
                     phase = Phase::Finish;
                     phase_end = now + FINISH_WAIT.as_nanos() as u64;
@@ -302,6 +305,11 @@ pub fn run(opts: RunOpts) -> Result<RunReport, String> {
     };
     let mut report = build_report(&opts, &plan, &results, &measured, timeline);
     report.started_unix_s = started_unix_s;
+    // The backplane's CPU over the same span as the server's (Go → end of drain).
+    report.redis_cpu_s = match (redis_at_go, redis_at_end.or(redis_at_go)) {
+        (Some(a), Some(b)) => Some(b.cpu_s - a.cpu_s),
+        _ => None,
+    };
     report.interrupted = was_interrupted;
     report.generator.nofile_limit = nofile;
     report.generator.workers_lost = workers.len() - results.len();
@@ -488,6 +496,8 @@ fn build_report(
         handshake_bins_us: crate::stats::log_bins(&handshake, 10),
         timeline,
         first_error: results.iter().find_map(|r| r.first_error.clone()),
+        protocol: plan.protocol,
+        redis_cpu_s: None,
     }
 }
 

@@ -9,12 +9,15 @@
 //! ([`ws`]), send pre-encoded frames and find timestamps in what they
 //! receive without parsing JSON ([`payload`]); latencies go into
 //! HdrHistograms ([`stats`]); server RSS/CPU come from /proc ([`procfs`]).
+//! `--protocol` switches the join step and receive path to one of the
+//! peers' client protocols ([`proto`]) for side-by-side runs.
 
 pub mod cli;
 pub mod coordinator;
 pub mod payload;
 pub mod plan;
 pub mod procfs;
+pub mod proto;
 pub mod report;
 pub mod stats;
 pub mod svg;

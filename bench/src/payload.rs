@@ -75,6 +75,24 @@ impl StampedFrame {
         Self::new(b.json, mask, t, s, Some(id))
     }
 
+    /// `prefix` + `{"t":T,"s":S,"k":K,"p":"xx…"}` + `suffix`, the data about
+    /// `data_size` bytes: a peer's publish (see `proto`), whose `k` names the
+    /// sender so that it knows its own copy. `stamp(t, seq, sender)` fills it.
+    pub fn wrapped(prefix: &str, suffix: &str, data_size: usize, mask: [u8; 4]) -> Self {
+        let mut b = PayloadBuilder { json: Vec::new() };
+        b.text(prefix).text(r#"{"t":"#);
+        let t = b.slot();
+        b.text(r#","s":"#);
+        let s = b.slot();
+        b.text(r#","k":"#);
+        let k = b.slot();
+        b.text(r#","p":""#);
+        let fixed = 3 * SLOT_WIDTH + 23;
+        b.json.extend(std::iter::repeat_n(b'x', data_size.saturating_sub(fixed)));
+        b.text(r#""}"#).text(suffix);
+        Self::new(b.json, mask, t, s, Some(k))
+    }
+
     /// The bare `data` object, for `/echo`, which returns it unchanged.
     pub fn echo(data_size: usize, mask: [u8; 4]) -> Self {
         let mut b = PayloadBuilder { json: Vec::new() };
@@ -183,7 +201,7 @@ impl Scanner {
 
 /// The value after the first `"key"` that is followed by a colon (so a
 /// string value `"t"` is skipped), whitespace around the colon skipped.
-fn after_key<'a>(key: &Finder<'_>, json: &'a [u8]) -> Option<&'a [u8]> {
+pub(crate) fn after_key<'a>(key: &Finder<'_>, json: &'a [u8]) -> Option<&'a [u8]> {
     let skip_ws = |s: &'a [u8]| &s[s.iter().take_while(|b| b.is_ascii_whitespace()).count()..];
     key.find_iter(json).find_map(|at| {
         let rest = skip_ws(&json[at + key.needle().len()..]);
@@ -192,7 +210,7 @@ fn after_key<'a>(key: &Finder<'_>, json: &'a [u8]) -> Option<&'a [u8]> {
 }
 
 /// Leading decimal digits as a u64; `None` without digits or on overflow.
-fn parse_u64(bytes: &[u8]) -> Option<u64> {
+pub(crate) fn parse_u64(bytes: &[u8]) -> Option<u64> {
     let mut value: u64 = 0;
     let mut digits = 0;
     for &b in bytes.iter().take_while(|b| b.is_ascii_digit()) {

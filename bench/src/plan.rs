@@ -15,6 +15,8 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
 use serde::{Deserialize, Serialize};
 
+use crate::proto::Protocol;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Scenario {
@@ -88,6 +90,9 @@ pub struct ConnPlan {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     pub scenario: Scenario,
+    /// The client protocol spoken (corecast's own, or a peer's).
+    #[serde(default)]
+    pub protocol: Protocol,
     pub worker: usize,
     pub workers: usize,
     /// Start of the run on the shared monotonic clock ([`crate::procfs::now_ns`]):
@@ -144,9 +149,9 @@ impl Plan {
             (Role::Sender { index }, index % nodes)
         };
         let source_ip = (!self.source_ips.is_empty()).then(|| self.source_ips[g % self.source_ips.len()]);
-        let base = if self.scenario == Scenario::Echo { "/echo" } else { "/ws" };
+        let base = if self.scenario == Scenario::Echo { "/echo" } else { self.protocol.default_path() };
         let mut path = self.targets[target].path.clone().unwrap_or_else(|| base.to_string());
-        if self.scenario != Scenario::Echo {
+        if self.scenario != Scenario::Echo && self.protocol == Protocol::Corecast {
             path.push(if path.contains('?') { '&' } else { '?' });
             path.push_str(&format!("user={}{g}", self.user_prefix));
         }
@@ -296,6 +301,7 @@ mod tests {
         let targets = (0..nodes).map(|i| Target::parse(&format!("ws://127.0.0.1:{}", 9000 + i)).unwrap()).collect();
         Plan {
             scenario,
+            protocol: Protocol::Corecast,
             worker: 0,
             workers: 3,
             t0_ns: 0,
@@ -366,6 +372,17 @@ mod tests {
         e.targets[0].path = Some("/ws?token=t".into());
         e.scenario = Scenario::Idle;
         assert_eq!(e.conn(1).path, "/ws?token=t&user=u1");
+    }
+
+    #[test]
+    fn peer_protocols_use_their_endpoint_and_no_user() {
+        let mut p = plan(Scenario::Fanout, 1, 0, 2, 1, 1);
+        p.protocol = Protocol::Socketio;
+        assert_eq!(p.conn(2).path, "/socket.io/?EIO=4&transport=websocket");
+        p.protocol = Protocol::Raw;
+        assert_eq!(p.conn(0).path, "/ws");
+        p.protocol = Protocol::Centrifuge;
+        assert_eq!(p.conn(1).path, "/connection/websocket");
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub struct RunReport {
     /// One sample per second from the start of the ramp.
     pub timeline: Vec<Sample>,
     pub first_error: Option<String>,
+    /// The client protocol spoken (`--protocol`).
+    pub protocol: crate::proto::Protocol,
+    /// CPU seconds of the `--redis-pid` processes, Go → end of drain.
+    pub redis_cpu_s: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -180,7 +184,7 @@ impl RunReport {
             "scenario",
             format!("{}{}", self.scenario.name(), if self.interrupted { " (interrupted: partial)" } else { "" }),
         );
-        row("targets", self.targets.join(", "));
+        row("targets", format!("{} ({} protocol)", self.targets.join(", "), self.protocol.name()));
         row(
             "connections",
             format!(
@@ -279,6 +283,9 @@ impl RunReport {
                     s.rss_end_kb as f64 / 1024.0
                 ),
             );
+        }
+        if let Some(cpu) = self.redis_cpu_s {
+            row("redis", format!("cpu {cpu:.2} s from Go to the end of the drain"));
         }
         row(
             "generator",

@@ -24,6 +24,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::payload::{Event, Scanner, StampedFrame};
 use crate::plan::{Command, Counters, Failures, Plan, Report, Role, Scenario, WorkerResult};
 use crate::procfs::{now_ns, self_cpu_s};
+use crate::proto::{self, Incoming, Join, PeerScanner, Protocol as Wire};
 use crate::stats::{Hist, new_hist, to_pairs};
 use crate::ws::{self, FrameHeader};
 
@@ -123,6 +124,7 @@ struct Worker {
     subs_local: Vec<u32>,
     subs_global: Vec<u32>,
     scanner: Scanner,
+    peer: PeerScanner,
     counters: Counters,
     failures: Failures,
     latency: Hist,
@@ -183,6 +185,9 @@ impl Worker {
         let local_senders = owned.iter().filter(|&&g| matches!(plan.conn(g).role, Role::Sender { .. })).count();
         let local_rate = if plan.senders > 0 { plan.rate * local_senders as f64 / plan.senders as f64 } else { 0.0 };
         let frames = match plan.scenario {
+            Scenario::Fanout if local_senders > 0 && plan.protocol != Wire::Corecast => {
+                vec![proto::publish_frame(plan.protocol, plan.payload, MASK)]
+            }
             Scenario::Fanout if local_senders > 0 => {
                 (0..plan.rooms).map(|r| StampedFrame::publish(&plan.room_name(r), plan.payload, MASK)).collect()
             }
@@ -201,6 +206,7 @@ impl Worker {
             senders: Vec::with_capacity(local_senders),
             frames,
             scanner: Scanner::default(),
+            peer: PeerScanner::default(),
             counters: Counters::default(),
             failures: Failures::default(),
             latency: new_hist(),
@@ -530,6 +536,17 @@ impl Worker {
         self.counters.connected += 1;
         self.handshake.saturating_record(now.saturating_sub(self.conns[ci].since_ns));
         match self.conns[ci].local {
+            // A peer's connections all join its one channel, senders too.
+            Local::Subscriber { .. } | Local::Sender(_) if self.plan.protocol != Wire::Corecast => {
+                match proto::join(self.plan.protocol) {
+                    Join::Ready => self.on_ready(ci, now),
+                    Join::Wait => self.conns[ci].state = State::Subscribing,
+                    Join::Send(text) => {
+                        self.conns[ci].state = State::Subscribing;
+                        self.send_text_or_close(ci, &text);
+                    }
+                }
+            }
             Local::Subscriber { room } => {
                 let frame = subscribe_frame(&self.plan.room_name(room));
                 self.conns[ci].state = State::Subscribing;
@@ -588,6 +605,15 @@ impl Worker {
     }
 
     fn on_message(&mut self, ci: usize, json: &[u8], now: u64) {
+        if self.plan.protocol != Wire::Corecast {
+            for msg in proto::lines(self.plan.protocol, json) {
+                self.on_peer_message(ci, msg, now);
+                if self.conns[ci].state == State::Closed {
+                    return;
+                }
+            }
+            return;
+        }
         let event = self.scanner.event(json);
         match (self.conns[ci].local, event) {
             (_, Event::Error) => {
@@ -632,6 +658,47 @@ impl Worker {
                 self.on_reply(si, now);
             }
             _ => {}
+        }
+    }
+
+    /// One message from a peer server (see `proto`): subscribers count it;
+    /// a sender takes its own copy back as the ack and ignores other senders'.
+    fn on_peer_message(&mut self, ci: usize, msg: &[u8], now: u64) {
+        match (self.peer.classify(self.plan.protocol, msg), self.conns[ci].local) {
+            (Incoming::Reply(text), _) => self.send_text_or_close(ci, text),
+            (Incoming::Joined, _) if self.conns[ci].state == State::Subscribing => self.on_ready(ci, now),
+            (Incoming::Error, _) => {
+                self.counters.errors += 1;
+                self.note_error(|| format!("server error: {}", String::from_utf8_lossy(msg)));
+                if self.conns[ci].state == State::Subscribing {
+                    self.close(ci, Why::Subscribe);
+                }
+            }
+            (Incoming::Message { .. }, _) if self.conns[ci].state != State::Ready => {}
+            (Incoming::Message { t, .. }, Local::Subscriber { .. }) => {
+                self.counters.received += 1;
+                self.result.last_receive_ns = now;
+                if let Some(t) = t {
+                    self.latency.saturating_record(now.saturating_sub(t));
+                }
+            }
+            (Incoming::Message { t, sender }, Local::Sender(si)) if sender == Some(self.senders[si].index as u64) => {
+                self.counters.acked += 1;
+                if let Some(t) = t {
+                    self.ack_latency.saturating_record(now.saturating_sub(t));
+                }
+                self.on_reply(si, now);
+            }
+            _ => {}
+        }
+    }
+
+    /// Writes `text` as one masked text frame; a failed write closes the connection.
+    fn send_text_or_close(&mut self, ci: usize, text: &[u8]) {
+        let mut frame = Vec::with_capacity(text.len() + 14);
+        ws::format_frame(ws::OP_TEXT, text, Some(MASK), &mut frame);
+        if self.write(ci, &frame).is_err() {
+            self.close(ci, Why::Closed);
         }
     }
 
@@ -685,7 +752,9 @@ impl Worker {
         let Some(frame) = self.frames.get_mut(frame) else {
             return false;
         };
-        let bytes = frame.stamp(now, s.seq, s.seq);
+        // A peer's frame carries the sender's number where corecast's has the op id.
+        let id = if self.plan.protocol == Wire::Corecast { s.seq } else { s.index as u64 };
+        let bytes = frame.stamp(now, s.seq, id);
         let slot = (s.seq % s.sent_at.len() as u64) as usize;
         s.sent_at[slot] = now;
         s.seq += 1;
