@@ -175,8 +175,16 @@ fn run_shard(
                 Some(link) => Bus::Redis(RedisBus::start(link)),
                 None => Bus::Local,
             };
-            let shard = Shard::new(id, cfg2, metrics, peers, bus, driver);
+            let poller = match crate::shard::poller::Poller::new() {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = ready.send(Err(anyhow::anyhow!("shard {id}: epoll: {e}")));
+                    return;
+                }
+            };
+            let shard = Shard::new(id, cfg2, metrics, peers, bus, driver, poller);
             monoio::spawn(shard.clone().run_flusher());
+            monoio::spawn(crate::shard::poller::run(shard.clone()));
             monoio::spawn(shard.clone().run_inbox(inbox));
             monoio::spawn(shard.clone().run_close_reaper());
             monoio::spawn(shard.clone().run_yields());

@@ -135,8 +135,7 @@ pub(super) fn refuse_op(shard: &Shard, conn: &Rc<Conn>, verdict: Verdict, id: Op
 /// (Subscribing again to a room it is in is not refused.)
 pub(super) fn too_many_rooms(shard: &Shard, conn: &Conn, room: &str) -> bool {
     let max = shard.cfg.max_rooms_per_connection;
-    let rooms = conn.rooms.borrow();
-    max != 0 && rooms.len() >= max && !rooms.iter().any(|r| &**r == room)
+    max != 0 && conn.with_rooms(|rooms| rooms.len() >= max && !rooms.iter().any(|r| &**r == room))
 }
 
 #[cfg(test)]

@@ -1,17 +1,24 @@
 //! ④ One client connection: its state (`Conn`, shared as `Rc<Conn>` between
-//! its task, the shard's tables and the flusher) and its task (`run`).
+//! the shard's tables, its poller and flusher, and whatever task serves it
+//! for a while) and its tasks (`run` until the upgrade, `end` to close).
 //!
-//! - `reader.rs` — the read side: readiness + `recv(2)` into the shard's one
-//!   scratch buffer, bounded per wake-up; the WebSocket frame loop.
+//! A WebSocket connection has no task between reads: the shard's poller
+//! (`shard::poller`) reports it readable and `reader::on_readable` reads
+//! once and handles the frames; what a half-read message leaves is parked
+//! in `Conn::parked`. Tasks exist only for what must wait: the HTTP phase,
+//! a full socket (the writer task), and the closing.
+//!
+//! - `reader.rs` — the read side: `recv(2)` into the shard's one scratch
+//!   buffer, bounded per turn; the WebSocket frame loop.
 //! - `writer.rs` — the write side: `push` into the `Outbox` (`outbox.rs`),
 //!   held to `--outbound-queue-bytes` for every byte; `flush`, the writer
 //!   task for a full socket, `close` and `kill`.
 //! - `ops.rs` — client ops on `/ws`; `limits.rs` — liveness stamp and rates.
 //!
 //! Flow: HTTP request head (`http`) → route → for `/ws` and `/echo`, the
-//! WebSocket loop (`reader::ws_loop`) → `finish`: flush, half-close, linger →
-//! `release`, after which nothing waits on the socket and the last `Rc`
-//! closes it.
+//! WebSocket frame loop (`reader::start`, then `on_readable` per read) →
+//! `end` → `finish`: flush, half-close, linger → `release`, after which
+//! nothing waits on the socket and the last `Rc` closes it.
 //!
 //! # Every connection ends in bounded time
 //!
@@ -20,7 +27,7 @@
 //! the HTTP phase has `--handshake-timeout-secs`; a connection we sent a
 //! close frame to is killed by the shard's close reaper if it does not answer
 //! within `CLOSE_TIMEOUT`; a killed one (slow consumer, heartbeat, write
-//! error) has its read side shut, which wakes its task at once; `finish` is
+//! error) has its read side shut, which makes the poller report it at once; `finish` is
 //! bounded by `FLUSH_ON_CLOSE` and `LINGER`; and `release` resets a socket
 //! that still holds unsent bytes, which also wakes a writer task parked on
 //! "writable" (a shut socket polls writable), which then sees `GONE` and
@@ -34,7 +41,7 @@ mod writer;
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -74,6 +81,8 @@ const ADMIN: u8 = 32;
 /// can be on the dirty list twice: a direct `flush`, e.g. for a waiting
 /// pong, clears `DIRTY` and a new frame puts it back.)
 const SENDING: u8 = 64;
+/// The WebSocket serves `/echo` (`Mode::Echo`), not the corecast protocol.
+const ECHO: u8 = 128;
 
 /// What the WebSocket loop serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +104,8 @@ pub enum Listener {
 
 pub struct Conn {
     pub id: ConnId,
-    stream: TcpStream,
+    /// The socket; owned (closed in `Drop`). A task that must wait on it
+    /// borrows a monoio handle for the wait (`Conn::waiter`).
     pub(crate) fd: RawFd,
     flags: Cell<u8>,
     /// permessage-deflate as agreed in the upgrade (`ws::deflate::Agreed`;
@@ -103,10 +113,15 @@ pub struct Conn {
     /// one, lives in its reader task (`reader::Rx`), not here.
     deflate: Cell<u16>,
     outbox: RefCell<Outbox>,
-    /// Set by the upgrade; `None` while the socket speaks HTTP.
-    user: RefCell<Option<Rc<str>>>,
+    /// The frame loop's state between reads (`reader::Parked`: an incomplete
+    /// frame, a fragmented message, a lent inflater); `None` when idle.
+    parked: Cell<Option<Box<reader::Parked>>>,
+    /// Set by the upgrade; unset while the socket speaks HTTP.
+    user: std::cell::OnceCell<Rc<str>>,
     /// Rooms this connection is in; the keys are shared with the room table.
-    rooms: RefCell<Vec<Rc<str>>>,
+    /// One inline (no allocation for the usual one room). A `Cell`: taken
+    /// and put back by the few calls below (`with_rooms`), never borrowed.
+    rooms: Cell<Rooms>,
     /// What the connection keeps of its JWT (expiry, room patterns), boxed so
     /// that a server without auth pays one pointer (`auth.rs`). A `Cell`: it is
     /// only ever taken and put back (`auth::with_grant`).
@@ -118,17 +133,17 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(id: ConnId, stream: TcpStream, listener: Listener) -> Conn {
-        let fd = stream.as_raw_fd();
+    /// Takes ownership of the socket `fd`.
+    pub fn new(id: ConnId, fd: RawFd, listener: Listener) -> Conn {
         Conn {
             id,
-            stream,
             fd,
             flags: Cell::new(if listener == Listener::Admin { ADMIN } else { 0 }),
             deflate: Cell::new(0),
             outbox: RefCell::default(),
-            user: RefCell::new(None),
-            rooms: RefCell::default(),
+            parked: Cell::new(None),
+            user: std::cell::OnceCell::new(),
+            rooms: Cell::default(),
             grant: Cell::new(None),
             limits: limits::Limits::default(),
             hist: Default::default(),
@@ -159,22 +174,31 @@ impl Conn {
     }
 
     pub fn user(&self) -> Option<Rc<str>> {
-        self.user.borrow().clone()
+        self.user.get().cloned()
     }
+    /// Once, at the upgrade.
     pub(crate) fn set_user(&self, user: Rc<str>) {
-        *self.user.borrow_mut() = Some(user);
+        let _ = self.user.set(user);
+    }
+    /// Runs `f` on the connection's room list (which must not call back here).
+    pub(crate) fn with_rooms<T>(&self, f: impl FnOnce(&mut Rooms) -> T) -> T {
+        let mut rooms = self.rooms.take();
+        let r = f(&mut rooms);
+        self.rooms.set(rooms);
+        r
     }
     pub(crate) fn add_room(&self, room: Rc<str>) {
-        self.rooms.borrow_mut().push(room);
+        self.with_rooms(|r| r.push(room))
     }
     pub(crate) fn remove_room(&self, room: &str) {
-        let mut rooms = self.rooms.borrow_mut();
-        if let Some(i) = rooms.iter().position(|r| &**r == room) {
-            rooms.swap_remove(i);
-        }
+        self.with_rooms(|rooms| {
+            if let Some(i) = rooms.iter().position(|r| &**r == room) {
+                rooms.swap_remove(i);
+            }
+        })
     }
-    pub(crate) fn take_rooms(&self) -> Vec<Rc<str>> {
-        std::mem::take(&mut *self.rooms.borrow_mut())
+    pub(crate) fn take_rooms(&self) -> Rooms {
+        self.rooms.take()
     }
 
     /// The connection's task is over: marks it `GONE`, frees what is queued,
@@ -205,12 +229,35 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// A monoio handle on the socket for a task that waits on it (the HTTP
+    /// phase, a full socket, the closing linger): a duplicate of the
+    /// descriptor, closed when the handle is dropped. The connection itself
+    /// keeps no runtime state (no registration, no pending operation)
+    /// between reads; this costs a `dup(2)` and a `close(2)` per waiting
+    /// task.
+    pub(crate) fn waiter(&self) -> io::Result<TcpStream> {
+        // SAFETY: plain syscall on a descriptor this connection owns.
+        let dup = unsafe { libc::fcntl(self.fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `dup` is a fresh descriptor; the std stream owns it and
+        // hands it to monoio, which closes it.
+        TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(dup) })
+    }
+}
+
 impl Drop for Conn {
     fn drop(&mut self) {
-        // The descriptor closes with `stream`, right after this.
+        // SAFETY: the connection owns the descriptor; nothing uses it after.
+        unsafe { libc::close(self.fd) };
         crate::shard::socket_closed();
     }
 }
+
+/// A connection's rooms: the keys of the room table it is in.
+pub(crate) type Rooms = smallvec::SmallVec<[Rc<str>; 1]>;
 
 /// Why a connection's loop ended.
 #[derive(Debug)]
@@ -228,17 +275,31 @@ pub enum Stop {
     Io(io::Error),
 }
 
-/// The connection task: from the first byte of HTTP to the closed socket.
+/// The connection task: from the first byte of HTTP to the upgrade, after
+/// which the connection has no task (the shard's poller reads it, see
+/// `reader::start`) until its frame loop ends and `end` closes it; or, for
+/// plain HTTP, to the closed socket.
 pub async fn run(shard: Rc<Shard>, stream: TcpStream, listener: Listener) {
-    let conn = shard.add_conn(stream, listener);
+    // Nothing waits on the accepted stream yet: its descriptor is ours.
+    let conn = shard.add_conn(stream.into_raw_fd(), listener);
     let mut kept = BytesMut::new();
-    // The HTTP phase and the closing phase are boxed so that their larger
-    // state (request head, timers) is on the heap only while they run: the
-    // task of an idle WebSocket keeps just the frame loop's small state.
+    // Boxed so that its larger state (request head, timers) is on the heap
+    // only while it runs.
     let stop = match Box::pin(http::serve(&shard, &conn, &mut kept)).await {
-        Ok(mode) => reader::ws_loop(&shard, &conn, mode, &mut kept).await,
+        Ok(mode) => match reader::start(&shard, &conn, mode, kept) {
+            Ok(()) => return,
+            Err(stop) => stop,
+        },
         Err(stop) => stop,
     };
+    end(shard, conn, stop).await
+}
+
+pub(crate) use reader::on_readable;
+
+/// The connection's frame loop (or HTTP exchange) is over: closes it and
+/// forgets it.
+async fn end(shard: Rc<Shard>, conn: Rc<Conn>, stop: Stop) {
     debug!(shard = shard.id, conn = conn.id, ?stop, "connection ends");
     Box::pin(finish(&shard, &conn, stop)).await;
     shard.remove_conn(&conn);
@@ -273,5 +334,19 @@ async fn finish(shard: &Rc<Shard>, conn: &Rc<Conn>, stop: Stop) {
     // the close frame in flight.
     let deadline = Instant::now() + LINGER;
     let mut sink = BytesMut::new();
-    while conn.read_some(shard, &mut sink, Some(deadline), usize::MAX, |b| Ok(b.len())).await.is_ok() {}
+    let Ok(io) = conn.waiter() else { return };
+    while conn.read_some(&io, shard, &mut sink, Some(deadline), usize::MAX, |b| Ok(b.len())).await.is_ok() {}
+}
+
+#[cfg(test)]
+mod tests {
+    /// An idle WebSocket connection is its `Conn` (in an `Rc`) and its table
+    /// entries, nothing else (no task, no runtime state): this keeps the
+    /// struct in glibc's 176-byte chunk class (152 + the `Rc`'s 16 + the
+    /// chunk header's 8), which `bench/RESULTS.md` "Idle connections without
+    /// a task" measures. Growing it costs 16 bytes per idle connection.
+    #[test]
+    fn an_idle_connection_fits_in_152_bytes() {
+        assert!(std::mem::size_of::<super::Conn>() <= 152, "Conn is {} bytes", std::mem::size_of::<super::Conn>());
+    }
 }

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 
-use super::{CLOSE_SENT, Conn, KILLED, Mode, Stop, limits, ops};
+use super::{CLOSE_SENT, Conn, ECHO, KILLED, Mode, Stop, limits, ops};
 use crate::shard::Shard;
 use crate::ws::deflate::{self, Agreed, Inflater};
 use crate::ws::{CloseCode, FrameHeader, OpCode, ProtocolError, frame, mask, utf8::Utf8Check};
@@ -36,7 +36,8 @@ thread_local! {
 }
 
 impl Conn {
-    /// Waits until the socket is readable (or `deadline` passes), reads at
+    /// Waits until the socket is readable through `io` (`Conn::waiter`; or
+    /// `deadline` passes), reads at
     /// most `budget` bytes of what is there, and runs `process` over every
     /// unconsumed byte (what was kept from before, then the new bytes).
     /// `process` returns how many bytes it consumed; the rest is kept in
@@ -45,6 +46,7 @@ impl Conn {
     /// first).
     pub(crate) async fn read_some<F>(
         &self,
+        io: &monoio::net::TcpStream,
         shard: &Shard,
         kept: &mut BytesMut,
         deadline: Option<Instant>,
@@ -55,12 +57,12 @@ impl Conn {
         F: FnMut(&mut [u8]) -> Result<usize, Stop>,
     {
         match deadline {
-            None => self.stream.readable(false).await.map_err(Stop::Io)?,
+            None => io.readable(false).await.map_err(Stop::Io)?,
             Some(d) => {
                 // Boxed: the timer lives on the heap only while a deadline
                 // applies (HTTP, linger), not in every idle connection's task.
                 let left = d.saturating_duration_since(Instant::now());
-                Box::pin(monoio::time::timeout(left, self.stream.readable(false)))
+                Box::pin(monoio::time::timeout(left, io.readable(false)))
                     .await
                     .map_err(|_| Stop::Timeout)?
                     .map_err(Stop::Io)?
@@ -72,39 +74,7 @@ impl Conn {
             if want == 0 {
                 return Ok(());
             }
-            let got = SCRATCH.with(|s| -> Result<usize, Stop> {
-                let mut s = s.borrow_mut();
-                // SAFETY: recv into a buffer we own exclusively for the call,
-                // at most its length.
-                let n = unsafe { libc::recv(self.fd, s.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    return match e.kind() {
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
-                        _ => Err(Stop::Io(e)),
-                    };
-                }
-                let n = n as usize;
-                if n == 0 {
-                    return Err(Stop::Eof);
-                }
-                shard.m().bytes_in_total.add(n as u64);
-                if kept.is_empty() {
-                    let used = process(&mut s[..n])?;
-                    if used < n {
-                        kept.extend_from_slice(&s[used..n]);
-                    }
-                } else {
-                    kept.extend_from_slice(&s[..n]);
-                    let used = process(&mut kept[..])?;
-                    kept.advance(used);
-                    if kept.is_empty() {
-                        // Don't park a read buffer on an idle connection.
-                        *kept = BytesMut::new();
-                    }
-                }
-                Ok(n)
-            })?;
+            let got = self.recv_once(shard, kept, want, &mut process)?;
             left -= got;
             if got < want {
                 return Ok(());
@@ -113,6 +83,49 @@ impl Conn {
         // More may be waiting: let the shard's other tasks have a turn first.
         shard.yield_now().await;
         Ok(())
+    }
+
+    /// One `recv(2)` of at most `want` bytes (≤ `SCRATCH_BYTES`) into the
+    /// shard's scratch buffer, without waiting, then `process` over every
+    /// unconsumed byte; what it leaves is kept in `kept`. Returns the bytes
+    /// read (0: nothing was there).
+    fn recv_once<F>(&self, shard: &Shard, kept: &mut BytesMut, want: usize, process: &mut F) -> Result<usize, Stop>
+    where
+        F: FnMut(&mut [u8]) -> Result<usize, Stop>,
+    {
+        SCRATCH.with(|s| -> Result<usize, Stop> {
+            let mut s = s.borrow_mut();
+            // SAFETY: recv into a buffer we own exclusively for the call, at
+            // most its length.
+            let n = unsafe { libc::recv(self.fd, s.as_mut_ptr().cast(), want.min(SCRATCH_BYTES), libc::MSG_DONTWAIT) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                    _ => Err(Stop::Io(e)),
+                };
+            }
+            let n = n as usize;
+            if n == 0 {
+                return Err(Stop::Eof);
+            }
+            shard.m().bytes_in_total.add(n as u64);
+            if kept.is_empty() {
+                let used = process(&mut s[..n])?;
+                if used < n {
+                    kept.extend_from_slice(&s[used..n]);
+                }
+            } else {
+                kept.extend_from_slice(&s[..n]);
+                let used = process(&mut kept[..])?;
+                kept.advance(used);
+                if kept.is_empty() {
+                    // Don't park a read buffer on an idle connection.
+                    *kept = BytesMut::new();
+                }
+            }
+            Ok(n)
+        })
     }
 }
 
@@ -125,8 +138,23 @@ struct Fragmented {
     utf8: Utf8Check,
 }
 
-/// The frame loop's state between reads: two pointers, both `None` on an
-/// idle connection unless it keeps a deflate context.
+/// The frame loop's state between reads, kept in `Conn::parked` (boxed)
+/// only while it holds something: an idle connection keeps `None` there.
+#[derive(Default)]
+pub(super) struct Parked {
+    /// Bytes of an incomplete frame.
+    kept: BytesMut,
+    rx: Rx,
+}
+
+impl Parked {
+    fn is_empty(&self) -> bool {
+        self.kept.is_empty() && self.rx.frag.is_none() && self.rx.inflater.is_none()
+    }
+}
+
+/// Fragments and the inflater: two pointers, both `None` on an idle
+/// connection unless it keeps a deflate context.
 #[derive(Default)]
 struct Rx {
     frag: Option<Box<Fragmented>>,
@@ -159,39 +187,69 @@ impl Rx {
     }
 }
 
-/// Bytes one wake-up of the frame loop may read (`READS_PER_WAKE` scratch
-/// buffers).
-const WS_READ_BUDGET: usize = READS_PER_WAKE * SCRATCH_BYTES;
-
-/// Reads frames until the connection ends.
-pub(super) async fn ws_loop(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, kept: &mut BytesMut) -> Stop {
-    let mut rx = Rx::default();
-    // Bytes that came in with the upgrade request are frames already: they
-    // are handled now, not when the next bytes arrive.
-    if !kept.is_empty() {
+/// The connection became a WebSocket serving `mode`: handles the frames
+/// that came in with the upgrade request (now, not when the next bytes
+/// arrive) and hands the connection to the shard's poller
+/// (`shard::poller`), which calls `on_readable` from then on. `Err`: the
+/// frame loop is over already.
+pub(super) fn start(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, kept: BytesMut) -> Result<(), Stop> {
+    if mode == Mode::Echo {
+        conn.set(ECHO);
+    }
+    let mut p = Parked { kept, rx: Rx::default() };
+    if !p.kept.is_empty() {
         conn.limits.seen(shard.tick());
-        match frames(shard, conn, mode, &mut rx, &mut kept[..]) {
-            Ok(used) => kept.advance(used),
-            Err(stop) => return stop,
-        }
-        if kept.is_empty() {
-            *kept = BytesMut::new();
+        let used = frames(shard, conn, mode, &mut p.rx, &mut p.kept[..])?;
+        p.kept.advance(used);
+        if p.kept.is_empty() {
+            p.kept = BytesMut::new();
         }
     }
-    loop {
-        if conn.has(KILLED) {
-            return Stop::Eof;
+    if conn.has(KILLED) {
+        return Err(Stop::Eof);
+    }
+    conn.park(p);
+    shard.poller().add(conn.fd, conn.id).map_err(Stop::Io)
+}
+
+/// The poller saw `conn` readable: one read (at most one scratch buffer;
+/// level-triggered readiness brings the rest in the next round), every
+/// complete frame handled. When the frame loop ends here, the connection
+/// leaves the poller and a task closes it (`super::end`).
+pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    let r = if conn.has(KILLED) {
+        Err(Stop::Eof)
+    } else {
+        let mode = if conn.has(ECHO) { Mode::Echo } else { Mode::Client };
+        let mut p = conn.unpark();
+        let Parked { kept, rx } = &mut p;
+        let r = conn.recv_once(shard, kept, SCRATCH_BYTES, &mut |buf: &mut [u8]| {
+            // Alive (`shard::heartbeat`): one store per read.
+            conn.limits.seen(shard.tick());
+            frames(shard, conn, mode, rx, buf)
+        });
+        conn.park(p);
+        r
+    };
+    if let Err(stop) = r {
+        shard.poller().remove(conn.fd);
+        // What a message left half-read no longer matters.
+        drop(conn.unpark());
+        monoio::spawn(super::end(shard.clone(), conn.clone(), stop));
+    }
+}
+
+impl Conn {
+    /// Keeps the frame loop's state until the next read (nothing if empty).
+    fn park(&self, p: Parked) {
+        if !p.is_empty() {
+            self.parked.set(Some(Box::new(p)));
         }
-        let r = conn
-            .read_some(shard, kept, None, WS_READ_BUDGET, |buf| {
-                // Alive (`shard::heartbeat`): one store per read.
-                conn.limits.seen(shard.tick());
-                frames(shard, conn, mode, &mut rx, buf)
-            })
-            .await;
-        if let Err(stop) = r {
-            return stop;
-        }
+    }
+
+    /// Takes the frame loop's state (empty if nothing was kept).
+    fn unpark(&self) -> Parked {
+        self.parked.take().map_or_else(Parked::default, |b| *b)
     }
 }
 

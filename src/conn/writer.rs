@@ -191,8 +191,16 @@ impl Conn {
     /// everything is written, on a write error, or once the connection is
     /// `GONE` (`Conn::release` resets the socket, which wakes this wait).
     async fn run_writer(self: Rc<Self>, shard: Rc<Shard>) {
+        let io = match self.waiter() {
+            Ok(io) => io,
+            Err(_) => {
+                self.clear(WRITER);
+                self.kill(&shard, CloseCode::INTERNAL);
+                return;
+            }
+        };
         loop {
-            if self.stream.writable(false).await.is_err() || self.has(GONE) {
+            if io.writable(false).await.is_err() || self.has(GONE) {
                 break;
             }
             match self.try_write(&shard) {
@@ -228,8 +236,9 @@ impl Conn {
                 Ok(Flush::Blocked) => {}
                 Err(_) => return false,
             }
+            let Ok(io) = self.waiter() else { return false };
             self.set(WRITER);
-            let ready = monoio::time::timeout(left, self.stream.writable(false)).await;
+            let ready = monoio::time::timeout(left, io.writable(false)).await;
             self.clear(WRITER);
             if !matches!(ready, Ok(Ok(()))) {
                 return false;

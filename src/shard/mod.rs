@@ -23,14 +23,18 @@
 //! changes membership — `add_conn`, `remove_conn`, `subscribe`,
 //! `unsubscribe`, `upgraded` — borrows a table mutably and must never be
 //! reached from inside such a walk: a connection that is cut off leaves the
-//! tables later, from its own task, woken by the shutdown, outside any
-//! borrow. `tests/hostile.rs` pins this by killing connections from inside a
+//! tables later, outside any borrow — its shut read side makes the poller
+//! (`poller.rs`) report it in its next round, and the task that closes it
+//! (`conn::end`) removes it. The poller itself calls into a connection
+//! (`conn::on_readable`, which may subscribe, publish, deliver) holding no
+//! borrow: it clones the `Rc<Conn>` out of the table first. `tests/hostile.rs` pins this by killing connections from inside a
 //! fan-out and a heartbeat sweep (a broken contract panics the shard).
 //! No borrow is ever held across an `.await`.
 
 mod flush;
 pub mod heartbeat;
 pub mod inbox;
+pub mod poller;
 pub mod rooms;
 
 use std::cell::{Cell, RefCell};
@@ -42,7 +46,6 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use monoio::net::TcpStream;
 use slab::Slab;
 use tracing::{debug, info};
 
@@ -96,6 +99,8 @@ pub struct Shard {
     yield_waker: Cell<Option<Waker>>,
     /// Room history (PROTOCOL.md §7) when `--history-size` > 0.
     history: Option<crate::history::ShardHistory>,
+    /// Readiness of every WebSocket connection (`poller.rs`).
+    poller: poller::Poller,
 }
 
 thread_local! {
@@ -122,6 +127,7 @@ impl Shard {
         peers: Arc<[InboxSender]>,
         bus: Bus,
         driver: &'static str,
+        poller: poller::Poller,
     ) -> Rc<Shard> {
         // Leaked once per shard thread so that `Conn`'s `Drop` reaches the
         // gauge without a pointer in every connection.
@@ -148,6 +154,7 @@ impl Shard {
             yielders: RefCell::default(),
             yield_waker: Cell::new(None),
             history: cfg_history.map(|h| crate::history::ShardHistory::new(h, crate::history::Epoch::node())),
+            poller,
         })
     }
 
@@ -155,6 +162,11 @@ impl Shard {
     #[inline]
     pub fn m(&self) -> &ShardMetrics {
         self.metrics.shard(self.id)
+    }
+
+    /// The readiness poller of this shard's WebSocket connections.
+    pub(crate) fn poller(&self) -> &poller::Poller {
+        &self.poller
     }
 
     pub fn peers(&self) -> &[InboxSender] {
@@ -222,10 +234,10 @@ impl Shard {
 
     /// Takes ownership of an accepted socket. `corecast_sockets` counts it
     /// until the `Conn` (and with it the descriptor) is dropped.
-    pub fn add_conn(&self, stream: TcpStream, listener: Listener) -> Rc<Conn> {
+    pub fn add_conn(&self, fd: std::os::fd::RawFd, listener: Listener) -> Rc<Conn> {
         let mut conns = self.conns.borrow_mut();
         let entry = conns.vacant_entry();
-        let conn = Rc::new(Conn::new(entry.key() as ConnId, stream, listener));
+        let conn = Rc::new(Conn::new(entry.key() as ConnId, fd, listener));
         entry.insert(conn.clone());
         self.m().sockets.inc();
         conn

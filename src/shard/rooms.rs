@@ -81,7 +81,8 @@ impl RoomTable {
 /// plain `Vec`).
 #[derive(Default)]
 pub struct UserTable {
-    users: FxHashMap<Rc<str>, Vec<ConnId>>,
+    /// Two connections inline: no allocation for most users.
+    users: FxHashMap<Rc<str>, smallvec::SmallVec<[ConnId; 2]>>,
 }
 
 impl UserTable {
@@ -104,7 +105,7 @@ impl UserTable {
     }
 
     pub fn conns(&self, user: &str) -> &[ConnId] {
-        self.users.get(user).map(Vec::as_slice).unwrap_or(&[])
+        self.users.get(user).map(|v| v.as_slice()).unwrap_or(&[])
     }
 
     pub fn names(&self) -> impl Iterator<Item = &Rc<str>> {
