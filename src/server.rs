@@ -55,7 +55,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
 
     // Wire every inbox before spawning any thread: a queue per ordered pair
     // of shards, one per shard for its Redis reader and one for control.
-    let inbox::Wiring { inboxes, doors } = inbox::wire(n);
+    let inbox::Wiring { inboxes, doors } = inbox::wire(n, cfg.redis.is_some());
     let control: Arc<[InboxSender]> = doors.iter().map(|d| d.control.clone()).collect();
     let readers: Vec<InboxSender> = doors.iter().map(|d| d.thread.clone()).collect();
     let table = Arc::new(interest::Table::new(n));

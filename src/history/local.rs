@@ -104,7 +104,8 @@ pub async fn read(shard: &Shard, room: &str, q: Query) -> Result<ReadResult, Una
     slot.wait().await
 }
 
-/// The owner: assigns, stores, fans out to every shard (this one directly).
+/// The owner: assigns, stores, fans out to every shard with members (this
+/// one directly).
 fn own_publish(shard: &Rc<Shard>, h: &ShardHistory, room: &str, msg: MessagePrefix) -> Position {
     let sent = Instant::now();
     let (pos, frame) = h.rings().publish(room, msg, sent);
@@ -142,6 +143,6 @@ pub fn handle(shard: &Rc<Shard>, msg: Msg) {
 fn reply(shard: &Shard, to: usize, token: u64, reply: Reply) {
     let msg = ShardMsg::History(Box::new(Msg::Reply { token, reply }));
     // A shard that stopped (shutdown) no longer waits for it. Data is held
-    // to half of each inbox (`peers_congested`), so a reply finds room.
+    // to half of each pair queue (`peers_congested_via`), so a reply finds room.
     let _ = shard.send_to(to, msg);
 }

@@ -31,9 +31,11 @@
 //!
 //! A shard's inbox holds at most about `INBOX_CAPACITY` messages from the
 //! other shards: each pair queue takes `pair_capacity(n)`, `INBOX_CAPACITY`
-//! split over the `n - 1` senders (at least `MIN_PAIR_CAPACITY`). The Redis
-//! reader's queue takes `INBOX_CAPACITY` on its own (frames are shared
-//! `Bytes`, so a message is a few dozen bytes plus its share of one frame).
+//! split over the `n - 1` senders (at least `MIN_PAIR_CAPACITY`), so a
+//! node's queues take no more memory than one inbox per shard did (a bounded
+//! crossbeam channel allocates its slots up front). The Redis reader's queue
+//! takes `INBOX_CAPACITY` on its own (frames are shared `Bytes`, so a
+//! message is a few dozen bytes plus its share of one frame).
 //! At the bound the policy depends on whether the sender can wait:
 //!
 //! - Threads that can wait (the Redis reader, the signal thread) use
@@ -115,8 +117,8 @@ pub struct Door {
 /// Messages one shard's inbox holds at most from the other shards (split
 /// over the pair queues), and the Redis reader's queue on its own.
 pub const INBOX_CAPACITY: usize = 16_384;
-/// The smallest pair queue, however many shards.
-pub const MIN_PAIR_CAPACITY: usize = 1024;
+/// The smallest pair queue, however many shards (reached past 65 shards).
+pub const MIN_PAIR_CAPACITY: usize = 256;
 /// The control queue (a drain per shard, a few at most).
 const CONTROL_CAPACITY: usize = 64;
 /// Messages `try_recv` takes from one queue before it turns to the next.
@@ -149,9 +151,10 @@ pub struct Wiring {
     pub doors: Arc<[Door]>,
 }
 
-/// Makes every queue of a node of `shards` shards. Wire every inbox before
-/// spawning any thread.
-pub fn wire(shards: usize) -> Wiring {
+/// Makes every queue of a node of `shards` shards; `readers`: each shard has
+/// a Redis reader thread (else its queue is left small: nobody sends on it).
+/// Wire every inbox before spawning any thread.
+pub fn wire(shards: usize, readers: bool) -> Wiring {
     let pair = pair_capacity(shards);
     let mut inboxes = Vec::with_capacity(shards);
     let mut doors = Vec::with_capacity(shards);
@@ -164,7 +167,7 @@ pub fn wire(shards: usize) -> Wiring {
             InboxSender { tx, waker: waker.clone() }
         };
         let from_shard = (0..shards).map(|from| (from != to).then(|| open(pair))).collect();
-        let thread = open(INBOX_CAPACITY);
+        let thread = open(if readers { INBOX_CAPACITY } else { CONTROL_CAPACITY });
         let control = open(CONTROL_CAPACITY);
         doors.push(Door { from_shard, thread, control });
         inboxes.push(Inbox { queues: queues.into(), waker, at: Cell::new((0, 0)) });
@@ -285,7 +288,7 @@ mod tests {
 
     #[test]
     fn every_pair_has_its_own_queue_and_order_is_kept_per_sender() {
-        let w = wire(3);
+        let w = wire(3, false);
         let d = &w.doors[0];
         assert!(d.from_shard(0).is_none());
         for i in 0..3 {
@@ -305,7 +308,7 @@ mod tests {
 
     #[test]
     fn a_busy_sender_does_not_starve_the_others() {
-        let w = wire(2);
+        let w = wire(2, true);
         let d = &w.doors[0];
         for i in 0..(BURST * 3) {
             d.from_shard(1).unwrap().push(msg(&format!("a{i}"))).unwrap();
@@ -317,7 +320,7 @@ mod tests {
 
     #[test]
     fn a_full_pair_queue_refuses_at_once() {
-        let w = wire(2);
+        let w = wire(2, true);
         let q = w.doors[1].from_shard(0).unwrap();
         for _ in 0..pair_capacity(2) {
             q.push(msg("x")).unwrap();
@@ -333,7 +336,8 @@ mod tests {
         assert_eq!(pair_capacity(1), INBOX_CAPACITY);
         assert_eq!(pair_capacity(2), INBOX_CAPACITY);
         assert_eq!(pair_capacity(5), INBOX_CAPACITY / 4);
-        assert_eq!(pair_capacity(64), MIN_PAIR_CAPACITY);
+        assert_eq!(pair_capacity(64), INBOX_CAPACITY / 63);
+        assert_eq!(pair_capacity(200), MIN_PAIR_CAPACITY);
         assert_eq!(pair_publish_limit(2), INBOX_CAPACITY / 2);
     }
 }
