@@ -2,7 +2,9 @@
 //! message goes only to the shards with members, reaches members on every
 //! shard, is never lost to a member whose `subscribed` reply has arrived, and
 //! stops once the last member has left. Shard-to-shard sends wake the
-//! receiving shard once per turn, not once per message (`src/shard/peers.rs`).
+//! receiving shard once per turn, not once per message (`src/shard/peers.rs`),
+//! also from a shard with nothing of its own to flush (server-side publish).
+//! Standalone history rooms: the owner's fan-out follows the same interest.
 //!
 //! Which shard a connection lands on is the kernel's (SO_REUSEPORT hashes the
 //! ports), so `on_shard` opens connections until one lands where asked, read
@@ -150,8 +152,19 @@ fn the_last_member_leaving_a_shard_stops_the_traffic_to_it() {
 
 #[test]
 fn churn_across_shards_never_loses_a_message_published_after_subscribed() {
+    churn(&[]);
+}
+
+/// With history the owner shard fans out, and the subscriber's shard reads
+/// from it before it replies: the same holds.
+#[test]
+fn churn_in_a_history_room_never_loses_a_message_published_after_subscribed() {
+    churn(&["--history-size", "100"]);
+}
+
+fn churn(extra: &[&str]) {
     const SHARDS: usize = 4;
-    let s = start_server(&["--shards", "4", "--max-ops-per-sec", "0"]);
+    let s = start_server(&[&["--shards", "4", "--max-ops-per-sec", "0"], extra].concat());
     let mut publishers: Vec<Client> = (0..SHARDS).map(|k| on_shard(&s, k, &format!("p{k}"))).collect();
     // Two members per shard, so a shard's first join and last leave both
     // happen often, by unsubscribe and by disconnect.
@@ -163,7 +176,8 @@ fn churn_across_shards_never_loses_a_message_published_after_subscribed() {
         let (shard, c, joined) = &mut pool[i];
         if !*joined {
             // Publish the moment `subscribed` is in.
-            c.subscribe("churn");
+            let r = c.call(json!({"op":"subscribe","room":"churn","id":"s"}));
+            assert_eq!((&r["ev"], &r["id"]), (&json!("subscribed"), &json!("s")), "{r}");
             *joined = true;
         } else if rng.bool() {
             let r = c.call(json!({"op":"unsubscribe","room":"churn","id":"u"}));
@@ -213,4 +227,50 @@ fn a_burst_to_another_shard_wakes_it_less_than_once_per_message() {
     let woken = s.metric("corecast_peer_wakes_total{shard=\"0\"}") - wakes;
     assert!(woken >= 1.0, "shard 1 was never woken");
     assert!(woken < (N / 2) as f64, "{woken} wakes for {N} messages");
+}
+
+#[test]
+fn server_side_publishes_from_a_shard_without_members_reach_the_member() {
+    let s = start_server(&["--shards", "2", "--max-ops-per-sec", "0"]);
+    let mut member = on_shard(&s, 1, "alice");
+    member.subscribe("news");
+    // Each request is a new connection, on either shard: go on until shard 0
+    // (no member, so nothing of its own to flush) has published a few.
+    let from0 = || s.metric("corecast_publishes_total{shard=\"0\"}");
+    let mut i = 0;
+    while from0() < 3.0 {
+        assert!(i < 200, "200 publishes, fewer than 3 from shard 0");
+        let (st, _) = s.http("POST", "/api/publish", &[], format!(r#"{{"room":"news","data":{i}}}"#).as_bytes());
+        assert_eq!(st, 200);
+        assert_eq!(member.recv(), json!({"ev":"message","room":"news","from":"server","data":i}));
+        i += 1;
+    }
+}
+
+/// `history::ring::owner_of`: FNV-1a of the room name, mod the shards.
+fn owner_of(room: &str, shards: u64) -> usize {
+    let h = room.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    (h % shards) as usize
+}
+
+#[test]
+fn a_history_rooms_fan_out_goes_only_to_shards_with_members() {
+    let s = start_server(&["--shards", "4", "--history-size", "100", "--max-ops-per-sec", "0"]);
+    // The room's owner is shard 2; the member is on 1, the publisher on 0.
+    let room = (0..).map(|i| format!("h{i}")).find(|r| owner_of(r, 4) == 2).unwrap();
+    let mut publisher = on_shard(&s, 0, "pub");
+    let mut member = on_shard(&s, 1, "alice");
+    let sub = common::history::subscribe_since(&mut member, &room, None);
+    let start = sub["offset"].as_u64().expect("an offset");
+    let idle: Vec<f64> = (0..4).map(|k| inbox_in(&s, k)).collect();
+    const N: u64 = 30;
+    for i in 0..N {
+        publish(&mut publisher, &room, json!(i), i);
+    }
+    let got = common::history::messages(&mut member, &room, N as usize, common::DEADLINE);
+    assert_eq!(common::history::offsets(&got), (start + 1..=start + N).collect::<Vec<_>>());
+    // Shard 2 got the publishes, shard 1 the fan-out, shard 3 nothing.
+    assert_eq!(inbox_in(&s, 2) - idle[2], N as f64, "the owner");
+    assert_eq!(inbox_in(&s, 1) - idle[1], N as f64, "the member's shard");
+    assert_eq!(inbox_in(&s, 3) - idle[3], 0.0, "shard 3 has no member but got messages");
 }
