@@ -39,7 +39,8 @@ use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use crate::bus::Target;
 
-/// log2 of the slots: 2^18 slots, 2 MiB per 64 shards, zero pages until written.
+/// log2 of the slots: 2^18 slots, 2 MiB per 64 shards of address space,
+/// resident only where written (see `Table::new`).
 const SLOT_BITS: u32 = 18;
 
 /// The node's table (see the module docs). `Send + Sync`.
@@ -52,7 +53,10 @@ pub struct Table {
 impl Table {
     pub fn new(shards: usize) -> Table {
         let words = shards.div_ceil(64).max(1);
-        let masks = (0..(words << SLOT_BITS)).map(|_| AtomicU64::new(0)).collect();
+        // Zeroed by the allocator (fresh pages from the kernel), so the
+        // table costs memory only where a shard has set a bit.
+        // SAFETY: all-zero bytes are a valid `AtomicU64` (0).
+        let masks = unsafe { Box::<[AtomicU64]>::new_zeroed_slice(words << SLOT_BITS).assume_init() };
         Table { words, masks }
     }
 
