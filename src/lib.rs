@@ -15,7 +15,8 @@
 //!    (`bus::local`; Redis across nodes).
 //! 7. `bus::redis` — the Redis backplane: each shard's publisher and its
 //!    `redis-NN` reader thread (RESP → inbox).
-//! 8. `shard::inbox` — the channel + wake-up into another shard.
+//! 8. `shard::inbox` — the queues (one per sender) + wake-up into another
+//!    shard; `shard::peers` — the way out, woken once per turn.
 //! 9. `Shard::deliver` — one encoded frame into every member's `Outbox`
 //!    (and, built at most once per shard, its compressed form into the
 //!    `Outbox` of every member that negotiated compression);

@@ -242,6 +242,7 @@ shard_metrics! {
     send_batches_total: "counter", "io_uring_enter calls that carried those batched writes.";
     pongs_coalesced_total: "counter", "Pongs that replaced a waiting, unsent pong instead of being queued (RFC 6455 5.5.3).";
     inbox_dropped_total: "counter", "Messages for this shard dropped because its inbox was full (see README: inbox policy).";
+    peer_wakes_total: "counter", "Wakes this shard sent to other shards' inbox tasks: at most one per receiving shard per turn, however many messages it queued there.";
     redis_history_connected: "gauge", "1 while this shard's Redis history connection (--history-size) is up.";
     history_recovered_total: "counter", "Subscribes with since that the room history covered (recovered:true).";
     history_unrecovered_total: "counter", "Subscribes with since that it could not cover (recovered:false).";

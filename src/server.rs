@@ -19,7 +19,9 @@ use crate::bus::redis::{self, RedisBus, ShardLink};
 use crate::config::{Config, Driver};
 use crate::conn::Listener;
 use crate::metrics::Metrics;
-use crate::shard::{Inbox, InboxSender, Shard, ShardMsg, inbox};
+use crate::shard::inbox::{self, Door};
+use crate::shard::interest;
+use crate::shard::{Inbox, InboxSender, Links, Shard, ShardMsg};
 
 /// io_uring submission queue entries per shard.
 const URING_ENTRIES: u32 = 4096;
@@ -29,7 +31,8 @@ pub struct Node {
     pub addr: SocketAddr,
     /// The `--admin-listen` address, when set.
     pub admin_addr: Option<SocketAddr>,
-    peers: Arc<[InboxSender]>,
+    /// Each shard's control queue (drains).
+    control: Arc<[InboxSender]>,
     exits: Receiver<(String, anyhow::Result<()>)>,
     shards: usize,
 }
@@ -50,14 +53,17 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
         _ => None,
     };
 
-    // Wire every inbox before spawning any thread.
-    let (senders, inboxes): (Vec<InboxSender>, Vec<Inbox>) = (0..n).map(|_| inbox()).unzip();
-    let peers: Arc<[InboxSender]> = senders.into();
+    // Wire every inbox before spawning any thread: a queue per ordered pair
+    // of shards, one per shard for its Redis reader and one for control.
+    let inbox::Wiring { inboxes, doors } = inbox::wire(n, cfg.redis.is_some());
+    let control: Arc<[InboxSender]> = doors.iter().map(|d| d.control.clone()).collect();
+    let readers: Vec<InboxSender> = doors.iter().map(|d| d.thread.clone()).collect();
+    let table = Arc::new(interest::Table::new(n));
     let metrics = Arc::new(Metrics::new(n));
     let (exit_tx, exits) = crossbeam_channel::unbounded();
     // With --redis: one `redis-NN` reader thread per shard, and each shard's link to it.
     let mut links: Vec<Option<ShardLink>> = match &cfg.redis {
-        Some(url) => redis::start(&cfg, url, &peers, &metrics, &exit_tx)?.into_iter().map(Some).collect(),
+        Some(url) => redis::start(&cfg, url, &readers, &metrics, &exit_tx)?.into_iter().map(Some).collect(),
         None => (0..n).map(|_| None).collect(),
     };
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<anyhow::Result<()>>(n);
@@ -65,14 +71,14 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
         let name = format!("shard-{i:02}");
         let link = links[i].take();
         let admin = admin[i].take();
-        let (cfg, metrics, peers, exit_tx, ready_tx) =
-            (cfg.clone(), metrics.clone(), peers.clone(), exit_tx.clone(), ready_tx.clone());
+        let (cfg, metrics, exit_tx, ready_tx) = (cfg.clone(), metrics.clone(), exit_tx.clone(), ready_tx.clone());
+        let (doors, table) = (doors.clone(), table.clone());
         let thread_name = name.clone();
         thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_shard(i, cfg, metrics, peers, [Some(listener), admin], inbox, link, ready_tx)
+                    run_shard(i, cfg, metrics, (doors, table), [Some(listener), admin], inbox, link, ready_tx)
                 }));
                 let r = match r {
                     Ok(r) => r,
@@ -85,13 +91,13 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
     for _ in 0..n {
         ready_rx.recv().context("a shard died during start-up")??;
     }
-    Ok(Node { addr, admin_addr, peers, exits, shards: n })
+    Ok(Node { addr, admin_addr, control, exits, shards: n })
 }
 
 impl Node {
     /// Asks every shard to drain (PROTOCOL.md §5).
     pub fn drain(&self) {
-        for p in self.peers.iter() {
+        for p in self.control.iter() {
             let _ = p.send_wait(ShardMsg::Drain);
         }
     }
@@ -114,7 +120,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(a) = node.admin_addr {
         println!("corecast admin listening on {a}");
     }
-    let peers = node.peers.clone();
+    let control = node.control.clone();
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("install signal handlers")?;
     thread::Builder::new().name("signals".into()).spawn(move || {
         let mut seen = 0;
@@ -122,7 +128,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             seen += 1;
             if seen == 1 {
                 info!(signal = sig, "draining");
-                for p in peers.iter() {
+                for p in control.iter() {
                     let _ = p.send_wait(ShardMsg::Drain);
                 }
             } else {
@@ -145,7 +151,8 @@ fn run_shard(
     id: usize,
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
-    peers: Arc<[InboxSender]>,
+    // Every shard's inbox queues and the node's interest table.
+    (doors, table): (Arc<[Door]>, Arc<interest::Table>),
     // The client listener, then the admin one (`--admin-listen`), if any.
     listeners: [Option<std::net::TcpListener>; 2],
     inbox: Inbox,
@@ -182,8 +189,9 @@ fn run_shard(
                     return;
                 }
             };
-            let shard = Shard::new(id, cfg2, metrics, peers, bus, driver, poller);
+            let shard = Shard::new(id, cfg2, metrics, Links::new(id, doors, table), bus, driver, poller);
             monoio::spawn(shard.clone().run_flusher());
+            monoio::spawn(shard.clone().run_peer_wakes());
             monoio::spawn(crate::shard::poller::run(shard.clone()));
             monoio::spawn(shard.clone().run_inbox(inbox));
             monoio::spawn(shard.clone().run_close_reaper());

@@ -1,14 +1,22 @@
-//! The embedded local bus: a publish goes straight into every other shard's
-//! inbox (each its own copy of the frame and room name) and is delivered to this
-//! shard's own members without a hop (Seastar's `invoke_on` vs `local()`).
+//! The embedded local bus: a publish goes straight into the inbox of every
+//! other shard that has members of the room (or connections of the user),
+//! each its own copy of the frame and name, and is delivered to this shard's
+//! own members without a hop (Seastar's `invoke_on` vs `local()`).
 //!
-//! Every shard gets every message; a shard with no member of the room drops
-//! it after one hash lookup. With one shard per core that is a handful of
-//! channel sends per publish, cheaper than keeping remote interest in sync.
+//! Which shards have members is the node's interest table
+//! (`shard::interest`): each shard sets its bit for a room when its first
+//! member joins and clears it when its last leaves, before the member's
+//! `subscribed` reply is sent, so a message published after that reply
+//! reaches the member's shard. A shard without members gets nothing (a
+//! hash collision in the table may still send it one it drops after one
+//! lookup, as every shard did before). Direct messages route the same way
+//! by user. The sends are queued on per-pair queues and each receiving shard
+//! is woken once at the end of the publishing shard's turn (`shard::peers`).
 //!
-//! While another shard's inbox is congested (past `INBOX_PUBLISH_LIMIT`),
-//! publishes are refused with `unavailable`: back-pressure to the client
-//! rather than a silent drop (the inbox policy is in `shard::inbox`).
+//! While the queue to a shard the message would go to is congested (past
+//! `inbox::pair_publish_limit`), publishes are refused with `unavailable`:
+//! back-pressure to the client rather than a silent drop (the inbox policy
+//! is in `shard::inbox`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,7 +29,7 @@ use crate::shard::{Shard, ShardMsg};
 pub fn publish(shard: &Shard, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
     let sent = Instant::now();
     if shard.peers().len() > 1 {
-        if shard.peers_congested() {
+        if shard.interested_congested(target) {
             return Err(Unavailable);
         }
         // Each shard gets its own copy of the frame and the name: the
@@ -32,7 +40,7 @@ pub fn publish(shard: &Shard, target: Target<'_>, frame: Bytes) -> Result<(), Un
             Target::Room(r) => (r, true),
             Target::User(u) => (u, false),
         };
-        shard.to_other_shards(|| {
+        shard.to_interested(target, || {
             let (name, frame): (Arc<str>, Bytes) = (Arc::from(name), Bytes::copy_from_slice(&frame));
             if room {
                 ShardMsg::Room { room: name, frame, sent, pos: None }

@@ -1,8 +1,9 @@
 //! ⑥ The bus: how a message published on one shard reaches every shard (on
 //! this node and, with Redis, on every node) that has local subscribers.
 //!
-//! Standalone (`Bus::Local`), a publish is handed to every other shard's
-//! inbox and delivered to this shard's own members directly. With Redis
+//! Standalone (`Bus::Local`), a publish is handed to the inbox of every
+//! other shard that has members (`shard::interest`) and delivered to this
+//! shard's own members directly. With Redis
 //! (`bus::redis`), it goes to Redis and comes back through each shard's
 //! reader thread. Either way the shard fans out from its own tables.
 
@@ -43,10 +44,12 @@ impl Bus {
     }
 
     /// This shard gained its first (`on`) or lost its last local member of
-    /// `target`; the Redis bus follows with SUBSCRIBE/UNSUBSCRIBE.
-    pub fn interest(&self, _shard: &Shard, target: Target<'_>, on: bool) {
+    /// `target`: the local bus marks it in the node's interest table (before
+    /// any reply to the member leaves, see `shard::interest`), the Redis bus
+    /// follows with SUBSCRIBE/UNSUBSCRIBE.
+    pub fn interest(&self, shard: &Shard, target: Target<'_>, on: bool) {
         match self {
-            Bus::Local => {}
+            Bus::Local => shard.set_interest(target, on),
             Bus::Redis(r) => r.interest(target, on),
         }
     }

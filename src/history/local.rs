@@ -3,11 +3,17 @@
 //!
 //! A publish in a room with history goes to the room's owner, which assigns
 //! the offset, stores the frame in its ring and fans it out to every shard
-//! (itself included) as `ShardMsg::Room { pos: Some(..) }`. A read goes to
-//! the owner too and its answer comes back as `Msg::Reply`. Each shard's
-//! inbox is FIFO per sender, so a shard receives the owner's fan-out of every
-//! message up to T before the answer of a read that found T: the merge in
-//! `recover.rs` then never sees a gap.
+//! with members (itself included; `shard::interest`) as
+//! `ShardMsg::Room { pos: Some(..) }`. A read goes to the owner too and its
+//! answer comes back as `Msg::Reply`. The owner's fan-out and its replies to
+//! a shard travel on one queue (one per ordered pair of shards, FIFO), so a
+//! shard receives the owner's fan-out of every message up to T before the
+//! answer of a read that found T: the merge in `recover.rs` then never sees
+//! a gap. A shard without members gets no fan-out; one that subscribes sets
+//! its interest bit before it sends its read, so the owner either sees the
+//! bit when it publishes (live) or has the message in its ring when it
+//! answers the read (the read is handled after the publish), and the merge
+//! drops the one it gets twice.
 //!
 //! In: `Msg` from other shards' inboxes, local calls. Out: `ShardMsg`s to
 //! other shards, slots filled for the task that asked.
@@ -17,6 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Position, Query, ReadResult, ShardHistory, Slot, Unavailable, ring::owner_of};
+use crate::bus::Target;
 use crate::protocol::event::MessagePrefix;
 use crate::shard::{Shard, ShardMsg};
 
@@ -53,13 +60,14 @@ pub fn publish(
     want: Option<Slot<Result<Position, Unavailable>>>,
 ) -> Result<(), Unavailable> {
     let h = shard.history().ok_or(Unavailable)?;
-    // The owner fans out to every shard: refused while an inbox is
-    // congested, like every local-bus publish (`shard::inbox` policy), which
-    // keeps the other half of each inbox for replies and control messages.
-    if shard.peers().len() > 1 && shard.peers_congested() {
+    // The owner fans out to the shards with members: refused while our
+    // queue to the owner or the owner's to any shard is congested, like
+    // every local-bus publish (`shard::inbox` policy), which keeps the other
+    // half of each queue for replies and control messages.
+    let owner = owner_of(room, shard.peers().len());
+    if shard.peers().len() > 1 && shard.peers_congested_via(owner) {
         return Err(Unavailable);
     }
-    let owner = owner_of(room, shard.peers().len());
     if owner == shard.id {
         let pos = own_publish(shard, h, room, msg);
         if let Some(slot) = want {
@@ -72,7 +80,7 @@ pub fn publish(
         None => 0,
     };
     let msg = Msg::Publish { room: Arc::from(room), msg, reply_to: shard.id, token };
-    if shard.peers()[owner].send(ShardMsg::History(Box::new(msg))).is_err() {
+    if shard.send_to(owner, ShardMsg::History(Box::new(msg))).is_err() {
         h.forget_token(token);
         return Err(Unavailable);
     }
@@ -89,20 +97,21 @@ pub async fn read(shard: &Shard, room: &str, q: Query) -> Result<ReadResult, Una
     let slot = Slot::default();
     let token = h.wait_for(Waiting::Read(slot.clone()));
     let msg = Msg::Read { room: Arc::from(room), q, reply_to: shard.id, token };
-    if shard.peers()[owner].send(ShardMsg::History(Box::new(msg))).is_err() {
+    if shard.send_to(owner, ShardMsg::History(Box::new(msg))).is_err() {
         h.forget_token(token);
         return Err(Unavailable);
     }
     slot.wait().await
 }
 
-/// The owner: assigns, stores, fans out to every shard (this one directly).
+/// The owner: assigns, stores, fans out to every shard with members (this
+/// one directly).
 fn own_publish(shard: &Rc<Shard>, h: &ShardHistory, room: &str, msg: MessagePrefix) -> Position {
     let sent = Instant::now();
     let (pos, frame) = h.rings().publish(room, msg, sent);
     if shard.peers().len() > 1 {
         let name: Arc<str> = Arc::from(room);
-        shard.to_other_shards(|| ShardMsg::Room {
+        shard.to_interested(Target::Room(room), || ShardMsg::Room {
             room: name.clone(),
             frame: frame.clone(),
             sent,
@@ -134,6 +143,6 @@ pub fn handle(shard: &Rc<Shard>, msg: Msg) {
 fn reply(shard: &Shard, to: usize, token: u64, reply: Reply) {
     let msg = ShardMsg::History(Box::new(Msg::Reply { token, reply }));
     // A shard that stopped (shutdown) no longer waits for it. Data is held
-    // to half of each inbox (`peers_congested`), so a reply finds room.
-    let _ = shard.peers()[to].send(msg);
+    // to half of each pair queue (`peers_congested_via`), so a reply finds room.
+    let _ = shard.send_to(to, msg);
 }

@@ -391,7 +391,8 @@ impl ShardHistory {
     pub fn on_live(&self, shard: &Rc<Shard>, room: &str, pos: Position, frame: Bytes, sent: Instant) {
         let mut rooms = self.rooms.borrow_mut();
         let Some(st) = rooms.get_mut(room) else {
-            // No member here (the local bus fans out to every shard).
+            // No member here (with the local bus: a collision in the interest
+            // table, or the last member left while the message was queued).
             drop(rooms);
             shard.deliver_timed(crate::bus::Target::Room(room), &frame, sent);
             return;

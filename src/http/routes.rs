@@ -40,7 +40,7 @@ pub fn metrics(shard: &Rc<Shard>) -> Reply {
         shards: shard.peers().len(),
         draining: shard.is_draining(),
         driver: shard.driver,
-        inbox_backlog: shard.peers().iter().map(|p| p.backlog()).collect(),
+        inbox_backlog: shard.inbox_backlogs(),
         open_fds: metrics::open_fds(),
     };
     let body = shard.metrics.render(node);

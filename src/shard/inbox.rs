@@ -1,32 +1,61 @@
 //! ⑧ The shard's inbox: the only way into a shard from another thread.
 //!
-//! A crossbeam channel carries `ShardMsg`s; after each send the sender wakes
-//! the shard's inbox task through an `AtomicWaker`. The runtime parked in
-//! io_uring (or epoll) is woken from another thread only because monoio's
-//! `sync` feature is on: without it a cross-thread wake would be lost and the
-//! shard would sleep until its next I/O event.
+//! An inbox is several queues, each with one producer, drained by the
+//! shard's inbox task (`Shard::run_inbox`):
+//!
+//! - one per other shard (shard → shard, single producer, single consumer:
+//!   each ordered pair of shards has its own queue, so producers never
+//!   contend on a queue's tail and every pair keeps FIFO order — standalone
+//!   history relies on it, see `history::local`);
+//! - one for the shard's Redis reader thread (`redis-NN`);
+//! - one for control (the signal thread, `Node::drain`).
+//!
+//! Each queue is a bounded crossbeam channel used by one producer (the
+//! control queue by the few threads that stop the node). Every producer
+//! shares the inbox's one `AtomicWaker`. A shard sending to another does not
+//! wake it per message: it queues with `push` and marks the peer, and the
+//! shard's wake task (`peers::Links`) wakes every marked peer once at the end
+//! of the turn. Threads wake per send (`send`, `send_wait`), or, like the
+//! Redis reader, queue a read buffer's messages with `push_wait` and wake
+//! once for all of them (`wake`). The runtime parked in io_uring (or epoll) is
+//! woken from another thread only because monoio's `sync` feature is on:
+//! without it a cross-thread wake would be lost and the shard would sleep
+//! until its next I/O event.
+//!
+//! A wake may come late (end of the sender's turn) but never not at all:
+//! every queued message is followed by a wake of the inbox's `AtomicWaker`,
+//! and the inbox task registers before it checks that every queue is empty
+//! (`Inbox::ready`), so a message is either seen by that check or wakes it.
 //!
 //! # The bound, and what happens at it
 //!
-//! Each inbox holds at most `INBOX_CAPACITY` messages (frames are shared
-//! `Bytes`, so a message is a few dozen bytes plus its share of one frame).
+//! A shard's inbox holds at most about `INBOX_CAPACITY` messages from the
+//! other shards: each pair queue takes `pair_capacity(n)`, `INBOX_CAPACITY`
+//! split over the `n - 1` senders (at least `MIN_PAIR_CAPACITY`), so a
+//! node's queues take no more memory than one inbox per shard did (a bounded
+//! crossbeam channel allocates its slots up front). The Redis reader's queue
+//! takes `INBOX_CAPACITY` on its own (frames are shared `Bytes`, so a
+//! message is a few dozen bytes plus its share of one frame).
 //! At the bound the policy depends on whether the sender can wait:
 //!
 //! - Threads that can wait (the Redis reader, the signal thread) use
-//!   `send_wait`. The Redis reader also stops reading from Redis well before
-//!   (`INBOX_HIGH_WATER` in `bus::redis::reader`), so Redis buffers and the
-//!   shard catches up: back-pressure, nothing lost.
+//!   `send_wait`/`push_wait`. The Redis reader also stops reading from Redis
+//!   well before (`INBOX_HIGH_WATER` in `bus::redis::reader`), so Redis
+//!   buffers and the shard catches up: back-pressure, nothing lost.
 //! - Shards never wait on one another (two shards waiting on each other's
-//!   full inbox would deadlock), so they use `send`, which fails at once when
-//!   the inbox is full: the message is dropped and counted in
+//!   full inbox would deadlock), so they use `push`, which fails at once when
+//!   the pair queue is full: the message is dropped and counted in
 //!   `corecast_inbox_dropped_total{shard}` (the receiving shard). Before it
 //!   comes to that, the local bus refuses new publishes with `unavailable`
-//!   while any inbox is past `INBOX_PUBLISH_LIMIT` (`bus::local`), which
-//!   pushes back on the publishing clients and leaves the rest of the room
-//!   for control messages.
+//!   while the queue to any shard the message would go to is past
+//!   `pair_publish_limit(n)` (half of it; `bus::local`), which pushes back on
+//!   the publishing clients and leaves the rest of the queue for control
+//!   messages and history replies.
 //!
-//! `corecast_inbox_backlog{shard}` shows each inbox's depth at scrape time.
+//! `corecast_inbox_backlog{shard}` shows each inbox's depth (all its queues)
+//! at scrape time.
 
+use std::cell::Cell;
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::Poll;
@@ -34,7 +63,7 @@ use std::time::Instant;
 
 use atomic_waker::AtomicWaker;
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 /// What crosses into a shard. Frames are complete WebSocket frames, built once
 /// by whoever encoded the event and shared by every shard that delivers them.
@@ -60,70 +89,255 @@ pub enum ShardMsg {
     History(Box<crate::history::local::Msg>),
 }
 
-/// The sending half; `Clone + Send`, handed to other shards and bus threads.
+/// The sending end of one queue into one shard; `Clone + Send`.
 #[derive(Clone)]
 pub struct InboxSender {
     tx: Sender<ShardMsg>,
     waker: Arc<AtomicWaker>,
 }
 
-/// The receiving half, owned by its shard.
+/// The receiving half: every queue into one shard, owned by that shard.
 pub struct Inbox {
-    rx: Receiver<ShardMsg>,
+    queues: Box<[Receiver<ShardMsg>]>,
     waker: Arc<AtomicWaker>,
+    /// The queue `try_recv` takes from next, and how many it took from it in a row.
+    at: Cell<(usize, usize)>,
 }
 
-/// Messages one inbox holds at most.
-pub const INBOX_CAPACITY: usize = 16_384;
-/// Above this backlog in any shard's inbox, local-bus publishes are refused
-/// with `unavailable` (see the module docs).
-pub const INBOX_PUBLISH_LIMIT: usize = INBOX_CAPACITY / 2;
+/// Every queue into one shard, for the senders and for the backlog gauge.
+pub struct Door {
+    /// By sending shard; `None` at the shard's own index.
+    from_shard: Box<[Option<InboxSender>]>,
+    /// The shard's Redis reader thread.
+    pub thread: InboxSender,
+    /// The signal thread and `Node::drain`.
+    pub control: InboxSender,
+}
 
-/// Makes a connected pair. Wire every inbox before spawning any thread.
-pub fn inbox() -> (InboxSender, Inbox) {
-    let (tx, rx) = crossbeam_channel::bounded(INBOX_CAPACITY);
-    let waker = Arc::new(AtomicWaker::new());
-    (InboxSender { tx, waker: waker.clone() }, Inbox { rx, waker })
+/// Messages one shard's inbox holds at most from the other shards (split
+/// over the pair queues), and the Redis reader's queue on its own.
+pub const INBOX_CAPACITY: usize = 16_384;
+/// The smallest pair queue, however many shards (reached past 65 shards).
+pub const MIN_PAIR_CAPACITY: usize = 256;
+/// The control queue (a drain per shard, a few at most).
+const CONTROL_CAPACITY: usize = 64;
+/// Messages `try_recv` takes from one queue before it turns to the next.
+const BURST: usize = 64;
+
+/// Each shard → shard queue's bound on a node of `shards` shards.
+pub fn pair_capacity(shards: usize) -> usize {
+    (INBOX_CAPACITY / shards.saturating_sub(1).max(1)).max(MIN_PAIR_CAPACITY)
+}
+
+/// Above this depth of its queue into a shard, a shard refuses local-bus
+/// publishes that would go there (see the module docs).
+pub fn pair_publish_limit(shards: usize) -> usize {
+    pair_capacity(shards) / 2
+}
+
+/// Why `push` did not queue a message.
+#[derive(Debug)]
+pub enum PushError {
+    /// The queue is at its bound.
+    Full(ShardMsg),
+    /// The receiving shard has stopped (shutdown).
+    Gone(ShardMsg),
+}
+
+/// A node's inboxes: `inboxes[i]` is shard i's receiving half and
+/// `doors[i]` every queue into it.
+pub struct Wiring {
+    pub inboxes: Vec<Inbox>,
+    pub doors: Arc<[Door]>,
+}
+
+/// Makes every queue of a node of `shards` shards; `readers`: each shard has
+/// a Redis reader thread (else its queue is left small: nobody sends on it).
+/// Wire every inbox before spawning any thread.
+pub fn wire(shards: usize, readers: bool) -> Wiring {
+    let pair = pair_capacity(shards);
+    let mut inboxes = Vec::with_capacity(shards);
+    let mut doors = Vec::with_capacity(shards);
+    for to in 0..shards {
+        let waker = Arc::new(AtomicWaker::new());
+        let mut queues = Vec::with_capacity(shards + 1);
+        let mut open = |cap: usize| {
+            let (tx, rx) = crossbeam_channel::bounded(cap);
+            queues.push(rx);
+            InboxSender { tx, waker: waker.clone() }
+        };
+        let from_shard = (0..shards).map(|from| (from != to).then(|| open(pair))).collect();
+        let thread = open(if readers { INBOX_CAPACITY } else { CONTROL_CAPACITY });
+        let control = open(CONTROL_CAPACITY);
+        doors.push(Door { from_shard, thread, control });
+        inboxes.push(Inbox { queues: queues.into(), waker, at: Cell::new((0, 0)) });
+    }
+    Wiring { inboxes, doors: doors.into() }
+}
+
+impl Door {
+    /// The queue shard `from` sends on, or `None` for the shard itself.
+    pub fn from_shard(&self, from: usize) -> Option<&InboxSender> {
+        self.from_shard.get(from)?.as_ref()
+    }
+
+    /// Messages waiting in the whole inbox (every queue).
+    pub fn backlog(&self) -> usize {
+        self.from_shard.iter().flatten().chain([&self.thread, &self.control]).map(InboxSender::backlog).sum()
+    }
 }
 
 impl InboxSender {
-    /// Queues `msg` and wakes the shard, without waiting: a full inbox, or a
-    /// shard that has stopped, returns the message (for shards, which must
-    /// never wait on each other).
+    /// Queues `msg` and wakes the shard, without waiting: a full queue, or a
+    /// shard that has stopped, returns the message.
     pub fn send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
         self.tx.try_send(msg).map_err(|e| e.into_inner())?;
-        self.waker.wake();
+        self.wake();
         Ok(())
     }
 
-    /// Queues `msg` and wakes the shard, waiting while the inbox is full
+    /// Queues `msg` and wakes the shard, waiting while the queue is full
     /// (for threads that may wait: the Redis reader, the signal thread). A
     /// shard that has stopped returns the message.
     pub fn send_wait(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
-        self.tx.send(msg).map_err(|e| e.0)?;
-        self.waker.wake();
+        self.push_wait(msg)?;
+        self.wake();
         Ok(())
     }
 
-    /// Messages waiting in this inbox (for metrics and back-pressure).
+    /// Queues `msg` without waiting and WITHOUT waking the shard: the
+    /// caller must `wake` it afterwards (shards do it once per turn).
+    pub fn push(&self, msg: ShardMsg) -> Result<(), PushError> {
+        self.tx.try_send(msg).map_err(|e| match e {
+            TrySendError::Full(m) => PushError::Full(m),
+            TrySendError::Disconnected(m) => PushError::Gone(m),
+        })
+    }
+
+    /// Queues `msg`, waiting while the queue is full, WITHOUT waking the
+    /// shard (the caller must `wake` it afterwards) — except that a full
+    /// queue wakes it first, so that it drains what it is waited on for.
+    pub fn push_wait(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        match self.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Disconnected(m)) => Err(m),
+            Err(TrySendError::Full(m)) => {
+                self.wake();
+                self.tx.send(m).map_err(|e| e.0)
+            }
+        }
+    }
+
+    /// Wakes the shard's inbox task (cheap when it is awake already).
+    pub fn wake(&self) {
+        self.waker.wake();
+    }
+
+    /// Messages waiting in this queue (for metrics and back-pressure).
     pub fn backlog(&self) -> usize {
         self.tx.len()
     }
 }
 
 impl Inbox {
-    /// Takes the next message without waiting.
+    /// Takes the next message without waiting: up to `BURST` from one queue,
+    /// then the next queue's turn, so no sender starves the others.
     pub fn try_recv(&self) -> Option<ShardMsg> {
-        self.rx.try_recv().ok()
+        let (mut q, mut taken) = self.at.get();
+        for _ in 0..=self.queues.len() {
+            if taken < BURST
+                && let Ok(msg) = self.queues[q].try_recv()
+            {
+                self.at.set((q, taken + 1));
+                return Some(msg);
+            }
+            q = (q + 1) % self.queues.len();
+            taken = 0;
+        }
+        self.at.set((q, 0));
+        None
     }
 
     /// Resolves once at least one message is waiting.
     pub async fn ready(&self) {
         poll_fn(|cx| {
-            // Register first, then look: a send between the two still wakes us.
+            // Register first, then look: a message queued before the look is
+            // seen; one queued after it is followed by a wake, which finds
+            // the waker registered.
             self.waker.register(cx.waker());
-            if self.rx.is_empty() { Poll::Pending } else { Poll::Ready(()) }
+            if self.queues.iter().all(Receiver::is_empty) { Poll::Pending } else { Poll::Ready(()) }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(m: &str) -> ShardMsg {
+        ShardMsg::Direct { user: Arc::from(m), frame: Bytes::new(), sent: Instant::now() }
+    }
+
+    fn name(m: ShardMsg) -> String {
+        match m {
+            ShardMsg::Direct { user, .. } => user.to_string(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_pair_has_its_own_queue_and_order_is_kept_per_sender() {
+        let w = wire(3, false);
+        let d = &w.doors[0];
+        assert!(d.from_shard(0).is_none());
+        for i in 0..3 {
+            d.from_shard(1).unwrap().push(msg(&format!("a{i}"))).unwrap();
+            d.from_shard(2).unwrap().push(msg(&format!("b{i}"))).unwrap();
+        }
+        d.thread.send(msg("t0")).unwrap();
+        assert_eq!(d.backlog(), 7);
+        let got: Vec<String> = std::iter::from_fn(|| w.inboxes[0].try_recv()).map(name).collect();
+        assert_eq!(got.len(), 7);
+        let of = |p: char| got.iter().filter(|s| s.starts_with(p)).cloned().collect::<Vec<_>>();
+        assert_eq!(of('a'), ["a0", "a1", "a2"]);
+        assert_eq!(of('b'), ["b0", "b1", "b2"]);
+        assert_eq!(of('t'), ["t0"]);
+        assert_eq!(d.backlog(), 0);
+    }
+
+    #[test]
+    fn a_busy_sender_does_not_starve_the_others() {
+        let w = wire(2, true);
+        let d = &w.doors[0];
+        for i in 0..(BURST * 3) {
+            d.from_shard(1).unwrap().push(msg(&format!("a{i}"))).unwrap();
+        }
+        d.control.send(msg("c")).unwrap();
+        let first: Vec<String> = (0..=BURST).filter_map(|_| w.inboxes[0].try_recv()).map(name).collect();
+        assert!(first.contains(&"c".to_string()), "{first:?}");
+    }
+
+    #[test]
+    fn a_full_pair_queue_refuses_at_once() {
+        let w = wire(2, true);
+        let q = w.doors[1].from_shard(0).unwrap();
+        for _ in 0..pair_capacity(2) {
+            q.push(msg("x")).unwrap();
+        }
+        assert!(matches!(q.push(msg("x")), Err(PushError::Full(_))));
+        drop(w.inboxes);
+        // Still full of messages nobody will take; a gone shard is `Gone`.
+        assert!(matches!(q.push(msg("x")), Err(PushError::Full(_)) | Err(PushError::Gone(_))));
+    }
+
+    #[test]
+    fn pair_queues_split_the_inbox_bound() {
+        assert_eq!(pair_capacity(1), INBOX_CAPACITY);
+        assert_eq!(pair_capacity(2), INBOX_CAPACITY);
+        assert_eq!(pair_capacity(5), INBOX_CAPACITY / 4);
+        assert_eq!(pair_capacity(64), INBOX_CAPACITY / 63);
+        assert_eq!(pair_capacity(200), MIN_PAIR_CAPACITY);
+        assert_eq!(pair_publish_limit(2), INBOX_CAPACITY / 2);
     }
 }

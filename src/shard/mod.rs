@@ -4,7 +4,10 @@
 //!
 //! `Shard` is `!Send`: it is shared between the shard's tasks as `Rc<Shard>`
 //! with `RefCell`/`Cell` fields, never borrowed across an `.await`. The only
-//! way in from another thread is the inbox (`InboxSender::send`).
+//! way in from another thread is the inbox (`inbox`: one queue per sending
+//! shard, one for the Redis reader, one for control); the way out to other
+//! shards is `peers` (only to the shards the `interest` table names, woken
+//! once per turn).
 //!
 //! Fan-out (⑨) is `deliver`: one encoded frame, cloned (a reference count) into
 //! every member's `Outbox`. Each connection that got a frame is put once on
@@ -34,6 +37,8 @@
 mod flush;
 pub mod heartbeat;
 pub mod inbox;
+pub mod interest;
+mod peers;
 pub mod poller;
 pub mod rooms;
 
@@ -49,7 +54,8 @@ use bytes::Bytes;
 use slab::Slab;
 use tracing::{debug, info};
 
-pub use inbox::{Inbox, InboxSender, ShardMsg, inbox};
+pub use inbox::{Inbox, InboxSender, ShardMsg};
+pub use peers::Links;
 use rooms::{RoomTable, UserTable};
 
 use crate::bus::{Bus, Target, Unavailable};
@@ -71,7 +77,8 @@ pub struct Shard {
     pub metrics: Arc<Metrics>,
     /// Which monoio driver runs this shard ("io_uring" or "epoll").
     pub driver: &'static str,
-    peers: Arc<[InboxSender]>,
+    /// Its queues into the other shards, the interest table, owed wakes.
+    links: Links,
     bus: Bus,
     conns: RefCell<Slab<Rc<Conn>>>,
     rooms: RefCell<RoomTable>,
@@ -124,7 +131,7 @@ impl Shard {
         id: usize,
         cfg: Arc<Config>,
         metrics: Arc<Metrics>,
-        peers: Arc<[InboxSender]>,
+        links: Links,
         bus: Bus,
         driver: &'static str,
         poller: poller::Poller,
@@ -139,7 +146,7 @@ impl Shard {
             cfg,
             metrics,
             driver,
-            peers,
+            links,
             bus,
             conns: RefCell::new(Slab::new()),
             rooms: RefCell::default(),
@@ -167,10 +174,6 @@ impl Shard {
     /// The readiness poller of this shard's WebSocket connections.
     pub(crate) fn poller(&self) -> &poller::Poller {
         &self.poller
-    }
-
-    pub fn peers(&self) -> &[InboxSender] {
-        &self.peers
     }
 
     /// Room history, when on.
@@ -202,32 +205,6 @@ impl Shard {
     /// This shard's connection `id`, if it is open.
     pub(crate) fn conn(&self, id: ConnId) -> Option<Rc<Conn>> {
         self.conns.borrow().get(id as usize).cloned()
-    }
-
-    /// Sends a message built by `make` to every shard but this one
-    /// (Seastar's `invoke_on_all` minus `local()`). Never waits: a full
-    /// inbox drops the message, counted in the receiver's
-    /// `corecast_inbox_dropped_total` (the policy is in `inbox.rs`).
-    pub fn to_other_shards(&self, mut make: impl FnMut() -> ShardMsg) {
-        for (i, p) in self.peers.iter().enumerate() {
-            if i != self.id {
-                self.to_shard(i, p, make());
-            }
-        }
-    }
-
-    /// Sends `msg` to shard `i` (whose sender is `p`) without waiting.
-    fn to_shard(&self, i: usize, p: &InboxSender, msg: ShardMsg) {
-        // A peer that stopped (only during shutdown) just misses it.
-        if p.send(msg).is_err() && p.backlog() >= inbox::INBOX_CAPACITY {
-            self.metrics.shard(i).inbox_dropped_total.add_shared(1);
-        }
-    }
-
-    /// Is any other shard's inbox so deep that new publishes should wait
-    /// (`inbox::INBOX_PUBLISH_LIMIT`)?
-    pub fn peers_congested(&self) -> bool {
-        self.peers.iter().enumerate().any(|(i, p)| i != self.id && p.backlog() >= inbox::INBOX_PUBLISH_LIMIT)
     }
 
     // ---- connections -------------------------------------------------------

@@ -14,8 +14,10 @@
 //! self-pipe that wakes the thread's `poll(2)`), and pushed RESP2 frames from
 //! Redis, decoded zero-copy with `decode_bytes_mut`. Out: SUBSCRIBE /
 //! UNSUBSCRIBE commands (each batch of changes coalesced into one command by
-//! `subs.rs`), and, into the shard's inbox, `ShardMsg::Room` / `Direct` (a
-//! complete client frame built once from the checked payload),
+//! `subs.rs`), and, into the reader's own queue of the shard's inbox,
+//! `ShardMsg::Room` / `Direct` (a complete client frame built once from the
+//! checked payload; a read buffer's messages are queued, then the shard is
+//! woken once for all of them),
 //! `ShardMsg::Subscribed` (Redis confirmed a room) and `ShardMsg::RedisLink`.
 //!
 //! A payload is forwarded only if it is the JSON text of the event the
@@ -56,7 +58,7 @@ use crate::metrics::{Metrics, ShardMetrics};
 use crate::protocol::event;
 use crate::shard::{InboxSender, ShardMsg};
 
-/// Above this many messages waiting in the shard's inbox the reader stops
+/// Above this many messages waiting in its queue into the shard's inbox the reader stops
 /// reading from Redis ...
 const INBOX_HIGH_WATER: usize = 8192;
 /// ... until it is back down to this.
@@ -180,6 +182,9 @@ pub struct Reader {
     /// SUBSCRIBE is confirmed again; the live gate drops what it already had.
     blip: bool,
     inbox: InboxSender,
+    /// Messages were queued to the shard without a wake yet: a read
+    /// buffer's messages are queued, then the shard is woken once (`service`).
+    unwoken: bool,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     input: ReaderInput,
@@ -233,6 +238,7 @@ impl Reader {
             history: p.history,
             blip: false,
             inbox: p.inbox,
+            unwoken: false,
             metrics: p.metrics,
             health: p.health,
             input: p.input,
@@ -551,14 +557,11 @@ impl Reader {
         for s in self.conns[i].subs.settled() {
             self.to_shard(ShardMsg::Subscribed { room: s.room, seq: s.seq })?;
         }
-        loop {
-            let Some(l) = &mut self.conns[i].live else { return Ok(()) };
-            match decode_bytes_mut(&mut l.buf) {
-                Ok(Some((frame, _, _))) => self.on_frame(i, frame)?,
-                Ok(None) => break,
-                Err(_) => return Err(End::Lost(LinkError::Protocol)),
-            }
-        }
+        // Every frame of the read buffer, then one wake for the messages
+        // they queued (also when decoding failed half-way).
+        let decoded = self.decode_buffered(i);
+        self.wake_shard();
+        decoded?;
         // Heartbeat: a silent connection gets a PING; an unanswered one is dead.
         let Some(l) = &mut self.conns[i].live else { return Ok(()) };
         let now = Instant::now();
@@ -571,6 +574,25 @@ impl Reader {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Handles every complete frame in connection `i`'s read buffer.
+    fn decode_buffered(&mut self, i: usize) -> Result<(), End> {
+        loop {
+            let Some(l) = &mut self.conns[i].live else { return Ok(()) };
+            match decode_bytes_mut(&mut l.buf) {
+                Ok(Some((frame, _, _))) => self.on_frame(i, frame)?,
+                Ok(None) => return Ok(()),
+                Err(_) => return Err(End::Lost(LinkError::Protocol)),
+            }
+        }
+    }
+
+    /// Wakes the shard for the messages `queue` put in its inbox, if any.
+    fn wake_shard(&mut self) {
+        if std::mem::take(&mut self.unwoken) {
+            self.inbox.wake();
+        }
     }
 
     fn on_frame(&mut self, i: usize, frame: BytesFrame) -> Result<(), End> {
@@ -663,6 +685,8 @@ impl Reader {
         };
         if self.inbox.backlog() >= INBOX_HIGH_WATER {
             self.m().redis_reader_waits_total.add_shared(1);
+            // It must be awake to drain what we wait on.
+            self.wake_shard();
             while self.inbox.backlog() > INBOX_LOW_WATER {
                 thread::sleep(BACKPRESSURE_NAP);
                 if self.take_interest().is_err() {
@@ -670,7 +694,15 @@ impl Reader {
                 }
             }
         }
-        self.to_shard(msg)
+        self.queue(msg)
+    }
+
+    /// Queues `msg` without waking the shard: `service` wakes it once per
+    /// read buffer (a full queue wakes it at once, `push_wait`).
+    fn queue(&mut self, msg: ShardMsg) -> Result<(), End> {
+        self.inbox.push_wait(msg).map_err(|_| End::Shutdown)?;
+        self.unwoken = true;
+        Ok(())
     }
 
     fn to_shard(&self, msg: ShardMsg) -> Result<(), End> {
