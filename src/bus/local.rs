@@ -1,6 +1,6 @@
-//! The embedded local bus: a publish goes straight into the inbox of every
-//! other shard that has members of the room (or connections of the user),
-//! each its own copy of the frame and name, and is delivered to this shard's
+//! The embedded local bus: a room message goes straight into the inbox of
+//! every other shard that has members of the room, a direct message into
+//! every other shard's, each its own copy of the frame and name, and is delivered to this shard's
 //! own members without a hop (Seastar's `invoke_on` vs `local()`).
 //!
 //! Which shards have members is the node's interest table
@@ -9,8 +9,9 @@
 //! `subscribed` reply is sent, so a message published after that reply
 //! reaches the member's shard. A shard without members gets nothing (a
 //! hash collision in the table may still send it one it drops after one
-//! lookup, as every shard did before). Direct messages route the same way
-//! by user. The sends are queued on per-pair queues and each receiving shard
+//! lookup, as every shard did before). Direct messages are not routed by
+//! interest (a filter selective for users would cost megabytes, see
+//! `shard::interest`): every shard gets them. The sends are queued on per-pair queues and each receiving shard
 //! is woken once at the end of the publishing shard's turn (`shard::peers`).
 //!
 //! While the queue to a shard the message would go to is congested (past
@@ -29,25 +30,33 @@ use crate::shard::{Shard, ShardMsg};
 pub fn publish(shard: &Shard, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
     let sent = Instant::now();
     if shard.peers().len() > 1 {
-        if shard.interested_congested(target) {
-            return Err(Unavailable);
-        }
         // Each shard gets its own copy of the frame and the name: the
         // shards' deliveries clone and drop them once per member, and a
         // reference count shared across cores would bounce its cache line
         // between them on every one. One memcpy per shard is cheaper.
-        let (name, room) = match target {
-            Target::Room(r) => (r, true),
-            Target::User(u) => (u, false),
-        };
-        shard.to_interested(target, || {
-            let (name, frame): (Arc<str>, Bytes) = (Arc::from(name), Bytes::copy_from_slice(&frame));
-            if room {
-                ShardMsg::Room { room: name, frame, sent, pos: None }
-            } else {
-                ShardMsg::Direct { user: name, frame, sent }
+        match target {
+            Target::Room(room) => {
+                if shard.interested_congested(target) {
+                    return Err(Unavailable);
+                }
+                shard.to_interested(target, || ShardMsg::Room {
+                    room: Arc::from(room),
+                    frame: Bytes::copy_from_slice(&frame),
+                    sent,
+                    pos: None,
+                });
             }
-        });
+            Target::User(user) => {
+                if shard.peers_congested() {
+                    return Err(Unavailable);
+                }
+                shard.to_other_shards(|| ShardMsg::Direct {
+                    user: Arc::from(user),
+                    frame: Bytes::copy_from_slice(&frame),
+                    sent,
+                });
+            }
+        }
     }
     shard.deliver_timed(target, &frame, sent);
     Ok(())

@@ -44,12 +44,17 @@ impl Bus {
     }
 
     /// This shard gained its first (`on`) or lost its last local member of
-    /// `target`: the local bus marks it in the node's interest table (before
-    /// any reply to the member leaves, see `shard::interest`), the Redis bus
-    /// follows with SUBSCRIBE/UNSUBSCRIBE.
+    /// `target`: the local bus marks a room in the node's interest table
+    /// (before any reply to the member leaves, see `shard::interest`; users
+    /// are not routed by interest), the Redis bus follows with
+    /// SUBSCRIBE/UNSUBSCRIBE.
     pub fn interest(&self, shard: &Shard, target: Target<'_>, on: bool) {
         match self {
-            Bus::Local => shard.set_interest(target, on),
+            Bus::Local => {
+                if let Target::Room(_) = target {
+                    shard.set_interest(target, on)
+                }
+            }
             Bus::Redis(r) => r.interest(target, on),
         }
     }
