@@ -117,6 +117,14 @@ pub struct Options {
     #[arg(long, env = "CORECAST_HEARTBEAT_SECS")]
     pub heartbeat_secs: Option<u64>,
 
+    /// Milliseconds a shard holds queued frames before it writes them, so
+    /// that a busy connection's frames of that window leave in one send
+    /// (fewer, larger packets: less kernel work per delivery at high
+    /// per-connection rates, at up to this much added latency). 0 writes at
+    /// the end of every turn of the event loop. [default: 0]
+    #[arg(long, env = "CORECAST_WRITE_DELAY_MS")]
+    pub write_delay_ms: Option<u64>,
+
     /// Ops per second each connection may send (token bucket, burst 2x); beyond
     /// it an op gets `rate_limited`, and a client that keeps going is closed
     /// with 1008. 0 = unlimited. [default: 100]
@@ -221,6 +229,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Heartbeat interval; `Duration::ZERO` = off (`shard::heartbeat`).
     pub heartbeat: Duration,
+    /// How long the flusher holds queued frames (`shard::flush`); zero: none.
+    pub write_delay: Duration,
     /// Per-connection op rate (burst twice that); 0 = unlimited (`conn::limits`).
     pub max_ops_per_sec: u32,
     /// 0 = unlimited.
@@ -266,6 +276,7 @@ impl Options {
             max_body_bytes,
             handshake_timeout_secs,
             heartbeat_secs,
+            write_delay_ms,
             max_ops_per_sec,
             max_rooms_per_connection,
             max_connections,
@@ -354,6 +365,8 @@ impl Config {
             max_body_bytes: o.max_body_bytes.unwrap_or(1 << 20),
             handshake_timeout: Duration::from_secs(o.handshake_timeout_secs.unwrap_or(10).max(1)),
             heartbeat: Duration::from_secs(o.heartbeat_secs.unwrap_or(25)),
+            // A second at most: it is a batching window, not a queue.
+            write_delay: Duration::from_millis(o.write_delay_ms.unwrap_or(0).min(1000)),
             max_ops_per_sec: o.max_ops_per_sec.unwrap_or(100),
             max_rooms_per_connection: o.max_rooms_per_connection.unwrap_or(100),
             max_connections: o.max_connections.filter(|&n| n > 0).unwrap_or(usize::MAX),

@@ -96,3 +96,44 @@ fn heartbeat_pings_due_together_go_out_in_one_batch() {
     assert!(sends >= MEMBERS as f64, "{sends}");
     assert!(batches >= 1.0 && sends / batches >= 10.0, "{sends} sends in {batches} batches");
 }
+
+/// Writes to the subscriber's socket while a publisher sends `n` messages
+/// a few ms apart (each its own turn of the shard's loop); every message
+/// arrives, in order.
+fn writes_for_spaced_publishes(extra: &[&str], n: usize) -> f64 {
+    let mut args = vec!["--shards", "1", "--max-ops-per-sec", "0"];
+    args.extend_from_slice(extra);
+    let s = start_server(&args);
+    let mut sub = Client::connect(&s.ws_url("/ws?user=sub"));
+    sub.subscribe("tick");
+    let mut publisher = Client::connect(&s.ws_url("/ws?user=pub"));
+    // A reply the publisher has read: every earlier write is done, count
+    // from here.
+    publisher.subscribe("elsewhere");
+    let before = s.metric("corecast_socket_writes_total");
+    for i in 0..n {
+        // No id: no ack, so the only frames written are the deliveries.
+        publisher.send_json(&json!({"op":"publish","room":"tick","data":{"n":i}}));
+        std::thread::sleep(std::time::Duration::from_millis(3));
+    }
+    for i in 0..n {
+        let m = sub.recv();
+        assert_eq!(m["ev"], "message", "{m}");
+        assert_eq!(m["data"]["n"], i, "in order, once");
+    }
+    // Less the write of the first scrape's own response.
+    s.metric("corecast_socket_writes_total") - before - 1.0
+}
+
+/// `--write-delay-ms`: a connection's frames of one window leave in one
+/// write (a second-long window holds all ten publishes, 3 ms apart, unless
+/// the test is held up for a second); without it each message is written
+/// when its turn ends.
+#[test]
+fn with_a_write_delay_a_busy_connections_frames_leave_together() {
+    let plain = writes_for_spaced_publishes(&[], 10);
+    let delayed = writes_for_spaced_publishes(&["--write-delay-ms", "1000"], 10);
+    eprintln!("writes for 10 spaced messages: {plain} without a delay, {delayed} with 1000 ms");
+    assert!((1.0..=2.0).contains(&delayed), "{delayed} writes with the delay");
+    assert!(plain > delayed, "{plain} writes without the delay");
+}

@@ -108,9 +108,10 @@ impl Outbox {
     }
 
     /// Writes queued frames to `fd` without blocking. Returns the bytes
-    /// written with how far it got.
-    pub fn try_flush(&mut self, fd: RawFd) -> io::Result<(usize, Flush)> {
+    /// written and the `sendmsg` calls that wrote them, with how far it got.
+    pub fn try_flush(&mut self, fd: RawFd) -> io::Result<(usize, usize, Flush)> {
         let mut written = 0;
+        let mut calls = 0;
         while !self.frames.is_empty() {
             let mut iov = [EMPTY_IOV; IOV_PER_SEND];
             let (n, want) = self.prepare(&mut iov);
@@ -121,20 +122,21 @@ impl Outbox {
             // SAFETY: every iovec points into a `Bytes` owned by `self.frames`,
             // which is not touched until the call returns.
             let r = unsafe { libc::sendmsg(fd, &msg, SEND_FLAGS) };
+            calls += 1;
             if r < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
-                    io::ErrorKind::WouldBlock => return Ok((written, Flush::Blocked)),
+                    io::ErrorKind::WouldBlock => return Ok((written, calls, Flush::Blocked)),
                     io::ErrorKind::Interrupted => continue,
                     _ => return Err(e),
                 }
             }
             written += r as usize;
             if self.complete(r as usize, want) == Flush::Blocked {
-                return Ok((written, Flush::Blocked));
+                return Ok((written, calls, Flush::Blocked));
             }
         }
-        Ok((written, Flush::Empty))
+        Ok((written, calls, Flush::Empty))
     }
 
     /// Points `iov` at the queued bytes, as many frames as it has room for (the
@@ -213,7 +215,7 @@ mod tests {
         let mut got = Vec::new();
         let mut buf = vec![0u8; 1 << 16];
         loop {
-            let (_, st) = ob.try_flush(a.as_raw_fd()).unwrap();
+            let (_, _, st) = ob.try_flush(a.as_raw_fd()).unwrap();
             if st == Flush::Empty {
                 break;
             }

@@ -182,8 +182,9 @@ impl Conn {
     }
 
     fn try_write(&self, shard: &Shard) -> io::Result<Flush> {
-        let (n, st) = self.outbox.borrow_mut().try_flush(self.fd)?;
+        let (n, calls, st) = self.outbox.borrow_mut().try_flush(self.fd)?;
         shard.m().bytes_out_total.add(n as u64);
+        shard.m().socket_writes_total.add(calls as u64);
         Ok(st)
     }
 

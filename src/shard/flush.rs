@@ -12,6 +12,12 @@
 //! connections the flusher yields, so a huge room or a recovery storm cannot
 //! make the shard deaf to everything else.
 //!
+//! With `--write-delay-ms N` the pass waits N ms after the first frame that
+//! made a connection dirty, so that frames queued meanwhile — a busy
+//! room's next messages — go out with it, several to a send: fewer, larger
+//! packets for up to N ms more latency (Centrifugo's `write_delay`). The
+//! connection's queue limit (`--outbound-queue-bytes`) holds as before.
+//!
 //! The ring is the flusher's own (monoio's ring carries the connections'
 //! reads and readiness; its operations are futures, one per socket, which is
 //! the per-connection cost this avoids). Frames stay owned by their queues
@@ -131,6 +137,7 @@ impl Batcher {
             }
         }
         shard.m().sends_batched_total.add(done as u64);
+        shard.m().socket_writes_total.add(done as u64);
         shard.m().send_batches_total.inc();
     }
 }
@@ -150,8 +157,14 @@ impl Shard {
             None
         };
         let mut batch: Vec<Rc<Conn>> = Vec::new();
+        let delay = self.cfg.write_delay;
         loop {
             until(&self.flusher, || !self.dirty.borrow().is_empty()).await;
+            if !delay.is_zero() {
+                // `--write-delay-ms`: the first frame after a pass opens a
+                // window; everything queued in it leaves in the next pass.
+                monoio::time::sleep(delay).await;
+            }
             std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
             let mut chunks = batch.chunks(BATCH).peekable();
             while let Some(chunk) = chunks.next() {
