@@ -191,6 +191,7 @@ fn run_shard(
             };
             let shard = Shard::new(id, cfg2, metrics, Links::new(id, doors, table), bus, driver, poller);
             monoio::spawn(shard.clone().run_flusher());
+            monoio::spawn(shard.clone().run_held());
             monoio::spawn(shard.clone().run_peer_wakes());
             monoio::spawn(crate::shard::poller::run(shard.clone()));
             monoio::spawn(shard.clone().run_inbox(inbox));

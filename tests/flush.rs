@@ -125,15 +125,49 @@ fn writes_for_spaced_publishes(extra: &[&str], n: usize) -> f64 {
     s.metric("corecast_socket_writes_total") - before - 1.0
 }
 
-/// `--write-delay-ms`: a connection's frames of one window leave in one
-/// write (a second-long window holds all ten publishes, 3 ms apart, unless
-/// the test is held up for a second); without it each message is written
-/// when its turn ends.
+/// `--write-delay-ms`: a connection written less than the delay ago is
+/// held, and its frames of that window leave in one write (a second-long
+/// delay holds all eight publishes, 3 ms apart, unless the test is held up
+/// for a second; eight: one batched send takes up to 8 frames); without it
+/// each message is written when its turn ends.
 #[test]
 fn with_a_write_delay_a_busy_connections_frames_leave_together() {
-    let plain = writes_for_spaced_publishes(&[], 10);
-    let delayed = writes_for_spaced_publishes(&["--write-delay-ms", "1000"], 10);
-    eprintln!("writes for 10 spaced messages: {plain} without a delay, {delayed} with 1000 ms");
+    let plain = writes_for_spaced_publishes(&[], 8);
+    let delayed = writes_for_spaced_publishes(&["--write-delay-ms", "1000"], 8);
+    eprintln!("writes for 8 spaced messages: {plain} without a delay, {delayed} with 1000 ms");
     assert!((1.0..=2.0).contains(&delayed), "{delayed} writes with the delay");
     assert!(plain > delayed, "{plain} writes without the delay");
+}
+
+/// `--write-delay-ms` holds only connections written less than the delay
+/// ago: one quiet for longer (a chat, a room at 50 msg/s under a short
+/// delay) is written at once, in the turn its frame was queued.
+#[test]
+fn a_write_delay_does_not_hold_a_quiet_connection() {
+    let s = start_server(&["--shards", "1", "--write-delay-ms", "300"]);
+    let mut sub = Client::connect(&s.ws_url("/ws?user=sub"));
+    sub.subscribe("chat");
+    let mut publisher = Client::connect(&s.ws_url("/ws?user=pub"));
+    publisher.subscribe("elsewhere");
+    for i in 0..3 {
+        // Longer than the delay since anything was written to `sub`.
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let held = s.metric("corecast_writes_held_total");
+        publisher.send_json(&json!({"op":"publish","room":"chat","data":i}));
+        let m = sub.recv();
+        assert_eq!(m["data"], i, "{m}");
+        // The scrapes' own responses are not held either: each connection
+        // is new.
+        assert_eq!(s.metric("corecast_writes_held_total"), held, "message {i} was held");
+    }
+    // While it is busy, it is held (the counter can move).
+    let held = s.metric("corecast_writes_held_total");
+    for i in 3..6 {
+        publisher.send_json(&json!({"op":"publish","room":"chat","data":i}));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for i in 3..6 {
+        assert_eq!(sub.recv()["data"], i);
+    }
+    assert!(s.metric("corecast_writes_held_total") > held, "a busy connection was not held");
 }

@@ -3,7 +3,7 @@
 //! room count (`--max-rooms-per-connection`).
 //!
 //! Everything here is O(1) per op and lives in a few `Cell`s inside `Conn`
-//! (14 bytes): coarse `u32` clocks, no timer and no task per connection.
+//! (16 bytes): coarse clocks, no timer and no task per connection.
 //!
 //! # The op rate
 //!
@@ -38,6 +38,11 @@ pub(crate) struct Limits {
     refilled: Cell<u32>,
     /// Ops refused since the bucket was last full.
     strikes: Cell<u16>,
+    /// When the flusher last wrote this connection, in the shard's
+    /// milliseconds (wrapping): `--write-delay-ms` holds the frames of a
+    /// connection written less than the delay ago (`shard::flush`). Here,
+    /// in what would be padding, so that `Conn` keeps its size.
+    pub(crate) wrote: Cell<u16>,
 }
 
 /// What to do with one inbound op.

@@ -12,11 +12,14 @@
 //! connections the flusher yields, so a huge room or a recovery storm cannot
 //! make the shard deaf to everything else.
 //!
-//! With `--write-delay-ms N` the pass waits N ms after the first frame that
-//! made a connection dirty, so that frames queued meanwhile — a busy
-//! room's next messages — go out with it, several to a send: fewer, larger
-//! packets for up to N ms more latency (Centrifugo's `write_delay`). The
-//! connection's queue limit (`--outbound-queue-bytes`) holds as before.
+//! With `--write-delay-ms N` a connection the flusher wrote less than N ms
+//! ago is held back instead (`hold_hot`), and written when the hold timer
+//! (`run_held`) gives it back N ms later, with everything queued to it
+//! meanwhile: a busy connection's frames go out several to a send — fewer,
+//! larger packets — for at most N ms more latency, and a connection that
+//! gets a frame now and then (a chat, a 50 msg/s room: 20 ms apart) is
+//! written at once as without the option. The connection's queue limit
+//! (`--outbound-queue-bytes`) holds as before.
 //!
 //! The ring is the flusher's own (monoio's ring carries the connections'
 //! reads and readiness; its operations are futures, one per socket, which is
@@ -157,15 +160,13 @@ impl Shard {
             None
         };
         let mut batch: Vec<Rc<Conn>> = Vec::new();
-        let delay = self.cfg.write_delay;
+        let delay = self.cfg.write_delay.as_millis() as u16;
         loop {
             until(&self.flusher, || !self.dirty.borrow().is_empty()).await;
-            if !delay.is_zero() {
-                // `--write-delay-ms`: the first frame after a pass opens a
-                // window; everything queued in it leaves in the next pass.
-                monoio::time::sleep(delay).await;
-            }
             std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
+            if delay > 0 {
+                self.hold_hot(&mut batch, delay);
+            }
             let mut chunks = batch.chunks(BATCH).peekable();
             while let Some(chunk) = chunks.next() {
                 match &mut batcher {
@@ -177,6 +178,60 @@ impl Shard {
                 }
             }
             batch.clear();
+        }
+    }
+
+    /// The shard's clock for `Limits::wrote`: milliseconds since it started,
+    /// wrapping at 65.5 s (only differences below the delay matter).
+    fn ms(&self) -> u16 {
+        self.started.elapsed().as_millis() as u16
+    }
+
+    /// `--write-delay-ms`: takes out of `batch` the connections written
+    /// less than `delay` ms ago (they stay marked dirty, so what is queued
+    /// to them meanwhile joins them) and hands them to the hold timer; the
+    /// others are stamped as written now.
+    fn hold_hot(&self, batch: &mut Vec<Rc<Conn>>, delay: u16) {
+        let now = self.ms();
+        let mut held = self.held.borrow_mut();
+        let before = held.len();
+        batch.retain(|c| {
+            if now.wrapping_sub(c.limits.wrote.get()) < delay {
+                held.push(c.clone());
+                false
+            } else {
+                c.limits.wrote.set(now);
+                true
+            }
+        });
+        self.m().writes_held_total.add((held.len() - before) as u64);
+        if before == 0
+            && !held.is_empty()
+            && let Some(w) = self.held_waker.take()
+        {
+            w.wake();
+        }
+    }
+
+    /// The hold timer task (`--write-delay-ms`): `delay` after a connection
+    /// was first held, gives every held connection back to the flusher,
+    /// stamped so that it is written in that pass. A held frame therefore
+    /// waits at most the delay (plus the timer's 1 ms resolution).
+    pub async fn run_held(self: Rc<Self>) {
+        let delay = self.cfg.write_delay;
+        if delay.is_zero() {
+            return;
+        }
+        let back = delay.as_millis() as u16;
+        loop {
+            until(&self.held_waker, || !self.held.borrow().is_empty()).await;
+            monoio::time::sleep(delay).await;
+            let now = self.ms();
+            let held = std::mem::take(&mut *self.held.borrow_mut());
+            for c in held {
+                c.limits.wrote.set(now.wrapping_sub(back));
+                self.mark_dirty(c);
+            }
         }
     }
 }

@@ -85,6 +85,13 @@ pub struct Shard {
     users: RefCell<UserTable>,
     /// Connections with queued frames, each once (`Conn::mark_dirty`).
     dirty: RefCell<Vec<Rc<Conn>>>,
+    /// Dirty connections the flusher holds back (`--write-delay-ms`), still
+    /// marked dirty; `flush::run_held` hands them back after the delay.
+    held: RefCell<Vec<Rc<Conn>>>,
+    /// Wakes the hold timer task when `held` becomes non-empty.
+    held_waker: Cell<Option<Waker>>,
+    /// The shard's clock origin (`Shard::ms`).
+    started: Instant,
     /// Wakes the flusher task when `dirty` becomes non-empty.
     flusher: Cell<Option<Waker>>,
     draining: Cell<bool>,
@@ -152,6 +159,9 @@ impl Shard {
             rooms: RefCell::default(),
             users: RefCell::default(),
             dirty: RefCell::default(),
+            held: RefCell::default(),
+            held_waker: Cell::new(None),
+            started: Instant::now(),
             flusher: Cell::new(None),
             draining: Cell::new(false),
             drain_waker: Cell::new(None),
