@@ -173,6 +173,12 @@ fn churn(extra: &[&str]) {
     // happen often, by unsubscribe and by disconnect.
     let mut pool: Vec<(usize, Client, bool)> =
         (0..2 * SHARDS).map(|i| (i % SHARDS, on_shard(&s, i % SHARDS, &format!("c{i}")), false)).collect();
+    // With history, the offset each member must see next (§7): the
+    // `subscribed` reply's position + 1. A message published just before the
+    // subscribe may still come, if the position was taken before it: that is
+    // what the position says, and its offset shows it.
+    let history = extra.contains(&"--history-size");
+    let mut next: Vec<u64> = vec![0; pool.len()];
     let mut rng = fastrand::Rng::with_seed(12);
     for n in 0..200u64 {
         let i = rng.usize(..pool.len());
@@ -181,6 +187,9 @@ fn churn(extra: &[&str]) {
             // Publish the moment `subscribed` is in.
             let r = c.call(json!({"op":"subscribe","room":"churn","id":"s"}));
             assert_eq!((&r["ev"], &r["id"]), (&json!("subscribed"), &json!("s")), "{r}");
+            if history {
+                next[i] = r["offset"].as_u64().unwrap_or_else(|| panic!("no offset in {r}")) + 1;
+            }
             *joined = true;
         } else if rng.bool() {
             let r = c.call(json!({"op":"unsubscribe","room":"churn","id":"u"}));
@@ -195,9 +204,26 @@ fn churn(extra: &[&str]) {
         }
         let p = rng.usize(..SHARDS);
         publish(&mut publishers[p], "churn", json!(n), n);
-        for (shard, c, joined) in pool.iter_mut() {
-            if *joined {
-                expect_message(c, "churn", &json!(n), &format!("member on shard {shard}, publisher on {p}"));
+        for (k, (shard, c, joined)) in pool.iter_mut().enumerate() {
+            if !*joined {
+                continue;
+            }
+            let who = format!("member on shard {shard}, publisher on {p}");
+            if !history {
+                expect_message(c, "churn", &json!(n), &who);
+                continue;
+            }
+            // Every offset from the position on, in order, up to message n.
+            loop {
+                let m = c.recv_json(common::DEADLINE).unwrap_or_else(|| panic!("{who}: no message {n}"));
+                assert_eq!((&m["ev"], &m["room"]), (&json!("message"), &json!("churn")), "{who}: {m}");
+                assert_eq!(m["offset"], next[k], "{who}: offsets in order, none missed or repeated: {m}");
+                next[k] += 1;
+                let d = m["data"].as_u64().unwrap_or_else(|| panic!("{who}: {m}"));
+                assert!(d <= n, "{who}: {m}");
+                if d == n {
+                    break;
+                }
             }
         }
     }
