@@ -49,6 +49,7 @@ def metrics(report):
     m["received"] = received
     m["expected"] = t.get("expected")
     m["deliveries_per_server_cpu_s"] = t.get("received_per_server_cpu_s")
+    m["server_kernel_pct"] = server.get("kernel_pct")
     srv_cpu = server.get("cpu_with_drain_s")
     if received > 0 and srv_cpu is not None:
         m["cpu_us_per_delivery"] = (srv_cpu + gen.get("cpu_s", 0)) * 1e6 / received
@@ -142,9 +143,10 @@ def main():
                     stats[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "samples": vals}
             cells.setdefault(row, {})[system] = {"runs": len(samples), "stats": stats, "na": na.get((row, system))}
 
-    head = ("| load | system | msg/s sent | deliveries / server CPU-s | CPU µs / delivery (server + generator) "
+    head = ("| load | system | msg/s sent | deliveries / server CPU-s | server CPU in the kernel "
+            "| CPU µs / delivery (server + generator) "
             "| Redis CPU µs / delivery | p50 ms | p99 ms | loss | server RSS | idle CPU µs / conn-s |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for row in rows:
         p = plan.get(row, {})
         subs = p.get("subs") or 0
@@ -155,10 +157,10 @@ def main():
             c = cells[row][system]
             label = title if i == 0 else ""
             if c["na"]:
-                lines.append(f"| {label} | {system} | n/a ({c['na']}) |  |  |  |  |  |  |  |  |")
+                lines.append(f"| {label} | {system} | n/a ({c['na']}) |  |  |  |  |  |  |  |  |  |")
                 continue
             if c["runs"] == 0:
-                lines.append(f"| {label} | {system} | failed (see logs/) |  |  |  |  |  |  |  |  |")
+                lines.append(f"| {label} | {system} | failed (see logs/) |  |  |  |  |  |  |  |  |  |")
                 continue
             s = c["stats"]
             runs_note = f" [{c['runs']}/{a.runs} runs]" if c["runs"] < a.runs else ""
@@ -166,12 +168,12 @@ def main():
             conn_note = f" ({fails:.0f} conns failed/dropped)" if fails else ""
             if row.startswith("idle"):
                 rss = cell(s, "rss_per_conn_kib", 2, " KiB/conn")
-                lines.append(f"| {label} | {system}{runs_note}{conn_note} | — | — | — | — | — | — | — | {rss} "
+                lines.append(f"| {label} | {system}{runs_note}{conn_note} | — | — | — | — | — | — | — | — | {rss} "
                              f"| {cell(s, 'idle_cpu_us_per_conn_s', 3)} |")
             else:
                 lines.append(
                     f"| {label} | {system}{runs_note}{conn_note} | {cell(s, 'sent_per_s', 0)} "
-                    f"| {cell(s, 'deliveries_per_server_cpu_s', 0)} "
+                    f"| {cell(s, 'deliveries_per_server_cpu_s', 0)} | {cell(s, 'server_kernel_pct', 0, '%')} "
                     f"| {cell(s, 'cpu_us_per_delivery', 2)} | {cell(s, 'redis_us_per_delivery', 2)} "
                     f"| {cell(s, 'p50_ms', 2, short=False)} | {cell(s, 'p99_ms', 2, short=False)} | {loss_cell(s)} "
                     f"| {cell(s, 'server_rss_mib', 1, ' MiB')} | — |")

@@ -423,6 +423,10 @@ fn build_report(
     };
     let server = m.server_before.map(|before| {
         let active_cpu = cpu(m.server_at_go, m.server_at_stop);
+        let active_sys = match (m.server_at_go, m.server_at_stop) {
+            (Some(a), Some(b)) => b.sys_s - a.sys_s,
+            _ => 0.0,
+        };
         ServerStats {
             pids: opts.server_pids.clone(),
             rss_before_kb: before.rss_kb,
@@ -431,6 +435,7 @@ fn build_report(
             ramp_cpu_s: cpu(Some(before), m.server_at_go),
             cpu_s: active_cpu,
             cpu_pct: percent(active_cpu, measured_s),
+            kernel_pct: percent(active_sys, active_cpu),
             cpu_with_drain_s: cpu(m.server_at_go, m.server_at_end),
         }
     });

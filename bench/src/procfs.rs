@@ -1,6 +1,7 @@
 //! Process accounting from outside and inside: the server's resident memory
 //! (`/proc/<pid>/status` VmRSS) and CPU time (`/proc/<pid>/stat` utime +
-//! stime, all threads), the generator's own CPU time (`getrusage`), the open
+//! stime, all threads, with stime also apart: on loopback most of a
+//! delivery's server CPU is the kernel's TCP work), the generator's own CPU time (`getrusage`), the open
 //! files limit, and a monotonic clock shared by all worker processes.
 
 use std::io;
@@ -9,7 +10,10 @@ use std::io;
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProcSample {
     pub rss_kb: u64,
+    /// User + system.
     pub cpu_s: f64,
+    /// System (kernel) alone.
+    pub sys_s: f64,
 }
 
 /// Samples `pid`'s RSS and CPU time.
@@ -18,8 +22,9 @@ pub fn sample(pid: u32) -> io::Result<ProcSample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let bad = |what| io::Error::new(io::ErrorKind::InvalidData, format!("/proc/{pid}/{what}: unexpected format"));
     let rss_kb = parse_vmrss_kb(&status).ok_or_else(|| bad("status"))?;
-    let ticks = parse_stat_cpu_ticks(&stat).ok_or_else(|| bad("stat"))?;
-    Ok(ProcSample { rss_kb, cpu_s: ticks as f64 / clock_ticks_per_sec() })
+    let (utime, stime) = parse_stat_cpu_ticks(&stat).ok_or_else(|| bad("stat"))?;
+    let hz = clock_ticks_per_sec();
+    Ok(ProcSample { rss_kb, cpu_s: (utime + stime) as f64 / hz, sys_s: stime as f64 / hz })
 }
 
 /// Sums [`sample`] over several pids (e.g. two server nodes).
@@ -29,6 +34,7 @@ pub fn sample_all(pids: &[u32]) -> io::Result<ProcSample> {
         let s = sample(pid)?;
         total.rss_kb += s.rss_kb;
         total.cpu_s += s.cpu_s;
+        total.sys_s += s.sys_s;
     }
     Ok(total)
 }
@@ -39,16 +45,16 @@ fn parse_vmrss_kb(status: &str) -> Option<u64> {
     line["VmRSS:".len()..].split_whitespace().next()?.parse().ok()
 }
 
-/// utime + stime (fields 14 and 15 of `/proc/<pid>/stat`), in clock ticks.
+/// (utime, stime) (fields 14 and 15 of `/proc/<pid>/stat`), in clock ticks.
 /// The command name (field 2) is in parentheses and may hold spaces or `)`,
 /// so fields are counted from the last `)`.
-fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
+fn parse_stat_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
     // After ")": field 3 (state) is index 0, so utime (14) is index 11.
     let mut fields = rest.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// USER_HZ: the unit of utime and stime in `/proc/<pid>/stat`.
@@ -107,7 +113,7 @@ mod tests {
     #[test]
     fn stat_cpu_survives_spaces_and_parens_in_the_name() {
         let stat = "4242 (my (odd) srv) S 1 4242 4242 0 -1 4194560 500 0 0 0 731 269 0 0 20 0 3 0 100 0 0";
-        assert_eq!(parse_stat_cpu_ticks(stat), Some(1000));
+        assert_eq!(parse_stat_cpu_ticks(stat), Some((731, 269)));
         assert_eq!(parse_stat_cpu_ticks("4242 (x) S 1 2"), None);
         assert_eq!(parse_stat_cpu_ticks("no parens"), None);
     }
@@ -123,7 +129,7 @@ mod tests {
     fn own_process_can_be_sampled() {
         let s = sample(std::process::id()).unwrap();
         assert!(s.rss_kb > 0);
-        assert!(s.cpu_s >= 0.0);
+        assert!(s.cpu_s >= s.sys_s && s.sys_s >= 0.0);
         let before = now_ns();
         assert!(now_ns() >= before);
     }

@@ -78,6 +78,8 @@ pub struct ServerStats {
     pub cpu_s: f64,
     /// In percent of one core.
     pub cpu_pct: f64,
+    /// Of `cpu_s`, the kernel's (stime) share in percent.
+    pub kernel_pct: f64,
     /// CPU seconds from Go to the end of the drain (all deliveries counted).
     pub cpu_with_drain_s: f64,
 }
@@ -274,10 +276,11 @@ impl RunReport {
             row(
                 "server",
                 format!(
-                    "pids {:?}: cpu {:.2} s ({:.0}% of a core) in the measured phase; RSS {:.1} → {:.1} → {:.1} MiB",
+                    "pids {:?}: cpu {:.2} s ({:.0}% of a core, {:.0}% of it in the kernel) in the measured phase; RSS {:.1} → {:.1} → {:.1} MiB",
                     s.pids,
                     s.cpu_s,
                     s.cpu_pct,
+                    s.kernel_pct,
                     s.rss_before_kb as f64 / 1024.0,
                     s.rss_ready_kb as f64 / 1024.0,
                     s.rss_end_kb as f64 / 1024.0
