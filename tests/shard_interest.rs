@@ -179,6 +179,10 @@ fn churn(extra: &[&str]) {
     // what the position says, and its offset shows it.
     let history = extra.contains(&"--history-size");
     let mut next: Vec<u64> = vec![0; pool.len()];
+    // The `subscribed` reply each member's offsets count from, for the
+    // failure message (a CI run once saw an offset below the newest arrive
+    // first; this tells a stale position from a duplicate).
+    let mut replies: Vec<String> = vec![String::new(); pool.len()];
     let mut rng = fastrand::Rng::with_seed(12);
     for n in 0..200u64 {
         let i = rng.usize(..pool.len());
@@ -189,6 +193,7 @@ fn churn(extra: &[&str]) {
             assert_eq!((&r["ev"], &r["id"]), (&json!("subscribed"), &json!("s")), "{r}");
             if history {
                 next[i] = r["offset"].as_u64().unwrap_or_else(|| panic!("no offset in {r}")) + 1;
+                replies[i] = r.to_string();
             }
             *joined = true;
         } else if rng.bool() {
@@ -217,7 +222,11 @@ fn churn(extra: &[&str]) {
             loop {
                 let m = c.recv_json(common::DEADLINE).unwrap_or_else(|| panic!("{who}: no message {n}"));
                 assert_eq!((&m["ev"], &m["room"]), (&json!("message"), &json!("churn")), "{who}: {m}");
-                assert_eq!(m["offset"], next[k], "{who}: offsets in order, none missed or repeated: {m}");
+                assert_eq!(
+                    m["offset"], next[k],
+                    "{who}: offsets in order from the subscribed position ({}), none missed or repeated: {m}",
+                    replies[k]
+                );
                 next[k] += 1;
                 let d = m["data"].as_u64().unwrap_or_else(|| panic!("{who}: {m}"));
                 assert!(d <= n, "{who}: {m}");
