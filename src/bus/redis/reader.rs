@@ -970,15 +970,35 @@ mod tests {
         }
     }
 
+    /// A chat-like room message of about `size` bytes: mostly text.
+    fn text_payload(size: usize) -> Vec<u8> {
+        let words = "the quick brown fox jumps over the lazy dog, \"quoted\" and caf\u{e9} ";
+        let mut text = String::new();
+        loop {
+            let v = serde_json::json!({"ev":"message","room":"lobby","from":"backend",
+                "data":{"user":"alice","ts":1796124832,"text":text},"epoch":"abc-1796124832349700","offset":12345});
+            let out = serde_json::to_vec(&v).unwrap();
+            if out.len() >= size {
+                return out;
+            }
+            text.push_str(words);
+        }
+    }
+
     /// Measurement (bench/RESULTS.md), not run by default: simd-json (what
-    /// the reader uses) vs serde_json for the reader's per-message check.
+    /// the reader uses) vs serde_json for the reader's per-message check,
+    /// on number-heavy (ticker) and text-heavy (chat) payloads.
     /// `cargo test --release --lib -- --ignored --nocapture json_check_simd_vs_serde`
     #[test]
     #[ignore]
     fn json_check_simd_vs_serde() {
         let mut j = JsonCheck::default();
-        for size in [100, 300, 600, 1024, 4096, 16 * 1024, 64 * 1024] {
-            let p = payload(size);
+        type Shape = (&'static str, fn(usize) -> Vec<u8>);
+        let shapes: [Shape; 2] = [("ticker", payload), ("chat", text_payload)];
+        for (shape, size) in
+            shapes.iter().flat_map(|s| [100, 300, 600, 1024, 4096, 16 * 1024, 64 * 1024].map(|n| (s, n)))
+        {
+            let p = (shape.1)(size);
             assert_eq!(
                 j.check_with_position(Kind::Room, "lobby", &p, usize::MAX).unwrap().map(|x| x.offset),
                 serde_check(Kind::Room, "lobby", &p).unwrap().map(|x| x.1),
@@ -1004,7 +1024,8 @@ mod tests {
                 std::hint::black_box(serde_check(Kind::Room, "lobby", std::hint::black_box(&p))).unwrap();
             });
             println!(
-                "FIGURE json check {} B: simd-json {:.0} ns ({:.2} GB/s), serde_json {:.0} ns ({:.2} GB/s), serde/simd {:.2}",
+                "FIGURE json check {} {} B: simd-json {:.0} ns ({:.2} GB/s), serde_json {:.0} ns ({:.2} GB/s), serde/simd {:.2}",
+                shape.0,
                 p.len(),
                 simd * 1e9,
                 p.len() as f64 / simd / 1e9,
