@@ -11,14 +11,16 @@
 //! and a clear bit means "certainly not": a message is never kept from a
 //! shard with a member.
 //!
-//! The table is small on purpose (`SLOT_BITS`: 16384 slots, 128 KiB per 64
-//! shards, allocated zeroed so that only written pages are resident): it is
-//! a filter whose false positives grow with the rooms per shard (about
-//! rooms / 16384) and fall back to the old broadcast, never to a loss.
-//! Users are not in it: a node has about as many users as connections, so
-//! a filter that stays selective for them would cost megabytes (2^18 slots
-//! were 2 MiB, touched all over by 18000 anonymous users: 116 bytes per
-//! idle connection), and a direct message goes to every shard as before.
+//! The table has a fixed size (`SLOT_BITS`: 2^18 slots, 2 MiB of address
+//! space per 64 shards, allocated zeroed so that only written pages are
+//! resident: a room touches one 4 KiB page of 512 slots). It is a filter
+//! whose false positives grow with the rooms per shard (about rooms /
+//! 2^18) and fall back to the old broadcast, never to a loss; 2^18 keeps
+//! it selective for a node where every user has a room of their own, at
+//! 2 MiB per node at most. Users are not in it: every connection has a
+//! user (anonymous ones too), so routing them touched the whole table even
+//! for idle nodes with few rooms (18000 connections: 116 bytes each), and
+//! a direct message goes to every shard as before.
 //!
 //! Nothing on the message path locks or allocates: a publish hashes the name
 //! and loads one word (`Local::peers`). Only a shard's first member of a
@@ -48,7 +50,7 @@ use rustc_hash::{FxBuildHasher, FxHashMap};
 use crate::bus::Target;
 
 /// log2 of the slots: 2^18 slots, 2 MiB per 64 shards of address space,
-/// resident only where written (see `Table::new`).
+/// resident only where written (see `Table::new` and the module docs).
 const SLOT_BITS: u32 = 18;
 
 /// The node's table (see the module docs). `Send + Sync`.
