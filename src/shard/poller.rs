@@ -28,7 +28,7 @@
 //! different connection that reused the key.
 
 use std::io;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::rc::Rc;
 
 use tracing::warn;
@@ -39,8 +39,7 @@ use super::{ConnId, Shard};
 const EVENTS: usize = 256;
 
 pub struct Poller {
-    epfd: RawFd,
-    /// The epoll descriptor as something monoio can wait on (owns it).
+    /// The epoll descriptor, as something monoio can wait on (owns it).
     waiter: monoio::net::UnixStream,
 }
 
@@ -55,8 +54,11 @@ impl Poller {
         // SAFETY: `epfd` is a fresh descriptor nothing else owns; the
         // UnixStream takes ownership and closes it on drop.
         let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(epfd) };
-        let waiter = monoio::net::UnixStream::from_std(std)?;
-        Ok(Poller { epfd, waiter })
+        Ok(Poller { waiter: monoio::net::UnixStream::from_std(std)? })
+    }
+
+    fn epfd(&self) -> RawFd {
+        self.waiter.as_raw_fd()
     }
 
     /// Watches `fd` (connection `id`) for bytes to read, hang-up and errors.
@@ -66,7 +68,7 @@ impl Poller {
             u64: (u64::from(fd as u32) << 32) | u64::from(id),
         };
         // SAFETY: plain syscall; `ev` outlives it.
-        if unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+        if unsafe { libc::epoll_ctl(self.epfd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -77,7 +79,7 @@ impl Poller {
     pub fn remove(&self, fd: RawFd) {
         // SAFETY: plain syscall; a descriptor that is not registered fails
         // with ENOENT, which is fine.
-        unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+        unsafe { libc::epoll_ctl(self.epfd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
     }
 }
 
@@ -96,7 +98,7 @@ pub async fn run(shard: Rc<Shard>) {
         loop {
             // SAFETY: `events` holds `EVENTS` entries for the kernel to fill;
             // timeout 0: never blocks the shard.
-            let n = unsafe { libc::epoll_wait(poller.epfd, events.as_mut_ptr(), EVENTS as i32, 0) };
+            let n = unsafe { libc::epoll_wait(poller.epfd(), events.as_mut_ptr(), EVENTS as i32, 0) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
