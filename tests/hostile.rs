@@ -560,19 +560,11 @@ fn a_stalled_shard_bounds_its_inbox_and_the_other_shard_keeps_serving() {
             break c;
         }
     };
-    // Subscribers on both shards, and a publisher on shard 0 (found by the
-    // per-shard connection gauge).
-    let on_shard = |want: usize, user: &str| loop {
-        let before = s.metric(&format!("corecast_connections{{shard=\"{want}\"}}"));
-        let c = Client::connect(&s.ws_url(&format!("/ws?user={user}")));
-        if s.metric(&format!("corecast_connections{{shard=\"{want}\"}}")) > before {
-            break c;
-        }
-    };
-    let mut sub1 = on_shard(1, "sub1");
+    // Subscribers on both shards, and a publisher on shard 0.
+    let mut sub1 = s.client_on_shard(1, "sub1");
     sub1.subscribe("busy");
-    let mut publisher = on_shard(0, "pub");
-    let mut sub0 = on_shard(0, "sub0");
+    let mut publisher = s.client_on_shard(0, "pub");
+    let mut sub0 = s.client_on_shard(0, "sub0");
     sub0.subscribe("busy");
     let base = s.rss_kib();
     stall.write_all(b"GET /debug/stall?ms=5000 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();

@@ -7,8 +7,8 @@
 //! Standalone history rooms: the owner's fan-out follows the same interest.
 //!
 //! Which shard a connection lands on is the kernel's (SO_REUSEPORT hashes the
-//! ports), so `on_shard` opens connections until one lands where asked, read
-//! from `corecast_connections{shard}`.
+//! ports), so `Server::client_on_shard` opens connections until
+//! one lands where asked, read from `corecast_connections{shard}`.
 
 mod common;
 
@@ -24,22 +24,6 @@ fn shard_conns(s: &Server, shard: usize) -> f64 {
 
 fn inbox_in(s: &Server, shard: usize) -> f64 {
     s.metric(&format!("corecast_inbox_messages_total{{shard=\"{shard}\"}}"))
-}
-
-/// A connection as `user` on shard `shard` of `s`.
-fn on_shard(s: &Server, shard: usize, user: &str) -> Client {
-    for _ in 0..200 {
-        let total = s.metric("corecast_connections");
-        let before = shard_conns(s, shard);
-        let c = Client::connect(&s.ws_url(&format!("/ws?user={user}")));
-        s.wait_until("the connection counted", || s.metric("corecast_connections") == total + 1.0);
-        if shard_conns(s, shard) == before + 1.0 {
-            return c;
-        }
-        drop(c);
-        s.wait_until("the stray connection gone", || s.metric("corecast_connections") == total);
-    }
-    panic!("200 connections, none on shard {shard}");
 }
 
 fn publish(c: &mut Client, room: &str, data: Value, id: u64) {
@@ -58,7 +42,7 @@ fn expect_message(c: &mut Client, room: &str, data: &Value, who: &str) {
 #[test]
 fn a_room_message_reaches_its_members_on_every_one_of_four_shards() {
     let s = start_server(&["--shards", "4", "--max-ops-per-sec", "0"]);
-    let mut members: Vec<Client> = (0..4).map(|k| on_shard(&s, k, &format!("m{k}"))).collect();
+    let mut members: Vec<Client> = (0..4).map(|k| s.client_on_shard(k, &format!("m{k}"))).collect();
     for m in members.iter_mut() {
         m.subscribe("everywhere");
     }
@@ -83,8 +67,8 @@ fn a_room_message_reaches_its_members_on_every_one_of_four_shards() {
 #[test]
 fn a_shard_without_members_gets_no_room_message_and_direct_messages_still_reach_every_shard() {
     let s = start_server(&["--shards", "4", "--max-ops-per-sec", "0"]);
-    let mut publisher = on_shard(&s, 0, "pub");
-    let mut member = on_shard(&s, 1, "alice");
+    let mut publisher = s.client_on_shard(0, "pub");
+    let mut member = s.client_on_shard(1, "alice");
     member.subscribe("quiet");
     let idle: Vec<f64> = (0..4).map(|k| inbox_in(&s, k)).collect();
     const N: u64 = 50;
@@ -111,12 +95,12 @@ fn a_shard_without_members_gets_no_room_message_and_direct_messages_still_reach_
 #[test]
 fn the_last_member_leaving_a_shard_stops_the_traffic_to_it() {
     let s = start_server(&["--shards", "2", "--max-ops-per-sec", "0"]);
-    let mut publisher = on_shard(&s, 0, "pub");
-    let mut local = on_shard(&s, 0, "local");
+    let mut publisher = s.client_on_shard(0, "pub");
+    let mut local = s.client_on_shard(0, "local");
     local.subscribe("a");
     local.subscribe("b");
-    let mut leaver = on_shard(&s, 1, "leaver");
-    let mut quitter = on_shard(&s, 1, "quitter");
+    let mut leaver = s.client_on_shard(1, "leaver");
+    let mut quitter = s.client_on_shard(1, "quitter");
     leaver.subscribe("a");
     quitter.subscribe("b");
 
@@ -168,11 +152,11 @@ fn churn_in_a_history_room_never_loses_a_message_published_after_subscribed() {
 fn churn(extra: &[&str]) {
     const SHARDS: usize = 4;
     let s = start_server(&[&["--shards", "4", "--max-ops-per-sec", "0"], extra].concat());
-    let mut publishers: Vec<Client> = (0..SHARDS).map(|k| on_shard(&s, k, &format!("p{k}"))).collect();
+    let mut publishers: Vec<Client> = (0..SHARDS).map(|k| s.client_on_shard(k, &format!("p{k}"))).collect();
     // Two members per shard, so a shard's first join and last leave both
     // happen often, by unsubscribe and by disconnect.
     let mut pool: Vec<(usize, Client, bool)> =
-        (0..2 * SHARDS).map(|i| (i % SHARDS, on_shard(&s, i % SHARDS, &format!("c{i}")), false)).collect();
+        (0..2 * SHARDS).map(|i| (i % SHARDS, s.client_on_shard(i % SHARDS, &format!("c{i}")), false)).collect();
     // With history, the offset each member must see next (§7): the
     // `subscribed` reply's position + 1. A message published just before the
     // subscribe may still come, if the position was taken before it: that is
@@ -203,7 +187,7 @@ fn churn(extra: &[&str]) {
         } else {
             let shard = *shard;
             let open = s.metric("corecast_connections");
-            pool[i].1 = on_shard(&s, shard, &format!("c{i}n{n}"));
+            pool[i].1 = s.client_on_shard(shard, &format!("c{i}n{n}"));
             pool[i].2 = false;
             s.wait_until("the old connection gone", || s.metric("corecast_connections") == open);
         }
@@ -248,8 +232,8 @@ fn churn(extra: &[&str]) {
 #[test]
 fn a_burst_to_another_shard_wakes_it_less_than_once_per_message() {
     let s = start_server(&["--shards", "2", "--max-ops-per-sec", "0"]);
-    let mut publisher = on_shard(&s, 0, "pub");
-    let mut member = on_shard(&s, 1, "sub");
+    let mut publisher = s.client_on_shard(0, "pub");
+    let mut member = s.client_on_shard(1, "sub");
     member.subscribe("burst");
     let wakes = s.metric("corecast_peer_wakes_total{shard=\"0\"}");
     // 200 publishes in one write: the shard reads them together.
@@ -270,7 +254,7 @@ fn a_burst_to_another_shard_wakes_it_less_than_once_per_message() {
 #[test]
 fn server_side_publishes_from_a_shard_without_members_reach_the_member() {
     let s = start_server(&["--shards", "2", "--max-ops-per-sec", "0"]);
-    let mut member = on_shard(&s, 1, "alice");
+    let mut member = s.client_on_shard(1, "alice");
     member.subscribe("news");
     // Each request is a new connection, on either shard: go on until shard 0
     // (no member, so nothing of its own to flush) has published a few.
@@ -296,8 +280,8 @@ fn a_history_rooms_fan_out_goes_only_to_shards_with_members() {
     let s = start_server(&["--shards", "4", "--history-size", "100", "--max-ops-per-sec", "0"]);
     // The room's owner is shard 2; the member is on 1, the publisher on 0.
     let room = (0..).map(|i| format!("h{i}")).find(|r| owner_of(r, 4) == 2).unwrap();
-    let mut publisher = on_shard(&s, 0, "pub");
-    let mut member = on_shard(&s, 1, "alice");
+    let mut publisher = s.client_on_shard(0, "pub");
+    let mut member = s.client_on_shard(1, "alice");
     let sub = common::history::subscribe_since(&mut member, &room, None);
     let start = sub["offset"].as_u64().expect("an offset");
     let idle: Vec<f64> = (0..4).map(|k| inbox_in(&s, k)).collect();

@@ -161,6 +161,27 @@ impl Server {
         metric_in(&self.metrics(), series).unwrap_or_else(|| panic!("no series {series}"))
     }
 
+    /// A WebSocket client as `user` on shard `shard`. Which shard takes a
+    /// connection is the kernel's (SO_REUSEPORT hashes the ports), so this
+    /// opens connections, closing each stray one again, until one lands
+    /// there, read from `corecast_connections{shard}`. Expects no other
+    /// WebSocket to open or close meanwhile.
+    pub fn client_on_shard(&self, shard: usize, user: &str) -> Client {
+        let on = |s: &Server| s.metric(&format!("corecast_connections{{shard=\"{shard}\"}}"));
+        for _ in 0..200 {
+            let total = self.metric("corecast_connections");
+            let before = on(self);
+            let c = Client::connect(&self.ws_url(&format!("/ws?user={user}")));
+            self.wait_until("the connection counted", || self.metric("corecast_connections") == total + 1.0);
+            if on(self) == before + 1.0 {
+                return c;
+            }
+            drop(c);
+            self.wait_until("the stray connection gone", || self.metric("corecast_connections") == total);
+        }
+        panic!("200 connections, none on shard {shard}");
+    }
+
     /// Polls `cond` until it holds, failing the test after `DEADLINE`.
     pub fn wait_until(&self, what: &str, mut cond: impl FnMut() -> bool) {
         let t = Instant::now();
