@@ -84,11 +84,21 @@ fn a_sentinel_failover_is_followed_and_the_old_primary_never_gets_a_publish() {
     // The old primary comes back; the sentinels make it a replica of the new one.
     s.primary.restart();
     let monitor = Monitor::start(old);
-    wait_until("the old primary is a replica of the new one", 30 * SECOND, || {
+    let restarted = Instant::now();
+    let converted = || {
         s.primary.try_cli(&["INFO", "replication"]).is_some_and(|i| {
             i.contains("role:slave") && i.contains(&format!("master_port:{new}")) && i.contains("master_link_status:up")
         })
-    });
+    };
+    while !converted() {
+        assert!(
+            restarted.elapsed() < 30 * SECOND,
+            "the sentinels did not make the old primary a replica of the new one within 30 s\n{}",
+            s.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("the old primary was a replica again {:?} after its restart", restarted.elapsed());
     let back = Instant::now();
     while back.elapsed() < 2 * SECOND {
         round(&mut p);

@@ -309,9 +309,35 @@ pub struct SentinelSetup {
 impl SentinelSetup {
     pub fn start() -> SentinelSetup {
         let dir = TempDir::new("sentinel");
-        let primary = RedisServer::start();
-        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
-        let sentinels = (0..3).map(|i| start_sentinel(&dir, i, primary.port)).collect();
+        // Redis 7 syncs a replica diskless after a 5 s delay by default
+        // (waiting for more replicas to share the stream); with one replica
+        // that is 5 s of nothing at the start and again after the failover.
+        let no_delay = ["--repl-diskless-sync-delay", "0"];
+        let primary = RedisServer::start_with(&no_delay);
+        let replica = RedisServer::start_with(
+            &[&no_delay[..], &["--replicaof", "127.0.0.1", &primary.port.to_string()]].concat(),
+        );
+        let sentinels: Vec<Sentinel> = (0..3).map(|i| start_sentinel(&dir, i, primary.port)).collect();
+        // Sentinel's own timers, shortened for a test (`SENTINEL DEBUG`,
+        // Redis 7.0+). With the defaults, turning a restarted old primary
+        // into a replica takes a reconnect (at most one per 15 s), a wait
+        // of 4 publish periods (8 s) and the next INFO (every 10 s): up to
+        // ~35 s, which a loaded CI box overran. These make it ~3 s; the
+        // failover itself is governed by `down-after-milliseconds` and
+        // `failover-timeout`, which stay as configured.
+        for x in &sentinels {
+            let ok = x.cli(&[
+                "SENTINEL",
+                "DEBUG",
+                "info-period",
+                "1000",
+                "publish-period",
+                "500",
+                "min-link-reconnect-period",
+                "1000",
+            ]);
+            assert_eq!(ok, "OK", "SENTINEL DEBUG on sentinel {}", x.port);
+        }
         let s = SentinelSetup { primary, replica, sentinels, dir };
         wait_until("the replica is in sync", Duration::from_secs(10), || {
             s.replica.try_cli(&["INFO", "replication"]).is_some_and(|i| i.contains("master_link_status:up"))
@@ -328,6 +354,17 @@ impl SentinelSetup {
     pub fn url(&self) -> String {
         let list: Vec<String> = self.sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
         format!("redis+sentinel://{}/{MASTER}", list.join(","))
+    }
+
+    /// Every sentinel's log, for a failure message: what each saw and did
+    /// (`+sdown`, `+switch-master`, `+convert-to-slave`, `+tilt`).
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for i in 0..self.sentinels.len() {
+            let log = std::fs::read_to_string(self.dir.file(&format!("sentinel-{i}.log"))).unwrap_or_default();
+            out.push_str(&format!("--- sentinel {i} ---\n{log}"));
+        }
+        out
     }
 
     /// The port every sentinel names as the primary, once they agree.
@@ -355,10 +392,11 @@ pub fn start_sentinel(dir: &TempDir, i: usize, primary: u16) -> Sentinel {
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {MASTER} 127.0.0.1 {primary} 2\n\
+                "port {port}\nbind 127.0.0.1\ndir {}\nlogfile {}\nsentinel monitor {MASTER} 127.0.0.1 {primary} 2\n\
                  sentinel down-after-milliseconds {MASTER} 1000\nsentinel failover-timeout {MASTER} 3000\n\
                  sentinel parallel-syncs {MASTER} 1\n",
-                dir.0.display()
+                dir.0.display(),
+                dir.file(&format!("sentinel-{i}.log")),
             ),
         )
         .expect("write sentinel.conf");
