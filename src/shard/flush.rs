@@ -160,7 +160,7 @@ impl Shard {
             None
         };
         let mut batch: Vec<Rc<Conn>> = Vec::new();
-        let delay = self.cfg.write_delay.as_millis() as u16;
+        let delay = self.write_delay_ms();
         loop {
             until(&self.flusher, || !self.dirty.borrow().is_empty()).await;
             std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
@@ -185,6 +185,12 @@ impl Shard {
     /// wrapping at 65.5 s (only differences below the delay matter).
     fn ms(&self) -> u16 {
         self.started.elapsed().as_millis() as u16
+    }
+
+    /// `--write-delay-ms` on the `ms` clock (the config caps it at 1 s, far
+    /// below its 65.5 s wrap).
+    fn write_delay_ms(&self) -> u16 {
+        self.cfg.write_delay.as_millis() as u16
     }
 
     /// `--write-delay-ms`: takes out of `batch` the connections written
@@ -222,7 +228,7 @@ impl Shard {
         if delay.is_zero() {
             return;
         }
-        let back = delay.as_millis() as u16;
+        let back = self.write_delay_ms();
         loop {
             until(&self.held_waker, || !self.held.borrow().is_empty()).await;
             monoio::time::sleep(delay).await;
