@@ -178,6 +178,36 @@ impl Prober {
     }
 }
 
+/// A connection waiting for the rest of its request head holds its one
+/// descriptor, nothing more (the read waits through the shard's poller):
+/// a reconnect storm's handshakes cost one descriptor each.
+#[test]
+fn connections_mid_handshake_hold_one_descriptor_each() {
+    let _one_at_a_time = serial();
+    let s = start_server(&["--shards", "2", "--max-accepts-per-sec", "0"]);
+    let baseline = settled_fds(&s);
+    let sockets = s.metric("corecast_sockets");
+    let half: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut t = TcpStream::connect(s.addr).unwrap();
+            t.write_all(b"GET /ws?user=x HTTP/1.1\r\nHost: x\r\n").unwrap();
+            t
+        })
+        .collect();
+    s.wait_until("100 more sockets", || s.metric("corecast_sockets") >= sockets + 100.0);
+    // The reads have begun and wait: give every one its turn.
+    thread::sleep(Duration::from_millis(200));
+    let held = settled_fds(&s);
+    assert!(held <= baseline + 100 + 2, "{held} descriptors for 100 handshakes, baseline {baseline}");
+    // And they still complete.
+    for mut t in half {
+        t.write_all(b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").unwrap();
+        let mut buf = [0u8; 12];
+        t.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 101");
+    }
+}
+
 #[test]
 fn zero_window_subscribers_are_cut_off_and_their_descriptors_come_back() {
     let _one_at_a_time = serial();
@@ -202,8 +232,14 @@ fn zero_window_subscribers_are_cut_off_and_their_descriptors_come_back() {
     let pad = "f".repeat(2000);
     let (batch, mut sent) = (16, 0u64);
     let t = Instant::now();
+    // One descriptor per connection while their sockets are full (the
+    // writer waits through the shard's poller, not on a second one); the
+    // scrapes of this loop are a connection each, closed after the reply.
+    let (mut peak, mut full) = (0, 0.0f64);
     while s.metric("corecast_slow_consumer_disconnects_total") < 200.0 {
         assert!(t.elapsed() < Duration::from_secs(60), "slow subscribers were not all cut off");
+        peak = peak.max(s.open_fds());
+        full = full.max(s.metric("corecast_full_sockets"));
         for _ in 0..batch {
             publisher.send_json(&json!({"op":"publish","room":"flood","data":{"i":sent,"pad":pad}}));
             sent += 1;
@@ -213,6 +249,8 @@ fn zero_window_subscribers_are_cut_off_and_their_descriptors_come_back() {
             assert_eq!(m["data"]["i"], json!(k), "the reading client gets everything, in order");
         }
     }
+    assert!(full >= 20.0, "too few sockets were ever full at once ({full}): the peak below shows nothing");
+    assert!(peak <= baseline + 200 + 4, "{peak} descriptors with {full} full sockets, baseline {baseline} + 200");
     // Within 5 s every cut-off socket is closed: descriptors back to the
     // baseline, and the socket gauge agrees with the connection gauge.
     let t = Instant::now();
@@ -226,7 +264,8 @@ fn zero_window_subscribers_are_cut_off_and_their_descriptors_come_back() {
         thread::sleep(Duration::from_millis(20));
     }
     eprintln!(
-        "FIGURE zero-window: 200 cut off after {sent} messages; descriptors back to baseline {baseline} in {:?}",
+        "FIGURE zero-window: 200 cut off after {sent} messages; at most {full} sockets full at once and \
+         {peak} descriptors (baseline {baseline}); back to baseline in {:?}",
         t.elapsed()
     );
     let m = s.metrics();

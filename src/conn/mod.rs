@@ -41,7 +41,7 @@ mod writer;
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,7 @@ use monoio::net::TcpStream;
 use tracing::debug;
 
 use crate::http;
+use crate::shard::poller::{Ready, Want};
 use crate::shard::{ConnId, Shard};
 use crate::ws::ProtocolError;
 use outbox::Outbox;
@@ -64,25 +65,28 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 // Conn::flags bits.
 /// On the shard's dirty list.
-const DIRTY: u8 = 1;
+const DIRTY: u16 = 1;
 /// A task owns writing to the socket and waits for it to become writable
 /// (the writer task, or `flush_for`); the flusher leaves the socket alone.
-const WRITER: u8 = 2;
+const WRITER: u16 = 2;
 /// We sent (queued) a close frame: no more data frames go out.
-const CLOSE_SENT: u8 = 4;
+const CLOSE_SENT: u16 = 4;
 /// Cut off (slow consumer, write error): the reader stops at its next wake-up.
-const KILLED: u8 = 8;
+const KILLED: u16 = 8;
 /// The connection's task has ended: nothing may write or wait on the socket.
-const GONE: u8 = 16;
+const GONE: u16 = 16;
 /// Accepted on the admin listener (`--admin-listen`).
-const ADMIN: u8 = 32;
+const ADMIN: u16 = 32;
 /// A batched send of the queue is with the kernel (`shard::flush`): the
 /// queue must not be prepared again before its completion. (A connection
 /// can be on the dirty list twice: a direct `flush`, e.g. for a waiting
 /// pong, clears `DIRTY` and a new frame puts it back.)
-const SENDING: u8 = 64;
+const SENDING: u16 = 64;
 /// The WebSocket serves `/echo` (`Mode::Echo`), not the corecast protocol.
-const ECHO: u8 = 128;
+const ECHO: u16 = 128;
+/// In its frame loop: registered with the shard's poller for reads, which
+/// hands it to `reader::on_readable` (`reader::start` .. the loop's end).
+const POLLED: u16 = 256;
 
 /// What the WebSocket loop serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,9 +109,9 @@ pub enum Listener {
 pub struct Conn {
     pub id: ConnId,
     /// The socket; owned (closed in `Drop`). A task that must wait on it
-    /// borrows a monoio handle for the wait (`Conn::waiter`).
+    /// waits through the shard's poller (`Conn::ready`).
     pub(crate) fd: RawFd,
-    flags: Cell<u8>,
+    flags: Cell<u16>,
     /// permessage-deflate as agreed in the upgrade (`ws::deflate::Agreed`;
     /// 0: not negotiated). Two bytes; the inflater, when a connection needs
     /// one, lives in its reader task (`reader::Rx`), not here.
@@ -150,13 +154,13 @@ impl Conn {
         }
     }
 
-    fn has(&self, f: u8) -> bool {
+    fn has(&self, f: u16) -> bool {
         self.flags.get() & f != 0
     }
-    fn set(&self, f: u8) {
+    fn set(&self, f: u16) {
         self.flags.set(self.flags.get() | f)
     }
-    fn clear(&self, f: u8) {
+    fn clear(&self, f: u16) {
         self.flags.set(self.flags.get() & !f)
     }
 
@@ -230,21 +234,17 @@ impl Conn {
 }
 
 impl Conn {
-    /// A monoio handle on the socket for a task that waits on it (the HTTP
-    /// phase, a full socket, the closing linger): a duplicate of the
-    /// descriptor, closed when the handle is dropped. The connection itself
-    /// keeps no runtime state (no registration, no pending operation)
-    /// between reads; this costs a `dup(2)` and a `close(2)` per waiting
-    /// task.
-    pub(crate) fn waiter(&self) -> io::Result<TcpStream> {
-        // SAFETY: plain syscall on a descriptor this connection owns.
-        let dup = unsafe { libc::fcntl(self.fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `dup` is a fresh descriptor; the std stream owns it and
-        // hands it to monoio, which closes it.
-        TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(dup) })
+    /// In its frame loop (the shard's poller reads it).
+    pub(crate) fn polled(&self) -> bool {
+        self.has(POLLED)
+    }
+
+    /// Resolves once the socket is ready for `want` (through the shard's
+    /// poller: the connection keeps its one descriptor, and a task that
+    /// waits on it holds nothing but this future). Dropping it withdraws
+    /// the wait.
+    pub(crate) fn ready<'a>(&'a self, shard: &'a Shard, want: Want) -> Ready<'a> {
+        shard.poller().ready(self, want)
     }
 }
 
@@ -334,8 +334,7 @@ async fn finish(shard: &Rc<Shard>, conn: &Rc<Conn>, stop: Stop) {
     // the close frame in flight.
     let deadline = Instant::now() + LINGER;
     let mut sink = BytesMut::new();
-    let Ok(io) = conn.waiter() else { return };
-    while conn.read_some(&io, shard, &mut sink, Some(deadline), usize::MAX, |b| Ok(b.len())).await.is_ok() {}
+    while conn.read_some(shard, &mut sink, Some(deadline), usize::MAX, |b| Ok(b.len())).await.is_ok() {}
 }
 
 #[cfg(test)]

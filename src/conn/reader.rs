@@ -1,6 +1,7 @@
 //! ④ The read side of a connection: bytes in, frames out to `on_frame`.
 //!
-//! Reads wait for readiness and then `recv(2)` into the shard's one scratch
+//! Reads `recv(2)` (waiting for readiness through the shard's poller when
+//! nothing is there) into the shard's one scratch
 //! buffer, so an idle connection parks no read buffer at all: only bytes of
 //! an incomplete frame (or HTTP head) are kept, in a per-connection
 //! `BytesMut` that is freed as soon as it empties. Every read is bounded:
@@ -19,8 +20,9 @@ use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 
-use super::{CLOSE_SENT, Conn, ECHO, KILLED, Mode, Stop, limits, ops};
+use super::{CLOSE_SENT, Conn, ECHO, KILLED, Mode, POLLED, Stop, limits, ops};
 use crate::shard::Shard;
+use crate::shard::poller::Want;
 use crate::ws::deflate::{self, Agreed, Inflater};
 use crate::ws::{CloseCode, FrameHeader, OpCode, ProtocolError, frame, mask, utf8::Utf8Check};
 
@@ -36,17 +38,16 @@ thread_local! {
 }
 
 impl Conn {
-    /// Waits until the socket is readable through `io` (`Conn::waiter`; or
-    /// `deadline` passes), reads at
-    /// most `budget` bytes of what is there, and runs `process` over every
-    /// unconsumed byte (what was kept from before, then the new bytes).
-    /// `process` returns how many bytes it consumed; the rest is kept in
-    /// `kept` for the next call. Returns after the socket is drained for now,
-    /// the budget is spent, or `READS_PER_WAKE` full reads (then it yields
-    /// first).
+    /// Reads at most `budget` bytes of what the socket has (first waiting,
+    /// through the shard's poller, until it has something or `deadline`
+    /// passes), and runs `process` over every unconsumed byte (what was kept
+    /// from before, then the new bytes). `process` returns how many bytes it
+    /// consumed; the rest is kept in `kept` for the next call. Returns after
+    /// the socket is drained for now, the budget is spent, or
+    /// `READS_PER_WAKE` full reads (then it yields first). It reads before it
+    /// waits: a request head is usually there as soon as the connection is.
     pub(crate) async fn read_some<F>(
         &self,
-        io: &monoio::net::TcpStream,
         shard: &Shard,
         kept: &mut BytesMut,
         deadline: Option<Instant>,
@@ -56,25 +57,27 @@ impl Conn {
     where
         F: FnMut(&mut [u8]) -> Result<usize, Stop>,
     {
-        match deadline {
-            None => io.readable(false).await.map_err(Stop::Io)?,
-            Some(d) => {
-                // Boxed: the timer lives on the heap only while a deadline
-                // applies (HTTP, linger), not in every idle connection's task.
-                let left = d.saturating_duration_since(Instant::now());
-                Box::pin(monoio::time::timeout(left, io.readable(false)))
-                    .await
-                    .map_err(|_| Stop::Timeout)?
-                    .map_err(Stop::Io)?
-            }
-        }
         let mut left = budget;
-        for _ in 0..READS_PER_WAKE {
+        let mut reads = 0;
+        while reads < READS_PER_WAKE {
             let want = left.min(SCRATCH_BYTES);
             if want == 0 {
                 return Ok(());
             }
             let got = self.recv_once(shard, kept, want, &mut process)?;
+            if got == 0 && reads == 0 {
+                // Nothing there yet: wait for bytes (or the peer's FIN).
+                let ready = self.ready(shard, Want::Read);
+                match deadline {
+                    None => ready.await.map_err(Stop::Io)?,
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now());
+                        monoio::time::timeout(left, ready).await.map_err(|_| Stop::Timeout)?.map_err(Stop::Io)?
+                    }
+                }
+                continue;
+            }
+            reads += 1;
             left -= got;
             if got < want {
                 return Ok(());
@@ -209,7 +212,9 @@ pub(super) fn start(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, kept: BytesM
         return Err(Stop::Eof);
     }
     conn.park(p);
-    shard.poller().add(conn.fd, conn.id).map_err(Stop::Io)
+    shard.poller().add(conn.fd, conn.id).map_err(Stop::Io)?;
+    conn.set(POLLED);
+    Ok(())
 }
 
 /// The poller saw `conn` readable: one read (at most one scratch buffer;
@@ -232,6 +237,7 @@ pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         r
     };
     if let Err(stop) = r {
+        conn.clear(POLLED);
         shard.poller().remove(conn.fd);
         // What a message left half-read no longer matters.
         drop(conn.unpark());

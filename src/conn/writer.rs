@@ -20,6 +20,7 @@ use tracing::debug;
 use super::outbox::Flush;
 use super::{CLOSE_SENT, Conn, DIRTY, GONE, KILLED, SENDING, WRITER};
 use crate::shard::Shard;
+use crate::shard::poller::Want;
 use crate::ws::{self, CloseCode};
 
 /// While another task owns the socket's writes, `flush_for` looks again
@@ -135,6 +136,7 @@ impl Conn {
 
     fn wait_writable(self: &Rc<Self>, shard: &Rc<Shard>) {
         self.set(WRITER);
+        shard.m().full_sockets.inc();
         monoio::spawn(Conn::run_writer(self.clone(), shard.clone()));
     }
 
@@ -192,16 +194,14 @@ impl Conn {
     /// everything is written, on a write error, or once the connection is
     /// `GONE` (`Conn::release` resets the socket, which wakes this wait).
     async fn run_writer(self: Rc<Self>, shard: Rc<Shard>) {
-        let io = match self.waiter() {
-            Ok(io) => io,
-            Err(_) => {
-                self.clear(WRITER);
-                self.kill(&shard, CloseCode::INTERNAL);
-                return;
-            }
-        };
         loop {
-            if io.writable(false).await.is_err() || self.has(GONE) {
+            if self.ready(&shard, Want::Write).await.is_err() {
+                // The socket could not be watched (epoll_ctl: ENOMEM,
+                // ENOSPC): it would never be written again.
+                self.kill(&shard, CloseCode::INTERNAL);
+                break;
+            }
+            if self.has(GONE) {
                 break;
             }
             match self.try_write(&shard) {
@@ -214,6 +214,7 @@ impl Conn {
             }
         }
         self.clear(WRITER);
+        shard.m().full_sockets.sub(1);
     }
 
     /// Writes what is queued until `deadline`; returns whether everything
@@ -237,9 +238,8 @@ impl Conn {
                 Ok(Flush::Blocked) => {}
                 Err(_) => return false,
             }
-            let Ok(io) = self.waiter() else { return false };
             self.set(WRITER);
-            let ready = monoio::time::timeout(left, io.writable(false)).await;
+            let ready = monoio::time::timeout(left, self.ready(shard, Want::Write)).await;
             self.clear(WRITER);
             if !matches!(ready, Ok(Ok(()))) {
                 return false;

@@ -31,7 +31,6 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
     // admin listener serves no WebSockets and no demo page.
     let client_routes = !conn.is_admin();
     let admin_routes = conn.is_admin() || shard.cfg.admin_listen.is_none();
-    let io = &conn.waiter().map_err(Stop::Io)?;
     let mut first = true;
     loop {
         // The deadline covers the whole head (slowloris), the idle time of a
@@ -66,7 +65,7 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
                 // Read no more than the limit allows: the head limit holds as
                 // bytes arrive, whatever the socket buffer holds.
                 Ok(_) => {
-                    conn.read_some(io, shard, kept, Some(deadline), MAX_HEAD_BYTES + 1 - kept.len(), |_| Ok(0)).await?
+                    conn.read_some(shard, kept, Some(deadline), MAX_HEAD_BYTES + 1 - kept.len(), |_| Ok(0)).await?
                 }
                 Err(_) => {
                     // Malformed HTTP: 400 and the socket is closed (§1).
@@ -101,7 +100,7 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
             },
             (&Method::GET, "/metrics") if admin_routes => routes::metrics(shard),
             (&Method::POST, "/api/publish") if admin_routes => {
-                let body = match read_body(io, shard, conn, &head, kept, deadline).await? {
+                let body = match read_body(shard, conn, &head, kept, deadline).await? {
                     Ok(body) => body,
                     Err(reply) => {
                         respond(shard, conn, reply.close());
@@ -142,7 +141,6 @@ pub fn header_has_token(headers: &HeaderMap, name: &str, token: &str) -> bool {
 /// Reads a `Content-Length` body. The outer `Result` is the connection
 /// ending; the inner one a request we refuse.
 async fn read_body(
-    io: &monoio::net::TcpStream,
     shard: &Shard,
     conn: &Conn,
     head: &Parts,
@@ -166,7 +164,7 @@ async fn read_body(
     }
     while kept.len() < len {
         // Exactly the body: what follows it is the next request's.
-        conn.read_some(io, shard, kept, Some(deadline), len - kept.len(), |_| Ok(0)).await?;
+        conn.read_some(shard, kept, Some(deadline), len - kept.len(), |_| Ok(0)).await?;
     }
     Ok(Ok(kept.split_to(len).freeze()))
 }
