@@ -182,19 +182,18 @@ fn run_shard(
                 Some(link) => Bus::Redis(RedisBus::start(link)),
                 None => Bus::Local,
             };
-            let poller = match crate::shard::poller::Poller::new() {
-                Ok(p) => p,
+            let shard = match Shard::new(id, cfg2, metrics, Links::new(id, doors, table), bus, driver, inbox) {
+                Ok(s) => s,
                 Err(e) => {
                     let _ = ready.send(Err(anyhow::anyhow!("shard {id}: epoll: {e}")));
                     return;
                 }
             };
-            let shard = Shard::new(id, cfg2, metrics, Links::new(id, doors, table), bus, driver, poller);
             monoio::spawn(shard.clone().run_flusher());
             monoio::spawn(shard.clone().run_held());
             monoio::spawn(shard.clone().run_peer_wakes());
             monoio::spawn(crate::shard::poller::run(shard.clone()));
-            monoio::spawn(shard.clone().run_inbox(inbox));
+            monoio::spawn(shard.clone().run_inbox());
             monoio::spawn(shard.clone().run_close_reaper());
             monoio::spawn(shard.clone().run_yields());
             for (l, kind) in bound {

@@ -14,6 +14,10 @@
 //! `shard::interest`): every shard gets them. The sends are queued on per-pair queues and each receiving shard
 //! is woken once at the end of the publishing shard's turn (`shard::peers`).
 //!
+//! Order: what this shard delivers itself waits behind what other shards
+//! queued to it before (`shard::inbox`, "Order across shards"), so a publish
+//! accepted before another began is delivered first on every shard.
+//!
 //! While the queue to a shard the message would go to is congested (past
 //! `inbox::pair_publish_limit`), publishes are refused with `unavailable`:
 //! back-pressure to the client rather than a silent drop (the inbox policy
@@ -57,6 +61,15 @@ pub fn publish(shard: &Shard, target: Target<'_>, frame: Bytes) -> Result<(), Un
                 });
             }
         }
+    }
+    // Older messages from other shards are waiting here: this one goes
+    // after them (`shard::inbox`, "Order across shards").
+    if shard.inbox().must_hold() {
+        shard.inbox().hold_local(match target {
+            Target::Room(room) => ShardMsg::Room { room: Arc::from(room), frame, sent, pos: None },
+            Target::User(user) => ShardMsg::Direct { user: Arc::from(user), frame, sent },
+        });
+        return Ok(());
     }
     shard.deliver_timed(target, &frame, sent);
     Ok(())

@@ -22,6 +22,22 @@
 //! without it a cross-thread wake would be lost and the shard would sleep
 //! until its next I/O event.
 //!
+//! # Order across shards
+//!
+//! A room or direct message carries the instant it was published (`sent`).
+//! The inbox hands out what the other shards sent merged by that instant
+//! (each pair queue's head is looked at, the oldest is taken; a message
+//! without one, a history request or answer, goes first), and a shard's own
+//! publish waits behind what is already queued to it (`must_hold`). So if a
+//! publish was accepted before another one began (a backend's sequential
+//! `/api/publish` calls, which may land on different shards), every shard
+//! delivers them in that order, as Redis does for the Redis bus. Each pair
+//! still keeps FIFO order (only a queue's head is ever taken). Concurrent
+//! publishes may come in either order, the same on every shard only if they
+//! were stamped apart. Why the merge is right: a head found empty is looked
+//! at again after every other head was (`take_merged`), so a message queued
+//! before one that was seen is seen too.
+//!
 //! A wake may come late (end of the sender's turn) but never not at all:
 //! every queued message is followed by a wake of the inbox's `AtomicWaker`,
 //! and the inbox task registers before it checks that every queue is empty
@@ -55,7 +71,8 @@
 //! `corecast_inbox_backlog{shard}` shows each inbox's depth (all its queues)
 //! at scrape time.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::Poll;
@@ -98,9 +115,19 @@ pub struct InboxSender {
 
 /// The receiving half: every queue into one shard, owned by that shard.
 pub struct Inbox {
-    queues: Box<[Receiver<ShardMsg>]>,
+    /// From each other shard (merged by `sent`, see the module docs).
+    pairs: Box<[Receiver<ShardMsg>]>,
+    /// The Redis reader's queue, then the control queue.
+    others: Box<[Receiver<ShardMsg>]>,
+    /// Each pair queue's head, taken out to be compared. Borrowed only
+    /// inside one call of this type, never across an await.
+    heads: RefCell<Box<[Option<ShardMsg>]>>,
+    /// This shard's own publishes that wait behind older messages
+    /// (`hold_local`); borrowed like `heads`.
+    local: RefCell<VecDeque<ShardMsg>>,
     waker: Arc<AtomicWaker>,
-    /// The queue `try_recv` takes from next, and how many it took from it in a row.
+    /// The source `try_recv` takes from next (0: the merged pairs and local
+    /// publishes; 1 + i: `others[i]`), and how many it took from it in a row.
     at: Cell<(usize, usize)>,
 }
 
@@ -160,17 +187,24 @@ pub fn wire(shards: usize, readers: bool) -> Wiring {
     let mut doors = Vec::with_capacity(shards);
     for to in 0..shards {
         let waker = Arc::new(AtomicWaker::new());
-        let mut queues = Vec::with_capacity(shards + 1);
-        let mut open = |cap: usize| {
+        let open = |cap: usize, queues: &mut Vec<Receiver<ShardMsg>>| {
             let (tx, rx) = crossbeam_channel::bounded(cap);
             queues.push(rx);
             InboxSender { tx, waker: waker.clone() }
         };
-        let from_shard = (0..shards).map(|from| (from != to).then(|| open(pair))).collect();
-        let thread = open(if readers { INBOX_CAPACITY } else { CONTROL_CAPACITY });
-        let control = open(CONTROL_CAPACITY);
+        let (mut pairs, mut others) = (Vec::with_capacity(shards), Vec::with_capacity(2));
+        let from_shard = (0..shards).map(|from| (from != to).then(|| open(pair, &mut pairs))).collect();
+        let thread = open(if readers { INBOX_CAPACITY } else { CONTROL_CAPACITY }, &mut others);
+        let control = open(CONTROL_CAPACITY, &mut others);
         doors.push(Door { from_shard, thread, control });
-        inboxes.push(Inbox { queues: queues.into(), waker, at: Cell::new((0, 0)) });
+        inboxes.push(Inbox {
+            heads: RefCell::new(pairs.iter().map(|_| None).collect()),
+            pairs: pairs.into(),
+            others: others.into(),
+            local: RefCell::default(),
+            waker,
+            at: Cell::new((0, 0)),
+        });
     }
     Wiring { inboxes, doors: doors.into() }
 }
@@ -239,23 +273,88 @@ impl InboxSender {
     }
 }
 
+/// A message's place in the merge: when it was published; `None` (history
+/// requests and answers, which only need their pair's FIFO order) first.
+fn stamp(m: &ShardMsg) -> Option<Instant> {
+    match m {
+        ShardMsg::Room { sent, .. } | ShardMsg::Direct { sent, .. } => Some(*sent),
+        _ => None,
+    }
+}
+
+/// This shard's own publishes held behind older messages at most (past it,
+/// `must_hold` says no and a publish is delivered at once).
+const LOCAL_CAPACITY: usize = INBOX_CAPACITY;
+
 impl Inbox {
-    /// Takes the next message without waiting: up to `BURST` from one queue,
-    /// then the next queue's turn, so no sender starves the others.
+    /// Takes the next message without waiting: up to `BURST` from one
+    /// source (the other shards' queues and this shard's held publishes,
+    /// merged by publish time; the Redis reader's queue; the control queue),
+    /// then the next source's turn, so no source starves the others.
     pub fn try_recv(&self) -> Option<ShardMsg> {
+        let sources = 1 + self.others.len();
         let (mut q, mut taken) = self.at.get();
-        for _ in 0..=self.queues.len() {
-            if taken < BURST
-                && let Ok(msg) = self.queues[q].try_recv()
-            {
-                self.at.set((q, taken + 1));
-                return Some(msg);
+        for _ in 0..=sources {
+            if taken < BURST {
+                let msg = if q == 0 { self.take_merged() } else { self.others[q - 1].try_recv().ok() };
+                if let Some(msg) = msg {
+                    self.at.set((q, taken + 1));
+                    return Some(msg);
+                }
             }
-            q = (q + 1) % self.queues.len();
+            q = (q + 1) % sources;
             taken = 0;
         }
         self.at.set((q, 0));
         None
+    }
+
+    /// The oldest of the pair queues' heads and the held local publishes.
+    /// Every empty head is looked at twice, the second time after every
+    /// other head: a message queued before one seen in the first look (a
+    /// publish accepted before another began) is then seen too.
+    fn take_merged(&self) -> Option<ShardMsg> {
+        let mut heads = self.heads.borrow_mut();
+        for _ in 0..2 {
+            for (head, rx) in heads.iter_mut().zip(self.pairs.iter()) {
+                if head.is_none() {
+                    *head = rx.try_recv().ok();
+                }
+            }
+        }
+        let mut local = self.local.borrow_mut();
+        let mut best: Option<(Option<Instant>, Option<usize>)> = local.front().map(|m| (stamp(m), None));
+        for (i, head) in heads.iter().enumerate() {
+            if let Some(m) = head {
+                let k = stamp(m);
+                if best.is_none_or(|(b, _)| k < b) {
+                    best = Some((k, Some(i)));
+                }
+            }
+        }
+        match best? {
+            (_, Some(i)) => heads[i].take(),
+            (_, None) => local.pop_front(),
+        }
+    }
+
+    /// Whether a publish on this shard now must wait behind messages other
+    /// shards already queued to it (or its own held ones): then it goes
+    /// through `hold_local` instead of being delivered at once. Past
+    /// `LOCAL_CAPACITY` held publishes, no (delivered at once, out of order).
+    pub fn must_hold(&self) -> bool {
+        let local = self.local.borrow();
+        local.len() < LOCAL_CAPACITY
+            && (!local.is_empty()
+                || self.heads.borrow().iter().any(Option::is_some)
+                || self.pairs.iter().any(|rx| !rx.is_empty()))
+    }
+
+    /// Holds this shard's own publish `msg` (`must_hold`) to be handed out in
+    /// order with what is queued, and wakes the inbox task.
+    pub fn hold_local(&self, msg: ShardMsg) {
+        self.local.borrow_mut().push_back(msg);
+        self.waker.wake();
     }
 
     /// Resolves once at least one message is waiting.
@@ -265,7 +364,10 @@ impl Inbox {
             // seen; one queued after it is followed by a wake, which finds
             // the waker registered.
             self.waker.register(cx.waker());
-            if self.queues.iter().all(Receiver::is_empty) { Poll::Pending } else { Poll::Ready(()) }
+            let empty = self.pairs.iter().chain(self.others.iter()).all(Receiver::is_empty)
+                && self.heads.borrow().iter().all(Option::is_none)
+                && self.local.borrow().is_empty();
+            if empty { Poll::Pending } else { Poll::Ready(()) }
         })
         .await
     }
@@ -316,6 +418,33 @@ mod tests {
         d.control.send(msg("c")).unwrap();
         let first: Vec<String> = (0..=BURST).filter_map(|_| w.inboxes[0].try_recv()).map(name).collect();
         assert!(first.contains(&"c".to_string()), "{first:?}");
+    }
+
+    #[test]
+    fn the_other_shards_messages_come_out_oldest_first_each_pair_in_its_order() {
+        let w = wire(3, false);
+        let d = &w.doors[0];
+        // Published in this order, queued from shard 2 first.
+        let (b0, a0, b1, a1) = (msg("b0"), msg("a0"), msg("b1"), msg("a1"));
+        d.from_shard(2).unwrap().push(b0).unwrap();
+        d.from_shard(2).unwrap().push(b1).unwrap();
+        d.from_shard(1).unwrap().push(a0).unwrap();
+        d.from_shard(1).unwrap().push(a1).unwrap();
+        let got: Vec<String> = std::iter::from_fn(|| w.inboxes[0].try_recv()).map(name).collect();
+        assert_eq!(got, ["b0", "a0", "b1", "a1"]);
+    }
+
+    #[test]
+    fn a_local_publish_waits_behind_what_is_queued_and_only_then() {
+        let w = wire(2, false);
+        let inbox = &w.inboxes[0];
+        assert!(!inbox.must_hold(), "nothing queued: deliver at once");
+        w.doors[0].from_shard(1).unwrap().push(msg("remote")).unwrap();
+        assert!(inbox.must_hold());
+        inbox.hold_local(msg("local"));
+        let got: Vec<String> = std::iter::from_fn(|| inbox.try_recv()).map(name).collect();
+        assert_eq!(got, ["remote", "local"]);
+        assert!(!inbox.must_hold());
     }
 
     #[test]

@@ -113,8 +113,10 @@ pub struct Shard {
     yield_waker: Cell<Option<Waker>>,
     /// Room history (PROTOCOL.md §7) when `--history-size` > 0.
     history: Option<crate::history::ShardHistory>,
-    /// Readiness of every WebSocket connection (`poller.rs`).
+    /// Readiness of every connection a task or the frame loop waits on (`poller.rs`).
     poller: poller::Poller,
+    /// Every queue into this shard (`inbox.rs`), drained by `run_inbox`.
+    inbox: Inbox,
 }
 
 thread_local! {
@@ -141,14 +143,16 @@ impl Shard {
         links: Links,
         bus: Bus,
         driver: &'static str,
-        poller: poller::Poller,
-    ) -> Rc<Shard> {
+        inbox: Inbox,
+    ) -> std::io::Result<Rc<Shard>> {
+        // Must be made on the shard's thread, inside its runtime.
+        let poller = poller::Poller::new()?;
         // Leaked once per shard thread so that `Conn`'s `Drop` reaches the
         // gauge without a pointer in every connection.
         let leaked: &'static Arc<Metrics> = Box::leak(Box::new(metrics.clone()));
         SOCKETS.with(|g| g.set(Some(&leaked.shard(id).sockets)));
         let cfg_history = cfg.history;
-        Rc::new(Shard {
+        Ok(Rc::new(Shard {
             id,
             cfg,
             metrics,
@@ -172,7 +176,8 @@ impl Shard {
             yield_waker: Cell::new(None),
             history: cfg_history.map(|h| crate::history::ShardHistory::new(h, crate::history::Epoch::node())),
             poller,
-        })
+            inbox,
+        }))
     }
 
     /// This shard's counters.
@@ -184,6 +189,11 @@ impl Shard {
     /// The readiness poller of this shard's WebSocket connections.
     pub(crate) fn poller(&self) -> &poller::Poller {
         &self.poller
+    }
+
+    /// This shard's inbox (for `bus::local`'s ordering of its own publishes).
+    pub(crate) fn inbox(&self) -> &Inbox {
+        &self.inbox
     }
 
     /// Room history, when on.
@@ -502,7 +512,8 @@ impl Shard {
     // ---- the inbox -----------------------------------------------------------
 
     /// The inbox task: handles what other shards and bus threads send.
-    pub async fn run_inbox(self: Rc<Self>, inbox: Inbox) {
+    pub async fn run_inbox(self: Rc<Self>) {
+        let inbox = &self.inbox;
         loop {
             inbox.ready().await;
             let mut n = 0;
