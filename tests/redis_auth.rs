@@ -73,3 +73,42 @@ fn a_wrong_password_keeps_the_node_up_but_not_ready_and_says_why() {
     assert!(!n.logs().contains("nope"), "the password must not be logged");
     assert!(n.child.try_wait().expect("try_wait").is_none(), "the node must keep running");
 }
+
+/// `POST /api/publish` answers once Redis has answered the PUBLISH: one
+/// Redis refuses (here an ACL without the room's channel) is a 503, not a
+/// 200 for a message that was dropped; one it takes is a 200 and delivered.
+#[test]
+fn an_api_publish_answers_after_redis_and_a_refused_one_is_a_503() {
+    let _d = deadline("an_api_publish_answers_after_redis_and_a_refused_one_is_a_503", 30 * SECOND);
+    let redis = RedisServer::start_with(&["--requirepass", "adminpw"]).cli_auth(&["-a", "adminpw"]);
+    let ok = redis.cli(&[
+        "ACL",
+        "SETUSER",
+        "app",
+        "on",
+        ">pw",
+        "resetchannels",
+        "&cc:room:open*",
+        "&cc:user:*",
+        "+publish",
+        "+subscribe",
+        "+unsubscribe",
+        "+ping",
+        "+select",
+    ]);
+    assert_eq!(ok, "OK");
+    let url = format!("redis://app:pw@127.0.0.1:{}", redis.port);
+    let n = common::start_server(&["--shards", "2", "--redis", &url, "--api-key", "k"]);
+    let mut c = Client::connect(&n.ws_url("/ws?user=u"));
+    subscribe(&mut c, "open-1");
+    let auth = [("Authorization", "Bearer k")];
+    let (st, body) = n.http("POST", "/api/publish", &auth, br#"{"room":"open-1","data":1}"#);
+    assert_eq!((st, body.as_str()), (200, r#"{"ok":true}"#));
+    assert_eq!(expect_event(&mut c, "the message", 5 * SECOND)["data"], json!(1));
+    let (st, body) = n.http("POST", "/api/publish", &auth, br#"{"room":"closed","data":2}"#);
+    assert_eq!((st, body.as_str()), (503, r#"{"ok":false,"error":"unavailable"}"#), "NOPERM is not a 200");
+    assert_eq!(n.metric("corecast_redis_publish_refused_total"), 1.0);
+    let (st, _) = n.http("POST", "/api/publish", &auth, br#"{"user":"u","data":3}"#);
+    assert_eq!(st, 200);
+    assert_eq!(expect_event(&mut c, "the direct message", 5 * SECOND)["data"], json!(3));
+}

@@ -43,6 +43,22 @@ impl Bus {
         }
     }
 
+    /// Publishes like `publish`, and resolves once the backplane took the
+    /// message: at once on the local bus (it is queued to every shard or
+    /// refused), after Redis's reply to the PUBLISH with Redis. An answer
+    /// that waits for this orders sequential publishes across shards and
+    /// nodes as Redis received them (`POST /api/publish`).
+    pub async fn publish_confirmed(&self, shard: &Shard, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
+        match self {
+            Bus::Local => local::publish(shard, target, frame),
+            Bus::Redis(r) => {
+                let done = crate::history::Slot::default();
+                r.publish_confirmed(target, frame, done.clone())?;
+                if done.wait().await { Ok(()) } else { Err(Unavailable) }
+            }
+        }
+    }
+
     /// This shard gained its first (`on`) or lost its last local member of
     /// `target`: the local bus marks a room in the node's interest table
     /// (before any reply to the member leaves, see `shard::interest`; users

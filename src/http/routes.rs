@@ -82,11 +82,14 @@ pub async fn publish(shard: &Rc<Shard>, head: &Parts, body: &[u8]) -> Reply {
         (Some(room), None) if is_valid_name(room) => match shard.history() {
             // §4 + §7: the reply carries the message's position.
             Some(h) => return crate::history::recover::api_publish(shard, h, room, SERVER_USER, data).await,
-            None => shard.publish(Target::Room(room), event::message(room, SERVER_USER, data)),
+            // The answer waits until the backplane took the message (with
+            // Redis: its reply to the PUBLISH), so that a backend's next
+            // call, wherever it lands, comes after it.
+            None => shard.publish_confirmed(Target::Room(room), event::message(room, SERVER_USER, data)).await,
         },
         (Some(_), None) => return json(400, r#"{"ok":false,"error":"bad_room"}"#),
         (None, Some(user)) if is_valid_name(user) => {
-            shard.publish(Target::User(user), event::direct(SERVER_USER, data))
+            shard.publish_confirmed(Target::User(user), event::direct(SERVER_USER, data)).await
         }
         _ => return json(400, r#"{"ok":false,"error":"give exactly one of room or user"}"#),
     };

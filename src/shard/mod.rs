@@ -347,6 +347,17 @@ impl Shard {
         r
     }
 
+    /// Publishes like `publish`, resolving once the backplane took the
+    /// message (`Bus::publish_confirmed`): for `POST /api/publish`.
+    pub async fn publish_confirmed(&self, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
+        self.m().publishes_total.inc();
+        let r = self.bus.publish_confirmed(self, target, frame).await;
+        if r.is_err() {
+            self.m().bus_unavailable_total.inc();
+        }
+        r
+    }
+
     /// Like `deliver`, and if any local member got the frame, records the
     /// time since `sent` in `corecast_delivery_latency_seconds` (once per
     /// message per shard, not per recipient).

@@ -488,7 +488,22 @@ impl RedisBus {
 
     /// Queues `PUBLISH` of the frame's JSON; never waits.
     pub fn publish(&self, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
-        self.publisher.publish(&self.prefix, target, &event::json_of(&frame))
+        self.publisher.publish(&self.prefix, target, &event::json_of(&frame), None)
+    }
+
+    /// Like `publish`, and `done` is filled with whether Redis took it: its
+    /// reply to the PUBLISH was not an error (`false` also for a PUBLISH
+    /// lost with its connection, or left unanswered past `DEAD_AFTER`).
+    pub fn publish_confirmed(
+        &self,
+        target: Target<'_>,
+        frame: Bytes,
+        done: crate::history::Slot<bool>,
+    ) -> Result<(), Unavailable> {
+        let on_reply: publisher::ReplyFn = Box::new(move |r| {
+            done.fill(matches!(r, Ok(f) if !matches!(f, redis_protocol::resp2::types::BytesFrame::Error(_))))
+        });
+        self.publisher.publish(&self.prefix, target, &event::json_of(&frame), Some(on_reply))
     }
 
     /// `<prefix>room:R` or `<prefix>user:U`: the Redis channel of `target`.

@@ -88,11 +88,17 @@ impl Publisher {
 
     /// Queues `PUBLISH <prefix><room:R|user:U> json` (`SPUBLISH` in a
     /// cluster) at the channel's primary, or refuses at once.
-    pub fn publish(&self, prefix: &str, target: Target<'_>, json: &[u8]) -> Result<(), Unavailable> {
+    pub fn publish(
+        &self,
+        prefix: &str,
+        target: Target<'_>,
+        json: &[u8],
+        on_reply: Option<ReplyFn>,
+    ) -> Result<(), Unavailable> {
         let mut channel = self.scratch.borrow_mut();
         resp::channel_of(&mut channel, prefix, target);
         let sharded = self.topo.mode.sharded();
-        self.send_to_owner(&channel, |out| resp::put_publish(out, sharded, &channel, json), None)
+        self.send_to_owner(&channel, |out| resp::put_publish(out, sharded, &channel, json), on_reply)
     }
 
     /// Queues the command `put` writes (one RESP command) on the link to
