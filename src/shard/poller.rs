@@ -65,6 +65,9 @@ use crate::conn::Conn;
 /// Ready connections one `epoll_wait` returns at most (then the poller yields).
 const EVENTS: usize = 256;
 
+/// Entries the wait table keeps room for however empty it gets.
+const SHRINK_ABOVE: usize = 1024;
+
 /// The mask of a connection in its frame loop, and of a wait to read.
 const READ: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 /// The mask of a wait to write.
@@ -246,6 +249,12 @@ impl Poller {
         }
         if w.idle() {
             waits.remove(&fd);
+            // A storm's peak (every socket of a big room full at once) is
+            // not kept: the table shrinks once it is mostly empty.
+            if waits.capacity() > SHRINK_ABOVE && waits.len() < waits.capacity() / 8 {
+                let keep = waits.len() * 2;
+                waits.shrink_to(keep);
+            }
         }
         r
     }
