@@ -71,8 +71,15 @@ impl Conn {
                 match deadline {
                     None => ready.await.map_err(Stop::Io)?,
                     Some(d) => {
+                        // Boxed: the timer is on the heap only while the
+                        // wait lasts, not in the (larger) HTTP-phase future
+                        // of every connection, whose allocations the idle
+                        // connections' then sit between.
                         let left = d.saturating_duration_since(Instant::now());
-                        monoio::time::timeout(left, ready).await.map_err(|_| Stop::Timeout)?.map_err(Stop::Io)?
+                        Box::pin(monoio::time::timeout(left, ready))
+                            .await
+                            .map_err(|_| Stop::Timeout)?
+                            .map_err(Stop::Io)?
                     }
                 }
                 continue;
