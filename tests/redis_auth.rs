@@ -13,24 +13,19 @@ use serde_json::json;
 const SECOND: Duration = Duration::from_secs(1);
 
 fn protected_redis() -> RedisServer {
+    acl_redis("app pw", &["&cc:*"])
+}
+
+/// A Redis with a password and an ACL user `app` (password `pw`) allowed only
+/// what corecast needs, on `channels` only. (Not CLIENT SETNAME: the node
+/// must cope with that being refused.)
+fn acl_redis(pw: &str, channels: &[&str]) -> RedisServer {
     let redis = RedisServer::start_with(&["--requirepass", "adminpw"]).cli_auth(&["-a", "adminpw"]);
-    // Only what corecast needs, on its channels only. (Not CLIENT SETNAME:
-    // the node must cope with that being refused.)
-    let ok = redis.cli(&[
-        "ACL",
-        "SETUSER",
-        "app",
-        "on",
-        ">app pw",
-        "resetchannels",
-        "&cc:*",
-        "+publish",
-        "+subscribe",
-        "+unsubscribe",
-        "+ping",
-        "+select",
-    ]);
-    assert_eq!(ok, "OK");
+    let pass = format!(">{pw}");
+    let mut args = vec!["ACL", "SETUSER", "app", "on", &pass, "resetchannels"];
+    args.extend_from_slice(channels);
+    args.extend_from_slice(&["+publish", "+subscribe", "+unsubscribe", "+ping", "+select"]);
+    assert_eq!(redis.cli(&args), "OK");
     redis
 }
 
@@ -80,23 +75,7 @@ fn a_wrong_password_keeps_the_node_up_but_not_ready_and_says_why() {
 #[test]
 fn an_api_publish_answers_after_redis_and_a_refused_one_is_a_503() {
     let _d = deadline("an_api_publish_answers_after_redis_and_a_refused_one_is_a_503", 30 * SECOND);
-    let redis = RedisServer::start_with(&["--requirepass", "adminpw"]).cli_auth(&["-a", "adminpw"]);
-    let ok = redis.cli(&[
-        "ACL",
-        "SETUSER",
-        "app",
-        "on",
-        ">pw",
-        "resetchannels",
-        "&cc:room:open*",
-        "&cc:user:*",
-        "+publish",
-        "+subscribe",
-        "+unsubscribe",
-        "+ping",
-        "+select",
-    ]);
-    assert_eq!(ok, "OK");
+    let redis = acl_redis("pw", &["&cc:room:open*", "&cc:user:*"]);
     let url = format!("redis://app:pw@127.0.0.1:{}", redis.port);
     let n = common::start_server(&["--shards", "2", "--redis", &url, "--api-key", "k"]);
     let mut c = Client::connect(&n.ws_url("/ws?user=u"));
