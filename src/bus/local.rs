@@ -33,42 +33,35 @@ use crate::shard::{Shard, ShardMsg};
 
 pub fn publish(shard: &Shard, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
     let sent = Instant::now();
+    let msg = |frame: Bytes| match target {
+        Target::Room(room) => ShardMsg::Room { room: Arc::from(room), frame, sent, pos: None },
+        Target::User(user) => ShardMsg::Direct { user: Arc::from(user), frame, sent },
+    };
     if shard.peers().len() > 1 {
         // Each shard gets its own copy of the frame and the name: the
         // shards' deliveries clone and drop them once per member, and a
         // reference count shared across cores would bounce its cache line
         // between them on every one. One memcpy per shard is cheaper.
+        let copy = || msg(Bytes::copy_from_slice(&frame));
         match target {
-            Target::Room(room) => {
+            Target::Room(_) => {
                 if shard.interested_congested(target) {
                     return Err(Unavailable);
                 }
-                shard.to_interested(target, || ShardMsg::Room {
-                    room: Arc::from(room),
-                    frame: Bytes::copy_from_slice(&frame),
-                    sent,
-                    pos: None,
-                });
+                shard.to_interested(target, copy);
             }
-            Target::User(user) => {
+            Target::User(_) => {
                 if shard.peers_congested() {
                     return Err(Unavailable);
                 }
-                shard.to_other_shards(|| ShardMsg::Direct {
-                    user: Arc::from(user),
-                    frame: Bytes::copy_from_slice(&frame),
-                    sent,
-                });
+                shard.to_other_shards(copy);
             }
         }
     }
     // Older messages from other shards are waiting here: this one goes
     // after them (`shard::inbox`, "Order across shards").
     if shard.inbox().must_hold() {
-        shard.inbox().hold_local(match target {
-            Target::Room(room) => ShardMsg::Room { room: Arc::from(room), frame, sent, pos: None },
-            Target::User(user) => ShardMsg::Direct { user: Arc::from(user), frame, sent },
-        });
+        shard.inbox().hold_local(msg(frame));
         return Ok(());
     }
     shard.deliver_timed(target, &frame, sent);

@@ -339,19 +339,18 @@ impl Shard {
 
     /// Publishes an encoded event frame through the bus.
     pub fn publish(&self, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
-        self.m().publishes_total.inc();
-        let r = self.bus.publish(self, target, frame);
-        if r.is_err() {
-            self.m().bus_unavailable_total.inc();
-        }
-        r
+        self.count_publish(self.bus.publish(self, target, frame))
     }
 
     /// Publishes like `publish`, resolving once the backplane took the
     /// message (`Bus::publish_confirmed`): for `POST /api/publish`.
     pub async fn publish_confirmed(&self, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
+        self.count_publish(self.bus.publish_confirmed(self, target, frame).await)
+    }
+
+    /// `corecast_publishes_total`, and `bus_unavailable_total` for a refusal.
+    fn count_publish(&self, r: Result<(), Unavailable>) -> Result<(), Unavailable> {
         self.m().publishes_total.inc();
-        let r = self.bus.publish_confirmed(self, target, frame).await;
         if r.is_err() {
             self.m().bus_unavailable_total.inc();
         }

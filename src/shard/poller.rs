@@ -176,6 +176,14 @@ impl Poller {
         Ok(())
     }
 
+    /// Brings epoll's mask for `fd` to what `w` now waits for.
+    fn sync(&self, fd: RawFd, w: &mut Wait) -> io::Result<()> {
+        let new = w.wanted();
+        self.ctl(fd, w.id, w.mask, new)?;
+        w.mask = new;
+        Ok(())
+    }
+
     /// `fd`'s frame loop begins: the poller watches it for bytes to read,
     /// the peer's FIN and errors until `remove`.
     pub fn add(&self, fd: RawFd, id: ConnId) -> io::Result<()> {
@@ -185,10 +193,7 @@ impl Poller {
         };
         w.polled = true;
         w.id = id;
-        let new = w.wanted();
-        self.ctl(fd, id, w.mask, new)?;
-        w.mask = new;
-        Ok(())
+        self.sync(fd, w)
     }
 
     /// `fd`'s frame loop ended (closing the descriptor would take it out of
@@ -202,11 +207,9 @@ impl Poller {
             return;
         };
         w.polled = false;
-        let new = w.wanted();
-        if let Err(e) = self.ctl(fd, w.id, w.mask, new) {
+        if let Err(e) = self.sync(fd, w) {
             warn!(fd, error = %e, "poller: epoll_ctl failed");
         }
-        w.mask = new;
     }
 
     /// Resolves once `conn`'s socket is ready for `want`, or with the
@@ -217,22 +220,24 @@ impl Poller {
         Ready { poller: self, conn, want, armed: false }
     }
 
-    /// The kernel reported `events` on `fd`: the waits they end fire, and
-    /// their wakers go to `wake`.
-    fn fire(&self, fd: RawFd, events: u32, wake: &mut Vec<Waker>) {
+    /// The kernel reported `events` on `fd`: the waits they end fire;
+    /// returns their wakers, for the caller to wake once the table is no
+    /// longer borrowed.
+    fn fire(&self, fd: RawFd, events: u32) -> [Option<Waker>; 2] {
         let mut waits = self.waits.borrow_mut();
-        let Some(w) = waits.get_mut(&fd) else { return };
-        for (slot, ready) in [(&mut w.read, READ_READY), (&mut w.write, WRITE_READY)] {
-            if events & ready != 0 && slot.waiting() {
-                let Slot::Waiting(k) = std::mem::replace(slot, Slot::Fired) else { unreachable!() };
-                wake.push(k);
-            }
-        }
-        let new = w.wanted();
-        if let Err(e) = self.ctl(fd, w.id, w.mask, new) {
+        let Some(w) = waits.get_mut(&fd) else { return [None, None] };
+        let fire = |slot: &mut Slot, ready: u32| match slot {
+            Slot::Waiting(_) if events & ready != 0 => match std::mem::replace(slot, Slot::Fired) {
+                Slot::Waiting(k) => Some(k),
+                _ => None,
+            },
+            _ => None,
+        };
+        let woken = [fire(&mut w.read, READ_READY), fire(&mut w.write, WRITE_READY)];
+        if let Err(e) = self.sync(fd, w) {
             warn!(fd, error = %e, "poller: epoll_ctl failed");
         }
-        w.mask = new;
+        woken
     }
 
     /// `want` of the wait on `fd` goes back to idle (it fired and was seen,
@@ -242,11 +247,7 @@ impl Poller {
         let mut waits = self.waits.borrow_mut();
         let Some(w) = waits.get_mut(&fd) else { return Ok(()) };
         *w.slot(want) = Slot::Idle;
-        let new = w.wanted();
-        let r = self.ctl(fd, w.id, w.mask, new);
-        if r.is_ok() {
-            w.mask = new;
-        }
+        let r = self.sync(fd, w);
         if w.idle() {
             waits.remove(&fd);
             // A storm's peak (every socket of a big room full at once) is
@@ -300,10 +301,8 @@ impl Future for Ready<'_> {
             }
             slot @ Slot::Idle => {
                 *slot = Slot::Waiting(cx.waker().clone());
-                let new = w.wanted();
-                match this.poller.ctl(fd, w.id, w.mask, new) {
+                match this.poller.sync(fd, w) {
                     Ok(()) => {
-                        w.mask = new;
                         this.armed = true;
                         Poll::Pending
                     }
@@ -334,7 +333,6 @@ impl Drop for Ready<'_> {
 pub async fn run(shard: Rc<Shard>) {
     let poller = shard.poller();
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
-    let mut wake: Vec<Waker> = Vec::new();
     loop {
         if let Err(e) = poller.waiter.readable(false).await {
             // Not expected on a live epoll descriptor; don't spin.
@@ -360,8 +358,7 @@ pub async fn run(shard: Rc<Shard>) {
                 let (bits, data) = (ev.events, ev.u64);
                 let (fd, id) = ((data >> 32) as u32 as RawFd, data as u32 as ConnId);
                 if any_waits {
-                    poller.fire(fd, bits, &mut wake);
-                    wake.drain(..).for_each(Waker::wake);
+                    poller.fire(fd, bits).into_iter().flatten().for_each(Waker::wake);
                 }
                 if bits & READ_READY != 0
                     && let Some(conn) = shard.conn(id)
