@@ -199,6 +199,13 @@ pub enum LogFormat {
     Json,
 }
 
+/// History settings, from `--history-size` and `--history-ttl-secs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistorySettings {
+    pub size: usize,
+    pub ttl: Duration,
+}
+
 /// The resolved configuration, frozen at start-up and shared read-only.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -247,7 +254,7 @@ pub struct Config {
     /// flusher's writes (io_uring driver only).
     pub batched_sends: bool,
     /// Room history (§7); `None`: off.
-    pub history: Option<crate::history::Settings>,
+    pub history: Option<HistorySettings>,
 }
 
 impl Options {
@@ -343,7 +350,7 @@ impl Config {
                 if ttl == 0 {
                     bail!("--history-ttl-secs must be at least 1");
                 }
-                Some(crate::history::Settings { size, ttl: Duration::from_secs(ttl) })
+                Some(HistorySettings { size, ttl: Duration::from_secs(ttl) })
             }
         };
         Ok(Config {
@@ -415,13 +422,13 @@ mod tests {
     fn history_is_off_by_default_and_reads_flag_env_and_file() {
         assert_eq!(Config::load(["corecast"]).unwrap().history, None);
         let cfg = Config::load(["corecast", "--history-size", "50"]).unwrap();
-        assert_eq!(cfg.history, Some(crate::history::Settings { size: 50, ttl: Duration::from_secs(300) }));
+        assert_eq!(cfg.history, Some(HistorySettings { size: 50, ttl: Duration::from_secs(300) }));
         let dir = std::env::temp_dir().join(format!("cc-cfg3-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
         std::fs::write(&file, "history_size = 7\nhistory_ttl_secs = 9\n").unwrap();
         let cfg = Config::load(["corecast", "--config", file.to_str().unwrap()]).unwrap();
-        assert_eq!(cfg.history, Some(crate::history::Settings { size: 7, ttl: Duration::from_secs(9) }));
+        assert_eq!(cfg.history, Some(HistorySettings { size: 7, ttl: Duration::from_secs(9) }));
         assert!(Config::load(["corecast", "--history-size", "1", "--history-ttl-secs", "0"]).is_err());
     }
 

@@ -36,6 +36,8 @@ pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod protocol;
+pub mod rt;
 pub mod server;
+pub mod services;
 pub mod shard;
 pub mod ws;

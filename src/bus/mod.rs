@@ -15,18 +15,9 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::conn::Conn;
+use crate::protocol::{Target, Unavailable};
+use crate::rt::Oneshot;
 use crate::shard::Shard;
-
-/// Where a message goes: a room, or every connection of a user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target<'a> {
-    Room(&'a str),
-    User(&'a str),
-}
-
-/// The backplane could not take a publish now (PROTOCOL.md `unavailable`).
-#[derive(Debug, PartialEq, Eq)]
-pub struct Unavailable;
 
 /// One per shard; lives on the shard's thread.
 pub enum Bus {
@@ -52,7 +43,7 @@ impl Bus {
         match self {
             Bus::Local => local::publish(shard, target, frame),
             Bus::Redis(r) => {
-                let done = crate::history::Slot::default();
+                let done = Oneshot::default();
                 r.publish_confirmed(target, frame, done.clone())?;
                 if done.wait().await { Ok(()) } else { Err(Unavailable) }
             }

@@ -49,6 +49,7 @@ use bytes::BytesMut;
 use monoio::net::TcpStream;
 use tracing::debug;
 
+use crate::auth::Grant;
 use crate::http;
 use crate::shard::poller::{Ready, Want};
 use crate::shard::{ConnId, Shard};
@@ -128,12 +129,12 @@ pub struct Conn {
     rooms: Cell<Rooms>,
     /// What the connection keeps of its JWT (expiry, room patterns), boxed so
     /// that a server without auth pays one pointer (`auth.rs`). A `Cell`: it is
-    /// only ever taken and put back (`auth::with_grant`).
-    pub(crate) grant: Cell<Option<Box<crate::auth::Grant>>>,
+    /// only ever taken and put back (`Conn::with_grant`).
+    pub(crate) grant: Cell<Option<Box<Grant>>>,
     /// Liveness stamp and op rate (`limits.rs`).
     pub(crate) limits: limits::Limits,
     /// History reads in flight and their rate (`history::budget`).
-    pub(crate) hist: crate::history::budget::ConnBudget,
+    pub(crate) hist: limits::ReadBudget,
 }
 
 impl Conn {
@@ -175,6 +176,20 @@ impl Conn {
     }
     pub(crate) fn set_deflate(&self, a: crate::ws::deflate::Agreed) {
         self.deflate.set(a.bits())
+    }
+
+    /// Runs `f` on the connection's grant (`None`: auth is off).
+    pub(crate) fn with_grant<R>(&self, f: impl FnOnce(Option<&Grant>) -> R) -> R {
+        let g = self.grant.take();
+        let r = f(g.as_deref());
+        self.grant.set(g);
+        r
+    }
+
+    /// May this connection subscribe and publish to `room`? Always, with
+    /// auth off.
+    pub fn allows(&self, room: &str) -> bool {
+        self.with_grant(|g| g.is_none_or(|g| g.allows(room)))
     }
 
     pub fn user(&self) -> Option<Rc<str>> {

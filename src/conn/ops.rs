@@ -3,14 +3,14 @@
 use std::rc::Rc;
 
 use super::{Conn, limits};
-use crate::auth;
-use crate::bus::Target;
+use crate::protocol::Target;
 use crate::protocol::{ClientOp, ErrorCode, event};
+use crate::services::expiry;
 use crate::shard::Shard;
 
 pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
     // An expired token ends the connection whatever the op (`auth.rs`).
-    if auth::check_expiry(shard, conn) {
+    if expiry::check_expiry(shard, conn) {
         return;
     }
     // Every frame counts against the rate, garbage too; a refused one is
@@ -31,7 +31,7 @@ pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[
     let Some(me) = conn.user() else { return };
     match op {
         ClientOp::Subscribe { room, since } => {
-            if !auth::allows(conn, &room) {
+            if !conn.allows(&room) {
                 return refuse(shard, conn, ErrorCode::Forbidden, "the token does not allow this room", id);
             }
             if limits::too_many_rooms(shard, conn, &room) {
@@ -55,7 +55,7 @@ pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[
             let Some(h) = shard.history() else {
                 return refuse(shard, conn, ErrorCode::BadRequest, "room history is off on this server", id);
             };
-            if !auth::allows(conn, &room) {
+            if !conn.allows(&room) {
                 return refuse(shard, conn, ErrorCode::Forbidden, "the token does not allow this room", id);
             }
             h.history_op(shard, conn, &room, limit, since, id);
@@ -68,12 +68,12 @@ pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[
             conn.push(shard, event::membership("unsubscribed", &room, id));
         }
         ClientOp::Publish { room, data } => {
-            if !auth::allows(conn, &room) {
+            if !conn.allows(&room) {
                 return refuse(shard, conn, ErrorCode::Forbidden, "the token does not allow this room", id);
             }
             if let Some(h) = shard.history() {
                 // §7: the room's authority assigns the offset.
-                let r = h.publish(shard, &room, &me, data, None).map_err(|_| crate::bus::Unavailable);
+                let r = h.publish(shard, &room, &me, data, None).map_err(|_| crate::protocol::Unavailable);
                 return published(shard, conn, r, id);
             }
             let frame = event::message(&room, &me, data);
@@ -86,7 +86,7 @@ pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[
         ClientOp::Ping => {
             conn.push(shard, event::reply("pong", id));
         }
-        ClientOp::Refresh { token } => match auth::refresh(shard, conn, &me, &token, id) {
+        ClientOp::Refresh { token } => match expiry::refresh(shard, conn, &me, &token, id) {
             Ok(()) => {}
             Err(ErrorCode::BadRequest) => refuse(shard, conn, ErrorCode::BadRequest, "auth is not enabled", id),
             Err(code) => refuse(shard, conn, code, "the token is invalid, expired or for another user", id),
@@ -94,7 +94,7 @@ pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[
     }
 }
 
-fn published(shard: &Shard, conn: &Rc<Conn>, r: Result<(), crate::bus::Unavailable>, id: Option<&str>) {
+fn published(shard: &Shard, conn: &Rc<Conn>, r: Result<(), crate::protocol::Unavailable>, id: Option<&str>) {
     match (r, id) {
         (Ok(()), Some(id)) => {
             conn.push(shard, event::reply("ack", Some(id)));

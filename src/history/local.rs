@@ -22,9 +22,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Position, Query, ReadResult, ShardHistory, Slot, Unavailable, ring::owner_of};
-use crate::bus::Target;
+use super::{Query, ReadResult, ShardHistory, ring::owner_of};
 use crate::protocol::event::MessagePrefix;
+use crate::protocol::{Position, Target, Unavailable};
+use crate::rt::Oneshot;
 use crate::shard::{Shard, ShardMsg};
 
 /// What crosses between shards for standalone history.
@@ -47,8 +48,8 @@ pub enum Reply {
 
 /// What a task on this shard waits for.
 pub(super) enum Waiting {
-    Published(Slot<Result<Position, Unavailable>>),
-    Read(Slot<Result<ReadResult, Unavailable>>),
+    Published(Oneshot<Result<Position, Unavailable>>),
+    Read(Oneshot<Result<ReadResult, Unavailable>>),
 }
 
 /// Publishes in `room` through its owner. With `want`, the slot gets the
@@ -57,7 +58,7 @@ pub fn publish(
     shard: &Rc<Shard>,
     room: &str,
     msg: MessagePrefix,
-    want: Option<Slot<Result<Position, Unavailable>>>,
+    want: Option<Oneshot<Result<Position, Unavailable>>>,
 ) -> Result<(), Unavailable> {
     let h = shard.history().ok_or(Unavailable)?;
     // The owner fans out to the shards with members: refused while our
@@ -94,7 +95,7 @@ pub async fn read(shard: &Shard, room: &str, q: Query) -> Result<ReadResult, Una
     if owner == shard.id {
         return Ok(h.rings().read(room, q, Instant::now()));
     }
-    let slot = Slot::default();
+    let slot = Oneshot::default();
     let token = h.wait_for(Waiting::Read(slot.clone()));
     let msg = Msg::Read { room: Arc::from(room), q, reply_to: shard.id, token };
     if shard.send_to(owner, ShardMsg::History(Box::new(msg))).is_err() {

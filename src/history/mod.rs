@@ -23,74 +23,11 @@ pub mod local;
 pub mod recover;
 pub mod ring;
 
-use std::cell::{Cell, RefCell};
-use std::fmt;
-use std::future::poll_fn;
-use std::rc::Rc;
-use std::task::{Poll, Waker};
-use std::time::Duration;
-
 use bytes::Bytes;
 
 pub use recover::ShardHistory;
 
-/// Longest epoch accepted from a client (§7: at most 64 bytes).
-pub const MAX_EPOCH: usize = 64;
-
-/// A room history's epoch: an opaque string of at most 64 bytes, kept inline
-/// (no allocation; `Copy`) because it travels with every message.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Epoch {
-    len: u8,
-    buf: [u8; MAX_EPOCH],
-}
-
-impl Epoch {
-    /// `None` when `s` is longer than 64 bytes.
-    pub fn new(s: &str) -> Option<Epoch> {
-        if s.len() > MAX_EPOCH {
-            return None;
-        }
-        let mut buf = [0u8; MAX_EPOCH];
-        buf[..s.len()].copy_from_slice(s.as_bytes());
-        Some(Epoch { len: s.len() as u8, buf })
-    }
-
-    /// A fresh random epoch: 16 hex digits of `fastrand` (a new one for every
-    /// standalone start, and the candidate a Redis script takes when a room's
-    /// history is missing).
-    pub fn random() -> Epoch {
-        Epoch::new(&format!("{:016x}", fastrand::u64(..))).expect("16 bytes")
-    }
-
-    /// This process's epoch base, drawn once: every standalone room epoch
-    /// starts with it, so a restarted node never reuses one.
-    pub fn node() -> Epoch {
-        static NODE: std::sync::OnceLock<Epoch> = std::sync::OnceLock::new();
-        *NODE.get_or_init(Epoch::random)
-    }
-
-    pub fn as_str(&self) -> &str {
-        // Built only from `&str` (whole, never cut), so always UTF-8.
-        std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or("")
-    }
-}
-
-impl fmt::Debug for Epoch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.as_str())
-    }
-}
-
-/// Where a room's stream is: its epoch and an offset in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
-    pub epoch: Epoch,
-    pub offset: u64,
-}
-
-/// A client's `since`: the last position it saw.
-pub type Since = Position;
+use crate::protocol::Position;
 
 /// One stored message: its offset and the complete `message` frame (with
 /// `epoch` and `offset`), as it was delivered live.
@@ -162,59 +99,6 @@ impl ReadResult {
     }
 }
 
-/// History settings, from `--history-size` and `--history-ttl-secs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Settings {
-    pub size: usize,
-    pub ttl: Duration,
-}
-
-/// The backplane (or the owner shard) could not answer a history read or
-/// take a publish now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unavailable;
-
-/// A value that another task (or, through the inbox, another shard) fills
-/// in later; `wait` resolves once it is there. Single-threaded (`Rc`).
-pub struct Slot<T>(Rc<SlotInner<T>>);
-
-struct SlotInner<T> {
-    value: RefCell<Option<T>>,
-    waker: Cell<Option<Waker>>,
-}
-
-impl<T> Clone for Slot<T> {
-    fn clone(&self) -> Self {
-        Slot(self.0.clone())
-    }
-}
-
-impl<T> Default for Slot<T> {
-    fn default() -> Self {
-        Slot(Rc::new(SlotInner { value: RefCell::new(None), waker: Cell::new(None) }))
-    }
-}
-
-impl<T> Slot<T> {
-    pub fn fill(&self, v: T) {
-        *self.0.value.borrow_mut() = Some(v);
-        if let Some(w) = self.0.waker.take() {
-            w.wake();
-        }
-    }
-
-    pub async fn wait(&self) -> T {
-        poll_fn(|cx| match self.0.value.borrow_mut().take() {
-            Some(v) => Poll::Ready(v),
-            None => {
-                self.0.waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        })
-        .await
-    }
-}
-
 /// The offset in a stored message id `<offset>-0` (Redis stream ids).
 pub fn offset_of_id(id: &[u8]) -> Option<u64> {
     let head = id.split(|&b| b == b'-').next()?;
@@ -225,21 +109,14 @@ pub fn offset_of_id(id: &[u8]) -> Option<u64> {
 mod tests {
     use super::*;
 
+    use crate::protocol::Epoch;
+
     fn pos(e: &str, n: u64) -> Position {
         Position { epoch: Epoch::new(e).unwrap(), offset: n }
     }
 
     fn entries(r: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
         r.map(|offset| Entry { offset, frame: Bytes::new() }).collect()
-    }
-
-    #[test]
-    fn epochs_are_at_most_64_bytes_and_random_ones_differ() {
-        assert!(Epoch::new(&"e".repeat(64)).is_some());
-        assert!(Epoch::new(&"e".repeat(65)).is_none());
-        assert_eq!(Epoch::new("abc").unwrap().as_str(), "abc");
-        assert_ne!(Epoch::random(), Epoch::random());
-        assert_eq!(Epoch::random().as_str().len(), 16);
     }
 
     #[test]

@@ -51,10 +51,12 @@ use tracing::debug;
 use super::budget::ShardBudget;
 use super::local::{self, Reply, Waiting};
 use super::ring::Rings;
-use super::{Entry, Epoch, Position, Query, ReadResult, Settings, Since, Slot, Unavailable};
+use super::{Entry, Query, ReadResult};
 use crate::bus::Bus;
+use crate::config::HistorySettings;
 use crate::conn::Conn;
-use crate::protocol::{ErrorCode, event};
+use crate::protocol::{Epoch, ErrorCode, Position, Since, Unavailable, event};
+use crate::rt::Oneshot;
 use crate::shard::{ConnId, Shard};
 
 /// A catch-up read that failed is tried again after this.
@@ -113,7 +115,7 @@ struct RoomState {
 
 /// One per shard, when history is on (`Shard::history`).
 pub struct ShardHistory {
-    pub settings: Settings,
+    pub settings: HistorySettings,
     rings: RefCell<Rings>,
     budget: ShardBudget,
     rooms: RefCell<FxHashMap<Arc<str>, RoomState>>,
@@ -123,7 +125,7 @@ pub struct ShardHistory {
 
 impl ShardHistory {
     /// `node`: this run's epoch base (one per process, shared by its shards).
-    pub fn new(settings: Settings, node: Epoch) -> ShardHistory {
+    pub fn new(settings: HistorySettings, node: Epoch) -> ShardHistory {
         ShardHistory {
             settings,
             rings: RefCell::new(Rings::new(settings, node)),
@@ -181,7 +183,7 @@ impl ShardHistory {
         room: &str,
         from: &str,
         data: &str,
-        want: Option<Slot<Result<Position, Unavailable>>>,
+        want: Option<Oneshot<Result<Position, Unavailable>>>,
     ) -> Result<(), Unavailable> {
         shard.m().publishes_total.inc();
         let msg = event::message_prefix(room, from, data);
@@ -214,7 +216,7 @@ impl ShardHistory {
     /// history: `since` or the `history` op) must be paired with
     /// `conn.hist.done()`; a plain subscribe only needs the shard's room.
     fn take_budget(&self, shard: &Shard, conn: &Rc<Conn>, asked: bool, id: Option<&str>) -> bool {
-        let burst = super::budget::burst(shard.cfg.max_rooms_per_connection);
+        let burst = crate::conn::limits::burst(shard.cfg.max_rooms_per_connection);
         if self.budget.has_room() && (!asked || conn.hist.take(crate::conn::limits::coarse_ms(), burst)) {
             return true;
         }
@@ -394,7 +396,7 @@ impl ShardHistory {
             // No member here (with the local bus: a collision in the interest
             // table, or the last member left while the message was queued).
             drop(rooms);
-            shard.deliver_timed(crate::bus::Target::Room(room), &frame, sent);
+            shard.deliver_timed(crate::protocol::Target::Room(room), &frame, sent);
             return;
         };
         let item = Item { pos, frame };
@@ -508,9 +510,9 @@ fn link_up(shard: &Shard) -> bool {
 fn fan_out(shard: &Shard, room: &str, st: &mut RoomState, item: Item, sent: Option<Instant>) {
     if st.conns.is_empty() {
         match sent {
-            Some(t) => shard.deliver_timed(crate::bus::Target::Room(room), &item.frame, t),
+            Some(t) => shard.deliver_timed(crate::protocol::Target::Room(room), &item.frame, t),
             None => {
-                shard.deliver(crate::bus::Target::Room(room), &item.frame);
+                shard.deliver(crate::protocol::Target::Room(room), &item.frame);
             }
         }
         return;
@@ -654,7 +656,7 @@ pub async fn api_publish(
     from: &str,
     data: &str,
 ) -> crate::http::Reply {
-    let slot = Slot::default();
+    let slot = Oneshot::default();
     if h.publish(shard, room, from, data, Some(slot.clone())).is_err() {
         return unavailable_reply();
     }

@@ -17,8 +17,10 @@ use std::time::Instant;
 
 use rustc_hash::FxHashMap;
 
-use super::{Entry, Epoch, Position, Query, ReadResult, Settings};
+use super::{Entry, Query, ReadResult};
+use crate::config::HistorySettings;
 use crate::protocol::event::MessagePrefix;
+use crate::protocol::{Epoch, Position};
 
 /// The shard that owns `room`'s history on this node: FNV-1a of the name,
 /// stable across runs and shards.
@@ -42,7 +44,7 @@ struct Room {
 
 /// Every room this shard owns.
 pub struct Rings {
-    settings: Settings,
+    settings: HistorySettings,
     /// This node's run: a new random one on every start (§7: a standalone
     /// node that restarts starts new epochs).
     node: Epoch,
@@ -52,7 +54,7 @@ pub struct Rings {
 }
 
 impl Rings {
-    pub fn new(settings: Settings, node: Epoch) -> Rings {
+    pub fn new(settings: HistorySettings, node: Epoch) -> Rings {
         Rings { settings, node, generation: 0, rooms: FxHashMap::default() }
     }
 
@@ -125,7 +127,7 @@ mod tests {
     use crate::protocol::event;
 
     fn rings(size: usize) -> Rings {
-        Rings::new(Settings { size, ttl: Duration::from_secs(60) }, Epoch::new("node").unwrap())
+        Rings::new(HistorySettings { size, ttl: Duration::from_secs(60) }, Epoch::new("node").unwrap())
     }
 
     fn publish(r: &mut Rings, room: &str, n: usize, now: Instant) -> Vec<Position> {

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::Reply;
-use crate::bus::Target;
 use crate::metrics::{self, NodeInfo};
+use crate::protocol::Target;
 use crate::protocol::{event, is_valid_name};
 use crate::shard::Shard;
 

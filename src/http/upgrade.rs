@@ -119,7 +119,7 @@ pub fn accept(shard: &Rc<Shard>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> R
     shard.m().handshake(R::Ok);
     shard.upgraded(conn, user);
     if let Some(grant) = grant {
-        auth::attach(shard, conn, grant);
+        crate::services::expiry::attach(shard, conn, grant);
     }
     Ok(())
 }

@@ -32,3 +32,9 @@ impl ErrorCode {
         }
     }
 }
+
+/// The backplane (Redis, or the owner shard of a standalone room history)
+/// cannot take a publish or answer a read now: the `unavailable` error of
+/// PROTOCOL.md §2, a 503 on the server API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;

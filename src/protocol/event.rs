@@ -9,7 +9,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::ErrorCode;
-use crate::history::Position;
+use crate::protocol::Position;
 use crate::ws::frame::{HEADROOM, OpCode, encode_with_headroom};
 
 /// A JSON text being built behind room for its frame header.
@@ -245,7 +245,7 @@ mod tests {
 
     #[test]
     fn history_events_are_byte_exact_and_data_is_not_re_encoded() {
-        let pos = Position { epoch: crate::history::Epoch::new("e1").unwrap(), offset: 7 };
+        let pos = Position { epoch: crate::protocol::Epoch::new("e1").unwrap(), offset: 7 };
         let m = message_prefix("r", "u1", "{\"a\": [1, 2.50]}");
         assert_eq!(m.json(), br#"{"ev":"message","room":"r","from":"u1","data":{"a": [1, 2.50]}"#);
         assert_eq!(

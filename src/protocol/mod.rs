@@ -4,9 +4,13 @@
 pub mod error;
 pub mod event;
 pub mod op;
+pub mod position;
+pub mod target;
 
-pub use error::ErrorCode;
+pub use error::{ErrorCode, Unavailable};
 pub use op::ClientOp;
+pub use position::{Epoch, Position, Since};
+pub use target::Target;
 
 /// Room names (and user ids): 1 to 128 bytes of `A-Z a-z 0-9 _ - . : @ /`.
 pub fn is_valid_name(name: &str) -> bool {

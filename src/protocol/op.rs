@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{ErrorCode, is_valid_name};
-use crate::history::{Epoch, Since};
+use crate::protocol::{Epoch, Since};
 
 /// The fields any op may carry; unknown fields are ignored so that newer
 /// clients keep working.

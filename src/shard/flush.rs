@@ -33,9 +33,10 @@ use std::rc::Rc;
 use io_uring::{IoUring, opcode, types};
 use tracing::{debug, warn};
 
-use super::{Shard, until};
+use super::Shard;
 use crate::conn::Conn;
 use crate::conn::outbox::{EMPTY_IOV, SEND_FLAGS};
+use crate::rt::until;
 
 /// Connections per pass (and per `io_uring_enter`); a power of two (ring size).
 const BATCH: usize = 512;

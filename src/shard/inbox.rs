@@ -91,7 +91,7 @@ pub enum ShardMsg {
     /// Deliver `frame` to every local member of `room`. `pos`: the message's
     /// place in the room's history (§7), when it has one (`history::recover`
     /// then gates it: in order, once).
-    Room { room: Arc<str>, frame: Bytes, sent: Instant, pos: Option<Box<crate::history::Position>> },
+    Room { room: Arc<str>, frame: Bytes, sent: Instant, pos: Option<Box<crate::protocol::Position>> },
     /// Deliver `frame` to every local connection of `user`.
     Direct { user: Arc<str>, frame: Bytes, sent: Instant },
     /// SIGTERM/SIGINT: stop accepting and drain (PROTOCOL.md §5).

@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
-use crate::bus::Target;
+use crate::protocol::Target;
 
 /// log2 of the slots: 2^18 slots, 2 MiB per 64 shards of address space,
 /// resident only where written (see `Table::new` and the module docs).

@@ -44,10 +44,9 @@ pub mod rooms;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -58,11 +57,12 @@ pub use inbox::{Inbox, InboxSender, ShardMsg};
 pub use peers::Links;
 use rooms::{RoomTable, UserTable};
 
-use crate::bus::{Bus, Target, Unavailable};
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::conn::{self, Conn, Listener};
 use crate::metrics::{Metrics, ShardMetrics};
-use crate::protocol::event;
+use crate::protocol::{Target, Unavailable, event};
+use crate::rt::until;
 use crate::ws::CloseCode;
 
 /// A connection's key in its shard's table.
@@ -108,9 +108,7 @@ pub struct Shard {
     /// Wakes the close reaper when `closing` becomes non-empty.
     reaper: Cell<Option<Waker>>,
     /// Tasks that yielded (`yield_now`), woken by `run_yields`.
-    yielders: RefCell<Vec<Waker>>,
-    /// Wakes the yield task when `yielders` becomes non-empty.
-    yield_waker: Cell<Option<Waker>>,
+    yielder: crate::rt::Yielder,
     /// Room history (PROTOCOL.md §7) when `--history-size` > 0.
     history: Option<crate::history::ShardHistory>,
     /// Readiness of every connection a task or the frame loop waits on (`poller.rs`).
@@ -172,9 +170,8 @@ impl Shard {
             sweep: heartbeat::Sweep::default(),
             closing: RefCell::default(),
             reaper: Cell::new(None),
-            yielders: RefCell::default(),
-            yield_waker: Cell::new(None),
-            history: cfg_history.map(|h| crate::history::ShardHistory::new(h, crate::history::Epoch::node())),
+            yielder: crate::rt::Yielder::default(),
+            history: cfg_history.map(|h| crate::history::ShardHistory::new(h, crate::protocol::Epoch::node())),
             poller,
             inbox,
         }))
@@ -430,45 +427,14 @@ impl Shard {
         dirty.push(conn);
     }
 
-    // ---- yielding -------------------------------------------------------------
-
-    /// Lets every other task that is ready run before continuing.
-    ///
-    /// Not `wake_by_ref` + `Pending`: monoio puts a task that wakes itself
-    /// during its own poll at the *front* of the run queue, so it would run
-    /// again at once and, on the epoll driver (where readiness is answered
-    /// without waiting), one busy connection would starve every other task
-    /// on the shard. Instead the waker is parked in `yielders` and woken by
-    /// the yield task (`run_yields`): a wake from another task goes to the
-    /// back of the queue, behind everything that became ready meanwhile.
+    /// Lets every other ready task on this shard run first (`rt::Yielder`).
     pub(crate) async fn yield_now(&self) {
-        let mut parked = false;
-        poll_fn(|cx| {
-            if parked {
-                return Poll::Ready(());
-            }
-            parked = true;
-            let mut yielders = self.yielders.borrow_mut();
-            if yielders.is_empty()
-                && let Some(w) = self.yield_waker.take()
-            {
-                w.wake();
-            }
-            yielders.push(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
+        self.yielder.yield_now().await
     }
 
-    /// The yield task: wakes, from the back of the run queue, the tasks
-    /// that yielded (`yield_now`).
+    /// The yield task (`rt::Yielder::run`).
     pub async fn run_yields(self: Rc<Self>) {
-        let mut batch: Vec<Waker> = Vec::new();
-        loop {
-            until(&self.yield_waker, || !self.yielders.borrow().is_empty()).await;
-            std::mem::swap(&mut batch, &mut *self.yielders.borrow_mut());
-            batch.drain(..).for_each(Waker::wake);
-        }
+        self.yielder.run().await
     }
 
     // ---- closing handshakes ----------------------------------------------------
@@ -621,19 +587,4 @@ impl Shard {
             debug!(shard = self.id, left = self.m().connections.get(), "drain window over");
         }
     }
-}
-
-/// Resolves once `ready()` holds. Whoever makes it hold wakes the task
-/// through `slot` (`slot.take()` then `wake()`): the single-threaded
-/// "wait until there is work" used by the shard's long-lived tasks.
-pub(crate) async fn until(slot: &Cell<Option<Waker>>, ready: impl Fn() -> bool) {
-    poll_fn(|cx| {
-        if ready() {
-            Poll::Ready(())
-        } else {
-            slot.set(Some(cx.waker().clone()));
-            Poll::Pending
-        }
-    })
-    .await
 }

@@ -19,10 +19,11 @@ use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::task::Waker;
 
+use super::Shard;
 use super::inbox::{self, Door, InboxSender, PushError, ShardMsg};
 use super::interest;
-use super::{Shard, until};
-use crate::bus::Target;
+use crate::protocol::Target;
+use crate::rt::until;
 
 /// One shard's ends of the node's queues (see the module docs).
 pub struct Links {

@@ -51,9 +51,12 @@ use tracing::{info, warn};
 use super::history_owner::{OwnerRoute, Script};
 use super::publink::{connect_any, next_frame, try_recv, try_send, would_block, write_all};
 use super::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Link, LinkError, RedisUrl, Retry, resp};
-use crate::history::{Entry, Epoch, Position, Query, ReadResult, Settings, Slot, Unavailable, offset_of_id};
+use crate::config::HistorySettings;
+use crate::history::{Entry, Query, ReadResult, offset_of_id};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::protocol::event::{self, MessagePrefix};
+use crate::protocol::{Epoch, Position, Unavailable};
+use crate::rt::Oneshot;
 
 pub const PUBLISH_LUA: &str = include_str!("scripts/publish.lua");
 pub const READ_LUA: &str = include_str!("scripts/read.lua");
@@ -73,12 +76,12 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Which shards' history connections are up, for `/readyz`.
 pub struct Shared {
-    pub settings: Settings,
+    pub settings: HistorySettings,
     up: Box<[AtomicBool]>,
 }
 
 impl Shared {
-    pub fn new(settings: Settings, shards: usize) -> Arc<Shared> {
+    pub fn new(settings: HistorySettings, shards: usize) -> Arc<Shared> {
         Arc::new(Shared { settings, up: (0..shards).map(|_| AtomicBool::new(false)).collect() })
     }
 
@@ -95,14 +98,14 @@ enum Pending {
     Publish {
         cmd: Bytes,
         retried: bool,
-        want: Option<Slot<Result<Position, Unavailable>>>,
+        want: Option<Oneshot<Result<Position, Unavailable>>>,
         at: Instant,
     },
     Read {
         cmd: Bytes,
         retried: bool,
         q: Query,
-        slot: Slot<Result<ReadResult, Unavailable>>,
+        slot: Oneshot<Result<ReadResult, Unavailable>>,
         at: Instant,
     },
 }
@@ -198,7 +201,7 @@ impl HistLink {
         self.metrics.shard(self.shard)
     }
 
-    fn settings(&self) -> Settings {
+    fn settings(&self) -> HistorySettings {
         self.shared.settings
     }
 
@@ -223,7 +226,7 @@ impl HistLink {
         &self,
         room: &str,
         msg: MessagePrefix,
-        want: Option<Slot<Result<Position, Unavailable>>>,
+        want: Option<Oneshot<Result<Position, Unavailable>>>,
     ) -> Result<(), Unavailable> {
         if let Some(route) = &self.route {
             return self.publish_at_owner(route, room, msg, want);
@@ -260,13 +263,13 @@ impl HistLink {
         route: &Rc<OwnerRoute>,
         room: &str,
         msg: MessagePrefix,
-        want: Option<Slot<Result<Position, Unavailable>>>,
+        want: Option<Oneshot<Result<Position, Unavailable>>>,
     ) -> Result<(), Unavailable> {
         let (meta, log, chan) = self.keys(room);
         let verb: &[u8] = if self.topo.mode.sharded() { b"SPUBLISH" } else { b"PUBLISH" };
         let cand = self.candidate.get();
         let (metrics, shard) = (self.metrics.clone(), self.shard);
-        let done = Box::new(move |r: Result<BytesFrame, crate::bus::Unavailable>| {
+        let done = Box::new(move |r: Result<BytesFrame, crate::protocol::Unavailable>| {
             let pos = match r {
                 Ok(f) => {
                     let pos = parse_position(&f);
@@ -275,7 +278,7 @@ impl HistLink {
                     }
                     pos
                 }
-                Err(crate::bus::Unavailable) => {
+                Err(crate::protocol::Unavailable) => {
                     metrics.shard(shard).history_publish_lost_total.inc();
                     None
                 }
@@ -326,9 +329,9 @@ impl HistLink {
             if q.fence { b"1" } else { b"0" },
         ];
         if let Some(route) = &self.route {
-            let slot = Slot::default();
+            let slot = Oneshot::default();
             let fill = slot.clone();
-            let done = Box::new(move |r: Result<BytesFrame, crate::bus::Unavailable>| {
+            let done = Box::new(move |r: Result<BytesFrame, crate::protocol::Unavailable>| {
                 fill.fill(r.ok().and_then(|f| parse_read(&f, q)).ok_or(Unavailable));
             });
             route.run(Bytes::from(chan), Script::Read, &args, done).map_err(|_| Unavailable)?;
@@ -339,7 +342,7 @@ impl HistLink {
         parts.extend_from_slice(&[b"EVALSHA", sha.as_bytes()]);
         parts.extend_from_slice(&args);
         let cmd = command(&parts);
-        let slot = Slot::default();
+        let slot = Oneshot::default();
         self.queue(cmd.clone(), Pending::Read { cmd, retried: false, q, slot: slot.clone(), at: Instant::now() });
         slot.wait().await
     }
@@ -437,7 +440,7 @@ impl HistLink {
     async fn write_loop(&self, stream: &TcpStream) -> LinkError {
         let fd = stream.as_raw_fd();
         loop {
-            crate::shard::until(&self.writer, || !self.out.borrow().is_empty()).await;
+            crate::rt::until(&self.writer, || !self.out.borrow().is_empty()).await;
             let mut batch = self.out.borrow_mut().split().freeze();
             while !batch.is_empty() {
                 match try_send(fd, &batch) {

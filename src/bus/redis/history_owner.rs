@@ -42,7 +42,7 @@ use redis_protocol::resp2::types::BytesFrame;
 use super::history::{PUBLISH_LUA, READ_LUA};
 use super::publisher::{Publisher, ReplyFn};
 use super::resp;
-use crate::bus::Unavailable;
+use crate::protocol::Unavailable;
 
 /// One of the two scripts.
 #[derive(Clone, Copy)]

@@ -411,7 +411,7 @@ impl InterestQueue {
 
     async fn run(self: Rc<Self>) {
         loop {
-            crate::shard::until(&self.waker, || !self.batch.borrow().is_empty()).await;
+            crate::rt::until(&self.waker, || !self.batch.borrow().is_empty()).await;
             let batch = std::mem::take(&mut *self.batch.borrow_mut());
             self.subs.send(batch);
         }
@@ -498,7 +498,7 @@ impl RedisBus {
         &self,
         target: Target<'_>,
         frame: Bytes,
-        done: crate::history::Slot<bool>,
+        done: crate::rt::Oneshot<bool>,
     ) -> Result<(), Unavailable> {
         let on_reply: publisher::ReplyFn = Box::new(move |r| {
             done.fill(matches!(r, Ok(f) if !matches!(f, redis_protocol::resp2::types::BytesFrame::Error(_))))

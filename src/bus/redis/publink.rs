@@ -38,8 +38,8 @@ use super::cluster::Redirect;
 use super::publisher::{Publisher, ReplyFn};
 use super::topology::{Mode, Node, Topology};
 use super::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Health, Link, LinkError, Retry, resp};
-use crate::bus::Unavailable;
 use crate::metrics::{Metrics, ShardMetrics};
+use crate::protocol::Unavailable;
 
 /// Oldest command unanswered this long: refuse publishes until Redis answers.
 const STALL_AFTER: Duration = Duration::from_secs(1);
@@ -225,7 +225,7 @@ impl NodeLink {
             e = self.write_loop(stream) => e,
             e = self.read_loop(stream, buf) => e,
             e = self.watch() => e,
-            _ = crate::shard::until(&self.retire, || self.retired.get()) => LinkError::Closed,
+            _ = crate::rt::until(&self.retire, || self.retired.get()) => LinkError::Closed,
         }
     }
 
@@ -233,7 +233,7 @@ impl NodeLink {
     async fn write_loop(&self, stream: &TcpStream) -> LinkError {
         let keep = self.topo.mode.sharded();
         loop {
-            crate::shard::until(&self.writer, || !self.out.borrow().is_empty()).await;
+            crate::rt::until(&self.writer, || !self.out.borrow().is_empty()).await;
             let batch = self.out.borrow_mut().split().freeze();
             let now = Instant::now();
             {

@@ -28,8 +28,8 @@ use super::cluster::Redirect;
 use super::publink::{MAX_HOPS, NodeLink};
 use super::topology::{Topology, View};
 use super::{Health, Link, resp};
-use crate::bus::{Target, Unavailable};
 use crate::metrics::Metrics;
+use crate::protocol::{Target, Unavailable};
 
 /// Told the reply to one command: the reply frame (an error reply too), or
 /// `Unavailable` when the command was lost with its connection.

@@ -774,7 +774,7 @@ impl JsonCheck {
         name: &str,
         payload: &[u8],
         max: usize,
-    ) -> Result<Option<crate::history::Position>, Malformed> {
+    ) -> Result<Option<crate::protocol::Position>, Malformed> {
         if payload.len() > max {
             return Err(Malformed::TooLarge);
         }
@@ -792,8 +792,8 @@ impl JsonCheck {
             Kind::User => Ok(None),
             Kind::Room => {
                 let offset = obj.get("offset").and_then(|v| v.as_u64());
-                let epoch = obj.get("epoch").and_then(|v| v.as_str().and_then(crate::history::Epoch::new));
-                Ok(offset.zip(epoch).map(|(offset, epoch)| crate::history::Position { epoch, offset }))
+                let epoch = obj.get("epoch").and_then(|v| v.as_str().and_then(crate::protocol::Epoch::new));
+                Ok(offset.zip(epoch).map(|(offset, epoch)| crate::protocol::Position { epoch, offset }))
             }
         }
     }

@@ -13,7 +13,7 @@ use redis_protocol::resp2::types::BytesFrame;
 use super::LinkError;
 use super::subs::Kind;
 use super::url::RedisUrl;
-use crate::bus::Target;
+use crate::protocol::Target;
 
 /// `PING` as RESP, for the heartbeats.
 pub const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
