@@ -53,7 +53,7 @@ use crate::auth::Grant;
 use crate::http;
 use crate::shard::poller::{Ready, Want};
 use crate::shard::{ConnId, Shard};
-use crate::ws::ProtocolError;
+use crate::ws::{CloseCode, ProtocolError};
 use outbox::Outbox;
 
 /// How long a closing connection may take to flush what it has queued.
@@ -329,7 +329,7 @@ async fn finish(shard: &Rc<Shard>, conn: &Rc<Conn>, stop: Stop) {
         Stop::Protocol(e) => {
             shard.m().protocol_closes_total.inc();
             debug!(shard = shard.id, conn = conn.id, error = ?e, "protocol error");
-            conn.close(shard, e.close_code());
+            conn.close(shard, CloseCode::for_error(*e));
         }
         Stop::Io(_) => return,
         _ => {}

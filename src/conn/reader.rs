@@ -23,8 +23,9 @@ use bytes::{Buf, BytesMut};
 use super::{CLOSE_SENT, Conn, ECHO, KILLED, Mode, POLLED, Stop, limits, ops};
 use crate::shard::Shard;
 use crate::shard::poller::Want;
-use crate::ws::deflate::{self, Agreed, Inflater};
-use crate::ws::{CloseCode, FrameHeader, OpCode, ProtocolError, frame, mask, utf8::Utf8Check};
+use crate::ws::deflate;
+use crate::ws::message::Assembler;
+use crate::ws::{CloseCode, FrameHeader, OpCode, ProtocolError, frame, mask};
 
 /// Size of each shard's receive scratch buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -139,61 +140,18 @@ impl Conn {
     }
 }
 
-/// A text or binary message being reassembled from fragments.
-struct Fragmented {
-    text: bool,
-    /// RSV1 was set on its first frame: `buf` holds the inflated bytes.
-    compressed: bool,
-    buf: Vec<u8>,
-    utf8: Utf8Check,
-}
-
 /// The frame loop's state between reads, kept in `Conn::parked` (boxed)
 /// only while it holds something: an idle connection keeps `None` there.
 #[derive(Default)]
 pub(super) struct Parked {
     /// Bytes of an incomplete frame.
     kept: BytesMut,
-    rx: Rx,
+    rx: Assembler,
 }
 
 impl Parked {
     fn is_empty(&self) -> bool {
-        self.kept.is_empty() && self.rx.frag.is_none() && self.rx.inflater.is_none()
-    }
-}
-
-/// Fragments and the inflater: two pointers, both `None` on an idle
-/// connection unless it keeps a deflate context.
-#[derive(Default)]
-struct Rx {
-    frag: Option<Box<Fragmented>>,
-    /// permessage-deflate: the connection's inflater. With
-    /// `client_no_context_takeover` it is held only while a compressed
-    /// message is being read (lent by the shard, `deflate::take_spare`);
-    /// otherwise it is made at the first compressed message, with the
-    /// negotiated window, and kept (the client may refer back to it).
-    inflater: Option<Box<Inflater>>,
-}
-
-impl Rx {
-    fn inflater(&mut self, agreed: Agreed) -> &mut Inflater {
-        self.inflater.get_or_insert_with(|| {
-            if agreed.client_no_context() {
-                deflate::take_spare()
-            } else {
-                Box::new(Inflater::new(agreed.client_bits()))
-            }
-        })
-    }
-
-    /// A compressed message was read to its end.
-    fn message_inflated(&mut self, agreed: Agreed) {
-        if agreed.client_no_context()
-            && let Some(i) = self.inflater.take()
-        {
-            deflate::put_spare(i);
-        }
+        self.kept.is_empty() && self.rx.is_idle()
     }
 }
 
@@ -206,7 +164,7 @@ pub(super) fn start(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, kept: BytesM
     if mode == Mode::Echo {
         conn.set(ECHO);
     }
-    let mut p = Parked { kept, rx: Rx::default() };
+    let mut p = Parked { kept, rx: Assembler::default() };
     if !p.kept.is_empty() {
         conn.limits.seen(shard.tick());
         let used = frames(shard, conn, mode, &mut p.rx, &mut p.kept[..])?;
@@ -268,7 +226,7 @@ impl Conn {
 
 /// Handles every complete frame at the start of `buf`; returns the bytes
 /// consumed (an incomplete frame is left for the next read).
-fn frames(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, rx: &mut Rx, buf: &mut [u8]) -> Result<usize, Stop> {
+fn frames(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, rx: &mut Assembler, buf: &mut [u8]) -> Result<usize, Stop> {
     let max = shard.cfg.max_message_bytes;
     let deflate = conn.deflate().is_on();
     let mut pos = 0;
@@ -280,7 +238,7 @@ fn frames(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, rx: &mut Rx, buf: &mut
         let Some((h, hl)) = FrameHeader::parse_with(&buf[pos..], deflate).map_err(Stop::Protocol)? else {
             return Ok(pos);
         };
-        let in_progress = rx.frag.as_ref().map_or(0, |f| f.buf.len()) as u64;
+        let in_progress = rx.in_progress() as u64;
         // Checked on the header, before the payload is waited for: an
         // oversized message is never buffered. (A compressed frame is held
         // to the same limit before inflating, and its inflated size after.)
@@ -303,11 +261,10 @@ fn on_frame(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     mode: Mode,
-    rx: &mut Rx,
+    rx: &mut Assembler,
     h: FrameHeader,
     payload: &mut [u8],
 ) -> Result<(), Stop> {
-    use ProtocolError::*;
     let max = shard.cfg.max_message_bytes;
     match h.opcode {
         OpCode::Ping | OpCode::Pong => {
@@ -339,69 +296,15 @@ fn on_frame(
             }
             Err(Stop::Closed)
         }
-        OpCode::Text | OpCode::Binary => {
-            if rx.frag.is_some() {
-                return Err(Stop::Protocol(BadFragmentation));
-            }
-            let text = h.opcode == OpCode::Text;
-            if h.rsv1 {
-                // RSV1 only parses when deflate was negotiated (frame.rs).
-                let agreed = conn.deflate();
-                let mut out = Vec::new();
-                rx.inflater(agreed).inflate(payload, h.fin, &mut out, max).map_err(Stop::Protocol)?;
+        OpCode::Text | OpCode::Binary | OpCode::Continue => {
+            let message = rx.on_data(&h, payload, conn.deflate(), max).map_err(Stop::Protocol)?;
+            // RSV1 marks the first frame of a compressed message (RFC 7692 §6.1).
+            if h.rsv1 && h.opcode != OpCode::Continue {
                 shard.m().deflate_messages_in_total.inc();
-                if h.fin {
-                    rx.message_inflated(agreed);
-                    // UTF-8 is checked on the inflated bytes (RFC 7692 §6.2).
-                    if text && simdutf8::basic::from_utf8(&out).is_err() {
-                        return Err(Stop::Protocol(InvalidUtf8));
-                    }
-                    on_message(shard, conn, mode, text, &mut out);
-                } else {
-                    let mut f = Box::new(Fragmented { text, compressed: true, buf: out, utf8: Utf8Check::default() });
-                    if text && f.utf8.feed(&f.buf).is_err() {
-                        return Err(Stop::Protocol(InvalidUtf8));
-                    }
-                    rx.frag = Some(f);
-                }
-            } else if h.fin {
-                if text && simdutf8::basic::from_utf8(payload).is_err() {
-                    return Err(Stop::Protocol(InvalidUtf8));
-                }
-                on_message(shard, conn, mode, text, payload);
-            } else {
-                let mut f =
-                    Box::new(Fragmented { text, compressed: false, buf: payload.to_vec(), utf8: Utf8Check::default() });
-                if text && f.utf8.feed(&f.buf).is_err() {
-                    return Err(Stop::Protocol(InvalidUtf8));
-                }
-                rx.frag = Some(f);
             }
-            Ok(())
-        }
-        OpCode::Continue => {
-            let Some(f) = rx.frag.as_mut() else {
-                return Err(Stop::Protocol(BadFragmentation));
-            };
-            if f.compressed {
-                let agreed = conn.deflate();
-                let inflater = rx.inflater.get_or_insert_with(|| Box::new(Inflater::new(agreed.client_bits())));
-                inflater.inflate(payload, h.fin, &mut f.buf, max).map_err(Stop::Protocol)?;
-            } else {
-                f.buf.extend_from_slice(payload);
-            }
-            if f.text && f.utf8.feed(&f.buf).is_err() {
-                return Err(Stop::Protocol(InvalidUtf8));
-            }
-            if h.fin {
-                let mut f = rx.frag.take().expect("checked above");
-                if f.compressed {
-                    rx.message_inflated(conn.deflate());
-                }
-                if f.text && !f.utf8.is_complete(&f.buf) {
-                    return Err(Stop::Protocol(InvalidUtf8));
-                }
-                on_message(shard, conn, mode, f.text, &mut f.buf);
+            if let Some(mut m) = message {
+                let text = m.text();
+                on_message(shard, conn, mode, text, m.payload());
             }
             Ok(())
         }

@@ -22,29 +22,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Query, ReadResult, ShardHistory, ring::owner_of};
+use super::types::{Msg, Query, ReadResult, Reply};
+use super::{ShardHistory, ring::owner_of};
 use crate::protocol::event::MessagePrefix;
 use crate::protocol::{Position, Target, Unavailable};
 use crate::rt::Oneshot;
 use crate::shard::{Shard, ShardMsg};
-
-/// What crosses between shards for standalone history.
-#[derive(Debug)]
-pub enum Msg {
-    /// To the owner: assign an offset, store and fan out. `token` (non-zero)
-    /// asks for the position back (`POST /api/publish`).
-    Publish { room: Arc<str>, msg: MessagePrefix, reply_to: usize, token: u64 },
-    /// To the owner: read the room's history.
-    Read { room: Arc<str>, q: Query, reply_to: usize, token: u64 },
-    /// From the owner: the answer to `token`.
-    Reply { token: u64, reply: Reply },
-}
-
-#[derive(Debug)]
-pub enum Reply {
-    Published(Position),
-    Read(ReadResult),
-}
 
 /// What a task on this shard waits for.
 pub(super) enum Waiting {

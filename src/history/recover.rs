@@ -49,8 +49,9 @@ use serde_json::value::RawValue;
 use tracing::debug;
 
 use super::budget::ShardBudget;
-use super::local::{self, Reply, Waiting};
+use super::local::{self, Waiting};
 use super::ring::Rings;
+use super::types::Reply;
 use super::{Entry, Query, ReadResult};
 use crate::bus::Bus;
 use crate::config::HistorySettings;
@@ -647,31 +648,16 @@ fn history_reply(room: &str, r: &ReadResult, id: Option<&str>) -> Bytes {
     event::history(room, &r.pos, &items, id)
 }
 
-/// `POST /api/publish` into a history room: waits for the position and
-/// answers `{"ok":true,"epoch":E,"offset":N}` (§4).
-pub async fn api_publish(
+/// Publishes into a history room and resolves to the message's position
+/// once its store assigned one (`POST /api/publish`, §4 + §7).
+pub async fn publish_positioned(
     shard: &Rc<Shard>,
     h: &ShardHistory,
     room: &str,
     from: &str,
     data: &str,
-) -> crate::http::Reply {
+) -> Result<Position, Unavailable> {
     let slot = Oneshot::default();
-    if h.publish(shard, room, from, data, Some(slot.clone())).is_err() {
-        return unavailable_reply();
-    }
-    match slot.wait().await {
-        Ok(pos) => {
-            let mut body = br#"{"ok":true,"epoch":"#.to_vec();
-            // An epoch is a JSON-safe string once encoded.
-            serde_json::to_writer(&mut body, pos.epoch.as_str()).expect("write to memory");
-            body.extend_from_slice(format!(",\"offset\":{}}}", pos.offset).as_bytes());
-            crate::http::Reply::new(200, "application/json", Bytes::from(body))
-        }
-        Err(Unavailable) => unavailable_reply(),
-    }
-}
-
-fn unavailable_reply() -> crate::http::Reply {
-    crate::http::Reply::new(503, "application/json", Bytes::from_static(br#"{"ok":false,"error":"unavailable"}"#))
+    h.publish(shard, room, from, data, Some(slot.clone()))?;
+    slot.wait().await
 }

@@ -11,8 +11,7 @@ use serde_json::value::RawValue;
 
 use super::Reply;
 use crate::metrics::{self, NodeInfo};
-use crate::protocol::Target;
-use crate::protocol::{event, is_valid_name};
+use crate::protocol::{Position, Target, Unavailable, event, is_valid_name};
 use crate::shard::Shard;
 
 /// The user id that server-side publishes carry as `from` (§4).
@@ -81,7 +80,12 @@ pub async fn publish(shard: &Rc<Shard>, head: &Parts, body: &[u8]) -> Reply {
     let result = match (&req.room, &req.user) {
         (Some(room), None) if is_valid_name(room) => match shard.history() {
             // §4 + §7: the reply carries the message's position.
-            Some(h) => return crate::history::recover::api_publish(shard, h, room, SERVER_USER, data).await,
+            Some(h) => {
+                return match crate::history::recover::publish_positioned(shard, h, room, SERVER_USER, data).await {
+                    Ok(pos) => positioned(pos),
+                    Err(Unavailable) => json(503, r#"{"ok":false,"error":"unavailable"}"#),
+                };
+            }
             // The answer waits until the backplane took the message (with
             // Redis: its reply to the PUBLISH), so that a backend's next
             // call, wherever it lands, comes after it.
@@ -97,6 +101,15 @@ pub async fn publish(shard: &Rc<Shard>, head: &Parts, body: &[u8]) -> Reply {
         Ok(()) => json(200, r#"{"ok":true}"#),
         Err(_) => json(503, r#"{"ok":false,"error":"unavailable"}"#),
     }
+}
+
+/// `{"ok":true,"epoch":E,"offset":N}`: a publish into a history room.
+fn positioned(pos: Position) -> Reply {
+    let mut body = br#"{"ok":true,"epoch":"#.to_vec();
+    // An epoch is a JSON-safe string once encoded.
+    serde_json::to_writer(&mut body, pos.epoch.as_str()).expect("write to memory");
+    body.extend_from_slice(format!(",\"offset\":{}}}", pos.offset).as_bytes());
+    Reply::new(200, "application/json", Bytes::from(body))
 }
 
 fn json(status: u16, body: &'static str) -> Reply {

@@ -103,7 +103,7 @@ pub enum ShardMsg {
     RedisLink { up: bool },
     /// Standalone history: a request to the room's owner shard, or its
     /// answer (`history::local`).
-    History(Box<crate::history::local::Msg>),
+    History(Box<crate::history::types::Msg>),
 }
 
 /// The sending end of one queue into one shard; `Clone + Send`.

@@ -18,6 +18,15 @@ impl CloseCode {
     pub const TOO_BIG: CloseCode = CloseCode(1009);
     pub const INTERNAL: CloseCode = CloseCode(1011);
 
+    /// The code a connection is closed with for a protocol fault.
+    pub fn for_error(e: ProtocolError) -> CloseCode {
+        match e {
+            ProtocolError::InvalidUtf8 | ProtocolError::BadDeflate => CloseCode::INVALID_PAYLOAD,
+            ProtocolError::TooLarge => CloseCode::TOO_BIG,
+            _ => CloseCode::PROTOCOL,
+        }
+    }
+
     /// May a peer send this code in a close frame? 1004-1006 and 1015 are
     /// reserved (§7.4.1), 1016-2999 belong to future revisions and extensions,
     /// 3000-4999 to libraries and applications (§7.4.2).

@@ -26,7 +26,7 @@ impl OpCode {
 }
 
 /// A violation of RFC 6455 by the client. Every variant is the client's
-/// fault; the connection is closed with `close_code()`.
+/// fault; the connection is closed with `CloseCode::for_error`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProtocolError {
     /// RSV1-3 set without a negotiated extension (§5.2).
@@ -53,17 +53,6 @@ pub enum ProtocolError {
     TooLarge,
     /// A compressed message that does not inflate (RFC 7692 §7.2.2).
     BadDeflate,
-}
-
-impl ProtocolError {
-    pub fn close_code(self) -> super::CloseCode {
-        use super::CloseCode;
-        match self {
-            ProtocolError::InvalidUtf8 | ProtocolError::BadDeflate => CloseCode::INVALID_PAYLOAD,
-            ProtocolError::TooLarge => CloseCode::TOO_BIG,
-            _ => CloseCode::PROTOCOL,
-        }
-    }
 }
 
 /// The parsed header of one client frame.

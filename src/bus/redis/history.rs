@@ -48,8 +48,8 @@ use redis_protocol::resp2::decode::decode_bytes_mut;
 use redis_protocol::resp2::types::BytesFrame;
 use tracing::{info, warn};
 
-use super::history_owner::{OwnerRoute, Script};
-use super::publink::{connect_any, next_frame, try_recv, try_send, would_block, write_all};
+use super::history_owner::{OwnerRoute, PUBLISH_LUA, READ_LUA, Script};
+use super::net::{READ_CHUNK, connect_any, next_frame, try_recv, try_send, would_block, write_all};
 use super::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Link, LinkError, RedisUrl, Retry, resp};
 use crate::config::HistorySettings;
 use crate::history::{Entry, Query, ReadResult, offset_of_id};
@@ -57,9 +57,6 @@ use crate::metrics::{Metrics, ShardMetrics};
 use crate::protocol::event::{self, MessagePrefix};
 use crate::protocol::{Epoch, Position, Unavailable};
 use crate::rt::Oneshot;
-
-pub const PUBLISH_LUA: &str = include_str!("scripts/publish.lua");
-pub const READ_LUA: &str = include_str!("scripts/read.lua");
 
 /// Queued (not yet written) bytes beyond which publishes and reads are refused.
 const MAX_QUEUED_BYTES: usize = 8 << 20;
@@ -71,8 +68,6 @@ const MAX_PENDING: usize = 65_536;
 const STALL_AFTER: Duration = Duration::from_secs(1);
 /// How often the watch task looks at the oldest unanswered command.
 const WATCH_TICK: Duration = Duration::from_millis(100);
-/// Bytes read per `recv(2)` (publisher.rs reads this much too).
-const READ_CHUNK: usize = 16 * 1024;
 
 /// Which shards' history connections are up, for `/readyz`.
 pub struct Shared {

@@ -39,10 +39,15 @@ use std::rc::Rc;
 use bytes::{BufMut, Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
 
-use super::history::{PUBLISH_LUA, READ_LUA};
-use super::publisher::{Publisher, ReplyFn};
+use super::net::ReplyFn;
+use super::publisher::Publisher;
 use super::resp;
 use crate::protocol::Unavailable;
+
+/// The history scripts, loaded (`SCRIPT LOAD`) on each primary that owns
+/// rooms and called by hash through `Script`.
+pub const PUBLISH_LUA: &str = include_str!("scripts/publish.lua");
+pub const READ_LUA: &str = include_str!("scripts/read.lua");
 
 /// One of the two scripts.
 #[derive(Clone, Copy)]

@@ -49,6 +49,7 @@
 pub mod cluster;
 pub mod history;
 mod history_owner;
+mod net;
 pub mod publink;
 pub mod publisher;
 pub mod reader;
@@ -500,7 +501,7 @@ impl RedisBus {
         frame: Bytes,
         done: crate::rt::Oneshot<bool>,
     ) -> Result<(), Unavailable> {
-        let on_reply: publisher::ReplyFn = Box::new(move |r| {
+        let on_reply: net::ReplyFn = Box::new(move |r| {
             done.fill(matches!(r, Ok(f) if !matches!(f, redis_protocol::resp2::types::BytesFrame::Error(_))))
         });
         self.publisher.publish(&self.prefix, target, &event::json_of(&frame), Some(on_reply))
@@ -521,7 +522,7 @@ impl RedisBus {
         &self,
         channel: &[u8],
         put: impl FnOnce(&mut bytes::BytesMut),
-        on_reply: Option<publisher::ReplyFn>,
+        on_reply: Option<net::ReplyFn>,
     ) -> Result<(), Unavailable> {
         self.publisher.send_to_owner(channel, put, on_reply)
     }

@@ -22,8 +22,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+
+use std::os::fd::AsRawFd;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::task::Waker;
@@ -35,7 +35,7 @@ use redis_protocol::resp2::types::BytesFrame;
 use tracing::{info, warn};
 
 use super::cluster::Redirect;
-use super::publisher::{Publisher, ReplyFn};
+use super::net::{READ_CHUNK, ReplyFn, connect_any, next_frame, try_recv, would_block, write_all};
 use super::topology::{Mode, Node, Topology};
 use super::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Health, Link, LinkError, Retry, resp};
 use crate::metrics::{Metrics, ShardMetrics};
@@ -49,8 +49,6 @@ const WATCH_TICK: Duration = Duration::from_millis(100);
 const MAX_QUEUED_BYTES: usize = 8 << 20;
 /// Commands queued or unanswered beyond which publishes are refused.
 const MAX_UNANSWERED: usize = 65_536;
-/// Bytes read per `recv(2)`.
-const READ_CHUNK: usize = 16 * 1024;
 /// A command redirected more often than this is given up (lost).
 pub const MAX_HOPS: u8 = 5;
 
@@ -76,7 +74,7 @@ pub struct NodeLink {
     topo: Arc<Topology>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    owner: Weak<Publisher>,
+    owner: Weak<dyn LinkOwner>,
     /// The node is no longer a primary in the view: the task ends.
     retired: Cell<bool>,
     /// Connected and logged in.
@@ -92,6 +90,14 @@ pub struct NodeLink {
     retire: Cell<Option<Waker>>,
 }
 
+/// What a link tells the publisher that owns it (`Publisher`): a command to
+/// send on after a `MOVED`/`ASK`, and that the link's health may have
+/// changed. A trait, so that the link, below the publisher, never names it.
+pub trait LinkOwner {
+    fn redirect(&self, r: &Redirect, cmd: Bytes, hops: u8, on_reply: Option<ReplyFn>);
+    fn update_health(&self);
+}
+
 impl NodeLink {
     pub fn new(
         shard: usize,
@@ -99,7 +105,7 @@ impl NodeLink {
         topo: Arc<Topology>,
         health: Arc<Health>,
         metrics: Arc<Metrics>,
-        owner: Weak<Publisher>,
+        owner: Weak<dyn LinkOwner>,
     ) -> Rc<NodeLink> {
         Rc::new(NodeLink {
             shard,
@@ -370,74 +376,4 @@ impl NodeLink {
             warn!(shard = self.shard, redis = %self.node.name, lost, "publishes lost with the redis connection (delivery is at-most-once)");
         }
     }
-}
-
-// ---- non-blocking I/O on the shard's runtime ------------------------------------
-
-/// Connects to the first of `addrs` that answers, with the socket options
-/// every Redis link of a shard uses (no Nagle; keepalive probes after 5 s of
-/// silence, so a vanished host is noticed even when both sides are idle).
-pub(super) async fn connect_any(addrs: &[std::net::SocketAddr]) -> Result<TcpStream, LinkError> {
-    let mut last = LinkError::Io(io::Error::new(io::ErrorKind::NotFound, "the Redis host has no address"));
-    for &addr in addrs {
-        match TcpStream::connect_addr(addr).await {
-            Ok(stream) => {
-                stream.set_nodelay(true)?;
-                stream.set_tcp_keepalive(Some(Duration::from_secs(5)), Some(Duration::from_secs(1)), Some(3))?;
-                return Ok(stream);
-            }
-            Err(e) => last = e.into(),
-        }
-    }
-    Err(last)
-}
-
-/// Reads until one whole reply is in `buf`, and takes it.
-pub(super) async fn next_frame(stream: &TcpStream, buf: &mut BytesMut) -> Result<BytesFrame, LinkError> {
-    loop {
-        if let Some(frame) = resp::take_frame(buf)? {
-            return Ok(frame);
-        }
-        stream.readable(false).await?;
-        match try_recv(stream.as_raw_fd(), buf) {
-            Ok(0) => return Err(LinkError::Closed),
-            Ok(_) => {}
-            Err(e) if would_block(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-pub(super) fn would_block(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
-}
-
-pub(super) fn try_send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
-    // SAFETY: plain syscall on a descriptor the stream owns, reading from a
-    // slice we borrow for the call.
-    let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-}
-
-/// Reads once into the end of `buf`.
-pub(super) fn try_recv(fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
-    let start = buf.len();
-    buf.resize(start + READ_CHUNK, 0);
-    // SAFETY: plain syscall on a descriptor the stream owns, writing into
-    // initialised memory we borrow exclusively for the call.
-    let n = unsafe { libc::recv(fd, buf[start..].as_mut_ptr().cast(), READ_CHUNK, libc::MSG_DONTWAIT) };
-    let r = if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) };
-    buf.truncate(start + *r.as_ref().unwrap_or(&0));
-    r
-}
-
-pub(super) async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match try_send(stream.as_raw_fd(), data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if would_block(&e) => stream.writable(false).await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

@@ -21,19 +21,15 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use redis_protocol::resp2::types::BytesFrame;
 use tracing::debug;
 
 use super::cluster::Redirect;
-use super::publink::{MAX_HOPS, NodeLink};
+use super::net::ReplyFn;
+use super::publink::{LinkOwner, MAX_HOPS, NodeLink};
 use super::topology::{Topology, View};
 use super::{Health, Link, resp};
 use crate::metrics::Metrics;
 use crate::protocol::{Target, Unavailable};
-
-/// Told the reply to one command: the reply frame (an error reply too), or
-/// `Unavailable` when the command was lost with its connection.
-pub type ReplyFn = Box<dyn FnOnce(Result<BytesFrame, Unavailable>)>;
 
 pub struct Publisher {
     shard: usize,
@@ -191,10 +187,22 @@ impl Publisher {
     }
 }
 
+impl LinkOwner for Publisher {
+    fn redirect(&self, r: &Redirect, cmd: Bytes, hops: u8, on_reply: Option<ReplyFn>) {
+        Publisher::redirect(self, r, cmd, hops, on_reply)
+    }
+
+    fn update_health(&self) {
+        Publisher::update_health(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
+
+    use redis_protocol::resp2::types::BytesFrame;
 
     use super::*;
     use crate::bus::redis::url::Spec;

@@ -19,7 +19,7 @@ use redis_protocol::resp2::types::BytesFrame;
 use tracing::{debug, info};
 
 use super::cluster::{NodeAddr, text};
-use super::topology::{connect, oneshot, read_frame};
+use super::net::{connect, oneshot, read_frame};
 use super::url::HostPort;
 use super::{LinkError, RedisUrl, resp};
 

@@ -20,22 +20,21 @@
 //! becomes ready.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use redis_protocol::resp2::types::BytesFrame;
 use tracing::{info, warn};
 
 use super::cluster::{self, NodeAddr, SLOTS, SlotRange};
+use super::net::{oneshot, resolve};
 use super::url::{HostPort, Spec};
-use super::{LinkError, RedisUrl, resp, sentinel};
+use super::{RedisUrl, sentinel};
 use crate::metrics::Metrics;
 
 /// A cluster's slot map is asked again this often even when nothing failed.
@@ -44,9 +43,6 @@ const CLUSTER_REFRESH: Duration = Duration::from_secs(1);
 const SENTINEL_REFRESH: Duration = Duration::from_secs(2);
 /// A single Redis's name is resolved again at most this often unasked.
 const SINGLE_REFRESH: Duration = Duration::from_secs(30);
-/// A server asked about the topology that has not answered in this long is
-/// passed over for the next one (a paused node must not delay a failover).
-const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Refresh requests closer together than this are served by one refresh.
 const REFRESH_GAP: Duration = Duration::from_millis(100);
 
@@ -444,66 +440,6 @@ fn cluster_view(ranges: Vec<SlotRange>, login: &RedisUrl) -> View {
 fn slot_map(url: &RedisUrl) -> Result<Vec<SlotRange>, String> {
     let reply = oneshot(url, true, &[b"CLUSTER", b"SLOTS"]).map_err(|e| e.to_string())?;
     cluster::parse_slots(&reply, &url.host).map_err(|e| e.0)
-}
-
-fn resolve(host: &str, port: u16) -> Vec<SocketAddr> {
-    (host, port).to_socket_addrs().map(|a| a.collect()).unwrap_or_default()
-}
-
-/// One command on a fresh connection (logged in when `login`); its reply.
-pub(crate) fn oneshot(url: &RedisUrl, login: bool, cmd: &[&[u8]]) -> Result<BytesFrame, LinkError> {
-    let mut sock = connect(url)?;
-    let mut out = BytesMut::new();
-    let mut steps = Vec::new();
-    if login {
-        let (hs, s) = resp::handshake(url, "corecast-topology", false);
-        out = hs;
-        steps = s;
-    }
-    resp::put_command(&mut out, cmd);
-    sock.write_all(&out)?;
-    let mut buf = BytesMut::with_capacity(4096);
-    for step in steps {
-        let reply = read_frame(&mut sock, &mut buf)?;
-        resp::check(step, &reply)?;
-    }
-    read_frame(&mut sock, &mut buf)
-}
-
-/// A blocking connection with the handshake timeouts set.
-pub(crate) fn connect(url: &RedisUrl) -> Result<TcpStream, LinkError> {
-    let addrs = resolve(&url.host, url.port);
-    let mut last = LinkError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, "the host has no address"));
-    for a in &addrs {
-        match TcpStream::connect_timeout(a, ASK_TIMEOUT) {
-            Ok(s) => {
-                s.set_read_timeout(Some(ASK_TIMEOUT))?;
-                s.set_write_timeout(Some(ASK_TIMEOUT))?;
-                s.set_nodelay(true)?;
-                return Ok(s);
-            }
-            Err(e) => last = e.into(),
-        }
-    }
-    Err(last)
-}
-
-/// Reads until one whole frame is in `buf`; takes it.
-pub(crate) fn read_frame(sock: &mut TcpStream, buf: &mut BytesMut) -> Result<BytesFrame, LinkError> {
-    loop {
-        if let Some(f) = resp::take_frame(buf)? {
-            return Ok(f);
-        }
-        let start = buf.len();
-        buf.resize(start + 4096, 0);
-        let r = sock.read(&mut buf[start..]);
-        buf.truncate(start + *r.as_ref().unwrap_or(&0));
-        match r {
-            Ok(0) => return Err(LinkError::Closed),
-            Ok(_) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 #[cfg(test)]
