@@ -244,7 +244,7 @@ shard_metrics! {
     send_batches_total: "counter", "io_uring_enter calls that carried those batched writes.";
     full_sockets: "gauge", "Connections whose socket is full, a writer waiting for it to drain (slow readers not yet caught up or cut off).";
     pongs_coalesced_total: "counter", "Pongs that replaced a waiting, unsent pong instead of being queued (RFC 6455 5.5.3).";
-    inbox_dropped_total: "counter", "Messages for this shard dropped because its inbox was full (see README: inbox policy).";
+    inbox_dropped_total: "counter", "Messages for this shard dropped because its inbox was full (see docs/operations.md: Inbox policy).";
     peer_wakes_total: "counter", "Wakes this shard sent to other shards' inbox tasks: at most one per receiving shard per turn, however many messages it queued there.";
     redis_history_connected: "gauge", "1 while this shard's Redis history connection (--history-size) is up.";
     history_recovered_total: "counter", "Subscribes with since that the room history covered (recovered:true).";
@@ -386,7 +386,7 @@ const SHARDS: (&str, &str) = ("corecast_shards", "Shard threads in this process.
 const DRAINING: (&str, &str) = ("corecast_draining", "1 while the node drains.");
 const INFO: (&str, &str) = ("corecast_info", "Build and runtime information.");
 const BACKLOG: (&str, &str) =
-    ("corecast_inbox_backlog", "Messages waiting in the shard's inbox (bounded; see README: inbox policy).");
+    ("corecast_inbox_backlog", "Messages waiting in the shard's inbox (bounded; see docs/operations.md: Inbox policy).");
 const FDS: (&str, &str) =
     ("corecast_open_fds", "File descriptors the process holds (sockets, listeners, pipes, files).");
 const REDIS_NODE_LINKS: (&str, &str) = (

@@ -189,7 +189,7 @@ fn redis_recovery_replays_exactly_what_followed() {
     let r = RedisServer::start();
     let s = with_redis(&r);
     recovery_replays_exactly_what_followed(&s);
-    // The history is where the README says.
+    // The history is where docs/history.md says.
     assert_eq!(r.cli(&["XLEN", "{cc:room:hist-1}:log"]), SIZE);
     assert_eq!(r.cli(&["HGET", "{cc:room:hist-1}:meta", "offset"]), "23");
     let ttl: i64 = r.cli(&["TTL", "{cc:room:hist-1}:log"]).parse().unwrap();

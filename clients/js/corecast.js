@@ -1,5 +1,5 @@
 // corecast.js: the JavaScript client of corecast (PROTOCOL.md v1.1 plus the
-// `refresh` extension in the project README). A plain ES module with no
+// `refresh` extension in the project's docs/auth.md). A plain ES module with no
 // dependencies and no build step: it runs as is in browsers and in node
 // (node >= 22 has a global WebSocket; node 20 needs --experimental-websocket,
 // or pass any WHATWG-style WebSocket class as `options.WebSocket`).

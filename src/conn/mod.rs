@@ -357,7 +357,7 @@ mod tests {
     /// An idle WebSocket connection is its `Conn` (in an `Rc`) and its table
     /// entries, nothing else (no task, no runtime state): this keeps the
     /// struct in glibc's 176-byte chunk class (152 + the `Rc`'s 16 + the
-    /// chunk header's 8), which `bench/RESULTS.md` "Idle connections without
+    /// chunk header's 8), which `bench/RESULTS-archive.md` "Idle connections without
     /// a task" measures. Growing it costs 16 bytes per idle connection.
     #[test]
     fn an_idle_connection_fits_in_152_bytes() {

@@ -1,5 +1,5 @@
 //! How much history reading a connection and a shard may have going
-//! (PROTOCOL.md §7 leaves the bound to the implementation; README.md says
+//! (PROTOCOL.md §7 leaves the bound to the implementation; docs/history.md says
 //! what it is).
 //!
 //! - Per connection: `conn::limits::ReadBudget`, kept inside `Conn`.

@@ -108,7 +108,7 @@ describe("against one node", () => {
     bob1.on("direct", (m) => got.push(["1", m]));
     bob2.on("direct", (m) => got.push(["2", m]));
     await Promise.all([alice.connect(), bob1.connect(), bob2.connect()]);
-    // README: a send in the first moments after a connect may miss the user
+    // docs/cluster.md: a send in the first moments after a connect may miss the user
     // (no `subscribed` for user channels), so send until both have one.
     await waitFor("both of bob's connections got a direct", async () => {
       await alice.send("bob-d", { hello: "bob" });

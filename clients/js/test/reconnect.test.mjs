@@ -2,7 +2,7 @@
 // reconnect by itself after the node is killed and started again on the
 // same port (every room resubscribed), the `maintenance` delay of a draining
 // node honoured (§5), and JWT refresh before `exp` plus a fresh token on
-// reconnect (README "Expiry and refresh").
+// reconnect (docs/auth.md, "Expiry and refresh").
 // Run: node --experimental-websocket --test test/reconnect.test.mjs (from clients/js).
 
 import assert from "node:assert/strict";
@@ -75,7 +75,7 @@ test("waits out the maintenance delay of a draining node before reconnecting", {
 
   server.proc.kill("SIGTERM");
   const m = await waitFor("maintenance", () => events.find((e) => e.ev === "maintenance"));
-  // PROTOCOL §5 / README: a delay from the first 80% of the 2 s window.
+  // PROTOCOL §5 / docs/operations.md (drain): a delay from the first 80% of the 2 s window.
   assert.ok(m.reconnectInMs >= 0 && m.reconnectInMs <= 2000, `reconnect_in_ms ${m.reconnectInMs}`);
   const closed = await waitFor("the server's 1001", () => events.find((e) => e.ev === "close"));
   assert.equal(closed.code, 1001);

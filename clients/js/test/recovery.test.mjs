@@ -289,7 +289,7 @@ test("a backplane that lost its history is surfaced as a gap", { timeout: 90000 
   await redis.stop();
   redis2 = await startRedis({ port: redis.port });
   // The node may not even have noticed the outage yet, and an accepted
-  // publish can still be lost with a dropping link (README): publish again
+  // publish can still be lost with a dropping link (docs/cluster.md): publish again
   // until one arrives.
   await waitFor("a message after the outage", async () => {
     if (rec.messages.some((m) => m.data === "after")) return true;

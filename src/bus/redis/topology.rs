@@ -80,7 +80,7 @@ pub struct Node {
 }
 
 /// "CRC-64/XZ", the key jump consistent hash spreads channels by over
-/// `redis://a,redis://b,...` (README: a backend publishing directly computes
+/// `redis://a,redis://b,...` (docs/cluster.md, "Several independent Redis servers": a backend publishing directly computes
 /// the same: `jump(crc64_xz(channel), number of servers)`, servers in URL order).
 static CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
 
