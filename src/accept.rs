@@ -76,7 +76,7 @@ pub async fn run(shard: Rc<Shard>, listener: TcpListener, kind: conn::Listener) 
                 pace.took();
                 // We coalesce frames ourselves; Nagle would only add delay.
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(conn::run(shard.clone(), stream, kind));
+                monoio::spawn(crate::session::run(shard.clone(), stream, kind));
             }
             Err(e) if is_fd_limit(&e) => {
                 shard.m().accept_refused_total.inc();

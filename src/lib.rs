@@ -39,5 +39,6 @@ pub mod protocol;
 pub mod rt;
 pub mod server;
 pub mod services;
+pub mod session;
 pub mod shard;
 pub mod ws;

@@ -41,16 +41,14 @@ mod writer;
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::os::fd::{IntoRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use monoio::net::TcpStream;
 use tracing::debug;
 
 use crate::auth::Grant;
-use crate::http;
 use crate::shard::poller::{Ready, Want};
 use crate::shard::{ConnId, Shard};
 use crate::ws::{CloseCode, ProtocolError};
@@ -290,31 +288,11 @@ pub enum Stop {
     Io(io::Error),
 }
 
-/// The connection task: from the first byte of HTTP to the upgrade, after
-/// which the connection has no task (the shard's poller reads it, see
-/// `reader::start`) until its frame loop ends and `end` closes it; or, for
-/// plain HTTP, to the closed socket.
-pub async fn run(shard: Rc<Shard>, stream: TcpStream, listener: Listener) {
-    // Nothing waits on the accepted stream yet: its descriptor is ours.
-    let conn = shard.add_conn(stream.into_raw_fd(), listener);
-    let mut kept = BytesMut::new();
-    // Boxed so that its larger state (request head, timers) is on the heap
-    // only while it runs.
-    let stop = match Box::pin(http::serve(&shard, &conn, &mut kept)).await {
-        Ok(mode) => match reader::start(&shard, &conn, mode, kept) {
-            Ok(()) => return,
-            Err(stop) => stop,
-        },
-        Err(stop) => stop,
-    };
-    end(shard, conn, stop).await
-}
-
-pub(crate) use reader::on_readable;
+pub(crate) use reader::{on_readable, start};
 
 /// The connection's frame loop (or HTTP exchange) is over: closes it and
 /// forgets it.
-async fn end(shard: Rc<Shard>, conn: Rc<Conn>, stop: Stop) {
+pub(crate) async fn end(shard: Rc<Shard>, conn: Rc<Conn>, stop: Stop) {
     debug!(shard = shard.id, conn = conn.id, ?stop, "connection ends");
     Box::pin(finish(&shard, &conn, stop)).await;
     shard.remove_conn(&conn);

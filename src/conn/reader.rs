@@ -160,7 +160,7 @@ impl Parked {
 /// arrive) and hands the connection to the shard's poller
 /// (`shard::poller`), which calls `on_readable` from then on. `Err`: the
 /// frame loop is over already.
-pub(super) fn start(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, kept: BytesMut) -> Result<(), Stop> {
+pub(crate) fn start(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, kept: BytesMut) -> Result<(), Stop> {
     if mode == Mode::Echo {
         conn.set(ECHO);
     }
