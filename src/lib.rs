@@ -23,9 +23,16 @@
 //!    the shard's flusher writes each connection's queue in one `sendmsg`.
 //!
 //! Around them: `config` (flags, env, TOML), `server` (threads, pinning,
-//! signals, drain), `protocol` (ops and events), `metrics`, and `history`
-//! (PROTOCOL.md §7: offsets, epochs, recovery and catch-up; the standalone
-//! rings, with Redis `bus::redis::history`).
+//! signals, drain), `session` (one connection's task: the HTTP phase, then
+//! the hand-off to the shard's poller), `protocol` (ops, events and the wire
+//! values: positions, targets), `auth` (token checks, grants), `rt` (wait
+//! until there is work, a value filled later, yielding), `metrics`,
+//! `history` (PROTOCOL.md §7: offsets, epochs, recovery and catch-up; the
+//! standalone rings, with Redis `bus::redis::history`) and `services` (per
+//! shard, the one owner of what clients and backends ask for).
+//!
+//! The modules form layers that import only downward; `tests/layers.rs`
+//! declares the order and `docs/design.md` explains it.
 
 pub mod accept;
 pub mod auth;

@@ -385,8 +385,10 @@ const LATENCY: (&str, &str) = (
 const SHARDS: (&str, &str) = ("corecast_shards", "Shard threads in this process.");
 const DRAINING: (&str, &str) = ("corecast_draining", "1 while the node drains.");
 const INFO: (&str, &str) = ("corecast_info", "Build and runtime information.");
-const BACKLOG: (&str, &str) =
-    ("corecast_inbox_backlog", "Messages waiting in the shard's inbox (bounded; see docs/operations.md: Inbox policy).");
+const BACKLOG: (&str, &str) = (
+    "corecast_inbox_backlog",
+    "Messages waiting in the shard's inbox (bounded; see docs/operations.md: Inbox policy).",
+);
 const FDS: (&str, &str) =
     ("corecast_open_fds", "File descriptors the process holds (sockets, listeners, pipes, files).");
 const REDIS_NODE_LINKS: (&str, &str) = (

@@ -32,4 +32,3 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, listener: Listener) {
     };
     conn::end(shard, conn, stop).await
 }
-
