@@ -4,6 +4,7 @@
 //! If a shard stops on its own, or a reader panics, `run` fails naming it.
 
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::thread;
 
@@ -17,7 +18,7 @@ use crate::accept;
 use crate::bus::Bus;
 use crate::bus::redis::{self, RedisBus, ShardLink};
 use crate::config::{Config, Driver};
-use crate::conn::Listener;
+use crate::conn::{Listener, ShardIo};
 use crate::metrics::Metrics;
 use crate::shard::inbox::{self, Door};
 use crate::shard::interest;
@@ -182,20 +183,22 @@ fn run_shard(
                 Some(link) => Bus::Redis(RedisBus::start(link)),
                 None => Bus::Local,
             };
-            let shard = match Shard::new(id, cfg2, metrics, Links::new(id, doors, table), bus, driver, inbox) {
-                Ok(s) => s,
+            // Bottom first: the connection runtime, then the fan-out core on it.
+            let io = match ShardIo::new(id, cfg2, metrics, driver) {
+                Ok(io) => Rc::new(io),
                 Err(e) => {
                     let _ = ready.send(Err(anyhow::anyhow!("shard {id}: epoll: {e}")));
                     return;
                 }
             };
-            monoio::spawn(shard.clone().run_flusher());
-            monoio::spawn(shard.clone().run_held());
+            monoio::spawn(io.clone().run_flusher());
+            monoio::spawn(io.clone().run_held());
+            monoio::spawn(io.clone().run_yields());
+            let shard = Shard::new(io, Links::new(id, doors, table), bus, inbox);
             monoio::spawn(shard.clone().run_peer_wakes());
-            monoio::spawn(crate::shard::poller::run(shard.clone()));
+            monoio::spawn(crate::session::run_poller(shard.clone()));
             monoio::spawn(shard.clone().run_inbox());
             monoio::spawn(shard.clone().run_close_reaper());
-            monoio::spawn(shard.clone().run_yields());
             for (l, kind) in bound {
                 monoio::spawn(accept::run(shard.clone(), l, kind));
             }

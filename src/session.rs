@@ -1,21 +1,25 @@
-//! A connection's task, on top of the stages it drives: the HTTP phase
-//! (`http::serve`), then, once upgraded, the hand-off to the shard's poller
-//! (`conn::start`); for plain HTTP, the close. The accept loop spawns one
-//! per accepted socket.
+//! A connection's life, on top of the stages it drives: the HTTP phase
+//! (`http::serve`), the hand-off to the shard's poller (`conn::start`), each
+//! read the poller reports (`conn::on_readable`, with the client's messages
+//! going to the ops in `services::ops`), and the end: the close (`conn::finish`)
+//! and leaving the shard's tables. The accept loop spawns `run` per accepted
+//! socket; the shard runs `run_poller` once.
 
 use std::os::fd::IntoRawFd;
 use std::rc::Rc;
 
 use bytes::BytesMut;
 use monoio::net::TcpStream;
+use tracing::debug;
 
-use crate::conn::{self, Listener};
+use crate::conn::{self, Conn, Listener, Stop};
 use crate::http;
+use crate::services::ops;
 use crate::shard::Shard;
 
 /// The connection task: from the first byte of HTTP to the upgrade, after
 /// which the connection has no task (the shard's poller reads it, see
-/// `conn::start`) until its frame loop ends and `conn::end` closes it; or, for
+/// `run_poller`) until its frame loop ends and `end` closes it; or, for
 /// plain HTTP, to the closed socket.
 pub async fn run(shard: Rc<Shard>, stream: TcpStream, listener: Listener) {
     // Nothing waits on the accepted stream yet: its descriptor is ours.
@@ -24,11 +28,43 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, listener: Listener) {
     // Boxed so that its larger state (request head, timers) is on the heap
     // only while it runs.
     let stop = match Box::pin(http::serve(&shard, &conn, &mut kept)).await {
-        Ok(mode) => match conn::start(&shard, &conn, mode, kept) {
+        Ok(mode) => match conn::start(shard.io(), &conn, mode, kept, &mut on_message(&shard)) {
             Ok(()) => return,
             Err(stop) => stop,
         },
         Err(stop) => stop,
     };
-    conn::end(shard, conn, stop).await
+    end(shard, conn, stop).await
+}
+
+/// The shard's poller task: each connection the kernel reports readable is
+/// looked up in the table (the event's key and descriptor must both match,
+/// so an event never reaches a connection that reused the key) and read
+/// once; one whose frame loop ends there is closed by a task of its own.
+/// The table is not borrowed while the connection runs its ops.
+pub async fn run_poller(shard: Rc<Shard>) {
+    conn::poller::run(&shard, |fd, id| {
+        if let Some(c) = shard.conn(id)
+            && c.fd == fd
+            && c.polled()
+            && let Err(stop) = conn::on_readable(shard.io(), &c, &mut on_message(&shard))
+        {
+            monoio::spawn(end(shard.clone(), c, stop));
+        }
+    })
+    .await
+}
+
+/// Where a client's messages go: the ops, which act on the shard.
+fn on_message(shard: &Rc<Shard>) -> impl FnMut(&Rc<Conn>, bool, &mut [u8]) + '_ {
+    move |conn, text, payload| ops::handle(shard, conn, text, payload)
+}
+
+/// The connection's frame loop (or HTTP exchange) is over: closes it and
+/// forgets it.
+async fn end(shard: Rc<Shard>, conn: Rc<Conn>, stop: Stop) {
+    debug!(shard = shard.id, conn = conn.id, ?stop, "connection ends");
+    Box::pin(conn::finish(&shard, &conn, stop)).await;
+    shard.remove_conn(&conn);
+    conn.release();
 }

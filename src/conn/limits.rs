@@ -18,8 +18,8 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use super::Conn;
+use super::shard_io::ShardIo;
 use crate::protocol::{ErrorCode, event};
-use crate::shard::Shard;
 use crate::ws::CloseCode;
 
 /// Refusals (`rate_limited`) without a full bucket in between before the
@@ -81,7 +81,7 @@ impl ReadBudget {
 
 #[derive(Default)]
 pub(crate) struct Limits {
-    /// Heartbeat tick (`shard::heartbeat::Sweep::now`) of the last bytes
+    /// Heartbeat tick (`ShardIo::tick`) of the last bytes
     /// received; 0 while the socket still speaks HTTP, so the sweep leaves it
     /// to the handshake timeout.
     last_seen: Cell<u32>,
@@ -152,7 +152,7 @@ pub(crate) fn coarse_ms() -> u32 {
 }
 
 /// Counts one inbound op against the connection's rate (`--max-ops-per-sec`).
-pub(super) fn take_op(shard: &Shard, conn: &Conn) -> Verdict {
+pub(crate) fn take_op(shard: &ShardIo, conn: &Conn) -> Verdict {
     match shard.cfg.max_ops_per_sec {
         0 => Verdict::Allow,
         rate => conn.limits.take(rate, coarse_ms()),
@@ -161,7 +161,7 @@ pub(super) fn take_op(shard: &Shard, conn: &Conn) -> Verdict {
 
 /// Counts one inbound control frame (ping or pong) against the same rate:
 /// over it, a ping goes unanswered; sustained, the connection is cut off.
-pub(super) fn take_control(shard: &Shard, conn: &Conn) -> Verdict {
+pub(crate) fn take_control(shard: &ShardIo, conn: &Conn) -> Verdict {
     let v = take_op(shard, conn);
     match v {
         Verdict::Allow => {}
@@ -178,7 +178,7 @@ pub(super) fn take_control(shard: &Shard, conn: &Conn) -> Verdict {
 /// Answers an op refused by `take_op`: `rate_limited` with the op's id, then
 /// for `Verdict::Abuse` a close with 1008 (what the client sends after that
 /// is dropped unread, RFC 6455 §5.5.1).
-pub(super) fn refuse_op(shard: &Shard, conn: &Rc<Conn>, verdict: Verdict, id: Option<&str>) {
+pub(crate) fn refuse_op(shard: &ShardIo, conn: &Rc<Conn>, verdict: Verdict, id: Option<&str>) {
     shard.m().client_errors_total.inc();
     shard.m().rate_limited_total.inc();
     conn.push(shard, event::error(ErrorCode::RateLimited, "too many ops, slow down", id));
@@ -191,7 +191,7 @@ pub(super) fn refuse_op(shard: &Shard, conn: &Rc<Conn>, verdict: Verdict, id: Op
 
 /// Would subscribing `conn` to `room` pass `--max-rooms-per-connection`?
 /// (Subscribing again to a room it is in is not refused.)
-pub(super) fn too_many_rooms(shard: &Shard, conn: &Conn, room: &str) -> bool {
+pub(crate) fn too_many_rooms(shard: &ShardIo, conn: &Conn, room: &str) -> bool {
     let max = shard.cfg.max_rooms_per_connection;
     max != 0 && conn.with_rooms(|rooms| rooms.len() >= max && !rooms.iter().any(|r| &**r == room))
 }

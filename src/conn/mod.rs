@@ -33,10 +33,12 @@
 //! "writable" (a shut socket polls writable), which then sees `GONE` and
 //! ends. No task can wait on a socket that will never drain.
 
+mod flush;
 pub mod limits;
-mod ops;
 pub mod outbox;
+pub mod poller;
 mod reader;
+pub mod shard_io;
 mod writer;
 
 use std::cell::{Cell, RefCell};
@@ -49,10 +51,10 @@ use bytes::BytesMut;
 use tracing::debug;
 
 use crate::auth::Grant;
-use crate::shard::poller::{Ready, Want};
-use crate::shard::{ConnId, Shard};
 use crate::ws::{CloseCode, ProtocolError};
 use outbox::Outbox;
+use poller::{Ready, Want};
+pub use shard_io::{ConnId, ShardIo};
 
 /// How long a closing connection may take to flush what it has queued.
 const FLUSH_ON_CLOSE: Duration = Duration::from_secs(2);
@@ -224,7 +226,7 @@ impl Conn {
     /// a peer with a zero window would otherwise keep the kernel's buffers,
     /// and shutting both directions makes the socket poll readable and
     /// writable, which wakes a parked writer so that it ends.
-    fn release(&self) {
+    pub(crate) fn release(&self) {
         self.set(GONE);
         let unsent = !self.outbox.borrow().is_empty();
         if unsent || self.has(WRITER) {
@@ -256,7 +258,7 @@ impl Conn {
     /// poller: the connection keeps its one descriptor, and a task that
     /// waits on it holds nothing but this future). Dropping it withdraws
     /// the wait.
-    pub(crate) fn ready<'a>(&'a self, shard: &'a Shard, want: Want) -> Ready<'a> {
+    pub(crate) fn ready<'a>(&'a self, shard: &'a ShardIo, want: Want) -> Ready<'a> {
         shard.poller().ready(self, want)
     }
 }
@@ -265,7 +267,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         // SAFETY: the connection owns the descriptor; nothing uses it after.
         unsafe { libc::close(self.fd) };
-        crate::shard::socket_closed();
+        shard_io::socket_closed();
     }
 }
 
@@ -290,19 +292,10 @@ pub enum Stop {
 
 pub(crate) use reader::{on_readable, start};
 
-/// The connection's frame loop (or HTTP exchange) is over: closes it and
-/// forgets it.
-pub(crate) async fn end(shard: Rc<Shard>, conn: Rc<Conn>, stop: Stop) {
-    debug!(shard = shard.id, conn = conn.id, ?stop, "connection ends");
-    Box::pin(finish(&shard, &conn, stop)).await;
-    shard.remove_conn(&conn);
-    conn.release();
-}
-
 /// Ends the connection politely: a protocol error gets its close frame, what
 /// is queued is flushed (briefly), the write side is shut so the client sees
 /// our FIN first, and we linger for its answer before the socket is dropped.
-async fn finish(shard: &Rc<Shard>, conn: &Rc<Conn>, stop: Stop) {
+pub(crate) async fn finish(shard: &ShardIo, conn: &Rc<Conn>, stop: Stop) {
     match &stop {
         Stop::Protocol(e) => {
             shard.m().protocol_closes_total.inc();

@@ -20,9 +20,9 @@ use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 
-use super::{CLOSE_SENT, Conn, ECHO, KILLED, Mode, POLLED, Stop, limits, ops};
-use crate::shard::Shard;
-use crate::shard::poller::Want;
+use super::poller::Want;
+use super::shard_io::ShardIo;
+use super::{CLOSE_SENT, Conn, ECHO, KILLED, Mode, POLLED, Stop, limits};
 use crate::ws::deflate;
 use crate::ws::message::Assembler;
 use crate::ws::{CloseCode, FrameHeader, OpCode, ProtocolError, frame, mask};
@@ -49,7 +49,7 @@ impl Conn {
     /// waits: a request head is usually there as soon as the connection is.
     pub(crate) async fn read_some<F>(
         &self,
-        shard: &Shard,
+        shard: &ShardIo,
         kept: &mut BytesMut,
         deadline: Option<Instant>,
         budget: usize,
@@ -100,7 +100,7 @@ impl Conn {
     /// shard's scratch buffer, without waiting, then `process` over every
     /// unconsumed byte; what it leaves is kept in `kept`. Returns the bytes
     /// read (0: nothing was there).
-    fn recv_once<F>(&self, shard: &Shard, kept: &mut BytesMut, want: usize, process: &mut F) -> Result<usize, Stop>
+    fn recv_once<F>(&self, shard: &ShardIo, kept: &mut BytesMut, want: usize, process: &mut F) -> Result<usize, Stop>
     where
         F: FnMut(&mut [u8]) -> Result<usize, Stop>,
     {
@@ -155,19 +155,31 @@ impl Parked {
     }
 }
 
+/// What a client's complete message is handed to: the connection, whether it
+/// was text, the payload (mutable: the op parser may decode in place).
+pub trait OnMessage: FnMut(&Rc<Conn>, bool, &mut [u8]) {}
+impl<F: FnMut(&Rc<Conn>, bool, &mut [u8])> OnMessage for F {}
+
 /// The connection became a WebSocket serving `mode`: handles the frames
 /// that came in with the upgrade request (now, not when the next bytes
 /// arrive) and hands the connection to the shard's poller
-/// (`shard::poller`), which calls `on_readable` from then on. `Err`: the
-/// frame loop is over already.
-pub(crate) fn start(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, kept: BytesMut) -> Result<(), Stop> {
+/// (`conn::poller`), which has `on_readable` called from then on. `Err`: the
+/// frame loop is over already. Each complete client message goes to
+/// `on_msg` (the ops, above this layer); echo mode answers here.
+pub(crate) fn start<H: OnMessage>(
+    shard: &Rc<ShardIo>,
+    conn: &Rc<Conn>,
+    mode: Mode,
+    kept: BytesMut,
+    on_msg: &mut H,
+) -> Result<(), Stop> {
     if mode == Mode::Echo {
         conn.set(ECHO);
     }
     let mut p = Parked { kept, rx: Assembler::default() };
     if !p.kept.is_empty() {
         conn.limits.seen(shard.tick());
-        let used = frames(shard, conn, mode, &mut p.rx, &mut p.kept[..])?;
+        let used = frames(shard, conn, mode, &mut p.rx, &mut p.kept[..], on_msg)?;
         p.kept.advance(used);
         if p.kept.is_empty() {
             p.kept = BytesMut::new();
@@ -184,9 +196,10 @@ pub(crate) fn start(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, kept: BytesM
 
 /// The poller saw `conn` readable: one read (at most one scratch buffer;
 /// level-triggered readiness brings the rest in the next round), every
-/// complete frame handled. When the frame loop ends here, the connection
-/// leaves the poller and a task closes it (`super::end`).
-pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+/// complete frame handled, each message to `on_msg`. `Err`: the frame loop
+/// ended here; the connection has left the poller and the caller closes it
+/// (`session::end`).
+pub(crate) fn on_readable<H: OnMessage>(shard: &Rc<ShardIo>, conn: &Rc<Conn>, on_msg: &mut H) -> Result<(), Stop> {
     let r = if conn.has(KILLED) {
         Err(Stop::Eof)
     } else {
@@ -196,7 +209,7 @@ pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         let r = conn.recv_once(shard, kept, SCRATCH_BYTES, &mut |buf: &mut [u8]| {
             // Alive (`shard::heartbeat`): one store per read.
             conn.limits.seen(shard.tick());
-            frames(shard, conn, mode, rx, buf)
+            frames(shard, conn, mode, rx, buf, on_msg)
         });
         conn.park(p);
         r
@@ -206,8 +219,9 @@ pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         shard.poller().remove(conn.fd);
         // What a message left half-read no longer matters.
         drop(conn.unpark());
-        monoio::spawn(super::end(shard.clone(), conn.clone(), stop));
+        return Err(stop);
     }
+    Ok(())
 }
 
 impl Conn {
@@ -226,7 +240,14 @@ impl Conn {
 
 /// Handles every complete frame at the start of `buf`; returns the bytes
 /// consumed (an incomplete frame is left for the next read).
-fn frames(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, rx: &mut Assembler, buf: &mut [u8]) -> Result<usize, Stop> {
+fn frames<H: OnMessage>(
+    shard: &Rc<ShardIo>,
+    conn: &Rc<Conn>,
+    mode: Mode,
+    rx: &mut Assembler,
+    buf: &mut [u8],
+    on_msg: &mut H,
+) -> Result<usize, Stop> {
     let max = shard.cfg.max_message_bytes;
     let deflate = conn.deflate().is_on();
     let mut pos = 0;
@@ -252,18 +273,19 @@ fn frames(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, rx: &mut Assembler, bu
         let payload = &mut buf[pos + hl..end];
         mask::unmask(payload, h.mask);
         pos = end;
-        on_frame(shard, conn, mode, rx, h, payload)?;
+        on_frame(shard, conn, mode, rx, h, payload, on_msg)?;
     }
 }
 
 /// Handles one complete, unmasked frame.
-fn on_frame(
-    shard: &Rc<Shard>,
+fn on_frame<H: OnMessage>(
+    shard: &Rc<ShardIo>,
     conn: &Rc<Conn>,
     mode: Mode,
     rx: &mut Assembler,
     h: FrameHeader,
     payload: &mut [u8],
+    on_msg: &mut H,
 ) -> Result<(), Stop> {
     let max = shard.cfg.max_message_bytes;
     match h.opcode {
@@ -304,7 +326,7 @@ fn on_frame(
             }
             if let Some(mut m) = message {
                 let text = m.text();
-                on_message(shard, conn, mode, text, m.payload());
+                on_message(shard, conn, mode, text, m.payload(), on_msg);
             }
             Ok(())
         }
@@ -312,7 +334,14 @@ fn on_frame(
 }
 
 /// One complete message from the client.
-fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, text: bool, payload: &mut [u8]) {
+fn on_message<H: OnMessage>(
+    shard: &Rc<ShardIo>,
+    conn: &Rc<Conn>,
+    mode: Mode,
+    text: bool,
+    payload: &mut [u8],
+    on_msg: &mut H,
+) {
     shard.m().messages_in_total.inc();
     // After sending a Close frame, the endpoint MUST NOT send any more data
     // frames (RFC 6455 §5.5.1): what arrives meanwhile is dropped.
@@ -340,6 +369,6 @@ fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, mode: Mode, text: bool, payloa
                 }
             }
         }
-        Mode::Client => ops::handle(shard, conn, text, payload),
+        Mode::Client => on_msg(conn, text, payload),
     }
 }

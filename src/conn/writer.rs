@@ -18,9 +18,9 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::outbox::Flush;
+use super::poller::Want;
+use super::shard_io::ShardIo;
 use super::{CLOSE_SENT, Conn, DIRTY, GONE, KILLED, SENDING, WRITER};
-use crate::shard::Shard;
-use crate::shard::poller::Want;
 use crate::ws::{self, CloseCode};
 
 /// While another task owns the socket's writes, `flush_for` looks again
@@ -32,7 +32,7 @@ impl Conn {
     /// client whose queue would pass the configured limit is cut off with
     /// 1008 instead: fan-out never waits on one client. Returns whether the
     /// frame was queued.
-    pub fn push(self: &Rc<Self>, shard: &Shard, frame: Bytes) -> bool {
+    pub fn push(self: &Rc<Self>, shard: &ShardIo, frame: Bytes) -> bool {
         if self.has(CLOSE_SENT | KILLED) || !self.fits(shard, frame.len()) {
             return false;
         }
@@ -42,7 +42,7 @@ impl Conn {
 
     /// Would `len` more bytes stay within `--outbound-queue-bytes`? If not,
     /// the client is cut off (counted as a slow consumer).
-    fn fits(self: &Rc<Self>, shard: &Shard, len: usize) -> bool {
+    fn fits(self: &Rc<Self>, shard: &ShardIo, len: usize) -> bool {
         if self.outbox.borrow().queued() + len <= shard.cfg.outbound_queue_bytes {
             return true;
         }
@@ -56,7 +56,7 @@ impl Conn {
     /// does, the socket gets a chance to take it first (a reading client gets
     /// a pong per ping), and if it still waits, this pong's payload replaces
     /// its own (RFC 6455 §5.5.3), so a ping flood queues 125 bytes at most.
-    pub fn pong(self: &Rc<Self>, shard: &Rc<Shard>, frame: Bytes) {
+    pub fn pong(self: &Rc<Self>, shard: &Rc<ShardIo>, frame: Bytes) {
         if self.has(CLOSE_SENT | KILLED) {
             return;
         }
@@ -78,13 +78,13 @@ impl Conn {
         self.mark_dirty(shard);
     }
 
-    fn enqueue(self: &Rc<Self>, shard: &Shard, frame: Bytes) {
+    fn enqueue(self: &Rc<Self>, shard: &ShardIo, frame: Bytes) {
         shard.m().messages_out_total.inc();
         self.outbox.borrow_mut().push(frame);
         self.mark_dirty(shard);
     }
 
-    fn mark_dirty(self: &Rc<Self>, shard: &Shard) {
+    fn mark_dirty(self: &Rc<Self>, shard: &ShardIo) {
         if !self.has(DIRTY) {
             self.set(DIRTY);
             shard.mark_dirty(self.clone());
@@ -94,7 +94,7 @@ impl Conn {
     /// Starts the closing handshake from our side (§7.1.2): the close frame
     /// goes after what is queued; the reader waits for the client's answer,
     /// and the shard's close reaper cuts it off after `CLOSE_TIMEOUT`.
-    pub fn close(self: &Rc<Self>, shard: &Shard, code: CloseCode) {
+    pub fn close(self: &Rc<Self>, shard: &ShardIo, code: CloseCode) {
         if !self.has(CLOSE_SENT | KILLED) {
             // A close frame is at most 125 bytes: it is queued even past the
             // limit, so that the client learns why.
@@ -107,7 +107,7 @@ impl Conn {
     /// Cuts the connection off now: drops what has not started to go out,
     /// queues a close frame, and wakes the reader (shutdown of the read side
     /// makes the socket readable) so that it ends the connection.
-    pub fn kill(self: &Rc<Self>, shard: &Shard, code: CloseCode) {
+    pub fn kill(self: &Rc<Self>, shard: &ShardIo, code: CloseCode) {
         if self.has(KILLED) {
             return;
         }
@@ -122,7 +122,7 @@ impl Conn {
 
     /// Writes what is queued; called by the flusher. A full socket gets a
     /// writer task; a broken one gets killed.
-    pub fn flush(self: &Rc<Self>, shard: &Rc<Shard>) {
+    pub fn flush(self: &Rc<Self>, shard: &Rc<ShardIo>) {
         self.clear(DIRTY);
         if self.has(WRITER | GONE) {
             return;
@@ -134,7 +134,7 @@ impl Conn {
         }
     }
 
-    fn wait_writable(self: &Rc<Self>, shard: &Rc<Shard>) {
+    fn wait_writable(self: &Rc<Self>, shard: &Rc<ShardIo>) {
         self.set(WRITER);
         shard.m().full_sockets.inc();
         monoio::spawn(Conn::run_writer(self.clone(), shard.clone()));
@@ -163,7 +163,7 @@ impl Conn {
 
     /// The result of a batched send prepared by `prepare_send`: bytes
     /// written, or a negated errno.
-    pub(crate) fn sent(self: &Rc<Self>, shard: &Rc<Shard>, res: i32, want: usize) {
+    pub(crate) fn sent(self: &Rc<Self>, shard: &Rc<ShardIo>, res: i32, want: usize) {
         self.clear(SENDING);
         if res >= 0 {
             shard.m().bytes_out_total.add(res as u64);
@@ -183,7 +183,7 @@ impl Conn {
         }
     }
 
-    fn try_write(&self, shard: &Shard) -> io::Result<Flush> {
+    fn try_write(&self, shard: &ShardIo) -> io::Result<Flush> {
         let (n, calls, st) = self.outbox.borrow_mut().try_flush(self.fd)?;
         shard.m().bytes_out_total.add(n as u64);
         shard.m().socket_writes_total.add(calls as u64);
@@ -193,7 +193,7 @@ impl Conn {
     /// Waits for a full socket to drain, then writes the rest. Ends when
     /// everything is written, on a write error, or once the connection is
     /// `GONE` (`Conn::release` resets the socket, which wakes this wait).
-    async fn run_writer(self: Rc<Self>, shard: Rc<Shard>) {
+    async fn run_writer(self: Rc<Self>, shard: Rc<ShardIo>) {
         loop {
             if self.ready(&shard, Want::Write).await.is_err() {
                 // The socket could not be watched (epoll_ctl: ENOMEM,
@@ -220,7 +220,7 @@ impl Conn {
     /// Writes what is queued until `deadline`; returns whether everything
     /// went out. Takes the socket's writes for itself (`WRITER`) while it
     /// waits; if a writer task already has them, lets it work and watches.
-    pub(crate) async fn flush_for(self: &Rc<Self>, shard: &Shard, deadline: Instant) -> bool {
+    pub(crate) async fn flush_for(self: &Rc<Self>, shard: &ShardIo, deadline: Instant) -> bool {
         loop {
             if self.outbox.borrow().is_empty() {
                 return true;

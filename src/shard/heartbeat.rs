@@ -2,7 +2,7 @@
 //!
 //! One task per shard, not a timer per connection. The sweep ticks
 //! `TICKS_PER_INTERVAL` times per interval; each tick advances the shard's
-//! coarse clock (`Sweep::now`, in ticks) and walks the next slice of the
+//! coarse clock (`ShardIo::tick`, in ticks) and walks the next slice of the
 //! connection slab (a round-robin cursor), sized so that every connection is
 //! visited `VISITS_PER_INTERVAL` times per interval, at O(1) cost per visit.
 //! The read path only stores the current tick into `Conn::limits` when bytes
@@ -35,26 +35,12 @@ pub const VISITS_PER_INTERVAL: u32 = 2;
 /// An unmasked ping frame with an empty payload (RFC 6455 §5.5.2).
 static PING: [u8; 2] = [0x89, 0x00];
 
-/// The shard's heartbeat clock and cursor.
+/// Where the heartbeat sweep is in the slab (its clock is the shard's
+/// `ShardIo::tick`, which the read path stamps on connections).
+#[derive(Default)]
 pub struct Sweep {
-    /// Ticks since the shard started, from 1 (0 marks "not a WebSocket").
-    now: Cell<u32>,
     /// Next slab index the sweep visits.
     cursor: Cell<usize>,
-}
-
-impl Default for Sweep {
-    fn default() -> Sweep {
-        Sweep { now: Cell::new(1), cursor: Cell::new(0) }
-    }
-}
-
-impl Sweep {
-    /// The current tick: what the read path stamps on a connection.
-    #[inline]
-    pub fn now(&self) -> u32 {
-        self.now.get()
-    }
 }
 
 /// The sweep task; returns at once when heartbeats are off.
@@ -67,8 +53,7 @@ pub async fn run(shard: Rc<Shard>) {
     timer.tick().await; // the first tick is immediate
     loop {
         timer.tick().await;
-        let now = shard.sweep.now.get().wrapping_add(1).max(1);
-        shard.sweep.now.set(now);
+        let now = shard.advance_tick();
         sweep_slice(&shard, now);
     }
 }

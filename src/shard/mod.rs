@@ -1,6 +1,7 @@
-//! ⑤ ⑧ ⑨ One shard: a thread pinned to one core, its monoio runtime, and
-//! everything it owns — its connections, its room and user tables, the list
-//! of connections with frames to flush, and its inbox.
+//! ⑤ ⑧ ⑨ The fan-out core of one shard (a thread pinned to one core, with its
+//! monoio runtime): its connection table, its room and user tables, fan-out,
+//! drain and its inbox. It is built on the shard's connection runtime
+//! (`conn::ShardIo`: clock, poller, dirty list, flusher), which it derefs to.
 //!
 //! `Shard` is `!Send`: it is shared between the shard's tasks as `Rc<Shard>`
 //! with `RefCell`/`Cell` fields, never borrowed across an `.await`. The only
@@ -20,32 +21,31 @@
 //! The tables (`conns`, `rooms`, `users`) are borrowed while the shard walks
 //! them: fan-out in `deliver`, the heartbeat sweep, the token-expiry sweep,
 //! drain planning. While one is borrowed, only these `Conn` calls may run:
-//! `push`, `pong`, `close`, `kill` (and `flush`). They touch the
-//! connection's own cells, the shard's `dirty` and `closing` lists and the
-//! socket (a `kill` only shuts the read side), never a table. Everything that
+//! `push`, `pong`, `close`, `kill` (and `flush`). They receive the shard's
+//! `&ShardIo`, which has no table: they touch the connection's own cells,
+//! the runtime's `dirty` and `closing` lists and the socket (a `kill` only
+//! shuts the read side), and the types keep them from reaching a table. Everything that
 //! changes membership — `add_conn`, `remove_conn`, `subscribe`,
 //! `unsubscribe`, `upgraded` — borrows a table mutably and must never be
 //! reached from inside such a walk: a connection that is cut off leaves the
 //! tables later, outside any borrow — its shut read side makes the poller
-//! (`poller.rs`) report it in its next round, and the task that closes it
-//! (`conn::end`) removes it. The poller itself calls into a connection
-//! (`conn::on_readable`, which may subscribe, publish, deliver) holding no
-//! borrow: it clones the `Rc<Conn>` out of the table first. `tests/hostile.rs` pins this by killing connections from inside a
-//! fan-out and a heartbeat sweep (a broken contract panics the shard).
+//! (`conn::poller`) report it in its next round, and the task that closes it
+//! (`session::end`) removes it. The poller's dispatch (`session::run_poller`)
+//! calls into a connection (`conn::on_readable`, whose messages go to the
+//! ops, which may subscribe, publish, deliver) holding no borrow: it clones
+//! the `Rc<Conn>` out of the table first. `tests/hostile.rs` pins this by
+//! killing connections from inside a fan-out and a heartbeat sweep (a broken
+//! contract panics the shard).
 //! No borrow is ever held across an `.await`.
 
-mod flush;
 pub mod heartbeat;
 pub mod inbox;
 pub mod interest;
 mod peers;
-pub mod poller;
 pub mod rooms;
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
-use std::sync::Arc;
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
@@ -58,134 +58,70 @@ pub use peers::Links;
 use rooms::{RoomTable, UserTable};
 
 use crate::bus::Bus;
-use crate::config::Config;
-use crate::conn::{self, Conn, Listener};
-use crate::metrics::{Metrics, ShardMetrics};
+use crate::conn::{Conn, Listener, ShardIo};
 use crate::protocol::{Target, Unavailable, event};
 use crate::rt::until;
 use crate::ws::CloseCode;
 
-/// A connection's key in its shard's table.
-pub type ConnId = u32;
+pub use crate::conn::ConnId;
 
 /// Inbox messages handled before the inbox task yields to the others.
 const INBOX_BATCH: usize = 256;
 
 pub struct Shard {
-    pub id: usize,
-    pub cfg: Arc<Config>,
-    pub metrics: Arc<Metrics>,
-    /// Which monoio driver runs this shard ("io_uring" or "epoll").
-    pub driver: &'static str,
+    /// The connection runtime this shard's connections get (`conn::ShardIo`):
+    /// id, config, counters, clock, poller, dirty list, close queue. `Shard`
+    /// derefs to it.
+    io: Rc<ShardIo>,
     /// Its queues into the other shards, the interest table, owed wakes.
     links: Links,
     bus: Bus,
     conns: RefCell<Slab<Rc<Conn>>>,
     rooms: RefCell<RoomTable>,
     users: RefCell<UserTable>,
-    /// Connections with queued frames, each once (`Conn::mark_dirty`).
-    dirty: RefCell<Vec<Rc<Conn>>>,
-    /// Dirty connections the flusher holds back (`--write-delay-ms`), still
-    /// marked dirty; `flush::run_held` hands them back after the delay.
-    held: RefCell<Vec<Rc<Conn>>>,
-    /// Wakes the hold timer task when `held` becomes non-empty.
-    held_waker: Cell<Option<Waker>>,
-    /// The shard's clock origin (`Shard::ms`).
-    started: Instant,
-    /// Wakes the flusher task when `dirty` becomes non-empty.
-    flusher: Cell<Option<Waker>>,
     draining: Cell<bool>,
     /// Wakes the shard's main future when draining starts and when the last
     /// WebSocket connection leaves during a drain.
     drain_waker: Cell<Option<Waker>>,
-    /// The heartbeat clock and cursor (`heartbeat::run`).
+    /// The heartbeat cursor (`heartbeat::run`).
     sweep: heartbeat::Sweep,
-    /// Connections we sent a close frame to, oldest first, with the time by
-    /// which their answer must have come (`run_close_reaper`). One entry per
-    /// close, and the timeout is the same for all, so the queue is in
-    /// deadline order.
-    closing: RefCell<VecDeque<(Instant, Weak<Conn>)>>,
-    /// Wakes the close reaper when `closing` becomes non-empty.
-    reaper: Cell<Option<Waker>>,
-    /// Tasks that yielded (`yield_now`), woken by `run_yields`.
-    yielder: crate::rt::Yielder,
     /// Room history (PROTOCOL.md §7) when `--history-size` > 0.
     history: Option<crate::history::ShardHistory>,
-    /// Readiness of every connection a task or the frame loop waits on (`poller.rs`).
-    poller: poller::Poller,
     /// Every queue into this shard (`inbox.rs`), drained by `run_inbox`.
     inbox: Inbox,
 }
 
-thread_local! {
-    /// This thread's shard's `corecast_sockets` gauge, for `Conn`'s `Drop`
-    /// (a `Conn` never leaves its shard's thread). Set by `Shard::new`.
-    static SOCKETS: Cell<Option<&'static crate::metrics::Counter>> = const { Cell::new(None) };
-}
+impl std::ops::Deref for Shard {
+    type Target = ShardIo;
 
-/// A connection's socket was closed (`Conn`'s `Drop`): one fewer in
-/// `corecast_sockets`.
-pub(crate) fn socket_closed() {
-    let _ = SOCKETS.try_with(|g| {
-        if let Some(g) = g.get() {
-            g.sub(1)
-        }
-    });
+    /// The fan-out core is built on its connection runtime: a `&Shard` is
+    /// accepted wherever a connection's `&ShardIo` is.
+    fn deref(&self) -> &ShardIo {
+        &self.io
+    }
 }
 
 impl Shard {
-    pub fn new(
-        id: usize,
-        cfg: Arc<Config>,
-        metrics: Arc<Metrics>,
-        links: Links,
-        bus: Bus,
-        driver: &'static str,
-        inbox: Inbox,
-    ) -> std::io::Result<Rc<Shard>> {
-        // Must be made on the shard's thread, inside its runtime.
-        let poller = poller::Poller::new()?;
-        // Leaked once per shard thread so that `Conn`'s `Drop` reaches the
-        // gauge without a pointer in every connection.
-        let leaked: &'static Arc<Metrics> = Box::leak(Box::new(metrics.clone()));
-        SOCKETS.with(|g| g.set(Some(&leaked.shard(id).sockets)));
-        let cfg_history = cfg.history;
-        Ok(Rc::new(Shard {
-            id,
-            cfg,
-            metrics,
-            driver,
+    pub fn new(io: Rc<ShardIo>, links: Links, bus: Bus, inbox: Inbox) -> Rc<Shard> {
+        let history = io.cfg.history.map(|h| crate::history::ShardHistory::new(h, crate::protocol::Epoch::node()));
+        Rc::new(Shard {
+            io,
             links,
             bus,
             conns: RefCell::new(Slab::new()),
             rooms: RefCell::default(),
             users: RefCell::default(),
-            dirty: RefCell::default(),
-            held: RefCell::default(),
-            held_waker: Cell::new(None),
-            started: Instant::now(),
-            flusher: Cell::new(None),
             draining: Cell::new(false),
             drain_waker: Cell::new(None),
             sweep: heartbeat::Sweep::default(),
-            closing: RefCell::default(),
-            reaper: Cell::new(None),
-            yielder: crate::rt::Yielder::default(),
-            history: cfg_history.map(|h| crate::history::ShardHistory::new(h, crate::protocol::Epoch::node())),
-            poller,
+            history,
             inbox,
-        }))
+        })
     }
 
-    /// This shard's counters.
-    #[inline]
-    pub fn m(&self) -> &ShardMetrics {
-        self.metrics.shard(self.id)
-    }
-
-    /// The readiness poller of this shard's WebSocket connections.
-    pub(crate) fn poller(&self) -> &poller::Poller {
-        &self.poller
+    /// The connection runtime, for the tasks that keep it (`Rc`).
+    pub fn io(&self) -> &Rc<ShardIo> {
+        &self.io
     }
 
     /// This shard's inbox (for `bus::local`'s ordering of its own publishes).
@@ -237,12 +173,6 @@ impl Shard {
         conn
     }
 
-    /// The current heartbeat tick, stamped on a connection when bytes arrive.
-    #[inline]
-    pub fn tick(&self) -> u32 {
-        self.sweep.now()
-    }
-
     /// Takes one of the node's `--max-connections` places, if one is free.
     /// A place taken here is given back by `remove_conn` once the connection
     /// has a user (`upgraded`), so call this right before `upgraded`.
@@ -262,7 +192,7 @@ impl Shard {
 
     /// The connection finished its WebSocket handshake as `user`.
     pub fn upgraded(&self, conn: &Rc<Conn>, user: Rc<str>) {
-        conn.limits.seen(self.sweep.now());
+        conn.limits.seen(self.tick());
         let first = self.users.borrow_mut().add(&user, conn.id);
         conn.set_user(user.clone());
         if first {
@@ -416,64 +346,22 @@ impl Shard {
         c.push(self, f.clone());
     }
 
-    /// Called by `Conn` when it gets its first frame since the last flush.
-    pub(crate) fn mark_dirty(&self, conn: Rc<Conn>) {
-        let mut dirty = self.dirty.borrow_mut();
-        if dirty.is_empty()
-            && let Some(w) = self.flusher.take()
-        {
-            w.wake();
-        }
-        dirty.push(conn);
-    }
-
-    /// Lets every other ready task on this shard run first (`rt::Yielder`).
-    pub(crate) async fn yield_now(&self) {
-        self.yielder.yield_now().await
-    }
-
-    /// The yield task (`rt::Yielder::run`).
-    pub async fn run_yields(self: Rc<Self>) {
-        self.yielder.run().await
-    }
-
     // ---- closing handshakes ----------------------------------------------------
-
-    /// `conn` was sent a close frame: if it has not answered (and gone) by
-    /// `CLOSE_TIMEOUT` from now, the close reaper cuts it off.
-    pub(crate) fn watch_close(&self, conn: &Rc<Conn>) {
-        let mut closing = self.closing.borrow_mut();
-        if closing.is_empty()
-            && let Some(w) = self.reaper.take()
-        {
-            w.wake();
-        }
-        closing.push_back((Instant::now() + conn::CLOSE_TIMEOUT, Rc::downgrade(conn)));
-    }
 
     /// The close reaper: kills each connection whose closing handshake is
     /// overdue (a client that keeps sending but never answers our close),
     /// so that it is gone in bounded time whatever the peer does.
     pub async fn run_close_reaper(self: Rc<Self>) {
         loop {
-            until(&self.reaper, || !self.closing.borrow().is_empty()).await;
-            let next = self.closing.borrow().front().map(|(at, _)| *at);
-            if let Some(at) = next {
+            self.io.closes_pending().await;
+            if let Some(at) = self.io.next_close_due() {
                 let now = Instant::now();
                 if at > now {
                     monoio::time::sleep(at - now).await;
                 }
             }
             let now = Instant::now();
-            loop {
-                let due = {
-                    let mut closing = self.closing.borrow_mut();
-                    match closing.front() {
-                        Some((at, _)) if *at <= now => closing.pop_front(),
-                        _ => None,
-                    }
-                };
-                let Some((_, conn)) = due else { break };
+            while let Some(conn) = self.io.take_due_close(now) {
                 if let Some(conn) = conn.upgrade()
                     && self.has_conn(&conn)
                 {

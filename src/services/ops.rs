@@ -2,14 +2,14 @@
 
 use std::rc::Rc;
 
-use super::{Conn, limits};
-use crate::protocol::Target;
-use crate::protocol::{ClientOp, ErrorCode, event};
-use crate::services::expiry;
+use super::expiry;
+use crate::conn::{Conn, limits};
+use crate::protocol::{ClientOp, ErrorCode, Target, event};
 use crate::shard::Shard;
 
-pub(super) fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
-    // An expired token ends the connection whatever the op (`auth.rs`).
+/// One complete client message (the frame loop's `OnMessage`).
+pub fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
+    // An expired token ends the connection whatever the op (`services::expiry`).
     if expiry::check_expiry(shard, conn) {
         return;
     }

@@ -1,6 +1,6 @@
-//! ⑤ The shard's flusher: the dirty list → the sockets, once per turn.
+//! ④ The shard's flusher: the dirty list → the sockets, once per turn.
 //!
-//! In: the connections that got frames since the last pass (`Shard::dirty`,
+//! In: the connections that got frames since the last pass (`ShardIo::dirty`,
 //! filled by `Conn::push` through `mark_dirty`). Out: their queued frames
 //! written without blocking. On the io_uring driver a pass becomes one
 //! `io_uring_enter` for up to `BATCH` connections: a `SENDMSG` request per
@@ -33,9 +33,9 @@ use std::rc::Rc;
 use io_uring::{IoUring, opcode, types};
 use tracing::{debug, warn};
 
-use super::Shard;
-use crate::conn::Conn;
-use crate::conn::outbox::{EMPTY_IOV, SEND_FLAGS};
+use super::Conn;
+use super::outbox::{EMPTY_IOV, SEND_FLAGS};
+use super::shard_io::ShardIo;
 use crate::rt::until;
 
 /// Connections per pass (and per `io_uring_enter`); a power of two (ring size).
@@ -73,7 +73,7 @@ impl Batcher {
     }
 
     /// Writes out `conns` (at most `BATCH`) in one submission.
-    fn flush(&mut self, shard: &Rc<Shard>, conns: &[Rc<Conn>]) {
+    fn flush(&mut self, shard: &Rc<ShardIo>, conns: &[Rc<Conn>]) {
         debug_assert!(conns.len() <= BATCH);
         let mut queued = 0usize;
         let mut sq = self.ring.submission();
@@ -114,7 +114,7 @@ impl Batcher {
 
     /// Enters the kernel once for the `n` queued requests and hands every
     /// completion to its connection.
-    fn complete(&mut self, shard: &Rc<Shard>, conns: &[Rc<Conn>], n: usize) {
+    fn complete(&mut self, shard: &Rc<ShardIo>, conns: &[Rc<Conn>], n: usize) {
         if n == 0 {
             return;
         }
@@ -146,7 +146,7 @@ impl Batcher {
     }
 }
 
-impl Shard {
+impl ShardIo {
     /// The flusher task (see the module docs).
     pub async fn run_flusher(self: Rc<Self>) {
         let mut batcher = if self.driver == "io_uring" && self.cfg.batched_sends {

@@ -1,13 +1,14 @@
-//! ⑤ The shard's readiness poller: which connections have bytes to read or
+//! ④ The shard's readiness poller: which connections have bytes to read or
 //! room to write, for all of them at once.
 //!
 //! In: every upgraded WebSocket connection's descriptor, registered once by
 //! `conn::reader::start` (`add`) and removed when its frame loop ends
 //! (`remove`); and, for as long as a task waits on a socket (the HTTP phase,
 //! a full socket's writer, the closing flush and linger), that wait
-//! (`Poller::ready`). Out: `conn::reader::on_readable` for each connection in
-//! its frame loop the kernel reports readable, which reads once (at most one
-//! scratch buffer) and handles the frames; and a wake-up for each waiting
+//! (`Poller::ready`). Out: each connection in its frame loop the kernel
+//! reports readable, handed to the caller of `run` (`session::run_poller`,
+//! which looks it up and calls `conn::reader::on_readable`: one read of at
+//! most one scratch buffer, then the frames); and a wake-up for each waiting
 //! task whose socket became ready.
 //!
 //! A WebSocket connection therefore has no task of its own: between reads it
@@ -36,7 +37,7 @@
 //! is ever read from or written to it.
 //!
 //! An event carries the connection's slab key and its descriptor; the
-//! poller checks both against the table, so an event can never reach a
+//! dispatch (`session::run_poller`) checks both against the table, so an event can never reach a
 //! different connection that reused the key. Waits are keyed by the
 //! descriptor, which stays open (and so unique) while a task waits on it:
 //! the waiting task holds the `Conn` that owns it.
@@ -54,13 +55,12 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::pin::Pin;
-use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use tracing::warn;
 
-use super::{ConnId, Shard};
-use crate::conn::Conn;
+use super::shard_io::ShardIo;
+use super::{Conn, ConnId};
 
 /// Ready connections one `epoll_wait` returns at most (then the poller yields).
 const EVENTS: usize = 256;
@@ -330,13 +330,17 @@ impl Drop for Ready<'_> {
 /// The poller task: waits until some connection is ready, then wakes every
 /// task whose wait the events end and hands every ready connection in its
 /// frame loop its turn, `EVENTS` at a time.
-pub async fn run(shard: Rc<Shard>) {
-    let poller = shard.poller();
+/// The poller task: waits for readiness, wakes the tasks that wait on a
+/// socket, and hands each connection in its frame loop that the kernel
+/// reports readable (its descriptor and slab key) to `on_readable`, which
+/// belongs to the layer that owns the table (`session::run_poller`).
+pub async fn run(io: &ShardIo, mut on_readable: impl FnMut(RawFd, ConnId)) {
+    let poller = io.poller();
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
     loop {
         if let Err(e) = poller.waiter.readable(false).await {
             // Not expected on a live epoll descriptor; don't spin.
-            warn!(shard = shard.id, error = %e, "poller: waiting for readiness failed");
+            warn!(shard = io.id, error = %e, "poller: waiting for readiness failed");
             monoio::time::sleep(std::time::Duration::from_millis(10)).await;
             continue;
         }
@@ -347,7 +351,7 @@ pub async fn run(shard: Rc<Shard>) {
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
-                    warn!(shard = shard.id, error = %e, "poller: epoll_wait failed");
+                    warn!(shard = io.id, error = %e, "poller: epoll_wait failed");
                     break;
                 }
                 continue;
@@ -360,12 +364,8 @@ pub async fn run(shard: Rc<Shard>) {
                 if any_waits {
                     poller.fire(fd, bits).into_iter().flatten().for_each(Waker::wake);
                 }
-                if bits & READ_READY != 0
-                    && let Some(conn) = shard.conn(id)
-                    && conn.fd == fd
-                    && conn.polled()
-                {
-                    crate::conn::on_readable(&shard, &conn);
+                if bits & READ_READY != 0 {
+                    on_readable(fd, id);
                 }
             }
             if n == 0 {
@@ -375,7 +375,7 @@ pub async fn run(shard: Rc<Shard>) {
             // rounds. (The epoll driver answers `readable` at once while
             // the descriptor is ready, so without this a flood on one
             // connection would keep them from ever running.)
-            shard.yield_now().await;
+            io.yield_now().await;
             if n < EVENTS {
                 break;
             }
