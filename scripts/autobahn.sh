@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# RFC 6455 conformance: runs the Autobahn|Testsuite fuzzing client (shared/
-# conformance/run.sh) against corecast's /echo endpoint and fails on any
-# failed case. Usage: scripts/autobahn.sh [BINARY] [OUTDIR]
+# RFC 6455 conformance: runs the Autobahn|Testsuite fuzzing client
+# (scripts/conformance.sh, which sets it up on first use) against corecast's
+# /echo endpoint and fails on any failed case.
+# Usage: scripts/autobahn.sh [BINARY] [OUTDIR]
+# $CONFORMANCE_RUN may name another runner with the same interface
+# (`--setup-only`; `--cases LIST WS_URL OUTDIR`, last line `N passed, M failed`).
 #
 # Two nodes: `--compression off` gets the core cases 1.*-10.* (the extension
 # declined); `--compression on` gets 1.*-10.* again and the permessage-deflate
@@ -13,15 +16,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/corecast}
 OUT=${2:-target/autobahn}
-RUN=${CONFORMANCE_RUN:-../shared/conformance/run.sh}
+RUN=${CONFORMANCE_RUN:-scripts/conformance.sh}
 [ -x "$BIN" ] || { echo "autobahn.sh: build $BIN first (cargo build --release)" >&2; exit 2; }
-[ -f "$RUN" ] || { echo "autobahn.sh: $RUN not found (shared/ must sit beside the repo)" >&2; exit 2; }
+[ -f "$RUN" ] || { echo "autobahn.sh: $RUN not found (CONFORMANCE_RUN)" >&2; exit 2; }
 rm -rf "$OUT"
 mkdir -p "$OUT"
-# Build the cached Python environment once, before concurrent clients use it.
+# Set up the cached Autobahn client once, before concurrent clients use it.
 bash "$RUN" --setup-only >/dev/null
 
 pids=()
+# shellcheck disable=SC2317 # run by the EXIT trap
 cleanup() { for p in "${pids[@]+"${pids[@]}"}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
@@ -55,9 +59,9 @@ ids() { # MAJOR SUBGROUPS LAST...
   local IFS=,
   echo "${out[*]}"
 }
-# name|node|run.sh arguments
+# name|node|runner arguments
 groups=(
-  "off-core|$off|--compression off"
+  "off-core|$off|--cases $CORE"
   "on-core|$on|--cases $CORE"
   "on-12-a|$on|--cases $(ids 12 5 1 2 3 4 5 6 7 8 9 10 15)"
   "on-12-b|$on|--cases $(ids 12 5 11 12 13 14 16 17 18)"

@@ -41,8 +41,10 @@ ROWS="redis-2x1000-50,redis-2x50-3000,solo-2000-50,solo-100-1000,solo-100-3000,r
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 SERVER="${CORECAST_BIN:-$TARGET/release/corecast}"
 BENCH="$TARGET/release/corecast-bench"
-# The peers live next to the repository (../shared/peers); a worktree is one
-# level deeper. $PEERS_SRC overrides.
+# The peers are optional, needed only for these side-by-side benchmarks: six
+# servers that are no part of this repository, shipped in the project's
+# shared/ folder (shared/peers), which sits beside the repository; a worktree
+# is one level deeper. $PEERS_SRC overrides.
 if [[ -z ${PEERS_SRC:-} ]]; then
     for d in "$ROOT/../shared/peers" "$ROOT/../../shared/peers" /work/shared/peers; do
         [[ -d $d ]] && { PEERS_SRC=$(cd "$d" && pwd); break; }
@@ -152,6 +154,18 @@ if [[ $CHECK == 1 ]]; then
     echo "peers source: $PEERS_SRC; build dir: $PEERS" >&2
     exit 0
 fi
+
+# Each peer asked for: its sources (to build) or its build (--no-build).
+for s in "${SYSTEM_LIST[@]}"; do
+    [[ $s == corecast ]] && continue
+    if [[ $BUILD == 1 && ! -d $PEERS_SRC/$s ]]; then
+        echo "bench-peers.sh: peer $s not found in $PEERS_SRC; the peers (optional, for side-by-side benchmarks only) come in the project's shared/peers folder: put it beside the repository or set PEERS_SRC to it, or run --systems corecast" >&2
+        exit 2
+    elif [[ $BUILD == 0 && ! -x $PEERS/$s/run.sh ]]; then
+        echo "bench-peers.sh: peer $s is not built in $PEERS; run without --no-build (PEERS_SRC names the peers' sources)" >&2
+        exit 2
+    fi
+done
 
 # --- processes ------------------------------------------------------------------
 PIDS=()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need
-# (redis-server; the Autobahn environment is built by shared/conformance on
+# (redis-server; the Autobahn client is set up by scripts/conformance.sh on
 # first use), then lints, unit + integration tests (real sockets, real
 # redis-server processes the tests start on free ports), the sysctl script
 # tests, the JS client tests (node --test), and the RFC 6455 conformance
