@@ -23,7 +23,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, warn};
 
 use crate::conn;
-use crate::shard::Shard;
+use crate::services::Services;
 
 /// Pending connections the kernel queues per shard. The kernel caps it at
 /// net.core.somaxconn, so the host's setting decides (tuning.md).
@@ -60,7 +60,8 @@ fn is_fd_limit(e: &io::Error) -> bool {
 }
 
 /// The accept loop of one shard; runs until the runtime stops.
-pub async fn run(shard: Rc<Shard>, listener: TcpListener, kind: conn::Listener) {
+pub async fn run(svc: Rc<Services>, listener: TcpListener, kind: conn::Listener) {
+    let shard = svc.shard();
     let mut spare = File::open("/dev/null").ok();
     let mut refused_since_log = 0u64;
     let mut last_log: Option<Instant> = None;
@@ -76,7 +77,7 @@ pub async fn run(shard: Rc<Shard>, listener: TcpListener, kind: conn::Listener) 
                 pace.took();
                 // We coalesce frames ourselves; Nagle would only add delay.
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(crate::session::run(shard.clone(), stream, kind));
+                monoio::spawn(crate::session::run(svc.clone(), stream, kind));
             }
             Err(e) if is_fd_limit(&e) => {
                 shard.m().accept_refused_total.inc();

@@ -19,7 +19,9 @@ use crate::bus::Bus;
 use crate::bus::redis::{self, RedisBus, ShardLink};
 use crate::config::{Config, Driver};
 use crate::conn::{Listener, ShardIo};
+use crate::history;
 use crate::metrics::Metrics;
+use crate::services::Services;
 use crate::shard::inbox::{self, Door};
 use crate::shard::interest;
 use crate::shard::{Inbox, InboxSender, Links, Shard, ShardMsg};
@@ -63,8 +65,13 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
     let metrics = Arc::new(Metrics::new(n));
     let (exit_tx, exits) = crossbeam_channel::unbounded();
     // With --redis: one `redis-NN` reader thread per shard, and each shard's link to it.
-    let mut links: Vec<Option<ShardLink>> = match &cfg.redis {
-        Some(url) => redis::start(&cfg, url, &readers, &metrics, &exit_tx)?.into_iter().map(Some).collect(),
+    // With --redis and history: the node's view of every shard's history link.
+    let hist = cfg.redis.as_ref().and(cfg.history).map(|h| history::redis::Shared::new(h, n));
+    let mut links: Vec<Option<(ShardLink, Option<Arc<history::redis::Shared>>)>> = match &cfg.redis {
+        Some(url) => redis::start(&cfg, url, &readers, &metrics, &exit_tx)?
+            .into_iter()
+            .map(|l| Some((l, hist.clone())))
+            .collect(),
         None => (0..n).map(|_| None).collect(),
     };
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<anyhow::Result<()>>(n);
@@ -157,7 +164,7 @@ fn run_shard(
     // The client listener, then the admin one (`--admin-listen`), if any.
     listeners: [Option<std::net::TcpListener>; 2],
     inbox: Inbox,
-    link: Option<ShardLink>,
+    link: Option<(ShardLink, Option<Arc<history::redis::Shared>>)>,
     ready: crossbeam_channel::Sender<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     let core = cfg.cores[id];
@@ -179,9 +186,9 @@ fn run_shard(
                     }
                 }
             }
-            let bus = match link {
-                Some(link) => Bus::Redis(RedisBus::start(link)),
-                None => Bus::Local,
+            let (bus, hist) = match link {
+                Some((link, hist)) => (Bus::Redis(RedisBus::start(link)), hist),
+                None => (Bus::Local, None),
             };
             // Bottom first: the connection runtime, then the fan-out core on it.
             let io = match ShardIo::new(id, cfg2, metrics, driver) {
@@ -194,17 +201,21 @@ fn run_shard(
             monoio::spawn(io.clone().run_flusher());
             monoio::spawn(io.clone().run_held());
             monoio::spawn(io.clone().run_yields());
-            let shard = Shard::new(io, Links::new(id, doors, table), bus, inbox);
+            // The fan-out core on the runtime, then the services over it.
+            let shard = Shard::new(io, Links::new(id, doors, table), inbox);
             monoio::spawn(shard.clone().run_peer_wakes());
-            monoio::spawn(crate::session::run_poller(shard.clone()));
-            monoio::spawn(shard.clone().run_inbox());
             monoio::spawn(shard.clone().run_close_reaper());
-            for (l, kind) in bound {
-                monoio::spawn(accept::run(shard.clone(), l, kind));
-            }
             monoio::spawn(crate::shard::heartbeat::run(shard.clone()));
-            if shard.history().is_some() && shard.cfg.redis.is_none() {
-                monoio::spawn(crate::history::ShardHistory::run_sweep(shard.clone()));
+            let svc = Services::new(shard.clone(), bus, hist);
+            if let Some(h) = svc.history()
+                && shard.cfg.redis.is_none()
+            {
+                monoio::spawn(h.clone().run_sweep());
+            }
+            monoio::spawn(svc.clone().run_inbox());
+            monoio::spawn(crate::session::run_poller(svc.clone()));
+            for (l, kind) in bound {
+                monoio::spawn(accept::run(svc.clone(), l, kind));
             }
             info!(shard = id, core, driver, "shard running");
             let _ = ready.send(Ok(()));

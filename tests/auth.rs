@@ -3,11 +3,12 @@
 
 mod common;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Client, DEADLINE, Server, start_server};
+use common::{Client, DEADLINE, Raw, Server, client_frame, start_server};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use tungstenite::client::IntoClientRequest;
@@ -212,6 +213,49 @@ fn refresh_before_expiry_keeps_the_connection_and_replaces_the_rooms() {
     assert_eq!(
         c.call(json!({"op":"publish","room":"a","data":1})),
         json!({"ev":"message","room":"a","from":"frank","data":1})
+    );
+}
+
+/// A `refresh` that takes away a room whose recovery is still pending (the
+/// subscribe's history read not answered yet) ends that recovery too: after
+/// `unsubscribed` no `subscribed` and no replay come for the room. Both ops
+/// go in one TCP write, so the node handles them in one read, before the
+/// recovery's read can run (one shard: deterministic).
+#[test]
+fn refresh_that_drops_a_recovering_room_ends_its_recovery() {
+    let s = start_server(&["--jwt-secret", SECRET, "--history-size", "10", "--shards", "1"]);
+    let mut p = Client::connect(&s.ws_url(&format!("/ws?token={}", token_for("pub"))));
+    let sub = p.call(json!({"op":"subscribe","room":"r","id":1}));
+    let since = json!({"epoch": sub["epoch"], "offset": sub["offset"]});
+    for i in 0..3 {
+        p.send_json(&json!({"op":"publish","room":"r","data":i}));
+        assert_eq!(p.recv()["data"], json!(i));
+    }
+    let exp = now() + 600;
+    let only_r = hs256(json!({"sub":"u","exp":exp,"rooms":["r"]}));
+    let only_x = hs256(json!({"sub":"u","exp":exp,"rooms":["x"]}));
+    let mut raw = Raw::upgrade(s.addr, &format!("/ws?token={only_r}"));
+    let ops =
+        [json!({"op":"subscribe","room":"r","since":since,"id":"s"}), json!({"op":"refresh","token":only_x,"id":"f"})];
+    let bytes: Vec<u8> = ops.iter().flat_map(|op| client_frame(0x81, op.to_string().as_bytes(), true)).collect();
+    raw.s.write_all(&bytes).unwrap();
+    // Long enough for a recovery read on an idle one-shard node; then a
+    // ping marks the end of what the node sent.
+    std::thread::sleep(Duration::from_millis(300));
+    raw.send_frame(0x81, json!({"op":"ping","id":"end"}).to_string().as_bytes(), true);
+    let mut got = Vec::new();
+    loop {
+        let (_, payload) = raw.read_frame().expect("a frame");
+        let ev: Value = serde_json::from_slice(&payload).unwrap();
+        if ev == json!({"ev":"pong","id":"end"}) {
+            break;
+        }
+        got.push(ev);
+    }
+    assert_eq!(
+        got,
+        [json!({"ev":"unsubscribed","room":"r"}), json!({"ev":"refreshed","exp":exp,"id":"f"})],
+        "after unsubscribed, nothing more of the room"
     );
 }
 

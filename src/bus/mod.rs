@@ -99,6 +99,14 @@ impl Bus {
         }
     }
 
+    /// Is the subscriber link up (always, on the local bus)?
+    pub fn link_is_up(&self) -> bool {
+        match self {
+            Bus::Local => true,
+            Bus::Redis(r) => r.link_is_up(),
+        }
+    }
+
     /// Why this node should not get new clients (a Redis link is down), if so.
     pub fn not_ready(&self) -> Option<String> {
         match self {

@@ -272,7 +272,7 @@ impl Drop for Conn {
 }
 
 /// A connection's rooms: the keys of the room table it is in.
-pub(crate) type Rooms = smallvec::SmallVec<[Rc<str>; 1]>;
+pub type Rooms = smallvec::SmallVec<[Rc<str>; 1]>;
 
 /// Why a connection's loop ended.
 #[derive(Debug)]

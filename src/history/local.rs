@@ -22,8 +22,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::recover::ShardHistory;
+use super::ring::owner_of;
 use super::types::{Msg, Query, ReadResult, Reply};
-use super::{ShardHistory, ring::owner_of};
 use crate::protocol::event::MessagePrefix;
 use crate::protocol::{Position, Target, Unavailable};
 use crate::rt::Oneshot;
@@ -39,11 +40,11 @@ pub(super) enum Waiting {
 /// message's position.
 pub fn publish(
     shard: &Rc<Shard>,
+    h: &Rc<ShardHistory>,
     room: &str,
     msg: MessagePrefix,
     want: Option<Oneshot<Result<Position, Unavailable>>>,
 ) -> Result<(), Unavailable> {
-    let h = shard.history().ok_or(Unavailable)?;
     // The owner fans out to the shards with members: refused while our
     // queue to the owner or the owner's to any shard is congested, like
     // every local-bus publish (`shard::inbox` policy), which keeps the other
@@ -72,8 +73,7 @@ pub fn publish(
 }
 
 /// Reads `room`'s history from its owner.
-pub async fn read(shard: &Shard, room: &str, q: Query) -> Result<ReadResult, Unavailable> {
-    let h = shard.history().ok_or(Unavailable)?;
+pub async fn read(shard: &Shard, h: &ShardHistory, room: &str, q: Query) -> Result<ReadResult, Unavailable> {
     let owner = owner_of(room, shard.peers().len());
     if owner == shard.id {
         return Ok(h.rings().read(room, q, Instant::now()));
@@ -90,7 +90,7 @@ pub async fn read(shard: &Shard, room: &str, q: Query) -> Result<ReadResult, Una
 
 /// The owner: assigns, stores, fans out to every shard with members (this
 /// one directly).
-fn own_publish(shard: &Rc<Shard>, h: &ShardHistory, room: &str, msg: MessagePrefix) -> Position {
+fn own_publish(shard: &Rc<Shard>, h: &Rc<ShardHistory>, room: &str, msg: MessagePrefix) -> Position {
     let sent = Instant::now();
     let (pos, frame) = h.rings().publish(room, msg, sent);
     if shard.peers().len() > 1 {
@@ -107,8 +107,7 @@ fn own_publish(shard: &Rc<Shard>, h: &ShardHistory, room: &str, msg: MessagePref
 }
 
 /// A `ShardMsg::History` arrived.
-pub fn handle(shard: &Rc<Shard>, msg: Msg) {
-    let Some(h) = shard.history() else { return };
+pub fn handle(shard: &Rc<Shard>, h: &Rc<ShardHistory>, msg: Msg) {
     match msg {
         Msg::Publish { room, msg, reply_to, token } => {
             let pos = own_publish(shard, h, &room, msg);

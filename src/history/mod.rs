@@ -23,8 +23,10 @@
 pub mod budget;
 pub mod local;
 pub mod recover;
+pub mod redis;
+mod redis_route;
 pub mod ring;
 pub mod types;
 
-pub use recover::ShardHistory;
+pub use recover::{ShardHistory, Store};
 pub use types::{Entry, Query, ReadResult, offset_of_id};

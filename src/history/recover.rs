@@ -33,8 +33,9 @@
 //! delivery resumes. If the history no longer holds it (trimmed, or a new
 //! epoch), every member gets `gap` with the room's current position.
 //!
-//! In: calls from `conn::ops`, `http::routes`, `Shard::handle`. Out: frames to
-//! connections; reads and publishes to the store (owner shard or Redis).
+//! In: calls from `services` (subscribe, publish, the history op, the inbox
+//! dispatch). Out: frames to connections; reads and publishes to the store
+//! chosen when the shard started (`Store`: owner shard or Redis).
 
 use std::cell::{Cell, RefCell, RefMut};
 use std::rc::{Rc, Weak};
@@ -50,9 +51,10 @@ use tracing::debug;
 
 use super::budget::ShardBudget;
 use super::local::{self, Waiting};
+use super::redis::HistLink;
 use super::ring::Rings;
 use super::types::Reply;
-use super::{Entry, Query, ReadResult};
+use super::types::{Entry, Query, ReadResult};
 use crate::bus::Bus;
 use crate::config::HistorySettings;
 use crate::conn::Conn;
@@ -73,7 +75,7 @@ const ITEM_OVERHEAD: usize = std::mem::size_of::<Item>();
 const MAX_HELD_BYTES: usize = 16 << 20;
 
 /// A live message (or a `gap`) on its way to a connection.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 struct Item {
     pos: Position,
     frame: Bytes,
@@ -114,9 +116,22 @@ struct RoomState {
     waiters: Vec<Waker>,
 }
 
-/// One per shard, when history is on (`Shard::history`).
+/// Where a shard's history reads and publishes go, chosen once when the
+/// shard starts.
+pub enum Store {
+    /// Standalone: each room's owner shard keeps its ring (`local.rs`).
+    Local,
+    /// Redis: the shard's history link (`history::redis`).
+    Redis(Rc<HistLink>),
+}
+
+/// One per shard, when history is on (`services::Services::history`).
 pub struct ShardHistory {
     pub settings: HistorySettings,
+    store: Store,
+    /// The backplane, for the state of its subscriptions: is the subscriber
+    /// link up, has Redis confirmed a room.
+    bus: Rc<Bus>,
     rings: RefCell<Rings>,
     budget: ShardBudget,
     rooms: RefCell<FxHashMap<Arc<str>, RoomState>>,
@@ -126,9 +141,11 @@ pub struct ShardHistory {
 
 impl ShardHistory {
     /// `node`: this run's epoch base (one per process, shared by its shards).
-    pub fn new(settings: HistorySettings, node: Epoch) -> ShardHistory {
+    pub fn new(settings: HistorySettings, node: Epoch, store: Store, bus: Rc<Bus>) -> ShardHistory {
         ShardHistory {
             settings,
+            store,
+            bus,
             rings: RefCell::new(Rings::new(settings, node)),
             budget: ShardBudget::default(),
             rooms: RefCell::default(),
@@ -165,12 +182,10 @@ impl ShardHistory {
     }
 
     /// The owner's sweep of expired standalone rooms (a task per shard).
-    pub async fn run_sweep(shard: Rc<Shard>) {
+    pub async fn run_sweep(self: Rc<Self>) {
         loop {
             monoio::time::sleep(SWEEP_EVERY).await;
-            if let Some(h) = shard.history() {
-                h.rings().sweep(Instant::now());
-            }
+            self.rings().sweep(Instant::now());
         }
     }
 
@@ -179,7 +194,7 @@ impl ShardHistory {
     /// Publishes a client's (or the API's) message in a history room. With
     /// `want`, the slot gets its position once the authority assigned it.
     pub fn publish(
-        &self,
+        self: &Rc<Self>,
         shard: &Rc<Shard>,
         room: &str,
         from: &str,
@@ -188,12 +203,9 @@ impl ShardHistory {
     ) -> Result<(), Unavailable> {
         shard.m().publishes_total.inc();
         let msg = event::message_prefix(room, from, data);
-        let r = match shard.bus() {
-            Bus::Local => local::publish(shard, room, msg, want),
-            Bus::Redis(r) => match r.history() {
-                Some(link) => link.publish(room, msg, want),
-                None => Err(Unavailable),
-            },
+        let r = match &self.store {
+            Store::Local => local::publish(shard, self, room, msg, want),
+            Store::Redis(link) => link.publish(room, msg, want),
         };
         if r.is_err() {
             shard.m().bus_unavailable_total.inc();
@@ -203,12 +215,9 @@ impl ShardHistory {
 
     async fn read(&self, shard: &Shard, room: &str, q: Query) -> Result<ReadResult, Unavailable> {
         let _permit = self.budget.acquire().await;
-        match shard.bus() {
-            Bus::Local => local::read(shard, room, q).await,
-            Bus::Redis(r) => match r.history() {
-                Some(link) => link.read(room, q).await,
-                None => Err(Unavailable),
-            },
+        match &self.store {
+            Store::Local => local::read(shard, self, room, q).await,
+            Store::Redis(link) => link.read(room, q).await,
         }
     }
 
@@ -216,7 +225,7 @@ impl ShardHistory {
     /// `rate_limited` if not. A `true` with `asked` (the client asked for
     /// history: `since` or the `history` op) must be paired with
     /// `conn.hist.done()`; a plain subscribe only needs the shard's room.
-    fn take_budget(&self, shard: &Shard, conn: &Rc<Conn>, asked: bool, id: Option<&str>) -> bool {
+    pub fn take_budget(&self, shard: &Shard, conn: &Rc<Conn>, asked: bool, id: Option<&str>) -> bool {
         let burst = crate::conn::limits::burst(shard.cfg.max_rooms_per_connection);
         if self.budget.has_room() && (!asked || conn.hist.take(crate::conn::limits::coarse_ms(), burst)) {
             return true;
@@ -229,14 +238,12 @@ impl ShardHistory {
 
     // ---- subscribe, recovery -------------------------------------------------
 
-    /// `subscribe` (with or without `since`) of a room with history.
-    pub fn subscribe(&self, shard: &Rc<Shard>, conn: &Rc<Conn>, room: &str, since: Option<Since>, id: Option<&str>) {
-        if !self.take_budget(shard, conn, since.is_some(), id) {
-            return;
-        }
-        shard.subscribe(conn, room);
+    /// The start of a `subscribe` (with or without `since`) of a room with
+    /// history, after the member joined the room (`services`): the member is
+    /// buffering from now on. Returns the token `finish_subscribe` checks.
+    pub fn begin_subscribe(self: &Rc<Self>, shard: &Rc<Shard>, conn: &Rc<Conn>, room: &str) -> u64 {
         let token = self.token();
-        let link_down = !link_up(shard);
+        let link_down = !self.bus.link_is_up();
         let start_catch_up = {
             let mut rooms = self.rooms.borrow_mut();
             let st = rooms.entry(Arc::from(room)).or_default();
@@ -256,23 +263,24 @@ impl ShardHistory {
             }
         };
         if start_catch_up {
-            monoio::spawn(catch_up(shard.clone(), Arc::from(room)));
+            monoio::spawn(catch_up(self.clone(), shard.clone(), Arc::from(room)));
         }
-        let (shard, conn, room, id) = (shard.clone(), conn.clone(), Arc::<str>::from(room), id.map(Box::<str>::from));
-        monoio::spawn(async move {
-            let Some(h) = shard.history() else { return };
-            h.room_ready(&shard, &room, false).await;
-            let q = Query::recover(since, if since.is_some() { h.settings.size } else { 0 });
-            let r = h.read(&shard, &room, q).await;
-            if since.is_some() {
-                conn.hist.done();
-            }
-            h.finish_subscribe(&shard, &conn, &room, token, since, id.as_deref(), r);
-        });
+        token
     }
 
+    /// The read of a subscribe: once the room is subscribed at Redis (or the
+    /// link is down), the position, and with `since` what came after it.
+    pub async fn recover(&self, shard: &Shard, room: &str, since: Option<Since>) -> Result<ReadResult, Unavailable> {
+        self.room_ready(room, false).await;
+        let q = Query::recover(since, if since.is_some() { self.settings.size } else { 0 });
+        self.read(shard, room, q).await
+    }
+
+    /// The read is back: the reply, the replay, the buffered messages, then
+    /// filtering until the live stream has passed. `Err`: the read failed and
+    /// the member must leave the room again (`services` does, with an error).
     #[allow(clippy::too_many_arguments)]
-    fn finish_subscribe(
+    pub fn finish_subscribe(
         &self,
         shard: &Shard,
         conn: &Rc<Conn>,
@@ -281,26 +289,17 @@ impl ShardHistory {
         since: Option<Since>,
         id: Option<&str>,
         r: Result<ReadResult, Unavailable>,
-    ) {
+    ) -> Result<(), Unavailable> {
         let mut rooms = self.rooms.borrow_mut();
-        let Some(st) = rooms.get_mut(room) else { return };
+        let Some(st) = rooms.get_mut(room) else { return Ok(()) };
         if st.conns.get(&conn.id).is_none_or(|c| c.token != token) {
-            return; // Unsubscribed, or subscribed again, meanwhile.
+            return Ok(()); // Unsubscribed, or subscribed again, meanwhile.
         }
-        let Some(state) = st.conns.remove(&conn.id) else { return };
+        let Some(state) = st.conns.remove(&conn.id) else { return Ok(()) };
         if !shard.has_conn(conn) {
-            return;
+            return Ok(());
         }
-        let r = match r {
-            Ok(r) => r,
-            Err(Unavailable) => {
-                drop(rooms);
-                shard.unsubscribe(conn, room);
-                shard.m().client_errors_total.inc();
-                conn.push(shard, event::error(ErrorCode::Unavailable, "room history is unavailable, try again", id));
-                return;
-            }
-        };
+        let r = r?;
         if st.last.is_none() {
             st.last = Some(r.pos);
         }
@@ -312,29 +311,46 @@ impl ShardHistory {
                 shard.m().history_unrecovered_total.inc();
             }
         }
-        let mut got = r.pos;
-        for e in &r.entries {
-            conn.push(shard, e.frame.clone());
-        }
-        if let Some(last) = r.entries.last() {
-            got.offset = last.offset.max(got.offset);
-        }
-        if let Phase::Buffering(items, _) = state.phase {
-            for item in items {
-                if after(&item.pos, &got) {
-                    conn.push(shard, item.frame);
-                    got = item.pos;
-                }
-            }
+        let buffered = match state.phase {
+            Phase::Buffering(items, _) => items,
+            Phase::Filtering(_) => Vec::new(),
+        };
+        let (frames, got) = merge_recovery(&r, buffered);
+        for f in frames {
+            conn.push(shard, f);
         }
         // Still on its way through the live path? Keep filtering until passed.
         let passed = st.last.is_some_and(|l| l.epoch == got.epoch && l.offset >= got.offset);
         if !passed {
             st.conns.insert(conn.id, ConnState { conn: state.conn, token, phase: Phase::Filtering(got) });
         }
+        Ok(())
     }
 
-    /// `conn` left `room` (unsubscribe): its pending recovery is dropped.
+    /// Why `/readyz` should say 503 for the history (a shard's Redis history
+    /// link is down), if so.
+    pub fn not_ready(&self) -> Option<String> {
+        let Store::Redis(link) = &self.store else { return None };
+        let down = link.node_down()?;
+        Some(format!("redis: shard {down} history link not connected\n"))
+    }
+
+    /// Publishes into a history room and resolves to the message's position
+    /// once its store assigned one (`POST /api/publish`, §4 + §7).
+    pub async fn publish_positioned(
+        self: &Rc<Self>,
+        shard: &Rc<Shard>,
+        room: &str,
+        from: &str,
+        data: &str,
+    ) -> Result<Position, Unavailable> {
+        let slot = Oneshot::default();
+        self.publish(shard, room, from, data, Some(slot.clone()))?;
+        slot.wait().await
+    }
+
+    /// `conn` left `room` (`services::Services::leave`): its pending recovery
+    /// is dropped.
     pub fn forget(&self, conn: &Conn, room: &str) {
         if let Some(st) = self.rooms.borrow_mut().get_mut(room) {
             st.conns.remove(&conn.id);
@@ -357,7 +373,7 @@ impl ShardHistory {
 
     /// `{"op":"history",...}`: reads and replies; does not subscribe.
     pub fn history_op(
-        &self,
+        self: &Rc<Self>,
         shard: &Rc<Shard>,
         conn: &Rc<Conn>,
         room: &str,
@@ -369,9 +385,9 @@ impl ShardHistory {
             return;
         }
         let limit = limit.min(self.settings.size);
-        let (shard, conn, room, id) = (shard.clone(), conn.clone(), Arc::<str>::from(room), id.map(Box::<str>::from));
+        let (h, shard, conn, room, id) =
+            (self.clone(), shard.clone(), conn.clone(), Arc::<str>::from(room), id.map(Box::<str>::from));
         monoio::spawn(async move {
-            let Some(h) = shard.history() else { return };
             let q = Query { after: since, limit, listing: true, fence: false };
             let r = h.read(&shard, &room, q).await;
             conn.hist.done();
@@ -391,7 +407,7 @@ impl ShardHistory {
     // ---- live messages ---------------------------------------------------------
 
     /// A live message with a position, from the owner shard or Redis.
-    pub fn on_live(&self, shard: &Rc<Shard>, room: &str, pos: Position, frame: Bytes, sent: Instant) {
+    pub fn on_live(self: &Rc<Self>, shard: &Rc<Shard>, room: &str, pos: Position, frame: Bytes, sent: Instant) {
         let mut rooms = self.rooms.borrow_mut();
         let Some(st) = rooms.get_mut(room) else {
             // No member here (with the local bus: a collision in the interest
@@ -413,11 +429,12 @@ impl ShardHistory {
             held.push(item);
             return;
         }
-        if st.last.is_some_and(|l| !after(&pos, &l)) {
+        let verdict = gate(st.last, pos);
+        if verdict == Gate::Duplicate {
             shard.m().history_duplicates_dropped_total.inc();
             return;
         }
-        if st.last.is_some_and(|l| l.epoch == pos.epoch && pos.offset > l.offset + 1) {
+        if verdict == Gate::Hole {
             // A message of this epoch never reached the shard (it cannot
             // happen on an ordered, lossless path; if a hop ever drops one,
             // the history has it): hold this one and read what is missing.
@@ -431,7 +448,7 @@ impl ShardHistory {
             st.held = Some(vec![item]);
             st.catching_up = true;
             drop(rooms);
-            monoio::spawn(catch_up(shard.clone(), Arc::from(room)));
+            monoio::spawn(catch_up(self.clone(), shard.clone(), Arc::from(room)));
             return;
         }
         st.last = Some(pos);
@@ -441,7 +458,7 @@ impl ShardHistory {
     // ---- the Redis subscriber link ---------------------------------------------
 
     /// `ShardMsg::RedisLink`: down starts the catch-up of every history room.
-    pub fn on_link(&self, shard: &Rc<Shard>, up: bool) {
+    pub fn on_link(self: &Rc<Self>, shard: &Rc<Shard>, up: bool) {
         let mut start = Vec::new();
         {
             let mut rooms = self.rooms.borrow_mut();
@@ -462,7 +479,7 @@ impl ShardHistory {
             }
         }
         for room in start {
-            monoio::spawn(catch_up(shard.clone(), room));
+            monoio::spawn(catch_up(self.clone(), shard.clone(), room));
         }
     }
 
@@ -478,9 +495,9 @@ impl ShardHistory {
     /// Resolves once `room` is subscribed at Redis (standalone: at once).
     /// `strict`: the link must be up; else a down link also resolves it (the
     /// catch-up covers what the read cannot).
-    async fn room_ready(&self, shard: &Shard, room: &str, strict: bool) {
+    async fn room_ready(&self, room: &str, strict: bool) {
         std::future::poll_fn(|cx| {
-            let Bus::Redis(r) = shard.bus() else { return std::task::Poll::Ready(()) };
+            let Bus::Redis(r) = &*self.bus else { return std::task::Poll::Ready(()) };
             let up = r.link_is_up();
             let mut rooms = self.rooms.borrow_mut();
             let Some(st) = rooms.get_mut(room) else { return std::task::Poll::Ready(()) };
@@ -499,11 +516,101 @@ fn after(p: &Position, got: &Position) -> bool {
     p.epoch != got.epoch || p.offset > got.offset
 }
 
-fn link_up(shard: &Shard) -> bool {
-    match shard.bus() {
-        Bus::Local => true,
-        Bus::Redis(r) => r.link_is_up(),
+/// What the live gate does with a room's message at `pos`, given the last
+/// position delivered on this shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// At or below what was delivered, in the same epoch: dropped.
+    Duplicate,
+    /// An offset of the epoch was skipped: held, and the hole read first.
+    Hole,
+    /// The next message, or the first of another epoch.
+    Deliver,
+}
+
+fn gate(last: Option<Position>, pos: Position) -> Gate {
+    match last {
+        Some(l) if !after(&pos, &l) => Gate::Duplicate,
+        Some(l) if l.epoch == pos.epoch && pos.offset > l.offset + 1 => Gate::Hole,
+        _ => Gate::Deliver,
     }
+}
+
+/// What a recovering member gets after its `subscribed`: the replay of the
+/// read, then the live messages buffered meanwhile that it has not had, in
+/// order; and the position it then has.
+fn merge_recovery(r: &ReadResult, buffered: Vec<Item>) -> (Vec<Bytes>, Position) {
+    let mut frames: Vec<Bytes> = r.entries.iter().map(|e| e.frame.clone()).collect();
+    let mut got = r.pos;
+    if let Some(last) = r.entries.last() {
+        got.offset = last.offset.max(got.offset);
+    }
+    for item in buffered {
+        if after(&item.pos, &got) {
+            frames.push(item.frame);
+            got = item.pos;
+        }
+    }
+    (frames, got)
+}
+
+/// One step of a room's catch-up, in order.
+#[derive(Debug)]
+enum Step {
+    Deliver(Item),
+    Gap(Position),
+}
+
+/// One catch-up round of a room (see the module doc): `before` is the room's
+/// last position when the round started, `last` its last position now,
+/// `got` the read (`None`: none could be made), `held` the live messages
+/// held meanwhile. Returns what to send, in order, and the room's last
+/// position after it. Never a message twice, never one at or below `last`;
+/// a hole the read cannot fill is announced with a gap.
+fn plan_catch_up(
+    before: Option<Position>,
+    mut last: Option<Position>,
+    got: Option<ReadResult>,
+    held: Vec<Item>,
+) -> (Vec<Step>, Option<Position>) {
+    let mut steps = Vec::new();
+    match got {
+        Some(r) if r.covered => {
+            for e in r.entries {
+                let pos = Position { epoch: r.pos.epoch, offset: e.offset };
+                if last.is_none_or(|l| after(&pos, &l)) {
+                    last = Some(pos);
+                    steps.push(Step::Deliver(Item { pos, frame: e.frame }));
+                }
+            }
+        }
+        Some(r) => {
+            last = Some(r.pos);
+            steps.push(Step::Gap(r.pos));
+        }
+        // No read possible (the store stayed down, or nothing known):
+        // what comes next is live, what was before may be missing.
+        None => {
+            if let Some(first) = held.first() {
+                let pos = Position { epoch: first.pos.epoch, offset: first.pos.offset.saturating_sub(1) };
+                last = Some(pos);
+                steps.push(Step::Gap(pos));
+            }
+        }
+    }
+    // The room's epoch changed under us (history lost, or fenced by the
+    // read above): what was held from the old epoch is gone with it.
+    let stale = before.filter(|b| last.is_some_and(|n| n.epoch != b.epoch)).map(|b| b.epoch);
+    for item in held {
+        if stale.is_some_and(|e| item.pos.epoch == e) {
+            continue;
+        }
+        if last.is_none_or(|l| after(&item.pos, &l)) {
+            last = Some(item.pos);
+            steps.push(Step::Deliver(item));
+        }
+    }
+    (steps, last)
 }
 
 /// Delivers `item` to the room's members on this shard: plain members at
@@ -546,10 +653,9 @@ fn fan_out(shard: &Shard, room: &str, st: &mut RoomState, item: Item, sent: Opti
 }
 
 /// The room's catch-up after the subscriber link came back (see the module doc).
-async fn catch_up(shard: Rc<Shard>, room: Arc<str>) {
-    let Some(h) = shard.history() else { return };
+async fn catch_up(h: Rc<ShardHistory>, shard: Rc<Shard>, room: Arc<str>) {
     loop {
-        h.room_ready(&shard, &room, true).await;
+        h.room_ready(&room, true).await;
         let last = match h.rooms.borrow().get(&room) {
             None => return,
             Some(st) => st.last,
@@ -571,43 +677,17 @@ async fn catch_up(shard: Rc<Shard>, room: Arc<str>) {
         let held = st.held.take().unwrap_or_default();
         st.held_bytes = 0;
         st.overflowed = false;
-        match got {
-            Some(r) if r.covered => {
-                let n = r.entries.len();
-                for e in r.entries {
-                    let pos = Position { epoch: r.pos.epoch, offset: e.offset };
-                    if st.last.is_none_or(|l| after(&pos, &l)) {
-                        st.last = Some(pos);
-                        fan_out(&shard, &room, st, Item { pos, frame: e.frame }, None);
-                    }
-                }
-                shard.m().history_caught_up_total.add(n as u64);
-                debug!(shard = shard.id, room = %room, messages = n, "caught up");
-            }
-            Some(r) => {
-                st.last = Some(r.pos);
-                send_gap(&shard, &room, st, r.pos);
-            }
-            // No read possible (the store stayed down, or nothing known):
-            // what comes next is live, what was before may be missing.
-            None => {
-                if let Some(first) = held.first() {
-                    let pos = Position { epoch: first.pos.epoch, offset: first.pos.offset.saturating_sub(1) };
-                    st.last = Some(pos);
-                    send_gap(&shard, &room, st, pos);
-                }
-            }
+        if let Some(r) = got.as_ref().filter(|r| r.covered) {
+            let n = r.entries.len();
+            shard.m().history_caught_up_total.add(n as u64);
+            debug!(shard = shard.id, room = %room, messages = n, "caught up");
         }
-        // The room's epoch changed under us (history lost, or fenced by the
-        // read above): what was held from the old epoch is gone with it.
-        let stale = last.filter(|l| st.last.is_some_and(|n| n.epoch != l.epoch)).map(|l| l.epoch);
-        for item in held {
-            if stale.is_some_and(|e| item.pos.epoch == e) {
-                continue;
-            }
-            if st.last.is_none_or(|l| after(&item.pos, &l)) {
-                st.last = Some(item.pos);
-                fan_out(&shard, &room, st, item, None);
+        let (steps, new_last) = plan_catch_up(last, st.last, got, held);
+        st.last = new_last;
+        for step in steps {
+            match step {
+                Step::Deliver(item) => fan_out(&shard, &room, st, item, None),
+                Step::Gap(pos) => send_gap(&shard, &room, st, pos),
             }
         }
         if !std::mem::take(&mut st.again) {
@@ -648,16 +728,104 @@ fn history_reply(room: &str, r: &ReadResult, id: Option<&str>) -> Bytes {
     event::history(room, &r.pos, &items, id)
 }
 
-/// Publishes into a history room and resolves to the message's position
-/// once its store assigned one (`POST /api/publish`, §4 + §7).
-pub async fn publish_positioned(
-    shard: &Rc<Shard>,
-    h: &ShardHistory,
-    room: &str,
-    from: &str,
-    data: &str,
-) -> Result<Position, Unavailable> {
-    let slot = Oneshot::default();
-    h.publish(shard, room, from, data, Some(slot.clone()))?;
-    slot.wait().await
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(e: &str, n: u64) -> Position {
+        Position { epoch: Epoch::new(e).unwrap(), offset: n }
+    }
+
+    /// A message whose frame names its position, so a test reads the order.
+    fn item(e: &str, n: u64) -> Item {
+        Item { pos: pos(e, n), frame: Bytes::from(format!("{e}{n}")) }
+    }
+
+    fn read(e: &str, top: u64, entries: &[u64], covered: bool) -> ReadResult {
+        let entries =
+            entries.iter().copied().map(|n| Entry { offset: n, frame: Bytes::from(format!("{e}{n}")) }).collect();
+        ReadResult { pos: pos(e, top), covered, entries }
+    }
+
+    fn names(frames: &[Bytes]) -> Vec<String> {
+        frames.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect()
+    }
+
+    fn steps(s: &[Step]) -> Vec<String> {
+        s.iter()
+            .map(|s| match s {
+                Step::Deliver(i) => String::from_utf8_lossy(&i.frame).into_owned(),
+                Step::Gap(p) => format!("gap {}{}", p.epoch.as_str(), p.offset),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_live_gate_drops_duplicates_holds_for_holes_and_follows_epochs() {
+        assert_eq!(gate(None, pos("a", 7)), Gate::Deliver);
+        assert_eq!(gate(Some(pos("a", 7)), pos("a", 8)), Gate::Deliver);
+        assert_eq!(gate(Some(pos("a", 7)), pos("a", 7)), Gate::Duplicate);
+        assert_eq!(gate(Some(pos("a", 7)), pos("a", 3)), Gate::Duplicate);
+        assert_eq!(gate(Some(pos("a", 7)), pos("a", 9)), Gate::Hole);
+        assert_eq!(gate(Some(pos("a", 7)), pos("b", 1)), Gate::Deliver, "a new epoch starts anywhere");
+        assert_eq!(gate(Some(pos("a", 7)), pos("b", 40)), Gate::Deliver);
+    }
+
+    #[test]
+    fn a_recovery_replays_then_adds_only_the_buffered_messages_it_has_not_had() {
+        // The read found &[11, 12, 13] (T = 13); meanwhile &[12, 13, 14, 15] arrived live.
+        let r = read("a", 13, &[11, 12, 13], true);
+        let buffered = vec![item("a", 12), item("a", 13), item("a", 14), item("a", 15)];
+        let (frames, got) = merge_recovery(&r, buffered);
+        assert_eq!(names(&frames), ["a11", "a12", "a13", "a14", "a15"]);
+        assert_eq!(got, pos("a", 15));
+        // Nothing to replay (no `since`): the position is T, and only what
+        // came after it is sent.
+        let r = read("a", 20, &[], true);
+        let (frames, got) = merge_recovery(&r, vec![item("a", 19), item("a", 20), item("a", 21)]);
+        assert_eq!(names(&frames), ["a21"]);
+        assert_eq!(got, pos("a", 21));
+        // A buffered message of a new epoch is never taken for a duplicate.
+        let (frames, got) = merge_recovery(&read("a", 5, &[4, 5], true), vec![item("b", 1)]);
+        assert_eq!(names(&frames), ["a4", "a5", "b1"]);
+        assert_eq!(got, pos("b", 1));
+    }
+
+    #[test]
+    fn a_covered_catch_up_sends_what_was_missed_then_what_was_held_each_once() {
+        // Last delivered 10; the read has &[11, 12, 13, 14]; &[13, 14, 15, 16] were held.
+        let held = vec![item("a", 13), item("a", 14), item("a", 15), item("a", 16)];
+        let (s, last) =
+            plan_catch_up(Some(pos("a", 10)), Some(pos("a", 10)), Some(read("a", 14, &[11, 12, 13, 14], true)), held);
+        assert_eq!(steps(&s), ["a11", "a12", "a13", "a14", "a15", "a16"]);
+        assert_eq!(last, Some(pos("a", 16)));
+    }
+
+    #[test]
+    fn a_catch_up_the_history_cannot_cover_announces_a_gap() {
+        // Trimmed past what was delivered: a gap at the room's position,
+        // then what was held after it.
+        let held = vec![item("a", 30), item("a", 31)];
+        let (s, last) = plan_catch_up(Some(pos("a", 10)), Some(pos("a", 10)), Some(read("a", 30, &[], false)), held);
+        assert_eq!(steps(&s), ["gap a30", "a31"]);
+        assert_eq!(last, Some(pos("a", 31)));
+        // No read at all (the store stayed down): a gap just before the
+        // first held message, then the held ones.
+        let (s, last) = plan_catch_up(Some(pos("a", 10)), Some(pos("a", 10)), None, vec![item("a", 20), item("a", 21)]);
+        assert_eq!(steps(&s), ["gap a19", "a20", "a21"]);
+        assert_eq!(last, Some(pos("a", 21)));
+        // Nothing held and no read: nothing to say.
+        let (s, last) = plan_catch_up(Some(pos("a", 10)), Some(pos("a", 10)), None, vec![]);
+        assert!(s.is_empty() && last == Some(pos("a", 10)));
+    }
+
+    #[test]
+    fn a_catch_up_that_finds_a_new_epoch_drops_what_was_held_from_the_old_one() {
+        // The store lost history (or the read fenced it): epoch b now. What
+        // was held from epoch a is gone with it; b's messages go out.
+        let held = vec![item("a", 11), item("b", 4)];
+        let (s, last) = plan_catch_up(Some(pos("a", 10)), Some(pos("a", 10)), Some(read("b", 3, &[], false)), held);
+        assert_eq!(steps(&s), ["gap b3", "b4"]);
+        assert_eq!(last, Some(pos("b", 4)));
+    }
 }

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use rustc_hash::FxHashMap;
 
-use super::{Entry, Query, ReadResult};
+use super::types::{Entry, Query, ReadResult};
 use crate::config::HistorySettings;
 use crate::protocol::event::MessagePrefix;
 use crate::protocol::{Epoch, Position};

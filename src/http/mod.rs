@@ -18,6 +18,7 @@ use monoio_codec::{Decoded, Decoder};
 use monoio_http::h1::codec::decoder::RequestHeadDecoder;
 
 use crate::conn::{Conn, Mode, Stop};
+use crate::services::Services;
 use crate::shard::Shard;
 
 /// Largest request head we wait for; a larger one gets 431.
@@ -25,7 +26,8 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// Serves HTTP requests on `conn` until one is upgraded (returns the
 /// WebSocket mode) or the connection is done (returns why).
-pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> Result<Mode, Stop> {
+pub async fn serve(svc: &Rc<Services>, conn: &Rc<Conn>, kept: &mut BytesMut) -> Result<Mode, Stop> {
+    let shard = svc.shard();
     // Which routes this listener serves (§4): with `--admin-listen`,
     // `/metrics` and `/api/publish` live on the admin listener only, and the
     // admin listener serves no WebSockets and no demo page.
@@ -78,12 +80,12 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
         let keep_alive = wants_keep_alive(&head);
         let path = head.uri.path();
         let reply = match (&head.method, path) {
-            (&Method::GET, "/ws") if client_routes => match upgrade::accept(shard, conn, &head, Mode::Client) {
+            (&Method::GET, "/ws") if client_routes => match upgrade::accept(svc, conn, &head, Mode::Client) {
                 Ok(()) => return Ok(Mode::Client),
                 Err(reply) => reply,
             },
             (&Method::GET, "/echo") if client_routes && shard.cfg.echo => {
-                match upgrade::accept(shard, conn, &head, Mode::Echo) {
+                match upgrade::accept(svc, conn, &head, Mode::Echo) {
                     Ok(()) => return Ok(Mode::Echo),
                     Err(reply) => reply,
                 }
@@ -94,7 +96,7 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
             (&Method::GET, "/debug/shard" | "/debug/stall") if shard.cfg.debug_hooks => {
                 routes::debug(shard, path, head.uri.query())
             }
-            (&Method::GET, "/readyz") => match shard.not_ready() {
+            (&Method::GET, "/readyz") => match svc.not_ready() {
                 Some(why) => Reply::new(503, "text/plain; charset=utf-8", Bytes::from(why)),
                 None => Reply::text(200, "ready\n"),
             },
@@ -107,7 +109,7 @@ pub async fn serve(shard: &Rc<Shard>, conn: &Rc<Conn>, kept: &mut BytesMut) -> R
                         return Err(Stop::HttpDone);
                     }
                 };
-                routes::publish(shard, &head, &body).await
+                routes::publish(svc, &head, &body).await
             }
             (_, "/healthz" | "/readyz") => Reply::text(405, "method not allowed\n"),
             (_, "/ws") if client_routes => Reply::text(405, "method not allowed\n"),

@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 use super::Reply;
 use crate::metrics::{self, NodeInfo};
 use crate::protocol::{Position, Target, Unavailable, event, is_valid_name};
+use crate::services::Services;
 use crate::shard::Shard;
 
 /// The user id that server-side publishes carry as `from` (§4).
@@ -56,7 +57,8 @@ struct PublishBody<'a> {
     data: &'a RawValue,
 }
 
-pub async fn publish(shard: &Rc<Shard>, head: &Parts, body: &[u8]) -> Reply {
+pub async fn publish(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
+    let shard = svc.shard();
     // Server-side publish is never open on an authenticated node (§4): with
     // client auth on, it needs an API key.
     if shard.cfg.api_key.is_none() && shard.cfg.auth.is_some() {
@@ -78,10 +80,10 @@ pub async fn publish(shard: &Rc<Shard>, head: &Parts, body: &[u8]) -> Reply {
     };
     let data = req.data.get();
     let result = match (&req.room, &req.user) {
-        (Some(room), None) if is_valid_name(room) => match shard.history() {
+        (Some(room), None) if is_valid_name(room) => match svc.history() {
             // §4 + §7: the reply carries the message's position.
             Some(h) => {
-                return match crate::history::recover::publish_positioned(shard, h, room, SERVER_USER, data).await {
+                return match h.publish_positioned(shard, room, SERVER_USER, data).await {
                     Ok(pos) => positioned(pos),
                     Err(Unavailable) => json(503, r#"{"ok":false,"error":"unavailable"}"#),
                 };
@@ -89,11 +91,11 @@ pub async fn publish(shard: &Rc<Shard>, head: &Parts, body: &[u8]) -> Reply {
             // The answer waits until the backplane took the message (with
             // Redis: its reply to the PUBLISH), so that a backend's next
             // call, wherever it lands, comes after it.
-            None => shard.publish_confirmed(Target::Room(room), event::message(room, SERVER_USER, data)).await,
+            None => svc.publish_confirmed(Target::Room(room), event::message(room, SERVER_USER, data)).await,
         },
         (Some(_), None) => return json(400, r#"{"ok":false,"error":"bad_room"}"#),
         (None, Some(user)) if is_valid_name(user) => {
-            shard.publish_confirmed(Target::User(user), event::direct(SERVER_USER, data)).await
+            svc.publish_confirmed(Target::User(user), event::direct(SERVER_USER, data)).await
         }
         _ => return json(400, r#"{"ok":false,"error":"give exactly one of room or user"}"#),
     };

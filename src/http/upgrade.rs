@@ -13,7 +13,7 @@ use crate::auth;
 use crate::conn::{Conn, Mode};
 use crate::metrics::HandshakeResult as R;
 use crate::protocol::is_valid_name;
-use crate::shard::Shard;
+use crate::services::Services;
 
 /// RFC 6455 §1.3: the GUID appended to the client's key.
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -28,7 +28,8 @@ pub fn accept_key(key: &[u8]) -> String {
 
 /// Checks the upgrade request; on success queues the 101 and registers the
 /// connection as a WebSocket of its user. On failure returns the reply.
-pub fn accept(shard: &Rc<Shard>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> Result<(), Reply> {
+pub fn accept(svc: &Rc<Services>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> Result<(), Reply> {
+    let shard = svc.shard();
     let refuse = |result: R, reply: Reply| {
         shard.m().handshake(result);
         debug!(shard = shard.id, conn = conn.id, result = result.label(), status = reply.status, "handshake refused");
@@ -117,7 +118,7 @@ pub fn accept(shard: &Rc<Shard>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> R
     );
     respond_raw(shard, conn, Bytes::from(response));
     shard.m().handshake(R::Ok);
-    shard.upgraded(conn, user);
+    svc.upgraded(conn, user);
     if let Some(grant) = grant {
         crate::services::expiry::attach(shard, conn, grant);
     }

@@ -9,6 +9,7 @@ use std::collections::BinaryHeap;
 use std::rc::Rc;
 use std::time::Duration;
 
+use super::Services;
 use crate::auth::Grant;
 use crate::auth::grant::now_secs;
 use crate::conn::Conn;
@@ -27,11 +28,42 @@ thread_local! {
     static EXPIRIES: RefCell<Expiries> = RefCell::default();
 }
 
-#[derive(Default)]
+/// A shard's (expiry, conn id) entries, soonest first, deleted lazily: an
+/// entry whose connection was refreshed or closed is skipped when it comes
+/// up, and the heap is compacted once it has doubled since the last time.
 struct Expiries {
     heap: BinaryHeap<Reverse<(u64, ConnId)>>,
     sweeper: bool,
     compact_at: usize,
+}
+
+impl Default for Expiries {
+    fn default() -> Expiries {
+        Expiries { heap: BinaryHeap::new(), sweeper: false, compact_at: COMPACT_MIN_ENTRIES }
+    }
+}
+
+impl Expiries {
+    fn push(&mut self, exp: u64, id: ConnId) {
+        self.heap.push(Reverse((exp, id)));
+    }
+
+    /// Takes the entries due at `now` (soonest first); when the heap has
+    /// grown past `compact_at`, drops the entries `current` says are stale.
+    fn take_due(&mut self, now: u64, current: impl Fn(ConnId, u64) -> bool) -> Vec<(u64, ConnId)> {
+        let mut due = Vec::new();
+        while let Some(&Reverse((exp, id))) = self.heap.peek()
+            && exp <= now
+        {
+            self.heap.pop();
+            due.push((exp, id));
+        }
+        if self.heap.len() > self.compact_at {
+            self.heap.retain(|Reverse((exp, id))| current(*id, *exp));
+            self.compact_at = (self.heap.len() * 2).max(COMPACT_MIN_ENTRIES);
+        }
+        due
+    }
 }
 
 /// Gives an upgraded connection its grant and schedules its expiry check.
@@ -43,12 +75,11 @@ pub fn attach(shard: &Rc<Shard>, conn: &Rc<Conn>, grant: Grant) {
 fn track(shard: &Rc<Shard>, id: ConnId, exp: u64) {
     EXPIRIES.with(|e| {
         let mut e = e.borrow_mut();
-        e.heap.push(Reverse((exp, id)));
+        e.push(exp, id);
         if !e.sweeper {
             // Started by the shard's first authenticated connection: without
             // auth there is no sweeper at all.
             e.sweeper = true;
-            e.compact_at = COMPACT_MIN_ENTRIES;
             monoio::spawn(run_sweeper(shard.clone()));
         }
     })
@@ -87,21 +118,7 @@ fn sweep(shard: &Rc<Shard>, now: u64) {
     // Current iff the connection is still there with that very expiry; the
     // entries of refreshed or closed connections are skipped (lazy deletion).
     let current = |id: ConnId, exp: u64| shard.conn(id).filter(|c| c.with_grant(|g| g.is_some_and(|g| g.exp() == exp)));
-    let due: Vec<(u64, ConnId)> = EXPIRIES.with(|e| {
-        let mut e = e.borrow_mut();
-        let mut due = Vec::new();
-        while let Some(&Reverse((exp, id))) = e.heap.peek()
-            && exp <= now
-        {
-            e.heap.pop();
-            due.push((exp, id));
-        }
-        if e.heap.len() > e.compact_at {
-            e.heap.retain(|Reverse((exp, id))| current(*id, *exp).is_some());
-            e.compact_at = (e.heap.len() * 2).max(COMPACT_MIN_ENTRIES);
-        }
-        due
-    });
+    let due = EXPIRIES.with(|e| e.borrow_mut().take_due(now, |id, exp| current(id, exp).is_some()));
     for (exp, id) in due {
         if let Some(c) = current(id, exp) {
             expire(shard, &c);
@@ -112,7 +129,8 @@ fn sweep(shard: &Rc<Shard>, now: u64) {
 /// The `refresh` op: a fresh token for the same user replaces the grant
 /// (expiry and rooms). Subscriptions the new `rooms` claim no longer allows
 /// are left, each with an `unsubscribed` event (no `id`).
-pub fn refresh(shard: &Rc<Shard>, conn: &Rc<Conn>, me: &str, token: &str, id: Option<&str>) -> Result<(), ErrorCode> {
+pub fn refresh(svc: &Services, conn: &Rc<Conn>, me: &str, token: &str, id: Option<&str>) -> Result<(), ErrorCode> {
+    let shard = svc.shard();
     let Some(verifier) = shard.cfg.auth.as_deref() else {
         return Err(ErrorCode::BadRequest);
     };
@@ -131,10 +149,47 @@ pub fn refresh(shard: &Rc<Shard>, conn: &Rc<Conn>, me: &str, token: &str, id: Op
     }
     attach(shard, conn, grant);
     for room in dropped {
-        // Already off the connection's list; this leaves the room table.
-        shard.unsubscribe(conn, &room);
+        // Already off the connection's list; this leaves the room table, and
+        // drops a recovery still pending for it (`Services::leave`).
+        svc.leave(conn, &room);
         conn.push(shard, event::membership("unsubscribed", &room, None));
     }
     conn.push(shard, event::refreshed(v.exp, id));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_entries_come_out_soonest_first_and_the_rest_stay() {
+        let mut e = Expiries::default();
+        for (exp, id) in [(30, 3), (10, 1), (20, 2), (40, 4)] {
+            e.push(exp, id);
+        }
+        assert_eq!(e.take_due(5, |_, _| true), []);
+        assert_eq!(e.take_due(20, |_, _| true), [(10, 1), (20, 2)]);
+        assert_eq!(e.take_due(100, |_, _| true), [(30, 3), (40, 4)]);
+        assert!(e.heap.is_empty());
+    }
+
+    #[test]
+    fn stale_entries_are_dropped_once_the_heap_has_doubled() {
+        // One live connection refreshed again and again: each refresh leaves
+        // an entry behind that only its latest expiry makes current.
+        let mut e = Expiries::default();
+        let n = COMPACT_MIN_ENTRIES as u64 + 1;
+        for exp in 0..n {
+            e.push(1_000 + exp, 7);
+        }
+        let latest = 1_000 + n - 1;
+        assert_eq!(e.take_due(0, |id, exp| id == 7 && exp == latest), []);
+        assert_eq!(e.heap.len(), 1, "only the current entry survives the compaction");
+        assert_eq!(e.compact_at, COMPACT_MIN_ENTRIES);
+        // Below the threshold nothing is compacted (no walk per sweep).
+        e.push(5_000, 8);
+        assert_eq!(e.take_due(0, |_, _| false), []);
+        assert_eq!(e.heap.len(), 2);
+    }
 }

@@ -1,8 +1,251 @@
-//! The services over the fan-out core: the one owner, per shard, of what a
-//! client or a backend asks for (publish, subscribe, unsubscribe, history,
-//! token expiry), composed from the shard's tables, the bus and the history.
-//! Being built up in steps (see docs/design.md): today it holds the client
-//! ops (`ops`), the token expiry sweep and the `refresh` op (`expiry`).
+//! The services over the fan-out core: per shard, the one owner of what a
+//! client or a backend asks for. `Services` holds the shard (tables,
+//! fan-out, inbox), the bus and the history, and is the only place that
+//! turns a membership change into bus and history calls, decides "history
+//! room or plain" and "local or Redis" for a publish or a subscribe, and
+//! dispatches what arrives in the shard's inbox.
+//!
+//! - `mod.rs` — `Services`: publish, subscribe (join, recovery), leave,
+//!   connections coming and going, the inbox dispatch, readiness.
+//! - `ops.rs` — the client ops on `/ws` (PROTOCOL.md §2).
+//! - `expiry.rs` — token expiry and the `refresh` op.
+//!
+//! In: client ops (`session` → `ops`), HTTP calls (`http`), inbox messages.
+//! Out: `Shard` membership and fan-out, `Bus` publishes and interest,
+//! `ShardHistory` recoveries.
 
 pub mod expiry;
 pub mod ops;
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::bus::Bus;
+use crate::conn::Conn;
+use crate::history::{self, ShardHistory, Store};
+use crate::protocol::{Epoch, ErrorCode, Since, Target, Unavailable, event};
+use crate::shard::{Shard, ShardMsg};
+
+/// Inbox messages handled before the inbox task yields to the others.
+const INBOX_BATCH: usize = 256;
+
+/// One per shard; lives on the shard's thread, shared by its tasks as `Rc`.
+pub struct Services {
+    shard: Rc<Shard>,
+    bus: Rc<Bus>,
+    /// Room history (PROTOCOL.md §7) when `--history-size` > 0, with its
+    /// store chosen here, once: the owner shards' rings on the local bus, the
+    /// Redis history link with Redis.
+    history: Option<Rc<ShardHistory>>,
+}
+
+impl Services {
+    /// `hist`: with Redis and history on, the node's state of every shard's
+    /// history link (`history::redis::Shared`).
+    pub fn new(shard: Rc<Shard>, bus: Bus, hist: Option<Arc<history::redis::Shared>>) -> Rc<Services> {
+        let bus = Rc::new(bus);
+        let history = shard.cfg.history.map(|settings| {
+            let store = match &*bus {
+                Bus::Local => Store::Local,
+                Bus::Redis(r) => Store::Redis(history::redis::start(
+                    r,
+                    hist.expect("with Redis and history on, the node makes the history links' state"),
+                )),
+            };
+            Rc::new(ShardHistory::new(settings, Epoch::node(), store, bus.clone()))
+        });
+        Rc::new(Services { shard, bus, history })
+    }
+
+    pub fn shard(&self) -> &Rc<Shard> {
+        &self.shard
+    }
+
+    /// Room history, when on.
+    pub fn history(&self) -> Option<&Rc<ShardHistory>> {
+        self.history.as_ref()
+    }
+
+    /// Why `/readyz` should say 503 (draining, or a Redis link down), if so.
+    pub fn not_ready(&self) -> Option<String> {
+        if self.shard.is_draining() {
+            return Some("draining\n".into());
+        }
+        self.bus.not_ready().or_else(|| self.history.as_ref()?.not_ready())
+    }
+
+    // ---- connections ------------------------------------------------------------
+
+    /// The connection finished its WebSocket handshake as `user`.
+    pub fn upgraded(&self, conn: &Rc<Conn>, user: Rc<str>) {
+        if self.shard.upgraded(conn, user.clone()) {
+            self.bus.interest(&self.shard, Target::User(&user), true);
+        }
+    }
+
+    /// The connection is gone: it leaves its rooms and its user entry, and
+    /// the rooms and user it was the last member of leave the bus (and the
+    /// history's per-room state).
+    pub fn remove_conn(&self, conn: &Rc<Conn>) {
+        let left = self.shard.remove_conn(conn);
+        for room in &left.rooms {
+            self.room_left(room);
+        }
+        if let Some(user) = left.user {
+            self.bus.interest(&self.shard, Target::User(&user), false);
+        }
+    }
+
+    // ---- membership ---------------------------------------------------------------
+
+    /// `conn` joins `room`; the room's first member on this shard reaches the
+    /// bus (interest bit, SUBSCRIBE) before any reply to the member is queued.
+    fn join(&self, conn: &Rc<Conn>, room: &str) {
+        if self.shard.subscribe(conn, room) {
+            self.bus.interest(&self.shard, Target::Room(room), true);
+        }
+    }
+
+    /// `conn` leaves `room`, however it came to (an `unsubscribe`, a
+    /// `refresh` whose token no longer grants the room, a recovery whose read
+    /// failed): a recovery still pending for it is dropped, a `subscribed`
+    /// still held for it goes out first, and the room's last member here
+    /// takes the room off the bus and out of the history's state.
+    pub fn leave(&self, conn: &Rc<Conn>, room: &str) {
+        if let Some(h) = &self.history {
+            h.forget(conn, room);
+        }
+        self.bus.before_leave(&self.shard, conn, room);
+        if self.shard.unsubscribe(conn, room) {
+            self.room_left(room);
+        }
+    }
+
+    /// This shard's last member of `room` left.
+    fn room_left(&self, room: &str) {
+        self.bus.interest(&self.shard, Target::Room(room), false);
+        if let Some(h) = &self.history {
+            h.room_gone(room);
+        }
+    }
+
+    /// A client's `subscribe` (auth and limits already checked). In a history
+    /// room: the position, and with `since` the recovery, with the reply
+    /// after the read (§7). Otherwise the reply at once, or with Redis once
+    /// this node is subscribed there.
+    pub fn subscribe(self: &Rc<Self>, conn: &Rc<Conn>, room: &str, since: Option<Since>, id: Option<&str>) {
+        let Some(h) = &self.history else {
+            self.join(conn, room);
+            // §7: `since` with history off is answered, never replayed.
+            let reply = match since {
+                Some(_) => event::subscribed_unrecovered(room, id),
+                None => event::membership("subscribed", room, id),
+            };
+            self.bus.reply_subscribed(&self.shard, conn, room, reply);
+            return;
+        };
+        if !h.take_budget(&self.shard, conn, since.is_some(), id) {
+            return;
+        }
+        self.join(conn, room);
+        let token = h.begin_subscribe(&self.shard, conn, room);
+        let (svc, conn, room, id) = (self.clone(), conn.clone(), Rc::<str>::from(room), id.map(Box::<str>::from));
+        monoio::spawn(async move {
+            let Some(h) = &svc.history else { return };
+            let r = h.recover(&svc.shard, &room, since).await;
+            if since.is_some() {
+                conn.hist.done();
+            }
+            if h.finish_subscribe(&svc.shard, &conn, &room, token, since, id.as_deref(), r).is_err() {
+                // The read failed: the member leaves the room again.
+                svc.leave(&conn, &room);
+                svc.shard.m().client_errors_total.inc();
+                let e = event::error(ErrorCode::Unavailable, "room history is unavailable, try again", id.as_deref());
+                conn.push(&svc.shard, e);
+            }
+        });
+    }
+
+    // ---- publish ----------------------------------------------------------------
+
+    /// A client's message into `room`: through the room's history (its
+    /// authority assigns the offset) or straight to the bus.
+    pub fn publish_to_room(&self, room: &str, from: &str, data: &str) -> Result<(), Unavailable> {
+        match &self.history {
+            Some(h) => h.publish(&self.shard, room, from, data, None),
+            None => self.publish(Target::Room(room), event::message(room, from, data)),
+        }
+    }
+
+    /// Publishes an encoded event frame through the bus.
+    pub fn publish(&self, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
+        self.count_publish(self.bus.publish(&self.shard, target, frame))
+    }
+
+    /// Publishes like `publish`, resolving once the backplane took the
+    /// message (`Bus::publish_confirmed`): for `POST /api/publish`.
+    pub async fn publish_confirmed(&self, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
+        self.count_publish(self.bus.publish_confirmed(&self.shard, target, frame).await)
+    }
+
+    /// `corecast_publishes_total`, and `bus_unavailable_total` for a refusal.
+    fn count_publish(&self, r: Result<(), Unavailable>) -> Result<(), Unavailable> {
+        self.shard.m().publishes_total.inc();
+        if r.is_err() {
+            self.shard.m().bus_unavailable_total.inc();
+        }
+        r
+    }
+
+    // ---- the inbox ----------------------------------------------------------------
+
+    /// The inbox task: handles what other shards and bus threads send.
+    pub async fn run_inbox(self: Rc<Self>) {
+        let inbox = self.shard.inbox();
+        loop {
+            inbox.ready().await;
+            let mut n = 0;
+            while let Some(msg) = inbox.try_recv() {
+                self.on_msg(msg);
+                n += 1;
+                if n == INBOX_BATCH {
+                    // Let the flusher and the connections run between batches.
+                    self.shard.yield_now().await;
+                    n = 0;
+                }
+            }
+        }
+    }
+
+    fn on_msg(&self, msg: ShardMsg) {
+        let shard = &self.shard;
+        shard.m().inbox_messages_total.inc();
+        match msg {
+            ShardMsg::Room { room, frame, sent, pos } => match (pos, &self.history) {
+                (Some(pos), Some(h)) => h.on_live(shard, &room, *pos, frame, sent),
+                _ => shard.deliver_timed(Target::Room(&room), &frame, sent),
+            },
+            ShardMsg::Direct { user, frame, sent } => shard.deliver_timed(Target::User(&user), &frame, sent),
+            ShardMsg::Drain => shard.start_drain(),
+            ShardMsg::Subscribed { room, seq } => {
+                self.bus.on_subscribed(shard, &room, seq);
+                if let Some(h) = &self.history {
+                    h.on_subscribed(&room);
+                }
+            }
+            ShardMsg::RedisLink { up } => {
+                self.bus.on_link(shard, up);
+                if let Some(h) = &self.history {
+                    h.on_link(shard, up);
+                }
+            }
+            ShardMsg::History(msg) => {
+                if let Some(h) = &self.history {
+                    crate::history::local::handle(shard, h, *msg);
+                }
+            }
+        }
+    }
+}

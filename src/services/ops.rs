@@ -2,13 +2,15 @@
 
 use std::rc::Rc;
 
+use super::Services;
 use super::expiry;
 use crate::conn::{Conn, limits};
 use crate::protocol::{ClientOp, ErrorCode, Target, event};
 use crate::shard::Shard;
 
 /// One complete client message (the frame loop's `OnMessage`).
-pub fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
+pub fn handle(svc: &Rc<Services>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
+    let shard = svc.shard();
     // An expired token ends the connection whatever the op (`services::expiry`).
     if expiry::check_expiry(shard, conn) {
         return;
@@ -38,21 +40,13 @@ pub fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
                 shard.m().room_limit_refusals_total.inc();
                 return refuse(shard, conn, ErrorCode::TooLarge, "too many rooms on this connection", id);
             }
-            if let Some(h) = shard.history() {
-                // §7: position, recovery; the reply comes after the read.
-                return h.subscribe(shard, conn, &room, since, id);
-            }
-            shard.subscribe(conn, &room);
-            // §7: `since` with history off is answered, never replayed.
-            let reply = match since {
-                Some(_) => event::subscribed_unrecovered(&room, id),
-                None => event::membership("subscribed", &room, id),
-            };
-            // With Redis, held until this node is subscribed there.
-            shard.reply_subscribed(conn, &room, reply);
+            // §7: position and recovery in a history room (the reply after
+            // the read); with Redis, the reply held until this node is
+            // subscribed there.
+            svc.subscribe(conn, &room, since, id);
         }
         ClientOp::History { room, limit, since } => {
-            let Some(h) = shard.history() else {
+            let Some(h) = svc.history() else {
                 return refuse(shard, conn, ErrorCode::BadRequest, "room history is off on this server", id);
             };
             if !conn.allows(&room) {
@@ -61,32 +55,24 @@ pub fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
             h.history_op(shard, conn, &room, limit, since, id);
         }
         ClientOp::Unsubscribe { room } => {
-            if let Some(h) = shard.history() {
-                h.forget(conn, &room);
-            }
-            shard.unsubscribe(conn, &room);
+            svc.leave(conn, &room);
             conn.push(shard, event::membership("unsubscribed", &room, id));
         }
         ClientOp::Publish { room, data } => {
             if !conn.allows(&room) {
                 return refuse(shard, conn, ErrorCode::Forbidden, "the token does not allow this room", id);
             }
-            if let Some(h) = shard.history() {
-                // §7: the room's authority assigns the offset.
-                let r = h.publish(shard, &room, &me, data, None).map_err(|_| crate::protocol::Unavailable);
-                return published(shard, conn, r, id);
-            }
-            let frame = event::message(&room, &me, data);
-            published(shard, conn, shard.publish(Target::Room(&room), frame), id);
+            // §7: in a history room, the room's authority assigns the offset.
+            published(shard, conn, svc.publish_to_room(&room, &me, data), id);
         }
         ClientOp::Send { user, data } => {
             let frame = event::direct(&me, data);
-            published(shard, conn, shard.publish(Target::User(&user), frame), id);
+            published(shard, conn, svc.publish(Target::User(&user), frame), id);
         }
         ClientOp::Ping => {
             conn.push(shard, event::reply("pong", id));
         }
-        ClientOp::Refresh { token } => match expiry::refresh(shard, conn, &me, &token, id) {
+        ClientOp::Refresh { token } => match expiry::refresh(svc, conn, &me, &token, id) {
             Ok(()) => {}
             Err(ErrorCode::BadRequest) => refuse(shard, conn, ErrorCode::BadRequest, "auth is not enabled", id),
             Err(code) => refuse(shard, conn, code, "the token is invalid, expired or for another user", id),

@@ -57,16 +57,20 @@ pub use inbox::{Inbox, InboxSender, ShardMsg};
 pub use peers::Links;
 use rooms::{RoomTable, UserTable};
 
-use crate::bus::Bus;
 use crate::conn::{Conn, Listener, ShardIo};
-use crate::protocol::{Target, Unavailable, event};
+use crate::protocol::{Target, event};
 use crate::rt::until;
 use crate::ws::CloseCode;
 
 pub use crate::conn::ConnId;
 
-/// Inbox messages handled before the inbox task yields to the others.
-const INBOX_BATCH: usize = 256;
+/// What a closed connection leaves behind: the rooms and the user it was
+/// this shard's last member of (`Shard::remove_conn`).
+#[derive(Default)]
+pub struct Left {
+    pub rooms: crate::conn::Rooms,
+    pub user: Option<Rc<str>>,
+}
 
 pub struct Shard {
     /// The connection runtime this shard's connections get (`conn::ShardIo`):
@@ -75,7 +79,6 @@ pub struct Shard {
     io: Rc<ShardIo>,
     /// Its queues into the other shards, the interest table, owed wakes.
     links: Links,
-    bus: Bus,
     conns: RefCell<Slab<Rc<Conn>>>,
     rooms: RefCell<RoomTable>,
     users: RefCell<UserTable>,
@@ -85,9 +88,8 @@ pub struct Shard {
     drain_waker: Cell<Option<Waker>>,
     /// The heartbeat cursor (`heartbeat::run`).
     sweep: heartbeat::Sweep,
-    /// Room history (PROTOCOL.md §7) when `--history-size` > 0.
-    history: Option<crate::history::ShardHistory>,
-    /// Every queue into this shard (`inbox.rs`), drained by `run_inbox`.
+    /// Every queue into this shard (`inbox.rs`), drained by the services'
+    /// inbox task (`services::Services::run_inbox`).
     inbox: Inbox,
 }
 
@@ -102,19 +104,16 @@ impl std::ops::Deref for Shard {
 }
 
 impl Shard {
-    pub fn new(io: Rc<ShardIo>, links: Links, bus: Bus, inbox: Inbox) -> Rc<Shard> {
-        let history = io.cfg.history.map(|h| crate::history::ShardHistory::new(h, crate::protocol::Epoch::node()));
+    pub fn new(io: Rc<ShardIo>, links: Links, inbox: Inbox) -> Rc<Shard> {
         Rc::new(Shard {
             io,
             links,
-            bus,
             conns: RefCell::new(Slab::new()),
             rooms: RefCell::default(),
             users: RefCell::default(),
             draining: Cell::new(false),
             drain_waker: Cell::new(None),
             sweep: heartbeat::Sweep::default(),
-            history,
             inbox,
         })
     }
@@ -124,30 +123,14 @@ impl Shard {
         &self.io
     }
 
-    /// This shard's inbox (for `bus::local`'s ordering of its own publishes).
-    pub(crate) fn inbox(&self) -> &Inbox {
+    /// This shard's inbox (for `bus::local`'s ordering of its own publishes,
+    /// and the services' inbox task).
+    pub fn inbox(&self) -> &Inbox {
         &self.inbox
-    }
-
-    /// Room history, when on.
-    pub fn history(&self) -> Option<&crate::history::ShardHistory> {
-        self.history.as_ref()
-    }
-
-    pub(crate) fn bus(&self) -> &Bus {
-        &self.bus
     }
 
     pub fn is_draining(&self) -> bool {
         self.draining.get()
-    }
-
-    /// Why `/readyz` should say 503 (draining, or a Redis link down), if so.
-    pub fn not_ready(&self) -> Option<String> {
-        if self.draining.get() {
-            return Some("draining\n".into());
-        }
-        self.bus.not_ready()
     }
 
     /// Is `conn` still this shard's open connection (not closed and replaced)?
@@ -190,29 +173,31 @@ impl Shard {
         true
     }
 
-    /// The connection finished its WebSocket handshake as `user`.
-    pub fn upgraded(&self, conn: &Rc<Conn>, user: Rc<str>) {
+    /// The connection finished its WebSocket handshake as `user`. True: it
+    /// is the user's first connection on this shard (an edge for the bus).
+    #[must_use = "a user's first connection must reach the bus (services)"]
+    pub fn upgraded(&self, conn: &Rc<Conn>, user: Rc<str>) -> bool {
         conn.limits.seen(self.tick());
         let first = self.users.borrow_mut().add(&user, conn.id);
-        conn.set_user(user.clone());
-        if first {
-            self.bus.interest(self, Target::User(&user), true);
-        }
+        conn.set_user(user);
         self.m().connections.inc();
         self.m().connections_total.inc();
+        first
     }
 
-    /// Forgets a connection: leaves its rooms and its user entry.
-    pub fn remove_conn(&self, conn: &Rc<Conn>) {
+    /// Forgets a connection: leaves its rooms and its user entry. Returns
+    /// the rooms and the user it was this shard's last member of.
+    #[must_use = "the rooms and the user left empty must reach the bus and the history (services)"]
+    pub fn remove_conn(&self, conn: &Rc<Conn>) -> Left {
+        let mut left = Left::default();
         for room in conn.take_rooms() {
             if self.rooms.borrow_mut().leave(&room, conn.id).edge {
-                self.bus.interest(self, Target::Room(&room), false);
-                self.history_room_gone(&room);
+                left.rooms.push(room);
             }
         }
         if let Some(user) = conn.user() {
             if self.users.borrow_mut().remove(&user, conn.id) {
-                self.bus.interest(self, Target::User(&user), false);
+                left.user = Some(user);
             }
             self.m().connections.sub(1);
             if self.cfg.max_connections != usize::MAX {
@@ -226,63 +211,32 @@ impl Shard {
         {
             w.wake();
         }
+        left
     }
 
-    pub fn subscribe(&self, conn: &Rc<Conn>, room: &str) {
+    /// `conn` joins `room`. True: its first member on this shard (an edge
+    /// for the bus, which must hear of it before any reply to the member).
+    #[must_use = "a room's first member must reach the bus (services)"]
+    pub fn subscribe(&self, conn: &Rc<Conn>, room: &str) -> bool {
         let (key, change) = self.rooms.borrow_mut().join(room, conn.id);
         if let Some(key) = key {
             conn.add_room(key);
         }
-        if change.edge {
-            self.bus.interest(self, Target::Room(room), true);
-        }
+        change.edge
     }
 
-    /// Sends the `subscribed` reply for a `subscribe` of `room`; with Redis,
-    /// not before this node is subscribed there (see `bus::redis`).
-    pub fn reply_subscribed(&self, conn: &Rc<Conn>, room: &str, reply: Bytes) {
-        self.bus.reply_subscribed(self, conn, room, reply);
-    }
-
-    pub fn unsubscribe(&self, conn: &Rc<Conn>, room: &str) {
-        self.bus.before_leave(self, conn, room);
+    /// `conn` leaves `room`. True: it was the room's last member here (an
+    /// edge for the bus and the history).
+    #[must_use = "a room's last member leaving must reach the bus and the history (services)"]
+    pub fn unsubscribe(&self, conn: &Rc<Conn>, room: &str) -> bool {
         let change = self.rooms.borrow_mut().leave(room, conn.id);
         if change.changed {
             conn.remove_room(room);
         }
-        if change.edge {
-            self.bus.interest(self, Target::Room(room), false);
-            self.history_room_gone(room);
-        }
+        change.edge
     }
 
-    fn history_room_gone(&self, room: &str) {
-        if let Some(h) = &self.history {
-            h.room_gone(room);
-        }
-    }
-
-    // ---- publish and fan-out ------------------------------------------------
-
-    /// Publishes an encoded event frame through the bus.
-    pub fn publish(&self, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
-        self.count_publish(self.bus.publish(self, target, frame))
-    }
-
-    /// Publishes like `publish`, resolving once the backplane took the
-    /// message (`Bus::publish_confirmed`): for `POST /api/publish`.
-    pub async fn publish_confirmed(&self, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
-        self.count_publish(self.bus.publish_confirmed(self, target, frame).await)
-    }
-
-    /// `corecast_publishes_total`, and `bus_unavailable_total` for a refusal.
-    fn count_publish(&self, r: Result<(), Unavailable>) -> Result<(), Unavailable> {
-        self.m().publishes_total.inc();
-        if r.is_err() {
-            self.m().bus_unavailable_total.inc();
-        }
-        r
-    }
+    // ---- fan-out ---------------------------------------------------------------
 
     /// Like `deliver`, and if any local member got the frame, records the
     /// time since `sent` in `corecast_delivery_latency_seconds` (once per
@@ -370,51 +324,6 @@ impl Shard {
                     conn.kill(&self, CloseCode::POLICY);
                 }
             }
-        }
-    }
-
-    // ---- the inbox -----------------------------------------------------------
-
-    /// The inbox task: handles what other shards and bus threads send.
-    pub async fn run_inbox(self: Rc<Self>) {
-        let inbox = &self.inbox;
-        loop {
-            inbox.ready().await;
-            let mut n = 0;
-            while let Some(msg) = inbox.try_recv() {
-                self.handle(msg);
-                n += 1;
-                if n == INBOX_BATCH {
-                    // Let the flusher and the connections run between batches.
-                    self.yield_now().await;
-                    n = 0;
-                }
-            }
-        }
-    }
-
-    fn handle(self: &Rc<Self>, msg: ShardMsg) {
-        self.m().inbox_messages_total.inc();
-        match msg {
-            ShardMsg::Room { room, frame, sent, pos } => match (pos, &self.history) {
-                (Some(pos), Some(h)) => h.on_live(self, &room, *pos, frame, sent),
-                _ => self.deliver_timed(Target::Room(&room), &frame, sent),
-            },
-            ShardMsg::Direct { user, frame, sent } => self.deliver_timed(Target::User(&user), &frame, sent),
-            ShardMsg::Drain => self.start_drain(),
-            ShardMsg::Subscribed { room, seq } => {
-                self.bus.on_subscribed(self, &room, seq);
-                if let Some(h) = &self.history {
-                    h.on_subscribed(&room);
-                }
-            }
-            ShardMsg::RedisLink { up } => {
-                self.bus.on_link(self, up);
-                if let Some(h) = &self.history {
-                    h.on_link(self, up);
-                }
-            }
-            ShardMsg::History(msg) => crate::history::local::handle(self, *msg),
         }
     }
 

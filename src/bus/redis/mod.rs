@@ -47,13 +47,13 @@
 //! to many clients, so its decode and check run beside the shard, not on it.
 
 pub mod cluster;
-pub mod history;
-mod history_owner;
-mod net;
+pub mod health;
+pub mod link;
+pub(crate) mod net;
 pub mod publink;
 pub mod publisher;
 pub mod reader;
-mod resp;
+pub(crate) mod resp;
 pub mod sentinel;
 mod subconn;
 pub mod subs;
@@ -61,251 +61,28 @@ pub mod topology;
 pub mod url;
 
 use std::cell::{Cell, RefCell};
-use std::fmt;
-use std::io;
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::Waker;
 use std::thread;
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
-use tracing::warn;
 
 use super::{Target, Unavailable};
 use crate::config::Config;
 use crate::conn::Conn;
-use crate::metrics::{Metrics, ShardMetrics};
+use crate::metrics::Metrics;
 use crate::protocol::event;
 use crate::shard::{InboxSender, Shard};
+pub use health::Health;
+pub use link::{Link, LinkError};
 use publisher::Publisher;
 use reader::SubHandle;
 use subs::{Interest, Kind};
 use topology::Topology;
 pub use url::{RedisUrl, Spec};
-
-/// A TCP connect to Redis that takes longer fails (and is retried).
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// AUTH/SELECT answered within this, or the attempt fails.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
-/// A subscriber connection silent this long is sent a PING.
-pub(crate) const PING_IDLE: Duration = Duration::from_secs(1);
-/// A PING (subscriber) or the oldest PUBLISH (publisher) unanswered this long
-/// means Redis is gone or stopped: drop the connection and reconnect.
-pub(crate) const DEAD_AFTER: Duration = Duration::from_secs(3);
-/// Reconnect delays double from `BACKOFF_MIN` up to `BACKOFF_MAX`, each
-/// jittered down by up to half so that nodes do not reconnect in step.
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
-
-/// Why a Redis connection failed or was dropped. Redis's (or the network's)
-/// doing, never a bug here: logged at warn, then retried.
-#[derive(Debug)]
-pub enum LinkError {
-    /// Name resolution, connect, read or write failed.
-    Io(io::Error),
-    /// Redis closed the connection.
-    Closed,
-    /// Redis did not answer in time; says what we waited for.
-    Timeout(&'static str),
-    /// Redis answered a command with an error (wrong password, bad db, ACL).
-    Refused { step: &'static str, reply: String },
-    /// Bytes that are not RESP2.
-    Protocol,
-}
-
-impl fmt::Display for LinkError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LinkError::Io(e) => write!(f, "{e}"),
-            LinkError::Closed => f.write_str("connection closed by Redis"),
-            LinkError::Timeout(what) => write!(f, "no answer from Redis: {what}"),
-            LinkError::Refused { step, reply } => write!(f, "{step} refused: {reply}"),
-            LinkError::Protocol => f.write_str("not RESP2 from Redis"),
-        }
-    }
-}
-
-impl From<io::Error> for LinkError {
-    fn from(e: io::Error) -> LinkError {
-        match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => LinkError::Timeout("read or write timed out"),
-            _ => LinkError::Io(e),
-        }
-    }
-}
-
-/// Capped exponential backoff with jitter.
-pub(crate) struct Backoff(Duration);
-
-impl Backoff {
-    pub fn new() -> Backoff {
-        Backoff(BACKOFF_MIN)
-    }
-    pub fn reset(&mut self) {
-        self.0 = BACKOFF_MIN;
-    }
-    /// The next delay: somewhere in [d/2, d], then d doubles (capped).
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (d * 2).min(BACKOFF_MAX);
-        let half = d.as_micros() as u64 / 2;
-        Duration::from_micros(half + fastrand::u64(0..=half))
-    }
-}
-
-/// Logs a link failure at warn the first time, when the reason changes, and
-/// once a minute while it lasts, so a Redis that stays down (or a wrong
-/// password) does not flood the log every two seconds.
-pub(crate) struct FailureLog(Option<(String, Instant)>);
-
-/// How often an unchanged failure is logged again at warn.
-const FAILURE_REPEAT: Duration = Duration::from_secs(60);
-
-impl FailureLog {
-    pub fn new() -> FailureLog {
-        FailureLog(None)
-    }
-    pub fn failed(&mut self, shard: usize, link: Link, url: &RedisUrl, e: &LinkError) {
-        let text = e.to_string();
-        let now = Instant::now();
-        match &self.0 {
-            Some((last, at)) if *last == text && now - *at < FAILURE_REPEAT => {
-                tracing::debug!(shard, link = link.name(), error = %text, "redis link still failing");
-            }
-            _ => {
-                warn!(shard, link = link.name(), redis = %url, error = %text, "redis link failed; retrying with backoff");
-                self.0 = Some((text, now));
-            }
-        }
-    }
-    pub fn recovered(&mut self) {
-        self.0 = None;
-    }
-}
-
-/// The reconnect bookkeeping of one Redis link: backoff, failure log, and
-/// whether a connect is a first one or a reconnect (counted).
-pub(crate) struct Retry {
-    shard: usize,
-    link: Link,
-    backoff: Backoff,
-    failures: FailureLog,
-    was_up: bool,
-}
-
-impl Retry {
-    pub fn new(shard: usize, link: Link) -> Retry {
-        Retry { shard, link, backoff: Backoff::new(), failures: FailureLog::new(), was_up: false }
-    }
-    /// The link is up: reset the backoff, end the failure, count a reconnect.
-    pub fn connected(&mut self, m: &ShardMetrics) {
-        self.backoff.reset();
-        self.failures.recovered();
-        if self.was_up {
-            m.redis_reconnects_total.add_shared(1);
-        }
-        self.was_up = true;
-    }
-    pub fn failed(&mut self, url: &RedisUrl, e: &LinkError) {
-        // (`url` names the server; the password is never shown.)
-        self.failures.failed(self.shard, self.link, url, e);
-    }
-    pub fn next_delay(&mut self) -> Duration {
-        self.backoff.next_delay()
-    }
-}
-
-/// Which kind of a shard's Redis connections (subscriber and publisher:
-/// one of each per primary; history: one, `history.rs`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Link {
-    Subscriber = 0,
-    Publisher = 1,
-    /// Room history (`history.rs`); its health is `history::Shared`, not here.
-    History = 2,
-}
-
-impl Link {
-    pub fn name(self) -> &'static str {
-        match self {
-            Link::Subscriber => "subscriber",
-            Link::Publisher => "publisher",
-            Link::History => "history",
-        }
-    }
-}
-
-/// Every Redis link of this node, shared by the shards (for `/readyz`), the
-/// readers and the publishers. Each flag has one writer: the reader thread
-/// for `sub`, the shard thread for `publ`; the matching gauges too.
-pub struct Health {
-    metrics: Arc<Metrics>,
-    links: Box<[LinkHealth]>,
-    /// Set once the topology exists: its own problems (unserved slots, no
-    /// primary found) come first in `/readyz`.
-    topo: std::sync::OnceLock<Arc<Topology>>,
-}
-
-#[derive(Default)]
-struct LinkHealth {
-    sub: AtomicBool,
-    publ: AtomicBool,
-    /// The last failure of each link, subscriber then publisher.
-    last_error: [Mutex<Option<String>>; 2],
-}
-
-impl Health {
-    fn new(metrics: Arc<Metrics>, shards: usize) -> Health {
-        Health { metrics, links: (0..shards).map(|_| LinkHealth::default()).collect(), topo: Default::default() }
-    }
-
-    /// Records whether `link` of `shard` works; keeps the gauges in step.
-    pub(crate) fn set(&self, shard: usize, link: Link, up: bool) {
-        let (flag, gauge) = match link {
-            Link::Subscriber => (&self.links[shard].sub, &self.metrics.shard(shard).redis_connected),
-            Link::Publisher => (&self.links[shard].publ, &self.metrics.shard(shard).redis_publisher_connected),
-            Link::History => return,
-        };
-        if flag.swap(up, Ordering::Relaxed) != up {
-            // One writer per gauge (see the struct doc), so `add`/`sub` suffice.
-            if up { gauge.inc() } else { gauge.sub(1) }
-        }
-    }
-
-    /// Records the last failure of `link` of `shard`, at Redis server `node`.
-    pub(crate) fn failed(&self, shard: usize, link: Link, node: &str, e: &LinkError) {
-        // The history link keeps its own health (`history::Shared`).
-        if let Some(Ok(mut last)) = self.links[shard].last_error.get(link as usize).map(|m| m.lock()) {
-            *last = Some(format!("{node}: {e}"));
-        }
-    }
-
-    /// `None` when every link of every shard is up; else the first one down
-    /// and its last error, for the `/readyz` body.
-    pub fn not_ready(&self) -> Option<String> {
-        if let Some(p) = self.topo.get().and_then(|t| t.problem()) {
-            return Some(format!("redis: {p}\n"));
-        }
-        for (i, l) in self.links.iter().enumerate() {
-            for (link, up) in [(Link::Subscriber, &l.sub), (Link::Publisher, &l.publ)] {
-                if !up.load(Ordering::Relaxed) {
-                    let last = l.last_error[link as usize].lock().ok().and_then(|e| e.clone());
-                    return Some(match last {
-                        Some(e) => format!("redis: shard {i} {} link down (last error: {e})\n", link.name()),
-                        None => {
-                            format!("redis: shard {i} {} link not connected yet\n", link.name())
-                        }
-                    });
-                }
-            }
-        }
-        None
-    }
-}
 
 /// What a shard thread takes with it to run its side of the backplane.
 pub struct ShardLink {
@@ -315,8 +92,6 @@ pub struct ShardLink {
     prefix: Arc<str>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    /// Room history (`history.rs`), when `--history-size` > 0.
-    history: Option<Arc<history::Shared>>,
 }
 
 /// Parses `--redis`, then spawns and pins one `redis-NN` reader thread per
@@ -338,7 +113,6 @@ pub fn start(
     tracing::info!(redis = %shown, prefix = %prefix, "redis backplane");
     let _ = health.topo.set(topo.clone());
     let mut links = Vec::with_capacity(peers.len());
-    let hist = cfg.history.map(|h| history::Shared::new(h, peers.len()));
     for (i, inbox) in peers.iter().enumerate() {
         let (subs, input) = reader::channel().context("redis: make the reader's wake-up pipe")?;
         topo.add_waker(subs.waker().context("redis: share the reader's wake-up pipe")?);
@@ -372,7 +146,6 @@ pub fn start(
             prefix: prefix.clone(),
             health: health.clone(),
             metrics: metrics.clone(),
-            history: hist.clone(),
         });
     }
     Ok(links)
@@ -430,8 +203,9 @@ pub struct RedisBus {
     link_up: Cell<bool>,
     next_seq: Cell<u64>,
     rooms: RefCell<FxHashMap<Arc<str>, RoomSub>>,
-    /// The shard's history connection and the node's history links (§7).
-    history: Option<(Rc<history::HistLink>, Arc<history::Shared>)>,
+    shard: usize,
+    topo: Arc<Topology>,
+    metrics: Arc<Metrics>,
 }
 
 impl RedisBus {
@@ -440,22 +214,6 @@ impl RedisBus {
     pub fn start(link: ShardLink) -> RedisBus {
         let publisher = Publisher::start(link.shard, link.topo.clone(), link.health.clone(), link.metrics.clone());
         monoio::spawn(publisher.clone().follow());
-        let history = link.history.map(|shared| {
-            // One plain server: the history link's own connection; any other
-            // topology: the channel's owner, over the publisher's links.
-            let route =
-                (link.topo.mode != topology::Mode::Single).then(|| history_owner::OwnerRoute::new(publisher.clone()));
-            let h = history::HistLink::new(
-                link.shard,
-                link.topo.clone(),
-                link.metrics.clone(),
-                link.prefix.clone(),
-                shared.clone(),
-                route,
-            );
-            monoio::spawn(h.clone().run());
-            (h, shared)
-        });
         let interest = Rc::new(InterestQueue { batch: RefCell::default(), waker: Cell::new(None), subs: link.subs });
         monoio::spawn(interest.clone().run());
         RedisBus {
@@ -466,15 +224,35 @@ impl RedisBus {
             link_up: Cell::new(false),
             next_seq: Cell::new(1),
             rooms: RefCell::default(),
-            history,
+            shard: link.shard,
+            topo: link.topo,
+            metrics: link.metrics,
         }
     }
 
-    // ---- room history (§7, `history.rs`) ----
+    // ---- what the Redis history store is built from (`history::redis`) ----
 
-    /// The shard's history connection, when history is on.
-    pub fn history(&self) -> Option<&Rc<history::HistLink>> {
-        self.history.as_ref().map(|(h, _)| h)
+    /// This shard's publisher (its links to every primary).
+    pub fn publisher(&self) -> &Rc<Publisher> {
+        &self.publisher
+    }
+
+    /// The node's view of the Redis topology.
+    pub fn topo(&self) -> &Arc<Topology> {
+        &self.topo
+    }
+
+    /// The channel prefix (`--channel-prefix`).
+    pub fn prefix(&self) -> &Arc<str> {
+        &self.prefix
+    }
+
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The subscriber link as last reported by the reader.
@@ -615,10 +393,7 @@ impl RedisBus {
     }
 
     pub fn not_ready(&self) -> Option<String> {
-        self.health.not_ready().or_else(|| {
-            let down = self.history.as_ref().and_then(|(_, s)| s.down())?;
-            Some(format!("redis: shard {down} history link not connected\n"))
-        })
+        self.health.not_ready()
     }
 }
 

@@ -13,7 +13,9 @@ use bytes::BytesMut;
 use monoio::net::TcpStream;
 use redis_protocol::resp2::types::BytesFrame;
 
-use super::{LinkError, RedisUrl, resp};
+use super::link::LinkError;
+use super::resp;
+use super::url::RedisUrl;
 use crate::protocol::Unavailable;
 
 /// How long a blocking ask (topology, Sentinel) waits to connect, write or read.

@@ -35,9 +35,11 @@ use redis_protocol::resp2::types::BytesFrame;
 use tracing::{info, warn};
 
 use super::cluster::Redirect;
+use super::health::Health;
+use super::link::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Link, LinkError, Retry};
 use super::net::{READ_CHUNK, ReplyFn, connect_any, next_frame, try_recv, would_block, write_all};
+use super::resp;
 use super::topology::{Mode, Node, Topology};
-use super::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Health, Link, LinkError, Retry, resp};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::protocol::Unavailable;
 

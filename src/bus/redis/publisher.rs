@@ -24,10 +24,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tracing::debug;
 
 use super::cluster::Redirect;
+use super::health::Health;
+use super::link::Link;
 use super::net::ReplyFn;
 use super::publink::{LinkOwner, MAX_HOPS, NodeLink};
+use super::resp;
 use super::topology::{Topology, View};
-use super::{Health, Link, resp};
 use crate::metrics::Metrics;
 use crate::protocol::{Target, Unavailable};
 

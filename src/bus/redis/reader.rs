@@ -50,10 +50,12 @@ use redis_protocol::resp2::types::BytesFrame;
 use simd_json::prelude::*;
 use tracing::{debug, info, warn};
 
+use super::health::Health;
+use super::link::{DEAD_AFTER, Link, LinkError, PING_IDLE, Retry};
 use super::subconn::{self, Confirm, SubConn, is_timeout, read_more};
 use super::subs::{Interest, Kind, channel_name};
 use super::topology::{Mode, Node, Topology, View};
-use super::{DEAD_AFTER, Health, Link, LinkError, PING_IDLE, Retry, cluster, resp};
+use super::{cluster, resp};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::protocol::event;
 use crate::shard::{InboxSender, ShardMsg};

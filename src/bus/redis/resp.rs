@@ -10,7 +10,7 @@ use bytes::{BufMut, BytesMut};
 use redis_protocol::resp2::decode::decode_bytes_mut;
 use redis_protocol::resp2::types::BytesFrame;
 
-use super::LinkError;
+use super::link::LinkError;
 use super::subs::Kind;
 use super::url::RedisUrl;
 use crate::protocol::Target;
@@ -19,7 +19,7 @@ use crate::protocol::Target;
 pub const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 
 /// Appends `*<n>\r\n` or `$<n>\r\n`.
-pub(super) fn put_len(buf: &mut BytesMut, tag: u8, n: usize) {
+pub(crate) fn put_len(buf: &mut BytesMut, tag: u8, n: usize) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     let mut n = n;
@@ -37,7 +37,7 @@ pub(super) fn put_len(buf: &mut BytesMut, tag: u8, n: usize) {
 }
 
 /// Appends one bulk string made of `parts` laid end to end.
-pub(super) fn put_bulk(buf: &mut BytesMut, parts: &[&[u8]]) {
+pub(crate) fn put_bulk(buf: &mut BytesMut, parts: &[&[u8]]) {
     put_len(buf, b'$', parts.iter().map(|p| p.len()).sum());
     for p in parts {
         buf.put_slice(p);

@@ -19,9 +19,11 @@ use redis_protocol::resp2::types::BytesFrame;
 use tracing::{debug, info};
 
 use super::cluster::{NodeAddr, text};
+use super::link::LinkError;
 use super::net::{connect, oneshot, read_frame};
+use super::resp;
 use super::url::HostPort;
-use super::{LinkError, RedisUrl, resp};
+use super::url::RedisUrl;
 
 /// How often the watch looks at the refresh requests while it waits for
 /// `+switch-master`.

@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::link::{DEAD_AFTER, HANDSHAKE_TIMEOUT, LinkError, PING_IDLE, Retry};
 use super::subs::{Settled, Subscriptions};
 use super::topology::Node;
-use super::{DEAD_AFTER, HANDSHAKE_TIMEOUT, LinkError, PING_IDLE, Retry, cluster, resp};
+use super::{cluster, resp};
 use crate::metrics::Metrics;
 
 /// Bytes read from Redis per `read(2)`.
@@ -171,7 +172,7 @@ impl SubConn {
         let (out, steps) = resp::handshake(&self.node.url, client_name, check_role);
         self.attempt = Some(Attempt {
             sock: sock.into(),
-            deadline: Instant::now() + super::CONNECT_TIMEOUT,
+            deadline: Instant::now() + super::link::CONNECT_TIMEOUT,
             connected: false,
             out,
             buf: BytesMut::with_capacity(READ_CHUNK),

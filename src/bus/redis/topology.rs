@@ -33,8 +33,9 @@ use tracing::{info, warn};
 
 use super::cluster::{self, NodeAddr, SLOTS, SlotRange};
 use super::net::{oneshot, resolve};
+use super::sentinel;
+use super::url::RedisUrl;
 use super::url::{HostPort, Spec};
-use super::{RedisUrl, sentinel};
 use crate::metrics::Metrics;
 
 /// A cluster's slot map is asked again this often even when nothing failed.

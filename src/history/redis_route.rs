@@ -39,9 +39,9 @@ use std::rc::Rc;
 use bytes::{BufMut, Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
 
-use super::net::ReplyFn;
-use super::publisher::Publisher;
-use super::resp;
+use crate::bus::redis::net::ReplyFn;
+use crate::bus::redis::publisher::Publisher;
+use crate::bus::redis::resp;
 use crate::protocol::Unavailable;
 
 /// The history scripts, loaded (`SCRIPT LOAD`) on each primary that owns

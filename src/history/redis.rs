@@ -48,11 +48,14 @@ use redis_protocol::resp2::decode::decode_bytes_mut;
 use redis_protocol::resp2::types::BytesFrame;
 use tracing::{info, warn};
 
-use super::history_owner::{OwnerRoute, PUBLISH_LUA, READ_LUA, Script};
-use super::net::{READ_CHUNK, connect_any, next_frame, try_recv, try_send, would_block, write_all};
-use super::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Link, LinkError, RedisUrl, Retry, resp};
+use super::redis_route::{OwnerRoute, PUBLISH_LUA, READ_LUA, Script};
+use super::types::{Entry, Query, ReadResult, offset_of_id};
+use crate::bus::redis::RedisBus;
+use crate::bus::redis::link::{CONNECT_TIMEOUT, DEAD_AFTER, HANDSHAKE_TIMEOUT, Link, LinkError, Retry};
+use crate::bus::redis::net::{READ_CHUNK, connect_any, next_frame, try_recv, try_send, would_block, write_all};
+use crate::bus::redis::topology::{Mode, Topology};
+use crate::bus::redis::{RedisUrl, resp};
 use crate::config::HistorySettings;
-use crate::history::{Entry, Query, ReadResult, offset_of_id};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::protocol::event::{self, MessagePrefix};
 use crate::protocol::{Epoch, Position, Unavailable};
@@ -129,7 +132,7 @@ impl Pending {
 pub struct HistLink {
     shard: usize,
     /// Where Redis is: the history lives on the (one) primary of the view.
-    topo: Arc<super::topology::Topology>,
+    topo: Arc<Topology>,
     /// The primary last connected to (for logs).
     url: RefCell<RedisUrl>,
     metrics: Arc<Metrics>,
@@ -157,10 +160,25 @@ pub struct HistLink {
     route: Option<Rc<OwnerRoute>>,
 }
 
+/// Starts the shard's history link on the Redis bus: its own connection on
+/// one plain server; with Sentinel, Cluster or several servers, each room's
+/// channel owner over the publisher's links (`redis_route`).
+pub fn start(bus: &RedisBus, shared: Arc<Shared>) -> Rc<HistLink> {
+    let route = (bus.topo().mode != Mode::Single).then(|| OwnerRoute::new(bus.publisher().clone()));
+    let h = HistLink::new(bus.shard(), bus.topo().clone(), bus.metrics().clone(), bus.prefix().clone(), shared, route);
+    monoio::spawn(h.clone().run());
+    h
+}
+
 impl HistLink {
+    /// The first shard of the node whose history link is down, if any.
+    pub fn node_down(&self) -> Option<usize> {
+        self.shared.down()
+    }
+
     pub fn new(
         shard: usize,
-        topo: Arc<super::topology::Topology>,
+        topo: Arc<Topology>,
         metrics: Arc<Metrics>,
         prefix: Arc<str>,
         shared: Arc<Shared>,
