@@ -228,7 +228,7 @@ pub struct Config {
     pub compression_min_bytes: usize,
     pub drain: Duration,
     pub api_key: Option<String>,
-    /// Checks client JWTs; `None`: auth is off (`auth.rs`).
+    /// Checks client JWTs; `None`: auth is off (`auth::verify`).
     pub auth: Option<Arc<crate::auth::Verifier>>,
     /// `None`: any origin.
     pub allowed_origins: Option<Box<[String]>>,

@@ -128,7 +128,7 @@ pub struct Conn {
     /// and put back by the few calls below (`with_rooms`), never borrowed.
     rooms: Cell<Rooms>,
     /// What the connection keeps of its JWT (expiry, room patterns), boxed so
-    /// that a server without auth pays one pointer (`auth.rs`). A `Cell`: it is
+    /// that a server without auth pays one pointer (`auth::grant`). A `Cell`: it is
     /// only ever taken and put back (`Conn::with_grant`).
     pub(crate) grant: Cell<Option<Box<Grant>>>,
     /// Liveness stamp and op rate (`limits.rs`).

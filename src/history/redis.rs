@@ -3,7 +3,7 @@
 //! plain server it has a connection of its own (below); on every other
 //! topology (Sentinel, Cluster, several servers) it sends the same scripts
 //! to the primary owning the room channel's slot over the publisher's links
-//! instead (`history_owner.rs`, which says why that keeps each room's order).
+//! instead (`redis_route.rs`, which says why that keeps each room's order).
 //!
 //! The history of room R lives in Redis, shared by every node:
 //!
@@ -156,7 +156,7 @@ pub struct HistLink {
     ttl_arg: String,
     /// Every topology but one plain server: the scripts go to the owner of
     /// the room channel's slot over the publisher's links
-    /// (`history_owner.rs`), not over a connection of this link's own.
+    /// (`redis_route.rs`), not over a connection of this link's own.
     route: Option<Rc<OwnerRoute>>,
 }
 
@@ -269,7 +269,7 @@ impl HistLink {
         Ok(())
     }
 
-    /// `publish` at the owner of the room's channel (`history_owner.rs`):
+    /// `publish` at the owner of the room's channel (`redis_route.rs`):
     /// `SPUBLISH` in a cluster, where the readers `SSUBSCRIBE`.
     fn publish_at_owner(
         &self,

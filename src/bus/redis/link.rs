@@ -144,7 +144,7 @@ impl Retry {
 }
 
 /// Which kind of a shard's Redis connections (subscriber and publisher:
-/// one of each per primary; history: one, `history.rs`).
+/// one of each per primary; history: one, `history::redis`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Link {
     Subscriber = 0,
