@@ -246,13 +246,12 @@ shard_metrics! {
     pongs_coalesced_total: "counter", "Pongs that replaced a waiting, unsent pong instead of being queued (RFC 6455 5.5.3).";
     inbox_dropped_total: "counter", "Messages for this shard dropped because its inbox was full (see docs/operations.md: Inbox policy).";
     peer_wakes_total: "counter", "Wakes this shard sent to other shards' inbox tasks: at most one per receiving shard per turn, however many messages it queued there.";
-    redis_history_connected: "gauge", "1 while this shard's Redis history connection (--history-size) is up.";
     history_recovered_total: "counter", "Subscribes with since that the room history covered (recovered:true).";
     history_unrecovered_total: "counter", "Subscribes with since that it could not cover (recovered:false).";
     history_duplicates_dropped_total: "counter", "Live history messages dropped at a room because this shard already had them.";
     history_caught_up_total: "counter", "Messages delivered from history after the Redis subscriber link came back.";
     history_gaps_total: "counter", "gap events: a catch-up the history could not cover.";
-    history_publish_lost_total: "counter", "History publishes accepted but lost with a dropped Redis history connection.";
+    history_publish_lost_total: "counter", "History publishes accepted but lost with a dropped Redis publisher link (which carries the history scripts).";
     redis_publish_refused_total: "counter", "Publishes accepted, then refused by Redis (NOPERM, CLUSTERDOWN, ...) and so lost.";
     redis_redirects_total: "counter", "MOVED/ASK redirections followed (Redis Cluster).";
     redis_unsolicited_unsubscribes_total: "counter", "Shard channels Redis unsubscribed by itself (slot migrated); subscribed again at the new owner.";

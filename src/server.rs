@@ -19,7 +19,6 @@ use crate::bus::Bus;
 use crate::bus::redis::{self, RedisBus, ShardLink};
 use crate::config::{Config, Driver};
 use crate::conn::{Listener, ShardIo};
-use crate::history;
 use crate::metrics::Metrics;
 use crate::services::Services;
 use crate::shard::inbox::{self, Door};
@@ -65,13 +64,8 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
     let metrics = Arc::new(Metrics::new(n));
     let (exit_tx, exits) = crossbeam_channel::unbounded();
     // With --redis: one `redis-NN` reader thread per shard, and each shard's link to it.
-    // With --redis and history: the node's view of every shard's history link.
-    let hist = cfg.redis.as_ref().and(cfg.history).map(|h| history::redis::Shared::new(h, n));
-    let mut links: Vec<Option<(ShardLink, Option<Arc<history::redis::Shared>>)>> = match &cfg.redis {
-        Some(url) => redis::start(&cfg, url, &readers, &metrics, &exit_tx)?
-            .into_iter()
-            .map(|l| Some((l, hist.clone())))
-            .collect(),
+    let mut links: Vec<Option<ShardLink>> = match &cfg.redis {
+        Some(url) => redis::start(&cfg, url, &readers, &metrics, &exit_tx)?.into_iter().map(Some).collect(),
         None => (0..n).map(|_| None).collect(),
     };
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<anyhow::Result<()>>(n);
@@ -164,7 +158,7 @@ fn run_shard(
     // The client listener, then the admin one (`--admin-listen`), if any.
     listeners: [Option<std::net::TcpListener>; 2],
     inbox: Inbox,
-    link: Option<(ShardLink, Option<Arc<history::redis::Shared>>)>,
+    link: Option<ShardLink>,
     ready: crossbeam_channel::Sender<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     let core = cfg.cores[id];
@@ -186,9 +180,9 @@ fn run_shard(
                     }
                 }
             }
-            let (bus, hist) = match link {
-                Some((link, hist)) => (Bus::Redis(RedisBus::start(link)), hist),
-                None => (Bus::Local, None),
+            let bus = match link {
+                Some(link) => Bus::Redis(RedisBus::start(link)),
+                None => Bus::Local,
             };
             // Bottom first: the connection runtime, then the fan-out core on it.
             let io = match ShardIo::new(id, cfg2, metrics, driver) {
@@ -206,7 +200,7 @@ fn run_shard(
             monoio::spawn(shard.clone().run_peer_wakes());
             monoio::spawn(shard.clone().run_close_reaper());
             monoio::spawn(crate::shard::heartbeat::run(shard.clone()));
-            let svc = Services::new(shard.clone(), bus, hist);
+            let svc = Services::new(shard.clone(), bus);
             if let Some(h) = svc.history()
                 && shard.cfg.redis.is_none()
             {

@@ -327,14 +327,6 @@ impl ShardHistory {
         Ok(())
     }
 
-    /// Why `/readyz` should say 503 for the history (a shard's Redis history
-    /// link is down), if so.
-    pub fn not_ready(&self) -> Option<String> {
-        let Store::Redis(link) = &self.store else { return None };
-        let down = link.node_down()?;
-        Some(format!("redis: shard {down} history link not connected\n"))
-    }
-
     /// Publishes into a history room and resolves to the message's position
     /// once its store assigned one (`POST /api/publish`, §4 + §7).
     pub async fn publish_positioned(

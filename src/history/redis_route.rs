@@ -1,7 +1,7 @@
 //! ⑦ Room history where a room's channel lives (PROTOCOL.md §7, §8): the
 //! history scripts of a shard, sent to the primary that owns the room
-//! channel's slot, for every topology but the one plain server
-//! (Sentinel, Redis Cluster, several servers).
+//! channel's slot, on every topology (one server, Sentinel, Redis Cluster,
+//! several servers), over the shard's publisher links.
 //!
 //! The keys of room R are tagged `{<prefix>room:R}`, the channel's own name,
 //! so in a cluster they hash to the channel's slot; publish.lua declares all
@@ -44,8 +44,8 @@ use crate::bus::redis::publisher::Publisher;
 use crate::bus::redis::resp;
 use crate::protocol::Unavailable;
 
-/// The history scripts, loaded (`SCRIPT LOAD`) on each primary that owns
-/// rooms and called by hash through `Script`.
+/// The history scripts, called by hash through `Script` (`EVALSHA`; `EVAL`
+/// with the body once where a node answers `NOSCRIPT`).
 pub const PUBLISH_LUA: &str = include_str!("scripts/publish.lua");
 pub const READ_LUA: &str = include_str!("scripts/read.lua");
 

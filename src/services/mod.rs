@@ -18,7 +18,6 @@ pub mod expiry;
 pub mod ops;
 
 use std::rc::Rc;
-use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -42,17 +41,12 @@ pub struct Services {
 }
 
 impl Services {
-    /// `hist`: with Redis and history on, the node's state of every shard's
-    /// history link (`history::redis::Shared`).
-    pub fn new(shard: Rc<Shard>, bus: Bus, hist: Option<Arc<history::redis::Shared>>) -> Rc<Services> {
+    pub fn new(shard: Rc<Shard>, bus: Bus) -> Rc<Services> {
         let bus = Rc::new(bus);
         let history = shard.cfg.history.map(|settings| {
             let store = match &*bus {
                 Bus::Local => Store::Local,
-                Bus::Redis(r) => Store::Redis(history::redis::start(
-                    r,
-                    hist.expect("with Redis and history on, the node makes the history links' state"),
-                )),
+                Bus::Redis(r) => Store::Redis(history::redis::start(r, settings)),
             };
             Rc::new(ShardHistory::new(settings, Epoch::node(), store, bus.clone()))
         });
@@ -73,7 +67,7 @@ impl Services {
         if self.shard.is_draining() {
             return Some("draining\n".into());
         }
-        self.bus.not_ready().or_else(|| self.history.as_ref()?.not_ready())
+        self.bus.not_ready()
     }
 
     // ---- connections ------------------------------------------------------------

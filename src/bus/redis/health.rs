@@ -37,7 +37,6 @@ impl Health {
         let (flag, gauge) = match link {
             Link::Subscriber => (&self.links[shard].sub, &self.metrics.shard(shard).redis_connected),
             Link::Publisher => (&self.links[shard].publ, &self.metrics.shard(shard).redis_publisher_connected),
-            Link::History => return,
         };
         if flag.swap(up, Ordering::Relaxed) != up {
             // One writer per gauge (see the struct doc), so `add`/`sub` suffice.
@@ -47,7 +46,6 @@ impl Health {
 
     /// Records the last failure of `link` of `shard`, at Redis server `node`.
     pub(crate) fn failed(&self, shard: usize, link: Link, node: &str, e: &LinkError) {
-        // The history link keeps its own health (`history::Shared`).
         if let Some(Ok(mut last)) = self.links[shard].last_error.get(link as usize).map(|m| m.lock()) {
             *last = Some(format!("{node}: {e}"));
         }

@@ -143,14 +143,12 @@ impl Retry {
     }
 }
 
-/// Which kind of a shard's Redis connections (subscriber and publisher:
-/// one of each per primary; history: one, `history::redis`).
+/// Which kind of a shard's Redis connections: one of each per primary. (Room
+/// history has none of its own: `history::redis` uses the publisher's.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Link {
     Subscriber = 0,
     Publisher = 1,
-    /// Room history (`history::redis`); its health is `history::Shared`, not here.
-    History = 2,
 }
 
 impl Link {
@@ -158,7 +156,6 @@ impl Link {
         match self {
             Link::Subscriber => "subscriber",
             Link::Publisher => "publisher",
-            Link::History => "history",
         }
     }
 }

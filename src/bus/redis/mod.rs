@@ -19,10 +19,10 @@
 //!   per `send(2)` with no thread hop.
 //!
 //! - **history** — with `--history-size`, the Lua scripts that publish into
-//!   and read a room's history (PROTOCOL.md §7; they live in `history::redis`, above the bus); publishes into
-//!   history rooms go there instead of a plain PUBLISH. On one plain server
-//!   a third connection on the shard's runtime; elsewhere the publisher's
-//!   link to the room channel's owner (`history::redis_route`).
+//!   and read a room's history (PROTOCOL.md §7; they live in `history::redis`,
+//!   above the bus); publishes into history rooms go there instead of a
+//!   plain PUBLISH, over the publisher's link to the room channel's owner
+//!   (`history::redis_route`).
 //!
 //! With Redis, *every* delivery goes through Redis, even to the publisher's
 //! own shard: then every subscriber on every node sees one room's messages in
