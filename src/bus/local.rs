@@ -1,7 +1,9 @@
 //! The embedded local bus: a room message goes straight into the inbox of
 //! every other shard that has members of the room, a direct message into
-//! every other shard's, each its own copy of the frame and name, and is delivered to this shard's
-//! own members without a hop (Seastar's `invoke_on` vs `local()`).
+//! every other shard's, each its own copy of the frame and name
+//! (`Shard::fan_out_to_shards`, the one cross-shard path, which standalone
+//! history uses too), and is delivered to this shard's own members without
+//! a hop (Seastar's `invoke_on` vs `local()`).
 //!
 //! Which shards have members is the node's interest table
 //! (`shard::interest`): each shard sets its bit for a room when its first
@@ -23,47 +25,26 @@
 //! back-pressure to the client rather than a silent drop (the inbox policy
 //! is in `shard::inbox`).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 
 use super::{Target, Unavailable};
-use crate::shard::{Shard, ShardMsg};
+use crate::shard::Shard;
 
 pub fn publish(shard: &Shard, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
-    let sent = Instant::now();
-    let msg = |frame: Bytes| match target {
-        Target::Room(room) => ShardMsg::Room { room: Arc::from(room), frame, sent, pos: None },
-        Target::User(user) => ShardMsg::Direct { user: Arc::from(user), frame, sent },
-    };
     if shard.peers().len() > 1 {
-        // Each shard gets its own copy of the frame and the name: the
-        // shards' deliveries clone and drop them once per member, and a
-        // reference count shared across cores would bounce its cache line
-        // between them on every one. One memcpy per shard is cheaper.
-        let copy = || msg(Bytes::copy_from_slice(&frame));
-        match target {
-            Target::Room(_) => {
-                if shard.interested_congested(target) {
-                    return Err(Unavailable);
-                }
-                shard.to_interested(target, copy);
-            }
-            Target::User(_) => {
-                if shard.peers_congested() {
-                    return Err(Unavailable);
-                }
-                shard.to_other_shards(copy);
-            }
+        let congested = match target {
+            Target::Room(_) => shard.interested_congested(target),
+            Target::User(_) => shard.peers_congested(),
+        };
+        if congested {
+            return Err(Unavailable);
         }
     }
-    // Older messages from other shards are waiting here: this one goes
-    // after them (`shard::inbox`, "Order across shards").
-    if shard.inbox().must_hold() {
-        shard.inbox().hold_local(msg(frame));
-        return Ok(());
+    let sent = Instant::now();
+    if shard.fan_out_to_shards(target, &frame, sent, None) {
+        shard.deliver_timed(target, &frame, sent);
     }
-    shard.deliver_timed(target, &frame, sent);
     Ok(())
 }

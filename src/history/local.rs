@@ -93,16 +93,12 @@ pub async fn read(shard: &Shard, h: &ShardHistory, room: &str, q: Query) -> Resu
 fn own_publish(shard: &Rc<Shard>, h: &Rc<ShardHistory>, room: &str, msg: MessagePrefix) -> Position {
     let sent = Instant::now();
     let (pos, frame) = h.rings().publish(room, msg, sent);
-    if shard.peers().len() > 1 {
-        let name: Arc<str> = Arc::from(room);
-        shard.to_interested(Target::Room(room), || ShardMsg::Room {
-            room: name.clone(),
-            frame: frame.clone(),
-            sent,
-            pos: Some(Box::new(pos)),
-        });
+    // The one cross-shard path (copies, order behind older queued messages);
+    // this shard's own members through the live gate, now or when the inbox
+    // hands the held message out.
+    if shard.fan_out_to_shards(Target::Room(room), &frame, sent, Some(pos)) {
+        h.on_live(shard, room, pos, frame, sent);
     }
-    h.on_live(shard, room, pos, frame, sent);
     pos
 }
 

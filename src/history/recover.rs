@@ -40,7 +40,6 @@
 use std::cell::{Cell, RefCell, RefMut};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
-use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -112,8 +111,6 @@ struct RoomState {
     /// The link dropped again while the catch-up task ran.
     again: bool,
     conns: FxHashMap<ConnId, ConnState>,
-    /// Tasks waiting for the room's SUBSCRIBE to be confirmed.
-    waiters: Vec<Waker>,
 }
 
 /// Where a shard's history reads and publishes go, chosen once when the
@@ -351,14 +348,9 @@ impl ShardHistory {
 
     /// The shard's last member of `room` left.
     pub fn room_gone(&self, room: &str) {
-        let mut rooms = self.rooms.borrow_mut();
-        if let Some(st) = rooms.get_mut(room) {
-            // A catch-up task still running finds the room gone and ends.
-            for w in st.waiters.drain(..) {
-                w.wake();
-            }
-        }
-        rooms.remove(room);
+        // A catch-up task still running finds the room gone and ends (its
+        // wait for the room's SUBSCRIBE ended with the room's interest).
+        self.rooms.borrow_mut().remove(room);
     }
 
     // ---- the history op -------------------------------------------------------
@@ -455,9 +447,6 @@ impl ShardHistory {
         {
             let mut rooms = self.rooms.borrow_mut();
             for (name, st) in rooms.iter_mut() {
-                for w in st.waiters.drain(..) {
-                    w.wake();
-                }
                 if up {
                     continue;
                 }
@@ -475,31 +464,13 @@ impl ShardHistory {
         }
     }
 
-    /// `ShardMsg::Subscribed`: Redis confirmed `room`.
-    pub fn on_subscribed(&self, room: &str) {
-        if let Some(st) = self.rooms.borrow_mut().get_mut(room) {
-            for w in st.waiters.drain(..) {
-                w.wake();
-            }
-        }
-    }
-
     /// Resolves once `room` is subscribed at Redis (standalone: at once).
     /// `strict`: the link must be up; else a down link also resolves it (the
     /// catch-up covers what the read cannot).
     async fn room_ready(&self, room: &str, strict: bool) {
-        std::future::poll_fn(|cx| {
-            let Bus::Redis(r) = &*self.bus else { return std::task::Poll::Ready(()) };
-            let up = r.link_is_up();
-            let mut rooms = self.rooms.borrow_mut();
-            let Some(st) = rooms.get_mut(room) else { return std::task::Poll::Ready(()) };
-            if (up && r.is_confirmed(room)) || (!strict && !up) {
-                return std::task::Poll::Ready(());
-            }
-            st.waiters.push(cx.waker().clone());
-            std::task::Poll::Pending
-        })
-        .await
+        if let Bus::Redis(r) = &*self.bus {
+            r.confirmed(room, strict).await;
+        }
     }
 }
 

@@ -223,12 +223,7 @@ impl Services {
             },
             ShardMsg::Direct { user, frame, sent } => shard.deliver_timed(Target::User(&user), &frame, sent),
             ShardMsg::Drain => shard.start_drain(),
-            ShardMsg::Subscribed { room, seq } => {
-                self.bus.on_subscribed(shard, &room, seq);
-                if let Some(h) = &self.history {
-                    h.on_subscribed(&room);
-                }
-            }
+            ShardMsg::Subscribed { room, seq } => self.bus.on_subscribed(shard, &room, seq),
             ShardMsg::RedisLink { up } => {
                 self.bus.on_link(shard, up);
                 if let Some(h) = &self.history {

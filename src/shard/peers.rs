@@ -18,11 +18,14 @@
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::task::Waker;
+use std::time::Instant;
+
+use bytes::Bytes;
 
 use super::Shard;
 use super::inbox::{self, Door, InboxSender, PushError, ShardMsg};
 use super::interest;
-use crate::protocol::Target;
+use crate::protocol::{Position, Target};
 use crate::rt::until;
 
 /// One shard's ends of the node's queues (see the module docs).
@@ -77,6 +80,37 @@ impl Shard {
     /// (`on`) or lost its last member of `target` (see `interest`).
     pub(crate) fn set_interest(&self, target: Target<'_>, on: bool) {
         self.links.interest.set(target, on);
+    }
+
+    /// ⑧ The one way a message published on this shard reaches the other
+    /// shards of the node: a room message to those that may have members
+    /// (the interest table), a direct message to all, each its own copy of
+    /// the frame and the name (the shards' deliveries clone and drop them
+    /// once per member, and a reference count shared across cores would
+    /// bounce its cache line between them on every one: one memcpy per
+    /// shard is cheaper). Then this shard's own members: true when the
+    /// caller delivers to them now; false when older messages from other
+    /// shards are still queued here and this one is held behind them
+    /// (`inbox`, "Order across shards"), to be handed out by the inbox
+    /// task in order. `pos`: the room history position, if the room has one.
+    #[must_use = "true: the caller delivers to this shard's own members now"]
+    pub fn fan_out_to_shards(&self, target: Target<'_>, frame: &Bytes, sent: Instant, pos: Option<Position>) -> bool {
+        let msg = |frame: Bytes| match target {
+            Target::Room(room) => ShardMsg::Room { room: Arc::from(room), frame, sent, pos: pos.map(Box::new) },
+            Target::User(user) => ShardMsg::Direct { user: Arc::from(user), frame, sent },
+        };
+        if self.links.out.len() > 1 {
+            let copy = || msg(Bytes::copy_from_slice(frame));
+            match target {
+                Target::Room(_) => self.to_interested(target, copy),
+                Target::User(_) => self.to_other_shards(copy),
+            }
+        }
+        if self.inbox().must_hold() {
+            self.inbox().hold_local(msg(frame.clone()));
+            return false;
+        }
+        true
     }
 
     /// Sends a message built by `make` to every other shard that may have

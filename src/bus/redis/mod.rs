@@ -63,7 +63,7 @@ pub mod url;
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
-use std::task::Waker;
+use std::task::{Poll, Waker};
 use std::thread;
 
 use anyhow::Context;
@@ -159,6 +159,14 @@ struct RoomSub {
     confirmed: bool,
     /// `subscribed` replies held until then.
     waiting: Vec<(Weak<Conn>, Bytes)>,
+    /// Tasks waiting for it (`RedisBus::confirmed`: a history read).
+    wakers: Vec<Waker>,
+}
+
+impl RoomSub {
+    fn wake(&mut self) {
+        self.wakers.drain(..).for_each(Waker::wake);
+    }
 }
 
 /// Interest changes made during one turn of the shard's event loop, handed
@@ -260,11 +268,6 @@ impl RedisBus {
         self.link_up.get()
     }
 
-    /// Redis confirmed this node's SUBSCRIBE to `room` (for its latest join).
-    pub fn is_confirmed(&self, room: &str) -> bool {
-        self.rooms.borrow().get(room).is_some_and(|r| r.confirmed)
-    }
-
     /// Queues `PUBLISH` of the frame's JSON; never waits.
     pub fn publish(&self, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
         self.publisher.publish(&self.prefix, target, &event::json_of(&frame), None)
@@ -318,10 +321,15 @@ impl RedisBus {
             let mut rooms = self.rooms.borrow_mut();
             if on {
                 seq = self.next_seq.replace(self.next_seq.get() + 1);
-                rooms.insert(name.clone(), RoomSub { seq, confirmed: false, waiting: Vec::new() });
-            } else {
-                // Members that left were answered (`before_leave`); closed ones need nothing.
-                rooms.remove(&*name);
+                if let Some(mut old) = rooms
+                    .insert(name.clone(), RoomSub { seq, confirmed: false, waiting: Vec::new(), wakers: Vec::new() })
+                {
+                    old.wake();
+                }
+            } else if let Some(mut r) = rooms.remove(&*name) {
+                // Members that left were answered (`before_leave`); closed
+                // ones need nothing; a task waiting for the room ends.
+                r.wake();
             }
         }
         self.interest.push(Interest { kind, name, on, seq });
@@ -368,6 +376,7 @@ impl RedisBus {
         let waiting = match self.rooms.borrow_mut().get_mut(room) {
             Some(r) if r.seq == seq => {
                 r.confirmed = true;
+                r.wake();
                 std::mem::take(&mut r.waiting)
             }
             // A confirmation for an earlier join of the room: a newer one is on its way.
@@ -381,15 +390,34 @@ impl RedisBus {
     /// confirms again once Redis is back).
     pub fn on_link(&self, shard: &Shard, up: bool) {
         self.link_up.set(up);
-        if up {
-            return;
-        }
         let mut held = Vec::new();
         for r in self.rooms.borrow_mut().values_mut() {
-            r.confirmed = false;
-            held.append(&mut r.waiting);
+            r.wake();
+            if !up {
+                r.confirmed = false;
+                held.append(&mut r.waiting);
+            }
         }
         send_held(shard, held);
+    }
+
+    /// Resolves once this node is subscribed to `room` at Redis (confirmed
+    /// for its latest join), or the room has no member here any more.
+    /// `strict`: the subscriber link must be up; else a down link resolves
+    /// it too. The one wait for a SUBSCRIBE confirmation: held `subscribed`
+    /// replies and history reads both follow `RoomSub::confirmed`.
+    pub async fn confirmed(&self, room: &str, strict: bool) {
+        std::future::poll_fn(|cx| {
+            let up = self.link_up.get();
+            let mut rooms = self.rooms.borrow_mut();
+            let Some(r) = rooms.get_mut(room) else { return Poll::Ready(()) };
+            if (up && r.confirmed) || (!strict && !up) {
+                return Poll::Ready(());
+            }
+            r.wakers.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 
     pub fn not_ready(&self) -> Option<String> {
