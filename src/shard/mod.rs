@@ -247,6 +247,14 @@ impl Shard {
         }
     }
 
+    /// Has this shard a member of `target`?
+    pub fn has_members(&self, target: Target<'_>) -> bool {
+        match target {
+            Target::Room(room) => self.rooms.borrow().members(room).is_some_and(|m| !m.is_empty()),
+            Target::User(user) => !self.users.borrow().conns(user).is_empty(),
+        }
+    }
+
     /// ⑨ Queues `frame` to every local member of `target`; returns how many
     /// connections it was queued to.
     ///

@@ -89,10 +89,11 @@ impl Shard {
     /// once per member, and a reference count shared across cores would
     /// bounce its cache line between them on every one: one memcpy per
     /// shard is cheaper). Then this shard's own members: true when the
-    /// caller delivers to them now; false when older messages from other
-    /// shards are still queued here and this one is held behind them
-    /// (`inbox`, "Order across shards"), to be handed out by the inbox
-    /// task in order. `pos`: the room history position, if the room has one.
+    /// caller delivers to them now; false when there are none, or when older
+    /// messages from other shards are still queued here and this one is
+    /// held behind them (`inbox`, "Order across shards"), to be handed out
+    /// by the inbox task in order. `pos`: the room history position, if the
+    /// room has one.
     #[must_use = "true: the caller delivers to this shard's own members now"]
     pub fn fan_out_to_shards(&self, target: Target<'_>, frame: &Bytes, sent: Instant, pos: Option<Position>) -> bool {
         let msg = |frame: Bytes| match target {
@@ -105,6 +106,9 @@ impl Shard {
                 Target::Room(_) => self.to_interested(target, copy),
                 Target::User(_) => self.to_other_shards(copy),
             }
+        }
+        if !self.has_members(target) {
+            return false;
         }
         if self.inbox().must_hold() {
             self.inbox().hold_local(msg(frame.clone()));
