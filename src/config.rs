@@ -236,7 +236,7 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Heartbeat interval; `Duration::ZERO` = off (`shard::heartbeat`).
     pub heartbeat: Duration,
-    /// How long the flusher holds queued frames (`shard::flush`); zero: none.
+    /// How long the flusher holds queued frames (`conn::flush`); zero: none.
     pub write_delay: Duration,
     /// Per-connection op rate (burst twice that); 0 = unlimited (`conn::limits`).
     pub max_ops_per_sec: u32,

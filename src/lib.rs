@@ -28,7 +28,7 @@
 //! values: positions, targets), `auth` (token checks, grants), `rt` (wait
 //! until there is work, a value filled later, yielding), `metrics`,
 //! `history` (PROTOCOL.md §7: offsets, epochs, recovery and catch-up; the
-//! standalone rings, with Redis `bus::redis::history`) and `services` (per
+//! standalone rings, with Redis `history::redis`) and `services` (per
 //! shard, the one owner of what clients and backends ask for).
 //!
 //! The modules form layers that import only downward; `tests/layers.rs`

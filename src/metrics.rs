@@ -16,7 +16,7 @@
 //! per message per shard that had at least one local recipient, not once per
 //! recipient, so it measures the hop between shards (the inbox, or Redis),
 //! not the size of rooms. With the local bus the clock starts in
-//! `Shard::publish` (the publishing shard's own members count too, at ~0);
+//! `services::Services::publish` (the publishing shard's own members count too, at ~0);
 //! with Redis the message carries only the event JSON, so the clock starts
 //! when the shard's reader thread has read and checked it, and the histogram
 //! covers reader → inbox → shard (including any wait at the inbox's high-water

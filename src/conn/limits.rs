@@ -93,7 +93,7 @@ pub(crate) struct Limits {
     strikes: Cell<u16>,
     /// When the flusher last wrote this connection, in the shard's
     /// milliseconds (wrapping): `--write-delay-ms` holds the frames of a
-    /// connection written less than the delay ago (`shard::flush`). Here,
+    /// connection written less than the delay ago (`conn::flush`). Here,
     /// in what would be padding, so that `Conn` keeps its size.
     pub(crate) wrote: Cell<u16>,
 }

@@ -3,7 +3,7 @@
 //! for a while) and its tasks (`run` until the upgrade, `end` to close).
 //!
 //! A WebSocket connection has no task between reads: the shard's poller
-//! (`shard::poller`) reports it readable and `reader::on_readable` reads
+//! (`conn::poller`) reports it readable and `reader::on_readable` reads
 //! once and handles the frames; what a half-read message leaves is parked
 //! in `Conn::parked`. Tasks exist only for what must wait: the HTTP phase,
 //! a full socket (the writer task), and the closing.
@@ -78,7 +78,7 @@ const KILLED: u16 = 8;
 const GONE: u16 = 16;
 /// Accepted on the admin listener (`--admin-listen`).
 const ADMIN: u16 = 32;
-/// A batched send of the queue is with the kernel (`shard::flush`): the
+/// A batched send of the queue is with the kernel (`conn::flush`): the
 /// queue must not be prepared again before its completion. (A connection
 /// can be on the dirty list twice: a direct `flush`, e.g. for a waiting
 /// pong, clears `DIRTY` and a new frame puts it back.)

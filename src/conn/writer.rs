@@ -5,7 +5,7 @@
 //! `pong`), all counted against one limit, `--outbound-queue-bytes`: a client
 //! that lets its queue pass it is cut off with 1008 (`kill`), whatever kind
 //! of bytes it made us queue. Out: by the shard's flusher once per turn,
-//! batched through io_uring (`prepare_send` / `sent`, see `shard::flush`) or
+//! batched through io_uring (`prepare_send` / `sent`, see `conn::flush`) or
 //! one `sendmsg(2)` each (`flush`); a socket that is full gets a writer task that waits
 //! for it to become writable, and that task ends as soon as the connection is
 //! `GONE` (see `Conn::release`).
@@ -140,7 +140,7 @@ impl Conn {
         monoio::spawn(Conn::run_writer(self.clone(), shard.clone()));
     }
 
-    // ---- the batched path (`shard::flush`, io_uring driver) ----------------
+    // ---- the batched path (`conn::flush`, io_uring driver) ----------------
     //
     // `prepare_send` points iovecs at the queue; the flusher submits many
     // connections' sends in one `io_uring_enter` and hands each result to

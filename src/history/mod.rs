@@ -5,18 +5,18 @@
 //! - `types.rs` — what crosses stages and shards: `Entry`, `Query`,
 //!   `ReadResult`, and the owner-shard messages (`Msg`, `Reply`); `Epoch`,
 //!   `Position` and `Since` are wire values in `protocol::position`.
-//! - `recover.rs` holds `ShardHistory`, one per shard.
 //! - `ring.rs` — standalone: the owner shard's in-memory ring per room.
 //! - `local.rs` — standalone: reaching a room's owner shard through the
 //!   inboxes (`ShardMsg::History*`).
-//! - `recover.rs` — subscribe, then read, then merge by offset; the live
-//!   gate (duplicates, epochs) and the node-level catch-up after the Redis
+//! - `recover.rs` — `ShardHistory`, one per shard, and its `Store`, chosen
+//!   once: subscribe, then read, then merge by offset; the live gate
+//!   (duplicates, epochs) and the node-level catch-up after the Redis
 //!   subscriber link comes back. Shared by both buses.
+//! - `redis.rs`, `redis_route.rs` — with Redis: the scripts, sent to the room
+//!   channel's owner over the shard's publisher links.
 //! - `budget.rs` — how many reads a connection and a shard may have going.
 //!
-//! With Redis the history itself lives in Redis (`bus::redis::history`).
-//!
-//! In: history ops from `conn::ops`, live room messages carrying a position
+//! In: history ops from `services`, live room messages carrying a position
 //! (`ShardMsg::Room { pos: Some(..) }`), link and subscription changes from the
 //! bus. Out: frames to connections (`subscribed`, replays, `history`, `gap`).
 

@@ -1,7 +1,7 @@
 //! ⑧ The shard's inbox: the only way into a shard from another thread.
 //!
 //! An inbox is several queues, each with one producer, drained by the
-//! shard's inbox task (`Shard::run_inbox`):
+//! shard's inbox task (`services::Services::run_inbox`):
 //!
 //! - one per other shard (shard → shard, single producer, single consumer:
 //!   each ordered pair of shards has its own queue, so producers never
