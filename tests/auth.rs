@@ -259,6 +259,43 @@ fn refresh_that_drops_a_recovering_room_ends_its_recovery() {
     );
 }
 
+/// `refresh` has its own rate limit (a burst of 4, then one a second per
+/// connection, refused before any signature check) and keeps one expiry
+/// entry per connection:
+/// the same token sent again and again adds nothing to the shard's heap
+/// (`corecast_token_expiries`), where each one used to add an entry.
+#[test]
+fn refresh_is_rate_limited_and_keeps_one_expiry_per_connection() {
+    let s = start_server(&["--jwt-secret", SECRET, "--shards", "1", "--max-ops-per-sec", "0"]);
+    let expiries = || s.metric("corecast_token_expiries{shard=\"0\"}");
+    let t = token_for("u");
+    let mut c = Client::connect(&s.ws_url(&format!("/ws?token={t}")));
+    s.wait_until("one expiry entry for the connection", || expiries() == 1.0);
+    for i in 0..4 {
+        let r = c.call(json!({"op":"refresh","token":t,"id":i}));
+        assert_eq!(r["ev"], "refreshed", "{r}");
+    }
+    for i in 4..200 {
+        let r = c.call(json!({"op":"refresh","token":t,"id":i}));
+        assert_eq!((r["code"].as_str(), r["id"].as_i64()), (Some("rate_limited"), Some(i)), "{r}");
+    }
+    // A badly signed token within the second is refused the same way,
+    // without a signature check (it would say forbidden otherwise).
+    let r = c.call(json!({"op":"refresh","token":"x.y.z","id":"bad"}));
+    assert_eq!(r["code"], "rate_limited");
+    assert_eq!(expiries(), 1.0, "the same token again adds no entry");
+    std::thread::sleep(Duration::from_millis(1_200));
+    let again = c.call(json!({"op":"refresh","token":t,"id":"later"}));
+    assert_eq!(again["ev"], "refreshed", "{again}");
+    assert_eq!(expiries(), 1.0);
+    // A fresh token (another expiry) is one more entry, until compaction.
+    std::thread::sleep(Duration::from_millis(1_200));
+    let fresh = hs256(json!({"sub": "u", "exp": now() + 7200}));
+    assert_eq!(c.call(json!({"op":"refresh","token":fresh,"id":"fresh"}))["ev"], "refreshed");
+    assert_eq!(expiries(), 2.0);
+    drop(c);
+}
+
 #[test]
 fn refresh_without_auth_is_a_bad_request() {
     let s = start_server(&[]);

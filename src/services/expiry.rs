@@ -13,6 +13,7 @@ use super::Services;
 use crate::auth::Grant;
 use crate::auth::grant::now_secs;
 use crate::conn::Conn;
+use crate::conn::limits::coarse_ms;
 use crate::protocol::{ErrorCode, event};
 use crate::shard::{ConnId, Shard};
 use crate::ws::CloseCode;
@@ -66,9 +67,13 @@ impl Expiries {
     }
 }
 
-/// Gives an upgraded connection its grant and schedules its expiry check.
+/// Gives a connection its grant (at the upgrade, or a refreshed one) and
+/// schedules its expiry check: one heap entry per connection and expiry, so
+/// a refresh with the same expiry (the same token again) adds nothing.
 pub fn attach(shard: &Rc<Shard>, conn: &Rc<Conn>, grant: Grant) {
-    track(shard, conn.id, grant.exp());
+    if !conn.with_grant(|g| g.is_some_and(|g| g.exp() == grant.exp())) {
+        track(shard, conn.id, grant.exp());
+    }
     conn.grant.set(Some(Box::new(grant)));
 }
 
@@ -76,6 +81,7 @@ fn track(shard: &Rc<Shard>, id: ConnId, exp: u64) {
     EXPIRIES.with(|e| {
         let mut e = e.borrow_mut();
         e.push(exp, id);
+        shard.m().token_expiries.inc();
         if !e.sweeper {
             // Started by the shard's first authenticated connection: without
             // auth there is no sweeper at all.
@@ -118,7 +124,13 @@ fn sweep(shard: &Rc<Shard>, now: u64) {
     // Current iff the connection is still there with that very expiry; the
     // entries of refreshed or closed connections are skipped (lazy deletion).
     let current = |id: ConnId, exp: u64| shard.conn(id).filter(|c| c.with_grant(|g| g.is_some_and(|g| g.exp() == exp)));
-    let due = EXPIRIES.with(|e| e.borrow_mut().take_due(now, |id, exp| current(id, exp).is_some()));
+    let due = EXPIRIES.with(|e| {
+        let mut e = e.borrow_mut();
+        let before = e.heap.len();
+        let due = e.take_due(now, |id, exp| current(id, exp).is_some());
+        shard.m().token_expiries.sub((before - e.heap.len()) as u64);
+        due
+    });
     for (exp, id) in due {
         if let Some(c) = current(id, exp) {
             expire(shard, &c);
@@ -134,11 +146,18 @@ pub fn refresh(svc: &Services, conn: &Rc<Conn>, me: &str, token: &str, id: Optio
     let Some(verifier) = shard.cfg.auth.as_deref() else {
         return Err(ErrorCode::BadRequest);
     };
+    // Its own rate limit (`auth::grant::RefreshBudget`), before any
+    // signature check.
+    let now = coarse_ms();
+    let Some(budget) = conn.with_grant(|g| g.filter(|g| g.take_refresh(now)).map(Grant::refresh_budget)) else {
+        return Err(ErrorCode::RateLimited);
+    };
     let v = verifier.verify(token).map_err(|_| ErrorCode::Forbidden)?;
     if v.user != me {
         return Err(ErrorCode::Forbidden);
     }
     let grant = Grant::new(&v);
+    grant.keep_refresh_budget(budget);
     let mut dropped = Vec::new();
     for room in conn.take_rooms() {
         if grant.allows(&room) {

@@ -75,6 +75,10 @@ pub fn handle(svc: &Rc<Services>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
         ClientOp::Refresh { token } => match expiry::refresh(svc, conn, &me, &token, id) {
             Ok(()) => {}
             Err(ErrorCode::BadRequest) => refuse(shard, conn, ErrorCode::BadRequest, "auth is not enabled", id),
+            Err(ErrorCode::RateLimited) => {
+                shard.m().rate_limited_total.inc();
+                refuse(shard, conn, ErrorCode::RateLimited, "too many refreshes, slow down", id)
+            }
             Err(code) => refuse(shard, conn, code, "the token is invalid, expired or for another user", id),
         },
     }
