@@ -263,11 +263,13 @@ impl Shard {
     /// (`ws::deflate::Lazy`): at most one deflate per message per shard.
     pub fn deliver(&self, target: Target<'_>, frame: &Bytes) -> usize {
         let conns = self.conns.borrow();
+        // The runtime once per message, not through `Deref` per recipient.
+        let io: &ShardIo = &self.io;
         let mut n = 0;
-        let mut z = crate::ws::deflate::Lazy::new(frame, self.cfg.compression_min_bytes);
+        let mut z = crate::ws::deflate::Lazy::new(frame, io.cfg.compression_min_bytes);
         let mut push = |id: &ConnId| {
             if let Some(c) = conns.get(*id as usize) {
-                self.push_maybe_compressed(c, &mut z);
+                push_maybe_compressed(io, c, &mut z);
                 n += 1;
             }
         };
@@ -286,26 +288,15 @@ impl Shard {
     /// `history::recover` serves itself).
     pub(crate) fn deliver_except(&self, room: &str, frame: &Bytes, except: impl Fn(ConnId) -> bool) {
         let conns = self.conns.borrow();
-        let mut z = crate::ws::deflate::Lazy::new(frame, self.cfg.compression_min_bytes);
+        let io: &ShardIo = &self.io;
+        let mut z = crate::ws::deflate::Lazy::new(frame, io.cfg.compression_min_bytes);
         if let Some(members) = self.rooms.borrow().members(room) {
             for id in members.iter().filter(|id| !except(**id)) {
                 if let Some(c) = conns.get(*id as usize) {
-                    self.push_maybe_compressed(c, &mut z);
+                    push_maybe_compressed(io, c, &mut z);
                 }
             }
         }
-    }
-
-    /// Queues one fan-out frame to `c`: compressed if `c` negotiated it and
-    /// the message has a compressed form.
-    #[inline]
-    fn push_maybe_compressed(&self, c: &Rc<Conn>, z: &mut crate::ws::deflate::Lazy<'_>) {
-        let agreed = c.deflate();
-        let f = z.frame_for(agreed, || self.m().deflate_compressions_total.inc());
-        if agreed.is_on() && f[0] & 0x40 != 0 {
-            self.m().deflate_frames_out_total.inc();
-        }
-        c.push(self, f.clone());
     }
 
     // ---- closing handshakes ----------------------------------------------------
@@ -392,4 +383,16 @@ impl Shard {
             debug!(shard = self.id, left = self.m().connections.get(), "drain window over");
         }
     }
+}
+
+/// Queues one fan-out frame to `c`: compressed if `c` negotiated it and the
+/// message has a compressed form.
+#[inline]
+fn push_maybe_compressed(io: &ShardIo, c: &Rc<Conn>, z: &mut crate::ws::deflate::Lazy<'_>) {
+    let agreed = c.deflate();
+    let f = z.frame_for(agreed, || io.m().deflate_compressions_total.inc());
+    if agreed.is_on() && f[0] & 0x40 != 0 {
+        io.m().deflate_frames_out_total.inc();
+    }
+    c.push(io, f.clone());
 }
