@@ -13,6 +13,17 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use serde::Deserialize;
 
+mod namespace;
+
+pub use namespace::{ClientPublish, Namespace, NamespaceOptions, Namespaces};
+
+/// Bytes an event adds around the data it carries: the WebSocket header
+/// (at most 10), `{"ev":"message","room":R,"from":U,"data":`, `"epoch"`
+/// (at most 64 bytes) and `"offset"`, with room and user names of at most
+/// 128 bytes. The largest event frame the node sends is
+/// `--max-message-bytes` plus this, and it must fit `--outbound-queue-bytes`.
+pub const ENVELOPE_BYTES: usize = 512;
+
 /// What one source (flags + environment, or the TOML file) may set. Every field
 /// is optional so that sources can be layered; defaults live in `Config`.
 #[derive(Parser, Deserialize, Debug, Default)]
@@ -160,6 +171,17 @@ pub struct Options {
     #[arg(long, env = "CORECAST_HISTORY_TTL_SECS")]
     pub history_ttl_secs: Option<u64>,
 
+    /// Standalone history: bytes of stored messages the node keeps over all
+    /// its rooms (split evenly over the shards); past it the oldest stored
+    /// messages are trimmed first, whatever their room. [default: 268435456]
+    #[arg(long, env = "CORECAST_HISTORY_MAX_BYTES")]
+    pub history_max_bytes: Option<usize>,
+
+    /// Room namespaces (PROTOCOL.md §10): `[[namespace]]` tables, TOML only.
+    #[arg(skip)]
+    #[serde(default, rename = "namespace")]
+    pub namespaces: Vec<NamespaceOptions>,
+
     /// Log output: `text` or `json`. [default: text]
     #[arg(long, env = "CORECAST_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -253,15 +275,27 @@ pub struct Config {
     /// `--batched-sends` (hidden, for benchmarks): io_uring batches the
     /// flusher's writes (io_uring driver only).
     pub batched_sends: bool,
-    /// Room history (§7); `None`: off.
+    /// Room history (§7) of the rooms no namespace matches; `None`: off.
     pub history: Option<HistorySettings>,
+    /// Per-prefix room options (§10); `namespaces.history(room)` says
+    /// whether and how a room keeps history.
+    pub namespaces: Namespaces,
+    /// `--history-max-bytes`: the node's budget for standalone history.
+    pub history_max_bytes: usize,
 }
 
 impl Options {
     /// Layers `other` (a lower-precedence source) under `self`.
     fn or(self, other: Options) -> Options {
         macro_rules! layer {
-            ($($f:ident),*) => { Options { config: self.config, $($f: self.$f.or(other.$f)),* } };
+            ($($f:ident),*) => {
+                Options {
+                    config: self.config,
+                    // Tables come from the file only.
+                    namespaces: if self.namespaces.is_empty() { other.namespaces } else { self.namespaces },
+                    $($f: self.$f.or(other.$f)),*
+                }
+            };
         }
         layer!(
             listen,
@@ -293,7 +327,8 @@ impl Options {
             debug_hooks,
             batched_sends,
             history_size,
-            history_ttl_secs
+            history_ttl_secs,
+            history_max_bytes
         )
     }
 }
@@ -343,16 +378,28 @@ impl Config {
             }
             (None, None) => None,
         };
+        let ttl_secs = o.history_ttl_secs.unwrap_or(300);
         let history = match o.history_size.unwrap_or(0) {
             0 => None,
             size => {
-                let ttl = o.history_ttl_secs.unwrap_or(300);
-                if ttl == 0 {
+                if ttl_secs == 0 {
                     bail!("--history-ttl-secs must be at least 1");
                 }
-                Some(HistorySettings { size, ttl: Duration::from_secs(ttl) })
+                Some(HistorySettings { size, ttl: Duration::from_secs(ttl_secs) })
             }
         };
+        let namespaces = Namespaces::resolve(history, ttl_secs, &o.namespaces)?;
+        // Limits that agree: the largest message a client may send, once
+        // wrapped in its event, must fit a subscriber's outbound queue, or
+        // every subscriber would be cut off by it.
+        let outbound_queue_bytes = o.outbound_queue_bytes.unwrap_or(1 << 20);
+        if max_message_bytes + ENVELOPE_BYTES > outbound_queue_bytes {
+            bail!(
+                "--outbound-queue-bytes ({outbound_queue_bytes}) cannot hold the largest message: \
+                 --max-message-bytes ({max_message_bytes}) + {ENVELOPE_BYTES} bytes of event envelope; \
+                 raise --outbound-queue-bytes or lower --max-message-bytes"
+            );
+        }
         Ok(Config {
             listen: o.listen.unwrap_or_else(|| "0.0.0.0:8080".parse().expect("valid literal")),
             admin_listen: o.admin_listen,
@@ -362,7 +409,7 @@ impl Config {
             echo: o.echo.unwrap_or(false),
             demo: o.demo.unwrap_or(true),
             max_message_bytes,
-            outbound_queue_bytes: o.outbound_queue_bytes.unwrap_or(1 << 20),
+            outbound_queue_bytes,
             compression: o.compression == Some(Compression::On),
             compression_min_bytes: o.compression_min_bytes.unwrap_or(256),
             drain: Duration::from_secs(o.drain_secs.unwrap_or(30)),
@@ -383,7 +430,15 @@ impl Config {
             debug_hooks: o.debug_hooks.unwrap_or(false),
             batched_sends: o.batched_sends.unwrap_or(true),
             history,
+            namespaces,
+            history_max_bytes: o.history_max_bytes.unwrap_or(256 << 20),
         })
+    }
+
+    /// Can an event carrying `data_len` bytes of data reach a subscriber?
+    /// (`POST /api/publish` answers 413 if not.)
+    pub fn deliverable(&self, data_len: usize) -> bool {
+        data_len + ENVELOPE_BYTES <= self.outbound_queue_bytes
     }
 
     pub fn shards(&self) -> usize {
@@ -447,6 +502,34 @@ mod tests {
         assert!(Config::load(["corecast", "--config", file.to_str().unwrap()]).unwrap().compression);
         let cfg = Config::load(["corecast", "--config", file.to_str().unwrap(), "--compression", "off"]).unwrap();
         assert!(!cfg.compression, "the flag beats the file");
+    }
+
+    #[test]
+    fn limits_that_cannot_deliver_the_largest_message_are_refused() {
+        let err = Config::load(["corecast", "--max-message-bytes", "1048576"]).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("--outbound-queue-bytes") && text.contains("--max-message-bytes"), "{text}");
+        assert!(
+            Config::load(["corecast", "--max-message-bytes", "1048576", "--outbound-queue-bytes", "2097152"]).is_ok()
+        );
+        let cfg = Config::load(["corecast"]).unwrap();
+        assert!(cfg.deliverable((1 << 20) - ENVELOPE_BYTES) && !cfg.deliverable((1 << 20) - ENVELOPE_BYTES + 1));
+    }
+
+    #[test]
+    fn namespaces_come_from_the_file() {
+        let dir = std::env::temp_dir().join(format!("cc-cfg5-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[[namespace]]\nprefix = \"chat:\"\nhistory_size = 20\n").unwrap();
+        let cfg = Config::load(["corecast", "--config", file.to_str().unwrap()]).unwrap();
+        assert_eq!(cfg.history, None);
+        assert_eq!(cfg.namespaces.history("chat:a").map(|h| h.size), Some(20));
+        assert_eq!(cfg.namespaces.history("lobby"), None);
+        std::fs::write(&file, "[[namespace]]\nprefix = \"chat:\"\nhistory_sise = 20\n").unwrap();
+        let err = Config::load(["corecast", "--config", file.to_str().unwrap()]).unwrap_err();
+        assert!(format!("{err:#}").contains("history_sise"), "{err:#}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

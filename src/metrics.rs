@@ -253,6 +253,9 @@ shard_metrics! {
     history_caught_up_total: "counter", "Messages delivered from history after the Redis subscriber link came back.";
     history_gaps_total: "counter", "gap events: a catch-up the history could not cover.";
     history_publish_lost_total: "counter", "History publishes accepted but lost with a dropped Redis publisher link (which carries the history scripts).";
+    history_feeds_total: "counter", "Recoveries and catch-ups fed to a member as its outbound queue drained, page by page, rather than pushed at once.";
+    history_replies_retried_total: "counter", "Standalone history replies a full shard-pair queue did not take at once, sent again (never dropped).";
+    history_ring_bytes: "gauge", "Bytes of messages this shard keeps in standalone history rings (held to its share of --history-max-bytes).";
     redis_publish_refused_total: "counter", "Publishes accepted, then refused by Redis (NOPERM, CLUSTERDOWN, ...) and so lost.";
     redis_redirects_total: "counter", "MOVED/ASK redirections followed (Redis Cluster).";
     redis_unsolicited_unsubscribes_total: "counter", "Shard channels Redis unsubscribed by itself (slot migrated); subscribed again at the new owner.";

@@ -204,7 +204,7 @@ fn run_shard(
             if let Some(h) = svc.history()
                 && shard.cfg.redis.is_none()
             {
-                monoio::spawn(h.clone().run_sweep());
+                monoio::spawn(h.clone().run_sweep(shard.clone()));
             }
             monoio::spawn(svc.clone().run_inbox());
             monoio::spawn(crate::session::run_poller(svc.clone()));

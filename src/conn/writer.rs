@@ -40,6 +40,16 @@ impl Conn {
         true
     }
 
+    /// Bytes queued and not sent yet (what `--outbound-queue-bytes` bounds).
+    pub fn queued(&self) -> usize {
+        self.outbox.borrow().queued()
+    }
+
+    /// Closing or cut off: nothing more is queued for it.
+    pub fn is_closing(&self) -> bool {
+        self.has(CLOSE_SENT | KILLED)
+    }
+
     /// Would `len` more bytes stay within `--outbound-queue-bytes`? If not,
     /// the client is cut off (counted as a slow consumer).
     fn fits(self: &Rc<Self>, shard: &ShardIo, len: usize) -> bool {

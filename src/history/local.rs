@@ -20,11 +20,12 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::recover::ShardHistory;
+use super::recover::{STORE_WAIT, ShardHistory};
 use super::ring::owner_of;
 use super::types::{Msg, Query, ReadResult, Reply};
+use crate::config::HistorySettings;
 use crate::protocol::event::MessagePrefix;
 use crate::protocol::{Position, Target, Unavailable};
 use crate::rt::Oneshot;
@@ -42,6 +43,7 @@ pub fn publish(
     shard: &Rc<Shard>,
     h: &Rc<ShardHistory>,
     room: &str,
+    settings: HistorySettings,
     msg: MessagePrefix,
     want: Option<Oneshot<Result<Position, Unavailable>>>,
 ) -> Result<(), Unavailable> {
@@ -54,7 +56,7 @@ pub fn publish(
         return Err(Unavailable);
     }
     if owner == shard.id {
-        let pos = own_publish(shard, h, room, msg);
+        let pos = own_publish(shard, h, room, settings, msg);
         if let Some(slot) = want {
             slot.fill(Ok(pos));
         }
@@ -64,7 +66,7 @@ pub fn publish(
         Some(slot) => h.wait_for(Waiting::Published(slot)),
         None => 0,
     };
-    let msg = Msg::Publish { room: Arc::from(room), msg, reply_to: shard.id, token };
+    let msg = Msg::Publish { room: Arc::from(room), settings, msg, reply_to: shard.id, token };
     if shard.send_to(owner, ShardMsg::History(Box::new(msg))).is_err() {
         h.forget_token(token);
         return Err(Unavailable);
@@ -85,14 +87,28 @@ pub async fn read(shard: &Shard, h: &ShardHistory, room: &str, q: Query) -> Resu
         h.forget_token(token);
         return Err(Unavailable);
     }
-    slot.wait().await
+    // A stalled owner: `unavailable` after `STORE_WAIT`, never a hang (a
+    // reply that comes later finds no one waiting and is dropped).
+    match monoio::time::timeout(STORE_WAIT, slot.wait()).await {
+        Ok(r) => r,
+        Err(_) => {
+            h.forget_token(token);
+            Err(Unavailable)
+        }
+    }
 }
 
 /// The owner: assigns, stores, fans out to every shard with members (this
 /// one directly).
-fn own_publish(shard: &Rc<Shard>, h: &Rc<ShardHistory>, room: &str, msg: MessagePrefix) -> Position {
+fn own_publish(
+    shard: &Rc<Shard>,
+    h: &Rc<ShardHistory>,
+    room: &str,
+    settings: HistorySettings,
+    msg: MessagePrefix,
+) -> Position {
     let sent = Instant::now();
-    let (pos, frame) = h.rings().publish(room, msg, sent);
+    let (pos, frame) = h.with_rings(shard, |r| r.publish(room, settings, msg, sent));
     // The one cross-shard path (copies, order behind older queued messages);
     // this shard's own members through the live gate, now or when the inbox
     // hands the held message out.
@@ -105,23 +121,58 @@ fn own_publish(shard: &Rc<Shard>, h: &Rc<ShardHistory>, room: &str, msg: Message
 /// A `ShardMsg::History` arrived.
 pub fn handle(shard: &Rc<Shard>, h: &Rc<ShardHistory>, msg: Msg) {
     match msg {
-        Msg::Publish { room, msg, reply_to, token } => {
-            let pos = own_publish(shard, h, &room, msg);
+        Msg::Publish { room, settings, msg, reply_to, token } => {
+            let pos = own_publish(shard, h, &room, settings, msg);
             if token != 0 {
-                reply(shard, reply_to, token, Reply::Published(pos));
+                reply(shard, h, reply_to, token, Reply::Published(pos));
             }
         }
         Msg::Read { room, q, reply_to, token } => {
             let r = h.rings().read(&room, q, Instant::now());
-            reply(shard, reply_to, token, Reply::Read(r));
+            reply(shard, h, reply_to, token, Reply::Read(r));
         }
         Msg::Reply { token, reply } => h.answer(token, reply),
     }
 }
 
-fn reply(shard: &Shard, to: usize, token: u64, reply: Reply) {
+/// Sends a reply to shard `to`. A full pair queue never drops it: it waits
+/// in the owner's list of unsent replies (behind the ones already there,
+/// in order) and is sent again every `RETRY` until the queue takes it. A
+/// shard that stopped (shutdown) no longer waits for it.
+fn reply(shard: &Rc<Shard>, h: &Rc<ShardHistory>, to: usize, token: u64, reply: Reply) {
     let msg = ShardMsg::History(Box::new(Msg::Reply { token, reply }));
-    // A shard that stopped (shutdown) no longer waits for it. Data is held
-    // to half of each pair queue (`peers_congested_via`), so a reply finds room.
-    let _ = shard.send_to(to, msg);
+    let mut unsent = h.unsent();
+    if unsent.is_empty() {
+        match shard.send_or_full(to, msg) {
+            Ok(()) | Err(None) => return,
+            Err(Some(msg)) => unsent.push_back((to, msg)),
+        }
+    } else {
+        unsent.push_back((to, msg));
+    }
+    if unsent.len() == 1 {
+        drop(unsent);
+        monoio::spawn(resend(shard.clone(), h.clone()));
+    }
+}
+
+/// How often the owner tries again to send its unsent replies.
+const RETRY: Duration = Duration::from_millis(1);
+
+/// Sends the unsent replies as the queues take them; ends when none is left.
+async fn resend(shard: Rc<Shard>, h: Rc<ShardHistory>) {
+    loop {
+        monoio::time::sleep(RETRY).await;
+        let mut unsent = h.unsent();
+        while let Some((to, msg)) = unsent.pop_front() {
+            if let Err(Some(msg)) = shard.send_or_full(to, msg) {
+                shard.m().history_replies_retried_total.inc();
+                unsent.push_front((to, msg));
+                break;
+            }
+        }
+        if unsent.is_empty() {
+            return;
+        }
+    }
 }

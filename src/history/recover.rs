@@ -33,6 +33,19 @@
 //! delivery resumes. If the history no longer holds it (trimmed, or a new
 //! epoch), every member gets `gap` with the room's current position.
 //!
+//! # Recovery streams
+//!
+//! Nothing a client asks to recover is pushed at once: a replay, and a
+//! catch-up bigger than `INLINE_CATCH_UP` or than one page, is *fed* to each
+//! member by a feeder (`feed`) as its outbound queue drains (below half of
+//! `--outbound-queue-bytes`), one page (`Query::max_bytes`, half the queue)
+//! read after another, so no client is cut off for the size of what it
+//! recovers. Live messages meanwhile wait in the member's state, held to the
+//! outbound limit; past it they are dropped and read again from the history
+//! (never a kill). A member is still cut off (1008) when it is genuinely too
+//! slow: its queue does not drain for `FEED_STALL`, or the history trimmed
+//! past what it was fed.
+//!
 //! In: calls from `services` (subscribe, publish, the history op, the inbox
 //! dispatch). Out: frames to connections; reads and publishes to the store
 //! chosen when the shard started (`Store`: owner shard or Redis).
@@ -55,7 +68,7 @@ use super::ring::Rings;
 use super::types::Reply;
 use super::types::{Entry, Query, ReadResult};
 use crate::bus::Bus;
-use crate::config::HistorySettings;
+use crate::config::{Config, HistorySettings};
 use crate::conn::Conn;
 use crate::protocol::{Epoch, ErrorCode, Position, Since, Unavailable, event};
 use crate::rt::Oneshot;
@@ -72,6 +85,20 @@ const ITEM_OVERHEAD: usize = std::mem::size_of::<Item>();
 /// Bytes a catching-up room may hold; beyond, what it holds is dropped and
 /// read again from the history once the current read is done.
 const MAX_HELD_BYTES: usize = 16 << 20;
+/// A catch-up whose page is complete and at most this big goes to the
+/// room's members at once; a bigger one is fed to each (`feed`).
+const INLINE_CATCH_UP: usize = 64 << 10;
+/// A feeder waiting for its member's queue to drain looks again this often.
+const FEED_POLL: Duration = Duration::from_millis(2);
+/// A member whose queue does not drain for this long is cut off.
+const FEED_STALL: Duration = Duration::from_secs(10);
+/// A feeder lets the shard turn after this many frames.
+const FEED_BATCH: usize = 256;
+
+/// One page of history: half the outbound queue (`Query::max_bytes`).
+pub fn page_bytes(cfg: &Config) -> usize {
+    (cfg.outbound_queue_bytes / 2).max(1)
+}
 
 /// A live message (or a `gap`) on its way to a connection.
 #[derive(Clone, Debug)]
@@ -81,11 +108,36 @@ struct Item {
 }
 
 enum Phase {
-    /// Waiting for its read: live messages are kept here (and their bytes,
-    /// held to `--outbound-queue-bytes` like an outbox).
-    Buffering(Vec<Item>, usize),
+    /// Waiting for its read, or being fed (`feed`): live messages wait here.
+    Feeding(Live),
     /// Got everything up to this position; drops what is not after it.
     Filtering(Position),
+}
+
+/// The live messages a member being fed has not had yet, in order.
+#[derive(Default)]
+struct Live {
+    items: std::collections::VecDeque<Item>,
+    /// Their bytes, held to `--outbound-queue-bytes`.
+    bytes: usize,
+    /// Some were dropped (the limit): the feeder reads them from the history.
+    dropped: bool,
+}
+
+impl Live {
+    fn keep(&mut self, item: Item, limit: usize) {
+        if self.dropped {
+            return;
+        }
+        self.bytes += item.frame.len() + ITEM_OVERHEAD;
+        if self.bytes > limit {
+            self.items.clear();
+            self.bytes = 0;
+            self.dropped = true;
+            return;
+        }
+        self.items.push_back(item);
+    }
 }
 
 /// A member of the room whose live delivery is not plain yet.
@@ -122,9 +174,9 @@ pub enum Store {
     Redis(Rc<HistLink>),
 }
 
-/// One per shard, when history is on (`services::Services::history`).
+/// One per shard, when history is on for some rooms
+/// (`services::Services::history`).
 pub struct ShardHistory {
-    pub settings: HistorySettings,
     store: Store,
     /// The backplane, for the state of its subscriptions: is the subscriber
     /// link up, has Redis confirmed a room.
@@ -134,21 +186,29 @@ pub struct ShardHistory {
     rooms: RefCell<FxHashMap<Arc<str>, RoomState>>,
     next_token: Cell<u64>,
     waiting: RefCell<FxHashMap<u64, Waiting>>,
+    /// Standalone owner: replies a full pair queue did not take yet
+    /// (`local::reply`), in order, with the shard each goes to.
+    unsent: RefCell<std::collections::VecDeque<(usize, crate::shard::ShardMsg)>>,
 }
 
 impl ShardHistory {
-    /// `node`: this run's epoch base (one per process, shared by its shards).
-    pub fn new(settings: HistorySettings, node: Epoch, store: Store, bus: Rc<Bus>) -> ShardHistory {
+    /// `node`: this run's epoch base (one per process, shared by its
+    /// shards); `max_bytes`: this shard's share of `--history-max-bytes`.
+    pub fn new(node: Epoch, store: Store, bus: Rc<Bus>, max_bytes: usize) -> ShardHistory {
         ShardHistory {
-            settings,
             store,
             bus,
-            rings: RefCell::new(Rings::new(settings, node)),
+            rings: RefCell::new(Rings::new(node, max_bytes)),
             budget: ShardBudget::default(),
             rooms: RefCell::default(),
             next_token: Cell::new(1),
             waiting: RefCell::default(),
+            unsent: RefCell::default(),
         }
+    }
+
+    pub(super) fn unsent(&self) -> RefMut<'_, std::collections::VecDeque<(usize, crate::shard::ShardMsg)>> {
+        self.unsent.borrow_mut()
     }
 
     pub(super) fn rings(&self) -> RefMut<'_, Rings> {
@@ -179,21 +239,38 @@ impl ShardHistory {
     }
 
     /// The owner's sweep of expired standalone rooms (a task per shard).
-    pub async fn run_sweep(self: Rc<Self>) {
+    pub async fn run_sweep(self: Rc<Self>, shard: Rc<Shard>) {
         loop {
             monoio::time::sleep(SWEEP_EVERY).await;
-            self.rings().sweep(Instant::now());
+            self.with_rings(&shard, |r| r.sweep(Instant::now()));
         }
+    }
+
+    /// Runs `f` on this shard's rings, keeping `corecast_history_ring_bytes`.
+    pub(super) fn with_rings<T>(&self, shard: &Shard, f: impl FnOnce(&mut Rings) -> T) -> T {
+        let mut rings = self.rings.borrow_mut();
+        let before = rings.bytes();
+        let out = f(&mut rings);
+        let after = rings.bytes();
+        let g = &shard.m().history_ring_bytes;
+        if after >= before {
+            g.add((after - before) as u64)
+        } else {
+            g.sub((before - after) as u64)
+        }
+        out
     }
 
     // ---- publish -------------------------------------------------------------
 
     /// Publishes a client's (or the API's) message in a history room. With
     /// `want`, the slot gets its position once the authority assigned it.
+    #[allow(clippy::too_many_arguments)]
     pub fn publish(
         self: &Rc<Self>,
         shard: &Rc<Shard>,
         room: &str,
+        settings: HistorySettings,
         from: &str,
         data: &str,
         want: Option<Oneshot<Result<Position, Unavailable>>>,
@@ -201,8 +278,8 @@ impl ShardHistory {
         shard.m().publishes_total.inc();
         let msg = event::message_prefix(room, from, data);
         let r = match &self.store {
-            Store::Local => local::publish(shard, self, room, msg, want),
-            Store::Redis(link) => link.publish(room, msg, want),
+            Store::Local => local::publish(shard, self, room, settings, msg, want),
+            Store::Redis(link) => link.publish(room, settings, msg, want),
         };
         if r.is_err() {
             shard.m().bus_unavailable_total.inc();
@@ -210,11 +287,17 @@ impl ShardHistory {
         r
     }
 
-    async fn read(&self, shard: &Shard, room: &str, q: Query) -> Result<ReadResult, Unavailable> {
+    async fn read(
+        &self,
+        shard: &Shard,
+        room: &str,
+        q: Query,
+        settings: HistorySettings,
+    ) -> Result<ReadResult, Unavailable> {
         let _permit = self.budget.acquire().await;
         match &self.store {
             Store::Local => local::read(shard, self, room, q).await,
-            Store::Redis(link) => link.read(room, q).await,
+            Store::Redis(link) => bounded(link.read(room, q, settings)).await,
         }
     }
 
@@ -247,7 +330,7 @@ impl ShardHistory {
             // A second subscribe replaces a recovery still under way.
             st.conns.insert(
                 conn.id,
-                ConnState { conn: Rc::downgrade(conn), token, phase: Phase::Buffering(Vec::new(), 0) },
+                ConnState { conn: Rc::downgrade(conn), token, phase: Phase::Feeding(Live::default()) },
             );
             // A room that joins while the subscriber link is down catches up
             // once it is back.
@@ -267,21 +350,30 @@ impl ShardHistory {
 
     /// The read of a subscribe: once the room is subscribed at Redis (or the
     /// link is down), the position, and with `since` what came after it.
-    pub async fn recover(&self, shard: &Shard, room: &str, since: Option<Since>) -> Result<ReadResult, Unavailable> {
-        self.room_ready(room, false).await;
-        let q = Query::recover(since, if since.is_some() { self.settings.size } else { 0 });
-        self.read(shard, room, q).await
-    }
-
-    /// The read is back: the reply, the replay, the buffered messages, then
-    /// filtering until the live stream has passed. `Err`: the read failed and
-    /// the member must leave the room again (`services` does, with an error).
-    #[allow(clippy::too_many_arguments)]
-    pub fn finish_subscribe(
+    pub async fn recover(
         &self,
         shard: &Shard,
+        room: &str,
+        settings: HistorySettings,
+        since: Option<Since>,
+    ) -> Result<ReadResult, Unavailable> {
+        self.room_ready(room, false).await;
+        let q = Query::recover(since, if since.is_some() { settings.size } else { 0 }, page_bytes(&shard.cfg));
+        self.read(shard, room, q, settings).await
+    }
+
+    /// The read is back: the reply, then the replay and the buffered
+    /// messages, fed as the member's queue drains (`feed`; at once when they
+    /// fit), then filtering until the live stream has passed. `Err`: the
+    /// read failed and the member must leave the room again (`services`
+    /// does, with an error).
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish_subscribe(
+        self: &Rc<Self>,
+        shard: &Rc<Shard>,
         conn: &Rc<Conn>,
         room: &str,
+        settings: HistorySettings,
         token: u64,
         since: Option<Since>,
         id: Option<&str>,
@@ -292,11 +384,17 @@ impl ShardHistory {
         if st.conns.get(&conn.id).is_none_or(|c| c.token != token) {
             return Ok(()); // Unsubscribed, or subscribed again, meanwhile.
         }
-        let Some(state) = st.conns.remove(&conn.id) else { return Ok(()) };
         if !shard.has_conn(conn) {
+            st.conns.remove(&conn.id);
             return Ok(());
         }
-        let r = r?;
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                st.conns.remove(&conn.id);
+                return Err(e);
+            }
+        };
         if st.last.is_none() {
             st.last = Some(r.pos);
         }
@@ -308,18 +406,23 @@ impl ShardHistory {
                 shard.m().history_unrecovered_total.inc();
             }
         }
-        let buffered = match state.phase {
-            Phase::Buffering(items, _) => items,
-            Phase::Filtering(_) => Vec::new(),
+        drop(rooms);
+        // Fed from the position asked (recovered) or the room's (not).
+        let cursor = match since {
+            Some(s) if r.covered => s,
+            _ => r.pos,
         };
-        let (frames, got) = merge_recovery(&r, buffered);
-        for f in frames {
-            conn.push(shard, f);
-        }
-        // Still on its way through the live path? Keep filtering until passed.
-        let passed = st.last.is_some_and(|l| l.epoch == got.epoch && l.offset >= got.offset);
-        if !passed {
-            st.conns.insert(conn.id, ConnState { conn: state.conn, token, phase: Phase::Filtering(got) });
+        let page = page_of(&r);
+        let f = Feed { conn: conn.clone(), room: Arc::from(room), token, settings, cursor, top: r.pos, page, at: 0 };
+        self.start_feed(shard, f)
+    }
+
+    /// Feeds `f` as far as the member's queue allows now; the rest in a
+    /// task (`feed`).
+    fn start_feed(self: &Rc<Self>, shard: &Rc<Shard>, mut f: Feed) -> Result<(), Unavailable> {
+        if !matches!(self.pump(shard, &mut f), Pump::Done | Pump::Gone) {
+            shard.m().history_feeds_total.inc();
+            monoio::spawn(feed(self.clone(), shard.clone(), f));
         }
         Ok(())
     }
@@ -330,12 +433,13 @@ impl ShardHistory {
         self: &Rc<Self>,
         shard: &Rc<Shard>,
         room: &str,
+        settings: HistorySettings,
         from: &str,
         data: &str,
     ) -> Result<Position, Unavailable> {
         let slot = Oneshot::default();
-        self.publish(shard, room, from, data, Some(slot.clone()))?;
-        slot.wait().await
+        self.publish(shard, room, settings, from, data, Some(slot.clone()))?;
+        bounded(slot.wait()).await
     }
 
     /// `conn` left `room` (`services::Services::leave`): its pending recovery
@@ -356,11 +460,13 @@ impl ShardHistory {
     // ---- the history op -------------------------------------------------------
 
     /// `{"op":"history",...}`: reads and replies; does not subscribe.
+    #[allow(clippy::too_many_arguments)]
     pub fn history_op(
         self: &Rc<Self>,
         shard: &Rc<Shard>,
         conn: &Rc<Conn>,
         room: &str,
+        settings: HistorySettings,
         limit: usize,
         since: Option<Since>,
         id: Option<&str>,
@@ -368,12 +474,14 @@ impl ShardHistory {
         if !self.take_budget(shard, conn, true, id) {
             return;
         }
-        let limit = limit.min(self.settings.size);
+        let limit = limit.min(settings.size);
         let (h, shard, conn, room, id) =
             (self.clone(), shard.clone(), conn.clone(), Arc::<str>::from(room), id.map(Box::<str>::from));
         monoio::spawn(async move {
-            let q = Query { after: since, limit, listing: true, fence: false };
-            let r = h.read(&shard, &room, q).await;
+            // A page: what fits in half the outbound queue, with `more`
+            // when the client should ask again from the last offset.
+            let q = Query::listing(since, limit, page_bytes(&shard.cfg));
+            let r = h.read(&shard, &room, q, settings).await;
             conn.hist.done();
             if !shard.has_conn(&conn) {
                 return;
@@ -499,22 +607,213 @@ fn gate(last: Option<Position>, pos: Position) -> Gate {
     }
 }
 
-/// What a recovering member gets after its `subscribed`: the replay of the
-/// read, then the live messages buffered meanwhile that it has not had, in
-/// order; and the position it then has.
-fn merge_recovery(r: &ReadResult, buffered: Vec<Item>) -> (Vec<Bytes>, Position) {
-    let mut frames: Vec<Bytes> = r.entries.iter().map(|e| e.frame.clone()).collect();
-    let mut got = r.pos;
-    if let Some(last) = r.entries.last() {
-        got.offset = last.offset.max(got.offset);
-    }
-    for item in buffered {
-        if after(&item.pos, &got) {
-            frames.push(item.frame);
-            got = item.pos;
+/// How long a task waits for its store (the owner shard, Redis) before the
+/// operation ends `unavailable`: no wait is unbounded.
+pub const STORE_WAIT: Duration = Duration::from_secs(5);
+
+/// `fut` within `STORE_WAIT`, else `Unavailable`.
+pub async fn bounded<T>(fut: impl std::future::Future<Output = Result<T, Unavailable>>) -> Result<T, Unavailable> {
+    monoio::time::timeout(STORE_WAIT, fut).await.unwrap_or(Err(Unavailable))
+}
+
+/// A read's entries as items of its epoch.
+fn page_of(r: &ReadResult) -> Rc<[Item]> {
+    r.entries
+        .iter()
+        .map(|e| Item { pos: Position { epoch: r.pos.epoch, offset: e.offset }, frame: e.frame.clone() })
+        .collect()
+}
+
+/// A member being fed what it recovers (see the module doc).
+struct Feed {
+    conn: Rc<Conn>,
+    room: Arc<str>,
+    /// The `ConnState` it feeds (a newer subscribe replaces it).
+    token: u64,
+    settings: HistorySettings,
+    /// The last position the member was sent.
+    cursor: Position,
+    /// The store's position at the last read: the feeder reads until the
+    /// cursor reaches it.
+    top: Position,
+    /// Read, or taken from the live list, and not sent yet from `at`.
+    page: Rc<[Item]>,
+    at: usize,
+}
+
+/// What a feeder does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pump {
+    /// Fed: the member filters or is plain now.
+    Done,
+    /// The member left, was cut off, or subscribed again.
+    Gone,
+    /// Its queue is above the low-water mark.
+    Wait,
+    /// Let the shard turn.
+    Yield,
+    /// Read the next page after the cursor.
+    Read,
+}
+
+impl ShardHistory {
+    /// Sends `f`'s member what its queue takes now (see `Pump`). Never
+    /// awaits: the room's state is borrowed throughout.
+    fn pump(&self, shard: &Shard, f: &mut Feed) -> Pump {
+        let mut rooms = self.rooms.borrow_mut();
+        let Some(st) = rooms.get_mut(&*f.room) else { return Pump::Gone };
+        if st.conns.get(&f.conn.id).is_none_or(|c| c.token != f.token) {
+            return Pump::Gone;
+        }
+        if !shard.has_conn(&f.conn) || f.conn.is_closing() {
+            st.conns.remove(&f.conn.id);
+            return Pump::Gone;
+        }
+        let limit = shard.cfg.outbound_queue_bytes;
+        let mut sent = 0;
+        loop {
+            if f.at == f.page.len() {
+                let Some(ConnState { phase: Phase::Feeding(live), .. }) = st.conns.get_mut(&f.conn.id) else {
+                    return Pump::Gone;
+                };
+                let behind = f.cursor.epoch == f.top.epoch && f.cursor.offset < f.top.offset;
+                if std::mem::take(&mut live.dropped) || behind {
+                    // Messages dropped from the live list arrived before
+                    // this read is made, so the read has them.
+                    return Pump::Read;
+                }
+                if live.items.is_empty() {
+                    // Fed. Still on its way through the live path? Filter
+                    // until passed.
+                    let passed = st.last.is_some_and(|l| l.epoch == f.cursor.epoch && l.offset >= f.cursor.offset);
+                    if passed {
+                        st.conns.remove(&f.conn.id);
+                    } else if let Some(c) = st.conns.get_mut(&f.conn.id) {
+                        c.phase = Phase::Filtering(f.cursor);
+                    }
+                    return Pump::Done;
+                }
+                live.bytes = 0;
+                f.page = Vec::from(std::mem::take(&mut live.items)).into();
+                f.at = 0;
+            }
+            let item = &f.page[f.at];
+            if !after(&item.pos, &f.cursor) {
+                f.at += 1;
+                continue;
+            }
+            if item.pos.epoch == f.cursor.epoch && item.pos.offset > f.cursor.offset + 1 {
+                // A hole: the rest is read from the history, which has it.
+                f.at = f.page.len();
+                return Pump::Read;
+            }
+            let queued = f.conn.queued();
+            if queued > 0 && (queued >= limit / 2 || queued + item.frame.len() > limit) {
+                return Pump::Wait;
+            }
+            if sent == FEED_BATCH {
+                return Pump::Yield;
+            }
+            f.conn.push(shard, item.frame.clone());
+            f.cursor = item.pos;
+            f.at += 1;
+            sent += 1;
         }
     }
-    (frames, got)
+
+    /// `f`'s member is too slow (or its history is gone): cut off.
+    fn cut_off(&self, shard: &Shard, f: &Feed, code: crate::ws::CloseCode) {
+        if let Some(st) = self.rooms.borrow_mut().get_mut(&*f.room)
+            && st.conns.get(&f.conn.id).is_some_and(|c| c.token == f.token)
+        {
+            st.conns.remove(&f.conn.id);
+            if code == crate::ws::CloseCode::POLICY {
+                shard.m().slow_consumer_disconnects_total.inc();
+            }
+            f.conn.kill(shard, code);
+        }
+    }
+
+    /// Is `f` still the member's current feed?
+    fn feeds(&self, f: &Feed) -> bool {
+        self.rooms.borrow().get(&*f.room).and_then(|st| st.conns.get(&f.conn.id)).is_some_and(|c| c.token == f.token)
+    }
+}
+
+/// The feeder task of one member (see the module doc and `Pump`).
+async fn feed(h: Rc<ShardHistory>, shard: Rc<Shard>, mut f: Feed) {
+    // Since when the member's queue has not gone down, and from what.
+    let mut stuck: Option<(Instant, usize)> = None;
+    loop {
+        match h.pump(&shard, &mut f) {
+            Pump::Done | Pump::Gone => return,
+            Pump::Yield => {
+                stuck = None;
+                shard.yield_now().await;
+            }
+            Pump::Wait => {
+                let queued = f.conn.queued();
+                match stuck {
+                    Some((_, was)) if queued < was => stuck = Some((Instant::now(), queued)),
+                    Some((since, _)) if since.elapsed() >= FEED_STALL => {
+                        debug!(shard = shard.id, conn = f.conn.id, room = %f.room, "recovery: queue not draining, cut off");
+                        h.cut_off(&shard, &f, crate::ws::CloseCode::POLICY);
+                        return;
+                    }
+                    Some(_) => {}
+                    None => stuck = Some((Instant::now(), queued)),
+                }
+                monoio::time::sleep(FEED_POLL).await;
+            }
+            Pump::Read => {
+                stuck = None;
+                let q = Query::recover(Some(f.cursor), f.settings.size, page_bytes(&shard.cfg));
+                let mut got = Err(Unavailable);
+                for _ in 0..CATCH_UP_TRIES {
+                    got = h.read(&shard, &f.room, q, f.settings).await;
+                    if got.is_ok() || !h.feeds(&f) {
+                        break;
+                    }
+                    monoio::time::sleep(CATCH_UP_RETRY).await;
+                }
+                if !h.feeds(&f) {
+                    return;
+                }
+                match got {
+                    Ok(r) if r.covered => {
+                        f.top = r.pos;
+                        f.page = page_of(&r);
+                        f.at = 0;
+                    }
+                    // Nothing was ever stored: nothing to read.
+                    Ok(r) if r.pos.epoch.is_none() && f.cursor.epoch.is_none() => {}
+                    Ok(r) if r.pos.epoch != f.cursor.epoch => {
+                        // The history is another epoch now: the member is
+                        // told, and goes on from its position.
+                        shard.m().history_gaps_total.inc();
+                        f.conn.push(&shard, event::gap(&f.room, &r.pos));
+                        f.cursor = r.pos;
+                        f.top = r.pos;
+                        f.page = Rc::new([]);
+                        f.at = 0;
+                    }
+                    Ok(_) => {
+                        // The history trimmed past what the member was fed:
+                        // it is too slow for this room.
+                        debug!(shard = shard.id, conn = f.conn.id, room = %f.room, "recovery: trimmed past, cut off");
+                        h.cut_off(&shard, &f, crate::ws::CloseCode::POLICY);
+                        return;
+                    }
+                    Err(Unavailable) => {
+                        // The rest cannot be read: closed, so that the client
+                        // recovers from its position when it reconnects.
+                        h.cut_off(&shard, &f, crate::ws::CloseCode::INTERNAL);
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// One step of a room's catch-up, in order.
@@ -592,15 +891,8 @@ fn fan_out(shard: &Shard, room: &str, st: &mut RoomState, item: Item, sent: Opti
     st.conns.retain(|_, c| {
         let Some(conn) = c.conn.upgrade().filter(|conn| shard.has_conn(conn)) else { return false };
         match &mut c.phase {
-            Phase::Buffering(items, bytes) => {
-                *bytes += item.frame.len() + ITEM_OVERHEAD;
-                if *bytes > shard.cfg.outbound_queue_bytes {
-                    // As a slow consumer's outbox would (`Conn::push`).
-                    shard.m().slow_consumer_disconnects_total.inc();
-                    conn.kill(shard, crate::ws::CloseCode::POLICY);
-                    return false;
-                }
-                items.push(item.clone());
+            Phase::Feeding(live) => {
+                live.keep(item.clone(), shard.cfg.outbound_queue_bytes);
                 true
             }
             Phase::Filtering(got) => {
@@ -617,6 +909,7 @@ fn fan_out(shard: &Shard, room: &str, st: &mut RoomState, item: Item, sent: Opti
 
 /// The room's catch-up after the subscriber link came back (see the module doc).
 async fn catch_up(h: Rc<ShardHistory>, shard: Rc<Shard>, room: Arc<str>) {
+    let Some(settings) = shard.cfg.namespaces.history(&room) else { return };
     loop {
         h.room_ready(&room, true).await;
         let last = match h.rooms.borrow().get(&room) {
@@ -626,7 +919,10 @@ async fn catch_up(h: Rc<ShardHistory>, shard: Rc<Shard>, room: Arc<str>) {
         let mut got = None;
         if let Some(last) = last {
             for _ in 0..CATCH_UP_TRIES {
-                match h.read(&shard, &room, Query::catch_up(last, h.settings.size)).await {
+                match h
+                    .read(&shard, &room, Query::catch_up(last, settings.size, page_bytes(&shard.cfg)), settings)
+                    .await
+                {
                     Ok(r) => {
                         got = Some(r);
                         break;
@@ -635,29 +931,74 @@ async fn catch_up(h: Rc<ShardHistory>, shard: Rc<Shard>, room: Arc<str>) {
                 }
             }
         }
-        let mut rooms = h.rooms.borrow_mut();
-        let Some(st) = rooms.get_mut(&room) else { return };
-        let held = st.held.take().unwrap_or_default();
-        st.held_bytes = 0;
-        st.overflowed = false;
-        if let Some(r) = got.as_ref().filter(|r| r.covered) {
-            let n = r.entries.len();
-            shard.m().history_caught_up_total.add(n as u64);
-            debug!(shard = shard.id, room = %room, messages = n, "caught up");
-        }
-        let (steps, new_last) = plan_catch_up(last, st.last, got, held);
-        st.last = new_last;
-        for step in steps {
-            match step {
-                Step::Deliver(item) => fan_out(&shard, &room, st, item, None),
-                Step::Gap(pos) => send_gap(&shard, &room, st, pos),
+        let mut feeds = Vec::new();
+        {
+            let mut rooms = h.rooms.borrow_mut();
+            let Some(st) = rooms.get_mut(&room) else { return };
+            let held = st.held.take().unwrap_or_default();
+            st.held_bytes = 0;
+            st.overflowed = false;
+            if let Some(r) = got.as_ref().filter(|r| r.covered) {
+                let n = r.entries.len();
+                shard.m().history_caught_up_total.add(n as u64);
+                debug!(shard = shard.id, room = %room, messages = n, "caught up");
+            }
+            let big = got.as_ref().is_some_and(|r| {
+                r.covered && (r.more || r.entries.iter().map(|e| e.frame.len()).sum::<usize>() > INLINE_CATCH_UP)
+            });
+            match (big, last, got) {
+                (true, Some(last), Some(r)) => {
+                    // Too much to push at once: each member is fed the
+                    // page and what was held, from where it is.
+                    let mut items = page_of(&r).to_vec();
+                    items.extend(held.iter().cloned());
+                    let page: Rc<[Item]> = items.into();
+                    let (_, new_last) = plan_catch_up(Some(last), st.last, Some(r.clone()), held);
+                    st.last = new_last;
+                    for conn in shard.room_members(&room) {
+                        let cursor = match st.conns.get_mut(&conn.id) {
+                            Some(ConnState { phase: Phase::Feeding(live), .. }) => {
+                                // Its own recovery runs: these are live
+                                // messages to it.
+                                for item in page.iter() {
+                                    live.keep(item.clone(), shard.cfg.outbound_queue_bytes);
+                                }
+                                continue;
+                            }
+                            Some(ConnState { phase: Phase::Filtering(got), .. }) if after(got, &last) => *got,
+                            _ => last,
+                        };
+                        let token = h.token();
+                        let phase = Phase::Feeding(Live::default());
+                        st.conns.insert(conn.id, ConnState { conn: Rc::downgrade(&conn), token, phase });
+                        let room = room.clone();
+                        feeds.push(Feed { conn, room, token, settings, cursor, top: r.pos, page: page.clone(), at: 0 });
+                    }
+                }
+                (_, _, got) => {
+                    let (steps, new_last) = plan_catch_up(last, st.last, got, held);
+                    st.last = new_last;
+                    for step in steps {
+                        match step {
+                            Step::Deliver(item) => fan_out(&shard, &room, st, item, None),
+                            Step::Gap(pos) => send_gap(&shard, &room, st, pos),
+                        }
+                    }
+                }
+            }
+            if !std::mem::take(&mut st.again) {
+                st.catching_up = false;
+            } else {
+                st.held = Some(Vec::new());
             }
         }
-        if !std::mem::take(&mut st.again) {
-            st.catching_up = false;
+        let again = h.rooms.borrow().get(&room).is_some_and(|st| st.catching_up);
+        for f in feeds {
+            let _ = h.start_feed(&shard, f);
+        }
+        if !again {
             return;
         }
-        st.held = Some(Vec::new());
     }
 }
 
@@ -688,7 +1029,7 @@ fn history_reply(room: &str, r: &ReadResult, id: Option<&str>) -> Bytes {
             Some(event::HistoryItem { offset: *offset, from: s.from.get(), data: s.data.get() })
         })
         .collect();
-    event::history(room, &r.pos, &items, id)
+    event::history(room, &r.pos, &items, r.more, id)
 }
 
 #[cfg(test)]
@@ -707,11 +1048,7 @@ mod tests {
     fn read(e: &str, top: u64, entries: &[u64], covered: bool) -> ReadResult {
         let entries =
             entries.iter().copied().map(|n| Entry { offset: n, frame: Bytes::from(format!("{e}{n}")) }).collect();
-        ReadResult { pos: pos(e, top), covered, entries }
-    }
-
-    fn names(frames: &[Bytes]) -> Vec<String> {
-        frames.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect()
+        ReadResult { pos: pos(e, top), covered, entries, more: false }
     }
 
     fn steps(s: &[Step]) -> Vec<String> {
@@ -735,23 +1072,17 @@ mod tests {
     }
 
     #[test]
-    fn a_recovery_replays_then_adds_only_the_buffered_messages_it_has_not_had() {
-        // The read found &[11, 12, 13] (T = 13); meanwhile &[12, 13, 14, 15] arrived live.
-        let r = read("a", 13, &[11, 12, 13], true);
-        let buffered = vec![item("a", 12), item("a", 13), item("a", 14), item("a", 15)];
-        let (frames, got) = merge_recovery(&r, buffered);
-        assert_eq!(names(&frames), ["a11", "a12", "a13", "a14", "a15"]);
-        assert_eq!(got, pos("a", 15));
-        // Nothing to replay (no `since`): the position is T, and only what
-        // came after it is sent.
-        let r = read("a", 20, &[], true);
-        let (frames, got) = merge_recovery(&r, vec![item("a", 19), item("a", 20), item("a", 21)]);
-        assert_eq!(names(&frames), ["a21"]);
-        assert_eq!(got, pos("a", 21));
-        // A buffered message of a new epoch is never taken for a duplicate.
-        let (frames, got) = merge_recovery(&read("a", 5, &[4, 5], true), vec![item("b", 1)]);
-        assert_eq!(names(&frames), ["a4", "a5", "b1"]);
-        assert_eq!(got, pos("b", 1));
+    fn a_member_being_fed_keeps_live_messages_up_to_the_limit_then_drops_them_for_a_read() {
+        let mut live = Live::default();
+        let size = item("a", 1).frame.len() + ITEM_OVERHEAD;
+        live.keep(item("a", 1), 2 * size);
+        live.keep(item("a", 2), 2 * size);
+        assert_eq!(live.items.len(), 2);
+        assert!(!live.dropped);
+        live.keep(item("a", 3), 2 * size);
+        assert!(live.dropped && live.items.is_empty() && live.bytes == 0, "past the limit: all dropped, none kept");
+        live.keep(item("a", 4), 2 * size);
+        assert!(live.items.is_empty(), "after a drop nothing is kept until the feeder reads: no hole inside");
     }
 
     #[test]

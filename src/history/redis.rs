@@ -55,28 +55,21 @@ pub struct HistLink {
     sharded: bool,
     metrics: Arc<Metrics>,
     prefix: Arc<str>,
-    settings: HistorySettings,
     /// The node's epoch candidate, for a room whose history is new.
     candidate: Epoch,
-    /// `--history-size` and `--history-ttl-secs` as script arguments.
-    size_arg: String,
-    ttl_arg: String,
     /// The scripts go to the owner of the room channel's slot over the
     /// publisher's links (`redis_route.rs`).
     route: Rc<OwnerRoute>,
 }
 
 /// The shard's history link on the Redis bus, on any topology.
-pub fn start(bus: &RedisBus, settings: HistorySettings) -> Rc<HistLink> {
+pub fn start(bus: &RedisBus) -> Rc<HistLink> {
     Rc::new(HistLink {
         shard: bus.shard(),
         sharded: bus.topo().mode.sharded(),
         metrics: bus.metrics().clone(),
         prefix: bus.prefix().clone(),
-        settings,
         candidate: Epoch::random(),
-        size_arg: settings.size.to_string(),
-        ttl_arg: settings.ttl.as_secs().to_string(),
         route: OwnerRoute::new(bus.publisher().clone()),
     })
 }
@@ -97,6 +90,7 @@ impl HistLink {
     pub fn publish(
         &self,
         room: &str,
+        settings: HistorySettings,
         msg: MessagePrefix,
         want: Option<Oneshot<Result<Position, Unavailable>>>,
     ) -> Result<(), Unavailable> {
@@ -121,6 +115,7 @@ impl HistLink {
                 s.fill(pos.ok_or(Unavailable));
             }
         });
+        let (size, ttl) = (settings.size.to_string(), settings.ttl.as_secs().to_string());
         let args: [&[u8]; 9] = [
             b"3",
             &meta,
@@ -128,28 +123,29 @@ impl HistLink {
             &chan,
             msg.json(),
             self.candidate.as_str().as_bytes(),
-            self.size_arg.as_bytes(),
-            self.ttl_arg.as_bytes(),
+            size.as_bytes(),
+            ttl.as_bytes(),
             verb,
         ];
         self.route.run(Bytes::copy_from_slice(&chan), Script::Publish, &args, done).map_err(|_| Unavailable)
     }
 
     /// Reads `room`'s history.
-    pub async fn read(&self, room: &str, q: Query) -> Result<ReadResult, Unavailable> {
+    pub async fn read(&self, room: &str, q: Query, settings: HistorySettings) -> Result<ReadResult, Unavailable> {
         let (meta, log, chan) = self.keys(room);
         let (epoch, after) = match &q.after {
             Some(p) => (p.epoch.as_str().as_bytes().to_vec(), p.offset.to_string()),
             None => (Vec::new(), "0".to_string()),
         };
-        let limit = q.limit.min(self.settings.size).to_string();
+        let limit = q.limit.min(settings.size).to_string();
+        let ttl = settings.ttl.as_secs().to_string();
         // KEYS and ARGV of read.lua.
         let args: [&[u8]; 10] = [
             b"2",
             &meta,
             &log,
             self.candidate.as_str().as_bytes(),
-            self.ttl_arg.as_bytes(),
+            ttl.as_bytes(),
             &epoch,
             after.as_bytes(),
             limit.as_bytes(),
@@ -211,7 +207,7 @@ mod tests {
         assert_eq!((p.epoch.as_str(), p.offset), ("e1", 7));
         assert!(parse_position(&BytesFrame::Array(vec![bulk("e1"), BytesFrame::Integer(-1)])).is_none());
         let e1 = Epoch::new("e1").unwrap();
-        let q = Query::recover(Some(Position { epoch: e1, offset: 5 }), 10);
+        let q = Query::recover(Some(Position { epoch: e1, offset: 5 }), 10, usize::MAX);
         let reply = BytesFrame::Array(vec![
             bulk("e1"),
             BytesFrame::Integer(7),

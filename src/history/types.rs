@@ -38,17 +38,26 @@ pub struct Query {
     /// another message (`scripts/read.lua`). Never set from a client's
     /// `since`, which a client could make up.
     pub fence: bool,
+    /// At most this many bytes of frames (at least one message, whatever
+    /// its size): a read is a page, never the whole history at once
+    /// (`ReadResult::more` says when it was cut).
+    pub max_bytes: usize,
 }
 
 impl Query {
     /// A recovery (or, with `after: None` and `limit: 0`, just the position).
-    pub fn recover(after: Option<Position>, limit: usize) -> Query {
-        Query { after, limit, listing: false, fence: false }
+    pub fn recover(after: Option<Position>, limit: usize, max_bytes: usize) -> Query {
+        Query { after, limit, listing: false, fence: false, max_bytes }
     }
 
     /// A shard's catch-up after `last`, which it delivered (see `fence`).
-    pub fn catch_up(last: Position, limit: usize) -> Query {
-        Query { after: Some(last), limit, listing: false, fence: true }
+    pub fn catch_up(last: Position, limit: usize, max_bytes: usize) -> Query {
+        Query { after: Some(last), limit, listing: false, fence: true, max_bytes }
+    }
+
+    /// A `history` op: a listing (see `listing`).
+    pub fn listing(after: Option<Position>, limit: usize, max_bytes: usize) -> Query {
+        Query { after, limit, listing: true, fence: false, max_bytes }
     }
 }
 
@@ -62,23 +71,45 @@ pub struct ReadResult {
     pub covered: bool,
     /// In offset order.
     pub entries: Vec<Entry>,
+    /// `entries` were cut at `Query::max_bytes`: more follow the last one.
+    pub more: bool,
 }
 
 impl ReadResult {
     /// Applies the §7 rules to the raw `entries` after `q.after` (or the
     /// last ones) that a store returned with its position.
+    /// A position with the empty epoch (`Epoch::NONE`: the room had no
+    /// history when it was read, and a read creates none) is never covered:
+    /// whatever was published and lost since cannot be vouched for.
     pub fn judge(pos: Position, q: Query, mut entries: Vec<Entry>) -> ReadResult {
         let covered = match q.after {
             None => true,
-            Some(a) if a.epoch != pos.epoch || a.offset > pos.offset => false,
+            Some(a) if a.epoch.is_none() || a.epoch != pos.epoch || a.offset > pos.offset => false,
             Some(a) if a.offset == pos.offset => true,
             Some(a) => entries.first().is_some_and(|e| e.offset == a.offset + 1),
         };
         if (!covered && !q.listing) || q.limit == 0 {
             entries.clear();
         }
-        ReadResult { pos, covered, entries }
+        let more = cut_to(&mut entries, q.max_bytes);
+        ReadResult { pos, covered, entries, more }
     }
+}
+
+/// Keeps the first entries whose frames fit in `max_bytes` (at least one);
+/// whether any were cut.
+pub fn cut_to(entries: &mut Vec<Entry>, max_bytes: usize) -> bool {
+    let mut total = 0;
+    let keep = entries
+        .iter()
+        .position(|e| {
+            total += e.frame.len();
+            total > max_bytes
+        })
+        .map_or(entries.len(), |i| i.max(1));
+    let cut = keep < entries.len();
+    entries.truncate(keep);
+    cut
 }
 
 /// The offset in a stored message id `<offset>-0` (Redis stream ids).
@@ -92,7 +123,13 @@ pub fn offset_of_id(id: &[u8]) -> Option<u64> {
 pub enum Msg {
     /// To the owner: assign an offset, store and fan out. `token` (non-zero)
     /// asks for the position back (`POST /api/publish`).
-    Publish { room: Arc<str>, msg: MessagePrefix, reply_to: usize, token: u64 },
+    Publish {
+        room: Arc<str>,
+        settings: crate::config::HistorySettings,
+        msg: MessagePrefix,
+        reply_to: usize,
+        token: u64,
+    },
     /// To the owner: read the room's history.
     Read { room: Arc<str>, q: Query, reply_to: usize, token: u64 },
     /// From the owner: the answer to `token`.
@@ -121,7 +158,7 @@ mod tests {
 
     #[test]
     fn a_read_is_covered_only_in_the_same_epoch_with_nothing_trimmed() {
-        let q = |e: &str, n| Query::recover(Some(pos(e, n)), 100);
+        let q = |e: &str, n| Query::recover(Some(pos(e, n)), 100, usize::MAX);
         let r = ReadResult::judge(pos("a", 20), q("a", 12), entries(13..=20));
         assert!(r.covered);
         assert_eq!(r.entries.len(), 8);
@@ -133,11 +170,28 @@ mod tests {
         assert!(!r.covered, "above T");
         let r = ReadResult::judge(pos("a", 20), q("a", 20), vec![]);
         assert!(r.covered, "nothing missed");
-        let r = ReadResult::judge(pos("a", 0), Query::recover(None, 5), vec![]);
+        let r = ReadResult::judge(pos("a", 0), Query::recover(None, 5, usize::MAX), vec![]);
         assert!(r.covered);
-        let list = Query { after: Some(pos("a", 2)), limit: 100, listing: true, fence: false };
+        let list = Query::listing(Some(pos("a", 2)), 100, usize::MAX);
         let r = ReadResult::judge(pos("a", 20), list, entries(11..=20));
         assert!(!r.covered && r.entries.len() == 10, "a listing keeps what is left");
+    }
+
+    #[test]
+    fn the_empty_epoch_is_never_covered_and_pages_are_cut_by_bytes() {
+        let none = Position { epoch: Epoch::NONE, offset: 0 };
+        let r = ReadResult::judge(none, Query::recover(Some(none), 10, usize::MAX), vec![]);
+        assert!(!r.covered, "a room read before it had history vouches for nothing");
+        let sized = |r: std::ops::RangeInclusive<u64>| -> Vec<Entry> {
+            r.map(|offset| Entry { offset, frame: Bytes::from(vec![b'x'; 10]) }).collect()
+        };
+        // A cap below one message still keeps one: a page always advances.
+        let r = ReadResult::judge(pos("a", 20), Query::recover(Some(pos("a", 10)), 100, 0), sized(11..=20));
+        assert!(r.covered && r.more && r.entries.len() == 1);
+        let r = ReadResult::judge(pos("a", 20), Query::recover(Some(pos("a", 10)), 100, 35), sized(11..=20));
+        assert_eq!((r.entries.len(), r.more), (3, true));
+        let r = ReadResult::judge(pos("a", 20), Query::recover(Some(pos("a", 10)), 100, 100), sized(11..=20));
+        assert_eq!((r.entries.len(), r.more), (10, false));
     }
 
     #[test]

@@ -79,11 +79,16 @@ pub async fn publish(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
         return json(400, r#"{"ok":false,"error":"expected {\"room\":R,\"data\":D} or {\"user\":U,\"data\":D}"}"#);
     };
     let data = req.data.get();
+    // An event no subscriber's queue could take is refused, not published
+    // to cut every subscriber off (or be dropped by every node's reader).
+    if !shard.cfg.deliverable(data.len()) {
+        return json(413, r#"{"ok":false,"error":"too_large"}"#);
+    }
     let result = match (&req.room, &req.user) {
-        (Some(room), None) if is_valid_name(room) => match svc.history() {
+        (Some(room), None) if is_valid_name(room) => match svc.history_of(room) {
             // §4 + §7: the reply carries the message's position.
-            Some(h) => {
-                return match h.publish_positioned(shard, room, SERVER_USER, data).await {
+            Some((h, settings)) => {
+                return match h.publish_positioned(shard, room, settings, SERVER_USER, data).await {
                     Ok(pos) => positioned(pos),
                     Err(Unavailable) => json(503, r#"{"ok":false,"error":"unavailable"}"#),
                 };

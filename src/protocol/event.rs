@@ -135,8 +135,10 @@ pub struct HistoryItem<'a> {
     pub data: &'a str,
 }
 
-/// `{"ev":"history","room":R,"epoch":E,"offset":T,"messages":[{"offset":..,"from":..,"data":..},…],"id":..}`.
-pub fn history(room: &str, pos: &Position, items: &[HistoryItem<'_>], id: Option<&str>) -> Bytes {
+/// `{"ev":"history","room":R,"epoch":E,"offset":T,"messages":[{"offset":..,"from":..,"data":..},…],"id":..}`,
+/// with `"more":true` when the reply was cut to a page (the client asks
+/// again with `since` at the last offset listed).
+pub fn history(room: &str, pos: &Position, items: &[HistoryItem<'_>], more: bool, id: Option<&str>) -> Bytes {
     let size: usize = items.iter().map(|i| 40 + i.from.len() + i.data.len()).sum();
     let mut b = Builder::new(120 + room.len() + size)
         .raw("{\"ev\":\"history\",\"room\":")
@@ -159,7 +161,11 @@ pub fn history(room: &str, pos: &Position, items: &[HistoryItem<'_>], id: Option
             .raw(item.data)
             .raw("}");
     }
-    b.raw("]").id(id).frame()
+    b = b.raw("]");
+    if more {
+        b = b.raw(",\"more\":true");
+    }
+    b.id(id).frame()
 }
 
 /// `{"ev":"direct","from":U,"data":D}` — `data` is raw JSON text.
@@ -267,12 +273,16 @@ mod tests {
             HistoryItem { offset: 7, from: "\"b\"", data: "[2]" },
         ];
         assert_eq!(
-            text(&history("r", &pos, &items, Some("\"q\""))),
+            text(&history("r", &pos, &items, false, Some("\"q\""))),
             r#"{"ev":"history","room":"r","epoch":"e1","offset":7,"messages":[{"offset":6,"from":"a","data":1},{"offset":7,"from":"b","data":[2]}],"id":"q"}"#
         );
         assert_eq!(
-            text(&history("r", &pos, &[], None)),
+            text(&history("r", &pos, &[], false, None)),
             r#"{"ev":"history","room":"r","epoch":"e1","offset":7,"messages":[]}"#
+        );
+        assert_eq!(
+            text(&history("r", &pos, &items[..1], true, None)),
+            r#"{"ev":"history","room":"r","epoch":"e1","offset":7,"messages":[{"offset":6,"from":"a","data":1}],"more":true}"#
         );
     }
 

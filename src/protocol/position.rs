@@ -17,6 +17,15 @@ pub struct Epoch {
 }
 
 impl Epoch {
+    /// The empty epoch: the position of a room that had no history when it
+    /// was read (a read never creates history; the first publish does). No
+    /// message carries it, and a `since` in it is never recovered.
+    pub const NONE: Epoch = Epoch { len: 0, buf: [0; MAX_EPOCH] };
+
+    pub fn is_none(&self) -> bool {
+        self.len == 0
+    }
+
     /// `None` when `s` is longer than 64 bytes.
     pub fn new(s: &str) -> Option<Epoch> {
         if s.len() > MAX_EPOCH {

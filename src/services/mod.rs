@@ -22,6 +22,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::bus::Bus;
+use crate::config::HistorySettings;
 use crate::conn::Conn;
 use crate::history::{self, ShardHistory, Store};
 use crate::protocol::{Epoch, ErrorCode, Since, Target, Unavailable, event};
@@ -43,12 +44,15 @@ pub struct Services {
 impl Services {
     pub fn new(shard: Rc<Shard>, bus: Bus) -> Rc<Services> {
         let bus = Rc::new(bus);
-        let history = shard.cfg.history.map(|settings| {
+        // History state exists only where a namespace (or the default)
+        // keeps history (PROTOCOL.md §10).
+        let history = shard.cfg.namespaces.any_history().then(|| {
             let store = match &*bus {
                 Bus::Local => Store::Local,
-                Bus::Redis(r) => Store::Redis(history::redis::start(r, settings)),
+                Bus::Redis(r) => Store::Redis(history::redis::start(r)),
             };
-            Rc::new(ShardHistory::new(settings, Epoch::node(), store, bus.clone()))
+            let share = shard.cfg.history_max_bytes / shard.cfg.shards();
+            Rc::new(ShardHistory::new(Epoch::node(), store, bus.clone(), share))
         });
         Rc::new(Services { shard, bus, history })
     }
@@ -60,6 +64,11 @@ impl Services {
     /// Room history, when on.
     pub fn history(&self) -> Option<&Rc<ShardHistory>> {
         self.history.as_ref()
+    }
+
+    /// `room`'s history and its settings, if its namespace keeps history.
+    pub fn history_of(&self, room: &str) -> Option<(&Rc<ShardHistory>, HistorySettings)> {
+        Some((self.history.as_ref()?, self.shard.cfg.namespaces.history(room)?))
     }
 
     /// Why `/readyz` should say 503 (draining, or a Redis link down), if so.
@@ -130,7 +139,7 @@ impl Services {
     /// after the read (§7). Otherwise the reply at once, or with Redis once
     /// this node is subscribed there.
     pub fn subscribe(self: &Rc<Self>, conn: &Rc<Conn>, room: &str, since: Option<Since>, id: Option<&str>) {
-        let Some(h) = &self.history else {
+        let Some((h, settings)) = self.history_of(room) else {
             self.join(conn, room);
             // §7: `since` with history off is answered, never replayed.
             let reply = match since {
@@ -148,11 +157,11 @@ impl Services {
         let (svc, conn, room, id) = (self.clone(), conn.clone(), Rc::<str>::from(room), id.map(Box::<str>::from));
         monoio::spawn(async move {
             let Some(h) = &svc.history else { return };
-            let r = h.recover(&svc.shard, &room, since).await;
+            let r = h.recover(&svc.shard, &room, settings, since).await;
             if since.is_some() {
                 conn.hist.done();
             }
-            if h.finish_subscribe(&svc.shard, &conn, &room, token, since, id.as_deref(), r).is_err() {
+            if h.finish_subscribe(&svc.shard, &conn, &room, settings, token, since, id.as_deref(), r).is_err() {
                 // The read failed: the member leaves the room again.
                 svc.leave(&conn, &room);
                 svc.shard.m().client_errors_total.inc();
@@ -167,8 +176,8 @@ impl Services {
     /// A client's message into `room`: through the room's history (its
     /// authority assigns the offset) or straight to the bus.
     pub fn publish_to_room(&self, room: &str, from: &str, data: &str) -> Result<(), Unavailable> {
-        match &self.history {
-            Some(h) => h.publish(&self.shard, room, from, data, None),
+        match self.history_of(room) {
+            Some((h, settings)) => h.publish(&self.shard, room, settings, from, data, None),
             None => self.publish(Target::Room(room), event::message(room, from, data)),
         }
     }

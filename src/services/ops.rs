@@ -46,13 +46,13 @@ pub fn handle(svc: &Rc<Services>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
             svc.subscribe(conn, &room, since, id);
         }
         ClientOp::History { room, limit, since } => {
-            let Some(h) = svc.history() else {
-                return refuse(shard, conn, ErrorCode::BadRequest, "room history is off on this server", id);
+            let Some((h, settings)) = svc.history_of(&room) else {
+                return refuse(shard, conn, ErrorCode::BadRequest, "this room keeps no history", id);
             };
             if !conn.allows(&room) {
                 return refuse(shard, conn, ErrorCode::Forbidden, "the token does not allow this room", id);
             }
-            h.history_op(shard, conn, &room, limit, since, id);
+            h.history_op(shard, conn, &room, settings, limit, since, id);
         }
         ClientOp::Unsubscribe { room } => {
             svc.leave(conn, &room);

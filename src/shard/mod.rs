@@ -284,6 +284,15 @@ impl Shard {
         n
     }
 
+    /// The room's members on this shard (a catch-up that feeds each one).
+    pub(crate) fn room_members(&self, room: &str) -> Vec<Rc<Conn>> {
+        let conns = self.conns.borrow();
+        let rooms = self.rooms.borrow();
+        rooms
+            .members(room)
+            .map_or_else(Vec::new, |m| m.iter().filter_map(|id| conns.get(*id as usize).cloned()).collect())
+    }
+
     /// Like `deliver` to a room, but skips the members `except` picks (the ones
     /// `history::recover` serves itself).
     pub(crate) fn deliver_except(&self, room: &str, frame: &Bytes, except: impl Fn(ConnId) -> bool) {

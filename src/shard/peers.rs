@@ -156,6 +156,20 @@ impl Shard {
         }
     }
 
+    /// `send_to` that tells a full queue (`Err(Some(msg))`: try again) from
+    /// a stopped shard (`Err(None)`: nobody will take it).
+    pub fn send_or_full(&self, i: usize, msg: ShardMsg) -> Result<(), Option<ShardMsg>> {
+        debug_assert_ne!(i, self.id);
+        match self.links.out[i].push(msg) {
+            Ok(()) => {
+                self.mark(i);
+                Ok(())
+            }
+            Err(PushError::Full(m)) => Err(Some(m)),
+            Err(PushError::Gone(_)) => Err(None),
+        }
+    }
+
     /// `send_to`, counting a full queue's drop at the receiver. A peer that
     /// stopped (only during shutdown) just misses it.
     fn send_counted(&self, i: usize, msg: ShardMsg) {

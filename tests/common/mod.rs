@@ -7,6 +7,7 @@
 pub mod history;
 pub mod priority;
 pub mod redis;
+pub mod redis_proxy;
 pub mod redis_topology;
 
 use std::io::{BufRead, BufReader, Read, Write};

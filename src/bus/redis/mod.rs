@@ -126,7 +126,7 @@ pub fn start(
             health: health.clone(),
             input,
             max_payload: cfg.outbound_queue_bytes,
-            history: cfg.history.is_some(),
+            history: cfg.namespaces.any_history(),
         });
         let name = format!("redis-{i:02}");
         let (exit_tx, thread_name) = (exits.clone(), name.clone());

@@ -777,7 +777,9 @@ impl JsonCheck {
         payload: &[u8],
         max: usize,
     ) -> Result<Option<crate::protocol::Position>, Malformed> {
-        if payload.len() > max {
+        // The frame the shard would queue (payload + WebSocket header), as
+        // `--outbound-queue-bytes` counts it.
+        if crate::ws::frame::header_len(payload.len()) + payload.len() > max {
             return Err(Malformed::TooLarge);
         }
         self.scratch.clear();
