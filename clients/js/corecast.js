@@ -455,7 +455,9 @@ export class Corecast {
     return this._request({ op: "send", user, data }).then(() => undefined);
   }
 
-  /** §7 history op: `{room, epoch, offset, messages}`. */
+  /** §7 history op: `{room, epoch, offset, messages, more}`. A reply is
+   * one page (at most half the server's outbound queue): with `more` true,
+   * ask again with `since` at the last message's offset for the rest. */
   history(room, { limit, since } = {}) {
     const op = { op: "history", room };
     if (limit !== undefined) op.limit = limit;
@@ -465,6 +467,7 @@ export class Corecast {
       epoch: m.epoch,
       offset: m.offset,
       messages: m.messages || [],
+      more: m.more === true,
     }));
   }
 
@@ -657,7 +660,9 @@ export class Corecast {
             offset: m.offset - 1,
           });
         }
-      } else if (pos) {
+      } else if (pos && !(pos.epoch === "" && pos.offset === 0 && m.offset === 1)) {
+        // (The empty epoch at offset 0 is a room that had no history yet:
+        // its first message, offset 1 of a new epoch, follows it.)
         sub._call("onGap", { room: m.room, reason: "epoch_changed", since: pos, epoch: m.epoch, offset: m.offset - 1 });
       }
       sub.position = { epoch: m.epoch, offset: m.offset };
