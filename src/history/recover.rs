@@ -162,6 +162,9 @@ struct RoomState {
     catching_up: bool,
     /// The link dropped again while the catch-up task ran.
     again: bool,
+    /// A catch-up gave up without a read and held nothing: what was missed
+    /// is unknown, so the next live message is preceded by a `gap`.
+    unsure: bool,
     conns: FxHashMap<ConnId, ConnState>,
 }
 
@@ -543,6 +546,9 @@ impl ShardHistory {
             monoio::spawn(catch_up(self.clone(), shard.clone(), Arc::from(room)));
             return;
         }
+        if std::mem::take(&mut st.unsure) {
+            send_gap(shard, room, st, Position { epoch: pos.epoch, offset: pos.offset.saturating_sub(1) });
+        }
         st.last = Some(pos);
         fan_out(shard, room, st, item, Some(sent));
     }
@@ -603,6 +609,9 @@ fn gate(last: Option<Position>, pos: Position) -> Gate {
     match last {
         Some(l) if !after(&pos, &l) => Gate::Duplicate,
         Some(l) if l.epoch == pos.epoch && pos.offset > l.offset + 1 => Gate::Hole,
+        // A new epoch seen past its first message: its start never reached
+        // this shard. The read tells (a `gap`, the history moved on).
+        Some(l) if l.epoch != pos.epoch && pos.offset > 1 && !l.epoch.is_none() => Gate::Hole,
         _ => Gate::Deliver,
     }
 }
@@ -976,6 +985,7 @@ async fn catch_up(h: Rc<ShardHistory>, shard: Rc<Shard>, room: Arc<str>) {
                     }
                 }
                 (_, _, got) => {
+                    st.unsure = last.is_some() && got.is_none() && held.is_empty();
                     let (steps, new_last) = plan_catch_up(last, st.last, got, held);
                     st.last = new_last;
                     for step in steps {
@@ -1067,8 +1077,9 @@ mod tests {
         assert_eq!(gate(Some(pos("a", 7)), pos("a", 7)), Gate::Duplicate);
         assert_eq!(gate(Some(pos("a", 7)), pos("a", 3)), Gate::Duplicate);
         assert_eq!(gate(Some(pos("a", 7)), pos("a", 9)), Gate::Hole);
-        assert_eq!(gate(Some(pos("a", 7)), pos("b", 1)), Gate::Deliver, "a new epoch starts anywhere");
-        assert_eq!(gate(Some(pos("a", 7)), pos("b", 40)), Gate::Deliver);
+        assert_eq!(gate(Some(pos("a", 7)), pos("b", 1)), Gate::Deliver, "a new epoch starts at 1");
+        assert_eq!(gate(Some(pos("a", 7)), pos("b", 40)), Gate::Hole, "its start never came: read first");
+        assert_eq!(gate(Some(pos("", 0)), pos("b", 40)), Gate::Deliver, "from the empty epoch: what follows the read");
     }
 
     #[test]
