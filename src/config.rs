@@ -24,6 +24,10 @@ pub use namespace::{ClientPublish, Namespace, NamespaceOptions, Namespaces};
 /// `--max-message-bytes` plus this, and it must fit `--outbound-queue-bytes`.
 pub const ENVELOPE_BYTES: usize = 512;
 
+/// The longest history TTL accepted (a year): far below what would make
+/// Redis refuse the script's `EXPIRE` after it assigned an offset.
+pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
+
 /// What one source (flags + environment, or the TOML file) may set. Every field
 /// is optional so that sources can be layered; defaults live in `Config`.
 #[derive(Parser, Deserialize, Debug, Default)]
@@ -367,6 +371,11 @@ impl Config {
             bail!("--max-message-bytes must be at least 125");
         }
         let channel_prefix = o.channel_prefix.unwrap_or_else(|| "cc:".into());
+        // A brace would move `{<prefix>room:R}` (the history keys' hash tag)
+        // off the channel's cluster slot: every history script CROSSSLOT.
+        if channel_prefix.contains(['{', '}']) {
+            bail!("--channel-prefix must not contain '{{' or '}}' (got {channel_prefix:?})");
+        }
         let auth = match (o.jwt_secret.filter(|s| !s.is_empty()), &o.jwt_public_key) {
             (Some(_), Some(_)) => bail!("set --jwt-secret or --jwt-public-key, not both"),
             (Some(secret), None) => Some(Arc::new(crate::auth::Verifier::hs256(secret.as_bytes()))),
@@ -379,6 +388,9 @@ impl Config {
             (None, None) => None,
         };
         let ttl_secs = o.history_ttl_secs.unwrap_or(300);
+        if ttl_secs > MAX_TTL_SECS {
+            bail!("--history-ttl-secs must be at most {MAX_TTL_SECS} (a year; got {ttl_secs})");
+        }
         let history = match o.history_size.unwrap_or(0) {
             0 => None,
             size => {
@@ -514,6 +526,13 @@ mod tests {
         );
         let cfg = Config::load(["corecast"]).unwrap();
         assert!(cfg.deliverable((1 << 20) - ENVELOPE_BYTES) && !cfg.deliverable((1 << 20) - ENVELOPE_BYTES + 1));
+    }
+
+    #[test]
+    fn a_prefix_with_braces_and_a_ttl_past_a_year_are_refused() {
+        assert!(Config::load(["corecast", "--channel-prefix", "{x}:"]).is_err());
+        assert!(Config::load(["corecast", "--history-size", "5", "--history-ttl-secs", "99999999999"]).is_err());
+        assert!(Config::load(["corecast", "--history-size", "5", "--history-ttl-secs", "31536000"]).is_ok());
     }
 
     #[test]

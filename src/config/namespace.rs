@@ -96,8 +96,8 @@ impl Namespaces {
             }
             let size = t.history_size.or(history.map(|h| h.size)).unwrap_or(0);
             let ttl = t.history_ttl_secs.or(history.map(|h| h.ttl.as_secs())).unwrap_or(ttl_secs);
-            if size > 0 && ttl == 0 {
-                bail!("[[namespace]] prefix {p:?}: history_ttl_secs must be at least 1");
+            if size > 0 && !(1..=super::MAX_TTL_SECS).contains(&ttl) {
+                bail!("[[namespace]] prefix {p:?}: history_ttl_secs must be between 1 and {}", super::MAX_TTL_SECS);
             }
             let presence = t.presence.unwrap_or(default.presence);
             let join_leave = t.join_leave.unwrap_or(default.join_leave);
