@@ -86,9 +86,9 @@ impl Bus {
     }
 
     /// `ShardMsg::Subscribed` from the Redis reader.
-    pub fn on_subscribed(&self, shard: &Shard, room: &str, seq: u64) {
+    pub fn on_subscribed(&self, shard: &Shard, room: &str, seq: u64, confirmed: bool) {
         if let Bus::Redis(r) = self {
-            r.on_subscribed(shard, room, seq);
+            r.on_subscribed(shard, room, seq, confirmed);
         }
     }
 

@@ -232,7 +232,7 @@ impl Services {
             },
             ShardMsg::Direct { user, frame, sent } => shard.deliver_timed(Target::User(&user), &frame, sent),
             ShardMsg::Drain => shard.start_drain(),
-            ShardMsg::Subscribed { room, seq } => self.bus.on_subscribed(shard, &room, seq),
+            ShardMsg::Subscribed { room, seq, confirmed } => self.bus.on_subscribed(shard, &room, seq, confirmed),
             ShardMsg::RedisLink { up } => {
                 self.bus.on_link(shard, up);
                 if let Some(h) = &self.history {

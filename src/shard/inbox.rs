@@ -97,8 +97,11 @@ pub enum ShardMsg {
     /// SIGTERM/SIGINT: stop accepting and drain (PROTOCOL.md §5).
     Drain,
     /// From the shard's Redis reader: Redis confirmed this node's
-    /// subscription to `room` for the join numbered `seq` (`bus::redis`).
-    Subscribed { room: Arc<str>, seq: u64 },
+    /// subscription to `room` for the join numbered `seq` (`confirmed`), or
+    /// the reader gave up waiting for it (its primary unreachable, its
+    /// connection lost): held replies go out, but nothing is confirmed
+    /// (`bus::redis`).
+    Subscribed { room: Arc<str>, seq: u64, confirmed: bool },
     /// From the shard's Redis reader: its connection came up or went down.
     RedisLink { up: bool },
     /// Standalone history: a request to the room's owner shard, or its

@@ -157,6 +157,10 @@ struct RoomSub {
     seq: u64,
     /// Redis confirmed the subscription for that join.
     confirmed: bool,
+    /// The reader stopped waiting for that confirmation on this link
+    /// (primary unreachable, connection lost): replies are not held, a
+    /// non-strict wait ends, but a strict one (a catch-up) still waits.
+    released: bool,
     /// `subscribed` replies held until then.
     waiting: Vec<(Weak<Conn>, Bytes)>,
     /// Tasks waiting for it (`RedisBus::confirmed`: a history read).
@@ -321,9 +325,10 @@ impl RedisBus {
             let mut rooms = self.rooms.borrow_mut();
             if on {
                 seq = self.next_seq.replace(self.next_seq.get() + 1);
-                if let Some(mut old) = rooms
-                    .insert(name.clone(), RoomSub { seq, confirmed: false, waiting: Vec::new(), wakers: Vec::new() })
-                {
+                if let Some(mut old) = rooms.insert(
+                    name.clone(),
+                    RoomSub { seq, confirmed: false, released: false, waiting: Vec::new(), wakers: Vec::new() },
+                ) {
                     old.wake();
                 }
             } else if let Some(mut r) = rooms.remove(&*name) {
@@ -342,6 +347,7 @@ impl RedisBus {
         if self.link_up.get()
             && let Some(r) = self.rooms.borrow_mut().get_mut(room)
             && !r.confirmed
+            && !r.released
         {
             r.waiting.push((Rc::downgrade(conn), reply));
             return;
@@ -371,11 +377,16 @@ impl RedisBus {
         }
     }
 
-    /// The reader confirmed `room` for the join numbered `seq`.
-    pub fn on_subscribed(&self, shard: &Shard, room: &str, seq: u64) {
+    /// The reader confirmed `room` for the join numbered `seq` (or, not
+    /// `confirmed`, released what waits for it).
+    pub fn on_subscribed(&self, shard: &Shard, room: &str, seq: u64, confirmed: bool) {
         let waiting = match self.rooms.borrow_mut().get_mut(room) {
             Some(r) if r.seq == seq => {
-                r.confirmed = true;
+                if confirmed {
+                    r.confirmed = true;
+                } else {
+                    r.released = true;
+                }
                 r.wake();
                 std::mem::take(&mut r.waiting)
             }
@@ -393,6 +404,8 @@ impl RedisBus {
         let mut held = Vec::new();
         for r in self.rooms.borrow_mut().values_mut() {
             r.wake();
+            // A release was for the link before this change.
+            r.released = false;
             if !up {
                 r.confirmed = false;
                 held.append(&mut r.waiting);
@@ -411,7 +424,10 @@ impl RedisBus {
             let up = self.link_up.get();
             let mut rooms = self.rooms.borrow_mut();
             let Some(r) = rooms.get_mut(room) else { return Poll::Ready(()) };
-            if (up && r.confirmed) || (!strict && !up) {
+            // A release is not a confirmation: a catch-up (strict) reads only
+            // once Redis confirmed the room again, or it would miss what is
+            // published between its read and the SUBSCRIBE.
+            if (up && r.confirmed) || (!strict && (!up || r.released)) {
                 return Poll::Ready(());
             }
             r.wakers.push(cx.waker().clone());

@@ -292,7 +292,7 @@ impl Reader {
                     if c.node.addrs != n.addrs {
                         // Same name, new address: connect again there.
                         for w in c.subs.waiting() {
-                            let _ = self.to_shard(ShardMsg::Subscribed { room: w.room, seq: w.seq });
+                            let _ = self.to_shard(ShardMsg::Subscribed { room: w.room, seq: w.seq, confirmed: false });
                         }
                         c.lose(Duration::ZERO);
                     }
@@ -352,7 +352,7 @@ impl Reader {
             None => true,
         };
         if answer_now && !reachable {
-            let _ = self.to_shard(ShardMsg::Subscribed { room, seq });
+            let _ = self.to_shard(ShardMsg::Subscribed { room, seq, confirmed: false });
         }
     }
 
@@ -388,7 +388,7 @@ impl Reader {
                 let homeless: Vec<(Arc<str>, u64)> =
                     self.homeless.iter().filter(|h| h.kind == Kind::Room).map(|h| (h.name.clone(), h.seq)).collect();
                 for (room, seq) in homeless {
-                    let _ = self.to_shard(ShardMsg::Subscribed { room, seq });
+                    let _ = self.to_shard(ShardMsg::Subscribed { room, seq, confirmed: false });
                 }
             }
         }
@@ -399,7 +399,7 @@ impl Reader {
     /// rooms go out now.
     fn release_waiting(&mut self, i: usize) {
         for s in self.conns[i].subs.waiting() {
-            let _ = self.to_shard(ShardMsg::Subscribed { room: s.room, seq: s.seq });
+            let _ = self.to_shard(ShardMsg::Subscribed { room: s.room, seq: s.seq, confirmed: false });
         }
     }
 
@@ -557,7 +557,7 @@ impl Reader {
             debug!(shard = self.shard, redis = %self.conns[i].node.name, commands, wanted = self.conns[i].subs.wanted(), "redis subscriptions changed");
         }
         for s in self.conns[i].subs.settled() {
-            self.to_shard(ShardMsg::Subscribed { room: s.room, seq: s.seq })?;
+            self.to_shard(ShardMsg::Subscribed { room: s.room, seq: s.seq, confirmed: true })?;
         }
         // Every frame of the read buffer, then one wake for the messages
         // they queued (also when decoding failed half-way).
@@ -613,7 +613,9 @@ impl Reader {
                         _ => return Ok(()),
                     };
                     match self.conns[i].confirm(unsubscribe, channel) {
-                        Confirm::Answer(Some(s)) => self.to_shard(ShardMsg::Subscribed { room: s.room, seq: s.seq }),
+                        Confirm::Answer(Some(s)) => {
+                            self.to_shard(ShardMsg::Subscribed { room: s.room, seq: s.seq, confirmed: true })
+                        }
                         Confirm::Answer(None) => Ok(()),
                         Confirm::Unsolicited(wanted) => {
                             self.m().redis_unsolicited_unsubscribes_total.add_shared(1);

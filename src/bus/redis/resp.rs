@@ -127,6 +127,17 @@ pub fn handshake(url: &RedisUrl, client_name: &str, check_role: bool) -> (BytesM
 pub fn check(step: Step, reply: &BytesFrame) -> Result<(), LinkError> {
     let refused = |step, e: &str| Err(LinkError::Refused { step, reply: e.to_string() });
     match (step, reply) {
+        // A name is a nicety: a user without the CLIENT command (NOPERM) or
+        // a server without it still serves. Any other error is the server
+        // refusing the connection itself (e.g. `ERR max number of clients
+        // reached`, sent before it closes): not a link that is up.
+        (Step::SetName, BytesFrame::Error(e))
+            if !(e.starts_with("NOPERM")
+                || e.starts_with("ERR unknown command")
+                || e.starts_with("ERR unknown subcommand")) =>
+        {
+            refused("CLIENT SETNAME", e)
+        }
         (Step::SetName, _) => Ok(()),
         (Step::Auth, BytesFrame::Error(e)) => refused("AUTH", e),
         (Step::Select, BytesFrame::Error(e)) => refused("SELECT", e),
@@ -209,9 +220,12 @@ mod tests {
     }
 
     #[test]
-    fn only_auth_select_and_role_can_fail_the_handshake() {
+    fn auth_select_role_and_a_refused_connection_fail_the_handshake() {
         let ok = BytesFrame::SimpleString("OK".into());
         assert!(check(Step::SetName, &BytesFrame::Error("NOPERM".into())).is_ok());
+        assert!(check(Step::SetName, &BytesFrame::Error("ERR unknown command 'CLIENT'".into())).is_ok());
+        let full = BytesFrame::Error("ERR max number of clients reached".into());
+        assert!(check(Step::SetName, &full).is_err(), "a refused connection is not up");
         assert!(matches!(
             check(Step::Auth, &BytesFrame::Error("WRONGPASS x".into())),
             Err(LinkError::Refused { step: "AUTH", .. })
