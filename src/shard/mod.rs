@@ -64,6 +64,10 @@ use crate::ws::CloseCode;
 
 pub use crate::conn::ConnId;
 
+/// A drained shard looks this often whether the node's other shards are
+/// drained too.
+const NODE_DRAIN_POLL: Duration = Duration::from_millis(20);
+
 /// What a closed connection leaves behind: the rooms and the user it was
 /// this shard's last member of (`Shard::remove_conn`).
 #[derive(Default)]
@@ -382,11 +386,19 @@ impl Shard {
         }
     }
 
-    /// Resolves when a drain has finished: every WebSocket connection is gone
-    /// or the drain window (plus a second for close handshakes) has passed.
+    /// Resolves when the node's drain has finished: every WebSocket
+    /// connection of every shard is gone, or the drain window (plus a second
+    /// for close handshakes) has passed. A shard whose own connections are
+    /// gone keeps serving (`/readyz` 503, `/healthz`) until then: its
+    /// SO_REUSEPORT listener is still handed connections by the kernel.
     pub async fn drained(&self) {
         until(&self.drain_waker, || self.draining.get()).await;
-        let all_gone = until(&self.drain_waker, || self.m().connections.get() == 0);
+        let all_gone = async {
+            until(&self.drain_waker, || self.m().connections.get() == 0).await;
+            while self.metrics.node_connections.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                monoio::time::sleep(NODE_DRAIN_POLL).await;
+            }
+        };
         let limit = self.cfg.drain + Duration::from_secs(1);
         if monoio::time::timeout(limit, all_gone).await.is_err() {
             debug!(shard = self.id, left = self.m().connections.get(), "drain window over");
