@@ -211,7 +211,16 @@ fn connections_mid_handshake_hold_one_descriptor_each() {
 #[test]
 fn zero_window_subscribers_are_cut_off_and_their_descriptors_come_back() {
     let _one_at_a_time = serial();
-    let s = start_server(&["--shards", "2", "--outbound-queue-bytes", "65536", "--max-ops-per-sec", "0"]);
+    let s = start_server(&[
+        "--shards",
+        "2",
+        "--outbound-queue-bytes",
+        "65536",
+        "--max-message-bytes",
+        "16384",
+        "--max-ops-per-sec",
+        "0",
+    ]);
     let mut reader = Client::connect(&s.ws_url("/ws?user=reader"));
     reader.subscribe("flood");
     let mut publisher = Client::connect(&s.ws_url("/ws?user=pub"));
@@ -667,6 +676,8 @@ fn kills_from_inside_a_fan_out_and_a_heartbeat_sweep_leave_the_shard_serving() {
         "2",
         "--outbound-queue-bytes",
         "32768",
+        "--max-message-bytes",
+        "16384",
         "--max-ops-per-sec",
         "0",
     ]);

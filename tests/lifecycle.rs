@@ -12,7 +12,16 @@ use serde_json::json;
 
 #[test]
 fn slow_reader_is_cut_off_others_keep_receiving() {
-    let s = start_server(&["--shards", "2", "--outbound-queue-bytes", "65536", "--max-ops-per-sec", "0"]);
+    let s = start_server(&[
+        "--shards",
+        "2",
+        "--outbound-queue-bytes",
+        "65536",
+        "--max-message-bytes",
+        "16384",
+        "--max-ops-per-sec",
+        "0",
+    ]);
     // A subscriber that never reads, with a tiny receive buffer.
     let mut slow = Raw::upgrade(s.addr, "/ws?user=slow");
     slow.send_frame(0x81, br#"{"op":"subscribe","room":"firehose"}"#, true);
