@@ -20,7 +20,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tracing::debug;
 
 use super::cluster::Redirect;
@@ -117,9 +117,27 @@ impl Publisher {
         link.queue(put, 0, on_reply).map_err(|(u, _)| u)
     }
 
+    /// Like `send_to_owner`, with the run id of the owner's Redis process
+    /// (on the connection that sends it) appended as the command's last
+    /// argument (`NodeLink::queue_stamped`); followed through `MOVED`/`ASK`,
+    /// it names the server that runs it. `put` writes the array header
+    /// counting that argument, and every argument before it.
+    pub fn send_stamped_to_owner(
+        &self,
+        channel: &[u8],
+        put: impl FnOnce(&mut BytesMut),
+        on_reply: Option<ReplyFn>,
+    ) -> Result<(), Unavailable> {
+        self.sync_view();
+        let owner = self.view.borrow().owner(channel).ok_or(Unavailable)?;
+        let link = self.links.borrow().get(owner).cloned().ok_or(Unavailable)?;
+        link.queue_stamped(put, 0, on_reply).map_err(|(u, _)| u)
+    }
+
     /// A `MOVED`/`ASK` reply: sends `cmd` on to the node it names, if we
-    /// have a link there (else it is lost and counted).
-    pub(super) fn redirect(&self, r: &Redirect, cmd: Bytes, hops: u8, on_reply: Option<ReplyFn>) {
+    /// have a link there (else it is lost and counted); a stamped command
+    /// (`stamp` > 0) gets that link's run id instead of the first one's.
+    pub(super) fn redirect(&self, r: &Redirect, cmd: Bytes, hops: u8, stamp: u8, on_reply: Option<ReplyFn>) {
         self.sync_view();
         let link = self.links.borrow().iter().find(|l| &*l.node.name == r.addr()).cloned();
         let lost = |on_reply: Option<ReplyFn>| {
@@ -139,7 +157,7 @@ impl Publisher {
                 return lost(f.or(on_reply));
             }
         }
-        if let Err((_, f)) = link.queue(|out| out.put_slice(&cmd), hops, on_reply) {
+        if let Err((_, f)) = link.requeue(&cmd, stamp, hops, on_reply) {
             lost(f);
         }
     }
@@ -190,8 +208,8 @@ impl Publisher {
 }
 
 impl LinkOwner for Publisher {
-    fn redirect(&self, r: &Redirect, cmd: Bytes, hops: u8, on_reply: Option<ReplyFn>) {
-        Publisher::redirect(self, r, cmd, hops, on_reply)
+    fn redirect(&self, r: &Redirect, cmd: Bytes, hops: u8, stamp: u8, on_reply: Option<ReplyFn>) {
+        Publisher::redirect(self, r, cmd, hops, stamp, on_reply)
     }
 
     fn update_health(&self) {
