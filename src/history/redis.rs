@@ -38,12 +38,17 @@
 //!
 //! How a script learns the run id: choice (a) of issue 18, read once per
 //! link connection, not (b) `INFO server` inside every script. Measured on
-//! this box (Redis 7.0.15, `redis-benchmark -c 1 -P 32` of publish.lua with
-//! a 60-byte message, `usec_per_call` from `INFO commandstats`, 100k calls
-//! per run, alternating): the script alone 13.7, 14.4, 18.4, 15.9 µs; with
-//! `INFO server` + `string.match` in it 22.9, 23.5, 31.8, 23.4 µs (`INFO`
-//! itself 3.9-4.5 µs per call): +7 to +13 µs, about +50 % of Redis CPU per
-//! history publish, on the one thread of each primary. With (a) the run id
+//! the 2-core dev box (2026-12-07, Redis 7.0.15, `redis-benchmark -c 1 -P
+//! 32 EVALSHA` of the publish script before this change with a 60-byte
+//! message, `usec_per_call` of `INFO commandstats`, 100k calls per run, 5
+//! rounds alternating the variants): the script alone 13.7, 14.4, 18.4,
+//! 15.9, 13.4 µs (median 14.4); plus `INFO server`, `string.match` of the
+//! run id and an `HGET` 22.9, 23.5, 31.8, 23.4, 23.5 (median 23.5); the
+//! same with a plain `string.find` 21.1, 23.4, 22.9, 18.7, 19.9 (median
+//! 21.1). `INFO` alone was 3.9-4.5 µs per call. So (b) costs about +7 to
+//! +9 µs, +45 to +65 % of Redis CPU per history publish (and read), on the
+//! one thread of each primary; the box was shared, so only the order of
+//! magnitude is solid. With (a) the run id
 //! costs nothing per command: `bus::redis::publink` asks `INFO server` in
 //! each connection's handshake, before the link takes any command (it
 //! refuses commands while down, and a Redis process cannot change under a
