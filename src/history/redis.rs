@@ -19,11 +19,51 @@
 //! Two Lua scripts (`scripts/publish.lua`, `scripts/read.lua`), called with
 //! EVALSHA (and loaded where Redis answers NOSCRIPT, `redis_route.rs`). A
 //! publish is ONE atomic step in Redis: assign the offset (HINCRBY), XADD,
-//! trim to N, refresh the TTLs, PUBLISH the message with its position. When
-//! `meta` is missing (a new room, an expired or deleted key, a Redis that
-//! restarted without persistence) the script makes a new epoch (the node's
-//! random candidate + Redis's TIME) and starts again at offset 1: a position
-//! held from before can never be taken for one of the new history.
+//! trim to N, refresh the TTLs, PUBLISH the message with its position.
+//!
+//! # An epoch is bound to the Redis process that wrote it
+//!
+//! `meta` also holds `run`: the `run_id` of the Redis process that drew the
+//! epoch (new on every process start). Both scripts get the run id of the
+//! process they run on as their last ARGV and compare: when `meta` is
+//! missing or names another process (a restart that loaded an older RDB or
+//! AOF, a promoted replica that may lack the last writes, a `MIGRATE`d slot)
+//! the history cannot be trusted to hold every offset already delivered.
+//! publish.lua then makes a new epoch (the node's random candidate + Redis's
+//! TIME, log dropped) and starts again at offset 1, so no offset is ever
+//! given to two messages, whoever holds positions; read.lua answers
+//! `{'', 0}` (empty epoch: "no history yet") and writes nothing — no read
+//! ever creates a history. Cost: one `recovered:false` per room after each
+//! Redis restart, failover, flush or slot migration (docs/history.md).
+//!
+//! How a script learns the run id: choice (a) of issue 18, read once per
+//! link connection, not (b) `INFO server` inside every script. Measured on
+//! the 2-core dev box (2026-12-07, Redis 7.0.15, `redis-benchmark -c 1 -P
+//! 32 EVALSHA` of the publish script before this change with a 60-byte
+//! message, `usec_per_call` of `INFO commandstats`, 100k calls per run, 5
+//! rounds alternating the variants): the script alone 13.7, 14.4, 18.4,
+//! 15.9, 13.4 µs (median 14.4); plus `INFO server`, `string.match` of the
+//! run id and an `HGET` 22.9, 23.5, 31.8, 23.4, 23.5 (median 23.5); the
+//! same with a plain `string.find` 21.1, 23.4, 22.9, 18.7, 19.9 (median
+//! 21.1). `INFO` alone was 3.9-4.5 µs per call. So (b) costs about +7 to
+//! +9 µs, +45 to +65 % of Redis CPU per history publish (and read), on the
+//! one thread of each primary; the box was shared, so only the order of
+//! magnitude is solid. With (a) the run id
+//! costs nothing per command: `bus::redis::publink` asks `INFO server` in
+//! each connection's handshake, before the link takes any command (it
+//! refuses commands while down, and a Redis process cannot change under a
+//! live TCP connection), and appends the id to every command queued with
+//! `queue_stamped`; a command sent on after `MOVED`/`ASK` has it replaced by
+//! the run id of the link that sends it (`requeue`), and the `NOSCRIPT`
+//! retry (`redis_route.rs`) is queued afresh, so it is stamped by its own
+//! link. A link that got no run id (an ACL without `INFO`) sends `''`, and
+//! the scripts then ask `INFO server` themselves (choice (b), as a fallback).
+//!
+//! read.lua keeps one write: the catch-up fence (`Query::fence`, ARGV[7]),
+//! on a trusted history only. The binding does not make it redundant: a
+//! failover from A to B and back to A, where A resynced from B (losing what
+//! B lacked) and nobody published in the room while B was primary, leaves
+//! `meta` naming A, so only a node that delivered the lost offsets can tell.
 //!
 //! In: `publish` and `read` from the shard (`history::recover`). Out: the
 //! scripts, queued on the publisher's link to the channel's owner: what one

@@ -83,7 +83,8 @@ impl OwnerRoute {
         for a in args {
             put_bulk(&mut tail, a);
         }
-        let call = Call { route: self.clone(), channel, script, tail: tail.freeze(), n: args.len() + 2 };
+        // + EVALSHA, the script, and the run id the link appends.
+        let call = Call { route: self.clone(), channel, script, tail: tail.freeze(), n: args.len() + 3 };
         call.send(false, done).map_err(|_| Unavailable)
     }
 }
@@ -93,7 +94,8 @@ struct Call {
     route: Rc<OwnerRoute>,
     channel: Bytes,
     script: Script,
-    /// The arguments after the script (numkeys, keys, argv), as RESP bulks.
+    /// The arguments after the script (numkeys, keys, argv but the last),
+    /// as RESP bulks; the link appends the last ARGV, the run id.
     tail: Bytes,
     /// Elements of the whole command.
     n: usize,
@@ -130,7 +132,7 @@ impl Call {
                 r => done(r),
             }
         });
-        match publisher.send_to_owner(&channel, put, Some(on_reply)) {
+        match publisher.send_stamped_to_owner(&channel, put, Some(on_reply)) {
             Ok(()) => Ok(()),
             // Refused at once: the callback was dropped unrun; `done` is still here.
             Err(Unavailable) => Err(slot.take().unwrap_or_else(|| Box::new(|_| {}))),

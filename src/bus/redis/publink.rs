@@ -19,6 +19,17 @@
 //! A `READONLY` reply (the server became a replica) drops the connection
 //! and asks the topology where the primary went: publishes never go on to
 //! a replica.
+//!
+//! Every connection asks `INFO server` after logging in, before anything is
+//! queued on it, and keeps the server's `run_id` (new on every start of a
+//! Redis process) while it lasts. A command queued "stamped"
+//! (`queue_stamped`) gets that run id appended as its last argument, and a
+//! stamped command sent on elsewhere (`requeue`: `MOVED`/`ASK`) has it
+//! replaced by the run id of the link that sends it, so a stamped command
+//! always names the instance that runs it. The history scripts use it to
+//! tell a history written by this very Redis process from one it loaded
+//! from an older snapshot or got from a replica (`history::redis`). A server
+//! that refuses `INFO` (an ACL without it) gives an empty run id.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -29,10 +40,10 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use monoio::net::TcpStream;
 use redis_protocol::resp2::types::BytesFrame;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::cluster::Redirect;
 use super::health::Health;
@@ -58,6 +69,8 @@ pub const MAX_HOPS: u8 = 5;
 struct Queued {
     len: usize,
     hops: u8,
+    /// Bytes of the run id bulk at the command's end (0: not stamped).
+    stamp: u8,
     on_reply: Option<ReplyFn>,
 }
 
@@ -67,6 +80,8 @@ struct InFlight {
     cmd: Bytes,
     at: Instant,
     hops: u8,
+    /// As `Queued::stamp`: what `requeue` replaces.
+    stamp: u8,
     on_reply: Option<ReplyFn>,
 }
 
@@ -83,6 +98,8 @@ pub struct NodeLink {
     up: Cell<bool>,
     /// Redis has not answered for `STALL_AFTER`.
     stalled: Cell<bool>,
+    /// The server's `run_id` on the current connection (set before `up`).
+    run_id: RefCell<Bytes>,
     out: RefCell<BytesMut>,
     queued: RefCell<Vec<Queued>>,
     inflight: RefCell<VecDeque<InFlight>>,
@@ -96,7 +113,8 @@ pub struct NodeLink {
 /// send on after a `MOVED`/`ASK`, and that the link's health may have
 /// changed. A trait, so that the link, below the publisher, never names it.
 pub trait LinkOwner {
-    fn redirect(&self, r: &Redirect, cmd: Bytes, hops: u8, on_reply: Option<ReplyFn>);
+    /// `stamp`: as `NodeLink::requeue`.
+    fn redirect(&self, r: &Redirect, cmd: Bytes, hops: u8, stamp: u8, on_reply: Option<ReplyFn>);
     fn update_health(&self);
 }
 
@@ -119,6 +137,7 @@ impl NodeLink {
             retired: Cell::new(false),
             up: Cell::new(false),
             stalled: Cell::new(false),
+            run_id: RefCell::default(),
             out: RefCell::default(),
             queued: RefCell::default(),
             inflight: RefCell::default(),
@@ -152,6 +171,43 @@ impl NodeLink {
         hops: u8,
         on_reply: Option<ReplyFn>,
     ) -> Result<(), (Unavailable, Option<ReplyFn>)> {
+        self.push(put, false, hops, on_reply)
+    }
+
+    /// Like `queue`, with the server's run id appended as the command's last
+    /// argument: `put` writes the array header counting it, and every
+    /// argument but it.
+    pub fn queue_stamped(
+        &self,
+        put: impl FnOnce(&mut BytesMut),
+        hops: u8,
+        on_reply: Option<ReplyFn>,
+    ) -> Result<(), (Unavailable, Option<ReplyFn>)> {
+        self.push(put, true, hops, on_reply)
+    }
+
+    /// Sends on `cmd`, a command another link queued (`MOVED`/`ASK`): if it
+    /// was stamped (its last `stamp` bytes are that link's run id), the run
+    /// id is replaced with this link's.
+    pub fn requeue(
+        &self,
+        cmd: &Bytes,
+        stamp: u8,
+        hops: u8,
+        on_reply: Option<ReplyFn>,
+    ) -> Result<(), (Unavailable, Option<ReplyFn>)> {
+        let body = &cmd[..cmd.len().saturating_sub(stamp as usize)];
+        self.push(|out| out.put_slice(body), stamp > 0, hops, on_reply)
+    }
+
+    fn push(
+        &self,
+        put: impl FnOnce(&mut BytesMut),
+        stamped: bool,
+        hops: u8,
+        on_reply: Option<ReplyFn>,
+    ) -> Result<(), (Unavailable, Option<ReplyFn>)> {
+        // Refused while down: nothing is queued before the connection's run id is known.
         if !self.healthy() {
             return Err((Unavailable, on_reply));
         }
@@ -163,7 +219,13 @@ impl NodeLink {
             }
             let before = out.len();
             put(&mut out);
-            self.queued.borrow_mut().push(Queued { len: out.len() - before, hops, on_reply });
+            let mut stamp = 0;
+            if stamped {
+                let at = out.len();
+                resp::put_bulk(&mut out, &[&self.run_id.borrow()]);
+                stamp = (out.len() - at) as u8;
+            }
+            self.queued.borrow_mut().push(Queued { len: out.len() - before, hops, stamp, on_reply });
         }
         if let Some(w) = self.writer.take() {
             w.wake();
@@ -218,12 +280,21 @@ impl NodeLink {
 
     async fn handshake(&self, stream: TcpStream) -> Result<(TcpStream, BytesMut), LinkError> {
         let name = format!("corecast-pub-{:02}", self.shard);
-        let (out, steps) = resp::handshake(&self.node.url, &name, self.topo.mode.check_role());
+        let (mut out, steps) = resp::handshake(&self.node.url, &name, self.topo.mode.check_role());
+        // Last: the server's run id, for the commands queued stamped.
+        resp::put_command(&mut out, &[b"INFO", b"server"]);
         write_all(&stream, &out).await?;
         let mut buf = BytesMut::new();
         for step in steps {
             resp::check(step, &next_frame(&stream, &mut buf).await?)?;
         }
+        let info = next_frame(&stream, &mut buf).await?;
+        let run_id = run_id_of(&info);
+        if run_id.is_empty() {
+            // E.g. an ACL without INFO: the history scripts then ask Redis themselves.
+            debug!(shard = self.shard, redis = %self.node.name, reply = ?info, "no run_id from INFO server");
+        }
+        *self.run_id.borrow_mut() = run_id;
         Ok((stream, buf))
     }
 
@@ -250,7 +321,7 @@ impl NodeLink {
                 for q in self.queued.borrow_mut().drain(..) {
                     let cmd = if keep { batch.slice(at..at + q.len) } else { Bytes::new() };
                     at += q.len;
-                    inflight.push_back(InFlight { cmd, at: now, hops: q.hops, on_reply: q.on_reply });
+                    inflight.push_back(InFlight { cmd, at: now, hops: q.hops, stamp: q.stamp, on_reply: q.on_reply });
                 }
             }
             self.m().redis_publish_writes_total.inc();
@@ -312,7 +383,7 @@ impl NodeLink {
                     self.topo.request_refresh();
                 }
                 if let Some(p) = self.owner.upgrade() {
-                    p.redirect(&r, cmd.cmd, cmd.hops + 1, cmd.on_reply);
+                    p.redirect(&r, cmd.cmd, cmd.hops + 1, cmd.stamp, cmd.on_reply);
                 }
                 return Ok(());
             }
@@ -377,5 +448,32 @@ impl NodeLink {
             self.m().redis_publish_lost_total.add(lost as u64);
             warn!(shard = self.shard, redis = %self.node.name, lost, "publishes lost with the redis connection (delivery is at-most-once)");
         }
+    }
+}
+
+/// The `run_id` in an `INFO server` reply (40 hex digits), or empty.
+fn run_id_of(info: &BytesFrame) -> Bytes {
+    let text = match info {
+        BytesFrame::BulkString(b) => b,
+        _ => return Bytes::new(),
+    };
+    let Some(at) = text.windows(7).position(|w| w == b"run_id:") else { return Bytes::new() };
+    let id = text.slice(at + 7..);
+    let end = id.iter().position(|b| !b.is_ascii_hexdigit()).unwrap_or(id.len());
+    if end == 0 || end > 64 { Bytes::new() } else { id.slice(..end) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_run_id_is_read_from_info_server() {
+        let info = BytesFrame::BulkString(Bytes::from_static(
+            b"# Server\r\nredis_version:7.0.15\r\nprocess_id:9\r\nrun_id:d2b02a6347df24c411c1740cd7c8cbd9187fa6f3\r\ntcp_port:6379\r\n",
+        ));
+        assert_eq!(&run_id_of(&info)[..], b"d2b02a6347df24c411c1740cd7c8cbd9187fa6f3");
+        assert!(run_id_of(&BytesFrame::Error("NOPERM no INFO".into())).is_empty());
+        assert!(run_id_of(&BytesFrame::BulkString(Bytes::from_static(b"# Server\r\n"))).is_empty());
     }
 }

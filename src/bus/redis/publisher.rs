@@ -20,7 +20,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tracing::debug;
 
 use super::cluster::Redirect;
@@ -117,9 +117,27 @@ impl Publisher {
         link.queue(put, 0, on_reply).map_err(|(u, _)| u)
     }
 
+    /// Like `send_to_owner`, with the run id of the owner's Redis process
+    /// (on the connection that sends it) appended as the command's last
+    /// argument (`NodeLink::queue_stamped`); followed through `MOVED`/`ASK`,
+    /// it names the server that runs it. `put` writes the array header
+    /// counting that argument, and every argument before it.
+    pub fn send_stamped_to_owner(
+        &self,
+        channel: &[u8],
+        put: impl FnOnce(&mut BytesMut),
+        on_reply: Option<ReplyFn>,
+    ) -> Result<(), Unavailable> {
+        self.sync_view();
+        let owner = self.view.borrow().owner(channel).ok_or(Unavailable)?;
+        let link = self.links.borrow().get(owner).cloned().ok_or(Unavailable)?;
+        link.queue_stamped(put, 0, on_reply).map_err(|(u, _)| u)
+    }
+
     /// A `MOVED`/`ASK` reply: sends `cmd` on to the node it names, if we
-    /// have a link there (else it is lost and counted).
-    pub(super) fn redirect(&self, r: &Redirect, cmd: Bytes, hops: u8, on_reply: Option<ReplyFn>) {
+    /// have a link there (else it is lost and counted); a stamped command
+    /// (`stamp` > 0) gets that link's run id instead of the first one's.
+    pub(super) fn redirect(&self, r: &Redirect, cmd: Bytes, hops: u8, stamp: u8, on_reply: Option<ReplyFn>) {
         self.sync_view();
         let link = self.links.borrow().iter().find(|l| &*l.node.name == r.addr()).cloned();
         let lost = |on_reply: Option<ReplyFn>| {
@@ -139,7 +157,7 @@ impl Publisher {
                 return lost(f.or(on_reply));
             }
         }
-        if let Err((_, f)) = link.queue(|out| out.put_slice(&cmd), hops, on_reply) {
+        if let Err((_, f)) = link.requeue(&cmd, stamp, hops, on_reply) {
             lost(f);
         }
     }
@@ -190,8 +208,8 @@ impl Publisher {
 }
 
 impl LinkOwner for Publisher {
-    fn redirect(&self, r: &Redirect, cmd: Bytes, hops: u8, on_reply: Option<ReplyFn>) {
-        Publisher::redirect(self, r, cmd, hops, on_reply)
+    fn redirect(&self, r: &Redirect, cmd: Bytes, hops: u8, stamp: u8, on_reply: Option<ReplyFn>) {
+        Publisher::redirect(self, r, cmd, hops, stamp, on_reply)
     }
 
     fn update_health(&self) {
@@ -361,16 +379,24 @@ mod tests {
                 monoio::time::sleep(Duration::from_millis(10)).await;
             }
             let replies: Rc<RefCell<Vec<Result<BytesFrame, Unavailable>>>> = Rc::default();
+            // Stamped: the link appends the run id of its server as the last
+            // argument (counted in the header `put` writes).
             let send = |p: &Publisher, cmd: Vec<Vec<u8>>| {
                 let sink = replies.clone();
                 let on_reply: ReplyFn = Box::new(move |r| sink.borrow_mut().push(r));
                 let args: Vec<&[u8]> = cmd.iter().map(|a| a.as_slice()).collect();
-                assert!(
-                    p.send_to_owner(channel.as_bytes(), |out| resp::put_command(out, &args), Some(on_reply)).is_ok()
-                );
+                let put = |out: &mut BytesMut| {
+                    resp::put_len(out, b'*', args.len() + 1);
+                    for a in &args {
+                        resp::put_bulk(out, &[a]);
+                    }
+                };
+                assert!(p.send_stamped_to_owner(channel.as_bytes(), put, Some(on_reply)).is_ok());
             };
-            // Migrating: the source says ASK; the target, after ASKING, runs it.
-            send(&p, vec![b"SET".to_vec(), key2.clone().into_bytes(), b"v".to_vec()]);
+            let eval = |script: &str, key: &str| vec![b"EVAL".to_vec(), script.into(), b"1".to_vec(), key.into()];
+            // Migrating: the source says ASK; the target, after ASKING, runs
+            // it, with the target's run id in place of the source's.
+            send(&p, eval("redis.call('SET', KEYS[1], 'v') return ARGV[1]", &key2));
             while replies.borrow().is_empty() {
                 assert!(Instant::now() < end, "no reply to the SET");
                 monoio::time::sleep(Duration::from_millis(10)).await;
@@ -381,7 +407,7 @@ mod tests {
             }
             // (Unless the topology thread's periodic refresh saw the move first.)
             let moved_expected = topo2.version() == v0;
-            send(&p, vec![b"GET".to_vec(), key2.into_bytes()]);
+            send(&p, eval("return {redis.call('GET', KEYS[1]), ARGV[1]}", &key2));
             while replies.borrow().len() < 2 {
                 assert!(Instant::now() < end, "no reply to the GET");
                 monoio::time::sleep(Duration::from_millis(10)).await;
@@ -390,8 +416,19 @@ mod tests {
         });
         let _ = std::fs::remove_dir_all(&dir);
         let (replies, redirects, moved_expected) = got;
-        assert_eq!(replies[0], Ok(BytesFrame::SimpleString("OK".into())), "SET ran at the importing node");
-        assert_eq!(replies[1], Ok(BytesFrame::BulkString("v".into())), "GET followed MOVED to the new owner");
+        let run_id = |port: u16| {
+            let info = cli(port, &["INFO", "server"]);
+            info.lines().find_map(|l| l.strip_prefix("run_id:")).expect("run_id").trim().to_string()
+        };
+        let (to_run, from_run) = (run_id(to_port), run_id(from_port));
+        assert_ne!(to_run, from_run);
+        let bulk = |s: &str| BytesFrame::BulkString(Bytes::copy_from_slice(s.as_bytes()));
+        assert_eq!(replies[0], Ok(bulk(&to_run)), "SET ran at the importing node, stamped with its run id");
+        assert_eq!(
+            replies[1],
+            Ok(BytesFrame::Array(vec![bulk("v"), bulk(&to_run)])),
+            "GET followed MOVED to the new owner, stamped with its run id"
+        );
         assert_eq!(cli(to_port, &["GET", &key]), "v", "the key is at the new owner");
         let want = if moved_expected { 2 } else { 1 };
         assert!(redirects >= want, "an ASK and a MOVED were followed: {redirects}");

@@ -1,9 +1,10 @@
 -- corecast: read a room's history position and messages (PROTOCOL.md §7),
--- atomically with respect to publish.lua.
+-- atomically with respect to publish.lua. Writes nothing, but for the
+-- catch-up fence (ARGV[7]).
 --
 -- KEYS[1] {<prefix>room:R}:meta   KEYS[2] {<prefix>room:R}:log
--- ARGV[1] a candidate epoch (used if the room has no history yet)
--- ARGV[2] TTL in seconds (for a history created here)
+-- ARGV[1] a candidate epoch (for the fence)
+-- ARGV[2] TTL in seconds (of a history the fence renews)
 -- ARGV[3] the epoch to read after ('' = the last messages)
 -- ARGV[4] the offset to read after
 -- ARGV[5] at most this many messages
@@ -11,26 +12,31 @@
 --         reads the last messages instead of none
 -- ARGV[7] '1' for a node's catch-up: ARGV[3]/ARGV[4] is a position the node
 --         delivered. If it is past the history in the same epoch, this
---         history lost messages (a failover to a replica that had not got
---         them): a new epoch starts now, so that no offset is ever used for
---         another message than the one delivered under it.
--- Returns {epoch, T, id1, msg1, id2, msg2, ...} in offset order.
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-local last = 0
-if not epoch then
-  local t = redis.call('TIME')
-  epoch = ARGV[1] .. '-' .. t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-else
-  last = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+--         history lost messages although this process wrote it (a failover
+--         back to a primary that had resynced from a replica missing them):
+--         a new epoch starts now, so that no offset is ever used for another
+--         message than the one delivered under it.
+-- ARGV[8] the run_id of this Redis process, as for publish.lua
+-- Returns {epoch, T, id1, msg1, id2, msg2, ...} in offset order; {'', 0}
+-- when the room has no history this process wrote (none, expired, or
+-- loaded/replicated from elsewhere: publish.lua starts a new epoch there).
+local run = ARGV[8]
+if run == '' then
+  local info = redis.call('INFO', 'server')
+  local at = string.find(info, 'run_id:', 1, true)
+  run = string.sub(info, at + 7, at + 46)
 end
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'offset', 'run')
+local epoch = meta[1]
+if not epoch or meta[3] ~= run then
+  return {'', 0}
+end
+local last = tonumber(meta[2])
 if ARGV[7] == '1' and ARGV[3] == epoch and tonumber(ARGV[4]) > last then
   local t = redis.call('TIME')
   epoch = ARGV[1] .. '-' .. t[1] .. string.format('%06d', tonumber(t[2]))
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'run', run)
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   return {epoch, 0}
 end
