@@ -195,13 +195,17 @@ fn a_ten_second_pubsub_outage_in_a_busy_room_is_caught_up_by_every_member() {
     });
     thread::sleep(Duration::from_secs(2));
     proxy.block_subscribers();
+    let from = *published.lock().unwrap();
     thread::sleep(Duration::from_secs(10));
+    let missed = *published.lock().unwrap() - from;
     assert!(proxy.cut() >= 4, "both nodes' subscriber links were cut: {}", proxy.cut());
     proxy.unblock_subscribers();
     publisher.join().unwrap();
     stop.store(true, Ordering::Relaxed);
     let n = *published.lock().unwrap();
-    assert!(n >= 2000, "at least 10 s of messages went by: {n}");
+    // 200/s when the machine keeps up; whatever it did, the outage must
+    // hold more than the 1 MiB outbound queue (512 messages of 2 KiB).
+    assert!(missed > 600, "the outage held {missed} messages, more than one outbound queue");
     let deadline = Instant::now() + Duration::from_secs(60);
     while members.iter().any(|m| m.count() < n as usize) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(100));
