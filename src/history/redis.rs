@@ -179,8 +179,9 @@ impl HistLink {
         };
         let limit = q.limit.min(settings.size).to_string();
         let ttl = settings.ttl.as_secs().to_string();
-        // KEYS and ARGV of read.lua.
-        let args: [&[u8]; 10] = [
+        let max_bytes = q.max_bytes.to_string();
+        // KEYS and ARGV of read.lua (the run id is stamped on by the link).
+        let args: [&[u8]; 11] = [
             b"2",
             &meta,
             &log,
@@ -191,6 +192,7 @@ impl HistLink {
             limit.as_bytes(),
             if q.listing { b"1" } else { b"0" },
             if q.fence { b"1" } else { b"0" },
+            max_bytes.as_bytes(),
         ];
         let slot = Oneshot::default();
         let fill = slot.clone();

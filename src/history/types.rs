@@ -33,8 +33,9 @@ pub struct Query {
     pub listing: bool,
     /// A shard's catch-up, whose `after` is a position it delivered itself:
     /// if the store's history is behind it in the same epoch, the store
-    /// lost messages (a failover to a replica that had not received them)
-    /// and the epoch is renewed there, so that no offset is ever reused for
+    /// lost messages and the epoch is renewed there. Since epochs are bound
+    /// to the Redis process (`history::redis`), that is left for a failover
+    /// back to a primary that resynced from a replica missing the writes, so that no offset is ever reused for
     /// another message (`scripts/read.lua`). Never set from a client's
     /// `since`, which a client could make up.
     pub fence: bool,
@@ -91,8 +92,11 @@ impl ReadResult {
         if (!covered && !q.listing) || q.limit == 0 {
             entries.clear();
         }
-        let more = cut_to(&mut entries, q.max_bytes);
-        ReadResult { pos, covered, entries, more }
+        // Cut here, or already by the store (Redis pages in the script):
+        // fewer than asked and the last one short of T.
+        let cut = cut_to(&mut entries, q.max_bytes);
+        let short = entries.len() < q.limit && entries.last().is_some_and(|e| e.offset < pos.offset);
+        ReadResult { pos, covered, entries, more: cut || short }
     }
 }
 
@@ -192,6 +196,12 @@ mod tests {
         assert_eq!((r.entries.len(), r.more), (3, true));
         let r = ReadResult::judge(pos("a", 20), Query::recover(Some(pos("a", 10)), 100, 100), sized(11..=20));
         assert_eq!((r.entries.len(), r.more), (10, false));
+        // Already cut by the store (read.lua pages too): fewer than asked,
+        // the last short of T.
+        let r = ReadResult::judge(pos("a", 20), Query::recover(Some(pos("a", 10)), 100, 1000), sized(11..=13));
+        assert!(r.covered && r.more);
+        let r = ReadResult::judge(pos("a", 20), Query::recover(Some(pos("a", 10)), 3, 1000), sized(11..=13));
+        assert!(!r.more, "as many as asked: not a cut page");
     }
 
     #[test]

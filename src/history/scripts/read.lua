@@ -16,11 +16,12 @@
 --         back to a primary that had resynced from a replica missing them):
 --         a new epoch starts now, so that no offset is ever used for another
 --         message than the one delivered under it.
--- ARGV[8] the run_id of this Redis process, as for publish.lua
+-- ARGV[8] at most this many bytes of messages (at least one message): a page
+-- ARGV[9] the run_id of this Redis process, as for publish.lua
 -- Returns {epoch, T, id1, msg1, id2, msg2, ...} in offset order; {'', 0}
 -- when the room has no history this process wrote (none, expired, or
 -- loaded/replicated from elsewhere: publish.lua starts a new epoch there).
-local run = ARGV[8]
+local run = ARGV[9]
 if run == '' then
   local info = redis.call('INFO', 'server')
   local at = string.find(info, 'run_id:', 1, true)
@@ -42,6 +43,18 @@ if ARGV[7] == '1' and ARGV[3] == epoch and tonumber(ARGV[4]) > last then
 end
 local out = {epoch, last}
 local limit = tonumber(ARGV[5])
+local budget = tonumber(ARGV[8])
+-- Appends one entry unless the page is full (the first always goes in).
+local function add(e)
+  local m = e[2][2]
+  if #out > 2 and budget < #m then
+    return false
+  end
+  budget = budget - #m
+  out[#out + 1] = e[1]
+  out[#out + 1] = m
+  return true
+end
 if limit == 0 or last == 0 then
   return out
 end
@@ -49,8 +62,9 @@ local entries
 if ARGV[3] == '' or (ARGV[6] == '1' and ARGV[3] ~= epoch) then
   entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', limit)
   for i = #entries, 1, -1 do
-    out[#out + 1] = entries[i][1]
-    out[#out + 1] = entries[i][2][2]
+    if not add(entries[i]) then
+      break
+    end
   end
   return out
 end
@@ -60,7 +74,8 @@ if ARGV[3] ~= epoch or after >= last then
 end
 entries = redis.call('XRANGE', KEYS[2], string.format('%d', after + 1), '+', 'COUNT', limit)
 for i = 1, #entries do
-  out[#out + 1] = entries[i][1]
-  out[#out + 1] = entries[i][2][2]
+  if not add(entries[i]) then
+    break
+  end
 end
 return out
