@@ -161,6 +161,16 @@ impl Server {
         metric_in(&self.metrics(), series).unwrap_or_else(|| panic!("no series {series}"))
     }
 
+    /// The sum of every series whose name and labels start with `prefix`,
+    /// e.g. `corecast_handshakes_total{result="draining"` (all shards).
+    pub fn metric_sum(&self, prefix: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.starts_with(prefix))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    }
+
     /// A WebSocket client as `user` on shard `shard`. Which shard takes a
     /// connection is the kernel's (SO_REUSEPORT hashes the ports), so this
     /// opens connections, closing each stray one again, until one lands
@@ -331,6 +341,28 @@ impl Client {
     }
 }
 
+/// The raw WebSocket upgrade request for `path` (the RFC 6455 sample key),
+/// with `extra` header lines (each ending in CRLF) before the blank line.
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// Sends an upgrade request for `path` (with `extra` header lines) on a new
+/// connection; returns the response's status and head (a 101 is left open
+/// and dropped; a refusal's body is not read).
+pub fn upgrade_status(addr: SocketAddr, path: &str, extra: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(upgrade_request(path, extra).as_bytes()).unwrap();
+    let mut r = Raw { s, buf: Vec::new() };
+    let head = String::from_utf8_lossy(&r.read_until(b"\r\n\r\n")).into_owned();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, head)
+}
+
 /// A raw TCP connection for sending bytes tungstenite would refuse to send.
 pub struct Raw {
     pub s: TcpStream,
@@ -348,12 +380,7 @@ impl Raw {
     pub fn upgrade_with(addr: SocketAddr, path: &str, extra: &str) -> (Raw, String) {
         let mut s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(DEADLINE)).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-        )
-        .unwrap();
+        s.write_all(upgrade_request(path, extra).as_bytes()).unwrap();
         let mut r = Raw { s, buf: Vec::new() };
         let head = String::from_utf8_lossy(&r.read_until(b"\r\n\r\n")).into_owned();
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
@@ -363,12 +390,7 @@ impl Raw {
     /// Completes a WebSocket handshake on `path` over a connected socket.
     pub fn upgrade_on(mut s: TcpStream, path: &str) -> Raw {
         s.set_read_timeout(Some(DEADLINE)).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .unwrap();
+        s.write_all(upgrade_request(path, "").as_bytes()).unwrap();
         let mut r = Raw { s, buf: Vec::new() };
         let head = r.read_until(b"\r\n\r\n");
         assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));

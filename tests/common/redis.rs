@@ -265,6 +265,102 @@ impl Drop for UnreadyNode {
     }
 }
 
+// ---- a raw RESP connection ------------------------------------------------------
+
+/// A RESP2 value as Redis sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Vec<Resp>),
+}
+
+impl Resp {
+    /// The text of a simple string, error or bulk string (lossy).
+    pub fn text(&self) -> String {
+        match self {
+            Resp::Simple(s) | Resp::Error(s) => s.clone(),
+            Resp::Bulk(Some(b)) => String::from_utf8_lossy(b).into_owned(),
+            Resp::Int(n) => n.to_string(),
+            other => panic!("not text: {other:?}"),
+        }
+    }
+}
+
+/// One connection to Redis of the test's own, speaking RESP2 directly: the
+/// exact bytes of what Redis delivers (a subscriber), or commands that must
+/// get through when no new connection would (`CONFIG SET maxclients 1`).
+pub struct RespConn(BufReader<TcpStream>);
+
+impl RespConn {
+    pub fn open(port: u16) -> RespConn {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        RespConn(BufReader::new(s))
+    }
+
+    pub fn send(&mut self, args: &[&[u8]]) {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        self.0.get_mut().write_all(&out).expect("write to redis");
+    }
+
+    /// Sends one command and reads its reply.
+    pub fn cmd(&mut self, args: &[&str]) -> Resp {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.send(&args);
+        self.read()
+    }
+
+    /// Reads one value (panics on a timeout).
+    pub fn read(&mut self) -> Resp {
+        let mut line = String::new();
+        let n = self.0.read_line(&mut line).expect("read from redis");
+        assert!(n > 0, "redis closed the connection");
+        let (kind, rest) = line.trim_end().split_at(1);
+        match kind {
+            "+" => Resp::Simple(rest.to_string()),
+            "-" => Resp::Error(rest.to_string()),
+            ":" => Resp::Int(rest.parse().expect("an integer")),
+            "$" => {
+                let len: i64 = rest.parse().expect("a length");
+                if len < 0 {
+                    return Resp::Bulk(None);
+                }
+                let mut b = vec![0; len as usize + 2];
+                self.0.read_exact(&mut b).expect("a bulk string");
+                b.truncate(len as usize);
+                Resp::Bulk(Some(b))
+            }
+            "*" => {
+                let len: i64 = rest.parse().expect("a length");
+                Resp::Array((0..len.max(0)).map(|_| self.read()).collect())
+            }
+            _ => panic!("not RESP2: {line:?}"),
+        }
+    }
+
+    /// Reads until a Pub/Sub `message` (or `smessage`) arrives; returns its
+    /// channel and payload bytes, as Redis delivered them.
+    pub fn next_message(&mut self) -> (String, Vec<u8>) {
+        loop {
+            if let Resp::Array(v) = self.read()
+                && v.len() == 3
+                && matches!(v[0].text().as_str(), "message" | "smessage")
+                && let Resp::Bulk(Some(payload)) = &v[2]
+            {
+                return (v[1].text(), payload.clone());
+            }
+        }
+    }
+}
+
 // ---- protocol helpers -----------------------------------------------------------
 
 /// The next event, or a panic naming what was expected.
