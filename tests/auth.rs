@@ -93,7 +93,7 @@ fn missing_malformed_badly_signed_or_expired_tokens_get_401() {
     let after = s.metric("corecast_handshakes_failed_total");
     assert_eq!(after - before, cases.len() as f64 + 1.0);
     assert_eq!(
-        s.metric_sum("corecast_handshakes_total{result=\"unauthorized\""),
+        s.metric("corecast_handshakes_total{result=\"unauthorized\"}"),
         cases.len() as f64 + 1.0,
         "each counted as unauthorized"
     );

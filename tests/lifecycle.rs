@@ -63,7 +63,7 @@ fn sigterm_drains_with_jittered_maintenance_then_1001() {
     assert_eq!(s.http_get("/healthz").0, 200);
     let (st, head) = common::upgrade_status(s.addr, "/ws?user=late", "");
     assert_eq!(st, 503, "an upgrade while draining: {head}");
-    assert_eq!(s.metric_sum("corecast_handshakes_total{result=\"draining\""), 1.0);
+    assert_eq!(s.metric("corecast_handshakes_total{result=\"draining\"}"), 1.0);
     for c in cs.iter_mut() {
         assert_eq!(c.expect_close(), Some(1001));
     }
@@ -72,9 +72,37 @@ fn sigterm_drains_with_jittered_maintenance_then_1001() {
     assert!(s.logs().contains("draining"));
 }
 
+/// SERVER BUG (found here; tests only, not fixed): docs/operations.md says
+/// "Draining keeps the listener open so that `/readyz` can answer 503 and
+/// `/healthz` 200". A shard with no WebSocket connection ends its drain at
+/// once and stops accepting while the other shard still drains; its
+/// (SO_REUSEPORT) listening socket stays bound, so the requests the kernel
+/// hands to it are never answered (they time out).
+#[test]
+fn while_draining_every_readyz_is_answered_503() {
+    let mut s = start_server(&["--shards", "2", "--drain-secs", "30"]);
+    // One connection, so one shard has nothing to drain.
+    let mut c = Client::connect(&s.ws_url("/ws?user=stay"));
+    s.sigterm();
+    assert_eq!(c.recv()["ev"], "maintenance");
+    // 0 = no answer within 2 s.
+    let readyz = || {
+        let mut t = TcpStream::connect(s.addr).unwrap();
+        t.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        t.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut resp = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut t, &mut resp);
+        common::parse_response(&resp).0
+    };
+    let statuses: Vec<u16> = (0..8).map(|_| readyz()).collect();
+    s.sigterm();
+    s.wait_exit(Duration::from_secs(5));
+    assert!(statuses.iter().all(|&st| st == 503), "every /readyz while draining (0 = no answer in 2 s): {statuses:?}");
+}
+
 #[test]
 fn a_second_signal_exits_at_once() {
-    let mut s = start_server(&["--shards", "2", "--drain-secs", "30"]);
+    let mut s = start_server(&["--shards", "1", "--drain-secs", "30"]);
     let mut c = Client::connect(&s.ws_url("/ws?user=stay"));
     s.sigterm();
     assert_eq!(c.recv()["ev"], "maintenance");

@@ -161,16 +161,6 @@ impl Server {
         metric_in(&self.metrics(), series).unwrap_or_else(|| panic!("no series {series}"))
     }
 
-    /// The sum of every series whose name and labels start with `prefix`,
-    /// e.g. `corecast_handshakes_total{result="draining"` (all shards).
-    pub fn metric_sum(&self, prefix: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .filter(|l| !l.starts_with('#') && l.starts_with(prefix))
-            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-            .sum()
-    }
-
     /// A WebSocket client as `user` on shard `shard`. Which shard takes a
     /// connection is the kernel's (SO_REUSEPORT hashes the ports), so this
     /// opens connections, closing each stray one again, until one lands
