@@ -42,7 +42,9 @@ fn connect_with(url: &str, headers: &[(&str, &str)]) -> Client {
     }
     let (ws, resp) = tungstenite::connect(req).unwrap_or_else(|e| panic!("connect {url}: {e}"));
     assert_eq!(resp.status().as_u16(), 101);
-    Client { ws }
+    let mut c = Client { ws };
+    c.set_timeout(DEADLINE);
+    c
 }
 
 #[test]

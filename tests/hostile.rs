@@ -628,27 +628,30 @@ fn a_stalled_shard_bounds_its_inbox_and_the_other_shard_keeps_serving() {
     // `unavailable` (back-pressure) and shard 0 goes on serving.
     let data = "x".repeat(1000);
     let (mut acked, mut refused) = (0u32, 0u32);
+    // The ids of the accepted publishes, in the order they were sent.
+    let mut accepted = Vec::new();
     let t = Instant::now();
     let mut id = 0u64;
     while refused == 0 && t.elapsed() < Duration::from_secs(4) {
         for _ in 0..200 {
             id += 1;
-            publisher.send_json(&json!({"op":"publish","room":"busy","data":data,"id":id}));
+            publisher.send_json(&json!({"op":"publish","room":"busy","data":{"n":id,"pad":data},"id":id}));
         }
-        let mut ok = 0;
+        let mut batch = Vec::new();
         for _ in 0..200 {
             let r = publisher.recv();
             match r["ev"].as_str() {
-                Some("ack") => ok += 1,
+                Some("ack") => batch.push(r["id"].as_u64().expect("ack id")),
                 Some("error") if r["code"] == "unavailable" => refused += 1,
                 _ => panic!("unexpected {r}"),
             }
         }
-        acked += ok;
+        acked += batch.len() as u32;
         // Shard 0's subscriber keeps receiving while shard 1 is stuck.
-        for _ in 0..ok {
-            assert_eq!(sub0.recv()["ev"], "message");
+        for n in &batch {
+            assert_eq!(sub0.recv()["data"]["n"], json!(n));
         }
+        accepted.extend(batch);
     }
     assert!(refused > 0, "publishes were never refused ({acked} acked) while a shard was stuck");
     assert!(acked >= 8000, "back-pressure started early: {acked} acked");
@@ -661,8 +664,9 @@ fn a_stalled_shard_bounds_its_inbox_and_the_other_shard_keeps_serving() {
     );
     assert!(grown < RSS_SLACK_KIB, "RSS grew by {grown} KiB");
     // Once the shard is back it delivers everything that was accepted, in order.
-    for _ in 0..acked {
-        assert_eq!(sub1.recv()["ev"], "message");
+    for n in &accepted {
+        let m = sub1.recv();
+        assert_eq!((m["ev"].as_str(), &m["data"]["n"]), (Some("message"), &json!(n)), "in order");
     }
     sub1.expect_silence(Duration::from_millis(200));
     assert_eq!(s.metric("corecast_inbox_dropped_total"), 0.0, "nothing accepted was dropped");

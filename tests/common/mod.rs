@@ -240,10 +240,14 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects; every read has a timeout (`DEADLINE` until a call sets
+    /// another), so a node that never answers fails the test, not hangs it.
     pub fn connect(url: &str) -> Client {
         let (ws, resp) = tungstenite::connect(url).unwrap_or_else(|e| panic!("connect {url}: {e}"));
         assert_eq!(resp.status().as_u16(), 101);
-        Client { ws }
+        let mut c = Client { ws };
+        c.set_timeout(DEADLINE);
+        c
     }
 
     pub fn local_port(&self) -> u16 {
@@ -253,7 +257,7 @@ impl Client {
         }
     }
 
-    fn set_timeout(&mut self, t: Duration) {
+    pub fn set_timeout(&mut self, t: Duration) {
         if let MaybeTlsStream::Plain(s) = self.ws.get_mut() {
             s.set_read_timeout(Some(t)).unwrap();
         }
