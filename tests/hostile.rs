@@ -574,9 +574,7 @@ fn frames_sent_with_the_upgrade_request_are_handled_at_once() {
     let _one_at_a_time = serial();
     let s = start_server(&["--shards", "1"]);
     let mut st = TcpStream::connect(s.addr).unwrap();
-    let mut bytes = b"GET /ws?user=eager HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        .to_vec();
+    let mut bytes = common::upgrade_request("/ws?user=eager", "").into_bytes();
     bytes.extend(client_frame(0x81, br#"{"op":"ping","id":7}"#, true));
     st.write_all(&bytes).unwrap();
     // Nothing more is sent: the reply must come from the bytes already there.

@@ -43,8 +43,10 @@ pub fn test_driver() -> Option<String> {
     std::env::var("CORECAST_TEST_DRIVER").ok().filter(|d| !d.is_empty())
 }
 
-/// Like `start_server`, with a hook to adjust the command (env, rlimits).
-pub fn start_server_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Server {
+/// `corecast --listen 127.0.0.1:0 ARGS`, on `CORECAST_TEST_DRIVER`'s driver
+/// unless ARGS name one, logging at `CORECAST_TEST_LOG` (default info), with
+/// stdout and stderr piped and no stdin.
+pub fn corecast_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_corecast"));
     cmd.arg("--listen").arg("127.0.0.1:0").args(args);
     if let Some(d) = test_driver()
@@ -54,6 +56,42 @@ pub fn start_server_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Se
     }
     cmd.env("RUST_LOG", std::env::var("CORECAST_TEST_LOG").unwrap_or_else(|_| "info".into()));
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    cmd
+}
+
+/// A corecast process a test drives itself (its raw output, a start-up that
+/// must fail): `corecast_command(args)` adjusted by `adjust`, killed on drop.
+pub struct Spawned(pub Child);
+
+pub fn spawn_corecast(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Spawned {
+    let mut cmd = corecast_command(args);
+    adjust(&mut cmd);
+    Spawned(cmd.spawn().expect("spawn corecast"))
+}
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Like `start_server`, with a hook to adjust the command (env, rlimits).
+pub fn start_server_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Server {
+    let mut cmd = corecast_command(args);
     adjust(&mut cmd);
     let mut child = cmd.spawn().expect("spawn corecast");
     let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));

@@ -214,21 +214,17 @@ pub fn node(redis_url: &str, shards: usize) -> Server {
 /// password): started without waiting for `/readyz`, stderr kept in a file.
 pub struct UnreadyNode {
     pub addr: SocketAddr,
-    pub child: Child,
+    pub child: super::Spawned,
     pub log: PathBuf,
 }
 
 impl UnreadyNode {
     pub fn start(args: &[&str]) -> UnreadyNode {
         let log = std::env::temp_dir().join(format!("corecast-test-{}-{}.log", std::process::id(), free_port()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_corecast"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("create log file"))
-            .spawn()
-            .expect("spawn corecast");
+        let file = std::fs::File::create(&log).expect("create log file");
+        let mut child = super::spawn_corecast(args, |c| {
+            c.stderr(file);
+        });
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line).expect("read stdout");
         let addr = line
@@ -242,14 +238,7 @@ impl UnreadyNode {
 
     /// `GET path` → (status, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
-        let mut text = String::new();
-        s.read_to_string(&mut text).expect("read");
-        let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        (status, body)
+        super::http_at(self.addr, "GET", path, &[], b"")
     }
 
     pub fn logs(&self) -> String {
@@ -259,8 +248,6 @@ impl UnreadyNode {
 
 impl Drop for UnreadyNode {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
     }
 }
