@@ -8,7 +8,10 @@ mod targets;
 
 use std::path::Path;
 
-const TARGETS: [(&str, fn(&[u8])); 4] = [
+/// A target's body.
+type Body = fn(&[u8]);
+
+const TARGETS: [(&str, Body); 4] = [
     ("client_op", targets::client_op),
     ("http_head", targets::http_head),
     ("inflate", targets::inflate),

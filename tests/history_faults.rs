@@ -282,3 +282,124 @@ fn history_trimmed_during_a_maxclients_outage_gaps_only_once_the_link_is_back() 
     let _d = deadline("trimmed_gap_maxclients", Duration::from_secs(90));
     trimmed_during_an_outage(Outage::MaxClients);
 }
+
+/// A TCP proxy in front of Redis that can hold back Redis's replies to the
+/// node's publisher links (the connections that named themselves
+/// `corecast-pub-NN`): a history read is then in flight for as long as the
+/// test likes, while everything else (the subscriber link, other nodes)
+/// flows.
+struct ReplyGate {
+    port: u16,
+    hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ReplyGate {
+    fn start(redis_port: u16) -> ReplyGate {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let hold = Arc::new(AtomicBool::new(false));
+        let gate = hold.clone();
+        thread::spawn(move || {
+            for client in l.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)) else { continue };
+                let is_pub = Arc::new(AtomicBool::new(false));
+                // Node -> Redis: passed on; notes the publisher's SETNAME.
+                let (mut from, mut to, flag) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap(), is_pub.clone());
+                thread::spawn(move || {
+                    let mut b = [0u8; 16384];
+                    while let Ok(n) = from.read(&mut b) {
+                        if n == 0 || to.write_all(&b[..n]).is_err() {
+                            break;
+                        }
+                        if b[..n].windows(13).any(|w| w == b"corecast-pub-") {
+                            flag.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+                // Redis -> node: a publisher link's bytes wait while held.
+                let (mut from, mut to, gate) = (server, client, gate.clone());
+                thread::spawn(move || {
+                    let mut b = [0u8; 16384];
+                    while let Ok(n) = from.read(&mut b) {
+                        while is_pub.load(Ordering::SeqCst) && gate.load(Ordering::SeqCst) {
+                            thread::sleep(Duration::from_millis(5));
+                        }
+                        if n == 0 || to.write_all(&b[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        ReplyGate { port, hold }
+    }
+
+    fn hold(&self, on: bool) {
+        self.hold.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// docs/history.md: "A connection's live messages held while its read is
+/// under way count against `--outbound-queue-bytes` (with ~110 bytes of
+/// bookkeeping each), and past it the connection is cut off with 1008 like
+/// any slow consumer." Node A's recovery read is held at the proxy while
+/// node B publishes 10 messages of 16 KB into the room (A's subscriber link
+/// delivers them; they are buffered for the recovering connection), with a
+/// 128 KiB queue (not smaller: a `/metrics` reply must fit it too): the
+/// member is cut off with 1008; another member of the room that is not
+/// recovering gets all 10.
+#[test]
+fn live_messages_buffered_during_a_recovery_are_bounded_by_the_outbound_queue() {
+    let _d = deadline("recovery_buffer_bound", Duration::from_secs(60));
+    let r = RedisServer::start();
+    let gate = ReplyGate::start(r.port);
+    let via_gate = format!("redis://127.0.0.1:{}", gate.port);
+    let a = start_server(&[
+        "--shards",
+        "1",
+        "--history-size",
+        "100",
+        "--max-ops-per-sec",
+        "0",
+        "--outbound-queue-bytes",
+        "131072",
+        "--redis",
+        &via_gate,
+    ]);
+    let b = node(&r, "100");
+    let room = "bound";
+    let first = api_publish(&b, room, json!("before"));
+    let mut plain = Client::connect(&a.ws_url("/ws"));
+    assert_eq!(subscribe_since(&mut plain, room, None)["offset"], 1);
+    let cut = a.metric("corecast_slow_consumer_disconnects_total");
+    let mut c = Client::connect(&a.ws_url("/ws"));
+    gate.hold(true);
+    c.send_json(&json!({"op":"subscribe","room":room,"id":"s","since":{"epoch":first.epoch,"offset":0}}));
+    // Ops are handled in order: once the pong is back, the subscribe was
+    // taken (the member buffers) and its read went out, and is held.
+    assert_eq!(c.call(json!({"op":"ping","id":"p"})), json!({"ev":"pong","id":"p"}));
+    let pad = "p".repeat(16_000);
+    for i in 0..10 {
+        api_publish(&b, room, json!({"i": i, "pad": pad}));
+    }
+    let got = messages(&mut plain, room, 10, Duration::from_secs(5));
+    assert_eq!(offsets(&got), (2..=11).collect::<Vec<_>>());
+    // The member reads all along, so its own socket never backs up: nothing
+    // reaches it (no `subscribed` while the read is held), then the close.
+    c.set_timeout(Duration::from_secs(5));
+    match c.ws.read() {
+        Ok(tungstenite::Message::Close(f)) => assert_eq!(f.map(|f| u16::from(f.code)), Some(1008)),
+        other => panic!("expected the 1008 close first, got {other:?}"),
+    }
+    assert_eq!(a.metric("corecast_slow_consumer_disconnects_total"), cut + 1.0);
+    gate.hold(false);
+    plain.expect_silence(Duration::from_millis(300));
+}
