@@ -468,13 +468,53 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// `Config::load` reads `CORECAST_*` from the environment (clap's `env`),
+    /// so a variable a developer exported would change what these tests see.
+    /// Every test here calls this first: it removes them, once per process.
+    fn clean_env() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let ours: Vec<std::ffi::OsString> =
+                std::env::vars_os().map(|(k, _)| k).filter(|k| k.to_string_lossy().starts_with("CORECAST_")).collect();
+            for k in ours {
+                // SAFETY: only when such a variable is set at all (never under
+                // scripts/test.sh); no test of this crate writes the
+                // environment, and this runs once, before the first load.
+                unsafe { std::env::remove_var(&k) };
+            }
+        });
+    }
+
+    /// A temporary directory of this test's own, removed on drop.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!("cc-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        /// Writes `name` with `text`; returns its path.
+        fn file(&self, name: &str, text: &str) -> String {
+            let p = self.0.join(name);
+            std::fs::write(&p, text).unwrap();
+            p.to_str().unwrap().to_string()
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn flag_beats_file_and_file_beats_default() {
-        let dir = std::env::temp_dir().join(format!("cc-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("c.toml");
-        std::fs::write(&file, "drain_secs = 7\nlisten = \"127.0.0.1:9999\"\necho = true\n").unwrap();
-        let cfg = Config::load(["corecast", "--config", file.to_str().unwrap(), "--listen", "127.0.0.1:1234"]).unwrap();
+        clean_env();
+        let dir = TempDir::new("cfg");
+        let file = dir.file("c.toml", "drain_secs = 7\nlisten = \"127.0.0.1:9999\"\necho = true\n");
+        let cfg = Config::load(["corecast", "--config", &file, "--listen", "127.0.0.1:1234"]).unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:1234".parse().unwrap());
         assert_eq!(cfg.drain, Duration::from_secs(7));
         assert!(cfg.echo);
@@ -487,32 +527,30 @@ mod tests {
 
     #[test]
     fn history_is_off_by_default_and_reads_flag_env_and_file() {
+        clean_env();
         assert_eq!(Config::load(["corecast"]).unwrap().history, None);
         let cfg = Config::load(["corecast", "--history-size", "50"]).unwrap();
         assert_eq!(cfg.history, Some(HistorySettings { size: 50, ttl: Duration::from_secs(300) }));
-        let dir = std::env::temp_dir().join(format!("cc-cfg3-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("c.toml");
-        std::fs::write(&file, "history_size = 7\nhistory_ttl_secs = 9\n").unwrap();
-        let cfg = Config::load(["corecast", "--config", file.to_str().unwrap()]).unwrap();
+        let dir = TempDir::new("cfg3");
+        let file = dir.file("c.toml", "history_size = 7\nhistory_ttl_secs = 9\n");
+        let cfg = Config::load(["corecast", "--config", &file]).unwrap();
         assert_eq!(cfg.history, Some(HistorySettings { size: 7, ttl: Duration::from_secs(9) }));
         assert!(Config::load(["corecast", "--history-size", "1", "--history-ttl-secs", "0"]).is_err());
     }
 
     #[test]
     fn compression_is_off_by_default_and_reads_flag_and_file() {
+        clean_env();
         let cfg = Config::load(["corecast"]).unwrap();
         assert!(!cfg.compression);
         assert_eq!(cfg.compression_min_bytes, 256);
         let cfg = Config::load(["corecast", "--compression", "on", "--compression-min-bytes", "64"]).unwrap();
         assert!(cfg.compression);
         assert_eq!(cfg.compression_min_bytes, 64);
-        let dir = std::env::temp_dir().join(format!("cc-cfg4-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("c.toml");
-        std::fs::write(&file, "compression = \"on\"\n").unwrap();
-        assert!(Config::load(["corecast", "--config", file.to_str().unwrap()]).unwrap().compression);
-        let cfg = Config::load(["corecast", "--config", file.to_str().unwrap(), "--compression", "off"]).unwrap();
+        let dir = TempDir::new("cfg4");
+        let file = dir.file("c.toml", "compression = \"on\"\n");
+        assert!(Config::load(["corecast", "--config", &file]).unwrap().compression);
+        let cfg = Config::load(["corecast", "--config", &file, "--compression", "off"]).unwrap();
         assert!(!cfg.compression, "the flag beats the file");
     }
 
@@ -553,11 +591,10 @@ mod tests {
 
     #[test]
     fn unknown_file_key_is_an_error() {
-        let dir = std::env::temp_dir().join(format!("cc-cfg2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("c.toml");
-        std::fs::write(&file, "no_such_option = 1\n").unwrap();
-        let err = Config::load(["corecast", "--config", file.to_str().unwrap()]).unwrap_err();
+        clean_env();
+        let dir = TempDir::new("cfg2");
+        let file = dir.file("c.toml", "no_such_option = 1\n");
+        let err = Config::load(["corecast", "--config", &file]).unwrap_err();
         assert!(format!("{err:#}").contains("no_such_option"), "{err:#}");
     }
 }

@@ -30,14 +30,8 @@ fn token_for(sub: &str) -> String {
 
 /// The status of a WebSocket upgrade request to `path` with extra headers.
 fn upgrade_status(s: &Server, path: &str, headers: &[(&str, &str)]) -> u16 {
-    let mut h = vec![
-        ("Upgrade", "websocket"),
-        ("Connection", "Upgrade"),
-        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-        ("Sec-WebSocket-Version", "13"),
-    ];
-    h.extend_from_slice(headers);
-    s.http("GET", path, &h, b"").0
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    common::upgrade_status(s.addr, path, &extra).0
 }
 
 /// Connects with extra request headers; panics unless the answer is 101.
@@ -48,7 +42,9 @@ fn connect_with(url: &str, headers: &[(&str, &str)]) -> Client {
     }
     let (ws, resp) = tungstenite::connect(req).unwrap_or_else(|e| panic!("connect {url}: {e}"));
     assert_eq!(resp.status().as_u16(), 101);
-    Client { ws }
+    let mut c = Client { ws };
+    c.set_timeout(DEADLINE);
+    c
 }
 
 #[test]
@@ -84,6 +80,10 @@ fn missing_malformed_badly_signed_or_expired_tokens_get_401() {
         ("bad signature", format!("/ws?token={other_key}")),
         ("expired", format!("/ws?token={}", hs256(json!({"sub":"alice","exp":now() - 5})))),
         ("no exp", format!("/ws?token={}", hs256(json!({"sub":"alice"})))),
+        (
+            "nbf in the future",
+            format!("/ws?token={}", hs256(json!({"sub":"alice","exp":now() + 3600,"nbf":now() + 600}))),
+        ),
         ("bad sub", format!("/ws?token={}", hs256(json!({"sub":"a b","exp":now() + 60})))),
         ("bad rooms", format!("/ws?token={}", hs256(json!({"sub":"a","exp":now() + 60,"rooms":"lobby"})))),
     ];
@@ -94,8 +94,16 @@ fn missing_malformed_badly_signed_or_expired_tokens_get_401() {
     assert_eq!(upgrade_status(&s, "/ws", &[("Authorization", &bearer)]), 401, "bad signature in a header");
     let after = s.metric("corecast_handshakes_failed_total");
     assert_eq!(after - before, cases.len() as f64 + 1.0);
-    // And a good one still upgrades.
+    assert_eq!(
+        s.metric("corecast_handshakes_total{result=\"unauthorized\"}"),
+        cases.len() as f64 + 1.0,
+        "each counted as unauthorized"
+    );
+    // And a good one still upgrades, with an `nbf` that has passed too.
     let mut c = Client::connect(&s.ws_url(&format!("/ws?token={}", token_for("alice"))));
+    assert_eq!(c.call(json!({"op":"ping"})), json!({"ev":"pong"}));
+    let t = hs256(json!({"sub":"alice","exp":now() + 3600,"nbf":now() - 5}));
+    let mut c = Client::connect(&s.ws_url(&format!("/ws?token={t}")));
     assert_eq!(c.call(json!({"op":"ping"})), json!({"ev":"pong"}));
 }
 
@@ -118,6 +126,71 @@ fn rooms_claim_allows_exact_and_prefix_rooms_and_forbids_the_rest() {
     got.sort_by_key(|v| v.to_string());
     assert_eq!(got, [json!({"ev":"message","room":"team:7:chat","from":"carol","data":2}), json!({"ev":"ack","id":4})]);
     c.expect_silence(Duration::from_millis(100));
+    // A forbidden publish reaches nobody, not even a member of that room.
+    let mut member = Client::connect(&s.ws_url(&format!("/ws?token={}", token_for("sam"))));
+    member.subscribe("secret");
+    assert_eq!(c.call(json!({"op":"publish","room":"secret","data":"leak","id":5})), forbidden(5));
+    member.expect_silence(Duration::from_millis(300));
+    // The member does get a publish allowed to its sender: the silence above
+    // was not a room that delivers nothing.
+    let ok = hs256(json!({"sub":"trent","exp":now() + 3600,"rooms":["secret"]}));
+    let mut allowed = Client::connect(&s.ws_url(&format!("/ws?token={ok}")));
+    allowed.send_json(&json!({"op":"publish","room":"secret","data":"fine"}));
+    assert_eq!(member.recv(), json!({"ev":"message","room":"secret","from":"trent","data":"fine"}));
+    // `rooms` does not limit direct messages (docs/auth.md).
+    c.send_json(&json!({"op":"send","user":"sam","data":"dm"}));
+    assert_eq!(member.recv(), json!({"ev":"direct","from":"carol","data":"dm"}));
+}
+
+/// PROTOCOL §2: the server sets `from`; one the client puts in its op is ignored.
+#[test]
+fn a_client_supplied_from_is_ignored() {
+    let s = start_server(&["--jwt-secret", SECRET]);
+    let mut c = Client::connect(&s.ws_url(&format!("/ws?token={}", token_for("ivan"))));
+    let mut other = Client::connect(&s.ws_url(&format!("/ws?token={}", token_for("judy"))));
+    c.subscribe("lobby");
+    other.subscribe("lobby");
+    c.send_json(&json!({"op":"publish","room":"lobby","data":1,"from":"mallory","id":1}));
+    assert_eq!(other.recv(), json!({"ev":"message","room":"lobby","from":"ivan","data":1}));
+    c.send_json(&json!({"op":"send","user":"judy","data":2,"from":"mallory"}));
+    assert_eq!(other.recv(), json!({"ev":"direct","from":"ivan","data":2}));
+}
+
+/// docs/auth.md: expiry is "checked on every op" as well as by the sweep
+/// (once a second). An op sent just after `exp` is refused at once with
+/// `token_expired` (no `pong`), without waiting for the sweep: the op lands
+/// a few ms into the second of `exp`, where the sweep's tick has 1 s to fall.
+#[test]
+fn an_op_right_after_exp_is_refused_before_the_sweep() {
+    let s = start_server(&["--jwt-secret", SECRET, "--shards", "1"]);
+    let exp = now() + 2;
+    let t = hs256(json!({"sub":"kim","exp":exp}));
+    let mut c = Client::connect(&s.ws_url(&format!("/ws?token={t}")));
+    assert_eq!(c.call(json!({"op":"ping","id":"before"})), json!({"ev":"pong","id":"before"}));
+    let at = UNIX_EPOCH + Duration::from_secs(exp) + Duration::from_millis(5);
+    std::thread::sleep(at.duration_since(SystemTime::now()).unwrap_or_default());
+    let sent = std::time::Instant::now();
+    c.send_json(&json!({"op":"ping","id":"after"}));
+    let e = c.recv();
+    let took = sent.elapsed();
+    assert_eq!((e["ev"].as_str(), e["code"].as_str()), (Some("error"), Some("token_expired")), "{e}");
+    assert!(e.get("id").is_none(), "{e}");
+    assert!(took < Duration::from_millis(250), "token_expired {took:?} after the op: the sweep's, not the op's");
+    assert_eq!(c.expect_close(), Some(1008));
+}
+
+/// docs/auth.md: with auth on, `/echo` (when enabled) needs a token too.
+#[test]
+fn echo_needs_a_token_when_auth_is_on() {
+    let s = start_server(&["--jwt-secret", SECRET, "--echo"]);
+    assert_eq!(upgrade_status(&s, "/echo", &[]), 401);
+    assert_eq!(upgrade_status(&s, "/echo?token=not.a.jwt", &[]), 401);
+    let mut c = Client::connect(&s.ws_url(&format!("/echo?token={}", token_for("e"))));
+    c.ws.send(tungstenite::Message::text("hello")).unwrap();
+    match c.ws.read().unwrap() {
+        tungstenite::Message::Text(t) => assert_eq!(t.as_str(), "hello"),
+        m => panic!("expected the echo, got {m:?}"),
+    }
 }
 
 /// Generates a key pair with the openssl CLI; returns (private PEM, public key file).
@@ -313,6 +386,10 @@ fn origin_not_in_the_allowlist_gets_403_listed_or_absent_upgrades() {
     assert_eq!(s.metric("corecast_handshakes_failed_total") - before, 2.0);
     let mut c = connect_with(&s.ws_url("/ws?user=o"), &[("origin", "https://admin.example.com")]);
     assert_eq!(c.call(json!({"op":"ping","id":1})), json!({"ev":"pong","id":1}));
+    // The match is case-insensitive (docs/auth.md), both ways.
+    assert_eq!(upgrade_status(&s, "/ws?user=q", &[("Origin", "HTTPS://APP.EXAMPLE.COM")]), 101);
+    assert_eq!(upgrade_status(&s, "/ws?user=q", &[("Origin", "https://App.Example.Com")]), 101);
+    assert_eq!(upgrade_status(&s, "/ws?user=q", &[("Origin", "HTTPS://EVIL.EXAMPLE.COM")]), 403);
     // Not a browser: no Origin header at all is allowed.
     let mut c = Client::connect(&s.ws_url("/ws?user=p"));
     assert_eq!(c.call(json!({"op":"ping","id":1})), json!({"ev":"pong","id":1}));

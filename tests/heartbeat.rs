@@ -60,7 +60,10 @@ fn silent_client_is_reaped_after_two_intervals_a_reading_client_stays() {
 fn heartbeat_zero_sends_no_pings() {
     let s = start_server(&["--shards", "1", "--heartbeat-secs", "0"]);
     let mut raw = Raw::upgrade(s.addr, "/ws?user=quiet");
-    // Absence, asserted with a timeout longer than 2 intervals of 1 s would be.
+    // Absence over 2.5 s: what this proves is that 0 is not taken as a short
+    // interval (a 1 s interval would have pinged by now). It cannot tell "0 =
+    // off" from "0 = the default 25 s" without waiting 25 s; that `0` parses
+    // to `Duration::ZERO` (off) is the config unit tests' part.
     raw.s.set_read_timeout(Some(Duration::from_millis(2500))).unwrap();
     let mut b = [0u8; 16];
     let r = raw.s.read(&mut b);

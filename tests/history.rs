@@ -164,7 +164,9 @@ fn bad_since_and_read_storms_are_refused(s: &Server) {
             _ => panic!("unexpected {v}"),
         }
     }
-    assert!(limited > 0 && answered > 0, "answered {answered}, rate_limited {limited}");
+    // The burst (100) is answered whole; refills during the 300 may add a few.
+    assert!(limited > 0 && answered >= 100, "answered {answered}, rate_limited {limited}");
+    assert_eq!(answered + limited, 300);
     c.expect_silence(Duration::from_millis(200));
 }
 
@@ -354,7 +356,9 @@ fn a_message_that_never_arrived_live_is_fetched_from_the_history_in_order() {
 
 #[test]
 fn history_is_configured_from_the_environment_too() {
-    let s = common::start_server_with(&["--shards", "1"], |cmd| {
+    // On Redis, where the TTL can be read back from the keys.
+    let r = RedisServer::start();
+    let s = common::start_server_with(&["--shards", "1", "--redis", &r.url()], |cmd| {
         cmd.env("CORECAST_HISTORY_SIZE", "3").env("CORECAST_HISTORY_TTL_SECS", "60");
     });
     for i in 1..=5 {
@@ -364,4 +368,8 @@ fn history_is_configured_from_the_environment_too() {
     let v = c.call(json!({"op":"history","room":"env","id":1}));
     let got: Vec<u64> = v["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();
     assert_eq!(got, [3, 4, 5], "CORECAST_HISTORY_SIZE=3");
+    for key in ["{cc:room:env}:meta", "{cc:room:env}:log"] {
+        let ttl: i64 = r.cli(&["TTL", key]).parse().unwrap();
+        assert!((50..=60).contains(&ttl), "CORECAST_HISTORY_TTL_SECS=60: TTL {key} = {ttl}");
+    }
 }

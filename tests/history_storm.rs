@@ -128,7 +128,14 @@ fn storm(extra: &[&str]) {
     let (worst, pings) = pinger.join().unwrap();
     eprintln!("{recovered} clients recovered in {took:?}; {pings} pings, worst round trip {worst:?}");
     assert_eq!(recovered, CLIENTS);
-    assert!(s.metric("corecast_history_recovered_total") as usize >= CLIENTS);
+    assert_eq!(s.metric("corecast_history_recovered_total") as usize, CLIENTS);
+    // Exactly what it missed: nothing after 20 but the next live message
+    // (a duplicate of 11..=20, or anything else, would come first).
+    assert_eq!(api_publish(&s, room, json!("end")).offset, 21);
+    for c in keep.iter_mut().flatten() {
+        let m = text(c);
+        assert!(m.starts_with(r#"{"ev":"message""#) && m.ends_with(r#","offset":21}"#), "expected offset 21: {m}");
+    }
     assert!(pings > 0);
     assert!(worst < PING_BOUND, "a ping took {worst:?} during a storm of {took:?} (bound {PING_BOUND:?})");
 }

@@ -171,7 +171,9 @@ fn cluster_a_killed_subscriber_connection_to_one_primary_is_caught_up() {
     // once 10 publishes there and nothing after: whatever went out while
     // B's connection there was re-made comes with the catch-up.
     let (room, owner) = &rooms[0];
-    c.servers[*owner].cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let reconnects = b.metric("corecast_redis_reconnects_total");
+    let killed: u64 = c.servers[*owner].cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).parse().unwrap();
+    assert!(killed >= 1, "B's subscriber connection to the owner was killed ({killed})");
     for i in 0..10 {
         api_publish(&a, room, json!(i));
     }
@@ -180,6 +182,9 @@ fn cluster_a_killed_subscriber_connection_to_one_primary_is_caught_up() {
     assert!(other.is_empty(), "only messages: {other:?}");
     assert_eq!(offsets(&msgs), (2..=11).collect::<Vec<_>>(), "every offset once, in order");
     cl.expect_silence(Duration::from_millis(500));
+    // The kill did cut B off: its link there was re-made.
+    b.wait_until("B re-made its subscriber connection", || b.metric("corecast_redis_reconnects_total") > reconnects);
+    eprintln!("caught up from history on B: {}", b.metric("corecast_history_caught_up_total"));
     // The other primaries' rooms go on as before.
     for (room, _) in &rooms[1..] {
         api_publish(&a, room, json!("after"));

@@ -375,15 +375,31 @@ fn pipelined_http_without_reading_holds_one_response_and_the_shard_keeps_serving
     // 100k of each, never reading; the writes block once the node stops reading.
     let t = Instant::now();
     let mut sent = 0usize;
-    let mut ended = false;
+    // When a write last made progress, and when one failed (the node dropped us).
+    let mut progressed = t;
+    let mut ended = None;
     while sent < 100_000 && t.elapsed() < Duration::from_secs(20) {
         match attacker.write(&chunk) {
-            Ok(n) => sent += n / one.len(),
+            Ok(n) => {
+                sent += n / one.len();
+                progressed = Instant::now();
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
-            Err(_) => {
-                ended = true;
+            Err(e) => {
+                ended = Some((Instant::now(), e));
                 break;
             }
+        }
+    }
+    // On loopback the socket buffers may take every request (several MB)
+    // without a write failing: then poke with a few bytes (never read by the
+    // node, which is stuck flushing) until a write fails.
+    let bulk_end = Instant::now();
+    while ended.is_none() && bulk_end.elapsed() < Duration::from_secs(10) {
+        match attacker.write(b"\r\n") {
+            Ok(_) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => ended = Some((Instant::now(), e)),
         }
     }
     let served = s.metric("corecast_http_requests_total");
@@ -391,20 +407,19 @@ fn pipelined_http_without_reading_holds_one_response_and_the_shard_keeps_serving
     assert!(served < 10_000.0, "the node kept answering a client that never reads: {served} requests");
     let grown = s.rss_kib().saturating_sub(base);
     assert!(grown < RSS_SLACK_KIB, "RSS grew by {grown} KiB");
-    // The handshake timeout covers the flush of a response: the attacker is
-    // dropped once it has not read for that long.
-    if !ended {
-        attacker.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        attacker.shutdown(std::net::Shutdown::Write).ok();
-        let mut sink = vec![0u8; 1 << 20];
-        let t = Instant::now();
-        loop {
-            match attacker.read(&mut sink) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => assert!(t.elapsed() < Duration::from_secs(10), "never closed"),
-            }
-        }
-    }
+    // The handshake timeout (3 s) covers the flush of a response: the
+    // attacker is dropped (a write fails with a reset / broken pipe) once it
+    // has not read for that long. The node's flush was stuck by the time the
+    // bulk writes ended (it answered a few hundred of 100k), and a blocked
+    // write notices within its 1 s timeout: 3 + 1 s, and 1 s of slack.
+    let (at, e) = ended.unwrap_or_else(|| panic!("the attacker was never dropped ({:?} of writing)", t.elapsed()));
+    assert!(
+        matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe),
+        "the attacker's write failed with {e}"
+    );
+    let after = at.saturating_duration_since(progressed);
+    eprintln!("FIGURE pipelined: dropped {after:?} after the writes ended or stalled");
+    assert!(after <= Duration::from_secs(3 + 1 + 1), "dropped only {after:?} after the writes ended or stalled");
     let rtts = prober.finish();
     eprintln!("FIGURE pipelined: other client's round trips {rtts}");
     rtts.assert_served("pipelined requests");
@@ -568,9 +583,7 @@ fn frames_sent_with_the_upgrade_request_are_handled_at_once() {
     let _one_at_a_time = serial();
     let s = start_server(&["--shards", "1"]);
     let mut st = TcpStream::connect(s.addr).unwrap();
-    let mut bytes = b"GET /ws?user=eager HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        .to_vec();
+    let mut bytes = common::upgrade_request("/ws?user=eager", "").into_bytes();
     bytes.extend(client_frame(0x81, br#"{"op":"ping","id":7}"#, true));
     st.write_all(&bytes).unwrap();
     // Nothing more is sent: the reply must come from the bytes already there.
@@ -622,27 +635,30 @@ fn a_stalled_shard_bounds_its_inbox_and_the_other_shard_keeps_serving() {
     // `unavailable` (back-pressure) and shard 0 goes on serving.
     let data = "x".repeat(1000);
     let (mut acked, mut refused) = (0u32, 0u32);
+    // The ids of the accepted publishes, in the order they were sent.
+    let mut accepted = Vec::new();
     let t = Instant::now();
     let mut id = 0u64;
     while refused == 0 && t.elapsed() < Duration::from_secs(4) {
         for _ in 0..200 {
             id += 1;
-            publisher.send_json(&json!({"op":"publish","room":"busy","data":data,"id":id}));
+            publisher.send_json(&json!({"op":"publish","room":"busy","data":{"n":id,"pad":data},"id":id}));
         }
-        let mut ok = 0;
+        let mut batch = Vec::new();
         for _ in 0..200 {
             let r = publisher.recv();
             match r["ev"].as_str() {
-                Some("ack") => ok += 1,
+                Some("ack") => batch.push(r["id"].as_u64().expect("ack id")),
                 Some("error") if r["code"] == "unavailable" => refused += 1,
                 _ => panic!("unexpected {r}"),
             }
         }
-        acked += ok;
+        acked += batch.len() as u32;
         // Shard 0's subscriber keeps receiving while shard 1 is stuck.
-        for _ in 0..ok {
-            assert_eq!(sub0.recv()["ev"], "message");
+        for n in &batch {
+            assert_eq!(sub0.recv()["data"]["n"], json!(n));
         }
+        accepted.extend(batch);
     }
     assert!(refused > 0, "publishes were never refused ({acked} acked) while a shard was stuck");
     assert!(acked >= 8000, "back-pressure started early: {acked} acked");
@@ -655,8 +671,9 @@ fn a_stalled_shard_bounds_its_inbox_and_the_other_shard_keeps_serving() {
     );
     assert!(grown < RSS_SLACK_KIB, "RSS grew by {grown} KiB");
     // Once the shard is back it delivers everything that was accepted, in order.
-    for _ in 0..acked {
-        assert_eq!(sub1.recv()["ev"], "message");
+    for n in &accepted {
+        let m = sub1.recv();
+        assert_eq!((m["ev"].as_str(), &m["data"]["n"]), (Some("message"), &json!(n)), "in order");
     }
     sub1.expect_silence(Duration::from_millis(200));
     assert_eq!(s.metric("corecast_inbox_dropped_total"), 0.0, "nothing accepted was dropped");

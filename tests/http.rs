@@ -15,6 +15,7 @@ fn routes_answer_with_their_statuses() {
     assert_eq!(s.http_get("/nope").0, 404);
     assert_eq!(s.http_get("/echo").0, 404, "/echo is off by default");
     assert_eq!(s.http_get("/ws").0, 400, "plain GET /ws");
+    assert_eq!(s.metric("corecast_handshakes_failed_total"), 1.0, "a request to /ws refused before an upgrade");
     assert_eq!(s.http("DELETE", "/healthz", &[], b"").0, 405);
     let ws = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")];
     let mut v12 = ws.to_vec();
@@ -28,7 +29,8 @@ fn routes_answer_with_their_statuses() {
     assert_eq!(s.http("GET", "/ws?user=a%20b", &baduser, b"").0, 400);
     let m = s.metrics();
     assert!(m.contains("# TYPE corecast_connections gauge"));
-    assert!(s.metric("corecast_handshakes_failed_total") >= 3.0);
+    // The plain GET /ws, then the version, key and user refusals.
+    assert_eq!(s.metric("corecast_handshakes_failed_total"), 4.0);
 }
 
 #[test]

@@ -11,14 +11,11 @@ use common::{Client, DEADLINE, parse_response, start_server};
 use serde_json::{Value, json};
 use tungstenite::Message;
 
-const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
-    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
-
 /// Sends an upgrade request and returns the response's status (0 if none).
 fn upgrade_status(addr: SocketAddr, user: &str) -> (u16, TcpStream) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(s, "GET /ws?user={user} HTTP/1.1\r\nHost: x\r\n{UPGRADE}").unwrap();
+    s.write_all(common::upgrade_request(&format!("/ws?user={user}"), "").as_bytes()).unwrap();
     (read_status(&mut s), s)
 }
 
@@ -129,7 +126,7 @@ fn connection_storm_is_paced_by_the_accept_limit_and_all_served() {
                     (0..total / threads).map(|_| TcpStream::connect(addr).expect("connect")).collect();
                 for (i, so) in socks.iter_mut().enumerate() {
                     so.set_read_timeout(Some(DEADLINE)).unwrap();
-                    write!(so, "GET /ws?user=s{w}-{i} HTTP/1.1\r\nHost: x\r\n{UPGRADE}").unwrap();
+                    so.write_all(common::upgrade_request(&format!("/ws?user=s{w}-{i}"), "").as_bytes()).unwrap();
                 }
                 let ok = socks.iter_mut().map(read_status).filter(|&st| st == 101).count();
                 (ok, socks)
@@ -175,6 +172,6 @@ fn oversized_request_head_gets_431() {
     let mut so = TcpStream::connect(s.addr).unwrap();
     so.set_read_timeout(Some(DEADLINE)).unwrap();
     let pad = "a".repeat(20 * 1024);
-    let _ = write!(so, "GET /ws HTTP/1.1\r\nHost: x\r\nX-Pad: {pad}\r\n{UPGRADE}");
+    let _ = so.write_all(common::upgrade_request("/ws", &format!("X-Pad: {pad}\r\n")).as_bytes());
     assert_eq!(read_status(&mut so), 431);
 }

@@ -51,15 +51,9 @@ fn a_closed_stderr_does_not_take_the_node_down() {
     // stderr's reader goes away (a restarted journald, a `| head`): log
     // lines are dropped, and nothing panics.
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_corecast"))
-        .args(["--listen", "127.0.0.1:0", "--shards", "2", "--drain-secs", "1"])
-        .env("RUST_LOG", "corecast=debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn corecast");
+    let mut child = common::spawn_corecast(&["--shards", "2", "--drain-secs", "1"], |c| {
+        c.env("RUST_LOG", "corecast=debug");
+    });
     drop(child.stderr.take());
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();

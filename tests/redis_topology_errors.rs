@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::redis::{RedisServer, deadline, free_port};
@@ -18,15 +18,11 @@ fn fails_with_one_line(url: &str) -> String {
 }
 
 fn fails_with_one_line_and(url: &str, extra: &[&str]) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_corecast"))
-        .args(["--listen", "127.0.0.1:0", "--shards", "1", "--redis", url])
-        .args(extra)
-        .env("RUST_BACKTRACE", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn corecast");
+    let mut args = vec!["--shards", "1", "--redis", url];
+    args.extend_from_slice(extra);
+    let mut child = common::spawn_corecast(&args, |c| {
+        c.env("RUST_BACKTRACE", "1").stdout(Stdio::null());
+    });
     let end = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(st) = child.try_wait().expect("try_wait") {

@@ -24,10 +24,7 @@ fn ten_thousand_connections_at_once_are_all_upgraded() {
                 let mut socks = Vec::with_capacity(STORM / THREADS);
                 for i in 0..STORM / THREADS {
                     let mut c = TcpStream::connect(addr).expect("connect");
-                    let req = format!(
-                        "GET /ws?user=s{t}-{i} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                    );
+                    let req = common::upgrade_request(&format!("/ws?user=s{t}-{i}"), "");
                     c.write_all(req.as_bytes()).expect("send handshake");
                     socks.push(c);
                 }

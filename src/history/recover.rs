@@ -423,9 +423,10 @@ impl ShardHistory {
     /// Feeds `f` as far as the member's queue allows now; the rest in a
     /// task (`feed`).
     fn start_feed(self: &Rc<Self>, shard: &Rc<Shard>, mut f: Feed) -> Result<(), Unavailable> {
-        if !matches!(self.pump(shard, &mut f), Pump::Done | Pump::Gone) {
+        let next = self.pump(shard, &mut f);
+        if !matches!(next, Pump::Done | Pump::Gone) {
             shard.m().history_feeds_total.inc();
-            monoio::spawn(feed(self.clone(), shard.clone(), f));
+            monoio::spawn(feed(self.clone(), shard.clone(), f, next));
         }
         Ok(())
     }
@@ -749,12 +750,14 @@ impl ShardHistory {
     }
 }
 
-/// The feeder task of one member (see the module doc and `Pump`).
-async fn feed(h: Rc<ShardHistory>, shard: Rc<Shard>, mut f: Feed) {
+/// The feeder task of one member (see the module doc and `Pump`), from
+/// what the first `pump` said to do (`next`: a pump's verdict is acted on,
+/// never dropped: a `Read` took the live list's `dropped` mark with it).
+async fn feed(h: Rc<ShardHistory>, shard: Rc<Shard>, mut f: Feed, mut next: Pump) {
     // Since when the member's queue has not gone down, and from what.
     let mut stuck: Option<(Instant, usize)> = None;
     loop {
-        match h.pump(&shard, &mut f) {
+        match std::mem::replace(&mut next, Pump::Gone) {
             Pump::Done | Pump::Gone => return,
             Pump::Yield => {
                 stuck = None;
@@ -822,6 +825,7 @@ async fn feed(h: Rc<ShardHistory>, shard: Rc<Shard>, mut f: Feed) {
                 }
             }
         }
+        next = h.pump(&shard, &mut f);
     }
 }
 

@@ -395,7 +395,7 @@ impl Shard {
         until(&self.drain_waker, || self.draining.get()).await;
         let all_gone = async {
             until(&self.drain_waker, || self.m().connections.get() == 0).await;
-            while self.metrics.node_connections.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            while self.metrics.total(|m| &m.connections) > 0 {
                 monoio::time::sleep(NODE_DRAIN_POLL).await;
             }
         };

@@ -1,7 +1,7 @@
 //! For the history tests (`tests/history*.rs`, PROTOCOL.md §7): publishing
 //! with positions, subscribing with `since`, and a `Tracker` that follows one
-//! logical client across reconnects and counts every missing or duplicated
-//! offset.
+//! logical client across reconnects, counts every missing or duplicated
+//! offset and records every delivery out of order.
 
 #![allow(dead_code)]
 
@@ -79,19 +79,41 @@ pub fn offsets(msgs: &[Value]) -> Vec<u64> {
 }
 
 /// One logical client's view of one room over several connections: every
-/// offset it was delivered (per epoch) and how often.
+/// offset it was delivered (per epoch) and how often, and the order they
+/// arrived in, per connection.
 #[derive(Default, Debug)]
 pub struct Tracker {
+    /// How often each offset was delivered (sorted by offset, not by arrival).
     pub seen: BTreeMap<u64, u32>,
+    /// Every delivered offset in arrival order, with the connection (1, 2, ..)
+    /// it arrived on.
+    pub arrivals: Vec<(u32, u64)>,
+    /// Each delivery that broke the order: within a connection an offset must
+    /// be the previous one + 1 (unless a `gap` came between), and the first
+    /// one on a new connection must be above everything delivered before.
+    pub out_of_order: Vec<String>,
     pub epoch: Option<String>,
     pub last: Option<Pos>,
     /// The position its first subscription started after.
     pub start: Option<u64>,
     pub gaps: u32,
     pub unrecovered: u32,
+    /// The connection messages are being taken from now (0 before `connected`).
+    conn: u32,
+    /// The last offset taken on this connection, if any (reset by a `gap`).
+    conn_last: Option<u64>,
+    /// The highest offset known before this connection began (its `since`).
+    before_conn: Option<u64>,
 }
 
 impl Tracker {
+    /// A new connection begins: order restarts from what was delivered so far.
+    pub fn connected(&mut self) {
+        self.conn += 1;
+        self.conn_last = None;
+        self.before_conn = self.last.as_ref().map(|p| p.offset);
+    }
+
     /// Takes one event; returns false for anything but a message or gap.
     pub fn take(&mut self, v: &Value) -> bool {
         match v["ev"].as_str() {
@@ -103,12 +125,28 @@ impl Tracker {
                     assert_eq!(e, &p.epoch, "the epoch changed mid-test: {v}");
                 }
                 self.epoch = Some(p.epoch.clone());
-                *self.seen.entry(p.offset).or_default() += 1;
+                let o = p.offset;
+                match self.conn_last {
+                    Some(prev) if o != prev + 1 => {
+                        self.out_of_order.push(format!("connection {}: offset {o} after {prev}", self.conn))
+                    }
+                    None if self.before_conn.is_some_and(|b| o <= b) => self.out_of_order.push(format!(
+                        "connection {}: first offset {o} not above {:?}, delivered before",
+                        self.conn, self.before_conn
+                    )),
+                    _ => {}
+                }
+                self.conn_last = Some(o);
+                self.arrivals.push((self.conn, o));
+                *self.seen.entry(o).or_default() += 1;
                 self.last = Some(p);
                 true
             }
             Some("gap") => {
                 self.gaps += 1;
+                // Offsets jump after a gap; order restarts above the last one.
+                self.before_conn = self.last.as_ref().map(|p| p.offset);
+                self.conn_last = None;
                 true
             }
             _ => false,
@@ -122,10 +160,21 @@ impl Tracker {
             self.start = Some(p.offset);
             self.epoch = Some(p.epoch.clone());
             self.last = Some(p);
+            self.before_conn = self.start;
         }
         if v.get("recovered") == Some(&json!(false)) {
             self.unrecovered += 1;
         }
+    }
+
+    /// Panics, naming the first few, if any delivery broke the order.
+    pub fn assert_in_order(&self) {
+        assert!(
+            self.out_of_order.is_empty(),
+            "{} deliveries out of order, first: {:?}",
+            self.out_of_order.len(),
+            &self.out_of_order[..self.out_of_order.len().min(5)]
+        );
     }
 
     /// Missing plus duplicated offsets in start+1 ..= upto.
@@ -175,6 +224,7 @@ pub fn roam(
             continue;
         };
         r.connects += 1;
+        r.tracker.connected();
         let mut op = json!({"op": "subscribe", "room": room, "id": "s"});
         if let Some(p) = &r.tracker.last {
             op["since"] = p.since();

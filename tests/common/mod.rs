@@ -44,8 +44,10 @@ pub fn test_driver() -> Option<String> {
     std::env::var("CORECAST_TEST_DRIVER").ok().filter(|d| !d.is_empty())
 }
 
-/// Like `start_server`, with a hook to adjust the command (env, rlimits).
-pub fn start_server_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Server {
+/// `corecast --listen 127.0.0.1:0 ARGS`, on `CORECAST_TEST_DRIVER`'s driver
+/// unless ARGS name one, logging at `CORECAST_TEST_LOG` (default info), with
+/// stdout and stderr piped and no stdin.
+pub fn corecast_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_corecast"));
     cmd.arg("--listen").arg("127.0.0.1:0").args(args);
     if let Some(d) = test_driver()
@@ -55,6 +57,42 @@ pub fn start_server_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Se
     }
     cmd.env("RUST_LOG", std::env::var("CORECAST_TEST_LOG").unwrap_or_else(|_| "info".into()));
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    cmd
+}
+
+/// A corecast process a test drives itself (its raw output, a start-up that
+/// must fail): `corecast_command(args)` adjusted by `adjust`, killed on drop.
+pub struct Spawned(pub Child);
+
+pub fn spawn_corecast(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Spawned {
+    let mut cmd = corecast_command(args);
+    adjust(&mut cmd);
+    Spawned(cmd.spawn().expect("spawn corecast"))
+}
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Like `start_server`, with a hook to adjust the command (env, rlimits).
+pub fn start_server_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Server {
+    let mut cmd = corecast_command(args);
     adjust(&mut cmd);
     let mut child = cmd.spawn().expect("spawn corecast");
     let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
@@ -241,10 +279,14 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects; every read has a timeout (`DEADLINE` until a call sets
+    /// another), so a node that never answers fails the test, not hangs it.
     pub fn connect(url: &str) -> Client {
         let (ws, resp) = tungstenite::connect(url).unwrap_or_else(|e| panic!("connect {url}: {e}"));
         assert_eq!(resp.status().as_u16(), 101);
-        Client { ws }
+        let mut c = Client { ws };
+        c.set_timeout(DEADLINE);
+        c
     }
 
     pub fn local_port(&self) -> u16 {
@@ -254,7 +296,7 @@ impl Client {
         }
     }
 
-    fn set_timeout(&mut self, t: Duration) {
+    pub fn set_timeout(&mut self, t: Duration) {
         if let MaybeTlsStream::Plain(s) = self.ws.get_mut() {
             s.set_read_timeout(Some(t)).unwrap();
         }
@@ -332,6 +374,28 @@ impl Client {
     }
 }
 
+/// The raw WebSocket upgrade request for `path` (the RFC 6455 sample key),
+/// with `extra` header lines (each ending in CRLF) before the blank line.
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// Sends an upgrade request for `path` (with `extra` header lines) on a new
+/// connection; returns the response's status and head (a 101 is left open
+/// and dropped; a refusal's body is not read).
+pub fn upgrade_status(addr: SocketAddr, path: &str, extra: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(upgrade_request(path, extra).as_bytes()).unwrap();
+    let mut r = Raw { s, buf: Vec::new() };
+    let head = String::from_utf8_lossy(&r.read_until(b"\r\n\r\n")).into_owned();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, head)
+}
+
 /// A raw TCP connection for sending bytes tungstenite would refuse to send.
 pub struct Raw {
     pub s: TcpStream,
@@ -349,12 +413,7 @@ impl Raw {
     pub fn upgrade_with(addr: SocketAddr, path: &str, extra: &str) -> (Raw, String) {
         let mut s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(DEADLINE)).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-        )
-        .unwrap();
+        s.write_all(upgrade_request(path, extra).as_bytes()).unwrap();
         let mut r = Raw { s, buf: Vec::new() };
         let head = String::from_utf8_lossy(&r.read_until(b"\r\n\r\n")).into_owned();
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
@@ -364,12 +423,7 @@ impl Raw {
     /// Completes a WebSocket handshake on `path` over a connected socket.
     pub fn upgrade_on(mut s: TcpStream, path: &str) -> Raw {
         s.set_read_timeout(Some(DEADLINE)).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .unwrap();
+        s.write_all(upgrade_request(path, "").as_bytes()).unwrap();
         let mut r = Raw { s, buf: Vec::new() };
         let head = r.read_until(b"\r\n\r\n");
         assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));

@@ -214,21 +214,17 @@ pub fn node(redis_url: &str, shards: usize) -> Server {
 /// password): started without waiting for `/readyz`, stderr kept in a file.
 pub struct UnreadyNode {
     pub addr: SocketAddr,
-    pub child: Child,
+    pub child: super::Spawned,
     pub log: PathBuf,
 }
 
 impl UnreadyNode {
     pub fn start(args: &[&str]) -> UnreadyNode {
         let log = std::env::temp_dir().join(format!("corecast-test-{}-{}.log", std::process::id(), free_port()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_corecast"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("create log file"))
-            .spawn()
-            .expect("spawn corecast");
+        let file = std::fs::File::create(&log).expect("create log file");
+        let mut child = super::spawn_corecast(args, |c| {
+            c.stderr(file);
+        });
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line).expect("read stdout");
         let addr = line
@@ -242,14 +238,7 @@ impl UnreadyNode {
 
     /// `GET path` → (status, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
-        let mut text = String::new();
-        s.read_to_string(&mut text).expect("read");
-        let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        (status, body)
+        super::http_at(self.addr, "GET", path, &[], b"")
     }
 
     pub fn logs(&self) -> String {
@@ -259,9 +248,103 @@ impl UnreadyNode {
 
 impl Drop for UnreadyNode {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+// ---- a raw RESP connection ------------------------------------------------------
+
+/// A RESP2 value as Redis sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Vec<Resp>),
+}
+
+impl Resp {
+    /// The text of a simple string, error or bulk string (lossy).
+    pub fn text(&self) -> String {
+        match self {
+            Resp::Simple(s) | Resp::Error(s) => s.clone(),
+            Resp::Bulk(Some(b)) => String::from_utf8_lossy(b).into_owned(),
+            Resp::Int(n) => n.to_string(),
+            other => panic!("not text: {other:?}"),
+        }
+    }
+}
+
+/// One connection to Redis of the test's own, speaking RESP2 directly: the
+/// exact bytes of what Redis delivers (a subscriber), or commands that must
+/// get through when no new connection would (`CONFIG SET maxclients 1`).
+pub struct RespConn(BufReader<TcpStream>);
+
+impl RespConn {
+    pub fn open(port: u16) -> RespConn {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        RespConn(BufReader::new(s))
+    }
+
+    pub fn send(&mut self, args: &[&[u8]]) {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        self.0.get_mut().write_all(&out).expect("write to redis");
+    }
+
+    /// Sends one command and reads its reply.
+    pub fn cmd(&mut self, args: &[&str]) -> Resp {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.send(&args);
+        self.read()
+    }
+
+    /// Reads one value (panics on a timeout).
+    pub fn read(&mut self) -> Resp {
+        let mut line = String::new();
+        let n = self.0.read_line(&mut line).expect("read from redis");
+        assert!(n > 0, "redis closed the connection");
+        let (kind, rest) = line.trim_end().split_at(1);
+        match kind {
+            "+" => Resp::Simple(rest.to_string()),
+            "-" => Resp::Error(rest.to_string()),
+            ":" => Resp::Int(rest.parse().expect("an integer")),
+            "$" => {
+                let len: i64 = rest.parse().expect("a length");
+                if len < 0 {
+                    return Resp::Bulk(None);
+                }
+                let mut b = vec![0; len as usize + 2];
+                self.0.read_exact(&mut b).expect("a bulk string");
+                b.truncate(len as usize);
+                Resp::Bulk(Some(b))
+            }
+            "*" => {
+                let len: i64 = rest.parse().expect("a length");
+                Resp::Array((0..len.max(0)).map(|_| self.read()).collect())
+            }
+            _ => panic!("not RESP2: {line:?}"),
+        }
+    }
+
+    /// Reads until a Pub/Sub `message` (or `smessage`) arrives; returns its
+    /// channel and payload bytes, as Redis delivered them.
+    pub fn next_message(&mut self) -> (String, Vec<u8>) {
+        loop {
+            if let Resp::Array(v) = self.read()
+                && v.len() == 3
+                && matches!(v[0].text().as_str(), "message" | "smessage")
+                && let Resp::Bulk(Some(payload)) = &v[2]
+            {
+                return (v[1].text(), payload.clone());
+            }
+        }
     }
 }
 

@@ -481,6 +481,8 @@ impl Drop for Monitor {
 
 /// A subscriber client read by a thread of its own: every event it gets,
 /// with the time it came, until dropped.
+/// The thread's panic (e.g. the node closed the subscriber) fails the test
+/// at the next `poll`, with its message, not as a later timeout elsewhere.
 pub struct Collector {
     rx: std::sync::mpsc::Receiver<(serde_json::Value, Instant)>,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -506,10 +508,17 @@ impl Collector {
         Collector { rx, stop, thread: Some(thread), got: Vec::new() }
     }
 
-    /// Takes what has arrived.
+    /// Takes what has arrived; panics if the reading thread did.
     pub fn poll(&mut self) {
         while let Ok(e) = self.rx.try_recv() {
             self.got.push(e);
+        }
+        if self.thread.as_ref().is_some_and(|t| t.is_finished())
+            && let Some(t) = self.thread.take()
+            && let Err(e) = t.join()
+        {
+            let why = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
+            panic!("the collector's reader failed: {}", why.unwrap_or_default());
         }
     }
 
@@ -534,8 +543,11 @@ impl Collector {
 impl Drop for Collector {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+            && !std::thread::panicking()
+        {
+            panic!("the collector's reader failed (see its panic above)");
         }
     }
 }
