@@ -174,6 +174,17 @@ impl ShardIo {
         self.yielder.yield_now().await
     }
 
+    /// The liveness tick: stamps this shard's `metrics::Liveness` every
+    /// `LIVENESS_TICK` from a timer on the shard's own runtime, so the stamp
+    /// ages exactly when the runtime stops turning. `/healthz`, answered by
+    /// any shard, checks every shard's stamp.
+    pub async fn run_liveness(self: Rc<Self>) {
+        loop {
+            self.metrics.liveness.beat(self.id);
+            monoio::time::sleep(crate::metrics::LIVENESS_TICK).await;
+        }
+    }
+
     /// The yield task (`rt::Yielder::run`).
     pub async fn run_yields(self: Rc<Self>) {
         self.yielder.run().await
