@@ -478,9 +478,11 @@ const REDIS_DEGRADED: (&str, &str) = (
     "1 while a Redis link of some shard is down or a cluster slot has no primary (with --redis); /readyz stays 200 for --ready-grace-secs of it.",
 );
 const SHARD_STALL: (&str, &str) = (
-    "corecast_shard_liveness_age_seconds",
-    "Time since the shard's thread last stamped its liveness tick (every 0.25 s); /healthz fails past 2 s.",
+    "corecast_stalled_shards",
+    "Shards whose liveness tick (stamped every 0.25 s on the shard's own runtime) is older than 2 s: /healthz fails while it is above 0.",
 );
+/// A shard whose liveness stamp is older than this is stalled (`/healthz`).
+pub const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 const REDIS_NODE_LINKS: (&str, &str) = (
     "corecast_redis_node_links_up",
     "Shards whose subscriber / publisher link to this Redis primary is up (with --redis; 0 while it is unreachable).",
@@ -502,7 +504,7 @@ static DESCS: LazyLock<Vec<Desc>> = LazyLock::new(|| {
     v.push(desc(FDS.0, FDS.1, &[]));
     v.push(desc(REDIS_NODE_LINKS.0, REDIS_NODE_LINKS.1, &["node", "link"]));
     v.push(desc(REDIS_DEGRADED.0, REDIS_DEGRADED.1, &[]));
-    v.push(desc(SHARD_STALL.0, SHARD_STALL.1, &["shard"]));
+    v.push(desc(SHARD_STALL.0, SHARD_STALL.1, &[]));
     v
 });
 
@@ -658,12 +660,8 @@ impl Collector for Exposition {
                 vec![sample(MetricType::GAUGE, vec![], v)],
             ));
         }
-        let ages = self.metrics.liveness.ages();
-        let mut series =
-            vec![sample(MetricType::GAUGE, vec![], ages.iter().max().copied().unwrap_or_default().as_secs_f64())];
-        for (i, a) in ages.iter().enumerate() {
-            series.push(sample(MetricType::GAUGE, vec![shard_label(i)], a.as_secs_f64()));
-        }
+        let stalled = self.metrics.liveness.stalled(STALL_LIMIT).len() as f64;
+        let series = vec![sample(MetricType::GAUGE, vec![], stalled)];
         out.push(family(SHARD_STALL.0, SHARD_STALL.1, MetricType::GAUGE, series));
         let nodes = self.metrics.redis_nodes.snapshot();
         if !nodes.is_empty() {

@@ -16,17 +16,14 @@ use crate::protocol::{Position, Target, Unavailable, event, is_valid_name};
 use crate::services::Services;
 use crate::shard::Shard;
 
-/// A shard whose liveness stamp is older than this fails `/healthz`.
-pub const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// `GET /healthz`: 200 while every shard's runtime is turning; 503 naming
 /// each shard whose liveness tick (`metrics::Liveness`) is older than
-/// `STALL_LIMIT`, whichever shard answers.
+/// `metrics::STALL_LIMIT`, whichever shard answers.
 pub fn healthz(shard: &Rc<Shard>) -> Reply {
     // The answering shard is turning: its own stamp may lag the timer by a
     // tick (say, right after a stall), so it stamps now.
     shard.metrics.liveness.beat(shard.id);
-    let stalled = shard.metrics.liveness.stalled(STALL_LIMIT);
+    let stalled = shard.metrics.liveness.stalled(metrics::STALL_LIMIT);
     if stalled.is_empty() {
         return Reply::text(200, "ok\n");
     }
