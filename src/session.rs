@@ -175,9 +175,17 @@ pub async fn run_poller(svc: Rc<Services>) {
     .await
 }
 
-/// Where a client's messages go: the ops, which act on the shard.
+/// Where a client's messages go: the ops, which act on the shard. With
+/// `--debug-hooks` (test-only), the text message `debug:panic` panics here,
+/// inside the poller's read of that connection.
 fn on_message(svc: &Rc<Services>) -> impl FnMut(&Rc<Conn>, bool, &mut [u8]) + '_ {
-    move |conn, text, payload| ops::handle(svc, conn, text, payload)
+    let debug = svc.shard().cfg.debug_hooks;
+    move |conn, text, payload| {
+        if debug && text && payload == b"debug:panic" {
+            panic!("debug hook: panic in a WebSocket read");
+        }
+        ops::handle(svc, conn, text, payload)
+    }
 }
 
 /// The connection's frame loop (or HTTP exchange) is over: closes it and

@@ -224,6 +224,8 @@ fn http_phase_sockets_past_the_cap_are_closed_at_accept() {
     let admin = s.admin.unwrap();
     let m = |series: &str| metric_in(&http_at(admin, "GET", "/metrics", &[], b"").1, series).unwrap();
     let half = |s: &mut TcpStream| s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").unwrap();
+    // The start-up probe's socket counts until it is closed.
+    s.wait_until("no HTTP-phase socket", || m("corecast_http_sockets") == 0.0);
     let mut held: Vec<TcpStream> = (0..N).map(|_| TcpStream::connect(s.addr).unwrap()).collect();
     held.iter_mut().for_each(half);
     s.wait_until("8 HTTP-phase sockets", || m("corecast_http_sockets") == N as f64);
@@ -283,6 +285,33 @@ fn a_panic_in_one_connections_task_costs_that_connection_only() {
     assert!(s.child.id() > 0);
 }
 
+#[test]
+fn a_panic_in_one_websockets_read_closes_that_websocket_only() {
+    let s = start_server(&["--shards", "1", "--debug-hooks"]);
+    let mut a = Client::connect(&s.ws_url("/ws?user=a"));
+    let mut b = Client::connect(&s.ws_url("/ws?user=b"));
+    a.subscribe("r");
+    b.subscribe("r");
+    let fds = s.open_fds();
+    let mut p = Client::connect(&s.ws_url("/ws?user=p"));
+    p.subscribe("r");
+    p.send_text("debug:panic");
+    assert_eq!(p.expect_close(), Some(1011), "the panicking WebSocket is closed with 1011");
+    s.wait_until("it left the tables", || s.metric("corecast_connections") == 2.0);
+    a.send_json(&json!({"op": "publish", "room": "r", "data": "after"}));
+    for c in [&mut a, &mut b] {
+        let v = c.recv();
+        assert_eq!((v["ev"].as_str(), v["data"].as_str()), (Some("message"), Some("after")), "{v}");
+    }
+    assert_eq!(s.http_get("/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(s.metric("corecast_panics_total"), 1.0);
+    drop(p);
+    s.wait_until("descriptors back", || s.open_fds() <= fds);
+    // The shard still reads and answers its other WebSockets.
+    assert_eq!(a.call(json!({"op": "subscribe", "room": "r2", "id": 1}))["ev"], "subscribed");
+    assert!(s.logs().contains("phase=\"websocket\"") || s.logs().contains("phase=websocket"), "{}", s.logs());
+}
+
 fn exits_promptly_on(place: &str) {
     let mut s = start_server(&["--shards", "2", "--debug-hooks"]);
     let _c = Client::connect(&s.ws_url("/ws?user=a"));
@@ -321,6 +350,7 @@ fn a_flood_of_one_warning_logs_a_bounded_number_of_lines() {
     ]);
     let admin = s.admin.unwrap();
     let m = |series: &str| metric_in(&http_at(admin, "GET", "/metrics", &[], b"").1, series).unwrap();
+    s.wait_until("no HTTP-phase socket", || m("corecast_http_sockets") == 0.0);
     let mut hold = TcpStream::connect(s.addr).unwrap();
     hold.write_all(b"GET / HTTP/1.1\r\n").unwrap();
     s.wait_until("one HTTP-phase socket", || m("corecast_http_sockets") == 1.0);
