@@ -274,12 +274,13 @@ pub fn install_panic_policy(flush: impl Fn() + Send + Sync + 'static) {
         }
         let thread = std::thread::current();
         let name = thread.name().unwrap_or("unnamed");
-        error!(thread = name, panic = %info, "panic outside a connection's task: exiting");
+        let text = info.to_string().replace('\n', " ");
+        error!(thread = name, panic = %text, "panic outside a connection's task: exiting");
         flush();
         // Also straight to stderr, in case the log writer is gone; a closed
         // stderr is ignored.
         use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), "corecast: fatal: thread '{name}' {info}; exiting");
+        let _ = writeln!(std::io::stderr(), "corecast: fatal: thread '{name}' {text}; exiting");
         std::process::exit(70);
     }));
 }

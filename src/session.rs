@@ -47,13 +47,15 @@ thread_local! {
 /// Is this thread running one connection's step right now? (The panic
 /// hook asks: such a panic is caught, logged and survived.)
 pub fn in_connection_step() -> bool {
-    IN_CONNECTION.with(Cell::get)
+    // `try_with`: the hook may run while this thread's locals are torn down.
+    IN_CONNECTION.try_with(Cell::get).unwrap_or(false)
 }
 
 /// The panic hook's description (message and place) of a panic in a
 /// connection's step, picked up where it is caught.
 pub fn note_connection_panic(text: String) {
-    LAST_PANIC.with(|p| *p.borrow_mut() = Some(text));
+    // One log line: the place and the message on one line.
+    let _ = LAST_PANIC.try_with(|p| *p.borrow_mut() = Some(text.replace('\n', " ")));
 }
 
 /// Runs `f` as one connection's step: `Err` if it panicked.

@@ -85,6 +85,8 @@ impl ShardIo {
         // gauge without a pointer in every connection.
         let leaked: &'static Arc<Metrics> = Box::leak(Box::new(metrics.clone()));
         SOCKETS.with(|g| g.set(Some(&leaked.shard(id).sockets)));
+        // Alive from the start, before the liveness timer's first turn.
+        metrics.liveness.beat(id);
         Ok(ShardIo {
             id,
             cfg,
