@@ -78,6 +78,8 @@ pub fn client_js() -> Reply {
 
 pub fn metrics(svc: &Rc<Services>) -> Reply {
     let shard = svc.shard();
+    // As in `healthz`: the answering shard is turning.
+    shard.metrics.liveness.beat(shard.id);
     let node = NodeInfo {
         shards: shard.peers().len(),
         draining: shard.is_draining(),

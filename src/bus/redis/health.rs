@@ -71,7 +71,7 @@ impl Health {
     }
 
     /// Looks at every link and the topology, and moves the start of the
-    /// degradation with them. Called on every link change, by each shard's
+    /// degradation with them. Called on every link change, by shard 0's
     /// liveness timer (so a topology problem is timed from when it shows,
     /// give or take a tick) and by `/readyz` and `/metrics`. Returns what is
     /// down, if anything.
