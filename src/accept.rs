@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 
 use crate::conn;
 use crate::services::Services;
+use crate::session::HttpPhase;
 
 /// Pending connections the kernel queues per shard. The kernel caps it at
 /// net.core.somaxconn, so the host's setting decides (tuning.md).
@@ -66,6 +67,12 @@ pub async fn run(svc: Rc<Services>, listener: TcpListener, kind: conn::Listener)
     let mut refused_since_log = 0u64;
     let mut last_log: Option<Instant> = None;
     let mut pace = AcceptPace::new(shard.cfg.max_accepts_per_sec);
+    // The shard's counters for the HTTP-phase guard, which outlives this
+    // borrow: one `Arc` leaked per accept loop (as `ShardIo::new` does).
+    let http_sockets: &'static crate::metrics::ShardMetrics = {
+        let leaked: &'static std::sync::Arc<crate::metrics::Metrics> = Box::leak(Box::new(shard.metrics.clone()));
+        leaked.shard(shard.id)
+    };
     loop {
         if let Some(wait) = pace.wait() {
             // Over --max-accepts-per-sec: the rest wait in the kernel backlog.
@@ -75,9 +82,28 @@ pub async fn run(svc: Rc<Services>, listener: TcpListener, kind: conn::Listener)
         match listener.accept().await {
             Ok((stream, _peer)) => {
                 pace.took();
+                // `--max-handshakes-per-shard`: a client socket still in its
+                // HTTP phase holds a descriptor and up to a 16 KiB head;
+                // past the cap a new one is closed at once (reset), before
+                // it costs anything more. The admin listener is not capped.
+                let phase = if kind == conn::Listener::Client {
+                    if http_sockets.http_sockets.get() >= shard.cfg.max_handshakes_per_shard as u64 {
+                        http_sockets.http_sockets_refused_total.inc();
+                        reset(stream);
+                        crate::warn_throttled!(
+                            shard = shard.id,
+                            max = shard.cfg.max_handshakes_per_shard,
+                            "too many sockets in the HTTP phase (--max-handshakes-per-shard): refusing new connections"
+                        );
+                        continue;
+                    }
+                    Some(HttpPhase::enter(http_sockets))
+                } else {
+                    None
+                };
                 // We coalesce frames ourselves; Nagle would only add delay.
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(crate::session::run(svc.clone(), stream, kind));
+                monoio::spawn(crate::session::run(svc.clone(), stream, kind, phase));
             }
             Err(e) if is_fd_limit(&e) => {
                 shard.m().accept_refused_total.inc();
@@ -99,7 +125,13 @@ pub async fn run(svc: Rc<Services>, listener: TcpListener, kind: conn::Listener)
             }
             Err(e) => {
                 shard.m().accept_errors_total.inc();
-                debug!(shard = shard.id, "accept: {e}");
+                if matches!(e.raw_os_error(), Some(libc::ENOMEM) | Some(libc::ENOBUFS)) {
+                    // The kernel is short of memory for sockets: the
+                    // operator needs to know (review 3, L13).
+                    crate::warn_throttled!(shard = shard.id, error = %e, "accept failed: out of kernel memory");
+                } else {
+                    debug!(shard = shard.id, "accept: {e}");
+                }
                 monoio::time::sleep(Duration::from_millis(1)).await;
             }
         }
@@ -143,6 +175,16 @@ impl AcceptPace {
             self.tokens -= 1.0;
         }
     }
+}
+
+/// Closes an accepted connection with a reset (linger 0): the client sees a
+/// refusal at once, and the descriptor is free now.
+fn reset(stream: monoio::net::TcpStream) {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: the stream gives up its descriptor, nothing waits on it yet,
+    // and `Socket` owns and closes it.
+    let sock = unsafe { Socket::from_raw_fd(stream.into_raw_fd()) };
+    let _ = sock.set_linger(Some(Duration::ZERO));
 }
 
 /// Accepts one waiting connection without blocking and resets it.

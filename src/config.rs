@@ -162,6 +162,16 @@ pub struct Options {
     #[arg(long, env = "CORECAST_MAX_ACCEPTS_PER_SEC")]
     pub max_accepts_per_sec: Option<u32>,
 
+    /// HTTP-phase sockets (accepted, not yet upgraded) each shard holds;
+    /// beyond it new connections are closed at accept. [default: 1024]
+    #[arg(long, env = "CORECAST_MAX_HANDSHAKES_PER_SHARD")]
+    pub max_handshakes_per_shard: Option<usize>,
+
+    /// How long `/readyz` stays 200 while Redis is degraded (one link, one
+    /// server or one cluster primary down) before it turns 503. [default: 10]
+    #[arg(long, env = "CORECAST_READY_GRACE_SECS")]
+    pub ready_grace_secs: Option<u64>,
+
     /// I/O driver: `auto` (io_uring, else epoll), `uring` or `legacy` (epoll). [default: auto]
     #[arg(long, env = "CORECAST_DRIVER")]
     pub driver: Option<Driver>,
@@ -272,6 +282,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Per shard; 0 = unlimited (`accept`).
     pub max_accepts_per_sec: u32,
+    /// Per shard, at least 1 (`accept`).
+    pub max_handshakes_per_shard: usize,
+    /// `/readyz` tolerates a Redis degradation this long (`bus::redis::health`).
+    pub ready_grace: Duration,
     pub driver: Driver,
     pub log_format: LogFormat,
     /// `--debug-hooks` (hidden, test-only): `/debug/shard`, `/debug/stall`.
@@ -326,6 +340,8 @@ impl Options {
             max_rooms_per_connection,
             max_connections,
             max_accepts_per_sec,
+            max_handshakes_per_shard,
+            ready_grace_secs,
             driver,
             log_format,
             debug_hooks,
@@ -391,6 +407,10 @@ impl Config {
         if ttl_secs > MAX_TTL_SECS {
             bail!("--history-ttl-secs must be at most {MAX_TTL_SECS} (a year; got {ttl_secs})");
         }
+        let max_handshakes_per_shard = o.max_handshakes_per_shard.unwrap_or(1024);
+        if max_handshakes_per_shard == 0 {
+            bail!("--max-handshakes-per-shard must be at least 1");
+        }
         let history = match o.history_size.unwrap_or(0) {
             0 => None,
             size => {
@@ -437,6 +457,8 @@ impl Config {
             max_rooms_per_connection: o.max_rooms_per_connection.unwrap_or(100),
             max_connections: o.max_connections.filter(|&n| n > 0).unwrap_or(usize::MAX),
             max_accepts_per_sec: o.max_accepts_per_sec.unwrap_or(10_000),
+            max_handshakes_per_shard,
+            ready_grace: Duration::from_secs(o.ready_grace_secs.unwrap_or(10)),
             driver: o.driver.unwrap_or(Driver::Auto),
             log_format: o.log_format.unwrap_or(LogFormat::Text),
             debug_hooks: o.debug_hooks.unwrap_or(false),

@@ -263,6 +263,9 @@ shard_metrics! {
     deflate_compressions_total: "counter", "Outgoing messages deflated (permessage-deflate): at most once per message per shard for room fan-out, once per echo.";
     deflate_frames_out_total: "counter", "Compressed (RSV1) frames queued to clients.";
     deflate_messages_in_total: "counter", "Compressed messages received and inflated.";
+    http_sockets: "gauge", "Client sockets in the HTTP phase (accepted, not yet upgraded nor closed), held to --max-handshakes-per-shard per shard.";
+    http_sockets_refused_total: "counter", "Connections closed at accept because the shard held --max-handshakes-per-shard sockets in the HTTP phase.";
+    panics_total: "counter", "Panics caught in a connection's task: that connection was closed, the node went on (docs/operations.md: Panic policy).";
 }
 
 impl ShardMetrics {
@@ -290,6 +293,47 @@ pub struct Metrics {
     pub node_connections: AtomicUsize,
     /// Per Redis server: how many shards have their links to it up.
     pub redis_nodes: RedisNodes,
+    /// Each shard's liveness tick (`Liveness`), checked by `/healthz`.
+    pub liveness: Liveness,
+}
+
+/// One liveness stamp per shard: a timer on the shard's own runtime stores
+/// the time (ms since `origin`) every `LIVENESS_TICK`; a stamp that grows old
+/// means the shard's thread has stopped turning (blocked in a syscall, a
+/// long computation, a hung task that never yields). Any thread reads them.
+#[derive(Debug)]
+pub struct Liveness {
+    origin: std::time::Instant,
+    stamps: Box<[AtomicU64]>,
+}
+
+/// How often each shard stamps its liveness.
+pub const LIVENESS_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl Liveness {
+    fn new(shards: usize) -> Liveness {
+        Liveness { origin: std::time::Instant::now(), stamps: (0..shards).map(|_| AtomicU64::new(0)).collect() }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Shard `i` is turning (called by its own timer).
+    pub fn beat(&self, i: usize) {
+        self.stamps[i].store(self.now_ms(), Relaxed);
+    }
+
+    /// How long ago each shard last stamped, in shard order.
+    pub fn ages(&self) -> Vec<std::time::Duration> {
+        let now = self.now_ms();
+        self.stamps.iter().map(|s| std::time::Duration::from_millis(now.saturating_sub(s.load(Relaxed)))).collect()
+    }
+
+    /// The shards whose stamp is older than `limit`, with its age.
+    pub fn stalled(&self, limit: std::time::Duration) -> Vec<(usize, std::time::Duration)> {
+        self.ages().into_iter().enumerate().filter(|(_, a)| *a > limit).collect()
+    }
 }
 
 /// `corecast_redis_node_links_up{node,link}`: for each Redis primary this
@@ -320,6 +364,12 @@ impl RedisNodes {
         }
     }
 
+    /// Is some link (subscriber or publisher) of some shard up to some
+    /// primary? False also before any primary is known.
+    pub fn any_up(&self) -> bool {
+        self.0.lock().map(|m| m.values().any(|v| v.iter().any(|&n| n > 0))).unwrap_or(false)
+    }
+
     fn snapshot(&self) -> Vec<(String, [i64; 2])> {
         self.0.lock().map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect()).unwrap_or_default()
     }
@@ -331,6 +381,7 @@ impl Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             node_connections: AtomicUsize::new(0),
             redis_nodes: RedisNodes::default(),
+            liveness: Liveness::new(shards),
         }
     }
 
@@ -371,13 +422,44 @@ pub struct NodeInfo {
     pub driver: &'static str,
     /// Messages waiting in each shard's inbox, in shard order.
     pub inbox_backlog: Vec<usize>,
-    /// Descriptors the process holds (`/proc/self/fd`), if readable.
+    /// Descriptors the process holds (`open_fds`), if known.
     pub open_fds: Option<usize>,
+    /// With Redis: whether a link or a cluster slot is down
+    /// (`corecast_redis_degraded`); `None` without Redis.
+    pub redis_degraded: Option<bool>,
 }
 
-/// Counts the descriptors this process holds.
+/// The descriptors this process holds, at no per-descriptor cost on the
+/// calling (shard) thread: Linux (6.2+) reports the count of open
+/// descriptors as the size of `/proc/self/fd`, one `stat(2)` that counts the
+/// bits of the descriptor table (no directory walk, no allocation per
+/// descriptor). On an older kernel (size 0) a `fd-count` thread, started on
+/// the first call, walks the directory once a second off the shards, and the
+/// value it last counted is returned (up to a second old).
 pub fn open_fds() -> Option<usize> {
-    std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count())
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(m) = std::fs::metadata("/proc/self/fd")
+        && m.size() > 0
+    {
+        return usize::try_from(m.size()).ok();
+    }
+    static SAMPLED: AtomicUsize = AtomicUsize::new(usize::MAX);
+    static SAMPLER: std::sync::Once = std::sync::Once::new();
+    SAMPLER.call_once(|| {
+        let _ = std::thread::Builder::new().name("fd-count".into()).spawn(|| {
+            loop {
+                if let Ok(d) = std::fs::read_dir("/proc/self/fd") {
+                    // The walk's own descriptor is not the node's.
+                    SAMPLED.store(d.count().saturating_sub(1), Relaxed);
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        });
+    });
+    match SAMPLED.load(Relaxed) {
+        usize::MAX => None,
+        n => Some(n),
+    }
 }
 
 const HANDSHAKES: (&str, &str) = ("corecast_handshakes_total", "Upgrade requests on /ws and /echo by result.");
@@ -394,6 +476,16 @@ const BACKLOG: (&str, &str) = (
 );
 const FDS: (&str, &str) =
     ("corecast_open_fds", "File descriptors the process holds (sockets, listeners, pipes, files).");
+const REDIS_DEGRADED: (&str, &str) = (
+    "corecast_redis_degraded",
+    "1 while a Redis link of some shard is down or a cluster slot has no primary (with --redis); /readyz stays 200 for --ready-grace-secs of it.",
+);
+const SHARD_STALL: (&str, &str) = (
+    "corecast_stalled_shards",
+    "Shards whose liveness tick (stamped every 0.25 s on the shard's own runtime) is older than 2 s: /healthz fails while it is above 0.",
+);
+/// A shard whose liveness stamp is older than this is stalled (`/healthz`).
+pub const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 const REDIS_NODE_LINKS: (&str, &str) = (
     "corecast_redis_node_links_up",
     "Shards whose subscriber / publisher link to this Redis primary is up (with --redis; 0 while it is unreachable).",
@@ -414,6 +506,8 @@ static DESCS: LazyLock<Vec<Desc>> = LazyLock::new(|| {
     v.push(desc(BACKLOG.0, BACKLOG.1, &["shard"]));
     v.push(desc(FDS.0, FDS.1, &[]));
     v.push(desc(REDIS_NODE_LINKS.0, REDIS_NODE_LINKS.1, &["node", "link"]));
+    v.push(desc(REDIS_DEGRADED.0, REDIS_DEGRADED.1, &[]));
+    v.push(desc(SHARD_STALL.0, SHARD_STALL.1, &[]));
     v
 });
 
@@ -560,6 +654,18 @@ impl Collector for Exposition {
         if let Some(n) = node.open_fds {
             out.push(family(FDS.0, FDS.1, MetricType::GAUGE, vec![sample(MetricType::GAUGE, vec![], n as f64)]));
         }
+        if let Some(d) = node.redis_degraded {
+            let v = f64::from(u8::from(d));
+            out.push(family(
+                REDIS_DEGRADED.0,
+                REDIS_DEGRADED.1,
+                MetricType::GAUGE,
+                vec![sample(MetricType::GAUGE, vec![], v)],
+            ));
+        }
+        let stalled = self.metrics.liveness.stalled(STALL_LIMIT).len() as f64;
+        let series = vec![sample(MetricType::GAUGE, vec![], stalled)];
+        out.push(family(SHARD_STALL.0, SHARD_STALL.1, MetricType::GAUGE, series));
         let nodes = self.metrics.redis_nodes.snapshot();
         if !nodes.is_empty() {
             let mut series = Vec::with_capacity(nodes.len() * 2);
@@ -635,7 +741,9 @@ mod tests {
             driver: "epoll",
             inbox_backlog: vec![0, 4, 1],
             open_fds: Some(9),
+            redis_degraded: Some(true),
         });
+        assert!(text.contains("corecast_redis_degraded 1\n"), "{text}");
         assert!(text.contains("# TYPE corecast_shards gauge\ncorecast_shards 3\n"));
         assert!(text.contains("corecast_draining 1\n"));
         let info = format!("corecast_info{{version=\"{}\",driver=\"epoll\"}} 1\n", env!("CARGO_PKG_VERSION"));

@@ -1,7 +1,8 @@
 //! Start-up and supervision: bind the listeners, wire every inbox, spawn and
 //! pin one `shard-NN` thread per core (and with `--redis` one `redis-NN`
 //! reader thread beside each), turn SIGTERM/SIGINT into a drain, and wait.
-//! If a shard stops on its own, or a reader panics, `run` fails naming it.
+//! If a shard stops on its own, `run` fails naming it; a panic outside a
+//! connection's task ends the process (`install_panic_policy`).
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -184,6 +185,7 @@ fn run_shard(
                     }
                 }
             }
+            let health = link.as_ref().filter(|_| id == 0).map(ShardLink::health);
             let bus = match link {
                 Some(link) => Bus::Redis(RedisBus::start(link)),
                 None => Bus::Local,
@@ -199,6 +201,17 @@ fn run_shard(
             monoio::spawn(io.clone().run_flusher());
             monoio::spawn(io.clone().run_held());
             monoio::spawn(io.clone().run_yields());
+            monoio::spawn(io.clone().run_liveness());
+            // Shard 0 also times Redis degradations (`/readyz` grace) to
+            // the tick, whether anyone asks or not.
+            if let Some(health) = health {
+                monoio::spawn(async move {
+                    loop {
+                        monoio::time::sleep(crate::metrics::LIVENESS_TICK).await;
+                        health.observe();
+                    }
+                });
+            }
             // The fan-out core on the runtime, then the services over it.
             let shard = Shard::new(io, Links::new(id, doors, table), inbox);
             monoio::spawn(shard.clone().run_peer_wakes());
@@ -247,4 +260,31 @@ fn run_shard(
         }
     }
     Ok(())
+}
+
+/// The panic policy (docs/operations.md, Panic policy), as the process's
+/// panic hook. A panic inside one connection's step (`session`) is that
+/// connection's: the hook notes where it happened and `session` catches it,
+/// logs it at error, counts it and closes the connection. Any other panic (a
+/// shard's own loop or tasks, a Redis reader, the topology thread, any
+/// thread, supervised or not) is the node's: the hook logs it at error,
+/// calls `flush` (the log writer's guard) and exits the process with status
+/// 70 at once: no half-alive node, no silent hang. Installed by `main`.
+pub fn install_panic_policy(flush: impl Fn() + Send + Sync + 'static) {
+    std::panic::set_hook(Box::new(move |info| {
+        if crate::session::in_connection_step() {
+            crate::session::note_connection_panic(info.to_string());
+            return;
+        }
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let text = info.to_string().replace('\n', " ");
+        error!(thread = name, panic = %text, "panic outside a connection's task: exiting");
+        flush();
+        // Also straight to stderr, in case the log writer is gone; a closed
+        // stderr is ignored.
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "corecast: fatal: thread '{name}' {text}; exiting");
+        std::process::exit(70);
+    }));
 }

@@ -107,11 +107,12 @@ impl Bus {
         }
     }
 
-    /// Why this node should not get new clients (a Redis link is down), if so.
-    pub fn not_ready(&self) -> Option<String> {
+    /// Can this node serve, as far as the backplane goes (always, on the
+    /// local bus)? A Redis degradation is allowed for `grace`.
+    pub fn readiness(&self, grace: std::time::Duration) -> redis::Readiness {
         match self {
-            Bus::Local => None,
-            Bus::Redis(r) => r.not_ready(),
+            Bus::Local => redis::Readiness::Ready,
+            Bus::Redis(r) => r.readiness(grace),
         }
     }
 }

@@ -57,8 +57,6 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use tracing::warn;
-
 use super::shard_io::ShardIo;
 use super::{Conn, ConnId};
 
@@ -208,7 +206,7 @@ impl Poller {
         };
         w.polled = false;
         if let Err(e) = self.sync(fd, w) {
-            warn!(fd, error = %e, "poller: epoll_ctl failed");
+            crate::warn_throttled!(fd, error = %e, "poller: epoll_ctl failed");
         }
     }
 
@@ -235,7 +233,7 @@ impl Poller {
         };
         let woken = [fire(&mut w.read, READ_READY), fire(&mut w.write, WRITE_READY)];
         if let Err(e) = self.sync(fd, w) {
-            warn!(fd, error = %e, "poller: epoll_ctl failed");
+            crate::warn_throttled!(fd, error = %e, "poller: epoll_ctl failed");
         }
         woken
     }
@@ -322,7 +320,7 @@ impl Drop for Ready<'_> {
         if self.armed
             && let Err(e) = self.poller.settle(self.conn.fd, self.want)
         {
-            warn!(fd = self.conn.fd, error = %e, "poller: epoll_ctl failed");
+            crate::warn_throttled!(fd = self.conn.fd, error = %e, "poller: epoll_ctl failed");
         }
     }
 }
@@ -340,7 +338,7 @@ pub async fn run(io: &ShardIo, mut on_readable: impl FnMut(RawFd, ConnId)) {
     loop {
         if let Err(e) = poller.waiter.readable(false).await {
             // Not expected on a live epoll descriptor; don't spin.
-            warn!(shard = io.id, error = %e, "poller: waiting for readiness failed");
+            crate::warn_throttled!(shard = io.id, error = %e, "poller: waiting for readiness failed");
             monoio::time::sleep(std::time::Duration::from_millis(10)).await;
             continue;
         }
@@ -351,7 +349,7 @@ pub async fn run(io: &ShardIo, mut on_readable: impl FnMut(RawFd, ConnId)) {
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
-                    warn!(shard = io.id, error = %e, "poller: epoll_wait failed");
+                    crate::warn_throttled!(shard = io.id, error = %e, "poller: epoll_wait failed");
                     break;
                 }
                 continue;

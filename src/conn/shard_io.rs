@@ -85,6 +85,8 @@ impl ShardIo {
         // gauge without a pointer in every connection.
         let leaked: &'static Arc<Metrics> = Box::leak(Box::new(metrics.clone()));
         SOCKETS.with(|g| g.set(Some(&leaked.shard(id).sockets)));
+        // Alive from the start, before the liveness timer's first turn.
+        metrics.liveness.beat(id);
         Ok(ShardIo {
             id,
             cfg,
@@ -172,6 +174,17 @@ impl ShardIo {
     /// Lets every other ready task on this shard run first (`rt::Yielder`).
     pub async fn yield_now(&self) {
         self.yielder.yield_now().await
+    }
+
+    /// The liveness tick: stamps this shard's `metrics::Liveness` every
+    /// `LIVENESS_TICK` from a timer on the shard's own runtime, so the stamp
+    /// ages exactly when the runtime stops turning. `/healthz`, answered by
+    /// any shard, checks every shard's stamp.
+    pub async fn run_liveness(self: Rc<Self>) {
+        loop {
+            self.metrics.liveness.beat(self.id);
+            monoio::time::sleep(crate::metrics::LIVENESS_TICK).await;
+        }
     }
 
     /// The yield task (`rt::Yielder::run`).

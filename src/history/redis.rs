@@ -78,7 +78,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use redis_protocol::resp2::types::BytesFrame;
-use tracing::warn;
 
 use super::redis_route::{OwnerRoute, Script};
 use super::types::{Entry, Query, ReadResult, offset_of_id};
@@ -142,7 +141,7 @@ impl HistLink {
                 Ok(f) => {
                     let pos = parse_position(&f);
                     if pos.is_none() && !matches!(f, BytesFrame::Error(_)) {
-                        warn!(shard, "unexpected reply to the history publish script");
+                        crate::warn_throttled!(shard, "unexpected reply to the history publish script");
                     }
                     pos
                 }

@@ -92,15 +92,12 @@ pub async fn serve(svc: &Rc<Services>, conn: &Rc<Conn>, kept: &mut BytesMut) -> 
             }
             (&Method::GET, "/") if client_routes && shard.cfg.demo => routes::demo(),
             (&Method::GET, "/corecast.js") if client_routes && shard.cfg.demo => routes::client_js(),
-            (&Method::GET, "/healthz") => Reply::text(200, "ok\n"),
-            (&Method::GET, "/debug/shard" | "/debug/stall") if shard.cfg.debug_hooks => {
+            (&Method::GET, "/healthz") => routes::healthz(shard),
+            (&Method::GET, "/debug/shard" | "/debug/stall" | "/debug/panic") if shard.cfg.debug_hooks => {
                 routes::debug(shard, path, head.uri.query())
             }
-            (&Method::GET, "/readyz") => match svc.not_ready() {
-                Some(why) => Reply::new(503, "text/plain; charset=utf-8", Bytes::from(why)),
-                None => Reply::text(200, "ready\n"),
-            },
-            (&Method::GET, "/metrics") if admin_routes => routes::metrics(shard),
+            (&Method::GET, "/readyz") => routes::readyz(svc, conn.is_admin()),
+            (&Method::GET, "/metrics") if admin_routes => routes::metrics(svc),
             (&Method::POST, "/api/publish") if admin_routes => {
                 let body = match read_body(shard, conn, &head, kept, deadline).await? {
                     Ok(body) => body,

@@ -10,10 +10,51 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::Reply;
+use crate::bus::redis::Readiness;
 use crate::metrics::{self, NodeInfo};
 use crate::protocol::{Position, Target, Unavailable, event, is_valid_name};
 use crate::services::Services;
 use crate::shard::Shard;
+
+/// `GET /healthz`: 200 while every shard's runtime is turning; 503 naming
+/// each shard whose liveness tick (`metrics::Liveness`) is older than
+/// `metrics::STALL_LIMIT`, whichever shard answers.
+pub fn healthz(shard: &Rc<Shard>) -> Reply {
+    // The answering shard is turning: its own stamp may lag the timer by a
+    // tick (say, right after a stall), so it stamps now.
+    shard.metrics.liveness.beat(shard.id);
+    let stalled = shard.metrics.liveness.stalled(metrics::STALL_LIMIT);
+    if stalled.is_empty() {
+        return Reply::text(200, "ok\n");
+    }
+    let mut body = String::from("stalled:");
+    for (i, age) in stalled {
+        body.push_str(&format!(" shard {i} ({} ms)", age.as_millis()));
+    }
+    body.push('\n');
+    Reply::new(503, "text/plain; charset=utf-8", Bytes::from(body))
+}
+
+/// `GET /readyz`: can this node serve (`bus::redis::health`)? The client
+/// listener's body is terse; the admin listener's names the Redis links,
+/// addresses and errors.
+pub fn readyz(svc: &Rc<Services>, admin: bool) -> Reply {
+    if svc.shard().is_draining() {
+        return Reply::text(503, "not ready: draining\n");
+    }
+    let text = |status, body: String| Reply::new(status, "text/plain; charset=utf-8", Bytes::from(body));
+    match svc.readiness() {
+        Readiness::Ready => Reply::text(200, "ready\n"),
+        Readiness::Degraded { since, detail } if admin => {
+            text(200, format!("ready, degraded for {:.1} s: {}\n", since.as_secs_f64(), detail.trim_end()))
+        }
+        Readiness::Degraded { .. } => Reply::text(200, "ready, degraded: redis\n"),
+        Readiness::NotReady { why, detail: Some(detail) } if admin => {
+            text(503, format!("not ready: {why}: {}\n", detail.trim_end()))
+        }
+        Readiness::NotReady { why, .. } => text(503, format!("not ready: {why}\n")),
+    }
+}
 
 /// The user id that server-side publishes carry as `from` (§4).
 const SERVER_USER: &str = "server";
@@ -35,13 +76,18 @@ pub fn client_js() -> Reply {
         .header("cache-control", "no-cache")
 }
 
-pub fn metrics(shard: &Rc<Shard>) -> Reply {
+pub fn metrics(svc: &Rc<Services>) -> Reply {
+    let shard = svc.shard();
+    // As in `healthz`: the answering shard is turning.
+    shard.metrics.liveness.beat(shard.id);
     let node = NodeInfo {
         shards: shard.peers().len(),
         draining: shard.is_draining(),
         driver: shard.driver,
         inbox_backlog: shard.inbox_backlogs(),
+        // One stat(2), no walk over the descriptors (see `metrics::open_fds`).
         open_fds: metrics::open_fds(),
+        redis_degraded: shard.cfg.redis.is_some().then(|| svc.readiness() != Readiness::Ready),
     };
     let body = shard.metrics.render(node);
     Reply::new(200, metrics::CONTENT_TYPE, Bytes::from(body))
@@ -131,8 +177,31 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// `--debug-hooks` (test-only): `/debug/shard` names the shard answering;
 /// `/debug/stall?ms=N` blocks this shard's thread for N ms (at most 10 s)
-/// before answering, as a shard stuck in a long computation would.
+/// before answering, as a shard stuck in a long computation would;
+/// `/debug/panic` panics inside this connection's task (the node closes
+/// that connection and goes on), `/debug/panic?in=task` inside a task of
+/// the shard that is no connection's and `?in=thread` on a thread of its
+/// own (either ends the node: docs/operations.md, Panic policy).
 pub fn debug(shard: &Rc<Shard>, path: &str, query: Option<&str>) -> Reply {
+    if path == "/debug/panic" {
+        let place = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "in")
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
+        tracing::warn!(shard = shard.id, place, "debug hook: panicking");
+        match place.as_str() {
+            "task" => {
+                monoio::spawn(async { panic!("debug hook: panic in a shard task") });
+            }
+            "thread" => {
+                let _ = std::thread::Builder::new()
+                    .name("debug-panic".into())
+                    .spawn(|| panic!("debug hook: panic on a thread of its own"));
+            }
+            _ => panic!("debug hook: panic in a connection's task"),
+        }
+        return Reply::text(200, "panicking elsewhere\n");
+    }
     if path == "/debug/stall" {
         let ms = form_urlencoded::parse(query.unwrap_or("").as_bytes())
             .find(|(k, _)| k == "ms")

@@ -71,12 +71,10 @@ impl Services {
         Some((self.history.as_ref()?, self.shard.cfg.namespaces.history(room)?))
     }
 
-    /// Why `/readyz` should say 503 (draining, or a Redis link down), if so.
-    pub fn not_ready(&self) -> Option<String> {
-        if self.shard.is_draining() {
-            return Some("draining\n".into());
-        }
-        self.bus.not_ready()
+    /// Can this node serve, as far as the backplane goes (`/readyz`,
+    /// `corecast_redis_degraded`; draining is the shard's)?
+    pub fn readiness(&self) -> crate::bus::redis::Readiness {
+        self.bus.readiness(self.shard.cfg.ready_grace)
     }
 
     // ---- connections ------------------------------------------------------------

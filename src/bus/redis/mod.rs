@@ -76,7 +76,7 @@ use crate::conn::Conn;
 use crate::metrics::Metrics;
 use crate::protocol::event;
 use crate::shard::{InboxSender, Shard};
-pub use health::Health;
+pub use health::{Health, Readiness};
 pub use link::{Link, LinkError};
 use publisher::Publisher;
 use reader::SubHandle;
@@ -92,6 +92,13 @@ pub struct ShardLink {
     prefix: Arc<str>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+}
+
+impl ShardLink {
+    /// The node's link health (the shard's liveness timer observes it).
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
 }
 
 /// Parses `--redis`, then spawns and pins one `redis-NN` reader thread per
@@ -436,8 +443,9 @@ impl RedisBus {
         .await
     }
 
-    pub fn not_ready(&self) -> Option<String> {
-        self.health.not_ready()
+    /// Can this node serve (`health::Readiness`)?
+    pub fn readiness(&self, grace: std::time::Duration) -> health::Readiness {
+        self.health.readiness(grace)
     }
 }
 

@@ -464,7 +464,7 @@ impl Reader {
                 }
             }
             if let Err(e) = poll(&mut fds, next.saturating_duration_since(now)) {
-                warn!(shard = self.shard, error = %e, "redis reader: poll failed");
+                crate::warn_throttled!(shard = self.shard, error = %e, "redis reader: poll failed");
                 thread::sleep(Duration::from_millis(10));
             }
             // Also on a timeout: the topology holds a write end of the pipe,
