@@ -140,6 +140,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 }
             } else {
                 warn!("second signal: exiting now");
+                // The log writer is non-blocking and exit does not wait for
+                // it: say it on stderr directly too (a closed one is ignored).
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stderr(), "corecast: second signal: exiting now");
                 std::process::exit(1);
             }
         }
