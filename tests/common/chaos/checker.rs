@@ -76,6 +76,9 @@ pub struct Stats {
     pub recovered_true: AtomicU64,
     pub recovered_false: AtomicU64,
     pub gaps: AtomicU64,
+    /// Gaps announcing a position behind the stream's own in the same
+    /// epoch: the room's offsets went back (they will be reused).
+    pub gaps_backward: AtomicU64,
     pub subscribes: AtomicU64,
     pub subscribe_errors: AtomicU64,
     pub connects: AtomicU64,
@@ -174,6 +177,11 @@ impl Ctx {
         self.truth[room].lock().unwrap().names[id as usize].clone()
     }
 
+    /// The payload first seen at a position.
+    pub fn seq_at(&self, room: usize, id: u32, offset: u64) -> Option<u64> {
+        self.truth[room].lock().unwrap().data.get(&(id, offset)).map(|d| d.0)
+    }
+
     pub fn max_offset(&self, room: usize, id: u32) -> u64 {
         self.truth[room].lock().unwrap().max.get(&id).copied().unwrap_or(0)
     }
@@ -246,7 +254,8 @@ impl Ctx {
         };
         let mut all = self.violations.lock().unwrap();
         if all.len() < 20 {
-            eprintln!("VIOLATION {} client {} room {} at {:.1}s: {}", kind.name(), v.client, v.room, v.at, v.detail);
+            let who = if client == usize::MAX { "publisher".to_string() } else { format!("client {client}") };
+            eprintln!("VIOLATION {} {who} room {} at {:.1}s: {}", kind.name(), v.room, v.at, v.detail);
         }
         all.push(v);
     }
@@ -490,7 +499,11 @@ impl Stream {
         self.replay_until = None;
         // A gap at or behind where the stream already is moves nothing.
         match self.last {
-            Some((le, lo)) if le == e && lo >= offset => {}
+            Some((le, lo)) if le == e && lo >= offset => {
+                if lo > offset {
+                    ctx.stats.gaps_backward.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             _ => self.set_last((e, offset)),
         }
     }
@@ -516,7 +529,13 @@ impl Stream {
             );
         }
         if self.seen.get(&e).is_some_and(|r| r.contains(o)) {
-            self.violate(ctx, Kind::Duplicate, format!("{}:{o} (seq {seq}) delivered again", short(epoch)));
+            let first = ctx.seq_at(self.room, e, o);
+            let what = if first == Some(seq) {
+                "the same payload".to_string()
+            } else {
+                format!("another payload (the position's first: seq {first:?})")
+            };
+            self.violate(ctx, Kind::Duplicate, format!("{}:{o} (seq {seq}) delivered again, {what}", short(epoch)));
             return;
         }
         self.seen.entry(e).or_default().insert(o);

@@ -306,12 +306,13 @@ pub fn run(topology: &str, cfg: &Config) -> Report {
     );
     let _ = writeln!(
         t,
-        "messages checked: {}; subscribed {} (recovered:true {}, recovered:false {}), gaps {}, subscribes refused {}",
+        "messages checked: {}; subscribed {} (recovered:true {}, recovered:false {}), gaps {} ({} behind the stream's position), subscribes refused {}",
         g(&st.messages),
         g(&st.subscribes),
         g(&st.recovered_true),
         g(&st.recovered_false),
         g(&st.gaps),
+        g(&st.gaps_backward),
         g(&st.subscribe_errors)
     );
     let proxied: Vec<u64> = proxies.iter().map(|p| p.accepted.load(Ordering::Relaxed)).collect();
