@@ -381,8 +381,10 @@ impl RedisServer {
     }
 
     /// The RDB file `restart` loads (it exists once a `BGSAVE` or a full
-    /// sync as a replica wrote it).
+    /// sync as a replica wrote it): in /tmp, or the `--dir` the extra
+    /// arguments give (the Cluster rig's).
     pub fn rdb_path(&self) -> PathBuf {
-        std::path::Path::new("/tmp").join(self.rdb_name())
+        let dir = self.args.iter().rposition(|a| a == "--dir").and_then(|i| self.args.get(i + 1));
+        std::path::Path::new(dir.map(String::as_str).unwrap_or("/tmp")).join(self.rdb_name())
     }
 }

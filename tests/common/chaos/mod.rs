@@ -73,7 +73,7 @@ impl Config {
 /// The rooms of client `i`: one, and a second for every third client.
 fn rooms_of(i: usize, rooms: usize) -> Vec<usize> {
     let mut v = vec![i % rooms];
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         let second = (i / 3 + 11) % rooms;
         if second != v[0] {
             v.push(second);
@@ -81,6 +81,9 @@ fn rooms_of(i: usize, rooms: usize) -> Vec<usize> {
     }
     v
 }
+
+/// (client, room, the stream's position as its client thread updates it).
+type SharedPos = (usize, usize, Arc<std::sync::Mutex<Option<(u32, u64)>>>);
 
 pub struct Report {
     pub text: String,
@@ -127,7 +130,7 @@ pub fn run(topology: &str, cfg: &Config) -> Report {
     let rooms: Vec<String> = (0..cfg.rooms).map(|i| format!("chaos-{i}")).collect();
     let ctx = Arc::new(Ctx::new(rooms.clone()));
     let stop_clients = Arc::new(AtomicBool::new(false));
-    let mut shared = Vec::new();
+    let mut shared: Vec<SharedPos> = Vec::new();
     let mut clients = Vec::new();
     for i in 0..cfg.clients {
         let streams: Vec<Stream> = rooms_of(i, cfg.rooms).into_iter().map(|r| Stream::new(i, r)).collect();
@@ -193,13 +196,13 @@ pub fn run(topology: &str, cfg: &Config) -> Report {
     let publish_secs = t_faults.elapsed().as_secs_f64();
     // A last publish per room: its position is where every stream must get to.
     let mut fences = Vec::new();
-    for r in 0..cfg.rooms {
+    for (r, room) in rooms.iter().enumerate() {
         let mut got = None;
         let t = Instant::now();
         let mut k = r;
         while got.is_none() && t.elapsed() < Duration::from_secs(30) {
             let seq = seqs.next(r);
-            let out = Http::new(ports[k % ports.len()]).publish(&rooms[r], seq);
+            let out = Http::new(ports[k % ports.len()]).publish(room, seq);
             got = publisher::account(&ctx, r, seq, out);
             k += 1;
             if got.is_none() {
@@ -209,13 +212,13 @@ pub fn run(topology: &str, cfg: &Config) -> Report {
         match got {
             Some((e, o)) => fences.push(Some((ctx.epoch_id(r, &e), o, e))),
             None => {
-                problems.push(format!("room {}: no publish succeeded within 30 s after the run", rooms[r]));
+                problems.push(format!("room {room}: no publish succeeded within 30 s after the run"));
                 fences.push(None);
             }
         }
     }
     let settle_end = Instant::now() + Duration::from_secs(cfg.settle_secs);
-    let behind = |shared: &[(usize, usize, Arc<std::sync::Mutex<Option<(u32, u64)>>>)]| -> Vec<usize> {
+    let behind = |shared: &[SharedPos]| -> Vec<usize> {
         shared
             .iter()
             .enumerate()
