@@ -86,6 +86,9 @@ pub struct Stats {
     pub disconnects: AtomicU64,
     pub maintenance: AtomicU64,
     pub stale_drops: AtomicU64,
+    /// Connections the server closed with 1008 (policy: a slow consumer).
+    pub policy_closes: AtomicU64,
+    pub pauses: AtomicU64,
     pub other_errors: AtomicU64,
     pub published_acked: AtomicU64,
     pub published_refused: AtomicU64,
@@ -149,10 +152,16 @@ pub struct Ctx {
     pub switches: Mutex<Vec<EpochSwitch>>,
     pub stats: Stats,
     pub last_fault: Mutex<String>,
+    /// Per client: stay away until this many ms after `t0` (`client_pause`).
+    pub pause_until: Vec<AtomicU64>,
 }
 
 impl Ctx {
     pub fn new(rooms: Vec<String>) -> Ctx {
+        Ctx::with_clients(rooms, 0)
+    }
+
+    pub fn with_clients(rooms: Vec<String>, clients: usize) -> Ctx {
         let truth = rooms.iter().map(|_| Mutex::default()).collect();
         Ctx {
             t0: Instant::now(),
@@ -162,7 +171,17 @@ impl Ctx {
             switches: Mutex::default(),
             stats: Stats::default(),
             last_fault: Mutex::new("none yet".into()),
+            pause_until: (0..clients).map(|_| AtomicU64::new(0)).collect(),
         }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.t0.elapsed().as_millis() as u64
+    }
+
+    /// Whether client `i` is to stay away now.
+    pub fn paused(&self, i: usize) -> bool {
+        self.pause_until.get(i).is_some_and(|p| p.load(Ordering::Relaxed) > self.now_ms())
     }
 
     pub fn now(&self) -> f64 {

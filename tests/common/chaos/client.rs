@@ -31,6 +31,7 @@ enum End {
     Closed,
     Maintenance(Instant),
     Stale,
+    Paused,
 }
 
 pub fn run(spec: ClientSpec, ctx: Arc<Ctx>, stop: Arc<AtomicBool>, streams: Vec<Stream>) -> Vec<Stream> {
@@ -41,6 +42,10 @@ pub fn run(spec: ClientSpec, ctx: Arc<Ctx>, stop: Arc<AtomicBool>, streams: Vec<
     let mut conn = 0u32;
     let mut failures = 0u32;
     while !stop.load(Ordering::Relaxed) {
+        if ctx.paused(spec.id) {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
         let Some(mut ws) = connect(spec.proxies[node], spec.id) else {
             ctx.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
             failures += 1;
@@ -54,7 +59,7 @@ pub fn run(spec: ClientSpec, ctx: Arc<Ctx>, stop: Arc<AtomicBool>, streams: Vec<
         for s in streams.iter_mut() {
             s.new_connection(conn, node as u8);
         }
-        let end = session(&mut ws, &ctx, &stop, &mut streams, &mut failures);
+        let end = session(&mut ws, &ctx, spec.id, &stop, &mut streams, &mut failures);
         let _ = ws.close(None);
         let _ = ws.flush();
         drop(ws);
@@ -66,6 +71,9 @@ pub fn run(spec: ClientSpec, ctx: Arc<Ctx>, stop: Arc<AtomicBool>, streams: Vec<
             End::Maintenance(at) => {
                 let wait = at.saturating_duration_since(Instant::now());
                 std::thread::sleep(wait + Duration::from_millis(rng.u64(0..100)));
+            }
+            End::Paused => {
+                ctx.stats.pauses.fetch_add(1, Ordering::Relaxed);
             }
             End::Stale => {
                 ctx.stats.stale_drops.fetch_add(1, Ordering::Relaxed);
@@ -103,7 +111,7 @@ fn subscribe_op(ctx: &Ctx, s: &Stream) -> (Value, Option<(u32, u64)>) {
     (op, s.last)
 }
 
-fn session(ws: &mut Ws, ctx: &Ctx, stop: &AtomicBool, streams: &mut [Stream], failures: &mut u32) -> End {
+fn session(ws: &mut Ws, ctx: &Ctx, id: usize, stop: &AtomicBool, streams: &mut [Stream], failures: &mut u32) -> End {
     let index: HashMap<String, usize> =
         streams.iter().enumerate().map(|(i, s)| (ctx.rooms[s.room].clone(), i)).collect();
     // The `since` each pending subscribe was sent with.
@@ -123,6 +131,9 @@ fn session(ws: &mut Ws, ctx: &Ctx, stop: &AtomicBool, streams: &mut [Stream], fa
     loop {
         if stop.load(Ordering::Relaxed) {
             return End::Stop;
+        }
+        if ctx.paused(id) {
+            return End::Paused;
         }
         let now = Instant::now();
         if let Some(at) = maintenance
@@ -189,7 +200,10 @@ fn session(ws: &mut Ws, ctx: &Ctx, stop: &AtomicBool, streams: &mut [Stream], fa
                     }
                 }
             }
-            Ok(Message::Close(_)) => {
+            Ok(Message::Close(f)) => {
+                if f.is_some_and(|f| u16::from(f.code) == 1008) {
+                    ctx.stats.policy_closes.fetch_add(1, Ordering::Relaxed);
+                }
                 // Read on until the closing handshake ends the connection.
                 last_rx = Instant::now();
             }

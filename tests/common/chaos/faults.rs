@@ -10,6 +10,7 @@
 //! | `pubsub_kill` | `CLIENT KILL TYPE pubsub` on the (a, in Cluster) Redis primary: every node's subscriber link drops |
 //! | `failover` | Sentinel: `SENTINEL FAILOVER`; Cluster: `CLUSTER FAILOVER` on a replica in sync |
 //! | `cut` | the proxy of one node cuts every client connection through it |
+//! | `client_pause` | 10 random clients close their connection and stay away 10-40 s, then recover with `since` |
 //! | `snapshot_save` | `BGSAVE` on the primary (every primary in Cluster); arms `snapshot_restart` 4-12 s later |
 //! | `snapshot_restart` | SIGKILL the primary (a random one in Cluster) and restart it at once from its RDB |
 
@@ -193,6 +194,7 @@ impl Faults {
             "pubsub_kill" => self.pubsub_kill(ctx),
             "failover" => self.failover(ctx),
             "cut" => self.cut(ctx),
+            "client_pause" => self.client_pause(ctx),
             _ if self.armed.is_some() => self.cut(ctx),
             _ => self.snapshot_save(ctx),
         }
@@ -257,6 +259,18 @@ impl Faults {
         let i = self.rng.usize(0..self.proxies.len());
         let n = self.proxies[i].cut();
         self.note(ctx, "cut", format!("proxy of node {i} cut {n} client connections"));
+    }
+
+    fn client_pause(&mut self, ctx: &Ctx) {
+        let n = ctx.pause_until.len();
+        let mut who = Vec::new();
+        for _ in 0..10.min(n) {
+            let i = self.rng.usize(0..n);
+            let away = self.rng.u64(10_000..40_000);
+            ctx.pause_until[i].store(ctx.now_ms() + away, std::sync::atomic::Ordering::Relaxed);
+            who.push(format!("{i}:{}s", away / 1000));
+        }
+        self.note(ctx, "client_pause", format!("clients away (client:seconds) {}", who.join(" ")));
     }
 
     fn snapshot_save(&mut self, ctx: &Ctx) {

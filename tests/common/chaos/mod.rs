@@ -31,6 +31,7 @@ pub struct Config {
     pub shards: usize,
     pub history_size: usize,
     pub drain_secs: u64,
+    pub outbound_queue_bytes: usize,
     /// How long, after the faults, every client has to reach the final positions.
     pub settle_secs: u64,
 }
@@ -45,6 +46,8 @@ fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
 impl Config {
     /// From `CORECAST_CHAOS_*`; `None` unless `CORECAST_CHAOS_SECS` is set.
     pub fn from_env() -> Option<Config> {
+        // (--outbound-queue-bytes is small by default: 64 KiB, so that a
+        // client away for 10-40 s recovers more than its queue holds.)
         let secs: u64 = env("CORECAST_CHAOS_SECS")?;
         let seed = env("CORECAST_CHAOS_SEED").unwrap_or_else(|| {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
@@ -58,6 +61,7 @@ impl Config {
             shards: env("CORECAST_CHAOS_SHARDS").unwrap_or(1),
             history_size: env("CORECAST_CHAOS_HISTORY").unwrap_or(2000),
             drain_secs: 3,
+            outbound_queue_bytes: env("CORECAST_CHAOS_OUTBOUND_QUEUE").unwrap_or(65536),
             settle_secs: env("CORECAST_CHAOS_SETTLE_SECS").unwrap_or(60),
         })
     }
@@ -114,6 +118,8 @@ pub fn run(topology: &str, cfg: &Config) -> Report {
         &cfg.history_size.to_string(),
         "--drain-secs",
         &cfg.drain_secs.to_string(),
+        "--outbound-queue-bytes",
+        &cfg.outbound_queue_bytes.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -128,7 +134,7 @@ pub fn run(topology: &str, cfg: &Config) -> Report {
     let proxy_ports: Vec<u16> = proxies.iter().map(|p| p.port).collect();
 
     let rooms: Vec<String> = (0..cfg.rooms).map(|i| format!("chaos-{i}")).collect();
-    let ctx = Arc::new(Ctx::new(rooms.clone()));
+    let ctx = Arc::new(Ctx::with_clients(rooms.clone(), cfg.clients));
     let stop_clients = Arc::new(AtomicBool::new(false));
     let mut shared: Vec<SharedPos> = Vec::new();
     let mut clients = Vec::new();
@@ -182,6 +188,10 @@ pub fn run(topology: &str, cfg: &Config) -> Report {
         faults.inject(&ctx);
     }
     let fault_secs = t_faults.elapsed().as_secs_f64();
+    // Paused clients come back now.
+    for p in &ctx.pause_until {
+        p.store(0, Ordering::Relaxed);
+    }
     *ctx.last_fault.lock().unwrap() = format!("none since the faults stopped at t={:.1}s", ctx.now());
     eprintln!("chaos {topology}: faults over; healing");
 
@@ -299,11 +309,13 @@ pub fn run(topology: &str, cfg: &Config) -> Report {
     );
     let _ = writeln!(
         t,
-        "clients: connects {}, failed connects {}, disconnects {}, maintenance {}, stale drops {}, other errors {}",
+        "clients: connects {}, failed connects {}, disconnects {}, maintenance {}, closed 1008 (slow consumer) {}, pauses {}, stale drops {}, other errors {}",
         g(&st.connects),
         g(&st.connect_failures),
         g(&st.disconnects),
         g(&st.maintenance),
+        g(&st.policy_closes),
+        g(&st.pauses),
         g(&st.stale_drops),
         g(&st.other_errors)
     );
