@@ -173,7 +173,21 @@ fn session(ws: &mut Ws, ctx: &Ctx, id: usize, stop: &AtomicBool, streams: &mut [
                     ("gap", Some(i)) => streams[i].on_gap(ctx, &v),
                     ("subscribed", Some(i)) => {
                         *failures = 0;
-                        let since = pending.remove(&i).flatten();
+                        let since = match pending.remove(&i) {
+                            Some(since) => since,
+                            None => {
+                                // Not asked for on this connection: judged as
+                                // a recovery from where the stream is.
+                                ctx.violation(
+                                    super::checker::Kind::Protocol,
+                                    id,
+                                    streams[i].room,
+                                    format!("a `subscribed` no subscribe on this connection asked for: {v}"),
+                                    streams[i].recent(ctx),
+                                );
+                                streams[i].last
+                            }
+                        };
                         streams[i].on_subscribed(ctx, &v, since);
                     }
                     ("maintenance", _) => {

@@ -166,12 +166,13 @@ impl Faults {
             let (_, saved) = self.armed.take().expect("armed");
             return self.snapshot_restart(ctx, saved);
         }
-        let kinds: [(&str, u32); 6] = [
+        let kinds: [(&str, u32); 7] = [
             ("kill_node", 3),
             ("drain_node", 2),
             ("pubsub_kill", 2),
             ("failover", 2),
             ("cut", 3),
+            ("client_pause", 2),
             ("snapshot_save", 1),
         ];
         let total: u32 = kinds.iter().map(|k| k.1).sum();

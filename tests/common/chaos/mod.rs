@@ -98,7 +98,7 @@ pub struct Report {
 pub fn run(topology: &str, cfg: &Config) -> Report {
     let t_start = Instant::now();
     let dir = std::env::var("CORECAST_CHAOS_DIR")
-        .map(std::path::PathBuf::from)
+        .map(|d| std::path::PathBuf::from(d).join(topology))
         .unwrap_or_else(|_| std::env::temp_dir().join(format!("corecast-chaos-{}-{topology}", std::process::id())));
     std::fs::create_dir_all(&dir).expect("create the run's directory");
     eprintln!("chaos {topology}: {cfg:?}; logs in {}", dir.display());
