@@ -127,6 +127,7 @@ pub struct Faults {
     pub log: Vec<String>,
     /// An armed `snapshot_restart`: when, and the primaries that saved.
     armed: Option<(Instant, Vec<u16>)>,
+    deck: Vec<&'static str>,
     drain_secs: u64,
 }
 
@@ -140,6 +141,7 @@ impl Faults {
             counts: BTreeMap::new(),
             log: Vec::new(),
             armed: None,
+            deck: Vec::new(),
             drain_secs,
         }
     }
@@ -166,29 +168,23 @@ impl Faults {
             let (_, saved) = self.armed.take().expect("armed");
             return self.snapshot_restart(ctx, saved);
         }
-        let kinds: [(&str, u32); 7] = [
-            ("kill_node", 3),
-            ("drain_node", 2),
-            ("pubsub_kill", 2),
-            ("failover", 2),
-            ("cut", 3),
-            ("client_pause", 2),
-            ("snapshot_save", 1),
-        ];
-        let total: u32 = kinds.iter().map(|k| k.1).sum();
-        let mut pick = self.rng.u32(0..total);
-        let kind = kinds
-            .iter()
-            .find(|k| {
-                if pick < k.1 {
-                    true
-                } else {
-                    pick -= k.1;
-                    false
-                }
-            })
-            .expect("a kind")
-            .0;
+        // A shuffled deck rather than independent draws: every kind comes
+        // up in every round of 9 faults (~35 s), so a 2-minute run has each.
+        if self.deck.is_empty() {
+            self.deck = vec![
+                "kill_node",
+                "kill_node",
+                "drain_node",
+                "pubsub_kill",
+                "failover",
+                "cut",
+                "cut",
+                "client_pause",
+                "snapshot_save",
+            ];
+            self.rng.shuffle(&mut self.deck);
+        }
+        let kind = self.deck.pop().expect("a card");
         match kind {
             "kill_node" => self.kill_node(ctx),
             "drain_node" => self.drain_node(ctx),
