@@ -297,23 +297,25 @@ impl Faults {
             return self.note(ctx, "snapshot_restart", "no primary answers: skipped".into());
         }
         let port = pool[self.rng.usize(0..pool.len())];
-        let s = self.rig.server_mut(port);
-        let rdb = s.rdb_path();
+        let rdb = self.rig.server_mut(port).rdb_path();
         let rdb_age = std::fs::metadata(&rdb).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        // Noted first: what goes wrong from here on is this fault's.
+        self.note(
+            ctx,
+            "snapshot_restart",
+            format!(
+                "primary :{port} SIGKILLed and restarted from its RDB (written {:.1?} s ago)",
+                rdb_age.map(|d| d.as_secs_f64())
+            ),
+        );
+        let s = self.rig.server_mut(port);
         s.forget_replicaof();
         s.kill();
         s.restart();
         // What it came back as (a Sentinel may already have failed over).
         std::thread::sleep(Duration::from_millis(300));
         let r = role(self.rig.server_mut(port));
-        self.note(
-            ctx,
-            "snapshot_restart",
-            format!(
-                "primary :{port} SIGKILLed and restarted from its RDB (written {:?} ago); back as {r:?}",
-                rdb_age.map(|d| d.as_secs_f64())
-            ),
-        );
+        self.log.push(format!("[t={:7.2}s]    :{port} back as {r:?}", ctx.now()));
     }
 
     /// After the run: every node running and ready, the Redis topology
