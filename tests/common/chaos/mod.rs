@@ -192,7 +192,9 @@ pub fn run(topology: &str, cfg: &Config) -> Report {
     for p in &ctx.pause_until {
         p.store(0, Ordering::Relaxed);
     }
-    *ctx.last_fault.lock().unwrap() = format!("none since the faults stopped at t={:.1}s", ctx.now());
+    let last = ctx.last_fault.lock().unwrap().clone();
+    *ctx.last_fault.lock().unwrap() =
+        format!("none since the faults stopped at t={:.1}s (the last: {last})", ctx.now());
     eprintln!("chaos {topology}: faults over; healing");
 
     // ---- settle ----
@@ -247,11 +249,18 @@ pub fn run(topology: &str, cfg: &Config) -> Report {
         left = behind(&shared);
     }
     let settled_in = t_settle.elapsed().as_secs_f64();
+    stop_clients.store(true, Ordering::SeqCst);
+    let mut streams = Vec::new();
+    for c in clients {
+        streams.extend(c.join().expect("client thread"));
+    }
     for &i in &left {
         let (c, r, p) = &shared[i];
         let pos = *p.lock().unwrap();
         let (_, fo, fe) = fences[*r].as_ref().expect("a fence");
         let at = pos.map(|(e, o)| format!("{}:{o}", checker::short(&ctx.epoch_name(*r, e))));
+        let recent =
+            streams.iter().find(|s| s.client == *c && s.room == *r).map(|s| s.recent(&ctx)).unwrap_or_default();
         ctx.violation(
             Kind::NotCaughtUp,
             *c,
@@ -261,13 +270,8 @@ pub fn run(topology: &str, cfg: &Config) -> Report {
                 cfg.settle_secs,
                 checker::short(fe)
             ),
-            Vec::new(),
+            recent,
         );
-    }
-    stop_clients.store(true, Ordering::SeqCst);
-    let mut streams = Vec::new();
-    for c in clients {
-        streams.extend(c.join().expect("client thread"));
     }
     ctx.judge_switches();
 
