@@ -449,3 +449,25 @@ fn signal(pid: i32, sig: i32) {
     // SAFETY: plain syscall; the pid is our own child.
     unsafe { libc::kill(pid, sig) };
 }
+
+// ---- appended for the chaos run (tests/chaos.rs) ---------------------------------
+
+impl RedisServer {
+    /// Drops `--replicaof HOST PORT` from the arguments `restart` uses, so
+    /// that a server started as a replica comes back from a restart as a
+    /// primary (loading its RDB), as the Sentinel-managed primary it has
+    /// meanwhile become would.
+    pub fn forget_replicaof(&mut self) {
+        if let Some(i) = self.args.iter().position(|a| a == "--replicaof") {
+            self.args.drain(i..(i + 3).min(self.args.len()));
+        }
+    }
+
+    /// The RDB file `restart` loads (it exists once a `BGSAVE` or a full
+    /// sync as a replica wrote it): in /tmp, or the `--dir` the extra
+    /// arguments give (the Cluster rig's).
+    pub fn rdb_path(&self) -> PathBuf {
+        let dir = self.args.iter().rposition(|a| a == "--dir").and_then(|i| self.args.get(i + 1));
+        std::path::Path::new(dir.map(String::as_str).unwrap_or("/tmp")).join(self.rdb_name())
+    }
+}
