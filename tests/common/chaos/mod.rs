@@ -120,6 +120,10 @@ pub fn run(topology: &str, cfg: &Config) -> Report {
         &cfg.drain_secs.to_string(),
         "--outbound-queue-bytes",
         &cfg.outbound_queue_bytes.to_string(),
+        // The node refuses a queue that cannot hold its largest message
+        // (+ 512 bytes of envelope); the chaos messages are small.
+        "--max-message-bytes",
+        &(cfg.outbound_queue_bytes / 4).to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
