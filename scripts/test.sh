@@ -76,7 +76,7 @@ SKIP=(--skip chromium_chats_across_two_nodes)
 # test does not change with the monoio driver, and they are about a third
 # of a pass. Every other integration binary (new ones too) runs in both.
 ONE_DRIVER=(redis_cluster redis_cluster_mode redis_sentinel redis_several redis_topology_errors
-  redis_contract history_topologies history_nodes history_faults)
+  redis_contract history_topologies history_nodes history_faults history_epoch chaos)
 both_drivers=()
 for f in tests/*.rs; do
   t=$(basename "$f" .rs)
@@ -124,6 +124,15 @@ if command -v node >/dev/null; then
 else
   [ $QUICK = 1 ] || { echo "node is missing" >&2; exit 1; }
   echo "== JS client tests skipped (no node; scripts/test.sh without --quick installs it)"
+fi
+
+if [ $QUICK = 0 ]; then
+  # The chaos run (docs/chaos.md): 3 nodes on Redis Sentinel, then Cluster,
+  # 300 clients in 30 history rooms, a fault every few seconds; every
+  # client's stream is checked (silent losses, duplicates, order, lies).
+  # One minute of faults per topology here; long runs: scripts/chaos.sh --secs N.
+  echo "== chaos run (60 s per topology)"
+  bash scripts/chaos.sh --secs 60 --topology both
 fi
 
 if [ $QUICK = 0 ]; then
