@@ -859,6 +859,9 @@ fn plan_catch_up(
                 }
             }
         }
+        // Not covered, but where the room already is (the empty epoch read
+        // again: nothing was published since): nothing to announce twice.
+        Some(r) if last == Some(r.pos) => {}
         Some(r) => {
             last = Some(r.pos);
             steps.push(Step::Gap(r.pos));
@@ -1126,6 +1129,19 @@ mod tests {
         // Nothing held and no read: nothing to say.
         let (s, last) = plan_catch_up(Some(pos("a", 10)), Some(pos("a", 10)), None, vec![]);
         assert!(s.is_empty() && last == Some(pos("a", 10)));
+    }
+
+    #[test]
+    fn a_second_round_that_finds_the_same_empty_history_sends_no_second_gap() {
+        // Round one announced the history gone (the empty epoch); round two
+        // reads it again, unchanged: no gap twice, the held message goes out.
+        let none = Position { epoch: Epoch::NONE, offset: 0 };
+        let empty = ReadResult { pos: none, covered: false, entries: vec![], more: false };
+        let (s, last) = plan_catch_up(Some(none), Some(none), Some(empty.clone()), vec![]);
+        assert!(s.is_empty() && last == Some(none));
+        let (s, last) = plan_catch_up(Some(none), Some(none), Some(empty), vec![item("b", 1)]);
+        assert_eq!(steps(&s), ["b1"]);
+        assert_eq!(last, Some(pos("b", 1)));
     }
 
     #[test]
