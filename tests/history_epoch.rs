@@ -130,7 +130,7 @@ fn a_redis_restarted_from_an_older_snapshot_starts_new_epochs_and_recovers_no_ol
 
     // Before any new publish: the loaded history is not trusted, and
     // reading it changes nothing in Redis.
-    wait_until("the node is ready again", 30 * SECOND, || node.http_get("/readyz").0 == 200);
+    wait_until("the node is ready again, every link up", 30 * SECOND, || node.links_up());
     let mut probe = Client::connect(&node.ws_url("/ws"));
     let v = subscribe_since(&mut probe, "offline", Some(&held["offline"][9]));
     assert_eq!(v["recovered"], false, "{v}");

@@ -63,7 +63,7 @@ fn kill_parked_link(r: &RedisServer, a: &Server, id: &str) {
     assert_eq!(r.cli(&["CLIENT", "KILL", "ID", id]), "1", "the publisher link was killed");
     r.cli(&["CLIENT", "UNPAUSE"]);
     a.wait_until("a new publisher link", || pub_links(r).iter().any(|l| field(l, "id") != id));
-    a.wait_until("ready again", || a.http_get("/readyz").0 == 200);
+    a.wait_until("ready again, every link up", || a.links_up());
 }
 
 #[test]
@@ -252,7 +252,7 @@ fn trimmed_during_an_outage(outage: Outage) {
     let g = expect_event(&mut c, "a gap", Duration::from_secs(10));
     assert_eq!(g, json!({"ev":"gap","room":room,"epoch":last.epoch,"offset":52}));
     assert_eq!(sub_links(&mut admin), 1, "the gap came once the link was back");
-    a.wait_until("ready", || a.http_get("/readyz").0 == 200);
+    a.wait_until("ready, every link up", || a.links_up());
     c.expect_silence(Duration::from_millis(500));
     assert_eq!(a.metric("corecast_history_gaps_total"), gaps + 1.0);
     assert_eq!(a.metric("corecast_history_caught_up_total"), caught_up);

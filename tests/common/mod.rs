@@ -188,6 +188,13 @@ impl Server {
         self.http("GET", path, &[], b"")
     }
 
+    /// Every backplane link of the node is up: `/readyz` is 200 and not
+    /// degraded (a degraded node still answers 200 within its grace).
+    pub fn links_up(&self) -> bool {
+        let (st, body) = self.http_get("/readyz");
+        st == 200 && body == "ready\n"
+    }
+
     pub fn metrics(&self) -> String {
         let (st, body) = self.http_get("/metrics");
         assert_eq!(st, 200, "GET /metrics");
