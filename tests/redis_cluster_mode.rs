@@ -167,9 +167,7 @@ fn a_killed_primary_is_followed_to_its_promoted_replica_while_other_rooms_never_
     );
     assert!(t_healed - t_promoted < 5 * SECOND, "delivery resumed {:?} after the promotion", t_healed - t_promoted);
     assert!(saw_not_ready, "/readyz named the dead primary during the outage");
-    wait_until("/readyz is 200 again", 10 * SECOND, || {
-        n0.http_get("/readyz").0 == 200 && n1.http_get("/readyz").0 == 200
-    });
+    wait_until("every link back", 10 * SECOND, || n0.links_up() && n1.links_up());
     assert!(saw_links_down, "the metrics showed the dead primary's links down");
     // The promoted replica has both shards' links of each node.
     let heir = cluster.servers[owner_now(&cluster, "f-0")].port;
@@ -321,7 +319,7 @@ fn while_a_primary_is_down_only_its_rooms_are_refused_and_subscribed_still_means
     cluster.servers[victim].restart();
     cluster.wait_ok(20 * SECOND);
     for n in [&n0, &n1] {
-        wait_until("/readyz is 200 again", 10 * SECOND, || n.http_get("/readyz").0 == 200);
+        wait_until("every link back", 10 * SECOND, || n.links_up());
     }
     wait_until("the dead room's subscription is back", 5 * SECOND, || {
         cluster.shardnumsub(victim, &format!("cc:room:{dead_room}")) == 1

@@ -79,7 +79,7 @@ fn every_node_reconnects_and_resubscribes_after_redis_restarts() {
 
     redis.restart();
     for n in [&n0, &n1] {
-        wait_until("/readyz is 200 again", 10 * SECOND, || readyz(n).0 == 200);
+        wait_until("every link back", 10 * SECOND, || n.links_up());
         assert!(n.metric("corecast_redis_reconnects_total") >= 2.0, "both links of the shards in use reconnected");
     }
     // Every channel still needed is back: the room (one shard per node) and both users.
@@ -117,7 +117,7 @@ fn a_paused_redis_fails_publishes_fast_and_the_nodes_recover_on_sigcont() {
 
     redis.resume();
     for n in [&n0, &n1] {
-        wait_until("/readyz is 200 again", 15 * SECOND, || readyz(n).0 == 200);
+        wait_until("every link back", 15 * SECOND, || n.links_up());
     }
     wait_until("the room's channel is back on both nodes", 5 * SECOND, || redis.numsub("cc:room:p") == 2);
     b.send_json(&json!({"op": "publish", "room": "p", "data": "back", "id": "y"}));
