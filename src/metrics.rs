@@ -291,6 +291,10 @@ pub struct Metrics {
     /// Open WebSocket connections on the whole node, for `--max-connections`:
     /// one atomic add at each upgrade and one at each close, never per message.
     pub node_connections: AtomicUsize,
+    /// The node is draining: set by the signal handler before any shard
+    /// gets its `Drain`, so every shard's `/readyz` and upgrades say so at
+    /// once, whichever shard a request lands on.
+    pub node_draining: std::sync::atomic::AtomicBool,
     /// Per Redis server: how many shards have their links to it up.
     pub redis_nodes: RedisNodes,
     /// Each shard's liveness tick (`Liveness`), checked by `/healthz`.
@@ -380,6 +384,7 @@ impl Metrics {
         Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             node_connections: AtomicUsize::new(0),
+            node_draining: std::sync::atomic::AtomicBool::new(false),
             redis_nodes: RedisNodes::default(),
             liveness: Liveness::new(shards),
         }

@@ -38,6 +38,7 @@ pub struct Node {
     control: Arc<[InboxSender]>,
     exits: Receiver<(String, anyhow::Result<()>)>,
     shards: usize,
+    metrics: Arc<Metrics>,
 }
 
 /// Starts every shard and returns once they are accepting.
@@ -94,15 +95,13 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
     for _ in 0..n {
         ready_rx.recv().context("a shard died during start-up")??;
     }
-    Ok(Node { addr, admin_addr, control, exits, shards: n })
+    Ok(Node { addr, admin_addr, control, exits, shards: n, metrics })
 }
 
 impl Node {
     /// Asks every shard to drain (PROTOCOL.md §5).
     pub fn drain(&self) {
-        for p in self.control.iter() {
-            let _ = p.send_wait(ShardMsg::Drain);
-        }
+        start_drain(&self.metrics, &self.control);
     }
 
     /// Waits for every shard to finish; fails as soon as one fails.
@@ -127,7 +126,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(a) = node.admin_addr {
         println!("corecast admin listening on {a}");
     }
-    let control = node.control.clone();
+    let (control, metrics) = (node.control.clone(), node.metrics.clone());
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("install signal handlers")?;
     thread::Builder::new().name("signals".into()).spawn(move || {
         let mut seen = 0;
@@ -135,9 +134,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             seen += 1;
             if seen == 1 {
                 info!(signal = sig, "draining");
-                for p in control.iter() {
-                    let _ = p.send_wait(ShardMsg::Drain);
-                }
+                start_drain(&metrics, &control);
             } else {
                 warn!("second signal: exiting now");
                 // The log writer is non-blocking and exit does not wait for
@@ -154,6 +151,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         Err(e) => error!("{e:#}"),
     }
     r
+}
+
+/// The node-wide flag first (every shard's `/readyz` is 503 from now on,
+/// whichever shard answers), then each shard's `Drain`.
+fn start_drain(metrics: &Metrics, control: &[InboxSender]) {
+    metrics.node_draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in control {
+        let _ = p.send_wait(ShardMsg::Drain);
+    }
 }
 
 // One argument per thing the shard thread takes ownership of.

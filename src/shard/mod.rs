@@ -133,8 +133,9 @@ impl Shard {
         &self.inbox
     }
 
+    /// This shard drains, or the node has started to (`Node::drain`).
     pub fn is_draining(&self) -> bool {
-        self.draining.get()
+        self.draining.get() || self.metrics.node_draining.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Is `conn` still this shard's open connection (not closed and replaced)?
