@@ -417,18 +417,18 @@ impl ShardHistory {
         };
         let page = page_of(&r);
         let f = Feed { conn: conn.clone(), room: Arc::from(room), token, settings, cursor, top: r.pos, page, at: 0 };
-        self.start_feed(shard, f)
+        self.start_feed(shard, f);
+        Ok(())
     }
 
     /// Feeds `f` as far as the member's queue allows now; the rest in a
     /// task (`feed`).
-    fn start_feed(self: &Rc<Self>, shard: &Rc<Shard>, mut f: Feed) -> Result<(), Unavailable> {
+    fn start_feed(self: &Rc<Self>, shard: &Rc<Shard>, mut f: Feed) {
         let next = self.pump(shard, &mut f);
         if !matches!(next, Pump::Done | Pump::Gone) {
             shard.m().history_feeds_total.inc();
             monoio::spawn(feed(self.clone(), shard.clone(), f, next));
         }
-        Ok(())
     }
 
     /// Publishes into a history room and resolves to the message's position
@@ -1011,7 +1011,7 @@ async fn catch_up(h: Rc<ShardHistory>, shard: Rc<Shard>, room: Arc<str>) {
         }
         let again = h.rooms.borrow().get(&room).is_some_and(|st| st.catching_up);
         for f in feeds {
-            let _ = h.start_feed(&shard, f);
+            h.start_feed(&shard, f);
         }
         if !again {
             return;

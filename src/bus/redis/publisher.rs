@@ -111,10 +111,14 @@ impl Publisher {
         put: impl FnOnce(&mut BytesMut),
         on_reply: Option<ReplyFn>,
     ) -> Result<(), Unavailable> {
+        self.owner_link(channel)?.queue(put, 0, on_reply).map_err(|(u, _)| u)
+    }
+
+    /// The link to the primary that owns `channel`'s slot, if it has one.
+    fn owner_link(&self, channel: &[u8]) -> Result<Rc<NodeLink>, Unavailable> {
         self.sync_view();
         let owner = self.view.borrow().owner(channel).ok_or(Unavailable)?;
-        let link = self.links.borrow().get(owner).cloned().ok_or(Unavailable)?;
-        link.queue(put, 0, on_reply).map_err(|(u, _)| u)
+        self.links.borrow().get(owner).cloned().ok_or(Unavailable)
     }
 
     /// Like `send_to_owner`, with the run id of the owner's Redis process
@@ -128,10 +132,7 @@ impl Publisher {
         put: impl FnOnce(&mut BytesMut),
         on_reply: Option<ReplyFn>,
     ) -> Result<(), Unavailable> {
-        self.sync_view();
-        let owner = self.view.borrow().owner(channel).ok_or(Unavailable)?;
-        let link = self.links.borrow().get(owner).cloned().ok_or(Unavailable)?;
-        link.queue_stamped(put, 0, on_reply).map_err(|(u, _)| u)
+        self.owner_link(channel)?.queue_stamped(put, 0, on_reply).map_err(|(u, _)| u)
     }
 
     /// A `MOVED`/`ASK` reply: sends `cmd` on to the node it names, if we
