@@ -298,7 +298,8 @@ impl Drop for Sentinel {
 }
 
 /// One primary, one replica, three sentinels watching them (quorum 2,
-/// `down-after-milliseconds` 1000, `failover-timeout` 3000).
+/// `down-after-milliseconds` 2000, `failover-timeout` 3000; 1000 ms once let
+/// a loaded CI box see the just-promoted replica as down and fail back).
 pub struct SentinelSetup {
     pub primary: RedisServer,
     pub replica: RedisServer,
@@ -387,7 +388,7 @@ pub fn start_sentinel(dir: &TempDir, i: usize, primary: u16) -> Sentinel {
             &conf,
             format!(
                 "port {port}\nbind 127.0.0.1\ndir {}\nlogfile {}\nsentinel monitor {MASTER} 127.0.0.1 {primary} 2\n\
-                 sentinel down-after-milliseconds {MASTER} 1000\nsentinel failover-timeout {MASTER} 3000\n\
+                 sentinel down-after-milliseconds {MASTER} 2000\nsentinel failover-timeout {MASTER} 3000\n\
                  sentinel parallel-syncs {MASTER} 1\n",
                 dir.0.display(),
                 dir.file(&format!("sentinel-{i}.log")),
