@@ -265,6 +265,13 @@ shard_metrics! {
     deflate_messages_in_total: "counter", "Compressed messages received and inflated.";
     http_sockets: "gauge", "Client sockets in the HTTP phase (accepted, not yet upgraded nor closed), held to --max-handshakes-per-shard per shard.";
     http_sockets_refused_total: "counter", "Connections closed at accept because the shard held --max-handshakes-per-shard sockets in the HTTP phase.";
+    presence_rooms: "gauge", "Presence rooms this shard writes counts in (with Redis: its entries in the writer's room set).";
+    presence_rooms_owned: "gauge", "Standalone: presence rooms whose authority is this shard (members kept in memory).";
+    presence_events_total: "counter", "join and leave events this shard published (each once for the cluster).";
+    presence_commands_total: "counter", "Presence scripts sent to Redis (writes batched per turn and room, reads, leases, reaps).";
+    presence_reaped_total: "counter", "Presence writers whose lease lapsed (a node crashed or was cut off) reaped by this shard.";
+    presence_resyncs_total: "counter", "Times this shard wrote all its presence again after finding its lease gone (reaped while away).";
+    namespace_digests: "gauge", "Distinct [[namespace]] tables among the nodes sharing this Redis, as this shard last saw them (more than 1: a mismatch, PROTOCOL.md §10).";
     panics_total: "counter", "Panics caught in a connection's task: that connection was closed, the node went on (docs/operations.md: Panic policy).";
 }
 

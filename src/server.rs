@@ -116,10 +116,6 @@ impl Node {
 
 /// Runs a node until SIGTERM/SIGINT has drained it.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
-    for ns in cfg.namespaces.inert_keys() {
-        // Parsed and checked (PROTOCOL.md §10), not acted on by this version.
-        tracing::warn!(namespace = %ns, "namespace keys not acted on yet (presence and publish policies)");
-    }
     let node = start(cfg)?;
     // Printed on stdout for scripts and tests that start us on port 0.
     println!("corecast listening on {}", node.addr);

@@ -88,6 +88,12 @@ const ECHO: u16 = 128;
 /// In its frame loop: registered with the shard's poller for reads, which
 /// hands it to `reader::on_readable` (`reader::start` .. the loop's end).
 const POLLED: u16 = 256;
+/// It published into a room whose namespace has `deliver_to_publisher =
+/// false` and its message has not come back yet (`Conn::expect_own`).
+const OWN: u16 = 512;
+/// At most this many own messages are awaited at once (the oldest is
+/// forgotten: its echo, should it still come, is delivered).
+const OWN_MAX: usize = 32;
 
 /// What the WebSocket loop serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +141,9 @@ pub struct Conn {
     pub(crate) limits: limits::Limits,
     /// History reads in flight and their rate (`history::budget`).
     pub(crate) hist: limits::ReadBudget,
+    /// The JSON prefixes of its own messages it must not get back
+    /// (§10 `deliver_to_publisher = false`); `None` for everyone else.
+    own: Cell<Option<Box<Vec<bytes::Bytes>>>>,
 }
 
 impl Conn {
@@ -152,6 +161,7 @@ impl Conn {
             grant: Cell::new(None),
             limits: limits::Limits::default(),
             hist: Default::default(),
+            own: Cell::new(None),
         }
     }
 
@@ -190,6 +200,39 @@ impl Conn {
     /// auth off.
     pub fn allows(&self, room: &str) -> bool {
         self.with_grant(|g| g.is_none_or(|g| g.allows(room)))
+    }
+
+    /// Its next message whose JSON starts with `prefix` (the message event
+    /// up to its `data`, before any position) is not delivered to it.
+    pub(crate) fn expect_own(&self, prefix: bytes::Bytes) {
+        let mut own = self.own.take().unwrap_or_default();
+        if own.len() == OWN_MAX {
+            own.remove(0);
+        }
+        own.push(prefix);
+        self.own.set(Some(own));
+        self.set(OWN);
+    }
+
+    /// Is `frame` (a plain server frame) one of its own awaited messages?
+    /// Then it is taken off the list: the caller skips it.
+    #[inline]
+    pub(crate) fn is_own(&self, frame: &bytes::Bytes) -> bool {
+        if !self.has(OWN) {
+            return false;
+        }
+        let Some(mut own) = self.own.take() else { return false };
+        let json = crate::protocol::event::json_of(frame);
+        let hit = own.iter().position(|p| json.starts_with(p));
+        if let Some(i) = hit {
+            own.remove(i);
+        }
+        if own.is_empty() {
+            self.clear(OWN);
+        } else {
+            self.own.set(Some(own));
+        }
+        hit.is_some()
     }
 
     pub fn user(&self) -> Option<Rc<str>> {

@@ -108,9 +108,13 @@ pub async fn serve(svc: &Rc<Services>, conn: &Rc<Conn>, kept: &mut BytesMut) -> 
                 };
                 routes::publish(svc, &head, &body).await
             }
+            (&Method::GET, "/api/presence") if admin_routes => routes::presence(svc, &head, false).await,
+            (&Method::GET, "/api/presence_stats") if admin_routes => routes::presence(svc, &head, true).await,
             (_, "/healthz" | "/readyz") => Reply::text(405, "method not allowed\n"),
             (_, "/ws") if client_routes => Reply::text(405, "method not allowed\n"),
-            (_, "/metrics" | "/api/publish") if admin_routes => Reply::text(405, "method not allowed\n"),
+            (_, "/metrics" | "/api/publish" | "/api/presence" | "/api/presence_stats") if admin_routes => {
+                Reply::text(405, "method not allowed\n")
+            }
             _ => Reply::text(404, "not found\n"),
         };
         let reply = if keep_alive { reply } else { reply.close() };

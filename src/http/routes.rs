@@ -103,12 +103,12 @@ struct PublishBody<'a> {
     data: &'a RawValue,
 }
 
-pub async fn publish(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
+/// The rules of §4 for every server API call: never open on an
+/// authenticated node without an API key, and the key when one is set.
+fn refused(svc: &Rc<Services>, head: &Parts) -> Option<Reply> {
     let shard = svc.shard();
-    // Server-side publish is never open on an authenticated node (§4): with
-    // client auth on, it needs an API key.
     if shard.cfg.api_key.is_none() && shard.cfg.auth.is_some() {
-        return Reply::text(403, "POST /api/publish is off: client auth is on and no --api-key is set\n");
+        return Some(Reply::text(403, "the server API is off: client auth is on and no --api-key is set\n"));
     }
     if let Some(key) = &shard.cfg.api_key {
         let given = head
@@ -118,8 +118,55 @@ pub async fn publish(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
-            return Reply::text(401, "bad or missing API key\n").header("www-authenticate", "Bearer");
+            return Some(Reply::text(401, "bad or missing API key\n").header("www-authenticate", "Bearer"));
         }
+    }
+    None
+}
+
+/// `GET /api/presence?room=R[&after=U&limit=K]` and (`stats`)
+/// `GET /api/presence_stats?room=R` (§11): the ops' replies without `id`.
+pub async fn presence(svc: &Rc<Services>, head: &Parts, stats: bool) -> Reply {
+    if let Some(r) = refused(svc, head) {
+        return r;
+    }
+    let (mut room, mut after, mut limit) = (None, None, Some(crate::protocol::presence::DEFAULT_LIMIT));
+    for (k, v) in form_urlencoded::parse(head.uri.query().unwrap_or("").as_bytes()) {
+        match &*k {
+            "room" => room = Some(v.into_owned()),
+            "after" => after = Some(v.into_owned()),
+            "limit" => limit = v.parse::<usize>().ok().filter(|n| *n >= 1),
+            _ => {}
+        }
+    }
+    let Some(room) = room.filter(|r| is_valid_name(r)) else {
+        return json(400, r#"{"error":"bad_room","message":"give ?room= with a valid room name"}"#);
+    };
+    let Some(limit) = limit else {
+        return json(400, r#"{"error":"bad_request","message":"limit must be an integer from 1"}"#);
+    };
+    if after.as_deref().is_some_and(|a| !is_valid_name(a)) {
+        return json(400, r#"{"error":"bad_request","message":"after must be a valid user id"}"#);
+    }
+    if !svc.shard().cfg.namespaces.of(&room).presence {
+        return json(400, r#"{"error":"bad_request","message":"this room keeps no presence"}"#);
+    }
+    let read = crate::protocol::presence::Read {
+        after: after.map(Box::from),
+        limit: if stats { 0 } else { limit.min(crate::protocol::presence::MAX_LIMIT) },
+    };
+    match crate::services::presence::Presence::read(svc, &room, read).await {
+        Ok(page) => Reply::new(200, "application/json", event::json_of(&event::presence(&room, &page, stats, None))),
+        Err(_) => json(503, r#"{"error":"unavailable","message":"presence is unavailable, try again"}"#),
+    }
+}
+
+pub async fn publish(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
+    let shard = svc.shard();
+    // Server-side publish is never open on an authenticated node (§4): with
+    // client auth on, it needs an API key.
+    if let Some(r) = refused(svc, head) {
+        return r;
     }
     let Ok(req) = serde_json::from_slice::<PublishBody>(body) else {
         return json(400, r#"{"ok":false,"error":"expected {\"room\":R,\"data\":D} or {\"user\":U,\"data\":D}"}"#);

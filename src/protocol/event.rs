@@ -183,6 +183,43 @@ pub fn membership(ev: &'static str, room: &str, id: Option<&str>) -> Bytes {
     Builder::new(48 + room.len()).raw("{\"ev\":\"").raw(ev).raw("\",\"room\":").string(room).id(id).frame()
 }
 
+/// `{"ev":"presence","room":R,"clients":C,"users":N,"members":[{"user":U,"clients":k},…],"next":U,"id":..}`
+/// (§11); with `stats`, `presence_stats` without `members` and `next`.
+pub fn presence(room: &str, page: &super::presence::Page, stats: bool, id: Option<&str>) -> Bytes {
+    let size: usize = page.members.iter().map(|(u, _)| 32 + u.len()).sum();
+    let mut b = Builder::new(120 + room.len() + size)
+        .raw(if stats { "{\"ev\":\"presence_stats\",\"room\":" } else { "{\"ev\":\"presence\",\"room\":" })
+        .string(room)
+        .raw(",\"clients\":")
+        .raw(&page.clients.to_string())
+        .raw(",\"users\":")
+        .raw(&page.users.to_string());
+    if !stats {
+        b = b.raw(",\"members\":[");
+        for (i, (user, clients)) in page.members.iter().enumerate() {
+            b = b.raw(if i == 0 { "{\"user\":" } else { ",{\"user\":" });
+            b = b.string(user).raw(",\"clients\":").raw(&clients.to_string()).raw("}");
+        }
+        b = b.raw("]");
+        if let Some(next) = &page.next {
+            b = b.raw(",\"next\":").string(next);
+        }
+    }
+    b.id(id).frame()
+}
+
+/// `{"ev":"join","room":R,"user":U}` or `leave` (§11).
+pub fn join_leave(ev: &'static str, room: &str, user: &str) -> Bytes {
+    Builder::new(48 + room.len() + user.len())
+        .raw("{\"ev\":\"")
+        .raw(ev)
+        .raw("\",\"room\":")
+        .string(room)
+        .raw(",\"user\":")
+        .string(user)
+        .frame()
+}
+
 /// `{"ev":"ack","id":..}` or `{"ev":"pong","id":..}`.
 pub fn reply(ev: &'static str, id: Option<&str>) -> Bytes {
     Builder::new(32).raw("{\"ev\":\"").raw(ev).raw("\"").id(id).frame()

@@ -36,6 +36,9 @@ struct Wire<'a> {
     /// §7: how many messages a `history` op wants.
     #[serde(borrow, default)]
     limit: Option<&'a RawValue>,
+    /// §11: the member id a `presence` page starts after.
+    #[serde(borrow, default)]
+    after: Option<Cow<'a, str>>,
 }
 
 /// `since` as it must be: an object with a string `epoch` and an unsigned
@@ -84,6 +87,16 @@ pub enum ClientOp<'a> {
         room: Cow<'a, str>,
         limit: usize,
         since: Option<Since>,
+    },
+    /// §11: a page of the room's members (`limit` 1..=10000, default 1000).
+    Presence {
+        room: Cow<'a, str>,
+        after: Option<Cow<'a, str>>,
+        limit: usize,
+    },
+    /// §11: the room's counts.
+    PresenceStats {
+        room: Cow<'a, str>,
     },
 }
 
@@ -159,6 +172,23 @@ impl<'a> ClientOp<'a> {
                 };
                 ClientOp::History { room: room(wire.room)?, limit, since }
             }
+            "presence" => {
+                let limit = match wire.limit {
+                    None => super::presence::DEFAULT_LIMIT,
+                    Some(raw) => match raw.get().parse::<u64>() {
+                        Ok(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX).min(super::presence::MAX_LIMIT),
+                        _ => return err(ErrorCode::BadRequest, "\"limit\" must be an integer from 1", id),
+                    },
+                };
+                let after = match wire.after {
+                    Some(a) if !is_valid_name(&a) => {
+                        return err(ErrorCode::BadRequest, "\"after\" must be a valid user id", id);
+                    }
+                    a => a,
+                };
+                ClientOp::Presence { room: room(wire.room)?, after, limit }
+            }
+            "presence_stats" => ClientOp::PresenceStats { room: room(wire.room)? },
             "unsubscribe" => ClientOp::Unsubscribe { room: room(wire.room)? },
             "publish" => ClientOp::Publish { room: room(wire.room)?, data: data(wire.data)? },
             "send" => {
@@ -198,6 +228,22 @@ mod tests {
         assert_eq!(op, ClientOp::Unsubscribe { room: "A".into() });
         let (op, id) = ClientOp::parse(br#"{"op":"refresh","token":"a.b.c","id":2}"#).unwrap();
         assert_eq!((op, id), (ClientOp::Refresh { token: "a.b.c".into() }, Some("2")));
+    }
+
+    #[test]
+    fn presence_ops_parse_as_section_11_says() {
+        let (op, id) = ClientOp::parse(br#"{"op":"presence","room":"r","id":3}"#).unwrap();
+        assert_eq!(op, ClientOp::Presence { room: "r".into(), after: None, limit: 1000 });
+        assert_eq!(id, Some("3"));
+        let (op, _) = ClientOp::parse(br#"{"op":"presence","room":"r","after":"bob","limit":50000}"#).unwrap();
+        assert_eq!(op, ClientOp::Presence { room: "r".into(), after: Some("bob".into()), limit: 10_000 });
+        let (op, _) = ClientOp::parse(br#"{"op":"presence_stats","room":"r"}"#).unwrap();
+        assert_eq!(op, ClientOp::PresenceStats { room: "r".into() });
+        let code = |s: &[u8]| ClientOp::parse(s).unwrap_err().code;
+        assert_eq!(code(br#"{"op":"presence","room":"r","limit":0}"#), ErrorCode::BadRequest);
+        assert_eq!(code(br#"{"op":"presence","room":"r","limit":"x"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(br#"{"op":"presence","room":"r","after":"a b"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(br#"{"op":"presence_stats"}"#), ErrorCode::BadRoom);
     }
 
     #[test]

@@ -141,7 +141,7 @@ fn sweep(shard: &Rc<Shard>, now: u64) {
 /// The `refresh` op: a fresh token for the same user replaces the grant
 /// (expiry and rooms). Subscriptions the new `rooms` claim no longer allows
 /// are left, each with an `unsubscribed` event (no `id`).
-pub fn refresh(svc: &Services, conn: &Rc<Conn>, me: &str, token: &str, id: Option<&str>) -> Result<(), ErrorCode> {
+pub fn refresh(svc: &Rc<Services>, conn: &Rc<Conn>, me: &str, token: &str, id: Option<&str>) -> Result<(), ErrorCode> {
     let shard = svc.shard();
     let Some(verifier) = shard.cfg.auth.as_deref() else {
         return Err(ErrorCode::BadRequest);

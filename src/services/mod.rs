@@ -9,6 +9,7 @@
 //!   connections coming and going, the inbox dispatch, readiness.
 //! - `ops.rs` — the client ops on `/ws` (PROTOCOL.md §2).
 //! - `expiry.rs` — token expiry and the `refresh` op.
+//! - `presence/` — who is in a room, join/leave (§11).
 //!
 //! In: client ops (`session` → `ops`), HTTP calls (`http`), inbox messages.
 //! Out: `Shard` membership and fan-out, `Bus` publishes and interest,
@@ -16,6 +17,7 @@
 
 pub mod expiry;
 pub mod ops;
+pub mod presence;
 
 use std::rc::Rc;
 
@@ -39,6 +41,8 @@ pub struct Services {
     /// store chosen here, once: the owner shards' rings on the local bus, the
     /// Redis history link with Redis.
     history: Option<Rc<ShardHistory>>,
+    /// Presence (§11) of the rooms whose namespace keeps it.
+    presence: presence::Presence,
 }
 
 impl Services {
@@ -54,7 +58,10 @@ impl Services {
             let share = shard.cfg.history_max_bytes / shard.cfg.shards();
             Rc::new(ShardHistory::new(Epoch::node(), store, bus.clone(), share))
         });
-        Rc::new(Services { shard, bus, history })
+        let presence = presence::Presence::new(&shard, &bus);
+        let svc = Rc::new(Services { shard, bus, history, presence });
+        presence::Presence::start(&svc);
+        svc
     }
 
     pub fn shard(&self) -> &Rc<Shard> {
@@ -80,7 +87,7 @@ impl Services {
     // ---- connections ------------------------------------------------------------
 
     /// The connection finished its WebSocket handshake as `user`.
-    pub fn upgraded(&self, conn: &Rc<Conn>, user: Rc<str>) {
+    pub fn upgraded(self: &Rc<Self>, conn: &Rc<Conn>, user: Rc<str>) {
         if self.shard.upgraded(conn, user.clone()) {
             self.bus.interest(&self.shard, Target::User(&user), true);
         }
@@ -89,8 +96,17 @@ impl Services {
     /// The connection is gone: it leaves its rooms and its user entry, and
     /// the rooms and user it was the last member of leave the bus (and the
     /// history's per-room state).
-    pub fn remove_conn(&self, conn: &Rc<Conn>) {
+    pub fn remove_conn(self: &Rc<Self>, conn: &Rc<Conn>) {
+        // Its presence rooms, before the shard forgets them.
+        let ns = &self.shard.cfg.namespaces;
+        let presence: Vec<Rc<str>> =
+            conn.with_rooms(|rooms| rooms.iter().filter(|r| ns.of(r).presence).cloned().collect());
         let left = self.shard.remove_conn(conn);
+        if let Some(user) = conn.user() {
+            for room in &presence {
+                presence::Presence::touch(self, room, &user);
+            }
+        }
         for room in &left.rooms {
             self.room_left(room);
         }
@@ -103,9 +119,12 @@ impl Services {
 
     /// `conn` joins `room`; the room's first member on this shard reaches the
     /// bus (interest bit, SUBSCRIBE) before any reply to the member is queued.
-    fn join(&self, conn: &Rc<Conn>, room: &str) {
+    fn join(self: &Rc<Self>, conn: &Rc<Conn>, room: &str) {
         if self.shard.subscribe(conn, room) {
             self.bus.interest(&self.shard, Target::Room(room), true);
+        }
+        if let Some(user) = conn.user() {
+            presence::Presence::touch(self, room, &user);
         }
     }
 
@@ -114,13 +133,16 @@ impl Services {
     /// failed): a recovery still pending for it is dropped, a `subscribed`
     /// still held for it goes out first, and the room's last member here
     /// takes the room off the bus and out of the history's state.
-    pub fn leave(&self, conn: &Rc<Conn>, room: &str) {
+    pub fn leave(self: &Rc<Self>, conn: &Rc<Conn>, room: &str) {
         if let Some(h) = &self.history {
             h.forget(conn, room);
         }
         self.bus.before_leave(&self.shard, conn, room);
         if self.shard.unsubscribe(conn, room) {
             self.room_left(room);
+        }
+        if let Some(user) = conn.user() {
+            presence::Presence::touch(self, room, &user);
         }
     }
 
@@ -220,7 +242,7 @@ impl Services {
         }
     }
 
-    fn on_msg(&self, msg: ShardMsg) {
+    fn on_msg(self: &Rc<Self>, msg: ShardMsg) {
         let shard = &self.shard;
         shard.m().inbox_messages_total.inc();
         match msg {
@@ -236,7 +258,12 @@ impl Services {
                 if let Some(h) = &self.history {
                     h.on_link(shard, up);
                 }
+                if up {
+                    // Whatever Redis lost meanwhile: our counts are absolute.
+                    presence::Presence::resync(self);
+                }
             }
+            ShardMsg::Presence(msg) => presence::Presence::on_msg(self, *msg),
             ShardMsg::History(msg) => {
                 if let Some(h) = &self.history {
                     crate::history::local::handle(shard, h, *msg);

@@ -241,6 +241,31 @@ impl Shard {
         change.edge
     }
 
+    /// How many of `user`'s connections on this shard are in `room`
+    /// (presence counts it per shard; usually one or two connections).
+    pub fn user_conns_in(&self, user: &str, room: &str) -> u32 {
+        let conns = self.conns.borrow();
+        let users = self.users.borrow();
+        let in_room = |c: &Rc<Conn>| c.with_rooms(|rs| rs.iter().any(|r| &**r == room));
+        users.conns(user).iter().filter(|id| conns.get(**id as usize).is_some_and(in_room)).count() as u32
+    }
+
+    /// Every (room, user) with a connection on this shard, for rooms `keep`
+    /// picks: what presence writes again after the backplane came back.
+    pub fn room_users(&self, keep: impl Fn(&str) -> bool) -> Vec<(Rc<str>, Rc<str>)> {
+        let conns = self.conns.borrow();
+        let rooms = self.rooms.borrow();
+        let mut out = Vec::new();
+        for name in rooms.names().filter(|n| keep(n)) {
+            for id in rooms.members(name).into_iter().flatten() {
+                if let Some(user) = conns.get(*id as usize).and_then(|c| c.user()) {
+                    out.push((name.clone(), user));
+                }
+            }
+        }
+        out
+    }
+
     // ---- fan-out ---------------------------------------------------------------
 
     /// Like `deliver`, and if any local member got the frame, records the
@@ -411,6 +436,10 @@ impl Shard {
 /// message has a compressed form.
 #[inline]
 fn push_maybe_compressed(io: &ShardIo, c: &Rc<Conn>, z: &mut crate::ws::deflate::Lazy<'_>) {
+    // Its own message, in a room that does not deliver to the publisher (§10).
+    if c.is_own(z.plain()) {
+        return;
+    }
     let agreed = c.deflate();
     let f = z.frame_for(agreed, || io.m().deflate_compressions_total.inc());
     if agreed.is_on() && f[0] & 0x40 != 0 {
