@@ -143,6 +143,8 @@ pub struct Conn {
     pub(crate) hist: limits::ReadBudget,
     /// The JSON prefixes of its own messages it must not get back
     /// (§10 `deliver_to_publisher = false`); `None` for everyone else.
+    /// Boxed: one pointer per connection, not a `Vec`'s three words.
+    #[allow(clippy::box_collection)]
     own: Cell<Option<Box<Vec<bytes::Bytes>>>>,
 }
 
