@@ -439,3 +439,20 @@ fn the_publisher_does_not_get_its_own_message_where_configured() {
     let redis = RedisServer::start();
     no_echo(&nodes(2, Some(&redis.url()), &config(&dir)));
 }
+
+/// Nodes with different `[[namespace]]` tables on one Redis say so, in the
+/// log and in `/metrics` (§10); the same tables: 1.
+#[test]
+fn nodes_report_a_namespace_mismatch() {
+    let dir = TempDir::new("presence");
+    let redis = RedisServer::start();
+    let same = nodes(2, Some(&redis.url()), &config(&dir));
+    let digests = |s: &Server| s.metric("corecast_namespace_digests{shard=\"0\"}");
+    same[0].wait_until("the leases compared", || digests(&same[0]) == 1.0 && digests(&same[1]) == 1.0);
+    let other = dir.file("other.toml");
+    std::fs::write(&other, "[[namespace]]\nprefix = \"who:\"\npresence = false\n").unwrap();
+    let odd = start_server(&["--shards", "1", "--config", &other, "--redis", &redis.url()]);
+    same[0].wait_until("a mismatch is seen", || digests(&same[0]) == 2.0);
+    odd.wait_until("and by the odd node", || digests(&odd) == 2.0);
+    assert!(same[0].logs().contains("different [[namespace]] tables"), "{}", same[0].logs());
+}
