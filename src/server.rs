@@ -223,7 +223,7 @@ fn run_shard(
             monoio::spawn(shard.clone().run_peer_wakes());
             monoio::spawn(shard.clone().run_close_reaper());
             monoio::spawn(crate::shard::heartbeat::run(shard.clone()));
-            let svc = Services::new(shard.clone(), bus);
+            let svc = Services::new(shard.clone(), bus, None);
             if let Some(h) = svc.history()
                 && shard.cfg.redis.is_none()
             {

@@ -46,7 +46,9 @@ pub struct Services {
 }
 
 impl Services {
-    pub fn new(shard: Rc<Shard>, bus: Bus) -> Rc<Services> {
+    /// `hooks`: where presence's webhook transitions go (`--webhook-url`),
+    /// and their debounce.
+    pub fn new(shard: Rc<Shard>, bus: Bus, hooks: Option<(presence::Hooks, std::time::Duration)>) -> Rc<Services> {
         let bus = Rc::new(bus);
         // History state exists only where a namespace (or the default)
         // keeps history (PROTOCOL.md §10).
@@ -58,7 +60,7 @@ impl Services {
             let share = shard.cfg.history_max_bytes / shard.cfg.shards();
             Rc::new(ShardHistory::new(Epoch::node(), store, bus.clone(), share))
         });
-        let presence = presence::Presence::new(&shard, &bus);
+        let presence = presence::Presence::new(&shard, &bus, hooks);
         let svc = Rc::new(Services { shard, bus, history, presence });
         presence::Presence::start(&svc);
         svc
@@ -91,6 +93,7 @@ impl Services {
         if self.shard.upgraded(conn, user.clone()) {
             self.bus.interest(&self.shard, Target::User(&user), true);
         }
+        presence::Presence::touch_user(self, &user);
     }
 
     /// The connection is gone: it leaves its rooms and its user entry, and
@@ -106,6 +109,7 @@ impl Services {
             for room in &presence {
                 presence::Presence::touch(self, room, &user);
             }
+            presence::Presence::touch_user(self, &user);
         }
         for room in &left.rooms {
             self.room_left(room);

@@ -250,6 +250,16 @@ impl Shard {
         users.conns(user).iter().filter(|id| conns.get(**id as usize).is_some_and(in_room)).count() as u32
     }
 
+    /// How many connections `user` has on this shard.
+    pub fn user_conns(&self, user: &str) -> u32 {
+        self.users.borrow().conns(user).len() as u32
+    }
+
+    /// Every user with a connection on this shard.
+    pub fn users(&self) -> Vec<Rc<str>> {
+        self.users.borrow().names().cloned().collect()
+    }
+
     /// Every (room, user) with a connection on this shard, for rooms `keep`
     /// picks: what presence writes again after the backplane came back.
     pub fn room_users(&self, keep: impl Fn(&str) -> bool) -> Vec<(Rc<str>, Rc<str>)> {

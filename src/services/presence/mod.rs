@@ -53,7 +53,7 @@ use std::time::Duration;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use self::table::{Change, Table};
+use self::table::{Change, Flags, Table};
 use super::Services;
 use crate::history::ring::owner_of;
 use crate::protocol::presence::{Count, Msg, Page, Read};
@@ -70,6 +70,29 @@ const RETRY: Duration = Duration::from_millis(10);
 /// few calls, each short enough not to stall Redis).
 const BATCH_USERS: usize = 500;
 
+/// A user's pseudo-room: `#U` counts U's connections (any room), for the
+/// `user_online`/`user_offline` webhooks. `#` is no room-name character.
+const USER_ROOM: &str = "#";
+
+/// What the webhooks hear (PROTOCOL.md §11), each once per transition for
+/// the cluster, debounced where the protocol says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    UserOnline,
+    UserOffline,
+    RoomOccupied,
+    RoomVacated,
+}
+
+/// Where the hooks go (`server` wires the node's webhook sender).
+pub type Hooks = Rc<dyn Fn(Hook, &str)>;
+
+/// The token of a leave or vacated owed after a wait.
+pub(crate) enum Owed {
+    Local(u64),
+    Redis(String),
+}
+
 /// One per shard, in `Services`.
 pub struct Presence {
     /// (room, user) whose count on this shard changed since the last flush.
@@ -80,6 +103,10 @@ pub struct Presence {
     /// in its Redis room set until they are over.
     timers: RefCell<FxHashMap<Rc<str>, u32>>,
     store: Store,
+    /// With `--webhook-url`: users' online/offline and presence rooms'
+    /// occupied/vacated go here, after `debounce` for the "gone" ones.
+    hooks: Option<Hooks>,
+    debounce: Duration,
 }
 
 enum Store {
@@ -93,7 +120,8 @@ enum Store {
 }
 
 impl Presence {
-    pub fn new(shard: &crate::shard::Shard, bus: &crate::bus::Bus) -> Presence {
+    /// `hooks`: where the webhook transitions go, and their debounce.
+    pub fn new(shard: &crate::shard::Shard, bus: &crate::bus::Bus, hooks: Option<(Hooks, Duration)>) -> Presence {
         let store = match bus {
             crate::bus::Bus::Local => Store::Local { table: RefCell::default(), waiting: RefCell::default() },
             crate::bus::Bus::Redis(r) => Store::Redis(redis::PresenceLink::new(r, &shard.cfg.namespaces)),
@@ -104,6 +132,8 @@ impl Presence {
             next_token: Cell::new(1),
             timers: RefCell::default(),
             store,
+            debounce: hooks.as_ref().map_or(Duration::ZERO, |h| h.1),
+            hooks: hooks.map(|h| h.0),
         }
     }
 
@@ -120,6 +150,15 @@ impl Presence {
         t
     }
 
+    /// A connection of `user` opened or closed on this shard (the
+    /// `user_online`/`user_offline` hooks count them, when on).
+    pub fn touch_user(svc: &Rc<Services>, user: &Rc<str>) {
+        if svc.presence.hooks.is_some() {
+            svc.presence.dirty.borrow_mut().insert((Rc::from(format!("{USER_ROOM}{user}")), user.clone()));
+            Self::schedule(svc, Duration::ZERO);
+        }
+    }
+
     /// `user`'s connections on this shard in `room` may have changed.
     pub fn touch(svc: &Rc<Services>, room: &str, user: &Rc<str>) {
         if !svc.shard.cfg.namespaces.of(room).presence {
@@ -133,7 +172,10 @@ impl Presence {
     /// backplane came back, or our lease was found gone (reaped).
     pub fn resync(svc: &Rc<Services>) {
         let ns = &svc.shard.cfg.namespaces;
-        let all = svc.shard.room_users(|room| ns.of(room).presence);
+        let mut all = svc.shard.room_users(|room| ns.of(room).presence);
+        if svc.presence.hooks.is_some() {
+            all.extend(svc.shard.users().into_iter().map(|u| (Rc::from(format!("{USER_ROOM}{u}")), u)));
+        }
         if let Store::Redis(link) = &svc.presence.store {
             link.forget_registered();
         }
@@ -171,7 +213,10 @@ impl Presence {
         let dirty = std::mem::take(&mut *svc.presence.dirty.borrow_mut());
         let mut by_room: FxHashMap<Rc<str>, Vec<Count>> = FxHashMap::default();
         for (room, user) in dirty {
-            let n = svc.shard.user_conns_in(&user, &room);
+            let n = match room.starts_with(USER_ROOM) {
+                true => svc.shard.user_conns(&user),
+                false => svc.shard.user_conns_in(&user, &room),
+            };
             by_room.entry(room).or_default().push((Arc::from(&*user), n));
         }
         for (room, counts) in by_room {
@@ -206,34 +251,94 @@ impl Presence {
     /// Standalone owner: applies a writer's counts.
     fn apply(svc: &Rc<Services>, room: Arc<str>, writer: u32, counts: Vec<Count>) {
         let Store::Local { table, .. } = &svc.presence.store else { return };
-        let join_leave = svc.shard.cfg.namespaces.of(&room).join_leave;
-        let changes: Vec<Change> = {
+        let flags = svc.presence.flags(&svc.shard.cfg.namespaces, &room);
+        let mut changes = Vec::new();
+        {
             let mut t = table.borrow_mut();
-            let r = counts
-                .iter()
-                .filter_map(|(user, n)| t.set(&room, writer, user, *n, join_leave, svc.presence.token()))
-                .collect();
-            svc.shard.m().presence_rooms_owned.sub(svc.shard.m().presence_rooms_owned.get());
-            svc.shard.m().presence_rooms_owned.add(t.rooms() as u64);
-            r
-        };
-        for c in changes {
+            for (user, n) in &counts {
+                let mut out = Vec::new();
+                t.set(&room, writer, user, *n, flags, svc.presence.token(), &mut out);
+                changes.extend(out.into_iter().map(|c| (user.clone(), c)));
+            }
+            let owned = &svc.shard.m().presence_rooms_owned;
+            owned.sub(owned.get());
+            owned.add(t.rooms() as u64);
+        }
+        let room: Rc<str> = Rc::from(&*room);
+        for (user, c) in changes {
+            let user: Rc<str> = Rc::from(&*user);
             match c {
-                Change::Join(user) => Self::say(svc, "join", &room, &user),
-                Change::Zero(user, token) => {
-                    let (svc, room) = (svc.clone(), room.clone());
-                    let grace = svc.shard.cfg.namespaces.of(&room).presence_grace;
-                    monoio::spawn(async move {
-                        monoio::time::sleep(grace).await;
-                        let Store::Local { table, .. } = &svc.presence.store else { return };
-                        let due = table.borrow_mut().leave_due(&room, &user, token);
-                        if due {
-                            Self::say(&svc, "leave", &room, &user);
-                        }
-                    });
-                }
+                Change::Join(_) => Self::react(svc, &room, Some(&user), true),
+                Change::Occupied => Self::react(svc, &room, None, true),
+                Change::Zero(_, token) => Self::owe(svc, room.clone(), Some(user), Owed::Local(token)),
+                Change::Vacant(token) => Self::owe(svc, room.clone(), None, Owed::Local(token)),
             }
         }
+    }
+
+    /// What a room (or a user's pseudo-room) reports, as `flags`.
+    fn flags(&self, ns: &crate::config::Namespaces, room: &str) -> Flags {
+        if room.starts_with(USER_ROOM) {
+            return Flags { users: true, rooms: false };
+        }
+        Flags { users: ns.of(room).join_leave, rooms: self.hooks.is_some() }
+    }
+
+    /// A transition took effect: `user` (None: the room itself) came (`on`)
+    /// or went for good. Joins and leaves are published into the room;
+    /// users' online/offline and rooms' occupied/vacated go to the hooks.
+    fn react(svc: &Rc<Services>, room: &Rc<str>, user: Option<&Rc<str>>, on: bool) {
+        let hook = |kind: Hook, subject: &str| {
+            if let Some(h) = &svc.presence.hooks {
+                h(kind, subject);
+            }
+        };
+        match (room.strip_prefix(USER_ROOM), user) {
+            (Some(u), _) => hook(if on { Hook::UserOnline } else { Hook::UserOffline }, u),
+            (None, Some(user)) => Self::say(svc, if on { "join" } else { "leave" }, room, user),
+            (None, None) => hook(if on { Hook::RoomOccupied } else { Hook::RoomVacated }, room),
+        }
+    }
+
+    /// A leave (or vacated, `user` None) is owed after the grace (the
+    /// debounce): waits it out, asks the authority whether it still is, and
+    /// says it if so. The room stays in the writer's room set meanwhile, so
+    /// a reaper can take it over if this node dies.
+    fn owe(svc: &Rc<Services>, room: Rc<str>, user: Option<Rc<str>>, owed: Owed) {
+        let wait = match (room.starts_with(USER_ROOM), &user) {
+            (false, Some(_)) => svc.shard.cfg.namespaces.of(&room).presence_grace,
+            _ => svc.presence.debounce,
+        };
+        *svc.presence.timers.borrow_mut().entry(room.clone()).or_insert(0) += 1;
+        let svc = svc.clone();
+        monoio::spawn(async move {
+            monoio::time::sleep(wait).await;
+            let due = match (&svc.presence.store, owed) {
+                (Store::Local { table, .. }, Owed::Local(token)) => {
+                    let mut t = table.borrow_mut();
+                    match &user {
+                        Some(u) => t.leave_due(&room, u, token),
+                        None => t.vacate_due(&room, token),
+                    }
+                }
+                (Store::Redis(link), Owed::Redis(token)) => link.still_owed(&svc, &room, user.as_deref(), &token).await,
+                _ => false,
+            };
+            if due {
+                Self::react(&svc, &room, user.as_ref(), false);
+            }
+            let mut timers = svc.presence.timers.borrow_mut();
+            if let Some(n) = timers.get_mut(&room) {
+                *n -= 1;
+                if *n == 0 {
+                    timers.remove(&room);
+                }
+            }
+            drop(timers);
+            if let Store::Redis(link) = &svc.presence.store {
+                link.unregister_if_idle(&svc, &room);
+            }
+        });
     }
 
     /// Publishes a join or leave into the room, for every node's members.

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use redis_protocol::resp2::types::BytesFrame;
 use rustc_hash::FxHashSet;
 
-use super::{Presence, Services};
+use super::{Owed, Presence, Services};
 use crate::bus::redis::RedisBus;
 use crate::config::Namespaces;
 use crate::history::redis_route::{OwnerRoute, Script};
@@ -85,14 +85,23 @@ impl PresenceLink {
     }
 
     /// The room channel (the route) and the room's keys.
+    /// The channel whose slot holds `room`'s keys: the room's, or for a
+    /// user's pseudo-room `#U` the user's (`<prefix>user:U`).
+    fn channel(&self, room: &str) -> String {
+        match room.strip_prefix(super::USER_ROOM) {
+            Some(user) => format!("{}user:{user}", self.prefix),
+            None => format!("{}room:{room}", self.prefix),
+        }
+    }
+
     fn room_keys(&self, room: &str) -> (Bytes, [Vec<u8>; 4]) {
-        let p = &*self.prefix;
-        let k = |s: &str| format!("{{{p}room:{room}}}:{s}").into_bytes();
-        (Bytes::from(format!("{p}room:{room}")), [k("pt"), k("po"), k("pc"), k("pp")])
+        let c = self.channel(room);
+        let k = |s: &str| format!("{{{c}}}:{s}").into_bytes();
+        (Bytes::from(c.clone()), [k("pt"), k("po"), k("pc"), k("pp")])
     }
 
     fn writer_key(&self, room: &str, writer: &str) -> Vec<u8> {
-        format!("{{{}room:{room}}}:pw:{writer}", self.prefix).into_bytes()
+        format!("{{{}}}:pw:{writer}", self.channel(room)).into_bytes()
     }
 
     /// The writers' keys' prefix, and their route.
@@ -126,8 +135,8 @@ impl PresenceLink {
             self.run(svc, route, &ROOMS, &[b"1", set.as_bytes(), b"+", entry], Box::new(|_| {}));
             svc.shard.m().presence_rooms.inc();
         }
-        let ns = svc.shard.cfg.namespaces.of(room);
-        let jl = if ns.join_leave { b"1" as &[u8] } else { b"0" };
+        let jl = flags_arg(svc.presence.flags(&svc.shard.cfg.namespaces, room));
+        let jl = jl.as_bytes();
         let (route, [pt, po, pc, pp]) = self.room_keys(room);
         let pw = self.writer_key(room, &self.writer);
         let token = self.token();
@@ -151,8 +160,8 @@ impl PresenceLink {
                 if let Ok(f) = r {
                     on_changes(&svc2, &room2, &f, &token2);
                 }
-                if empty {
-                    unregister_if_idle(&svc2, &room2);
+                if empty && let super::Store::Redis(link) = &svc2.presence.store {
+                    link.unregister_if_idle(&svc2, &room2);
                 }
             }),
         );
@@ -175,8 +184,8 @@ impl PresenceLink {
 
 type Done = crate::bus::redis::net::ReplyFn;
 
-/// The transitions a set or reap script returned: joins said now, leaves
-/// owed after the grace.
+/// The transitions a set or reap script returned: joins (and occupied)
+/// now, leaves (and vacated) owed after the wait.
 fn on_changes(svc: &Rc<Services>, room: &Rc<str>, f: &BytesFrame, token: &str) {
     let BytesFrame::Array(a) = f else {
         if let BytesFrame::Error(e) = f {
@@ -187,61 +196,56 @@ fn on_changes(svc: &Rc<Services>, room: &Rc<str>, f: &BytesFrame, token: &str) {
     for pair in a.chunks(2) {
         let [BytesFrame::BulkString(kind), BytesFrame::BulkString(user)] = pair else { continue };
         let Ok(user) = std::str::from_utf8(user) else { continue };
+        let user: Rc<str> = Rc::from(user);
         match &kind[..] {
-            b"j" => Presence::say(svc, "join", room, user),
-            b"z" => owe_leave(svc, room.clone(), Rc::from(user), token.to_string()),
+            b"j" => Presence::react(svc, room, Some(&user), true),
+            b"o" => Presence::react(svc, room, None, true),
+            b"z" => Presence::owe(svc, room.clone(), Some(user), Owed::Redis(token.to_string())),
+            b"v" => Presence::owe(svc, room.clone(), None, Owed::Redis(token.to_string())),
             _ => {}
         }
     }
 }
 
-/// After the grace, asks whether the leave is still owed and says it.
-fn owe_leave(svc: &Rc<Services>, room: Rc<str>, user: Rc<str>, token: String) {
-    let svc = svc.clone();
-    *svc.presence.timers.borrow_mut().entry(room.clone()).or_insert(0) += 1;
-    monoio::spawn(async move {
-        let grace = svc.shard.cfg.namespaces.of(&room).presence_grace;
-        monoio::time::sleep(grace).await;
-        if let super::Store::Redis(link) = &svc.presence.store {
-            let (route, [pt, _, _, pp]) = link.room_keys(&room);
-            let (svc2, room2, user2) = (svc.clone(), room.clone(), user.clone());
-            let args: [&[u8]; 5] = [b"2", &pp, &pt, user.as_bytes(), token.as_bytes()];
-            link.run(
-                &svc,
-                route,
-                &LEAVE,
-                &args,
-                Box::new(move |r| {
-                    if matches!(r, Ok(BytesFrame::Integer(1))) {
-                        Presence::say(&svc2, "leave", &room2, &user2);
-                    }
-                }),
-            );
+impl PresenceLink {
+    /// Is the leave of `user` (None: the room's vacated) under `token`
+    /// still owed? Taken if so. Not knowing (Redis away) says no: the
+    /// next writer to find it owed (a reaper) says it.
+    pub async fn still_owed(&self, svc: &Rc<Services>, room: &str, user: Option<&str>, token: &str) -> bool {
+        let (route, [pt, _, pc, pp]) = self.room_keys(room);
+        let slot: Oneshot<bool> = Oneshot::default();
+        let fill = slot.clone();
+        let args: [&[u8]; 6] = [b"3", &pp, &pt, &pc, user.unwrap_or("").as_bytes(), token.as_bytes()];
+        self.run(svc, route, &LEAVE, &args, Box::new(move |r| fill.fill(matches!(r, Ok(BytesFrame::Integer(1))))));
+        monoio::time::timeout(super::READ_WAIT, slot.wait()).await.unwrap_or(false)
+    }
+
+    /// Takes `room` out of our room set once this shard has no presence
+    /// member there and owes nothing in it.
+    pub fn unregister_if_idle(&self, svc: &Rc<Services>, room: &Rc<str>) {
+        let busy = match room.strip_prefix(super::USER_ROOM) {
+            Some(user) => svc.shard.user_conns(user) > 0,
+            None => svc.shard.has_members(crate::protocol::Target::Room(room)),
+        };
+        if busy || svc.presence.timers.borrow().contains_key(room) {
+            return;
         }
-        let mut timers = svc.presence.timers.borrow_mut();
-        if let Some(n) = timers.get_mut(&room) {
-            *n -= 1;
-            if *n == 0 {
-                timers.remove(&room);
-            }
+        if self.registered.borrow_mut().remove(room) {
+            svc.shard.m().presence_rooms.sub(1);
+            let (base, route) = self.meta();
+            let set = format!("{base}rooms:{}", self.writer);
+            self.run(svc, route, &ROOMS, &[b"1", set.as_bytes(), b"-", room.as_bytes()], Box::new(|_| {}));
         }
-        drop(timers);
-        unregister_if_idle(&svc, &room);
-    });
+    }
 }
 
-/// Takes `room` out of our room set once this shard has no presence
-/// member there and owes no leave in it.
-fn unregister_if_idle(svc: &Rc<Services>, room: &Rc<str>) {
-    let super::Store::Redis(link) = &svc.presence.store else { return };
-    if svc.shard.has_members(crate::protocol::Target::Room(room)) || svc.presence.timers.borrow().contains_key(room) {
-        return;
-    }
-    if link.registered.borrow_mut().remove(room) {
-        svc.shard.m().presence_rooms.sub(1);
-        let (base, route) = link.meta();
-        let set = format!("{base}rooms:{}", link.writer);
-        link.run(svc, route, &ROOMS, &[b"1", set.as_bytes(), b"-", room.as_bytes()], Box::new(|_| {}));
+/// ARGV[2] of set.lua and reap.lua.
+fn flags_arg(f: super::table::Flags) -> &'static str {
+    match (f.users, f.rooms) {
+        (true, true) => "jr",
+        (true, false) => "j",
+        (false, true) => "r",
+        (false, false) => "-",
     }
 }
 
@@ -366,7 +370,8 @@ fn reap(svc: &Rc<Services>, link: &Rc<PresenceLink>, dead: &str, rooms: Vec<Rc<s
         return finish();
     }
     for room in rooms {
-        let jl = if svc.shard.cfg.namespaces.of(&room).join_leave { b"1" as &[u8] } else { b"0" };
+        let jl = flags_arg(svc.presence.flags(&svc.shard.cfg.namespaces, &room));
+        let jl = jl.as_bytes();
         let (route, [pt, po, pc, pp]) = link.room_keys(&room);
         let pw = link.writer_key(&room, dead);
         let token = link.token();

@@ -19,13 +19,28 @@ use rustc_hash::FxHashMap;
 
 use crate::protocol::presence::{Page, Read};
 
-/// A transition of one user in one room.
+/// A transition of one user in one room, or of the room itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     Join(Arc<str>),
     /// The user's last connection left; the leave is owed after the grace
     /// unless `leave_due(token)` finds them back.
     Zero(Arc<str>, u64),
+    /// (With `Flags::rooms`.) The room got its first connection, and no
+    /// vacated was owed.
+    Occupied,
+    /// (With `Flags::rooms`.) Its last connection left: vacated is owed
+    /// after the debounce unless `vacate_due(token)` finds it occupied.
+    Vacant(u64),
+}
+
+/// What transitions a room reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flags {
+    /// Users' joins and leaves.
+    pub users: bool,
+    /// The room's occupied and vacated (webhooks).
+    pub rooms: bool,
 }
 
 #[derive(Default)]
@@ -37,6 +52,8 @@ struct Room {
     clients: u64,
     /// User → token of the leave owed after the grace (join_leave only).
     pending: FxHashMap<Arc<str>, u64>,
+    /// The token of the vacated owed after the debounce.
+    vacant: Option<u64>,
 }
 
 /// Every room this authority holds.
@@ -47,23 +64,26 @@ pub struct Table {
 
 impl Table {
     /// Writer `writer` has `count` connections of `user` in `room` now.
-    /// `token`: the one a `Zero` carries (with `join_leave`; without,
-    /// no leave is ever owed and no join said).
+    /// `token`: the one a `Zero` or `Vacant` carries. Transitions go to
+    /// `out` as `flags` asks (without `users`, no leave is ever owed and no
+    /// join said).
     pub fn set(
         &mut self,
         room: &Arc<str>,
         writer: u32,
         user: &Arc<str>,
         count: u32,
-        join_leave: bool,
+        flags: Flags,
         token: u64,
-    ) -> Option<Change> {
-        let r = self.rooms.entry(room.clone()).or_default();
-        let w = r.writers.entry(writer).or_default();
-        let old = w.get(user).copied().unwrap_or(0);
+        out: &mut Vec<Change>,
+    ) {
+        let old = self.rooms.get(room).and_then(|r| r.writers.get(&writer)?.get(user).copied()).unwrap_or(0);
         if old == count {
-            return None;
+            return;
         }
+        let r = self.rooms.entry(room.clone()).or_default();
+        let clients_before = r.clients;
+        let w = r.writers.entry(writer).or_default();
         if count == 0 {
             w.remove(user);
             if w.is_empty() {
@@ -76,19 +96,38 @@ impl Table {
         let total = r.totals.entry(user.clone()).or_insert(0);
         let was = *total;
         *total = *total + u64::from(count) - u64::from(old);
-        let change = if was == 0 {
-            (join_leave && r.pending.remove(user).is_none()).then(|| Change::Join(user.clone()))
+        let join_leave = flags.users;
+        if was == 0 {
+            if join_leave && r.pending.remove(user).is_none() {
+                out.push(Change::Join(user.clone()));
+            }
         } else if *total == 0 {
             r.totals.remove(user);
-            join_leave.then(|| {
+            if join_leave {
                 r.pending.insert(user.clone(), token);
-                Change::Zero(user.clone(), token)
-            })
-        } else {
-            None
-        };
+                out.push(Change::Zero(user.clone(), token));
+            }
+        }
+        if flags.rooms {
+            if clients_before == 0 && r.clients > 0 && r.vacant.take().is_none() {
+                out.push(Change::Occupied);
+            } else if clients_before > 0 && r.clients == 0 {
+                r.vacant = Some(token);
+                out.push(Change::Vacant(token));
+            }
+        }
         self.drop_if_empty(room);
-        change
+    }
+
+    /// The debounce of `Vacant(token)` is over: is vacated still owed?
+    pub fn vacate_due(&mut self, room: &str, token: u64) -> bool {
+        let Some(r) = self.rooms.get_mut(room) else { return false };
+        let due = r.vacant == Some(token) && r.clients == 0;
+        if due {
+            r.vacant = None;
+        }
+        self.drop_if_empty(room);
+        due
     }
 
     /// The grace of `Zero(user, token)` is over: is the leave still owed?
@@ -130,7 +169,7 @@ impl Table {
     }
 
     fn drop_if_empty(&mut self, room: &str) {
-        if self.rooms.get(room).is_some_and(|r| r.clients == 0 && r.pending.is_empty()) {
+        if self.rooms.get(room).is_some_and(|r| r.clients == 0 && r.pending.is_empty() && r.vacant.is_none()) {
             self.rooms.remove(room);
         }
     }
@@ -144,30 +183,59 @@ mod tests {
         Arc::from(s)
     }
 
+    const JL: Flags = Flags { users: true, rooms: false };
+
+    /// One `set`, its transitions.
+    fn set(t: &mut Table, room: &Arc<str>, w: u32, user: &str, n: u32, flags: Flags, token: u64) -> Vec<Change> {
+        let mut out = Vec::new();
+        t.set(room, w, &a(user), n, flags, token, &mut out);
+        out
+    }
+
     #[test]
     fn tabs_count_once_and_joins_and_leaves_alternate() {
         let (mut t, r) = (Table::default(), a("r"));
-        assert_eq!(t.set(&r, 0, &a("u"), 1, true, 1), Some(Change::Join(a("u"))));
-        assert_eq!(t.set(&r, 1, &a("u"), 2, true, 2), None, "another shard's tabs: no second join");
+        let t = &mut t;
+        assert_eq!(set(t, &r, 0, "u", 1, JL, 1), [Change::Join(a("u"))]);
+        assert_eq!(set(t, &r, 1, "u", 2, JL, 2), [], "another shard's tabs: no second join");
         assert_eq!(t.read("r", &Read { after: None, limit: 10 }).clients, 3);
-        assert_eq!(t.set(&r, 0, &a("u"), 0, true, 3), None, "tabs left elsewhere: no leave");
-        assert_eq!(t.set(&r, 1, &a("u"), 0, true, 4), Some(Change::Zero(a("u"), 4)));
+        assert_eq!(set(t, &r, 0, "u", 0, JL, 3), [], "tabs left elsewhere: no leave");
+        assert_eq!(set(t, &r, 1, "u", 0, JL, 4), [Change::Zero(a("u"), 4)]);
         assert_eq!(t.read("r", &Read::default()), Page::default(), "counts follow at once");
         // Back within the grace: no join, and the owed leave is off.
-        assert_eq!(t.set(&r, 1, &a("u"), 1, true, 5), None);
+        assert_eq!(set(t, &r, 1, "u", 1, JL, 5), []);
         assert!(!t.leave_due("r", "u", 4));
-        assert_eq!(t.set(&r, 1, &a("u"), 0, true, 6), Some(Change::Zero(a("u"), 6)));
+        assert_eq!(set(t, &r, 1, "u", 0, JL, 6), [Change::Zero(a("u"), 6)]);
         assert!(t.leave_due("r", "u", 6));
         assert!(!t.leave_due("r", "u", 6), "said once");
         assert_eq!(t.rooms(), 0, "an empty room is forgotten");
-        assert_eq!(t.set(&r, 1, &a("u"), 1, true, 7), Some(Change::Join(a("u"))));
+        assert_eq!(set(t, &r, 1, "u", 1, JL, 7), [Change::Join(a("u"))]);
+    }
+
+    #[test]
+    fn occupied_and_vacated_are_debounced() {
+        let (mut t, r) = (Table::default(), a("r"));
+        let t = &mut t;
+        let f = Flags { users: false, rooms: true };
+        assert_eq!(set(t, &r, 0, "u", 1, f, 1), [Change::Occupied]);
+        assert_eq!(set(t, &r, 1, "v", 1, f, 2), []);
+        assert_eq!(set(t, &r, 0, "u", 0, f, 3), []);
+        assert_eq!(set(t, &r, 1, "v", 0, f, 4), [Change::Vacant(4)]);
+        // Back within the debounce: nothing, and vacated is off.
+        assert_eq!(set(t, &r, 1, "v", 1, f, 5), []);
+        assert!(!t.vacate_due("r", 4));
+        assert_eq!(set(t, &r, 1, "v", 0, f, 6), [Change::Vacant(6)]);
+        assert!(t.vacate_due("r", 6));
+        assert!(!t.vacate_due("r", 6), "said once");
+        assert_eq!(t.rooms(), 0);
+        assert_eq!(set(t, &r, 0, "w", 2, f, 7), [Change::Occupied]);
     }
 
     #[test]
     fn pages_list_every_member_once_in_byte_order() {
         let (mut t, r) = (Table::default(), a("r"));
         for (i, u) in ["b", "a", "d", "c", "e"].iter().enumerate() {
-            t.set(&r, i as u32 % 2, &a(u), 1, false, 0);
+            set(&mut t, &r, i as u32 % 2, u, 1, Flags::default(), 0);
         }
         let p = t.read("r", &Read { after: None, limit: 2 });
         assert_eq!((p.clients, p.users), (5, 5));

@@ -6,13 +6,18 @@
 -- KEYS[1] the writer's hash (user -> count)   KEYS[2] totals (user -> count)
 -- KEYS[3] member order (zset, score 0)        KEYS[4] clients (string)
 -- KEYS[5] owed leaves (user -> token)
--- ARGV[1] token for a Zero   ARGV[2] '1': join/leave on   ARGV[3] owed-leave
--- key TTL (ms)   ARGV[4] n   ARGV[5..] n pairs user, count   (an ARGV after
--- them, the run id the link stamps, is ignored)
--- Returns { kind, user, ... } with kind 'j' (join) or 'z' (zero: a leave is
--- owed after the grace, under ARGV[1]).
+-- ARGV[1] token for a Zero or Vacant   ARGV[2] flags: 'j' join/leave, 'r'
+-- occupied/vacated   ARGV[3] owed-leave key TTL (ms)   ARGV[4] n
+-- ARGV[5..] n pairs user, count   (an ARGV after them, the run id the link
+-- stamps, is ignored)
+-- Returns { kind, user, ... } with kind 'j' (join), 'z' (zero: a leave is
+-- owed after the grace, under ARGV[1]), 'o' (occupied) or 'v' (vacant:
+-- vacated is owed, under ARGV[1], in the owed-leave hash as user '').
 local out = {}
 local n = tonumber(ARGV[4])
+local jl = string.find(ARGV[2], 'j', 1, true) ~= nil
+local rooms = string.find(ARGV[2], 'r', 1, true) ~= nil
+local before = tonumber(redis.call('GET', KEYS[4]) or '0')
 for i = 0, n - 1 do
   local user = ARGV[5 + 2 * i]
   local count = tonumber(ARGV[6 + 2 * i])
@@ -29,20 +34,32 @@ for i = 0, n - 1 do
     local total = redis.call('HINCRBY', KEYS[2], user, d)
     if total == d and d > 0 then
       redis.call('ZADD', KEYS[3], 0, user)
-      if ARGV[2] == '1' and redis.call('HDEL', KEYS[5], user) == 0 then
+      if jl and redis.call('HDEL', KEYS[5], user) == 0 then
         out[#out + 1] = 'j'
         out[#out + 1] = user
       end
     elseif total <= 0 then
       redis.call('HDEL', KEYS[2], user)
       redis.call('ZREM', KEYS[3], user)
-      if ARGV[2] == '1' then
+      if jl then
         redis.call('HSET', KEYS[5], user, ARGV[1])
         redis.call('PEXPIRE', KEYS[5], ARGV[3])
         out[#out + 1] = 'z'
         out[#out + 1] = user
       end
     end
+  end
+end
+if rooms then
+  local after = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if before == 0 and after > 0 and redis.call('HDEL', KEYS[5], '') == 0 then
+    out[#out + 1] = 'o'
+    out[#out + 1] = ''
+  elseif before > 0 and after == 0 then
+    redis.call('HSET', KEYS[5], '', ARGV[1])
+    redis.call('PEXPIRE', KEYS[5], ARGV[3])
+    out[#out + 1] = 'v'
+    out[#out + 1] = ''
   end
 end
 return out
