@@ -257,7 +257,7 @@ impl Presence {
             let mut t = table.borrow_mut();
             for (user, n) in &counts {
                 let mut out = Vec::new();
-                t.set(&room, writer, user, *n, flags, svc.presence.token(), &mut out);
+                t.set(&room, writer, user, *n, (flags, svc.presence.token()), &mut out);
                 changes.extend(out.into_iter().map(|c| (user.clone(), c)));
             }
             let owned = &svc.shard.m().presence_rooms_owned;

@@ -73,8 +73,7 @@ impl Table {
         writer: u32,
         user: &Arc<str>,
         count: u32,
-        flags: Flags,
-        token: u64,
+        (flags, token): (Flags, u64),
         out: &mut Vec<Change>,
     ) {
         let old = self.rooms.get(room).and_then(|r| r.writers.get(&writer)?.get(user).copied()).unwrap_or(0);
@@ -188,7 +187,7 @@ mod tests {
     /// One `set`, its transitions.
     fn set(t: &mut Table, room: &Arc<str>, w: u32, user: &str, n: u32, flags: Flags, token: u64) -> Vec<Change> {
         let mut out = Vec::new();
-        t.set(room, w, &a(user), n, flags, token, &mut out);
+        t.set(room, w, &a(user), n, (flags, token), &mut out);
         out
     }
 
