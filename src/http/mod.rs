@@ -98,7 +98,7 @@ pub async fn serve(svc: &Rc<Services>, conn: &Rc<Conn>, kept: &mut BytesMut) -> 
             }
             (&Method::GET, "/readyz") => routes::readyz(svc, conn.is_admin()),
             (&Method::GET, "/metrics") if admin_routes => routes::metrics(svc),
-            (&Method::POST, "/api/publish") if admin_routes => {
+            (&Method::POST, "/api/publish" | "/api/disconnect") if admin_routes => {
                 let body = match read_body(shard, conn, &head, kept, deadline).await? {
                     Ok(body) => body,
                     Err(reply) => {
@@ -106,13 +106,18 @@ pub async fn serve(svc: &Rc<Services>, conn: &Rc<Conn>, kept: &mut BytesMut) -> 
                         return Err(Stop::HttpDone);
                     }
                 };
-                routes::publish(svc, &head, &body).await
+                match path {
+                    "/api/publish" => routes::publish(svc, &head, &body).await,
+                    _ => routes::disconnect(svc, &head, &body).await,
+                }
             }
             (&Method::GET, "/api/presence") if admin_routes => routes::presence(svc, &head, false).await,
             (&Method::GET, "/api/presence_stats") if admin_routes => routes::presence(svc, &head, true).await,
             (_, "/healthz" | "/readyz") => Reply::text(405, "method not allowed\n"),
             (_, "/ws") if client_routes => Reply::text(405, "method not allowed\n"),
-            (_, "/metrics" | "/api/publish" | "/api/presence" | "/api/presence_stats") if admin_routes => {
+            (_, "/metrics" | "/api/publish" | "/api/disconnect" | "/api/presence" | "/api/presence_stats")
+                if admin_routes =>
+            {
                 Reply::text(405, "method not allowed\n")
             }
             _ => Reply::text(404, "not found\n"),

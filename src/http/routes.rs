@@ -161,6 +161,44 @@ pub async fn presence(svc: &Rc<Services>, head: &Parts, stats: bool) -> Reply {
     }
 }
 
+#[derive(Deserialize)]
+struct DisconnectBody<'a> {
+    #[serde(borrow)]
+    user: Cow<'a, str>,
+    #[serde(default)]
+    code: Option<u16>,
+    #[serde(borrow, default)]
+    reason: Option<Cow<'a, str>>,
+}
+
+/// `POST /api/disconnect` `{"user":U,"code":C,"reason":S}` (§12): every
+/// connection of U on every node gets `{"ev":"disconnect",..}` and is
+/// closed with C (default 4500), through the user's own channel, so it
+/// reaches exactly the nodes that have U, on every topology.
+pub async fn disconnect(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
+    if let Some(r) = refused(svc, head) {
+        return r;
+    }
+    let Ok(req) = serde_json::from_slice::<DisconnectBody>(body) else {
+        return json(400, r#"{"error":"bad_request","message":"expected {\"user\":U,\"code\":C,\"reason\":S}"}"#);
+    };
+    let code = req.code.unwrap_or(4500);
+    let reason = req.reason.as_deref().unwrap_or("");
+    if !is_valid_name(&req.user) {
+        return json(400, r#"{"error":"bad_request","message":"user must be a valid user id"}"#);
+    }
+    if !(4000..=4999).contains(&code) {
+        return json(400, r#"{"error":"bad_request","message":"code must be 4000-4999"}"#);
+    }
+    if reason.len() > 120 {
+        return json(400, r#"{"error":"bad_request","message":"reason is at most 120 bytes"}"#);
+    }
+    match svc.publish_confirmed(Target::User(&req.user), event::disconnect(code, reason)).await {
+        Ok(()) => json(200, r#"{"ok":true}"#),
+        Err(_) => json(503, r#"{"error":"unavailable","message":"the backplane is unavailable, try again"}"#),
+    }
+}
+
 pub async fn publish(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
     let shard = svc.shard();
     // Server-side publish is never open on an authenticated node (§4): with

@@ -220,6 +220,23 @@ pub fn join_leave(ev: &'static str, room: &str, user: &str) -> Bytes {
         .frame()
 }
 
+/// `{"ev":"disconnect","code":C,"reason":S}` (§12): sent to every
+/// connection of a user, each then closed with status C.
+pub fn disconnect(code: u16, reason: &str) -> Bytes {
+    Builder::new(64 + reason.len()).raw(DISCONNECT).raw(&code.to_string()).raw(",\"reason\":").string(reason).frame()
+}
+
+const DISCONNECT: &str = "{\"ev\":\"disconnect\",\"code\":";
+
+/// The close status of a frame built by `disconnect` (or arrived from the
+/// backplane as one): `None` for any other event.
+pub fn disconnect_code(frame: &Bytes) -> Option<u16> {
+    let json = json_of(frame);
+    let rest = json.strip_prefix(DISCONNECT.as_bytes())?;
+    let end = rest.iter().position(|b| !b.is_ascii_digit())?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok().filter(|c| (4000..=4999).contains(c))
+}
+
 /// `{"ev":"ack","id":..}` or `{"ev":"pong","id":..}`.
 pub fn reply(ev: &'static str, id: Option<&str>) -> Bytes {
     Builder::new(32).raw("{\"ev\":\"").raw(ev).raw("\"").id(id).frame()
@@ -261,6 +278,18 @@ pub fn json_of(frame: &Bytes) -> Bytes {
 /// from Redis): one allocation, one copy.
 pub fn frame_json(json: &[u8]) -> Bytes {
     crate::ws::frame::encode(OpCode::Text, json)
+}
+
+#[cfg(test)]
+mod disconnect_tests {
+    #[test]
+    fn a_disconnect_event_names_its_close_status() {
+        let f = super::disconnect(4501, "banned \"x\"");
+        assert_eq!(super::disconnect_code(&f), Some(4501));
+        assert_eq!(&super::json_of(&f)[..], br#"{"ev":"disconnect","code":4501,"reason":"banned \"x\""}"#);
+        assert_eq!(super::disconnect_code(&super::direct("u", "1")), None);
+        assert_eq!(super::disconnect_code(&super::frame_json(br#"{"ev":"disconnect","code":1000,"reason":""}"#)), None);
+    }
 }
 
 #[cfg(test)]

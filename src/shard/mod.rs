@@ -319,7 +319,19 @@ impl Shard {
                     members.iter().for_each(&mut push);
                 }
             }
-            Target::User(user) => self.users.borrow().conns(user).iter().for_each(&mut push),
+            Target::User(user) => match event::disconnect_code(frame) {
+                // §12 `POST /api/disconnect`: the event, then the close.
+                Some(code) => {
+                    for id in self.users.borrow().conns(user) {
+                        if let Some(c) = conns.get(*id as usize) {
+                            c.push(io, frame.clone());
+                            c.close(io, CloseCode(code));
+                            n += 1;
+                        }
+                    }
+                }
+                None => self.users.borrow().conns(user).iter().for_each(&mut push),
+            },
         }
         n
     }

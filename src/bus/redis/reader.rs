@@ -796,7 +796,8 @@ impl JsonCheck {
             Kind::Room if !(is("ev", "message") || is("ev", "join") || is("ev", "leave")) => Err(Malformed::WrongEvent),
             Kind::Room if !is("room", name) => Err(Malformed::WrongRoom),
             Kind::Room if !is("ev", "message") => Ok(None),
-            Kind::User if !is("ev", "direct") => Err(Malformed::WrongEvent),
+            // A user gets direct messages, and the server's disconnect (§12).
+            Kind::User if !(is("ev", "direct") || is("ev", "disconnect")) => Err(Malformed::WrongEvent),
             Kind::User => Ok(None),
             Kind::Room => {
                 let offset = obj.get("offset").and_then(|v| v.as_u64());
