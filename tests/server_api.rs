@@ -77,3 +77,85 @@ fn bad_disconnect_bodies_are_400() {
     assert_eq!(n[0].http("POST", "/api/disconnect", &[], long.as_bytes()).0, 400);
     assert_eq!(n[0].http("GET", "/api/disconnect", &[], b"").0, 405);
 }
+
+/// `POST /api/subscribe` with `since` puts every connection of a user (on
+/// every node) into a history room: each recovers what it missed, then
+/// gets live messages; `/api/unsubscribe` takes them out again.
+fn server_subscribe(nodes: &[Server]) {
+    let last = nodes.len() - 1;
+    let publish = |i: u64| -> (String, u64) {
+        let body = format!(r#"{{"room":"h:1","data":{i}}}"#);
+        let (code, reply) = nodes[last].http("POST", "/api/publish", &[], body.as_bytes());
+        assert_eq!(code, 200, "{reply}");
+        let v: Value = serde_json::from_str(&reply).unwrap();
+        (v["epoch"].as_str().unwrap().to_string(), v["offset"].as_u64().unwrap())
+    };
+    let (epoch, first) = publish(1);
+    for i in 2..=5 {
+        publish(i);
+    }
+    let mut tabs: Vec<Client> =
+        (0..nodes.len() * 2).map(|i| Client::connect(&nodes[i % nodes.len()].ws_url("/ws?user=carol"))).collect();
+    let body = json!({"user":"carol","room":"h:1","since":{"epoch":epoch,"offset":first + 1}}).to_string();
+    let (code, reply) = nodes[0].http("POST", "/api/subscribe", &[], body.as_bytes());
+    assert_eq!((code, reply.as_str()), (200, r#"{"ok":true}"#));
+    for t in &mut tabs {
+        let v = t.recv();
+        assert_eq!((v["ev"].as_str(), v["server"].as_bool()), (Some("subscribed"), Some(true)), "{v}");
+        assert_eq!((v["room"].as_str(), v["recovered"].as_bool()), (Some("h:1"), Some(true)), "{v}");
+        for i in 3..=5 {
+            assert_eq!(t.recv()["data"], i, "the missed messages, in order");
+        }
+    }
+    publish(6);
+    for t in &mut tabs {
+        assert_eq!(t.recv()["data"], 6, "then live");
+    }
+    let (code, _) = nodes[last].http("POST", "/api/unsubscribe", &[], br#"{"user":"carol","room":"h:1"}"#);
+    assert_eq!(code, 200);
+    for t in &mut tabs {
+        assert_eq!(t.recv(), json!({"ev":"unsubscribed","room":"h:1","server":true}));
+    }
+    publish(7);
+    for t in &mut tabs {
+        t.expect_silence(std::time::Duration::from_millis(300));
+    }
+}
+
+fn history_nodes(n: usize, redis: Option<&str>) -> Vec<Server> {
+    (0..n)
+        .map(|_| {
+            let mut args = vec!["--shards", "2", "--history-size", "100"];
+            if let Some(url) = redis {
+                args.extend(["--redis", url]);
+            }
+            start_server(&args)
+        })
+        .collect()
+}
+
+#[test]
+fn the_server_subscribes_a_user_with_recovery_standalone() {
+    server_subscribe(&history_nodes(1, None));
+}
+
+#[test]
+fn the_server_subscribes_a_user_with_recovery_on_every_node() {
+    let redis = RedisServer::start();
+    server_subscribe(&history_nodes(3, Some(&redis.url())));
+}
+
+#[test]
+fn bad_membership_bodies_are_400() {
+    let n = nodes(1, None);
+    for (path, body) in [
+        ("/api/subscribe", &b"{}"[..]),
+        ("/api/subscribe", br#"{"user":"u"}"#),
+        ("/api/subscribe", br#"{"user":"u","room":"a b"}"#),
+        ("/api/subscribe", br#"{"user":"u","room":"r","since":{"epoch":"e"}}"#),
+        ("/api/unsubscribe", br#"{"user":"u","room":"r","since":{"epoch":"e","offset":1}}"#),
+    ] {
+        let (code, reply) = n[0].http("POST", path, &[], body);
+        assert_eq!(code, 400, "{path} {}: {reply}", String::from_utf8_lossy(body));
+    }
+}

@@ -199,6 +199,54 @@ pub async fn disconnect(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply 
     }
 }
 
+#[derive(Deserialize)]
+struct MembershipBody<'a> {
+    #[serde(borrow)]
+    user: Cow<'a, str>,
+    #[serde(borrow)]
+    room: Cow<'a, str>,
+    #[serde(default)]
+    since: Option<SinceBody>,
+}
+
+#[derive(Deserialize)]
+struct SinceBody {
+    epoch: String,
+    offset: u64,
+}
+
+/// `POST /api/subscribe` `{"user":U,"room":R}` (optional `since`) and
+/// `POST /api/unsubscribe` `{"user":U,"room":R}` (§12): every connection
+/// of U on every node joins (leaves) R as if it had sent the op, without a
+/// grant check, and gets `subscribed` (`unsubscribed`) with `"server":true`.
+pub async fn membership(svc: &Rc<Services>, head: &Parts, body: &[u8], subscribe: bool) -> Reply {
+    if let Some(r) = refused(svc, head) {
+        return r;
+    }
+    let Ok(req) = serde_json::from_slice::<MembershipBody>(body) else {
+        return json(400, r#"{"error":"bad_request","message":"expected {\"user\":U,\"room\":R}"}"#);
+    };
+    if !is_valid_name(&req.user) {
+        return json(400, r#"{"error":"bad_request","message":"user must be a valid user id"}"#);
+    }
+    if !is_valid_name(&req.room) {
+        return json(400, r#"{"error":"bad_room","message":"room must be a valid room name"}"#);
+    }
+    let since = match req.since {
+        None => None,
+        Some(s) if subscribe => match crate::protocol::Epoch::new(&s.epoch) {
+            Some(epoch) => Some(Position { epoch, offset: s.offset }),
+            None => return json(400, r#"{"error":"bad_request","message":"since.epoch is at most 64 bytes"}"#),
+        },
+        Some(_) => return json(400, r#"{"error":"bad_request","message":"since goes with subscribe only"}"#),
+    };
+    let m = event::ServerMembership { subscribe, room: req.room.into_owned(), since };
+    match svc.server_membership(&req.user, &m).await {
+        Ok(()) => json(200, r#"{"ok":true}"#),
+        Err(_) => json(503, r#"{"error":"unavailable","message":"the backplane is unavailable, try again"}"#),
+    }
+}
+
 pub async fn publish(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
     let shard = svc.shard();
     // Server-side publish is never open on an authenticated node (§4): with

@@ -33,6 +33,8 @@ impl Builder {
     }
     fn id(self, id: Option<&str>) -> Self {
         match id {
+            // A reply to the server API, not to an op (`SERVER_REPLY`).
+            Some(SERVER_REPLY) => self.raw(",\"server\":true"),
             Some(id) => self.raw(",\"id\":").raw(id),
             None => self,
         }
@@ -220,6 +222,71 @@ pub fn join_leave(ev: &'static str, room: &str, user: &str) -> Bytes {
         .frame()
 }
 
+/// Passed where a reply takes an op's `id`, it writes `"server":true`
+/// instead: the `subscribed`/`unsubscribed` of `POST /api/subscribe` and
+/// `/api/unsubscribe` (§12). An op's id is JSON text, which never holds a
+/// raw NUL, so no client id can be taken for it.
+pub const SERVER_REPLY: &str = "\0server";
+
+/// What `POST /api/subscribe` and `/api/unsubscribe` send on the user's
+/// channel, for every node that holds the user to act on (never delivered
+/// to a client as such).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServerMembership {
+    pub subscribe: bool,
+    pub room: String,
+    pub since: Option<Position>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ControlWire {
+    ev: String,
+    room: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    since: Option<SinceWire>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SinceWire {
+    epoch: String,
+    offset: u64,
+}
+
+const SERVER_SUBSCRIBE: &str = "server_subscribe";
+const SERVER_UNSUBSCRIBE: &str = "server_unsubscribe";
+
+/// The frame of a `ServerMembership`.
+pub fn server_membership(m: &ServerMembership) -> Bytes {
+    let w = ControlWire {
+        ev: if m.subscribe { SERVER_SUBSCRIBE } else { SERVER_UNSUBSCRIBE }.to_string(),
+        room: m.room.clone(),
+        since: m.since.map(|p| SinceWire { epoch: p.epoch.as_str().to_string(), offset: p.offset }),
+    };
+    frame_json(&serde_json::to_vec(&w).expect("serialize to memory"))
+}
+
+/// A `ServerMembership` frame, read back; `None` for any other event.
+pub fn parse_server_membership(frame: &Bytes) -> Option<ServerMembership> {
+    let json = json_of(frame);
+    if !json.starts_with(b"{\"ev\":\"server_") {
+        return None;
+    }
+    let w: ControlWire = serde_json::from_slice(&json).ok()?;
+    let subscribe = match w.ev.as_str() {
+        SERVER_SUBSCRIBE => true,
+        SERVER_UNSUBSCRIBE => false,
+        _ => return None,
+    };
+    if !super::is_valid_name(&w.room) {
+        return None;
+    }
+    let since = match w.since {
+        Some(s) => Some(Position { epoch: crate::protocol::Epoch::new(&s.epoch)?, offset: s.offset }),
+        None => None,
+    };
+    Some(ServerMembership { subscribe, room: w.room, since })
+}
+
 /// `{"ev":"disconnect","code":C,"reason":S}` (§12): sent to every
 /// connection of a user, each then closed with status C.
 pub fn disconnect(code: u16, reason: &str) -> Bytes {
@@ -289,6 +356,22 @@ mod disconnect_tests {
         assert_eq!(&super::json_of(&f)[..], br#"{"ev":"disconnect","code":4501,"reason":"banned \"x\""}"#);
         assert_eq!(super::disconnect_code(&super::direct("u", "1")), None);
         assert_eq!(super::disconnect_code(&super::frame_json(br#"{"ev":"disconnect","code":1000,"reason":""}"#)), None);
+    }
+
+    #[test]
+    fn server_memberships_travel_and_replies_say_server() {
+        let pos = crate::protocol::Position { epoch: crate::protocol::Epoch::new("e1").unwrap(), offset: 7 };
+        for m in [
+            super::ServerMembership { subscribe: true, room: "r".into(), since: Some(pos) },
+            super::ServerMembership { subscribe: false, room: "a:b".into(), since: None },
+        ] {
+            assert_eq!(super::parse_server_membership(&super::server_membership(&m)), Some(m));
+        }
+        assert_eq!(super::parse_server_membership(&super::direct("u", "1")), None);
+        let bad = super::frame_json(br#"{"ev":"server_subscribe","room":"a b"}"#);
+        assert_eq!(super::parse_server_membership(&bad), None);
+        let f = super::membership("subscribed", "r", Some(super::SERVER_REPLY));
+        assert_eq!(&super::json_of(&f)[..], br#"{"ev":"subscribed","room":"r","server":true}"#);
     }
 }
 

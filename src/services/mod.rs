@@ -195,6 +195,48 @@ impl Services {
         });
     }
 
+    // ---- the server API's memberships (§12) ---------------------------------------
+
+    /// `POST /api/subscribe` / `/api/unsubscribe`: every connection of
+    /// `user` on every node joins (leaves) the room. With Redis the order
+    /// travels on the user's channel, so exactly the nodes that hold the
+    /// user get it (this one too, back from Redis); standalone it goes to
+    /// the other shards' inboxes and is applied here at once.
+    pub async fn server_membership(
+        self: &Rc<Self>,
+        user: &str,
+        m: &event::ServerMembership,
+    ) -> Result<(), Unavailable> {
+        let frame = event::server_membership(m);
+        match &*self.bus {
+            Bus::Redis(_) => self.publish_confirmed(Target::User(user), frame).await,
+            Bus::Local => {
+                let sent = std::time::Instant::now();
+                let to: std::sync::Arc<str> = std::sync::Arc::from(user);
+                self.shard.to_other_shards(|| ShardMsg::Direct { user: to.clone(), frame: frame.clone(), sent });
+                self.apply_server_membership(user, m);
+                Ok(())
+            }
+        }
+    }
+
+    /// This shard's connections of `user` act on a server membership, as
+    /// if each had sent the op (no grant check; the room limit holds).
+    fn apply_server_membership(self: &Rc<Self>, user: &str, m: &event::ServerMembership) {
+        for conn in self.shard.user_conn_list(user) {
+            if m.subscribe {
+                if crate::conn::limits::too_many_rooms(&self.shard, &conn, &m.room) {
+                    self.shard.m().room_limit_refusals_total.inc();
+                    continue;
+                }
+                self.subscribe(&conn, &m.room, m.since, Some(event::SERVER_REPLY));
+            } else {
+                self.leave(&conn, &m.room);
+                conn.push(&self.shard, event::membership("unsubscribed", &m.room, Some(event::SERVER_REPLY)));
+            }
+        }
+    }
+
     // ---- publish ----------------------------------------------------------------
 
     /// A client's message into `room`: through the room's history (its
@@ -254,7 +296,10 @@ impl Services {
                 (Some(pos), Some(h)) => h.on_live(shard, &room, *pos, frame, sent),
                 _ => shard.deliver_timed(Target::Room(&room), &frame, sent),
             },
-            ShardMsg::Direct { user, frame, sent } => shard.deliver_timed(Target::User(&user), &frame, sent),
+            ShardMsg::Direct { user, frame, sent } => match event::parse_server_membership(&frame) {
+                Some(m) => self.apply_server_membership(&user, &m),
+                None => shard.deliver_timed(Target::User(&user), &frame, sent),
+            },
             ShardMsg::Drain => shard.start_drain(),
             ShardMsg::Subscribed { room, seq, confirmed } => self.bus.on_subscribed(shard, &room, seq, confirmed),
             ShardMsg::RedisLink { up } => {

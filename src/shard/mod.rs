@@ -250,6 +250,12 @@ impl Shard {
         users.conns(user).iter().filter(|id| conns.get(**id as usize).is_some_and(in_room)).count() as u32
     }
 
+    /// `user`'s connections on this shard.
+    pub fn user_conn_list(&self, user: &str) -> Vec<Rc<Conn>> {
+        let conns = self.conns.borrow();
+        self.users.borrow().conns(user).iter().filter_map(|id| conns.get(*id as usize).cloned()).collect()
+    }
+
     /// How many connections `user` has on this shard.
     pub fn user_conns(&self, user: &str) -> u32 {
         self.users.borrow().conns(user).len() as u32

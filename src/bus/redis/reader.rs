@@ -797,7 +797,14 @@ impl JsonCheck {
             Kind::Room if !is("room", name) => Err(Malformed::WrongRoom),
             Kind::Room if !is("ev", "message") => Ok(None),
             // A user gets direct messages, and the server's disconnect (§12).
-            Kind::User if !(is("ev", "direct") || is("ev", "disconnect")) => Err(Malformed::WrongEvent),
+            Kind::User
+                if !(is("ev", "direct")
+                    || is("ev", "disconnect")
+                    || is("ev", "server_subscribe")
+                    || is("ev", "server_unsubscribe")) =>
+            {
+                Err(Malformed::WrongEvent)
+            }
             Kind::User => Ok(None),
             Kind::Room => {
                 let offset = obj.get("offset").and_then(|v| v.as_u64());
