@@ -283,3 +283,28 @@ fn a_bad_webhook_url_stops_the_node_and_the_metrics_are_served() {
         assert_eq!(s.metric(series), 0.0, "{series}");
     }
 }
+
+/// `https://` speaks TLS: the first bytes on the socket are a TLS
+/// handshake record (a ClientHello). A peer that then closes is a failed
+/// request, retried on a new connection (the sender lives on).
+#[test]
+fn https_speaks_tls_and_a_failed_handshake_is_retried() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://127.0.0.1:{}/hook", listener.local_addr().unwrap().port());
+    let (hooks, m) = start(&url, |_| {});
+    hooks.emit(user(0));
+    for attempt in 0..2 {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut head = [0u8; 2];
+        std::io::Read::read_exact(&mut s, &mut head).unwrap();
+        assert_eq!(
+            head,
+            [0x16, 0x03],
+            "attempt {attempt}: a TLS handshake record (type 22, version 3.x), got {head:?}"
+        );
+    }
+    let w = &m.webhook;
+    wait_until("two failed requests", || w.requests_error.get() >= 2);
+    assert_eq!(w.sent_total.get(), 0);
+}
