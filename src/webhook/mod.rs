@@ -239,6 +239,13 @@ mod tests {
     }
 
     #[test]
+    fn the_handle_is_cheap_to_share_across_threads() {
+        fn shareable<T: Clone + Send + Sync + 'static>() {}
+        shareable::<Webhooks>();
+        assert_eq!(std::mem::size_of::<Webhooks>(), std::mem::size_of::<usize>(), "one Arc");
+    }
+
+    #[test]
     fn no_url_no_sender() {
         let m = Arc::new(Metrics::new(1));
         assert!(Webhooks::start(&WebhookConfig::default(), m).is_none());
