@@ -199,7 +199,7 @@ pub struct Options {
     /// Signs each webhook request: header `X-Corecast-Signature:
     /// t=<unix secs>,v1=<hex HMAC-SHA256 of "<t>.<body>">`. Without it the
     /// requests carry no signature header. [default: none]
-    #[arg(long, env = "CORECAST_WEBHOOK_SECRET")]
+    #[arg(long, env = "CORECAST_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
     /// How long a user (a room) must have had no connection before
