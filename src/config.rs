@@ -777,6 +777,11 @@ mod tests {
         assert_eq!(cfg.webhook.queue, 50);
         assert!(!format!("{cfg:?}").contains("s3cret"), "Debug never prints the secret");
         assert!(Config::load(["corecast", "--webhook-url", "HTTP://127.0.0.1:9/x"]).is_ok());
+        let cfg =
+            Config::load(["corecast", "--webhook-url", "", "--webhook-secret", "", "--webhook-give-up-ms", "1500"])
+                .unwrap();
+        assert_eq!((cfg.webhook.url, cfg.webhook.secret), (None, None), "empty is unset");
+        assert_eq!(cfg.webhook.give_up_after, Duration::from_millis(1500));
         for (args, says) in [
             (&["--webhook-url", "ftp://x"][..], "--webhook-url must start with http:// or https://"),
             (&["--webhook-url", "127.0.0.1:9"][..], "--webhook-url"),
