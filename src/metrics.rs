@@ -306,6 +306,42 @@ pub struct Metrics {
     pub redis_nodes: RedisNodes,
     /// Each shard's liveness tick (`Liveness`), checked by `/healthz`.
     pub liveness: Liveness,
+    /// The webhook sender's counters (all zero without `--webhook-url`).
+    pub webhook: WebhookMetrics,
+}
+
+/// The webhook sender's counters (`webhook::Webhooks`, PROTOCOL.md §11):
+/// node-wide, not per shard, written from any thread (`add_shared`: the
+/// shards that emit, the sender thread that delivers), rendered without a
+/// `shard` label as `corecast_webhook_*`.
+#[derive(Debug, Default)]
+pub struct WebhookMetrics {
+    /// Events accepted into the queue.
+    pub events_total: Counter,
+    /// Events acknowledged by a 2xx answer.
+    pub sent_total: Counter,
+    /// Requests answered 2xx.
+    pub requests_ok: Counter,
+    /// Requests that failed: another status, no connection, a timeout.
+    pub requests_error: Counter,
+    /// Requests sent again after a failure.
+    pub retries_total: Counter,
+    /// Events refused because the queue was full (never accepted).
+    pub dropped_queue_full: Counter,
+    /// Accepted events dropped with a batch retried past the give-up age.
+    pub dropped_expired: Counter,
+    /// Accepted events still undelivered when the sender stopped (a node's
+    /// drain ran out of time), or emitted after it stopped.
+    pub dropped_stopped: Counter,
+}
+
+impl WebhookMetrics {
+    /// `corecast_webhook_queue`: events accepted and not yet acknowledged
+    /// nor dropped (the queue and the batch being sent).
+    pub fn queued(&self) -> u64 {
+        let done = self.sent_total.get() + self.dropped_expired.get() + self.dropped_stopped.get();
+        self.events_total.get().saturating_sub(done)
+    }
 }
 
 /// One liveness stamp per shard: a timer on the shard's own runtime stores
@@ -394,6 +430,7 @@ impl Metrics {
             node_draining: std::sync::atomic::AtomicBool::new(false),
             redis_nodes: RedisNodes::default(),
             liveness: Liveness::new(shards),
+            webhook: WebhookMetrics::default(),
         }
     }
 
@@ -503,6 +540,22 @@ const REDIS_NODE_LINKS: (&str, &str) = (
     "Shards whose subscriber / publisher link to this Redis primary is up (with --redis; 0 while it is unreachable).",
 );
 
+const WEBHOOK_EVENTS: (&str, &str) =
+    ("corecast_webhook_events_total", "Webhook events accepted into the node's queue (--webhook-url).");
+const WEBHOOK_SENT: (&str, &str) = ("corecast_webhook_sent_total", "Webhook events acknowledged by a 2xx answer.");
+const WEBHOOK_REQUESTS: (&str, &str) = (
+    "corecast_webhook_requests_total",
+    "Webhook requests by result: ok (2xx), error (other status, connection error, timeout).",
+);
+const WEBHOOK_RETRIES: (&str, &str) =
+    ("corecast_webhook_retries_total", "Webhook requests sent again after a failure (with backoff).");
+const WEBHOOK_DROPPED: (&str, &str) = (
+    "corecast_webhook_dropped_total",
+    "Webhook events dropped: queue_full (refused, --webhook-queue), expired (retried past the give-up age), stopped (undelivered when the sender stopped).",
+);
+const WEBHOOK_QUEUE: (&str, &str) =
+    ("corecast_webhook_queue", "Webhook events accepted and not yet acknowledged nor dropped.");
+
 /// The descriptors of every family `Exposition` collects, built once.
 static DESCS: LazyLock<Vec<Desc>> = LazyLock::new(|| {
     let desc = |name: &str, help: &str, labels: &[&str]| {
@@ -520,6 +573,12 @@ static DESCS: LazyLock<Vec<Desc>> = LazyLock::new(|| {
     v.push(desc(REDIS_NODE_LINKS.0, REDIS_NODE_LINKS.1, &["node", "link"]));
     v.push(desc(REDIS_DEGRADED.0, REDIS_DEGRADED.1, &[]));
     v.push(desc(SHARD_STALL.0, SHARD_STALL.1, &[]));
+    v.push(desc(WEBHOOK_EVENTS.0, WEBHOOK_EVENTS.1, &[]));
+    v.push(desc(WEBHOOK_SENT.0, WEBHOOK_SENT.1, &[]));
+    v.push(desc(WEBHOOK_REQUESTS.0, WEBHOOK_REQUESTS.1, &["result"]));
+    v.push(desc(WEBHOOK_RETRIES.0, WEBHOOK_RETRIES.1, &[]));
+    v.push(desc(WEBHOOK_DROPPED.0, WEBHOOK_DROPPED.1, &["reason"]));
+    v.push(desc(WEBHOOK_QUEUE.0, WEBHOOK_QUEUE.1, &[]));
     v
 });
 
@@ -678,6 +737,37 @@ impl Collector for Exposition {
         let stalled = self.metrics.liveness.stalled(STALL_LIMIT).len() as f64;
         let series = vec![sample(MetricType::GAUGE, vec![], stalled)];
         out.push(family(SHARD_STALL.0, SHARD_STALL.1, MetricType::GAUGE, series));
+        let w = &self.metrics.webhook;
+        let one = |kind, v: u64| vec![sample(kind, vec![], v as f64)];
+        let labelled = |name: &str, rows: &[(&str, &Counter)]| -> Vec<proto::Metric> {
+            rows.iter().map(|(v, c)| sample(MetricType::COUNTER, vec![label(name, *v)], c.get() as f64)).collect()
+        };
+        out.push(family(
+            WEBHOOK_EVENTS.0,
+            WEBHOOK_EVENTS.1,
+            MetricType::COUNTER,
+            one(MetricType::COUNTER, w.events_total.get()),
+        ));
+        out.push(family(
+            WEBHOOK_SENT.0,
+            WEBHOOK_SENT.1,
+            MetricType::COUNTER,
+            one(MetricType::COUNTER, w.sent_total.get()),
+        ));
+        let series = labelled("result", &[("ok", &w.requests_ok), ("error", &w.requests_error)]);
+        out.push(family(WEBHOOK_REQUESTS.0, WEBHOOK_REQUESTS.1, MetricType::COUNTER, series));
+        out.push(family(
+            WEBHOOK_RETRIES.0,
+            WEBHOOK_RETRIES.1,
+            MetricType::COUNTER,
+            one(MetricType::COUNTER, w.retries_total.get()),
+        ));
+        let series = labelled(
+            "reason",
+            &[("queue_full", &w.dropped_queue_full), ("expired", &w.dropped_expired), ("stopped", &w.dropped_stopped)],
+        );
+        out.push(family(WEBHOOK_DROPPED.0, WEBHOOK_DROPPED.1, MetricType::COUNTER, series));
+        out.push(family(WEBHOOK_QUEUE.0, WEBHOOK_QUEUE.1, MetricType::GAUGE, one(MetricType::GAUGE, w.queued())));
         let nodes = self.metrics.redis_nodes.snapshot();
         if !nodes.is_empty() {
             let mut series = Vec::with_capacity(nodes.len() * 2);
@@ -764,6 +854,33 @@ mod tests {
         assert!(text.contains("corecast_inbox_backlog 5\n"), "{text}");
         assert!(text.contains("corecast_inbox_backlog{shard=\"1\"} 4\n"), "{text}");
         assert!(text.contains("corecast_open_fds 9\n"), "{text}");
+    }
+
+    #[test]
+    fn renders_webhook_families() {
+        let m = Arc::new(Metrics::new(2));
+        let w = &m.webhook;
+        w.events_total.add_shared(10);
+        w.sent_total.add_shared(6);
+        w.requests_ok.add_shared(2);
+        w.requests_error.add_shared(3);
+        w.retries_total.add_shared(3);
+        w.dropped_queue_full.add_shared(4);
+        w.dropped_expired.add_shared(1);
+        let text = m.render(NodeInfo { shards: 2, driver: "test", ..NodeInfo::default() });
+        for line in [
+            "corecast_webhook_events_total 10\n",
+            "corecast_webhook_sent_total 6\n",
+            "corecast_webhook_requests_total{result=\"ok\"} 2\n",
+            "corecast_webhook_requests_total{result=\"error\"} 3\n",
+            "corecast_webhook_retries_total 3\n",
+            "corecast_webhook_dropped_total{reason=\"queue_full\"} 4\n",
+            "corecast_webhook_dropped_total{reason=\"expired\"} 1\n",
+            "corecast_webhook_dropped_total{reason=\"stopped\"} 0\n",
+            "# TYPE corecast_webhook_queue gauge\ncorecast_webhook_queue 3\n",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
     }
 
     #[test]

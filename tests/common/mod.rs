@@ -9,6 +9,7 @@ pub mod priority;
 pub mod redis;
 pub mod redis_proxy;
 pub mod redis_topology;
+pub mod webhook;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
