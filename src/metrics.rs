@@ -151,10 +151,12 @@ pub enum HandshakeResult {
     Draining,
     /// 503: `--max-connections` reached.
     Full,
+    /// 503: the JWKS (`--jwt-jwks-url`) has not been fetched yet.
+    NotReady,
 }
 
 impl HandshakeResult {
-    pub const ALL: [HandshakeResult; 7] = [
+    pub const ALL: [HandshakeResult; 8] = [
         HandshakeResult::Ok,
         HandshakeResult::BadRequest,
         HandshakeResult::Version,
@@ -162,6 +164,7 @@ impl HandshakeResult {
         HandshakeResult::Forbidden,
         HandshakeResult::Draining,
         HandshakeResult::Full,
+        HandshakeResult::NotReady,
     ];
 
     pub fn label(self) -> &'static str {
@@ -173,6 +176,7 @@ impl HandshakeResult {
             HandshakeResult::Forbidden => "forbidden",
             HandshakeResult::Draining => "draining",
             HandshakeResult::Full => "full",
+            HandshakeResult::NotReady => "not_ready",
         }
     }
 }
@@ -299,6 +303,18 @@ pub struct Metrics {
     pub redis_nodes: RedisNodes,
     /// Each shard's liveness tick (`Liveness`), checked by `/healthz`.
     pub liveness: Liveness,
+    /// `--jwt-jwks-url`: the `jwks` thread's fetches and keys.
+    pub jwks: JwksStats,
+}
+
+/// `corecast_jwks_fetches_total{result}` and `corecast_jwks_keys`, written by
+/// the node's `jwks` thread (`auth::jwks`); shown once it has started.
+#[derive(Debug, Default)]
+pub struct JwksStats {
+    pub on: std::sync::atomic::AtomicBool,
+    pub ok: Counter,
+    pub error: Counter,
+    pub keys: AtomicU64,
 }
 
 /// One liveness stamp per shard: a timer on the shard's own runtime stores
@@ -387,6 +403,7 @@ impl Metrics {
             node_draining: std::sync::atomic::AtomicBool::new(false),
             redis_nodes: RedisNodes::default(),
             liveness: Liveness::new(shards),
+            jwks: JwksStats::default(),
         }
     }
 
@@ -491,6 +508,9 @@ const SHARD_STALL: (&str, &str) = (
 );
 /// A shard whose liveness stamp is older than this is stalled (`/healthz`).
 pub const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+const JWKS_FETCHES: (&str, &str) =
+    ("corecast_jwks_fetches_total", "JWKS fetches (--jwt-jwks-url) by result: ok or error.");
+const JWKS_KEYS: (&str, &str) = ("corecast_jwks_keys", "Usable keys in the last JWKS fetched (--jwt-jwks-url).");
 const REDIS_NODE_LINKS: (&str, &str) = (
     "corecast_redis_node_links_up",
     "Shards whose subscriber / publisher link to this Redis primary is up (with --redis; 0 while it is unreachable).",
@@ -511,6 +531,8 @@ static DESCS: LazyLock<Vec<Desc>> = LazyLock::new(|| {
     v.push(desc(BACKLOG.0, BACKLOG.1, &["shard"]));
     v.push(desc(FDS.0, FDS.1, &[]));
     v.push(desc(REDIS_NODE_LINKS.0, REDIS_NODE_LINKS.1, &["node", "link"]));
+    v.push(desc(JWKS_FETCHES.0, JWKS_FETCHES.1, &["result"]));
+    v.push(desc(JWKS_KEYS.0, JWKS_KEYS.1, &[]));
     v.push(desc(REDIS_DEGRADED.0, REDIS_DEGRADED.1, &[]));
     v.push(desc(SHARD_STALL.0, SHARD_STALL.1, &[]));
     v
@@ -684,6 +706,16 @@ impl Collector for Exposition {
                 }
             }
             out.push(family(REDIS_NODE_LINKS.0, REDIS_NODE_LINKS.1, MetricType::GAUGE, series));
+        }
+        let jwks = &self.metrics.jwks;
+        if jwks.on.load(Relaxed) {
+            let series = [("ok", &jwks.ok), ("error", &jwks.error)]
+                .into_iter()
+                .map(|(r, c)| sample(MetricType::COUNTER, vec![label("result", r)], c.get() as f64))
+                .collect();
+            out.push(family(JWKS_FETCHES.0, JWKS_FETCHES.1, MetricType::COUNTER, series));
+            let keys = vec![sample(MetricType::GAUGE, vec![], jwks.keys.load(Relaxed) as f64)];
+            out.push(family(JWKS_KEYS.0, JWKS_KEYS.1, MetricType::GAUGE, keys));
         }
         out
     }
