@@ -29,7 +29,7 @@ pub struct Verifier {
 
 enum Keys {
     /// `--jwt-secret` or `--jwt-public-key`: one key, one algorithm.
-    Static { key: DecodingKey, validation: Validation, alg: Algorithm },
+    Static { key: DecodingKey, validation: Box<Validation>, alg: Algorithm },
     /// `--jwt-jwks-url`: keys by `kid`, refreshed by the node's `jwks` thread.
     Jwks(Arc<Jwks>),
 }
@@ -115,7 +115,7 @@ impl Verifier {
     }
 
     fn fixed(key: DecodingKey, alg: Algorithm, rules: &Rules) -> Verifier {
-        Verifier { keys: Keys::Static { key, validation: validation(alg, rules), alg } }
+        Verifier { keys: Keys::Static { key, validation: Box::new(validation(alg, rules)), alg } }
     }
 
     /// Starts the JWKS fetcher thread, if keys come from a JWKS.
