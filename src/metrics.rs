@@ -246,7 +246,7 @@ shard_metrics! {
     socket_writes_total: "counter", "Writes to client sockets: sendmsg(2) calls and batched io_uring sends (fewer per frame = frames coalesced).";
     sends_batched_total: "counter", "Socket writes that went to the kernel in an io_uring batch (io_uring driver), not one sendmsg(2) each.";
     send_batches_total: "counter", "io_uring_enter calls that carried those batched writes.";
-    token_expiries: "gauge", "Entries in this shard's token-expiry heap: one per authenticated connection and expiry, and refreshed ones until the heap is compacted.";
+    token_expiries: "gauge", "Entries in this shard's token-expiry heap: one per authenticated connection and expiry, one per subscription token (room) and expiry, and refreshed ones until the heap is compacted.";
     full_sockets: "gauge", "Connections whose socket is full, a writer waiting for it to drain (slow readers not yet caught up or cut off).";
     pongs_coalesced_total: "counter", "Pongs that replaced a waiting, unsent pong instead of being queued (RFC 6455 5.5.3).";
     inbox_dropped_total: "counter", "Messages for this shard dropped because its inbox was full (see docs/operations.md: Inbox policy).";
