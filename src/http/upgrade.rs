@@ -129,8 +129,8 @@ pub fn accept(svc: &Rc<Services>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> 
     if let Some(grant) = grant {
         crate::services::expiry::attach(svc, conn, grant);
     }
-    // §13 `subs`: joined now, each with its `subscribed` (no `id`), before
-    // any op the client sent after its request.
+    // §13 `subs`: joined now, before any op the client sent after its
+    // request is handled; each `subscribed` (no `id`) as for a `subscribe`.
     if mode == Mode::Client {
         crate::services::expiry::subscribe_claimed(svc, conn, &subs);
     }
