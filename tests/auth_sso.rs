@@ -107,6 +107,19 @@ fn readyz_is_503_until_the_first_jwks_fetch_succeeds() {
     let token = key.sign(&json!({"sub":"u","exp":now() + 600}));
     assert_eq!(status(&s, &token), 503, "no token can be checked yet");
     assert_eq!(s.metric("corecast_handshakes_total{result=\"not_ready\"}"), 1.0);
+    // A set with no usable key (a shared secret only) is no better: once
+    // every fetch the server answered is counted, none counted as ok.
+    jwks.set(200, json!({"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"hmac"}]}).to_string());
+    let hits = jwks.hits();
+    s.wait_until("the HMAC-only set fetched", || jwks.hits() > hits);
+    let answered = jwks.hits() as f64;
+    let counted = || {
+        s.metric("corecast_jwks_fetches_total{result=\"ok\"}")
+            + s.metric("corecast_jwks_fetches_total{result=\"error\"}")
+    };
+    s.wait_until("every answered fetch counted", || counted() >= answered);
+    assert_eq!(s.http_get("/readyz").0, 503);
+    assert_eq!(s.metric("corecast_jwks_fetches_total{result=\"ok\"}"), 0.0);
     // The server comes good: the next retry finds it.
     jwks.serve(&[&key]);
     let t0 = Instant::now();

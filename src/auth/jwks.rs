@@ -195,6 +195,11 @@ impl Jwks {
         for (kid, why) in skipped {
             warn!(url = %self.url, kid = %kid, why, "JWKS key skipped");
         }
+        // A set that verifies nothing is a failed fetch: the last good keys
+        // (and the readiness they gave) stay.
+        if set.keys.is_empty() {
+            bail!("no usable key in the set");
+        }
         Ok(set)
     }
 }
