@@ -241,8 +241,24 @@ fn subs_claim_subscribes_at_connect_and_receives_publishes() {
     assert_eq!(status(&s, &hs256(json!({"sub":"x","exp":now() + 600,"subs":["bad room"]}))), 401);
 }
 
-/// `subs` with history and Redis-free recovery: the subscribe at connect is
-/// the client's subscribe (`Services::subscribe`), position included.
+/// `subs` over Redis: the join at connect subscribes the node on Redis like
+/// a client's `subscribe`, so a publish made on another node arrives, and
+/// the `subscribed` comes only once this node is subscribed there.
+#[test]
+fn subs_claim_over_redis_receives_a_publish_from_another_node() {
+    let redis = common::redis::RedisServer::start();
+    let a = start_server(&["--jwt-secret", SECRET, "--redis", &redis.url()]);
+    let b = start_server(&["--jwt-secret", SECRET, "--redis", &redis.url()]);
+    let mut c = connect(&a, &hs256(json!({"sub":"r1","exp":now() + 600,"rooms":[],"subs":["wire"]})));
+    assert_eq!(c.recv(), json!({"ev":"subscribed","room":"wire"}));
+    let mut p = connect(&b, &hs256(json!({"sub":"r2","exp":now() + 600})));
+    p.send_json(&json!({"op":"publish","room":"wire","data":"across","id":1}));
+    assert_eq!(p.recv(), json!({"ev":"ack","id":1}));
+    assert_eq!(c.recv(), json!({"ev":"message","room":"wire","from":"r2","data":"across"}));
+}
+
+/// `subs` in a history room: the subscribe at connect is the client's
+/// subscribe (`Services::subscribe`), position included.
 #[test]
 fn subs_claim_in_a_history_room_gets_its_position() {
     let s = start_server(&["--jwt-secret", SECRET, "--history-size", "10"]);
