@@ -362,6 +362,20 @@ fn subscription_token_grants_a_room_expires_and_refresh_keeps_it() {
     assert_eq!(c.recv(), json!({"ev":"message","room":"stage","from":"host","data":"kept"}));
 }
 
+/// A subscription token is no connection token: neither at the upgrade
+/// (tested above) nor as a connection `refresh` (it would widen the
+/// connection to whatever its missing `rooms` claim allows).
+#[test]
+fn a_subscription_token_cannot_refresh_the_connection() {
+    let s = start_server(&["--jwt-secret", SECRET]);
+    let mut c = connect(&s, &hs256(json!({"sub":"w","exp":now() + 600,"rooms":["lobby"]})));
+    let t = hs256(json!({"sub":"w","room":"vip","exp":now() + 600}));
+    let r = c.call(json!({"op":"refresh","token":t,"id":1}));
+    assert_eq!((r["code"].as_str(), r["id"].as_i64()), (Some("forbidden"), Some(1)), "{r}");
+    let r = c.call(json!({"op":"subscribe","room":"other","id":2}));
+    assert_eq!(r["code"], "forbidden", "the rooms claim still holds: {r}");
+}
+
 #[test]
 fn subscription_tokens_need_auth() {
     let s = start_server(&[]);
