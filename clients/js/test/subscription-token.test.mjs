@@ -73,3 +73,23 @@ test("without getToken the room is left at the token's exp", { timeout: 30000 },
   assert.equal(cc.subscription(r), undefined);
   assert.equal(cc.state, "open", "the connection stays");
 });
+
+test("with getToken and no token, the token is asked for before the subscribe", { timeout: 30000 }, async (t) => {
+  const server = await startCorecast(["--jwt-secret", SECRET]);
+  t.after(() => server.stop());
+  const cc = new Corecast(server.url, { ...FAST, token: connToken("viewer3") });
+  t.after(() => cc.close());
+  await cc.connect();
+  const r = room("lazy");
+  const asked = [];
+  const sub = cc.subscribe(r, {
+    getToken: (name) => {
+      asked.push(name);
+      return subToken("viewer3", name, 600);
+    },
+  });
+  await sub.ready;
+  assert.deepEqual(asked, [r]);
+  assert.equal(sub.state, "subscribed");
+  assert.ok(sub.tokenExp > now() + 500);
+});
