@@ -112,6 +112,31 @@ pub struct Options {
     #[arg(long, env = "CORECAST_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
 
+    /// URL of a JSON Web Key Set (RSA, EC P-256, Ed25519 keys, chosen by the
+    /// token's `kid`); setting it turns auth on. `/readyz` is 503 until the
+    /// first fetch succeeds. [default: none]
+    #[arg(long, env = "CORECAST_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+
+    /// Seconds between JWKS fetches (an unknown `kid` also refetches, at
+    /// most every 10 s); at least 1. [default: 300]
+    #[arg(long, env = "CORECAST_JWT_JWKS_REFRESH_SECS")]
+    pub jwt_jwks_refresh_secs: Option<u64>,
+
+    /// PEM file of the CA certificates trusted for an https JWKS URL,
+    /// instead of the system's roots. [default: system roots]
+    #[arg(long, env = "CORECAST_JWT_JWKS_CA")]
+    pub jwt_jwks_ca: Option<PathBuf>,
+
+    /// Tokens must carry this audience (`aud`, a string or an array that
+    /// contains it); others get 401. [default: aud not checked]
+    #[arg(long, env = "CORECAST_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Tokens must carry this issuer (`iss`); others get 401. [default: iss not checked]
+    #[arg(long, env = "CORECAST_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
     /// Comma-separated exact origins (`https://app.example.com`) allowed to
     /// open WebSockets; an upgrade whose `Origin` is not listed gets 403, one
     /// without `Origin` (not a browser) is allowed. [default: any]
@@ -436,6 +461,11 @@ impl Options {
             api_key,
             jwt_secret,
             jwt_public_key,
+            jwt_jwks_url,
+            jwt_jwks_refresh_secs,
+            jwt_jwks_ca,
+            jwt_audience,
+            jwt_issuer,
             allowed_origins,
             max_body_bytes,
             handshake_timeout_secs,
@@ -503,16 +533,39 @@ impl Config {
         if channel_prefix.contains(['{', '}']) {
             bail!("--channel-prefix must not contain '{{' or '}}' (got {channel_prefix:?})");
         }
-        let auth = match (o.jwt_secret.filter(|s| !s.is_empty()), &o.jwt_public_key) {
-            (Some(_), Some(_)) => bail!("set --jwt-secret or --jwt-public-key, not both"),
-            (Some(secret), None) => Some(Arc::new(crate::auth::Verifier::hs256(secret.as_bytes()))),
-            (None, Some(path)) => {
+        // Client auth (PROTOCOL.md §2, §13): one key source, and the claim rules.
+        let rules = crate::auth::Rules {
+            audience: o.jwt_audience.filter(|s| !s.is_empty()),
+            issuer: o.jwt_issuer.filter(|s| !s.is_empty()),
+        };
+        let jwks_url = o.jwt_jwks_url.filter(|s| !s.is_empty());
+        let sources = [o.jwt_secret.as_deref().is_some_and(|s| !s.is_empty()), o.jwt_public_key.is_some()];
+        if sources.into_iter().chain([jwks_url.is_some()]).filter(|&on| on).count() > 1 {
+            bail!("set one of --jwt-secret, --jwt-public-key and --jwt-jwks-url");
+        }
+        let refresh_secs = o.jwt_jwks_refresh_secs.unwrap_or(300);
+        if refresh_secs == 0 {
+            bail!("--jwt-jwks-refresh-secs must be at least 1");
+        }
+        if jwks_url.is_none() && o.jwt_jwks_ca.is_some() {
+            bail!("--jwt-jwks-ca needs --jwt-jwks-url");
+        }
+        let auth = match (o.jwt_secret.filter(|s| !s.is_empty()), &o.jwt_public_key, jwks_url) {
+            (Some(secret), _, _) => Some(Arc::new(crate::auth::Verifier::hs256(secret.as_bytes(), &rules))),
+            (None, Some(path), _) => {
                 let pem = std::fs::read(path).with_context(|| format!("--jwt-public-key: read {}", path.display()))?;
-                let v = crate::auth::Verifier::from_pem(&pem)
+                let v = crate::auth::Verifier::from_pem(&pem, &rules)
                     .with_context(|| format!("--jwt-public-key: {}", path.display()))?;
                 Some(Arc::new(v))
             }
-            (None, None) => None,
+            (None, None, Some(url)) => {
+                let refresh = Duration::from_secs(refresh_secs);
+                Some(Arc::new(crate::auth::Verifier::jwks(&url, refresh, o.jwt_jwks_ca.as_deref(), &rules)?))
+            }
+            (None, None, None) if rules.audience.is_some() || rules.issuer.is_some() => {
+                bail!("--jwt-audience and --jwt-issuer need a key: --jwt-secret, --jwt-public-key or --jwt-jwks-url")
+            }
+            (None, None, None) => None,
         };
         let ttl_secs = o.history_ttl_secs.unwrap_or(300);
         if ttl_secs > MAX_TTL_SECS {
@@ -798,6 +851,22 @@ mod tests {
         let file = dir.file("c.toml", "webhook_url = \"http://127.0.0.1:9/h\"\nwebhook_queue = 7\n");
         let cfg = Config::load(["corecast", "--config", &file]).unwrap();
         assert_eq!((cfg.webhook.url.as_deref(), cfg.webhook.queue), (Some("http://127.0.0.1:9/h"), 7));
+    }
+
+    #[test]
+    fn auth_takes_one_key_source_and_checks_the_jwks_flags() {
+        clean_env();
+        assert!(Config::load(["corecast", "--jwt-secret", "s", "--jwt-jwks-url", "http://x/jwks"]).is_err());
+        assert!(Config::load(["corecast", "--jwt-jwks-url", "ftp://x/jwks"]).is_err());
+        assert!(Config::load(["corecast", "--jwt-jwks-url", "http://x/j", "--jwt-jwks-refresh-secs", "0"]).is_err());
+        assert!(Config::load(["corecast", "--jwt-jwks-url", "http://x/j", "--jwt-jwks-refresh-secs", "1"]).is_ok());
+        assert!(Config::load(["corecast", "--jwt-jwks-ca", "/nonexistent"]).is_err());
+        assert!(Config::load(["corecast", "--jwt-jwks-url", "https://x/j", "--jwt-jwks-ca", "/nonexistent"]).is_err());
+        assert!(Config::load(["corecast", "--jwt-audience", "a"]).is_err(), "an audience without a key");
+        let cfg = Config::load(["corecast", "--jwt-secret", "s", "--jwt-audience", "a", "--jwt-issuer", "i"]).unwrap();
+        assert!(cfg.auth.is_some_and(|a| a.ready()));
+        let cfg = Config::load(["corecast", "--jwt-jwks-url", "http://127.0.0.1:1/jwks"]).unwrap();
+        assert!(!cfg.auth.unwrap().ready(), "not ready before the first fetch");
     }
 
     #[test]

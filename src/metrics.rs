@@ -151,10 +151,12 @@ pub enum HandshakeResult {
     Draining,
     /// 503: `--max-connections` reached.
     Full,
+    /// 503: the JWKS (`--jwt-jwks-url`) has not been fetched yet.
+    NotReady,
 }
 
 impl HandshakeResult {
-    pub const ALL: [HandshakeResult; 7] = [
+    pub const ALL: [HandshakeResult; 8] = [
         HandshakeResult::Ok,
         HandshakeResult::BadRequest,
         HandshakeResult::Version,
@@ -162,6 +164,7 @@ impl HandshakeResult {
         HandshakeResult::Forbidden,
         HandshakeResult::Draining,
         HandshakeResult::Full,
+        HandshakeResult::NotReady,
     ];
 
     pub fn label(self) -> &'static str {
@@ -173,6 +176,7 @@ impl HandshakeResult {
             HandshakeResult::Forbidden => "forbidden",
             HandshakeResult::Draining => "draining",
             HandshakeResult::Full => "full",
+            HandshakeResult::NotReady => "not_ready",
         }
     }
 }
@@ -242,7 +246,7 @@ shard_metrics! {
     socket_writes_total: "counter", "Writes to client sockets: sendmsg(2) calls and batched io_uring sends (fewer per frame = frames coalesced).";
     sends_batched_total: "counter", "Socket writes that went to the kernel in an io_uring batch (io_uring driver), not one sendmsg(2) each.";
     send_batches_total: "counter", "io_uring_enter calls that carried those batched writes.";
-    token_expiries: "gauge", "Entries in this shard's token-expiry heap: one per authenticated connection and expiry, and refreshed ones until the heap is compacted.";
+    token_expiries: "gauge", "Entries in this shard's token-expiry heap: one per authenticated connection and expiry, one per subscription token (room) and expiry, and refreshed ones until the heap is compacted.";
     full_sockets: "gauge", "Connections whose socket is full, a writer waiting for it to drain (slow readers not yet caught up or cut off).";
     pongs_coalesced_total: "counter", "Pongs that replaced a waiting, unsent pong instead of being queued (RFC 6455 5.5.3).";
     inbox_dropped_total: "counter", "Messages for this shard dropped because its inbox was full (see docs/operations.md: Inbox policy).";
@@ -308,6 +312,8 @@ pub struct Metrics {
     pub liveness: Liveness,
     /// The webhook sender's counters (all zero without `--webhook-url`).
     pub webhook: WebhookMetrics,
+    /// `--jwt-jwks-url`: the `jwks` thread's fetches and keys.
+    pub jwks: JwksStats,
 }
 
 /// The webhook sender's counters (`webhook::Webhooks`, PROTOCOL.md §11):
@@ -342,6 +348,16 @@ impl WebhookMetrics {
         let done = self.sent_total.get() + self.dropped_expired.get() + self.dropped_stopped.get();
         self.events_total.get().saturating_sub(done)
     }
+}
+
+/// `corecast_jwks_fetches_total{result}` and `corecast_jwks_keys`, written by
+/// the node's `jwks` thread (`auth::jwks`); shown once it has started.
+#[derive(Debug, Default)]
+pub struct JwksStats {
+    pub on: std::sync::atomic::AtomicBool,
+    pub ok: Counter,
+    pub error: Counter,
+    pub keys: AtomicU64,
 }
 
 /// One liveness stamp per shard: a timer on the shard's own runtime stores
@@ -431,6 +447,7 @@ impl Metrics {
             redis_nodes: RedisNodes::default(),
             liveness: Liveness::new(shards),
             webhook: WebhookMetrics::default(),
+            jwks: JwksStats::default(),
         }
     }
 
@@ -535,6 +552,9 @@ const SHARD_STALL: (&str, &str) = (
 );
 /// A shard whose liveness stamp is older than this is stalled (`/healthz`).
 pub const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+const JWKS_FETCHES: (&str, &str) =
+    ("corecast_jwks_fetches_total", "JWKS fetches (--jwt-jwks-url) by result: ok or error.");
+const JWKS_KEYS: (&str, &str) = ("corecast_jwks_keys", "Usable keys in the last JWKS fetched (--jwt-jwks-url).");
 const REDIS_NODE_LINKS: (&str, &str) = (
     "corecast_redis_node_links_up",
     "Shards whose subscriber / publisher link to this Redis primary is up (with --redis; 0 while it is unreachable).",
@@ -571,6 +591,8 @@ static DESCS: LazyLock<Vec<Desc>> = LazyLock::new(|| {
     v.push(desc(BACKLOG.0, BACKLOG.1, &["shard"]));
     v.push(desc(FDS.0, FDS.1, &[]));
     v.push(desc(REDIS_NODE_LINKS.0, REDIS_NODE_LINKS.1, &["node", "link"]));
+    v.push(desc(JWKS_FETCHES.0, JWKS_FETCHES.1, &["result"]));
+    v.push(desc(JWKS_KEYS.0, JWKS_KEYS.1, &[]));
     v.push(desc(REDIS_DEGRADED.0, REDIS_DEGRADED.1, &[]));
     v.push(desc(SHARD_STALL.0, SHARD_STALL.1, &[]));
     v.push(desc(WEBHOOK_EVENTS.0, WEBHOOK_EVENTS.1, &[]));
@@ -781,6 +803,16 @@ impl Collector for Exposition {
                 }
             }
             out.push(family(REDIS_NODE_LINKS.0, REDIS_NODE_LINKS.1, MetricType::GAUGE, series));
+        }
+        let jwks = &self.metrics.jwks;
+        if jwks.on.load(Relaxed) {
+            let series = [("ok", &jwks.ok), ("error", &jwks.error)]
+                .into_iter()
+                .map(|(r, c)| sample(MetricType::COUNTER, vec![label("result", r)], c.get() as f64))
+                .collect();
+            out.push(family(JWKS_FETCHES.0, JWKS_FETCHES.1, MetricType::COUNTER, series));
+            let keys = vec![sample(MetricType::GAUGE, vec![], jwks.keys.load(Relaxed) as f64)];
+            out.push(family(JWKS_KEYS.0, JWKS_KEYS.1, MetricType::GAUGE, keys));
         }
         out
     }

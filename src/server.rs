@@ -66,6 +66,10 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
     let readers: Vec<InboxSender> = doors.iter().map(|d| d.thread.clone()).collect();
     let table = Arc::new(interest::Table::new(n));
     let metrics = Arc::new(Metrics::new(n));
+    // `--jwt-jwks-url`: the node's one `jwks` fetcher thread (`auth::jwks`).
+    if let Some(auth) = &cfg.auth {
+        auth.start_fetcher(&metrics)?;
+    }
     let (exit_tx, exits) = crossbeam_channel::unbounded();
     // With --redis: one `redis-NN` reader thread per shard, and each shard's link to it.
     let mut links: Vec<Option<ShardLink>> = match &cfg.redis {

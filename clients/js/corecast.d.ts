@@ -150,6 +150,14 @@ export interface SubscribeOptions {
   /** Refusals (`forbidden`, `bad_room`, `too_large` end the subscription;
    * `rate_limited`, `unavailable`, `timeout` are retried). */
   onError?: (error: CorecastError, sub: Subscription) => void;
+  /** §13: the subscription token was refreshed (`getToken`); `exp` in Unix seconds. */
+  onRefreshed?: (info: { room: string; exp: number }, sub: Subscription) => void;
+  /** §13 subscription token (a JWT with `sub`, `room`, `exp`) sent with the subscribe. */
+  token?: string;
+  /** §13: asked for a fresh subscription token for `room` before the current
+   * one expires (sent as `refresh` with the room) and before a resubscribe
+   * whose token is missing or about to expire. */
+  getToken?: (room: string) => string | Promise<string>;
   /** Start from a position stored earlier: the first subscribe recovers from it. */
   since?: Position;
 }
@@ -161,6 +169,9 @@ export class Subscription {
   readonly position: Position | null;
   /** Messages dropped because their offset had been seen already. */
   readonly duplicatesDropped: number;
+  /** §13: the subscription token in use and its `exp` (Unix seconds), if any. */
+  readonly token: string | null;
+  readonly tokenExp: number | null;
   /** Resolves on the first `subscribed`; rejects if refused. */
   readonly ready: Promise<Subscription>;
   unsubscribe(): Promise<void>;

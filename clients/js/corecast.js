@@ -20,7 +20,11 @@
 //   reported as a gap;
 // - token refresh: `getToken()` is asked for a token before every connect and
 //   again before the current token's `exp` (read from the JWT, not verified),
-//   sent with the `refresh` op.
+//   sent with the `refresh` op;
+// - subscription tokens (§13): `subscribe(room, {token, getToken})` sends the
+//   token with the subscribe, and `getToken(room)`, when given, is asked for a
+//   fresh one before that token's `exp` (sent as `refresh` with the room) and
+//   before a resubscribe whose token is about to expire.
 //
 // What enters: server events (JSON text frames). What leaves: client ops,
 // and callbacks / Promise results to the app.
@@ -78,7 +82,11 @@ export class Subscription {
         : null;
     /** Messages dropped because their offset was already seen. */
     this.duplicatesDropped = 0;
+    /** §13 subscription token (`handlers.token`) and its `exp` (Unix s). */
+    this.token = this.handlers.token ?? null;
+    this.tokenExp = jwtExp(this.token);
     this._retryTimer = null;
+    this._refreshTimer = null;
     this.ready = new Promise((resolve, reject) => {
       this._resolveReady = resolve;
       this._rejectReady = reject;
@@ -298,6 +306,7 @@ export class Corecast {
     this._failPending(new CorecastError("disconnected", `connection closed (${code})`));
     for (const sub of this._subs.values()) {
       clearTimeout(sub._retryTimer);
+      clearTimeout(sub._refreshTimer);
       if (sub.state === "subscribed") sub.state = "pending";
     }
     this.disconnects++;
@@ -496,14 +505,37 @@ export class Corecast {
 
   _sendSubscribe(sub) {
     clearTimeout(sub._retryTimer);
+    clearTimeout(sub._refreshTimer);
     const ws = this._ws;
+    // §13: a subscription token that is missing or about to expire is
+    // replaced first when the app gave `getToken(room)`.
+    const getToken = sub.handlers.getToken;
+    if (typeof getToken === "function" && !sub._fresh && this._subTokenStale(sub)) {
+      Promise.resolve()
+        .then(() => getToken(sub.room))
+        .then(
+          (token) => {
+            sub.token = token;
+            sub.tokenExp = jwtExp(token);
+            sub._fresh = true;
+            if (this._subs.get(sub.room) === sub && ws === this._ws && ws) this._sendSubscribe(sub);
+          },
+          (e) => sub._call("onError", e),
+        )
+        .finally(() => {
+          sub._fresh = false;
+        });
+      return;
+    }
     const since = sub.position ? { epoch: sub.position.epoch, offset: sub.position.offset } : null;
     const op = { op: "subscribe", room: sub.room };
     if (since) op.since = since;
+    if (sub.token) op.token = sub.token;
     this._request(op, {
       ok: (reply) => {
         if (this._subs.get(sub.room) !== sub || ws !== this._ws) return;
         this._onSubscribed(sub, reply, since);
+        this._scheduleSubRefresh(sub);
       },
       err: (err) => {
         if (this._subs.get(sub.room) !== sub) return;
@@ -525,6 +557,41 @@ export class Corecast {
         sub._call("onError", err);
       },
     });
+  }
+
+  /** Is `sub`'s subscription token missing or within the refresh margin of its exp? */
+  _subTokenStale(sub) {
+    if (!sub.token) return true;
+    if (!sub.tokenExp) return false;
+    return sub.tokenExp * 1000 - Date.now() <= Math.min(this.refreshMarginMs, 1000);
+  }
+
+  /** §13: asks `getToken(room)` for a fresh subscription token before the
+   * current one's `exp` and sends it as `refresh` with the room. */
+  _scheduleSubRefresh(sub) {
+    clearTimeout(sub._refreshTimer);
+    const getToken = sub.handlers.getToken;
+    if (typeof getToken !== "function" || !sub.token || !sub.tokenExp) return;
+    const left = sub.tokenExp * 1000 - Date.now();
+    const margin = Math.min(this.refreshMarginMs, left / 2);
+    const ws = this._ws;
+    sub._refreshTimer = setTimeout(async () => {
+      const live = () => this._subs.get(sub.room) === sub && ws === this._ws;
+      if (!live()) return;
+      try {
+        const token = await getToken(sub.room);
+        if (!live()) return;
+        const reply = await this._request({ op: "refresh", room: sub.room, token });
+        sub.token = token;
+        sub.tokenExp = typeof reply.exp === "number" ? reply.exp : jwtExp(token);
+        sub._call("onRefreshed", { room: sub.room, exp: sub.tokenExp });
+        if (live()) this._scheduleSubRefresh(sub);
+      } catch (e) {
+        // The old token holds until its exp; then the server leaves the
+        // room with `token_expired` (onError).
+        sub._call("onError", e);
+      }
+    }, Math.max(0, left - margin));
   }
 
   _onSubscribed(sub, reply, since) {
@@ -564,6 +631,7 @@ export class Corecast {
     if (this._subs.get(sub.room) !== sub) return Promise.resolve();
     this._subs.delete(sub.room);
     clearTimeout(sub._retryTimer);
+    clearTimeout(sub._refreshTimer);
     sub.state = "closed";
     sub._rejectReady(new CorecastError("closed", "unsubscribed"));
     if (!this._ws || this._ws.readyState !== OPEN) return Promise.resolve();
@@ -617,12 +685,18 @@ export class Corecast {
       }
       case "unsubscribed":
         if (m.id === undefined) {
-          // A refreshed token no longer grants the room; the server left it.
+          // The server left the room: a refreshed token no longer grants it,
+          // or (§13) its subscription token expired.
           const sub = this._subs.get(m.room);
           if (sub) {
             this._subs.delete(m.room);
+            clearTimeout(sub._refreshTimer);
             sub.state = "closed";
-            sub._call("onError", new CorecastError("forbidden", "the refreshed token no longer grants this room"));
+            const err =
+              m.reason === "token_expired"
+                ? new CorecastError("token_expired", "the subscription token expired")
+                : new CorecastError("forbidden", "the refreshed token no longer grants this room");
+            sub._call("onError", err);
           }
           break;
         }

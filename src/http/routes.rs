@@ -42,6 +42,10 @@ pub fn readyz(svc: &Rc<Services>, admin: bool) -> Reply {
     if svc.shard().is_draining() {
         return Reply::text(503, "not ready: draining\n");
     }
+    // `--jwt-jwks-url`: no token can be checked before the first fetch.
+    if svc.shard().cfg.auth.as_ref().is_some_and(|a| !a.ready()) {
+        return Reply::text(503, "not ready: the JWKS has not been fetched yet\n");
+    }
     let text = |status, body: String| Reply::new(status, "text/plain; charset=utf-8", Bytes::from(body));
     match svc.readiness() {
         Readiness::Ready => Reply::text(200, "ready\n"),

@@ -326,6 +326,29 @@ pub fn refreshed(exp: u64, id: Option<&str>) -> Bytes {
     Builder::new(48).raw("{\"ev\":\"refreshed\",\"exp\":").raw(&exp.to_string()).id(id).frame()
 }
 
+/// `{"ev":"refreshed","room":R,"exp":N,"id":..}`: a subscription token's
+/// `refresh` (§13).
+pub fn refreshed_room(room: &str, exp: u64, id: Option<&str>) -> Bytes {
+    Builder::new(64 + room.len())
+        .raw("{\"ev\":\"refreshed\",\"room\":")
+        .string(room)
+        .raw(",\"exp\":")
+        .raw(&exp.to_string())
+        .id(id)
+        .frame()
+}
+
+/// `{"ev":"unsubscribed","room":R,"reason":W}`: the server took the
+/// connection out of R (§13: `token_expired`).
+pub fn unsubscribed_because(room: &str, reason: &str) -> Bytes {
+    Builder::new(64 + room.len() + reason.len())
+        .raw("{\"ev\":\"unsubscribed\",\"room\":")
+        .string(room)
+        .raw(",\"reason\":")
+        .string(reason)
+        .frame()
+}
+
 /// `{"ev":"maintenance","reconnect_in_ms":N}`.
 pub fn maintenance(reconnect_in_ms: u64) -> Bytes {
     Builder::new(48).raw("{\"ev\":\"maintenance\",\"reconnect_in_ms\":").raw(&reconnect_in_ms.to_string()).frame()
@@ -387,6 +410,9 @@ mod tests {
     fn events_are_byte_exact() {
         assert_eq!(text(&message("r", "u1", "{\"a\":1}")), r#"{"ev":"message","room":"r","from":"u1","data":{"a":1}}"#);
         assert_eq!(text(&direct("u\"q", "2")), r#"{"ev":"direct","from":"u\"q","data":2}"#);
+        assert_eq!(text(&refreshed_room("r", 9, Some("1"))), r#"{"ev":"refreshed","room":"r","exp":9,"id":1}"#);
+        let gone = text(&unsubscribed_because("r", "token_expired"));
+        assert_eq!(gone, r#"{"ev":"unsubscribed","room":"r","reason":"token_expired"}"#);
         assert_eq!(text(&membership("subscribed", "r", Some("5"))), r#"{"ev":"subscribed","room":"r","id":5}"#);
         assert_eq!(text(&reply("pong", None)), r#"{"ev":"pong"}"#);
         assert_eq!(text(&reply("ack", Some("\"a\""))), r#"{"ev":"ack","id":"a"}"#);

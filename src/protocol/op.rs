@@ -61,10 +61,12 @@ fn parse_since(raw: &RawValue) -> Option<Since> {
 /// extension of §2.
 #[derive(Debug, PartialEq)]
 pub enum ClientOp<'a> {
-    /// `since`: recover from this position (§7).
+    /// `since`: recover from this position (§7); `token`: a subscription
+    /// token that grants the room (§13).
     Subscribe {
         room: Cow<'a, str>,
         since: Option<Since>,
+        token: Option<Cow<'a, str>>,
     },
     Unsubscribe {
         room: Cow<'a, str>,
@@ -78,8 +80,11 @@ pub enum ClientOp<'a> {
         data: &'a str,
     },
     Ping,
+    /// With `room`: a fresh subscription token for that room (§13);
+    /// without: a fresh connection token.
     Refresh {
         token: Cow<'a, str>,
+        room: Option<Cow<'a, str>>,
     },
     /// §7: `limit` defaults to the whole history (`usize::MAX`, capped by
     /// the server at `--history-size`).
@@ -159,7 +164,7 @@ impl<'a> ClientOp<'a> {
             },
         };
         let op = match &*wire.op {
-            "subscribe" => ClientOp::Subscribe { room: room(wire.room)?, since },
+            "subscribe" => ClientOp::Subscribe { room: room(wire.room)?, since, token: wire.token },
             "history" => {
                 let limit = match wire.limit {
                     None => usize::MAX,
@@ -200,7 +205,13 @@ impl<'a> ClientOp<'a> {
             }
             "ping" => ClientOp::Ping,
             "refresh" => match wire.token {
-                Some(token) => ClientOp::Refresh { token },
+                Some(token) => {
+                    let room = match wire.room {
+                        Some(r) => Some(room(Some(r))?),
+                        None => None,
+                    };
+                    ClientOp::Refresh { token, room }
+                }
                 None => return err(ErrorCode::BadRequest, "missing \"token\"", id),
             },
             _ => return err(ErrorCode::BadRequest, "unknown \"op\"", id),
@@ -219,7 +230,7 @@ mod tests {
         assert_eq!(op, ClientOp::Publish { room: "r".into(), data: r#"{"a": [1, 2.50]}"# });
         assert_eq!(id, Some("7"));
         let (op, id) = ClientOp::parse(br#"{"op":"subscribe","room":"a:b","id":"x"}"#).unwrap();
-        assert_eq!(op, ClientOp::Subscribe { room: "a:b".into(), since: None });
+        assert_eq!(op, ClientOp::Subscribe { room: "a:b".into(), since: None, token: None });
         assert_eq!(id, Some("\"x\""));
         assert_eq!(ClientOp::parse(br#"{"op":"ping"}"#).unwrap(), (ClientOp::Ping, None));
         let (op, _) = ClientOp::parse(br#"{"op":"send","user":"bob","data":"hi","extra":1}"#).unwrap();
@@ -227,7 +238,15 @@ mod tests {
         let (op, _) = ClientOp::parse(br#"{"op":"unsubscribe","room":"\u0041"}"#).unwrap();
         assert_eq!(op, ClientOp::Unsubscribe { room: "A".into() });
         let (op, id) = ClientOp::parse(br#"{"op":"refresh","token":"a.b.c","id":2}"#).unwrap();
-        assert_eq!((op, id), (ClientOp::Refresh { token: "a.b.c".into() }, Some("2")));
+        assert_eq!((op, id), (ClientOp::Refresh { token: "a.b.c".into(), room: None }, Some("2")));
+        let (op, _) = ClientOp::parse(br#"{"op":"refresh","token":"t","room":"r"}"#).unwrap();
+        assert_eq!(op, ClientOp::Refresh { token: "t".into(), room: Some("r".into()) });
+        let (op, _) = ClientOp::parse(br#"{"op":"subscribe","room":"r","token":"t"}"#).unwrap();
+        assert_eq!(op, ClientOp::Subscribe { room: "r".into(), since: None, token: Some("t".into()) });
+        assert_eq!(
+            ClientOp::parse(br#"{"op":"refresh","token":"t","room":"a b"}"#).unwrap_err().code,
+            ErrorCode::BadRoom
+        );
     }
 
     #[test]
@@ -270,10 +289,13 @@ mod tests {
         let e = |s: &str| Epoch::new(s).unwrap();
         let (op, id) =
             ClientOp::parse(br#"{"op":"subscribe","room":"r","since":{"epoch":"ab","offset":12},"id":1}"#).unwrap();
-        assert_eq!(op, ClientOp::Subscribe { room: "r".into(), since: Some(Since { epoch: e("ab"), offset: 12 }) });
+        assert_eq!(
+            op,
+            ClientOp::Subscribe { room: "r".into(), since: Some(Since { epoch: e("ab"), offset: 12 }), token: None }
+        );
         assert_eq!(id, Some("1"));
         let (op, _) = ClientOp::parse(br#"{"op":"subscribe","room":"r","since":null}"#).unwrap();
-        assert_eq!(op, ClientOp::Subscribe { room: "r".into(), since: None });
+        assert_eq!(op, ClientOp::Subscribe { room: "r".into(), since: None, token: None });
         let (op, _) = ClientOp::parse(br#"{"op":"history","room":"r","limit":5}"#).unwrap();
         assert_eq!(op, ClientOp::History { room: "r".into(), limit: 5, since: None });
         let (op, _) = ClientOp::parse(br#"{"op":"history","room":"r","since":{"offset":0,"epoch":"x"}}"#).unwrap();

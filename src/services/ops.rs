@@ -35,13 +35,24 @@ pub fn handle(svc: &Rc<Services>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
     };
     let Some(me) = conn.user() else { return };
     match op {
-        ClientOp::Subscribe { room, since } => {
-            if !conn.allows(&room) {
+        ClientOp::Subscribe { room, since, token } => {
+            // §13: a subscription token grants the room by itself.
+            let room_token = match token {
+                Some(t) => match expiry::check_room_token(svc, &me, &room, &t) {
+                    Ok(exp) => Some(exp),
+                    Err((code, why)) => return refuse(shard, conn, code, why, id),
+                },
+                None => None,
+            };
+            if room_token.is_none() && !expiry::may_subscribe(conn, &room) {
                 return refuse(shard, conn, ErrorCode::Forbidden, "the token does not allow this room", id);
             }
             if limits::too_many_rooms(shard, conn, &room) {
                 shard.m().room_limit_refusals_total.inc();
                 return refuse(shard, conn, ErrorCode::TooLarge, "too many rooms on this connection", id);
+            }
+            if let Some(exp) = room_token {
+                expiry::grant_room(svc, conn, &room, exp);
             }
             // §7: position and recovery in a history room (the reply after
             // the read); with Redis, the reply held until this node is
@@ -52,12 +63,13 @@ pub fn handle(svc: &Rc<Services>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
             let Some((h, settings)) = svc.history_of(&room) else {
                 return refuse(shard, conn, ErrorCode::BadRequest, "this room keeps no history", id);
             };
-            if !conn.allows(&room) {
+            if !expiry::may_subscribe(conn, &room) {
                 return refuse(shard, conn, ErrorCode::Forbidden, "the token does not allow this room", id);
             }
             h.history_op(shard, conn, &room, settings, limit, since, id);
         }
         ClientOp::Unsubscribe { room } => {
+            expiry::forget_room(conn, &room);
             svc.leave(conn, &room);
             conn.push(shard, event::membership("unsubscribed", &room, id));
         }
@@ -91,6 +103,10 @@ pub fn handle(svc: &Rc<Services>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
             published(shard, conn, svc.publish_to_room(&room, &me, data), id);
         }
         ClientOp::Send { user, data } => {
+            // §13: a token with `"dm": false` may not send.
+            if !expiry::may_send(conn) {
+                return refuse(shard, conn, ErrorCode::Forbidden, "the token does not allow direct messages", id);
+            }
             let frame = event::direct(&me, data);
             published(shard, conn, svc.publish(Target::User(&user), frame), id);
         }
@@ -99,7 +115,15 @@ pub fn handle(svc: &Rc<Services>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
         ClientOp::Ping => {
             conn.push(shard, event::reply("pong", id));
         }
-        ClientOp::Refresh { token } => match expiry::refresh(svc, conn, &me, &token, id) {
+        ClientOp::Refresh { token, room: Some(room) } => {
+            if let Err((code, why)) = expiry::refresh_room(svc, conn, &me, &room, &token, id) {
+                if code == ErrorCode::RateLimited {
+                    shard.m().rate_limited_total.inc();
+                }
+                refuse(shard, conn, code, why, id)
+            }
+        }
+        ClientOp::Refresh { token, room: None } => match expiry::refresh(svc, conn, &me, &token, id) {
             Ok(()) => {}
             Err(ErrorCode::BadRequest) => refuse(shard, conn, ErrorCode::BadRequest, "auth is not enabled", id),
             Err(ErrorCode::RateLimited) => {
@@ -125,7 +149,7 @@ fn presence_op(
     if !shard.cfg.namespaces.of(room).presence {
         return refuse(shard, conn, ErrorCode::BadRequest, "this room keeps no presence", id);
     }
-    if !conn.allows(room) {
+    if !expiry::may_subscribe(conn, room) {
         return refuse(shard, conn, ErrorCode::Forbidden, "the token does not allow this room", id);
     }
     let (svc, conn, room, id) = (svc.clone(), conn.clone(), Box::<str>::from(room), id.map(Box::<str>::from));
