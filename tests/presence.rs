@@ -30,6 +30,12 @@ join_leave = true
 presence_grace_ms = 400
 
 [[namespace]]
+prefix = "lounge:"
+presence = true
+join_leave = true
+presence_grace_ms = 4000
+
+[[namespace]]
 prefix = "feed:"
 client_publish = "none"
 
@@ -455,4 +461,71 @@ fn nodes_report_a_namespace_mismatch() {
     same[0].wait_until("a mismatch is seen", || digests(&same[0]) == 2.0);
     odd.wait_until("and by the odd node", || digests(&odd) == 2.0);
     assert!(same[0].logs().contains("different [[namespace]] tables"), "{}", same[0].logs());
+}
+
+/// A whole node drains (SIGTERM): its clients move to another node within
+/// the grace, and nobody sees a leave or a join for them.
+#[test]
+fn a_drain_that_moves_clients_within_the_grace_is_silent() {
+    let dir = TempDir::new("presence");
+    let redis = RedisServer::start();
+    let file = config(&dir);
+    let stay = nodes(1, Some(&redis.url()), &file).pop().unwrap();
+    let mut going = start_server(&["--shards", "2", "--config", &file, "--redis", &redis.url(), "--drain-secs", "1"]);
+    let mut watcher = Client::connect(&stay.ws_url("/ws?user=watcher"));
+    watcher.subscribe("lounge:x");
+    next_event(&mut watcher, json!({"ev":"join","room":"lounge:x","user":"watcher"}));
+    let mut movers: Vec<Client> = (0..4).map(|i| Client::connect(&going.ws_url(&format!("/ws?user=m{i}")))).collect();
+    for m in &mut movers {
+        m.subscribe("lounge:x");
+    }
+    for _ in 0..4 {
+        assert_eq!(watcher.recv()["ev"], "join");
+    }
+    going.sigterm();
+    // Each client is told to go, goes, and comes back on the other node
+    // (as the JS client does), well within the 4 s grace.
+    let mut back = Vec::new();
+    for (i, mut m) in movers.into_iter().enumerate() {
+        // (After the joins of the movers subscribed later.)
+        while m.recv()["ev"] != "maintenance" {}
+        m.expect_close();
+        let mut c = Client::connect(&stay.ws_url(&format!("/ws?user=m{i}")));
+        c.subscribe("lounge:x");
+        back.push(c);
+    }
+    going.wait_exit(Duration::from_secs(10));
+    // Past the grace: not one event about the movers.
+    watcher.expect_silence(Duration::from_millis(5000));
+    let v = watcher.call(json!({"op":"presence_stats","room":"lounge:x","id":1}));
+    assert_eq!((v["clients"].as_u64(), v["users"].as_u64()), (Some(5), Some(5)), "{v}");
+}
+
+/// With Redis, a room outside every history namespace leaves no key behind
+/// after publishes and reads (§10), and a presence room's keys go when it
+/// empties.
+#[test]
+fn rooms_without_history_leave_no_key_in_redis() {
+    let dir = TempDir::new("presence");
+    let redis = RedisServer::start();
+    let n = nodes(1, Some(&redis.url()), &config(&dir));
+    let mut c = Client::connect(&n[0].ws_url("/ws?user=k"));
+    c.subscribe("lobby");
+    for i in 0..5 {
+        c.send_json(&json!({"op":"publish","room":"lobby","data":i}));
+        assert_eq!(c.recv()["data"], i);
+    }
+    let v = c.call(json!({"op":"history","room":"lobby","id":"h"}));
+    assert_eq!(v["code"], "bad_request", "{v}");
+    let (code, _) = n[0].http("POST", "/api/publish", &[], br#"{"room":"lobby","data":1}"#);
+    assert_eq!(code, 200);
+    assert_eq!(c.recv()["from"], "server");
+    let keys = redis.cli(&["--scan", "--pattern", "*lobby*"]);
+    assert!(keys.trim().is_empty(), "keys of a room without history: {keys}");
+    // A presence room has keys while it has members, none after.
+    c.subscribe("who:k");
+    n[0].wait_until("presence keys", || !redis.cli(&["--scan", "--pattern", "*who:k*"]).trim().is_empty());
+    drop(c);
+    n[0].wait_until("no presence keys left", || redis.cli(&["--scan", "--pattern", "*who:k*"]).trim().is_empty());
+    assert!(redis.cli(&["--scan", "--pattern", "*lobby*"]).trim().is_empty());
 }

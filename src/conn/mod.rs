@@ -141,11 +141,6 @@ pub struct Conn {
     pub(crate) limits: limits::Limits,
     /// History reads in flight and their rate (`history::budget`).
     pub(crate) hist: limits::ReadBudget,
-    /// The JSON prefixes of its own messages it must not get back
-    /// (§10 `deliver_to_publisher = false`); `None` for everyone else.
-    /// Boxed: one pointer per connection, not a `Vec`'s three words.
-    #[allow(clippy::box_collection)]
-    own: Cell<Option<Box<Vec<bytes::Bytes>>>>,
 }
 
 impl Conn {
@@ -163,7 +158,6 @@ impl Conn {
             grant: Cell::new(None),
             limits: limits::Limits::default(),
             hist: Default::default(),
-            own: Cell::new(None),
         }
     }
 
@@ -206,35 +200,43 @@ impl Conn {
 
     /// Its next message whose JSON starts with `prefix` (the message event
     /// up to its `data`, before any position) is not delivered to it.
-    pub(crate) fn expect_own(&self, prefix: bytes::Bytes) {
-        let mut own = self.own.take().unwrap_or_default();
-        if own.len() == OWN_MAX {
-            own.remove(0);
+    pub(crate) fn expect_own(&self, io: &ShardIo, prefix: bytes::Bytes) {
+        let mut own = io.own.borrow_mut();
+        let list = own.entry(self.id).or_default();
+        if list.len() == OWN_MAX {
+            list.remove(0);
         }
-        own.push(prefix);
-        self.own.set(Some(own));
+        list.push(prefix);
         self.set(OWN);
     }
 
     /// Is `frame` (a plain server frame) one of its own awaited messages?
     /// Then it is taken off the list: the caller skips it.
     #[inline]
-    pub(crate) fn is_own(&self, frame: &bytes::Bytes) -> bool {
+    pub(crate) fn is_own(&self, io: &ShardIo, frame: &bytes::Bytes) -> bool {
         if !self.has(OWN) {
             return false;
         }
-        let Some(mut own) = self.own.take() else { return false };
+        let mut own = io.own.borrow_mut();
+        let Some(list) = own.get_mut(&self.id) else { return false };
         let json = crate::protocol::event::json_of(frame);
-        let hit = own.iter().position(|p| json.starts_with(p));
+        let hit = list.iter().position(|p| json.starts_with(p));
         if let Some(i) = hit {
-            own.remove(i);
+            list.remove(i);
         }
-        if own.is_empty() {
+        if list.is_empty() {
+            own.remove(&self.id);
             self.clear(OWN);
-        } else {
-            self.own.set(Some(own));
         }
         hit.is_some()
+    }
+
+    /// Forgets its own-message list (the connection is gone).
+    pub(crate) fn forget_own(&self, io: &ShardIo) {
+        if self.has(OWN) {
+            io.own.borrow_mut().remove(&self.id);
+            self.clear(OWN);
+        }
     }
 
     pub fn user(&self) -> Option<Rc<str>> {

@@ -97,7 +97,7 @@ pub fn handle(svc: &Rc<Services>, conn: &Rc<Conn>, text: bool, payload: &[u8]) {
             if !shard.cfg.namespaces.of(&room).deliver_to_publisher {
                 // §10: this connection does not get its own message back.
                 let prefix = event::message_prefix(&room, &me, data);
-                conn.expect_own(bytes::Bytes::copy_from_slice(prefix.json()));
+                conn.expect_own(shard, bytes::Bytes::copy_from_slice(prefix.json()));
             }
             // §7: in a history room, the room's authority assigns the offset.
             published(shard, conn, svc.publish_to_room(&room, &me, data), id);

@@ -209,6 +209,7 @@ impl Shard {
                 self.metrics.node_connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
+        conn.forget_own(&self.io);
         self.conns.borrow_mut().try_remove(conn.id as usize);
         if self.draining.get()
             && self.m().connections.get() == 0
@@ -465,7 +466,7 @@ impl Shard {
 #[inline]
 fn push_maybe_compressed(io: &ShardIo, c: &Rc<Conn>, z: &mut crate::ws::deflate::Lazy<'_>) {
     // Its own message, in a room that does not deliver to the publisher (§10).
-    if c.is_own(z.plain()) {
+    if c.is_own(io, z.plain()) {
         return;
     }
     let agreed = c.deflate();

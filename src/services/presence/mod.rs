@@ -99,6 +99,10 @@ pub struct Presence {
     dirty: RefCell<FxHashSet<(Rc<str>, Rc<str>)>>,
     flushing: Cell<bool>,
     next_token: Cell<u64>,
+    /// Changes of rooms whose Redis subscription is not confirmed yet
+    /// (`when_settled`), and the rooms waited for.
+    held: RefCell<FxHashSet<(Rc<str>, Rc<str>)>>,
+    settling: RefCell<FxHashSet<Rc<str>>>,
     /// Rooms where this shard waits out a grace (leaves it may owe): kept
     /// in its Redis room set until they are over.
     timers: RefCell<FxHashMap<Rc<str>, u32>>,
@@ -131,6 +135,8 @@ impl Presence {
             flushing: Cell::new(false),
             next_token: Cell::new(1),
             timers: RefCell::default(),
+            held: RefCell::default(),
+            settling: RefCell::default(),
             store,
             debounce: hooks.as_ref().map_or(Duration::ZERO, |h| h.1),
             hooks: hooks.map(|h| h.0),
@@ -212,12 +218,28 @@ impl Presence {
         }
         let dirty = std::mem::take(&mut *svc.presence.dirty.borrow_mut());
         let mut by_room: FxHashMap<Rc<str>, Vec<Count>> = FxHashMap::default();
+        let mut unsettled: FxHashSet<Rc<str>> = FxHashSet::default();
         for (room, user) in dirty {
+            // With Redis, a room this node has just subscribed to is written
+            // once Redis confirmed the subscription: the join it may cause is
+            // published into the room, and this node's members (the joiner)
+            // must hear it. The counts are taken when it is written.
+            if let crate::bus::Bus::Redis(bus) = &*svc.bus
+                && !room.starts_with(USER_ROOM)
+                && !bus.settled(&room)
+            {
+                unsettled.insert(room.clone());
+                svc.presence.held.borrow_mut().insert((room, user));
+                continue;
+            }
             let n = match room.starts_with(USER_ROOM) {
                 true => svc.shard.user_conns(&user),
                 false => svc.shard.user_conns_in(&user, &room),
             };
             by_room.entry(room).or_default().push((Arc::from(&*user), n));
+        }
+        for room in unsettled {
+            Self::when_settled(svc, room);
         }
         for (room, counts) in by_room {
             for chunk in counts.chunks(BATCH_USERS) {
@@ -227,6 +249,31 @@ impl Presence {
                 }
             }
         }
+    }
+
+    /// Writes `room`'s held changes once this node's subscription to it is
+    /// confirmed (or given up on: then they go anyway).
+    fn when_settled(svc: &Rc<Services>, room: Rc<str>) {
+        if !svc.presence.settling.borrow_mut().insert(room.clone()) {
+            return;
+        }
+        let svc = svc.clone();
+        monoio::spawn(async move {
+            if let crate::bus::Bus::Redis(bus) = &*svc.bus {
+                bus.confirmed(&room, false).await;
+            }
+            svc.presence.settling.borrow_mut().remove(&room);
+            let held: Vec<_> = {
+                let mut held = svc.presence.held.borrow_mut();
+                let mine: Vec<_> = held.iter().filter(|(r, _)| *r == room).cloned().collect();
+                mine.iter().for_each(|k| {
+                    held.remove(k);
+                });
+                mine
+            };
+            svc.presence.dirty.borrow_mut().extend(held);
+            Self::schedule(&svc, Duration::ZERO);
+        });
     }
 
     /// Standalone: to the room's owner (maybe this shard).

@@ -119,11 +119,18 @@ impl PresenceLink {
         self.registered.borrow_mut().clear();
     }
 
-    fn run(&self, svc: &Rc<Services>, route: Bytes, script: &'static Script, args: &[&[u8]], done: Done) {
+    /// Sends a script; `Err` when the link refused it at once (down):
+    /// `resync` writes everything again when it comes back.
+    fn run(
+        &self,
+        svc: &Rc<Services>,
+        route: Bytes,
+        script: &'static Script,
+        args: &[&[u8]],
+        done: Done,
+    ) -> Result<(), Unavailable> {
         svc.shard.m().presence_commands_total.inc();
-        // Refused at once (the link is down): `resync` writes it all again
-        // when the link comes back.
-        let _ = self.route.run(route, script, args, done);
+        self.route.run(route, script, args, done)
     }
 
     /// Writes this shard's counts in `room` (registering the room first).
@@ -132,7 +139,7 @@ impl PresenceLink {
             let (base, route) = self.meta();
             let set = format!("{base}rooms:{}", self.writer);
             let entry = room.as_bytes();
-            self.run(svc, route, &ROOMS, &[b"1", set.as_bytes(), b"+", entry], Box::new(|_| {}));
+            let _ = self.run(svc, route, &ROOMS, &[b"1", set.as_bytes(), b"+", entry], Box::new(|_| {}));
             svc.shard.m().presence_rooms.inc();
         }
         let jl = flags_arg(svc.presence.flags(&svc.shard.cfg.namespaces, room));
@@ -151,7 +158,7 @@ impl PresenceLink {
         }
         let (svc2, room2, token2) = (svc.clone(), room.clone(), token.clone());
         let empty = counts.iter().all(|(_, c)| *c == 0);
-        self.run(
+        let _ = self.run(
             svc,
             route,
             &SET,
@@ -216,7 +223,10 @@ impl PresenceLink {
         let slot: Oneshot<bool> = Oneshot::default();
         let fill = slot.clone();
         let args: [&[u8]; 6] = [b"3", &pp, &pt, &pc, user.unwrap_or("").as_bytes(), token.as_bytes()];
-        self.run(svc, route, &LEAVE, &args, Box::new(move |r| fill.fill(matches!(r, Ok(BytesFrame::Integer(1))))));
+        let done: Done = Box::new(move |r| fill.fill(matches!(r, Ok(BytesFrame::Integer(1)))));
+        if self.run(svc, route, &LEAVE, &args, done).is_err() {
+            return false;
+        }
         monoio::time::timeout(super::READ_WAIT, slot.wait()).await.unwrap_or(false)
     }
 
@@ -234,7 +244,7 @@ impl PresenceLink {
             svc.shard.m().presence_rooms.sub(1);
             let (base, route) = self.meta();
             let set = format!("{base}rooms:{}", self.writer);
-            self.run(svc, route, &ROOMS, &[b"1", set.as_bytes(), b"-", room.as_bytes()], Box::new(|_| {}));
+            let _ = self.run(svc, route, &ROOMS, &[b"1", set.as_bytes(), b"-", room.as_bytes()], Box::new(|_| {}));
         }
     }
 }
@@ -288,7 +298,12 @@ pub fn run_lease(svc: Rc<Services>, link: Rc<PresenceLink>) {
             ];
             let slot: Oneshot<Option<BytesFrame>> = Oneshot::default();
             let fill = slot.clone();
-            link.run(&svc, route, &LEASE, &args, Box::new(move |r| fill.fill(r.ok())));
+            let sent = link.run(&svc, route, &LEASE, &args, Box::new(move |r| fill.fill(r.ok())));
+            if sent.is_err() {
+                // The link is not up (yet): soon again; writes wait for the lease.
+                monoio::time::sleep(Duration::from_millis(if first { 50 } else { 1000 })).await;
+                continue;
+            }
             match monoio::time::timeout(LEASE_PERIOD, slot.wait()).await {
                 Ok(Some(BytesFrame::Array(a))) => {
                     link.leased.set(true);
@@ -363,7 +378,7 @@ fn reap(svc: &Rc<Services>, link: &Rc<PresenceLink>, dead: &str, rooms: Vec<Rc<s
         Rc::new(move || {
             let (leases, ns, set) = (format!("{base}leases"), format!("{base}ns"), format!("{base}rooms:{dead}"));
             let args: [&[u8]; 5] = [b"3", leases.as_bytes(), ns.as_bytes(), set.as_bytes(), dead.as_bytes()];
-            link.run(&svc, meta_route.clone(), &REAPED, &args, Box::new(|_| {}));
+            let _ = link.run(&svc, meta_route.clone(), &REAPED, &args, Box::new(|_| {}));
         })
     };
     if rooms.is_empty() {
@@ -378,7 +393,7 @@ fn reap(svc: &Rc<Services>, link: &Rc<PresenceLink>, dead: &str, rooms: Vec<Rc<s
         let args: [&[u8]; 10] =
             [b"5", &pw, &pt, &po, &pc, &pp, token.as_bytes(), jl, ttl.as_bytes(), node_prefix.as_bytes()];
         let (svc2, left, finish, token2) = (svc.clone(), left.clone(), finish.clone(), token.clone());
-        link.run(
+        let _ = link.run(
             svc,
             route,
             &REAP,
