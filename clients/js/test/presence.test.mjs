@@ -238,6 +238,7 @@ describe("two nodes on a real redis-server", () => {
     redis = await startRedis();
     a = await startCorecast([...ARGS, "--redis", redis.url]);
     b = await startCorecast([...ARGS, "--redis", redis.url]);
+    for (const n of [a, b]) await waitFor(`every Redis link of ${n.addr} up`, () => n.linksUp());
   });
   after(async () => {
     for (const c of clients) c.close();
