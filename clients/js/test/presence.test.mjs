@@ -64,6 +64,16 @@ function rawMember(url, user, r) {
   });
 }
 
+/** One raw member "anchor" in `r` on each of `nodes`, subscribed before
+ * the test's clients: a node whose first member of a room is the client
+ * under test may lose that member's own join (the server race shown by the
+ * todo test below), which is not what these tests are about. */
+async function anchors(nodes, r) {
+  const sockets = [];
+  for (const n of nodes) sockets.push(await rawMember(n.url, "anchor", r));
+  return sockets;
+}
+
 /** Records a subscription's join/leave/presence callbacks. */
 function recorder() {
   const rec = { joins: [], leaves: [], syncs: 0, changes: [], errors: [] };
@@ -239,6 +249,18 @@ describe("two nodes on a real redis-server", () => {
     a = await startCorecast([...ARGS, "--redis", redis.url]);
     b = await startCorecast([...ARGS, "--redis", redis.url]);
     for (const n of [a, b]) await waitFor(`every Redis link of ${n.addr} up`, () => n.linksUp());
+    // A node's first presence writes wait for its first Redis lease, which
+    // can take ~5 s after start (measured: joins 4.5-5 s late on fresh
+    // nodes, at once later): wait until each node has written one.
+    for (const n of [a, b]) {
+      const r = room("who:warmup");
+      const ws = await rawMember(n.url, "warmup", r);
+      await waitFor(`${n.addr} writes presence`, async () => {
+        const reply = await fetch(`${n.http}/api/presence_stats?room=${r}`);
+        return reply.status === 200 && (await reply.json()).clients === 1;
+      });
+      ws.close();
+    }
   });
   after(async () => {
     for (const c of clients) c.close();
@@ -249,6 +271,7 @@ describe("two nodes on a real redis-server", () => {
 
   test("join and leave handlers across nodes; the live set follows them", async () => {
     const r = room("chat:two");
+    const anchored = await anchors([a, b], r);
     const alice = client(a.url, "alice");
     const bob = client(b.url, "bob");
     await alice.connect();
@@ -259,41 +282,45 @@ describe("two nodes on a real redis-server", () => {
     // On Redis the fetch right after `subscribed` may be read before her own
     // count is written; her own join (sent after that write) puts her in.
     await waitFor("alice's own join", () => ra.joins.includes("alice"));
-    assert.deepEqual(sorted(sa.members), ["alice"]);
+    assert.deepEqual(sorted(sa.members), ["alice", "anchor"]);
 
     const rb = recorder();
     const sb = bob.subscribe(r, { presence: true, presenceGraceMs: 400, ...rb.handlers });
     await waitFor("alice sees bob join (node B → node A)", () => ra.joins.includes("bob"));
     await waitFor("bob synced", () => rb.syncs === 1);
     // Bob learns of alice from the fetch: her join was before his subscribe.
-    assert.deepEqual(sorted(sb.members), ["alice", "bob"]);
-    assert.deepEqual(rb.joins, ["bob"]);
-    assert.deepEqual(sorted(sa.members), ["alice", "bob"]);
-    assert.deepEqual(ra.changes.at(-1), { reason: "join", user: "bob", members: ["alice", "bob"] });
+    await waitFor("bob's own join", () => rb.joins.includes("bob"));
+    assert.deepEqual(sorted(sb.members), ["alice", "anchor", "bob"]);
+    // (The anchor's join may come late enough to be seen too: not counted.)
+    const others = (joins) => joins.filter((u) => u !== "anchor");
+    assert.deepEqual(others(rb.joins), ["bob"]);
+    assert.deepEqual(sorted(sa.members), ["alice", "anchor", "bob"]);
+    assert.deepEqual(ra.changes.at(-1), { reason: "join", user: "bob", members: ["alice", "anchor", "bob"] });
 
     const closedAt = Date.now();
     bob.close();
     await waitFor("alice sees bob leave", () => ra.leaves.includes("bob"));
     const waited = Date.now() - closedAt;
     assert.ok(waited >= 350, `the leave waited out the 400 ms grace (came after ${waited} ms)`);
-    assert.deepEqual(sorted(sa.members), ["alice"]);
-    assert.deepEqual(ra.changes.at(-1), { reason: "leave", user: "bob", members: ["alice"] });
-    assert.deepEqual(ra.joins, ["alice", "bob"]);
+    assert.deepEqual(sorted(sa.members), ["alice", "anchor"]);
+    assert.deepEqual(ra.changes.at(-1), { reason: "leave", user: "bob", members: ["alice", "anchor"] });
+    assert.deepEqual(others(ra.joins), ["alice", "bob"]);
     assert.deepEqual(ra.leaves, ["bob"]);
-    assert.deepEqual(await alice.presenceStats(r), { room: r, clients: 1, users: 1 });
+    assert.deepEqual(await alice.presenceStats(r), { room: r, clients: 3, users: 2 });
+    for (const ws of anchored) ws.close();
   });
 
   test("the live set is re-fetched after a reconnect and equals the truth", async () => {
     const r = room("chat:reconnect");
     const proxy = await startProxy(a.addr);
+    const anchored = await anchors([a, b], r);
     try {
       const alice = client(proxy.url, "alice");
       const watcher = client(b.url, "watcher");
       await alice.connect();
       await watcher.connect();
       const rw = recorder();
-      watcher.subscribe(r, rw.handlers);
-      await waitFor("watcher's own join", () => rw.joins.includes("watcher"));
+      await watcher.subscribe(r, rw.handlers).ready;
       const carol = client(b.url, "carol");
       await carol.connect();
       await carol.subscribe(r).ready;
@@ -302,7 +329,7 @@ describe("two nodes on a real redis-server", () => {
       const sa = alice.subscribe(r, { presence: true, presenceGraceMs: 400, ...ra.handlers });
       await waitFor("alice synced", () => ra.syncs === 1);
       await waitFor("alice's own join", () => ra.joins.includes("alice"));
-      assert.deepEqual(sorted(sa.members), ["alice", "carol", "watcher"]);
+      assert.deepEqual(sorted(sa.members), ["alice", "anchor", "carol", "watcher"]);
 
       // Alice is cut off; meanwhile carol leaves and dave comes.
       proxy.cut();
@@ -319,7 +346,7 @@ describe("two nodes on a real redis-server", () => {
       proxy.restore();
       await waitFor("alice re-synced after the reconnect", () => alice.connects === 2 && ra.syncs >= 2);
       const truth = (await watcher.presence(r)).members.map((m) => m.user);
-      assert.deepEqual(truth, ["alice", "dave", "watcher"]);
+      assert.deepEqual(truth, ["alice", "anchor", "dave", "watcher"]);
       assert.deepEqual(sorted(sa.members), truth);
       assert.equal(sa.membersSynced, true);
       // The set stays current after the re-fetch.
@@ -327,8 +354,9 @@ describe("two nodes on a real redis-server", () => {
       await erin.connect();
       await erin.subscribe(r).ready;
       await waitFor("erin in alice's set", () => sa.members.has("erin"));
-      assert.deepEqual(sorted(sa.members), ["alice", "dave", "erin", "watcher"]);
+      assert.deepEqual(sorted(sa.members), ["alice", "anchor", "dave", "erin", "watcher"]);
     } finally {
+      for (const ws of anchored) ws.close();
       await proxy.close();
     }
   });
@@ -362,7 +390,9 @@ describe("two nodes on a real redis-server", () => {
       pa.restore();
       await waitFor("alice re-synced", () => alice.connects === 2 && ra.syncs === 2);
       const cutAt = Date.now();
-      assert.deepEqual(sorted(sa.members), ["alice"], "bob, within his grace, is not listed");
+      // (Alice herself may be missing too: a fetch can be read before her
+      // own count is written, and back within her grace she gets no join.)
+      assert.ok(!sa.members.has("bob"), "bob, within his grace, is not listed");
       pb.restore();
       await waitFor("bob back", () => bob.connects === 2 && bob.subscription(r).state === "subscribed");
       assert.ok(Date.now() - cutAt < 2500, "bob came back within his grace (the test's premise)");
@@ -376,6 +406,39 @@ describe("two nodes on a real redis-server", () => {
       await pb.close();
     }
   });
+
+  // PROTOCOL.md §11: "The connection that joins gets its own join after its
+  // subscribed." Measured here (2026-12-07): in 25 fresh rooms per run, 2,
+  // 2, 0 lost (default driver) and, by a probe of the same shape, 2 of 25 on
+  // the legacy driver: first subscribers of a room on a node that never got
+  // it (3 s wait here, 7 s in the probe), while the
+  // counts do list them (the write happened; the event did not reach the
+  // node, presumably published before the node's Redis subscription to the
+  // room took effect). A server bug, outside this client: kept as a todo so
+  // that it shows in every run without failing it.
+  test(
+    "the first subscriber of a room on a node gets its own join (25 fresh rooms)",
+    { todo: "server race: up to 2 in 25 own joins lost on a Redis backplane" },
+    async () => {
+      const lost = [];
+      for (let k = 0; k < 25; k++) {
+        const r = room("chat:own");
+        const node = k % 2 ? a : b;
+        const w = client(node.url, "self");
+        await w.connect();
+        const rec = recorder();
+        await w.subscribe(r, rec.handlers).ready;
+        try {
+          await waitFor(`own join in ${r}`, () => rec.joins.includes("self"), 3000);
+        } catch {
+          const stats = await w.presenceStats(r);
+          lost.push(`${r} on ${node.addr} (counted: ${JSON.stringify(stats)})`);
+        }
+        w.close();
+      }
+      assert.deepEqual(lost, [], "own joins never received");
+    },
+  );
 });
 
 // ---- the fetch/event race, frame by frame --------------------------------
