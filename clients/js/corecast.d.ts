@@ -204,7 +204,8 @@ export interface SubscribeOptions {
   /** `presence: true`: the namespace's `presence_grace_ms` (default 5000).
    * A fetch that no longer lists a user the set had is repeated this long
    * (+500 ms) later: a user within the leave grace is not listed, and one
-   * back within it causes no join. */
+   * back within it causes no join. (A fetch that lacks the client's own user,
+   * the token's `sub` or `user`, is repeated after 250, 500, 750 ms.) */
   presenceGraceMs?: number;
   /** `presence: true`: the set was (re)fetched, or a join/leave changed it. */
   onPresence?: (change: PresenceChange, sub: Subscription) => void;

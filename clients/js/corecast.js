@@ -44,6 +44,12 @@ const OPEN = 1; // WebSocket.OPEN
 
 /** Reads `exp` (Unix seconds) from a JWT without verifying it; null if absent. */
 export function jwtExp(token) {
+  const claims = jwtClaims(token);
+  return claims && typeof claims.exp === "number" ? claims.exp : null;
+}
+
+/** A JWT's claims, read without verifying; null if unreadable. */
+function jwtClaims(token) {
   if (typeof token !== "string") return null;
   const part = token.split(".")[1];
   if (!part) return null;
@@ -52,7 +58,7 @@ export function jwtExp(token) {
     const bin = atob(b64);
     const bytes = Uint8Array.from(bin, (c) => c.charCodeAt(0));
     const claims = JSON.parse(new TextDecoder().decode(bytes));
-    return typeof claims.exp === "number" ? claims.exp : null;
+    return claims && typeof claims === "object" ? claims : null;
   } catch {
     return null;
   }
@@ -95,6 +101,8 @@ export class Subscription {
     this._presenceGen = 0; // a fetch whose generation is not current is stale
     this._presenceBuffer = null; // [kind, user] events seen while a fetch is in flight
     this._presenceTimer = null;
+    this._graceRecheckAt = 0; // Date.now() after which a fetch is owed (see _syncPresence)
+    this._selfRechecks = 0;
     this.ready = new Promise((resolve, reject) => {
       this._resolveReady = resolve;
       this._rejectReady = reject;
@@ -675,15 +683,33 @@ export class Corecast {
         // and such a user who comes back in time causes no join. Look again
         // once the grace is over.
         const missing = [...sub.members].some((u) => !next.has(u));
+        // We are subscribed, so we are a member; a fetch read before our own
+        // count was written (a Redis backplane writes it asynchronously)
+        // lacks us, and our own join may not come (back within our grace,
+        // or lost): look again soon, a few times.
+        const me = this._ownUser();
+        const selfMissing = me !== null && !next.has(me);
         sub.members.clear();
         for (const u of next) sub.members.add(u);
         sub.membersSynced = true;
         sub._call("onPresence", { room: sub.room, members: sub.members, reason: "sync" });
+        sub._selfRechecks = selfMissing ? (sub._selfRechecks || 0) + 1 : 0;
+        // The grace re-check is owed until a fetch completes after its time
+        // (an earlier fetch, e.g. for ourselves, does not pay it).
+        const now = Date.now();
+        if (sub._graceRecheckAt && now >= sub._graceRecheckAt) sub._graceRecheckAt = 0;
         if (missing) {
-          const grace = sub.handlers.presenceGraceMs ?? 5000;
+          const at = now + (sub.handlers.presenceGraceMs ?? 5000) + 500;
+          sub._graceRecheckAt = Math.max(sub._graceRecheckAt || 0, at);
+        }
+        let delay = sub._graceRecheckAt ? sub._graceRecheckAt - now : null;
+        if (selfMissing && sub._selfRechecks <= 3) {
+          delay = Math.min(delay ?? Infinity, 250 * sub._selfRechecks);
+        }
+        if (delay !== null) {
           sub._presenceTimer = setTimeout(() => {
             if (current()) this._syncPresence(sub);
-          }, grace + 500);
+          }, delay);
         }
       },
       (err) => {
@@ -702,6 +728,15 @@ export class Corecast {
         sub._presenceBuffer = null;
       },
     );
+  }
+
+  /** Our user id, when the client knows it: the token's `sub`, else `user`. */
+  _ownUser() {
+    if (this.token) {
+      const sub = jwtClaims(this.token)?.sub;
+      return typeof sub === "string" ? sub : null;
+    }
+    return typeof this.options.user === "string" ? this.options.user : null;
   }
 
   _onPresenceEvent(kind, m) {

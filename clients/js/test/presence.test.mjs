@@ -516,3 +516,60 @@ test("events during the fetch are buffered and applied once, in order, on top of
   );
   cc.close();
 });
+
+test("a fetch that lacks our own user is repeated soon; a grace re-check still follows", async () => {
+  const cc = new Corecast("ws://scripted.invalid", {
+    WebSocket: ScriptedSocket,
+    pingIntervalMs: 0,
+    user: "me",
+    backoff: { minMs: 1, maxMs: 5 },
+  });
+  await cc.connect();
+  let ws = ScriptedSocket.last;
+  const rec = recorder();
+  const sub = cc.subscribe("r", { presence: true, presenceGraceMs: 200, ...rec.handlers });
+  const settle = () => new Promise((r) => setTimeout(r, 0));
+  const reply = (members) => {
+    const op = ws.ops("presence").at(-1);
+    ws.push({ ev: "presence", room: "r", clients: members.length, users: members.length, members: members.map((user) => ({ user, clients: 1 })), id: op.id });
+  };
+  ws.push({ ev: "subscribed", room: "r", id: ws.ops("subscribe")[0].id });
+  await settle();
+  // Read before our own count was written, and no own join comes.
+  reply(["x", "y"]);
+  await settle();
+  assert.deepEqual(sorted(sub.members), ["x", "y"]);
+  await waitFor("a second fetch", () => ws.ops("presence").length === 2, 1000);
+  reply(["me", "x", "y"]);
+  await settle();
+  assert.deepEqual(sorted(sub.members), ["me", "x", "y"]);
+  await new Promise((r) => setTimeout(r, 900));
+  assert.equal(ws.ops("presence").length, 2, "listed: no more fetches");
+
+  // A reconnect: y is within its grace (not listed) and so are we.
+  ws.onclose({ code: 1006, reason: "" });
+  await waitFor("reconnected", () => ScriptedSocket.last !== ws && cc.state === "open", 1000);
+  ws = ScriptedSocket.last;
+  await settle();
+  ws.push({ ev: "subscribed", room: "r", id: ws.ops("subscribe")[0].id });
+  await settle();
+  const t0 = Date.now();
+  reply(["x"]);
+  await settle();
+  assert.deepEqual(sorted(sub.members), ["x"]);
+  // The quick one for ourselves first...
+  await waitFor("the fetch for ourselves", () => ws.ops("presence").length === 2, 1000);
+  assert.ok(Date.now() - t0 < 600, "well before the grace re-check");
+  reply(["me", "x"]);
+  await settle();
+  assert.deepEqual(sorted(sub.members), ["me", "x"]);
+  // ...and the grace re-check is still owed: y came back within its grace.
+  await waitFor("the grace re-check", () => ws.ops("presence").length === 3, 2000);
+  assert.ok(Date.now() - t0 >= 650, `after the grace + 500 ms (${Date.now() - t0} ms)`);
+  reply(["me", "x", "y"]);
+  await settle();
+  assert.deepEqual(sorted(sub.members), ["me", "x", "y"]);
+  await new Promise((r) => setTimeout(r, 900));
+  assert.equal(ws.ops("presence").length, 3, "nothing missing: no more fetches");
+  cc.close();
+});
