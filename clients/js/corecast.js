@@ -341,6 +341,7 @@ export class Corecast {
       // after the resubscribe.
       sub._presenceGen++;
       sub._presenceBuffer = null;
+      sub._selfRechecks = 0;
       sub.membersSynced = false;
     }
     this.disconnects++;
