@@ -159,3 +159,33 @@ fn bad_membership_bodies_are_400() {
         assert_eq!(code, 400, "{path} {}: {reply}", String::from_utf8_lossy(body));
     }
 }
+
+/// `GET /api/history` answers what the `history` op answers, without `id`.
+fn history_api(nodes: &[Server]) {
+    for i in 1..=5 {
+        let body = format!(r#"{{"room":"h:api","data":{i}}}"#);
+        assert_eq!(nodes[0].http("POST", "/api/publish", &[], body.as_bytes()).0, 200);
+    }
+    let mut c = Client::connect(&nodes[nodes.len() - 1].ws_url("/ws?user=reader"));
+    for limit in [2, 100] {
+        let mut op = c.call(json!({"op":"history","room":"h:api","limit":limit,"id":1}));
+        op.as_object_mut().unwrap().remove("id");
+        let (code, body) = nodes[0].http_get(&format!("/api/history?room=h:api&limit={limit}"));
+        assert_eq!(code, 200, "{body}");
+        let api: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(api, op);
+        assert_eq!(api["messages"].as_array().unwrap().len(), limit.min(5));
+    }
+    assert_eq!(nodes[0].http_get("/api/history?room=h:api&limit=x").0, 400);
+    assert_eq!(nodes[0].http_get("/api/history?limit=1").0, 400);
+}
+
+#[test]
+fn the_history_api_answers_like_the_op() {
+    history_api(&history_nodes(1, None));
+    let redis = RedisServer::start();
+    history_api(&history_nodes(2, Some(&redis.url())));
+    // A room that keeps no history: 400.
+    let n = nodes(1, None);
+    assert_eq!(n[0].http_get("/api/history?room=lobby").0, 400);
+}

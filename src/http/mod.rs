@@ -115,6 +115,7 @@ pub async fn serve(svc: &Rc<Services>, conn: &Rc<Conn>, kept: &mut BytesMut) -> 
                     _ => routes::disconnect(svc, &head, &body).await,
                 }
             }
+            (&Method::GET, "/api/history") if admin_routes => routes::history(svc, &head).await,
             (&Method::GET, "/api/presence") if admin_routes => routes::presence(svc, &head, false).await,
             (&Method::GET, "/api/presence_stats") if admin_routes => routes::presence(svc, &head, true).await,
             (_, "/healthz" | "/readyz") => Reply::text(405, "method not allowed\n"),

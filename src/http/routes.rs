@@ -165,6 +165,35 @@ pub async fn presence(svc: &Rc<Services>, head: &Parts, stats: bool) -> Reply {
     }
 }
 
+/// `GET /api/history?room=R[&limit=K]` (§12): the `history` op's reply
+/// (§7), without `id`.
+pub async fn history(svc: &Rc<Services>, head: &Parts) -> Reply {
+    if let Some(r) = refused(svc, head) {
+        return r;
+    }
+    let (mut room, mut limit) = (None, Some(usize::MAX));
+    for (k, v) in form_urlencoded::parse(head.uri.query().unwrap_or("").as_bytes()) {
+        match &*k {
+            "room" => room = Some(v.into_owned()),
+            "limit" => limit = v.parse::<usize>().ok(),
+            _ => {}
+        }
+    }
+    let Some(room) = room.filter(|r| is_valid_name(r)) else {
+        return json(400, r#"{"error":"bad_room","message":"give ?room= with a valid room name"}"#);
+    };
+    let Some(limit) = limit else {
+        return json(400, r#"{"error":"bad_request","message":"limit must be an unsigned integer"}"#);
+    };
+    let Some((h, settings)) = svc.history_of(&room) else {
+        return json(400, r#"{"error":"bad_request","message":"this room keeps no history"}"#);
+    };
+    match h.history_page(svc.shard(), &room, settings, limit).await {
+        Ok(frame) => Reply::new(200, "application/json", event::json_of(&frame)),
+        Err(_) => json(503, r#"{"error":"unavailable","message":"room history is unavailable, try again"}"#),
+    }
+}
+
 #[derive(Deserialize)]
 struct DisconnectBody<'a> {
     #[serde(borrow)]
