@@ -408,17 +408,12 @@ describe("two nodes on a real redis-server", () => {
   });
 
   // PROTOCOL.md §11: "The connection that joins gets its own join after its
-  // subscribed." Measured here (2026-12-07): in 25 fresh rooms per run, 2,
-  // 2, 0 lost (default driver) and, by a probe of the same shape, 2 of 25 on
-  // the legacy driver: first subscribers of a room on a node that never got
-  // it (3 s wait here, 7 s in the probe), while the
-  // counts do list them (the write happened; the event did not reach the
-  // node, presumably published before the node's Redis subscription to the
-  // room took effect). A server bug, outside this client: kept as a todo so
-  // that it shows in every run without failing it.
+  // subscribed." Found lost here before (2026-12-07: 0-2 of 25 fresh rooms
+  // per run, on both drivers: the join was published before the node's
+  // Redis subscription to the room took effect); the server now writes a
+  // room's presence only once that subscription is confirmed.
   test(
     "the first subscriber of a room on a node gets its own join (25 fresh rooms)",
-    { todo: "server race: up to 2 in 25 own joins lost on a Redis backplane" },
     async () => {
       const lost = [];
       for (let k = 0; k < 25; k++) {
