@@ -76,7 +76,8 @@ SKIP=(--skip chromium_chats_across_two_nodes)
 # test does not change with the monoio driver, and they are about a third
 # of a pass. Every other integration binary (new ones too) runs in both.
 ONE_DRIVER=(redis_cluster redis_cluster_mode redis_sentinel redis_several redis_topology_errors
-  redis_contract history_topologies history_nodes history_faults history_epoch chaos)
+  redis_contract history_topologies history_nodes history_faults history_epoch chaos
+  presence presence_webhooks webhook auth_sso)
 both_drivers=()
 for f in tests/*.rs; do
   t=$(basename "$f" .rs)
@@ -120,7 +121,8 @@ if command -v node >/dev/null; then
   node_ws=()
   node -e 'typeof WebSocket === "function" || process.exit(1)' 2>/dev/null || node_ws=(--experimental-websocket)
   (cd clients/js && CORECAST_BIN=../../target/debug/corecast node "${node_ws[@]}" --test \
-    test/basic.test.mjs test/reconnect.test.mjs test/safety-net.test.mjs test/recovery.test.mjs)
+    test/basic.test.mjs test/reconnect.test.mjs test/safety-net.test.mjs test/recovery.test.mjs \
+    test/subscription-token.test.mjs test/presence.test.mjs)
 else
   [ $QUICK = 1 ] || { echo "node is missing" >&2; exit 1; }
   echo "== JS client tests skipped (no node; scripts/test.sh without --quick installs it)"

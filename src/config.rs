@@ -112,6 +112,31 @@ pub struct Options {
     #[arg(long, env = "CORECAST_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
 
+    /// URL of a JSON Web Key Set (RSA, EC P-256, Ed25519 keys, chosen by the
+    /// token's `kid`); setting it turns auth on. `/readyz` is 503 until the
+    /// first fetch succeeds. [default: none]
+    #[arg(long, env = "CORECAST_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+
+    /// Seconds between JWKS fetches (an unknown `kid` also refetches, at
+    /// most every 10 s); at least 1. [default: 300]
+    #[arg(long, env = "CORECAST_JWT_JWKS_REFRESH_SECS")]
+    pub jwt_jwks_refresh_secs: Option<u64>,
+
+    /// PEM file of the CA certificates trusted for an https JWKS URL,
+    /// instead of the system's roots. [default: system roots]
+    #[arg(long, env = "CORECAST_JWT_JWKS_CA")]
+    pub jwt_jwks_ca: Option<PathBuf>,
+
+    /// Tokens must carry this audience (`aud`, a string or an array that
+    /// contains it); others get 401. [default: aud not checked]
+    #[arg(long, env = "CORECAST_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Tokens must carry this issuer (`iss`); others get 401. [default: iss not checked]
+    #[arg(long, env = "CORECAST_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
     /// Comma-separated exact origins (`https://app.example.com`) allowed to
     /// open WebSockets; an upgrade whose `Origin` is not listed gets 403, one
     /// without `Origin` (not a browser) is allowed. [default: any]
@@ -191,6 +216,32 @@ pub struct Options {
     #[arg(long, env = "CORECAST_HISTORY_MAX_BYTES")]
     pub history_max_bytes: Option<usize>,
 
+    /// POST presence webhooks (PROTOCOL.md §11, docs/webhooks.md) to this
+    /// `http://` or `https://` URL. [default: none, webhooks off]
+    #[arg(long, env = "CORECAST_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+
+    /// Signs each webhook request: header `X-Corecast-Signature:
+    /// t=<unix secs>,v1=<hex HMAC-SHA256 of "<t>.<body>">`. Without it the
+    /// requests carry no signature header. [default: none]
+    #[arg(long, env = "CORECAST_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// How long a user (a room) must have had no connection before
+    /// `user_offline` (`room_vacated`) is sent, in milliseconds. [default: 3000]
+    #[arg(long, env = "CORECAST_WEBHOOK_DEBOUNCE_MS")]
+    pub webhook_debounce_ms: Option<u64>,
+
+    /// Webhook events the node holds while its receiver is slow or down;
+    /// past it new events are dropped and counted. [default: 10000]
+    #[arg(long, env = "CORECAST_WEBHOOK_QUEUE")]
+    pub webhook_queue: Option<usize>,
+
+    /// Tests only: how long a webhook batch is retried before it is dropped,
+    /// in milliseconds. [default: 360000]
+    #[arg(long, env = "CORECAST_WEBHOOK_GIVE_UP_MS", hide = true)]
+    pub webhook_give_up_ms: Option<u64>,
+
     /// Room namespaces (PROTOCOL.md §10): `[[namespace]]` tables, TOML only.
     #[arg(skip)]
     #[serde(default, rename = "namespace")]
@@ -240,6 +291,82 @@ pub enum LogFormat {
 pub struct HistorySettings {
     pub size: usize,
     pub ttl: Duration,
+}
+
+/// The longest `--webhook-debounce-ms` accepted (an hour).
+pub const MAX_WEBHOOK_DEBOUNCE_MS: u64 = 3_600_000;
+
+/// The largest `--webhook-queue` accepted: the queue is allocated whole at
+/// start (a few tens of bytes per slot), so a typo must not take gigabytes.
+pub const MAX_WEBHOOK_QUEUE: usize = 1_000_000;
+
+/// How long a webhook batch is retried before it is dropped (PROTOCOL.md
+/// §11 asks for at least 5 minutes).
+pub const WEBHOOK_GIVE_UP: Duration = Duration::from_secs(6 * 60);
+
+/// Webhook settings (`webhook::Webhooks::start`); `url: None`: webhooks off.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// `--webhook-url`, checked to be `http://` or `https://` with a host.
+    pub url: Option<Box<str>>,
+    /// `--webhook-secret`; `None` (or empty): requests are not signed.
+    pub secret: Option<Box<str>>,
+    /// `--webhook-debounce-ms`: how long an offline or vacated transition
+    /// must last before it is sent (read by the presence service).
+    pub debounce: Duration,
+    /// `--webhook-queue`: events held at most, at least 1.
+    pub queue: usize,
+    /// How long one batch is retried before it is dropped: `WEBHOOK_GIVE_UP`
+    /// (tests shorten it, also with the hidden `--webhook-give-up-ms`).
+    #[doc(hidden)]
+    pub give_up_after: Duration,
+}
+
+impl WebhookConfig {
+    /// Webhooks to `url` with every other setting at its default.
+    pub fn new(url: &str) -> WebhookConfig {
+        WebhookConfig { url: Some(url.into()), ..WebhookConfig::default() }
+    }
+}
+
+impl Default for WebhookConfig {
+    fn default() -> WebhookConfig {
+        WebhookConfig {
+            url: None,
+            secret: None,
+            debounce: Duration::from_millis(3000),
+            queue: 10_000,
+            give_up_after: WEBHOOK_GIVE_UP,
+        }
+    }
+}
+
+/// Never prints the secret.
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_ref().map(|_| "<set>"))
+            .field("debounce", &self.debounce)
+            .field("queue", &self.queue)
+            .field("give_up_after", &self.give_up_after)
+            .finish()
+    }
+}
+
+/// Is `url` something the webhook client can POST to: `http://` or
+/// `https://` (any case) with a host? Says what is wrong, without echoing
+/// the URL (it may carry a token).
+fn check_webhook_url(url: &str) -> Result<(), &'static str> {
+    let uri: http::Uri = url.parse().map_err(|_| "is not a valid URL")?;
+    match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("http" | "https") => {}
+        _ => return Err("must start with http:// or https://"),
+    }
+    match uri.host() {
+        Some(h) if !h.is_empty() => Ok(()),
+        _ => Err("has no host"),
+    }
 }
 
 /// The resolved configuration, frozen at start-up and shared read-only.
@@ -300,6 +427,9 @@ pub struct Config {
     pub namespaces: Namespaces,
     /// `--history-max-bytes`: the node's budget for standalone history.
     pub history_max_bytes: usize,
+    /// `--webhook-*` (PROTOCOL.md §11): where and how presence events are
+    /// posted, and the debounce of offline / vacated.
+    pub webhook: WebhookConfig,
 }
 
 impl Options {
@@ -331,6 +461,11 @@ impl Options {
             api_key,
             jwt_secret,
             jwt_public_key,
+            jwt_jwks_url,
+            jwt_jwks_refresh_secs,
+            jwt_jwks_ca,
+            jwt_audience,
+            jwt_issuer,
             allowed_origins,
             max_body_bytes,
             handshake_timeout_secs,
@@ -348,7 +483,12 @@ impl Options {
             batched_sends,
             history_size,
             history_ttl_secs,
-            history_max_bytes
+            history_max_bytes,
+            webhook_url,
+            webhook_secret,
+            webhook_debounce_ms,
+            webhook_queue,
+            webhook_give_up_ms
         )
     }
 }
@@ -372,6 +512,7 @@ impl Config {
     }
 
     fn resolve(o: Options) -> anyhow::Result<Config> {
+        let webhook = Config::webhook(&o)?;
         let allowed: Vec<usize> =
             core_affinity::get_core_ids().map(|ids| ids.into_iter().map(|c| c.id).collect()).unwrap_or_default();
         let available = allowed.len().max(1);
@@ -392,16 +533,39 @@ impl Config {
         if channel_prefix.contains(['{', '}']) {
             bail!("--channel-prefix must not contain '{{' or '}}' (got {channel_prefix:?})");
         }
-        let auth = match (o.jwt_secret.filter(|s| !s.is_empty()), &o.jwt_public_key) {
-            (Some(_), Some(_)) => bail!("set --jwt-secret or --jwt-public-key, not both"),
-            (Some(secret), None) => Some(Arc::new(crate::auth::Verifier::hs256(secret.as_bytes()))),
-            (None, Some(path)) => {
+        // Client auth (PROTOCOL.md §2, §13): one key source, and the claim rules.
+        let rules = crate::auth::Rules {
+            audience: o.jwt_audience.filter(|s| !s.is_empty()),
+            issuer: o.jwt_issuer.filter(|s| !s.is_empty()),
+        };
+        let jwks_url = o.jwt_jwks_url.filter(|s| !s.is_empty());
+        let sources = [o.jwt_secret.as_deref().is_some_and(|s| !s.is_empty()), o.jwt_public_key.is_some()];
+        if sources.into_iter().chain([jwks_url.is_some()]).filter(|&on| on).count() > 1 {
+            bail!("set one of --jwt-secret, --jwt-public-key and --jwt-jwks-url");
+        }
+        let refresh_secs = o.jwt_jwks_refresh_secs.unwrap_or(300);
+        if refresh_secs == 0 {
+            bail!("--jwt-jwks-refresh-secs must be at least 1");
+        }
+        if jwks_url.is_none() && o.jwt_jwks_ca.is_some() {
+            bail!("--jwt-jwks-ca needs --jwt-jwks-url");
+        }
+        let auth = match (o.jwt_secret.filter(|s| !s.is_empty()), &o.jwt_public_key, jwks_url) {
+            (Some(secret), _, _) => Some(Arc::new(crate::auth::Verifier::hs256(secret.as_bytes(), &rules))),
+            (None, Some(path), _) => {
                 let pem = std::fs::read(path).with_context(|| format!("--jwt-public-key: read {}", path.display()))?;
-                let v = crate::auth::Verifier::from_pem(&pem)
+                let v = crate::auth::Verifier::from_pem(&pem, &rules)
                     .with_context(|| format!("--jwt-public-key: {}", path.display()))?;
                 Some(Arc::new(v))
             }
-            (None, None) => None,
+            (None, None, Some(url)) => {
+                let refresh = Duration::from_secs(refresh_secs);
+                Some(Arc::new(crate::auth::Verifier::jwks(&url, refresh, o.jwt_jwks_ca.as_deref(), &rules)?))
+            }
+            (None, None, None) if rules.audience.is_some() || rules.issuer.is_some() => {
+                bail!("--jwt-audience and --jwt-issuer need a key: --jwt-secret, --jwt-public-key or --jwt-jwks-url")
+            }
+            (None, None, None) => None,
         };
         let ttl_secs = o.history_ttl_secs.unwrap_or(300);
         if ttl_secs > MAX_TTL_SECS {
@@ -466,6 +630,34 @@ impl Config {
             history,
             namespaces,
             history_max_bytes: o.history_max_bytes.unwrap_or(256 << 20),
+            webhook,
+        })
+    }
+
+    /// `--webhook-*`, checked.
+    fn webhook(o: &Options) -> anyhow::Result<WebhookConfig> {
+        let d = WebhookConfig::default();
+        let url = o.webhook_url.as_deref().map(str::trim).filter(|u| !u.is_empty());
+        if let Some(u) = url
+            && let Err(why) = check_webhook_url(u)
+        {
+            bail!("--webhook-url {why}");
+        }
+        let debounce_ms = o.webhook_debounce_ms.unwrap_or(d.debounce.as_millis() as u64);
+        if debounce_ms > MAX_WEBHOOK_DEBOUNCE_MS {
+            bail!("--webhook-debounce-ms must be at most {MAX_WEBHOOK_DEBOUNCE_MS} (an hour; got {debounce_ms})");
+        }
+        let queue = o.webhook_queue.unwrap_or(d.queue);
+        if queue == 0 || queue > MAX_WEBHOOK_QUEUE {
+            bail!("--webhook-queue must be between 1 and {MAX_WEBHOOK_QUEUE} (got {queue})");
+        }
+        let give_up_after = o.webhook_give_up_ms.map_or(d.give_up_after, Duration::from_millis);
+        Ok(WebhookConfig {
+            url: url.map(Into::into),
+            secret: o.webhook_secret.as_deref().filter(|s| !s.is_empty()).map(Into::into),
+            debounce: Duration::from_millis(debounce_ms),
+            queue,
+            give_up_after,
         })
     }
 
@@ -609,6 +801,72 @@ mod tests {
         let err = Config::load(["corecast", "--config", file.to_str().unwrap()]).unwrap_err();
         assert!(format!("{err:#}").contains("history_sise"), "{err:#}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn webhook_flags_defaults_and_checks() {
+        clean_env();
+        let cfg = Config::load(["corecast"]).unwrap();
+        assert_eq!(cfg.webhook, WebhookConfig::default());
+        assert_eq!(cfg.webhook.url, None);
+        assert_eq!(cfg.webhook.debounce, Duration::from_millis(3000));
+        assert_eq!(cfg.webhook.queue, 10_000);
+        assert_eq!(cfg.webhook.give_up_after, Duration::from_secs(360));
+        let cfg = Config::load([
+            "corecast",
+            "--webhook-url",
+            "https://hooks.example.com/cc?k=1",
+            "--webhook-secret",
+            "s3cret",
+            "--webhook-debounce-ms",
+            "0",
+            "--webhook-queue",
+            "50",
+        ])
+        .unwrap();
+        assert_eq!(cfg.webhook.url.as_deref(), Some("https://hooks.example.com/cc?k=1"));
+        assert_eq!(cfg.webhook.secret.as_deref(), Some("s3cret"));
+        assert_eq!(cfg.webhook.debounce, Duration::ZERO);
+        assert_eq!(cfg.webhook.queue, 50);
+        assert!(!format!("{cfg:?}").contains("s3cret"), "Debug never prints the secret");
+        assert!(Config::load(["corecast", "--webhook-url", "HTTP://127.0.0.1:9/x"]).is_ok());
+        let cfg =
+            Config::load(["corecast", "--webhook-url", "", "--webhook-secret", "", "--webhook-give-up-ms", "1500"])
+                .unwrap();
+        assert_eq!((cfg.webhook.url, cfg.webhook.secret), (None, None), "empty is unset");
+        assert_eq!(cfg.webhook.give_up_after, Duration::from_millis(1500));
+        for (args, says) in [
+            (&["--webhook-url", "ftp://x"][..], "--webhook-url must start with http:// or https://"),
+            (&["--webhook-url", "127.0.0.1:9"][..], "--webhook-url"),
+            (&["--webhook-url", "http://"][..], "--webhook-url"),
+            (&["--webhook-url", "http://a b/"][..], "--webhook-url"),
+            (&["--webhook-queue", "0"][..], "--webhook-queue"),
+            (&["--webhook-queue", "1000001"][..], "--webhook-queue"),
+            (&["--webhook-debounce-ms", "3600001"][..], "--webhook-debounce-ms"),
+        ] {
+            let err = Config::load(["corecast"].iter().chain(args)).unwrap_err();
+            assert!(format!("{err:#}").contains(says), "{args:?}: {err:#}");
+        }
+        let dir = TempDir::new("cfg6");
+        let file = dir.file("c.toml", "webhook_url = \"http://127.0.0.1:9/h\"\nwebhook_queue = 7\n");
+        let cfg = Config::load(["corecast", "--config", &file]).unwrap();
+        assert_eq!((cfg.webhook.url.as_deref(), cfg.webhook.queue), (Some("http://127.0.0.1:9/h"), 7));
+    }
+
+    #[test]
+    fn auth_takes_one_key_source_and_checks_the_jwks_flags() {
+        clean_env();
+        assert!(Config::load(["corecast", "--jwt-secret", "s", "--jwt-jwks-url", "http://x/jwks"]).is_err());
+        assert!(Config::load(["corecast", "--jwt-jwks-url", "ftp://x/jwks"]).is_err());
+        assert!(Config::load(["corecast", "--jwt-jwks-url", "http://x/j", "--jwt-jwks-refresh-secs", "0"]).is_err());
+        assert!(Config::load(["corecast", "--jwt-jwks-url", "http://x/j", "--jwt-jwks-refresh-secs", "1"]).is_ok());
+        assert!(Config::load(["corecast", "--jwt-jwks-ca", "/nonexistent"]).is_err());
+        assert!(Config::load(["corecast", "--jwt-jwks-url", "https://x/j", "--jwt-jwks-ca", "/nonexistent"]).is_err());
+        assert!(Config::load(["corecast", "--jwt-audience", "a"]).is_err(), "an audience without a key");
+        let cfg = Config::load(["corecast", "--jwt-secret", "s", "--jwt-audience", "a", "--jwt-issuer", "i"]).unwrap();
+        assert!(cfg.auth.is_some_and(|a| a.ready()));
+        let cfg = Config::load(["corecast", "--jwt-jwks-url", "http://127.0.0.1:1/jwks"]).unwrap();
+        assert!(!cfg.auth.unwrap().ready(), "not ready before the first fetch");
     }
 
     #[test]

@@ -28,8 +28,9 @@
 //! values: positions, targets), `auth` (token checks, grants), `rt` (wait
 //! until there is work, a value filled later, yielding), `metrics`,
 //! `history` (PROTOCOL.md §7: offsets, epochs, recovery and catch-up; the
-//! standalone rings, with Redis `history::redis`) and `services` (per
-//! shard, the one owner of what clients and backends ask for).
+//! standalone rings, with Redis `history::redis`), `webhook` (§11: the
+//! node's bounded queue and sender thread that POST presence events) and
+//! `services` (per shard, the one owner of what clients and backends ask for).
 //!
 //! The modules form layers that import only downward; `tests/layers.rs`
 //! declares the order and `docs/design.md` explains it.
@@ -48,4 +49,5 @@ pub mod server;
 pub mod services;
 pub mod session;
 pub mod shard;
+pub mod webhook;
 pub mod ws;

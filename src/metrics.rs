@@ -151,10 +151,12 @@ pub enum HandshakeResult {
     Draining,
     /// 503: `--max-connections` reached.
     Full,
+    /// 503: the JWKS (`--jwt-jwks-url`) has not been fetched yet.
+    NotReady,
 }
 
 impl HandshakeResult {
-    pub const ALL: [HandshakeResult; 7] = [
+    pub const ALL: [HandshakeResult; 8] = [
         HandshakeResult::Ok,
         HandshakeResult::BadRequest,
         HandshakeResult::Version,
@@ -162,6 +164,7 @@ impl HandshakeResult {
         HandshakeResult::Forbidden,
         HandshakeResult::Draining,
         HandshakeResult::Full,
+        HandshakeResult::NotReady,
     ];
 
     pub fn label(self) -> &'static str {
@@ -173,6 +176,7 @@ impl HandshakeResult {
             HandshakeResult::Forbidden => "forbidden",
             HandshakeResult::Draining => "draining",
             HandshakeResult::Full => "full",
+            HandshakeResult::NotReady => "not_ready",
         }
     }
 }
@@ -242,7 +246,7 @@ shard_metrics! {
     socket_writes_total: "counter", "Writes to client sockets: sendmsg(2) calls and batched io_uring sends (fewer per frame = frames coalesced).";
     sends_batched_total: "counter", "Socket writes that went to the kernel in an io_uring batch (io_uring driver), not one sendmsg(2) each.";
     send_batches_total: "counter", "io_uring_enter calls that carried those batched writes.";
-    token_expiries: "gauge", "Entries in this shard's token-expiry heap: one per authenticated connection and expiry, and refreshed ones until the heap is compacted.";
+    token_expiries: "gauge", "Entries in this shard's token-expiry heap: one per authenticated connection and expiry, one per subscription token (room) and expiry, and refreshed ones until the heap is compacted.";
     full_sockets: "gauge", "Connections whose socket is full, a writer waiting for it to drain (slow readers not yet caught up or cut off).";
     pongs_coalesced_total: "counter", "Pongs that replaced a waiting, unsent pong instead of being queued (RFC 6455 5.5.3).";
     inbox_dropped_total: "counter", "Messages for this shard dropped because its inbox was full (see docs/operations.md: Inbox policy).";
@@ -265,6 +269,13 @@ shard_metrics! {
     deflate_messages_in_total: "counter", "Compressed messages received and inflated.";
     http_sockets: "gauge", "Client sockets in the HTTP phase (accepted, not yet upgraded nor closed), held to --max-handshakes-per-shard per shard.";
     http_sockets_refused_total: "counter", "Connections closed at accept because the shard held --max-handshakes-per-shard sockets in the HTTP phase.";
+    presence_rooms: "gauge", "Presence rooms this shard writes counts in (with Redis: its entries in the writer's room set).";
+    presence_rooms_owned: "gauge", "Standalone: presence rooms whose authority is this shard (members kept in memory).";
+    presence_events_total: "counter", "join and leave events this shard published (each once for the cluster).";
+    presence_commands_total: "counter", "Presence scripts sent to Redis (writes batched per turn and room, reads, leases, reaps).";
+    presence_reaped_total: "counter", "Presence writers whose lease lapsed (a node crashed or was cut off) reaped by this shard.";
+    presence_resyncs_total: "counter", "Times this shard wrote all its presence again after finding its lease gone (reaped while away).";
+    namespace_digests: "gauge", "Distinct [[namespace]] tables among the nodes sharing this Redis, as this shard last saw them (more than 1: a mismatch, PROTOCOL.md §10).";
     panics_total: "counter", "Panics caught in a connection's task: that connection was closed, the node went on (docs/operations.md: Panic policy).";
 }
 
@@ -299,6 +310,54 @@ pub struct Metrics {
     pub redis_nodes: RedisNodes,
     /// Each shard's liveness tick (`Liveness`), checked by `/healthz`.
     pub liveness: Liveness,
+    /// The webhook sender's counters (all zero without `--webhook-url`).
+    pub webhook: WebhookMetrics,
+    /// `--jwt-jwks-url`: the `jwks` thread's fetches and keys.
+    pub jwks: JwksStats,
+}
+
+/// The webhook sender's counters (`webhook::Webhooks`, PROTOCOL.md §11):
+/// node-wide, not per shard, written from any thread (`add_shared`: the
+/// shards that emit, the sender thread that delivers), rendered without a
+/// `shard` label as `corecast_webhook_*`.
+#[derive(Debug, Default)]
+pub struct WebhookMetrics {
+    /// Events accepted into the queue.
+    pub events_total: Counter,
+    /// Events acknowledged by a 2xx answer.
+    pub sent_total: Counter,
+    /// Requests answered 2xx.
+    pub requests_ok: Counter,
+    /// Requests that failed: another status, no connection, a timeout.
+    pub requests_error: Counter,
+    /// Requests sent again after a failure.
+    pub retries_total: Counter,
+    /// Events refused because the queue was full (never accepted).
+    pub dropped_queue_full: Counter,
+    /// Accepted events dropped with a batch retried past the give-up age.
+    pub dropped_expired: Counter,
+    /// Accepted events still undelivered when the sender stopped (a node's
+    /// drain ran out of time), or emitted after it stopped.
+    pub dropped_stopped: Counter,
+}
+
+impl WebhookMetrics {
+    /// `corecast_webhook_queue`: events accepted and not yet acknowledged
+    /// nor dropped (the queue and the batch being sent).
+    pub fn queued(&self) -> u64 {
+        let done = self.sent_total.get() + self.dropped_expired.get() + self.dropped_stopped.get();
+        self.events_total.get().saturating_sub(done)
+    }
+}
+
+/// `corecast_jwks_fetches_total{result}` and `corecast_jwks_keys`, written by
+/// the node's `jwks` thread (`auth::jwks`); shown once it has started.
+#[derive(Debug, Default)]
+pub struct JwksStats {
+    pub on: std::sync::atomic::AtomicBool,
+    pub ok: Counter,
+    pub error: Counter,
+    pub keys: AtomicU64,
 }
 
 /// One liveness stamp per shard: a timer on the shard's own runtime stores
@@ -387,6 +446,8 @@ impl Metrics {
             node_draining: std::sync::atomic::AtomicBool::new(false),
             redis_nodes: RedisNodes::default(),
             liveness: Liveness::new(shards),
+            webhook: WebhookMetrics::default(),
+            jwks: JwksStats::default(),
         }
     }
 
@@ -491,10 +552,29 @@ const SHARD_STALL: (&str, &str) = (
 );
 /// A shard whose liveness stamp is older than this is stalled (`/healthz`).
 pub const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+const JWKS_FETCHES: (&str, &str) =
+    ("corecast_jwks_fetches_total", "JWKS fetches (--jwt-jwks-url) by result: ok or error.");
+const JWKS_KEYS: (&str, &str) = ("corecast_jwks_keys", "Usable keys in the last JWKS fetched (--jwt-jwks-url).");
 const REDIS_NODE_LINKS: (&str, &str) = (
     "corecast_redis_node_links_up",
     "Shards whose subscriber / publisher link to this Redis primary is up (with --redis; 0 while it is unreachable).",
 );
+
+const WEBHOOK_EVENTS: (&str, &str) =
+    ("corecast_webhook_events_total", "Webhook events accepted into the node's queue (--webhook-url).");
+const WEBHOOK_SENT: (&str, &str) = ("corecast_webhook_sent_total", "Webhook events acknowledged by a 2xx answer.");
+const WEBHOOK_REQUESTS: (&str, &str) = (
+    "corecast_webhook_requests_total",
+    "Webhook requests by result: ok (2xx), error (other status, connection error, timeout).",
+);
+const WEBHOOK_RETRIES: (&str, &str) =
+    ("corecast_webhook_retries_total", "Webhook requests sent again after a failure (with backoff).");
+const WEBHOOK_DROPPED: (&str, &str) = (
+    "corecast_webhook_dropped_total",
+    "Webhook events dropped: queue_full (refused, --webhook-queue), expired (retried past the give-up age), stopped (undelivered when the sender stopped).",
+);
+const WEBHOOK_QUEUE: (&str, &str) =
+    ("corecast_webhook_queue", "Webhook events accepted and not yet acknowledged nor dropped.");
 
 /// The descriptors of every family `Exposition` collects, built once.
 static DESCS: LazyLock<Vec<Desc>> = LazyLock::new(|| {
@@ -511,8 +591,16 @@ static DESCS: LazyLock<Vec<Desc>> = LazyLock::new(|| {
     v.push(desc(BACKLOG.0, BACKLOG.1, &["shard"]));
     v.push(desc(FDS.0, FDS.1, &[]));
     v.push(desc(REDIS_NODE_LINKS.0, REDIS_NODE_LINKS.1, &["node", "link"]));
+    v.push(desc(JWKS_FETCHES.0, JWKS_FETCHES.1, &["result"]));
+    v.push(desc(JWKS_KEYS.0, JWKS_KEYS.1, &[]));
     v.push(desc(REDIS_DEGRADED.0, REDIS_DEGRADED.1, &[]));
     v.push(desc(SHARD_STALL.0, SHARD_STALL.1, &[]));
+    v.push(desc(WEBHOOK_EVENTS.0, WEBHOOK_EVENTS.1, &[]));
+    v.push(desc(WEBHOOK_SENT.0, WEBHOOK_SENT.1, &[]));
+    v.push(desc(WEBHOOK_REQUESTS.0, WEBHOOK_REQUESTS.1, &["result"]));
+    v.push(desc(WEBHOOK_RETRIES.0, WEBHOOK_RETRIES.1, &[]));
+    v.push(desc(WEBHOOK_DROPPED.0, WEBHOOK_DROPPED.1, &["reason"]));
+    v.push(desc(WEBHOOK_QUEUE.0, WEBHOOK_QUEUE.1, &[]));
     v
 });
 
@@ -671,6 +759,37 @@ impl Collector for Exposition {
         let stalled = self.metrics.liveness.stalled(STALL_LIMIT).len() as f64;
         let series = vec![sample(MetricType::GAUGE, vec![], stalled)];
         out.push(family(SHARD_STALL.0, SHARD_STALL.1, MetricType::GAUGE, series));
+        let w = &self.metrics.webhook;
+        let one = |kind, v: u64| vec![sample(kind, vec![], v as f64)];
+        let labelled = |name: &str, rows: &[(&str, &Counter)]| -> Vec<proto::Metric> {
+            rows.iter().map(|(v, c)| sample(MetricType::COUNTER, vec![label(name, *v)], c.get() as f64)).collect()
+        };
+        out.push(family(
+            WEBHOOK_EVENTS.0,
+            WEBHOOK_EVENTS.1,
+            MetricType::COUNTER,
+            one(MetricType::COUNTER, w.events_total.get()),
+        ));
+        out.push(family(
+            WEBHOOK_SENT.0,
+            WEBHOOK_SENT.1,
+            MetricType::COUNTER,
+            one(MetricType::COUNTER, w.sent_total.get()),
+        ));
+        let series = labelled("result", &[("ok", &w.requests_ok), ("error", &w.requests_error)]);
+        out.push(family(WEBHOOK_REQUESTS.0, WEBHOOK_REQUESTS.1, MetricType::COUNTER, series));
+        out.push(family(
+            WEBHOOK_RETRIES.0,
+            WEBHOOK_RETRIES.1,
+            MetricType::COUNTER,
+            one(MetricType::COUNTER, w.retries_total.get()),
+        ));
+        let series = labelled(
+            "reason",
+            &[("queue_full", &w.dropped_queue_full), ("expired", &w.dropped_expired), ("stopped", &w.dropped_stopped)],
+        );
+        out.push(family(WEBHOOK_DROPPED.0, WEBHOOK_DROPPED.1, MetricType::COUNTER, series));
+        out.push(family(WEBHOOK_QUEUE.0, WEBHOOK_QUEUE.1, MetricType::GAUGE, one(MetricType::GAUGE, w.queued())));
         let nodes = self.metrics.redis_nodes.snapshot();
         if !nodes.is_empty() {
             let mut series = Vec::with_capacity(nodes.len() * 2);
@@ -684,6 +803,16 @@ impl Collector for Exposition {
                 }
             }
             out.push(family(REDIS_NODE_LINKS.0, REDIS_NODE_LINKS.1, MetricType::GAUGE, series));
+        }
+        let jwks = &self.metrics.jwks;
+        if jwks.on.load(Relaxed) {
+            let series = [("ok", &jwks.ok), ("error", &jwks.error)]
+                .into_iter()
+                .map(|(r, c)| sample(MetricType::COUNTER, vec![label("result", r)], c.get() as f64))
+                .collect();
+            out.push(family(JWKS_FETCHES.0, JWKS_FETCHES.1, MetricType::COUNTER, series));
+            let keys = vec![sample(MetricType::GAUGE, vec![], jwks.keys.load(Relaxed) as f64)];
+            out.push(family(JWKS_KEYS.0, JWKS_KEYS.1, MetricType::GAUGE, keys));
         }
         out
     }
@@ -757,6 +886,33 @@ mod tests {
         assert!(text.contains("corecast_inbox_backlog 5\n"), "{text}");
         assert!(text.contains("corecast_inbox_backlog{shard=\"1\"} 4\n"), "{text}");
         assert!(text.contains("corecast_open_fds 9\n"), "{text}");
+    }
+
+    #[test]
+    fn renders_webhook_families() {
+        let m = Arc::new(Metrics::new(2));
+        let w = &m.webhook;
+        w.events_total.add_shared(10);
+        w.sent_total.add_shared(6);
+        w.requests_ok.add_shared(2);
+        w.requests_error.add_shared(3);
+        w.retries_total.add_shared(3);
+        w.dropped_queue_full.add_shared(4);
+        w.dropped_expired.add_shared(1);
+        let text = m.render(NodeInfo { shards: 2, driver: "test", ..NodeInfo::default() });
+        for line in [
+            "corecast_webhook_events_total 10\n",
+            "corecast_webhook_sent_total 6\n",
+            "corecast_webhook_requests_total{result=\"ok\"} 2\n",
+            "corecast_webhook_requests_total{result=\"error\"} 3\n",
+            "corecast_webhook_retries_total 3\n",
+            "corecast_webhook_dropped_total{reason=\"queue_full\"} 4\n",
+            "corecast_webhook_dropped_total{reason=\"expired\"} 1\n",
+            "corecast_webhook_dropped_total{reason=\"stopped\"} 0\n",
+            "# TYPE corecast_webhook_queue gauge\ncorecast_webhook_queue 3\n",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::services::Services;
 use crate::shard::inbox::{self, Door};
 use crate::shard::interest;
 use crate::shard::{Inbox, InboxSender, Links, Shard, ShardMsg};
+use crate::webhook::Webhooks;
 
 /// io_uring submission queue entries per shard.
 const URING_ENTRIES: u32 = 4096;
@@ -39,6 +40,7 @@ pub struct Node {
     exits: Receiver<(String, anyhow::Result<()>)>,
     shards: usize,
     metrics: Arc<Metrics>,
+    webhooks: Option<Webhooks>,
 }
 
 /// Starts every shard and returns once they are accepting.
@@ -64,25 +66,31 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
     let readers: Vec<InboxSender> = doors.iter().map(|d| d.thread.clone()).collect();
     let table = Arc::new(interest::Table::new(n));
     let metrics = Arc::new(Metrics::new(n));
+    // `--jwt-jwks-url`: the node's one `jwks` fetcher thread (`auth::jwks`).
+    if let Some(auth) = &cfg.auth {
+        auth.start_fetcher(&metrics)?;
+    }
     let (exit_tx, exits) = crossbeam_channel::unbounded();
     // With --redis: one `redis-NN` reader thread per shard, and each shard's link to it.
     let mut links: Vec<Option<ShardLink>> = match &cfg.redis {
         Some(url) => redis::start(&cfg, url, &readers, &metrics, &exit_tx)?.into_iter().map(Some).collect(),
         None => (0..n).map(|_| None).collect(),
     };
+    // `--webhook-url`: the node's one sender thread (PROTOCOL.md §11).
+    let webhooks = Webhooks::start(&cfg.webhook, metrics.clone());
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<anyhow::Result<()>>(n);
     for (i, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let name = format!("shard-{i:02}");
         let link = links[i].take();
         let admin = admin[i].take();
         let (cfg, metrics, exit_tx, ready_tx) = (cfg.clone(), metrics.clone(), exit_tx.clone(), ready_tx.clone());
-        let (doors, table) = (doors.clone(), table.clone());
+        let (doors, table, webhooks) = (doors.clone(), table.clone(), webhooks.clone());
         let thread_name = name.clone();
         thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_shard(i, cfg, metrics, (doors, table), [Some(listener), admin], inbox, link, ready_tx)
+                    run_shard(i, cfg, metrics, (doors, table), [Some(listener), admin], inbox, link, webhooks, ready_tx)
                 }));
                 let r = match r {
                     Ok(r) => r,
@@ -95,7 +103,22 @@ pub fn start(cfg: Config) -> anyhow::Result<Node> {
     for _ in 0..n {
         ready_rx.recv().context("a shard died during start-up")??;
     }
-    Ok(Node { addr, admin_addr, control, exits, shards: n, metrics })
+    Ok(Node { addr, admin_addr, control, exits, shards: n, metrics, webhooks })
+}
+
+/// Presence's transitions, as webhook events on the node's sender.
+fn presence_hooks(w: Webhooks) -> crate::services::presence::Hooks {
+    use crate::services::presence::Hook;
+    use crate::webhook::{WebhookEvent, WebhookKind};
+    Rc::new(move |hook: Hook, subject: &str| {
+        let kind = match hook {
+            Hook::UserOnline => WebhookKind::UserOnline,
+            Hook::UserOffline => WebhookKind::UserOffline,
+            Hook::RoomOccupied => WebhookKind::RoomOccupied,
+            Hook::RoomVacated => WebhookKind::RoomVacated,
+        };
+        w.emit(WebhookEvent::now(kind, subject));
+    })
 }
 
 impl Node {
@@ -104,22 +127,27 @@ impl Node {
         start_drain(&self.metrics, &self.control);
     }
 
-    /// Waits for every shard to finish; fails as soon as one fails.
+    /// Waits for every shard to finish; fails as soon as one fails. Then
+    /// gives the webhook sender up to `WEBHOOK_FLUSH` to send what it holds.
     pub fn wait(self) -> anyhow::Result<()> {
         for _ in 0..self.shards {
             let (name, r) = self.exits.recv().context("shard exit channel closed")?;
             r.with_context(|| format!("{name} stopped"))?;
         }
+        if let Some(w) = &self.webhooks
+            && !w.flush_and_stop(WEBHOOK_FLUSH)
+        {
+            warn!("webhook events still undelivered at exit (counted in corecast_webhook_dropped_total)");
+        }
         Ok(())
     }
 }
 
+/// How long a drained node waits for its webhook sender before exiting.
+const WEBHOOK_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs a node until SIGTERM/SIGINT has drained it.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
-    for ns in cfg.namespaces.inert_keys() {
-        // Parsed and checked (PROTOCOL.md §10), not acted on by this version.
-        tracing::warn!(namespace = %ns, "namespace keys not acted on yet (presence and publish policies)");
-    }
     let node = start(cfg)?;
     // Printed on stdout for scripts and tests that start us on port 0.
     println!("corecast listening on {}", node.addr);
@@ -174,6 +202,8 @@ fn run_shard(
     listeners: [Option<std::net::TcpListener>; 2],
     inbox: Inbox,
     link: Option<ShardLink>,
+    // The node's webhook sender (`--webhook-url`), for presence's hooks.
+    webhooks: Option<Webhooks>,
     ready: crossbeam_channel::Sender<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     let core = cfg.cores[id];
@@ -227,7 +257,8 @@ fn run_shard(
             monoio::spawn(shard.clone().run_peer_wakes());
             monoio::spawn(shard.clone().run_close_reaper());
             monoio::spawn(crate::shard::heartbeat::run(shard.clone()));
-            let svc = Services::new(shard.clone(), bus);
+            let hooks = webhooks.clone().map(|w| (presence_hooks(w), shard.cfg.webhook.debounce));
+            let svc = Services::new(shard.clone(), bus, hooks);
             if let Some(h) = svc.history()
                 && shard.cfg.redis.is_none()
             {

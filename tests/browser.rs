@@ -4,7 +4,10 @@
 //! `tests/browser/two_nodes.mjs`) chatting through it across two nodes on a
 //! private Redis, cut off and reconnecting by itself. The nodes keep room
 //! history (`--history-size`, PROTOCOL.md §7) and the page must show the
-//! message it missed while cut off recovered.
+//! message it missed while cut off recovered. The room's namespace has
+//! presence with join/leave (§11, `--config`): each page lists who is
+//! here, sees the other page join across nodes, and sees it leave after the
+//! grace once it is closed.
 //!
 //! The browser test needs `chromium` (`apt-get install -y chromium`) and
 //! `tests/browser/node_modules` (`npm ci --prefix tests/browser`);
@@ -19,6 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::redis::{RedisServer, deadline};
+use common::redis_topology::TempDir;
 use common::{start_server, start_server_with};
 
 #[test]
@@ -87,10 +91,33 @@ fn chromium_chats_across_two_nodes() {
     // The nodes keep room history (PROTOCOL.md §7): the page must show the
     // message published while alice was cut off as recovered. Compression
     // is on: Chromium negotiates permessage-deflate (RFC 7692).
-    let node =
-        |url: &str| start_server(&["--shards", "2", "--redis", url, "--history-size", "100", "--compression", "on"]);
+    // The page's rooms (`browser-…`) have presence and join/leave (§11).
+    let ns_dir = TempDir::new("browser-ns");
+    let config = ns_dir.file("ns.toml");
+    std::fs::write(
+        &config,
+        "[[namespace]]\nprefix = \"browser-\"\npresence = true\njoin_leave = true\npresence_grace_ms = 1000\n",
+    )
+    .unwrap();
+    let node = |url: &str| {
+        start_server(&[
+            "--shards",
+            "2",
+            "--redis",
+            url,
+            "--history-size",
+            "100",
+            "--compression",
+            "on",
+            "--config",
+            &config,
+        ])
+    };
     let a = node(&redis.url());
     let b = node(&redis.url());
+    for n in [&a, &b] {
+        n.wait_until("every Redis link up", || n.links_up());
+    }
     let (url_a, url_b) = (format!("http://{}", a.addr), format!("http://{}", b.addr));
 
     let mut child = Command::new("node")
@@ -143,6 +170,10 @@ fn chromium_chats_across_two_nodes() {
         "alice's page (node A) shows bob's message",
         "alice's page reconnected by itself",
         "alice's page gets live messages again after the reconnect",
+        "alice's page (node A) saw bob join from node B",
+        "both pages list alice, bob as here",
+        "alice's page lists alice, bob again after the reconnect",
+        "alice's page saw bob leave",
     ] {
         assert!(stdout.contains(want), "missing {want:?}\n{report}");
     }

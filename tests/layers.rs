@@ -55,6 +55,7 @@ const LAYERS: &[&[&str]] = &[
     &["shard"],    // the fan-out core: tables, fan-out, inbox, peers
     &["bus"],      // local and Redis backplane
     &["history"],  // room history: rings, recovery, catch-up
+    &["webhook"],  // presence webhooks: bounded queue, sender thread
     &["services"], // publish / subscribe / unsubscribe, ops, expiry
     &["http"],     // request head, routes, upgrade
     &["session"],  // the connection task

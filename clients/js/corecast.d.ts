@@ -1,4 +1,4 @@
-// Types for corecast.js, the JavaScript client of corecast (PROTOCOL.md v1.1).
+// Types for corecast.js, the JavaScript client of corecast (PROTOCOL.md v1.2).
 
 /** Any JSON value: what `data` may be. */
 export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
@@ -142,6 +142,42 @@ export interface Gap extends Position {
   since: Position | null;
 }
 
+/** A member of a room (§11): a user id and its connections subscribed there. */
+export interface PresenceMember {
+  user: string;
+  clients: number;
+}
+
+/** §11 counts: `clients` connections of `users` distinct user ids, cluster-wide. */
+export interface PresenceStats {
+  room: string;
+  clients: number;
+  users: number;
+}
+
+/** Every member of a room, all pages read (counts of the last page). */
+export interface Presence extends PresenceStats {
+  /** Ascending by user id (byte order). */
+  members: PresenceMember[];
+}
+
+/** A `join` or `leave` event (§11; needs `join_leave` in the room's namespace). */
+export interface PresenceEvent {
+  room: string;
+  user: string;
+}
+
+/** The live member set changed (`subscribe(room, {presence: true})`). */
+export interface PresenceChange {
+  room: string;
+  /** `sub.members` itself (the same Set object for the subscription's life). */
+  members: ReadonlySet<string>;
+  /** "sync": fetched after a (re)subscribe or a re-check; "join"/"leave": one event applied. */
+  reason: "sync" | "join" | "leave";
+  /** join, leave: the user. */
+  user?: string;
+}
+
 export interface SubscribeOptions {
   onMessage?: (message: Message, sub: Subscription) => void;
   onSubscribed?: (info: Subscribed, sub: Subscription) => void;
@@ -150,8 +186,37 @@ export interface SubscribeOptions {
   /** Refusals (`forbidden`, `bad_room`, `too_large` end the subscription;
    * `rate_limited`, `unavailable`, `timeout` are retried). */
   onError?: (error: CorecastError, sub: Subscription) => void;
+  /** §13: the subscription token was refreshed (`getToken`); `exp` in Unix seconds. */
+  onRefreshed?: (info: { room: string; exp: number }, sub: Subscription) => void;
+  /** §13 subscription token (a JWT with `sub`, `room`, `exp`) sent with the subscribe. */
+  token?: string;
+  /** §13: asked for a fresh subscription token for `room` before the current
+   * one expires (sent as `refresh` with the room) and before a resubscribe
+   * whose token is missing or about to expire. */
+  getToken?: (room: string) => string | Promise<string>;
   /** Start from a position stored earlier: the first subscribe recovers from it. */
   since?: Position;
+  /** `{"ev":"join"}`: `user` now has a connection in the room (anywhere in
+   * the cluster). The subscriber's own join comes after its `subscribed`. */
+  onJoin?: (event: PresenceEvent, sub: Subscription) => void;
+  /** `{"ev":"leave"}`: `user` has had no connection in the room for the
+   * namespace's `presence_grace_ms`. */
+  onLeave?: (event: PresenceEvent, sub: Subscription) => void;
+  /** Keep `sub.members` current (§11; the room's namespace needs `presence`,
+   * and `join_leave` for updates between fetches): every (re)subscribe
+   * fetches the member list (all pages) and join/leave events keep it
+   * current. Without it the client never sends the `presence` op itself. */
+  presence?: boolean;
+  /** `presence: true`: page size of the fetches (default 1000). */
+  presenceLimit?: number;
+  /** `presence: true`: the namespace's `presence_grace_ms` (default 5000).
+   * A fetch that no longer lists a user the set had is repeated this long
+   * (+500 ms) later: a user within the leave grace is not listed, and one
+   * back within it causes no join. (A fetch that lacks the client's own user,
+   * the token's `sub` or `user`, is repeated after 250, 500, 750 ms.) */
+  presenceGraceMs?: number;
+  /** `presence: true`: the set was (re)fetched, or a join/leave changed it. */
+  onPresence?: (change: PresenceChange, sub: Subscription) => void;
 }
 
 export class Subscription {
@@ -161,9 +226,22 @@ export class Subscription {
   readonly position: Position | null;
   /** Messages dropped because their offset had been seen already. */
   readonly duplicatesDropped: number;
+  /** §13: the subscription token in use and its `exp` (Unix seconds), if any. */
+  readonly token: string | null;
+  readonly tokenExp: number | null;
   /** Resolves on the first `subscribed`; rejects if refused. */
   readonly ready: Promise<Subscription>;
+  /** `presence: true` was asked for. */
+  readonly presenceEnabled: boolean;
+  /** The live member set (user ids); empty without `presence: true`. */
+  readonly members: ReadonlySet<string>;
+  /** `members` reflects a fetch made on the current connection. */
+  readonly membersSynced: boolean;
   unsubscribe(): Promise<void>;
+  /** `Corecast.presence` for this room. */
+  presence(options?: { limit?: number }): Promise<Presence>;
+  /** `Corecast.presenceStats` for this room. */
+  stats(): Promise<PresenceStats>;
 }
 
 export interface History extends Position {
@@ -209,6 +287,11 @@ export class Corecast {
   history(room: string, options?: { limit?: number; since?: Position }): Promise<History>;
   /** Resolves to the round-trip time in ms. */
   ping(): Promise<number>;
+  /** §11 `presence` op, every page (follows `next`); `limit` per page,
+   * default 1000. Rooms whose namespace has presence only (else `bad_request`). */
+  presence(room: string, options?: { limit?: number }): Promise<Presence>;
+  /** §11 `presence_stats` op. */
+  presenceStats(room: string): Promise<PresenceStats>;
 }
 
 /** `exp` of a JWT, read without verifying; null if there is none. */

@@ -1,4 +1,4 @@
-// corecast.js: the JavaScript client of corecast (PROTOCOL.md v1.1 plus the
+// corecast.js: the JavaScript client of corecast (PROTOCOL.md v1.2 plus the
 // `refresh` extension in the project's docs/auth.md). A plain ES module with no
 // dependencies and no build step: it runs as is in browsers and in node
 // (node >= 22 has a global WebSocket; node 20 needs --experimental-websocket,
@@ -20,7 +20,15 @@
 //   reported as a gap;
 // - token refresh: `getToken()` is asked for a token before every connect and
 //   again before the current token's `exp` (read from the JWT, not verified),
-//   sent with the `refresh` op.
+//   sent with the `refresh` op;
+// - subscription tokens (§13): `subscribe(room, {token, getToken})` sends the
+//   token with the subscribe, and `getToken(room)`, when given, is asked for a
+//   fresh one before that token's `exp` (sent as `refresh` with the room) and
+//   before a resubscribe whose token is about to expire.
+// - presence (§11): `presence()` pages through every member, `stats()` the
+//   counts, `onJoin`/`onLeave` per event, and for a room subscribed with
+//   `{presence: true}` a live member set (`sub.members`), fetched after every
+//   (re)subscribe and then kept current by join/leave events.
 //
 // What enters: server events (JSON text frames). What leaves: client ops,
 // and callbacks / Promise results to the app.
@@ -40,6 +48,12 @@ const OPEN = 1; // WebSocket.OPEN
 
 /** Reads `exp` (Unix seconds) from a JWT without verifying it; null if absent. */
 export function jwtExp(token) {
+  const claims = jwtClaims(token);
+  return claims && typeof claims.exp === "number" ? claims.exp : null;
+}
+
+/** A JWT's claims, read without verifying; null if unreadable. */
+function jwtClaims(token) {
   if (typeof token !== "string") return null;
   const part = token.split(".")[1];
   if (!part) return null;
@@ -48,7 +62,7 @@ export function jwtExp(token) {
     const bin = atob(b64);
     const bytes = Uint8Array.from(bin, (c) => c.charCodeAt(0));
     const claims = JSON.parse(new TextDecoder().decode(bytes));
-    return typeof claims.exp === "number" ? claims.exp : null;
+    return claims && typeof claims === "object" ? claims : null;
   } catch {
     return null;
   }
@@ -78,7 +92,25 @@ export class Subscription {
         : null;
     /** Messages dropped because their offset was already seen. */
     this.duplicatesDropped = 0;
+    /** §13 subscription token (`handlers.token`) and its `exp` (Unix s). */
+    this.token = this.handlers.token ?? null;
+    this.tokenExp = jwtExp(this.token);
     this._retryTimer = null;
+    this._refreshTimer = null;
+    /** `{presence: true}`: keep `members` current (§11). Only such rooms send
+     * the `presence` op by themselves. */
+    this.presenceEnabled = this.handlers.presence === true;
+    /** The room's members (user ids) as last synced: filled by a `presence`
+     * fetch after every (re)subscribe, then kept current by join/leave.
+     * The same Set object for the subscription's whole life. */
+    this.members = new Set();
+    /** true once `members` reflects a fetch made on the current connection. */
+    this.membersSynced = false;
+    this._presenceGen = 0; // a fetch whose generation is not current is stale
+    this._presenceBuffer = null; // [kind, user] events seen while a fetch is in flight
+    this._presenceTimer = null;
+    this._graceRecheckAt = 0; // Date.now() after which a fetch is owed (see _syncPresence)
+    this._selfRechecks = 0;
     this.ready = new Promise((resolve, reject) => {
       this._resolveReady = resolve;
       this._rejectReady = reject;
@@ -90,6 +122,16 @@ export class Subscription {
   /** Leaves the room. Resolves when the server confirmed (or at once if offline). */
   unsubscribe() {
     return this.client._unsubscribe(this);
+  }
+
+  /** Every member of the room (§11), all pages: see `Corecast.presence`. */
+  presence(options) {
+    return this.client.presence(this.room, options);
+  }
+
+  /** The room's counts `{clients, users}` (§11 `presence_stats`). */
+  stats() {
+    return this.client.presenceStats(this.room);
   }
 
   _call(name, arg) {
@@ -198,7 +240,10 @@ export class Corecast {
   close() {
     if (this.state === "closed") return;
     this._clearTimers();
-    for (const sub of this._subs.values()) clearTimeout(sub._retryTimer);
+    for (const sub of this._subs.values()) {
+      clearTimeout(sub._retryTimer);
+      clearTimeout(sub._presenceTimer);
+    }
     const ws = this._ws;
     this._ws = null;
     if (ws) {
@@ -298,7 +343,15 @@ export class Corecast {
     this._failPending(new CorecastError("disconnected", `connection closed (${code})`));
     for (const sub of this._subs.values()) {
       clearTimeout(sub._retryTimer);
+      clearTimeout(sub._refreshTimer);
+      clearTimeout(sub._presenceTimer);
       if (sub.state === "subscribed") sub.state = "pending";
+      // Joins and leaves are missed from here on: the set is re-fetched
+      // after the resubscribe.
+      sub._presenceGen++;
+      sub._presenceBuffer = null;
+      sub._selfRechecks = 0;
+      sub.membersSynced = false;
     }
     this.disconnects++;
     const wasOpen = this._openedAt > 0;
@@ -477,6 +530,36 @@ export class Corecast {
     return this._request({ op: "ping" }).then(() => Date.now() - t0);
   }
 
+  /** §11 `presence` op, every page: follows `next` (as `after`) until the
+   * server sends none; `limit` is the page size (default 1000, the server's
+   * cap is 10000). Resolves to `{room, clients, users, members: [{user,
+   * clients}]}` with members in the server's order (ascending ids) and the
+   * counts of the last page. Pages are read one after another, so a member
+   * who comes or goes meanwhile may be listed or not (join/leave say so). */
+  async presence(room, { limit = 1000 } = {}) {
+    const members = [];
+    let after;
+    let last;
+    for (;;) {
+      const op = { op: "presence", room, limit };
+      if (after !== undefined) op.after = after;
+      last = await this._request(op);
+      for (const m of last.members || []) members.push({ user: m.user, clients: m.clients });
+      if (typeof last.next !== "string") break;
+      after = last.next;
+    }
+    return { room, clients: last.clients, users: last.users, members };
+  }
+
+  /** §11 `presence_stats` op: `{room, clients, users}`. */
+  presenceStats(room) {
+    return this._request({ op: "presence_stats", room }).then((m) => ({
+      room,
+      clients: m.clients,
+      users: m.users,
+    }));
+  }
+
   // ---- subscriptions --------------------------------------------------------
 
   /** Subscribes to `room`; kept across reconnects until `unsubscribe()`. */
@@ -496,14 +579,37 @@ export class Corecast {
 
   _sendSubscribe(sub) {
     clearTimeout(sub._retryTimer);
+    clearTimeout(sub._refreshTimer);
     const ws = this._ws;
+    // §13: a subscription token that is missing or about to expire is
+    // replaced first when the app gave `getToken(room)`.
+    const getToken = sub.handlers.getToken;
+    if (typeof getToken === "function" && !sub._fresh && this._subTokenStale(sub)) {
+      Promise.resolve()
+        .then(() => getToken(sub.room))
+        .then(
+          (token) => {
+            sub.token = token;
+            sub.tokenExp = jwtExp(token);
+            sub._fresh = true;
+            if (this._subs.get(sub.room) === sub && ws === this._ws && ws) this._sendSubscribe(sub);
+          },
+          (e) => sub._call("onError", e),
+        )
+        .finally(() => {
+          sub._fresh = false;
+        });
+      return;
+    }
     const since = sub.position ? { epoch: sub.position.epoch, offset: sub.position.offset } : null;
     const op = { op: "subscribe", room: sub.room };
     if (since) op.since = since;
+    if (sub.token) op.token = sub.token;
     this._request(op, {
       ok: (reply) => {
         if (this._subs.get(sub.room) !== sub || ws !== this._ws) return;
         this._onSubscribed(sub, reply, since);
+        this._scheduleSubRefresh(sub);
       },
       err: (err) => {
         if (this._subs.get(sub.room) !== sub) return;
@@ -527,10 +633,48 @@ export class Corecast {
     });
   }
 
+  /** Is `sub`'s subscription token missing or within the refresh margin of its exp? */
+  _subTokenStale(sub) {
+    if (!sub.token) return true;
+    if (!sub.tokenExp) return false;
+    return sub.tokenExp * 1000 - Date.now() <= Math.min(this.refreshMarginMs, 1000);
+  }
+
+  /** §13: asks `getToken(room)` for a fresh subscription token before the
+   * current one's `exp` and sends it as `refresh` with the room. */
+  _scheduleSubRefresh(sub) {
+    clearTimeout(sub._refreshTimer);
+    const getToken = sub.handlers.getToken;
+    if (typeof getToken !== "function" || !sub.token || !sub.tokenExp) return;
+    const left = sub.tokenExp * 1000 - Date.now();
+    const margin = Math.min(this.refreshMarginMs, left / 2);
+    const ws = this._ws;
+    sub._refreshTimer = setTimeout(async () => {
+      const live = () => this._subs.get(sub.room) === sub && ws === this._ws;
+      if (!live()) return;
+      try {
+        const token = await getToken(sub.room);
+        if (!live()) return;
+        const reply = await this._request({ op: "refresh", room: sub.room, token });
+        sub.token = token;
+        sub.tokenExp = typeof reply.exp === "number" ? reply.exp : jwtExp(token);
+        sub._call("onRefreshed", { room: sub.room, exp: sub.tokenExp });
+        if (live()) this._scheduleSubRefresh(sub);
+      } catch (e) {
+        // The old token holds until its exp; then the server leaves the
+        // room with `token_expired` (onError).
+        sub._call("onError", e);
+      }
+    }, Math.max(0, left - margin));
+  }
+
   _onSubscribed(sub, reply, since) {
     const resubscribed = sub._subscribedOnce === true;
     sub._subscribedOnce = true;
     sub.state = "subscribed";
+    // Before anything after `subscribed` is read (our own join comes next):
+    // the events from here on are buffered until the fetch is in.
+    if (sub.presenceEnabled) this._syncPresence(sub);
     const hasHistory = reply.epoch !== undefined && reply.offset !== undefined;
     if (hasHistory) {
       const current = { epoch: reply.epoch, offset: reply.offset };
@@ -564,6 +708,9 @@ export class Corecast {
     if (this._subs.get(sub.room) !== sub) return Promise.resolve();
     this._subs.delete(sub.room);
     clearTimeout(sub._retryTimer);
+    clearTimeout(sub._refreshTimer);
+    clearTimeout(sub._presenceTimer);
+    sub._presenceGen++;
     sub.state = "closed";
     sub._rejectReady(new CorecastError("closed", "unsubscribed"));
     if (!this._ws || this._ws.readyState !== OPEN) return Promise.resolve();
@@ -574,6 +721,110 @@ export class Corecast {
         throw e;
       },
     );
+  }
+
+  // ---- the live member set (§11) ---------------------------------------------
+
+  /** Fetches every member of `sub.room` and makes `sub.members` that set
+   * plus the joins and leaves that arrived while the pages were read,
+   * applied in order. Any event after `subscribed` is either in the buffer
+   * or applied live, never both; and since for one user joins and leaves
+   * alternate, the last event seen for a user decides, whether the snapshot
+   * was read before or after it. */
+  _syncPresence(sub) {
+    clearTimeout(sub._presenceTimer);
+    const gen = ++sub._presenceGen;
+    if (!sub._presenceBuffer) sub._presenceBuffer = [];
+    const ws = this._ws;
+    const current = () => gen === sub._presenceGen && this._subs.get(sub.room) === sub && ws === this._ws;
+    this.presence(sub.room, { limit: sub.handlers.presenceLimit ?? 1000 }).then(
+      (p) => {
+        if (!current()) return;
+        const buffered = sub._presenceBuffer || [];
+        sub._presenceBuffer = null;
+        const next = new Set(p.members.map((m) => m.user));
+        for (const [kind, user] of buffered) {
+          if (kind === "join") next.add(user);
+          else next.delete(user);
+        }
+        // Users we had who are not listed now: gone, or within their leave
+        // grace (the list follows connections at once, the leave waits),
+        // and such a user who comes back in time causes no join. Look again
+        // once the grace is over.
+        const missing = [...sub.members].some((u) => !next.has(u));
+        // We are subscribed, so we are a member; a fetch read before our own
+        // count was written (a Redis backplane writes it asynchronously)
+        // lacks us, and our own join may not come (back within our grace,
+        // or lost): look again soon, a few times.
+        const me = this._ownUser();
+        const selfMissing = me !== null && !next.has(me);
+        sub.members.clear();
+        for (const u of next) sub.members.add(u);
+        sub.membersSynced = true;
+        sub._call("onPresence", { room: sub.room, members: sub.members, reason: "sync" });
+        sub._selfRechecks = selfMissing ? (sub._selfRechecks || 0) + 1 : 0;
+        // The grace re-check is owed until a fetch completes after its time
+        // (an earlier fetch, e.g. for ourselves, does not pay it).
+        const now = Date.now();
+        if (sub._graceRecheckAt && now >= sub._graceRecheckAt) sub._graceRecheckAt = 0;
+        if (missing) {
+          const at = now + (sub.handlers.presenceGraceMs ?? 5000) + 500;
+          sub._graceRecheckAt = Math.max(sub._graceRecheckAt || 0, at);
+        }
+        let delay = sub._graceRecheckAt ? sub._graceRecheckAt - now : null;
+        if (selfMissing && sub._selfRechecks <= 3) {
+          delay = Math.min(delay ?? Infinity, 250 * sub._selfRechecks);
+        }
+        if (delay !== null) {
+          sub._presenceTimer = setTimeout(() => {
+            if (current()) this._syncPresence(sub);
+          }, delay);
+        }
+      },
+      (err) => {
+        if (!current()) return;
+        if (err.code === "disconnected" || err.code === "not_connected" || err.code === "closed") return;
+        sub._call("onError", err);
+        if (err.code === "rate_limited" || err.code === "unavailable" || err.code === "timeout") {
+          // The buffer stays: the retry's snapshot needs the events since `subscribed`.
+          const delay = backoffDelay(2, this.backoff.minMs, this.backoff.maxMs, this.random) + this.backoff.minMs;
+          sub._presenceTimer = setTimeout(() => {
+            if (current()) this._syncPresence(sub);
+          }, delay);
+          return;
+        }
+        // bad_request (no presence in the room's namespace), forbidden: no retry.
+        sub._presenceBuffer = null;
+      },
+    );
+  }
+
+  /** Our user id, when the client knows it: the token's `sub`, else `user`. */
+  _ownUser() {
+    if (this.token) {
+      const sub = jwtClaims(this.token)?.sub;
+      return typeof sub === "string" ? sub : null;
+    }
+    return typeof this.options.user === "string" ? this.options.user : null;
+  }
+
+  _onPresenceEvent(kind, m) {
+    const sub = this._subs.get(m.room);
+    if (!sub || typeof m.user !== "string") return;
+    let changed = false;
+    if (sub.presenceEnabled) {
+      if (sub._presenceBuffer) sub._presenceBuffer.push([kind, m.user]);
+      else if (sub.membersSynced) {
+        if (kind === "join" && !sub.members.has(m.user)) {
+          sub.members.add(m.user);
+          changed = true;
+        } else if (kind === "leave" && sub.members.delete(m.user)) {
+          changed = true;
+        }
+      }
+    }
+    sub._call(kind === "join" ? "onJoin" : "onLeave", { room: m.room, user: m.user });
+    if (changed) sub._call("onPresence", { room: m.room, members: sub.members, reason: kind, user: m.user });
   }
 
   // ---- incoming frames ------------------------------------------------------
@@ -603,6 +854,10 @@ export class Corecast {
       case "direct":
         this._emit("direct", { from: m.from, data: m.data });
         break;
+      case "join":
+      case "leave":
+        if (m.id === undefined) this._onPresenceEvent(m.ev, m);
+        break;
       case "maintenance": {
         const ms = Number(m.reconnect_in_ms) || 0;
         this._maintenanceUntil = Date.now() + ms;
@@ -617,12 +872,18 @@ export class Corecast {
       }
       case "unsubscribed":
         if (m.id === undefined) {
-          // A refreshed token no longer grants the room; the server left it.
+          // The server left the room: a refreshed token no longer grants it,
+          // or (§13) its subscription token expired.
           const sub = this._subs.get(m.room);
           if (sub) {
             this._subs.delete(m.room);
+            clearTimeout(sub._refreshTimer);
             sub.state = "closed";
-            sub._call("onError", new CorecastError("forbidden", "the refreshed token no longer grants this room"));
+            const err =
+              m.reason === "token_expired"
+                ? new CorecastError("token_expired", "the subscription token expired")
+                : new CorecastError("forbidden", "the refreshed token no longer grants this room");
+            sub._call("onError", err);
           }
           break;
         }

@@ -21,6 +21,14 @@ pub struct Grant {
     rooms: Option<Rooms>,
     /// The connection's `refresh` budget, carried from grant to grant.
     refresh: Cell<RefreshBudget>,
+    /// §13 `subs`: rooms joined at connect; they may be subscribed (not
+    /// published to) while this grant lasts, as if in `rooms`.
+    subs: Option<Rooms>,
+    /// §13 `dm`: may the connection `send`?
+    dm: bool,
+    /// Rooms granted by subscription tokens, each with its token's expiry
+    /// (Unix seconds); carried from grant to grant.
+    tokens: RefCell<Vec<(Rc<str>, u64)>>,
 }
 
 /// `refresh` ops a connection may send: `REFRESH_BURST` at once, then one
@@ -57,7 +65,59 @@ impl Grant {
     /// The grant of a verified token, its room list shared through this
     /// shard's intern table.
     pub fn new(v: &Verified) -> Grant {
-        Grant { exp: v.exp, rooms: v.rooms.as_deref().map(intern), refresh: Cell::default() }
+        Grant {
+            exp: v.exp,
+            rooms: v.rooms.as_deref().map(intern),
+            refresh: Cell::default(),
+            subs: (!v.subs.is_empty()).then(|| intern(&v.subs)),
+            dm: v.dm,
+            tokens: RefCell::default(),
+        }
+    }
+
+    /// May the connection send direct messages (the `dm` claim)?
+    pub fn dm(&self) -> bool {
+        self.dm
+    }
+
+    /// May this connection subscribe to `room` (and read its history)? What
+    /// `allows` allows, the `subs` rooms, and the rooms of its subscription
+    /// tokens that have not expired.
+    pub fn allows_subscribe(&self, room: &str) -> bool {
+        self.allows(room)
+            || self.subs.as_ref().is_some_and(|s| s.iter().any(|r| &**r == room))
+            || self.room_token(room).is_some_and(|exp| now_secs() < exp)
+    }
+
+    /// The expiry of the subscription token that granted `room`, if any.
+    pub fn room_token(&self, room: &str) -> Option<u64> {
+        self.tokens.borrow().iter().find(|(r, _)| &**r == room).map(|(_, exp)| *exp)
+    }
+
+    /// `room` is granted by a subscription token until `exp`; returns the
+    /// expiry it replaced, if any.
+    pub fn set_room_token(&self, room: Rc<str>, exp: u64) -> Option<u64> {
+        let mut t = self.tokens.borrow_mut();
+        match t.iter_mut().find(|(r, _)| *r == room) {
+            Some(e) => Some(std::mem::replace(&mut e.1, exp)),
+            None => {
+                t.push((room, exp));
+                None
+            }
+        }
+    }
+
+    /// Forgets `room`'s subscription token; returns whether there was one.
+    pub fn remove_room_token(&self, room: &str) -> bool {
+        let mut t = self.tokens.borrow_mut();
+        let before = t.len();
+        t.retain(|(r, _)| &**r != room);
+        t.len() != before
+    }
+
+    /// Moves the subscription-token grants of `old` into this grant.
+    pub fn keep_room_tokens(&self, old: &Grant) {
+        *self.tokens.borrow_mut() = std::mem::take(&mut *old.tokens.borrow_mut());
     }
 
     /// Unix seconds; the token is valid before this.
@@ -129,18 +189,39 @@ mod tests {
     use super::*;
     use crate::auth::verify::is_valid_pattern;
 
+    fn grant(rooms: Option<Rooms>) -> Grant {
+        Grant { exp: 0, rooms, refresh: Cell::default(), subs: None, dm: true, tokens: RefCell::default() }
+    }
+
     #[test]
     fn room_patterns_match_exactly_or_by_prefix() {
-        let g = Grant { exp: 0, rooms: Some(intern(&["lobby".into(), "team:42:*".into()])), refresh: Cell::default() };
+        let g = grant(Some(intern(&["lobby".into(), "team:42:*".into()])));
         assert!(g.allows("lobby"));
         assert!(!g.allows("lobby2"));
         assert!(g.allows("team:42:chat"));
         assert!(g.allows("team:42:"));
         assert!(!g.allows("team:43:chat"));
-        assert!(Grant { exp: 0, rooms: Some(intern(&["*".into()])), refresh: Cell::default() }.allows("anything"));
-        assert!(Grant { exp: 0, rooms: None, refresh: Cell::default() }.allows("anything"));
-        assert!(!Grant { exp: 0, rooms: Some(intern(&[])), refresh: Cell::default() }.allows("lobby"));
+        assert!(grant(Some(intern(&["*".into()]))).allows("anything"));
+        assert!(grant(None).allows("anything"));
+        assert!(!grant(Some(intern(&[]))).allows("lobby"));
         assert!(is_valid_pattern("a*") && is_valid_pattern("*") && !is_valid_pattern("a*b") && !is_valid_pattern(""));
+    }
+
+    #[test]
+    fn subs_and_room_tokens_grant_subscribing_not_publishing() {
+        let v = Verified { user: "u".into(), exp: 0, rooms: Some(vec!["a".into()]), subs: vec!["s".into()], dm: false };
+        let g = Grant::new(&v);
+        assert!(!g.dm());
+        assert!(g.allows_subscribe("a") && g.allows_subscribe("s") && !g.allows("s"));
+        assert!(!g.allows_subscribe("t"));
+        assert_eq!(g.set_room_token("t".into(), now_secs() + 60), None);
+        assert!(g.allows_subscribe("t") && !g.allows("t"));
+        assert_eq!(g.set_room_token("x".into(), now_secs() - 1), None);
+        assert!(!g.allows_subscribe("x"), "an expired room token grants nothing");
+        let next = Grant::new(&v);
+        next.keep_room_tokens(&g);
+        assert!(next.allows_subscribe("t") && !g.allows_subscribe("t"));
+        assert!(next.remove_room_token("t") && !next.allows_subscribe("t") && !next.remove_room_token("t"));
     }
 
     #[test]

@@ -19,12 +19,20 @@
 //!   once a second and pops the due entries of a heap of (expiry, conn id):
 //!   no timer per connection. Entries are deleted lazily — a refreshed or
 //!   closed connection's old entry is skipped when it comes up.
+//! - **More checks and key sources (§13).** `--jwt-audience` and
+//!   `--jwt-issuer` go into every `Validation`; `--jwt-jwks-url` takes the
+//!   keys from a JWKS by `kid`, fetched off the shards (`jwks`). The claims
+//!   `subs` (rooms joined at connect) and `dm` (may `send`) are kept in the
+//!   `Grant`, and so are the rooms granted by subscription tokens (`room`
+//!   claim), each with its expiry. `sub` `server` is refused: it is the
+//!   `from` of server-side publishes.
 //! - **Origin allowlist** (`--allowed-origins`): an upgrade whose `Origin` is
 //!   present and not listed gets 403; a request without `Origin` (not a
 //!   browser) is let through.
 
 pub mod grant;
+pub mod jwks;
 pub mod verify;
 
 pub use grant::Grant;
-pub use verify::{Verified, Verifier, origin_allowed, parse_origins, token_of};
+pub use verify::{Rules, SERVER_USER, Verified, Verifier, origin_allowed, parse_origins, token_of};

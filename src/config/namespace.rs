@@ -2,13 +2,11 @@
 //! file's `[[namespace]]` tables. The longest matching prefix wins; a room
 //! no namespace matches takes the top-level options (the flags).
 //!
-//! What acts on them today: `history_size` and `history_ttl_secs` (history is
+//! What acts on them: `history_size` and `history_ttl_secs` (history is
 //! kept only for rooms whose namespace has `history_size > 0`: no other room
-//! name creates history state anywhere). The presence and publish keys
-//! (`presence`, `join_leave`, `presence_grace_ms`, `client_publish`,
-//! `deliver_to_publisher`) are parsed and validated so that a file written
-//! for §10 is refused or accepted as the protocol says; the node logs at
-//! start which of them it does not act on yet (`Namespaces::inert_keys`).
+//! name creates history state anywhere), `presence`, `join_leave`,
+//! `presence_grace_ms` (`services::presence`), `client_publish` and
+//! `deliver_to_publisher` (`services::ops`, `conn::Conn::expect_own`).
 
 use std::time::Duration;
 
@@ -136,35 +134,6 @@ impl Namespaces {
     /// The largest `history_size` of any namespace (what one read may ask).
     pub fn max_history_size(&self) -> usize {
         std::iter::once(&self.default).chain(&self.list).filter_map(|n| n.history.map(|h| h.size)).max().unwrap_or(0)
-    }
-
-    /// Keys set in the file that this node does not act on yet (logged at
-    /// start): presence and per-room publish policies.
-    pub fn inert_keys(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for n in &self.list {
-            let d = &self.default;
-            let mut keys = Vec::new();
-            if n.presence != d.presence {
-                keys.push("presence");
-            }
-            if n.join_leave != d.join_leave {
-                keys.push("join_leave");
-            }
-            if n.presence_grace != d.presence_grace {
-                keys.push("presence_grace_ms");
-            }
-            if n.client_publish != d.client_publish {
-                keys.push("client_publish");
-            }
-            if n.deliver_to_publisher != d.deliver_to_publisher {
-                keys.push("deliver_to_publisher");
-            }
-            if !keys.is_empty() {
-                out.push(format!("{:?}: {}", n.prefix, keys.join(", ")));
-            }
-        }
-        out
     }
 }
 

@@ -88,6 +88,12 @@ const ECHO: u16 = 128;
 /// In its frame loop: registered with the shard's poller for reads, which
 /// hands it to `reader::on_readable` (`reader::start` .. the loop's end).
 const POLLED: u16 = 256;
+/// It published into a room whose namespace has `deliver_to_publisher =
+/// false` and its message has not come back yet (`Conn::expect_own`).
+const OWN: u16 = 512;
+/// At most this many own messages are awaited at once (the oldest is
+/// forgotten: its echo, should it still come, is delivered).
+const OWN_MAX: usize = 32;
 
 /// What the WebSocket loop serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +196,47 @@ impl Conn {
     /// auth off.
     pub fn allows(&self, room: &str) -> bool {
         self.with_grant(|g| g.is_none_or(|g| g.allows(room)))
+    }
+
+    /// Its next message whose JSON starts with `prefix` (the message event
+    /// up to its `data`, before any position) is not delivered to it.
+    pub(crate) fn expect_own(&self, io: &ShardIo, prefix: bytes::Bytes) {
+        let mut own = io.own.borrow_mut();
+        let list = own.entry(self.id).or_default();
+        if list.len() == OWN_MAX {
+            list.remove(0);
+        }
+        list.push(prefix);
+        self.set(OWN);
+    }
+
+    /// Is `frame` (a plain server frame) one of its own awaited messages?
+    /// Then it is taken off the list: the caller skips it.
+    #[inline]
+    pub(crate) fn is_own(&self, io: &ShardIo, frame: &bytes::Bytes) -> bool {
+        if !self.has(OWN) {
+            return false;
+        }
+        let mut own = io.own.borrow_mut();
+        let Some(list) = own.get_mut(&self.id) else { return false };
+        let json = crate::protocol::event::json_of(frame);
+        let hit = list.iter().position(|p| json.starts_with(p));
+        if let Some(i) = hit {
+            list.remove(i);
+        }
+        if list.is_empty() {
+            own.remove(&self.id);
+            self.clear(OWN);
+        }
+        hit.is_some()
+    }
+
+    /// Forgets its own-message list (the connection is gone).
+    pub(crate) fn forget_own(&self, io: &ShardIo) {
+        if self.has(OWN) {
+            io.own.borrow_mut().remove(&self.id);
+            self.clear(OWN);
+        }
     }
 
     pub fn user(&self) -> Option<Rc<str>> {

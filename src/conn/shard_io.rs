@@ -40,6 +40,10 @@ pub struct ShardIo {
     pub(super) held: RefCell<Vec<Rc<Conn>>>,
     /// Wakes the hold timer task when `held` becomes non-empty.
     pub(super) held_waker: Cell<Option<Waker>>,
+    /// Per connection with the `OWN` flag: the JSON prefixes of its own
+    /// messages it must not get back (§10 `deliver_to_publisher = false`).
+    /// Here, not in `Conn`, so that every other connection pays nothing.
+    pub(super) own: RefCell<rustc_hash::FxHashMap<super::ConnId, Vec<bytes::Bytes>>>,
     /// The clock origin of the flusher's hold (`ShardIo::ms`).
     pub(super) started: Instant,
     /// Wakes the flusher task when `dirty` becomes non-empty.
@@ -95,6 +99,7 @@ impl ShardIo {
             dirty: RefCell::default(),
             held: RefCell::default(),
             held_waker: Cell::new(None),
+            own: RefCell::default(),
             started: Instant::now(),
             flusher: Cell::new(None),
             tick: Cell::new(1),

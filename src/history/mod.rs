@@ -24,7 +24,7 @@ pub mod budget;
 pub mod local;
 pub mod recover;
 pub mod redis;
-mod redis_route;
+pub mod redis_route;
 pub mod ring;
 pub mod types;
 

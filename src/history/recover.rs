@@ -500,6 +500,20 @@ impl ShardHistory {
         });
     }
 
+    /// `GET /api/history` (§12): what the `history` op answers (its first
+    /// page), without an `id`.
+    pub async fn history_page(
+        self: &Rc<Self>,
+        shard: &Rc<Shard>,
+        room: &str,
+        settings: HistorySettings,
+        limit: usize,
+    ) -> Result<Bytes, Unavailable> {
+        let q = Query::listing(None, limit.min(settings.size), page_bytes(&shard.cfg));
+        let r = self.read(shard, room, q, settings).await?;
+        Ok(history_reply(room, &r, None))
+    }
+
     // ---- live messages ---------------------------------------------------------
 
     /// A live message with a position, from the owner shard or Redis.

@@ -79,7 +79,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use redis_protocol::resp2::types::BytesFrame;
 
-use super::redis_route::{OwnerRoute, Script};
+use super::redis_route::{OwnerRoute, PUBLISH, READ};
 use super::types::{Entry, Query, ReadResult, offset_of_id};
 use crate::bus::redis::RedisBus;
 use crate::config::HistorySettings;
@@ -166,7 +166,7 @@ impl HistLink {
             ttl.as_bytes(),
             verb,
         ];
-        self.route.run(Bytes::copy_from_slice(&chan), Script::Publish, &args, done).map_err(|_| Unavailable)
+        self.route.run(Bytes::copy_from_slice(&chan), &PUBLISH, &args, done).map_err(|_| Unavailable)
     }
 
     /// Reads `room`'s history.
@@ -198,7 +198,7 @@ impl HistLink {
         let done = Box::new(move |r: Result<BytesFrame, Unavailable>| {
             fill.fill(r.ok().and_then(|f| parse_read(&f, q)).ok_or(Unavailable));
         });
-        self.route.run(Bytes::from(chan), Script::Read, &args, done).map_err(|_| Unavailable)?;
+        self.route.run(Bytes::from(chan), &READ, &args, done).map_err(|_| Unavailable)?;
         slot.wait().await
     }
 }

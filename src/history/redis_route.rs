@@ -44,29 +44,37 @@ use crate::bus::redis::publisher::Publisher;
 use crate::bus::redis::resp;
 use crate::protocol::Unavailable;
 
-/// The history scripts, called by hash through `Script` (`EVALSHA`; `EVAL`
-/// with the body once where a node answers `NOSCRIPT`).
-pub const PUBLISH_LUA: &str = include_str!("scripts/publish.lua");
-pub const READ_LUA: &str = include_str!("scripts/read.lua");
-
-/// One of the two scripts.
-#[derive(Clone, Copy)]
-pub enum Script {
-    Publish,
-    Read,
+/// A Lua script called by hash (`EVALSHA`; `EVAL` with the body once where
+/// a node answers `NOSCRIPT`): the history's two here, the presence
+/// service's in `services::presence`.
+pub struct Script {
+    body: &'static str,
+    /// SHA1 (hex) of the body, computed once: what `EVALSHA` names.
+    sha: std::sync::OnceLock<String>,
 }
+
+impl Script {
+    pub const fn new(body: &'static str) -> Script {
+        Script { body, sha: std::sync::OnceLock::new() }
+    }
+
+    fn sha(&self) -> &str {
+        self.sha.get_or_init(|| sha1_smol::Sha1::from(self.body).digest().to_string())
+    }
+}
+
+/// The history scripts.
+pub static PUBLISH: Script = Script::new(include_str!("scripts/publish.lua"));
+pub static READ: Script = Script::new(include_str!("scripts/read.lua"));
 
 /// The shard's route to the owners, shared by the commands in flight.
 pub struct OwnerRoute {
     publisher: Rc<Publisher>,
-    /// SHA1 (hex) of publish.lua and read.lua, computed here: what `EVALSHA` names.
-    sha: [String; 2],
 }
 
 impl OwnerRoute {
     pub fn new(publisher: Rc<Publisher>) -> Rc<OwnerRoute> {
-        let sha = |s: &str| sha1_smol::Sha1::from(s).digest().to_string();
-        Rc::new(OwnerRoute { publisher, sha: [sha(PUBLISH_LUA), sha(READ_LUA)] })
+        Rc::new(OwnerRoute { publisher })
     }
 
     /// Sends `script` with `args` (numkeys, keys, argv) to the owner of
@@ -75,7 +83,7 @@ impl OwnerRoute {
     pub fn run(
         self: &Rc<Self>,
         channel: Bytes,
-        script: Script,
+        script: &'static Script,
         args: &[&[u8]],
         done: ReplyFn,
     ) -> Result<(), Unavailable> {
@@ -93,7 +101,7 @@ impl OwnerRoute {
 struct Call {
     route: Rc<OwnerRoute>,
     channel: Bytes,
-    script: Script,
+    script: &'static Script,
     /// The arguments after the script (numkeys, keys, argv but the last),
     /// as RESP bulks; the link appends the last ARGV, the run id.
     tail: Bytes,
@@ -104,10 +112,9 @@ struct Call {
 impl Call {
     /// `EVALSHA` (or, `with_body`, `EVAL`); on refusal gives `done` back.
     fn send(self, with_body: bool, done: ReplyFn) -> Result<(), ReplyFn> {
-        let (verb, script): (&[u8], &[u8]) = match (with_body, self.script) {
-            (false, s) => (b"EVALSHA", self.route.sha[s as usize].as_bytes()),
-            (true, Script::Publish) => (b"EVAL", PUBLISH_LUA.as_bytes()),
-            (true, Script::Read) => (b"EVAL", READ_LUA.as_bytes()),
+        let (verb, script): (&[u8], &[u8]) = match with_body {
+            false => (b"EVALSHA", self.script.sha().as_bytes()),
+            true => (b"EVAL", self.script.body.as_bytes()),
         };
         let mut cmd = BytesMut::with_capacity(32 + script.len() + self.tail.len());
         put_header(&mut cmd, self.n);

@@ -98,7 +98,9 @@ pub async fn serve(svc: &Rc<Services>, conn: &Rc<Conn>, kept: &mut BytesMut) -> 
             }
             (&Method::GET, "/readyz") => routes::readyz(svc, conn.is_admin()),
             (&Method::GET, "/metrics") if admin_routes => routes::metrics(svc),
-            (&Method::POST, "/api/publish") if admin_routes => {
+            (&Method::POST, "/api/publish" | "/api/disconnect" | "/api/subscribe" | "/api/unsubscribe")
+                if admin_routes =>
+            {
                 let body = match read_body(shard, conn, &head, kept, deadline).await? {
                     Ok(body) => body,
                     Err(reply) => {
@@ -106,11 +108,28 @@ pub async fn serve(svc: &Rc<Services>, conn: &Rc<Conn>, kept: &mut BytesMut) -> 
                         return Err(Stop::HttpDone);
                     }
                 };
-                routes::publish(svc, &head, &body).await
+                match path {
+                    "/api/publish" => routes::publish(svc, &head, &body).await,
+                    "/api/subscribe" => routes::membership(svc, &head, &body, true).await,
+                    "/api/unsubscribe" => routes::membership(svc, &head, &body, false).await,
+                    _ => routes::disconnect(svc, &head, &body).await,
+                }
             }
+            (&Method::GET, "/api/history") if admin_routes => routes::history(svc, &head).await,
+            (&Method::GET, "/api/presence") if admin_routes => routes::presence(svc, &head, false).await,
+            (&Method::GET, "/api/presence_stats") if admin_routes => routes::presence(svc, &head, true).await,
             (_, "/healthz" | "/readyz") => Reply::text(405, "method not allowed\n"),
             (_, "/ws") if client_routes => Reply::text(405, "method not allowed\n"),
-            (_, "/metrics" | "/api/publish") if admin_routes => Reply::text(405, "method not allowed\n"),
+            (
+                _,
+                "/metrics"
+                | "/api/publish"
+                | "/api/disconnect"
+                | "/api/subscribe"
+                | "/api/unsubscribe"
+                | "/api/presence"
+                | "/api/presence_stats",
+            ) if admin_routes => Reply::text(405, "method not allowed\n"),
             _ => Reply::text(404, "not found\n"),
         };
         let reply = if keep_alive { reply } else { reply.close() };

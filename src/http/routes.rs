@@ -42,6 +42,10 @@ pub fn readyz(svc: &Rc<Services>, admin: bool) -> Reply {
     if svc.shard().is_draining() {
         return Reply::text(503, "not ready: draining\n");
     }
+    // `--jwt-jwks-url`: no token can be checked before the first fetch.
+    if svc.shard().cfg.auth.as_ref().is_some_and(|a| !a.ready()) {
+        return Reply::text(503, "not ready: the JWKS has not been fetched yet\n");
+    }
     let text = |status, body: String| Reply::new(status, "text/plain; charset=utf-8", Bytes::from(body));
     match svc.readiness() {
         Readiness::Ready => Reply::text(200, "ready\n"),
@@ -103,12 +107,12 @@ struct PublishBody<'a> {
     data: &'a RawValue,
 }
 
-pub async fn publish(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
+/// The rules of §4 for every server API call: never open on an
+/// authenticated node without an API key, and the key when one is set.
+fn refused(svc: &Rc<Services>, head: &Parts) -> Option<Reply> {
     let shard = svc.shard();
-    // Server-side publish is never open on an authenticated node (§4): with
-    // client auth on, it needs an API key.
     if shard.cfg.api_key.is_none() && shard.cfg.auth.is_some() {
-        return Reply::text(403, "POST /api/publish is off: client auth is on and no --api-key is set\n");
+        return Some(Reply::text(403, "the server API is off: client auth is on and no --api-key is set\n"));
     }
     if let Some(key) = &shard.cfg.api_key {
         let given = head
@@ -118,8 +122,170 @@ pub async fn publish(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
-            return Reply::text(401, "bad or missing API key\n").header("www-authenticate", "Bearer");
+            return Some(Reply::text(401, "bad or missing API key\n").header("www-authenticate", "Bearer"));
         }
+    }
+    None
+}
+
+/// `GET /api/presence?room=R[&after=U&limit=K]` and (`stats`)
+/// `GET /api/presence_stats?room=R` (§11): the ops' replies without `id`.
+pub async fn presence(svc: &Rc<Services>, head: &Parts, stats: bool) -> Reply {
+    if let Some(r) = refused(svc, head) {
+        return r;
+    }
+    let (mut room, mut after, mut limit) = (None, None, Some(crate::protocol::presence::DEFAULT_LIMIT));
+    for (k, v) in form_urlencoded::parse(head.uri.query().unwrap_or("").as_bytes()) {
+        match &*k {
+            "room" => room = Some(v.into_owned()),
+            "after" => after = Some(v.into_owned()),
+            "limit" => limit = v.parse::<usize>().ok().filter(|n| *n >= 1),
+            _ => {}
+        }
+    }
+    let Some(room) = room.filter(|r| is_valid_name(r)) else {
+        return json(400, r#"{"error":"bad_room","message":"give ?room= with a valid room name"}"#);
+    };
+    let Some(limit) = limit else {
+        return json(400, r#"{"error":"bad_request","message":"limit must be an integer from 1"}"#);
+    };
+    if after.as_deref().is_some_and(|a| !is_valid_name(a)) {
+        return json(400, r#"{"error":"bad_request","message":"after must be a valid user id"}"#);
+    }
+    if !svc.shard().cfg.namespaces.of(&room).presence {
+        return json(400, r#"{"error":"bad_request","message":"this room keeps no presence"}"#);
+    }
+    let read = crate::protocol::presence::Read {
+        after: after.map(Box::from),
+        limit: if stats { 0 } else { limit.min(crate::protocol::presence::MAX_LIMIT) },
+    };
+    match crate::services::presence::Presence::read(svc, &room, read).await {
+        Ok(page) => Reply::new(200, "application/json", event::json_of(&event::presence(&room, &page, stats, None))),
+        Err(_) => json(503, r#"{"error":"unavailable","message":"presence is unavailable, try again"}"#),
+    }
+}
+
+/// `GET /api/history?room=R[&limit=K]` (§12): the `history` op's reply
+/// (§7), without `id`.
+pub async fn history(svc: &Rc<Services>, head: &Parts) -> Reply {
+    if let Some(r) = refused(svc, head) {
+        return r;
+    }
+    let (mut room, mut limit) = (None, Some(usize::MAX));
+    for (k, v) in form_urlencoded::parse(head.uri.query().unwrap_or("").as_bytes()) {
+        match &*k {
+            "room" => room = Some(v.into_owned()),
+            "limit" => limit = v.parse::<usize>().ok(),
+            _ => {}
+        }
+    }
+    let Some(room) = room.filter(|r| is_valid_name(r)) else {
+        return json(400, r#"{"error":"bad_room","message":"give ?room= with a valid room name"}"#);
+    };
+    let Some(limit) = limit else {
+        return json(400, r#"{"error":"bad_request","message":"limit must be an unsigned integer"}"#);
+    };
+    let Some((h, settings)) = svc.history_of(&room) else {
+        return json(400, r#"{"error":"bad_request","message":"this room keeps no history"}"#);
+    };
+    match h.history_page(svc.shard(), &room, settings, limit).await {
+        Ok(frame) => Reply::new(200, "application/json", event::json_of(&frame)),
+        Err(_) => json(503, r#"{"error":"unavailable","message":"room history is unavailable, try again"}"#),
+    }
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody<'a> {
+    #[serde(borrow)]
+    user: Cow<'a, str>,
+    #[serde(default)]
+    code: Option<u16>,
+    #[serde(borrow, default)]
+    reason: Option<Cow<'a, str>>,
+}
+
+/// `POST /api/disconnect` `{"user":U,"code":C,"reason":S}` (§12): every
+/// connection of U on every node gets `{"ev":"disconnect",..}` and is
+/// closed with C (default 4500), through the user's own channel, so it
+/// reaches exactly the nodes that have U, on every topology.
+pub async fn disconnect(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
+    if let Some(r) = refused(svc, head) {
+        return r;
+    }
+    let Ok(req) = serde_json::from_slice::<DisconnectBody>(body) else {
+        return json(400, r#"{"error":"bad_request","message":"expected {\"user\":U,\"code\":C,\"reason\":S}"}"#);
+    };
+    let code = req.code.unwrap_or(4500);
+    let reason = req.reason.as_deref().unwrap_or("");
+    if !is_valid_name(&req.user) {
+        return json(400, r#"{"error":"bad_request","message":"user must be a valid user id"}"#);
+    }
+    if !(4000..=4999).contains(&code) {
+        return json(400, r#"{"error":"bad_request","message":"code must be 4000-4999"}"#);
+    }
+    if reason.len() > 120 {
+        return json(400, r#"{"error":"bad_request","message":"reason is at most 120 bytes"}"#);
+    }
+    match svc.publish_confirmed(Target::User(&req.user), event::disconnect(code, reason)).await {
+        Ok(()) => json(200, r#"{"ok":true}"#),
+        Err(_) => json(503, r#"{"error":"unavailable","message":"the backplane is unavailable, try again"}"#),
+    }
+}
+
+#[derive(Deserialize)]
+struct MembershipBody<'a> {
+    #[serde(borrow)]
+    user: Cow<'a, str>,
+    #[serde(borrow)]
+    room: Cow<'a, str>,
+    #[serde(default)]
+    since: Option<SinceBody>,
+}
+
+#[derive(Deserialize)]
+struct SinceBody {
+    epoch: String,
+    offset: u64,
+}
+
+/// `POST /api/subscribe` `{"user":U,"room":R}` (optional `since`) and
+/// `POST /api/unsubscribe` `{"user":U,"room":R}` (§12): every connection
+/// of U on every node joins (leaves) R as if it had sent the op, without a
+/// grant check, and gets `subscribed` (`unsubscribed`) with `"server":true`.
+pub async fn membership(svc: &Rc<Services>, head: &Parts, body: &[u8], subscribe: bool) -> Reply {
+    if let Some(r) = refused(svc, head) {
+        return r;
+    }
+    let Ok(req) = serde_json::from_slice::<MembershipBody>(body) else {
+        return json(400, r#"{"error":"bad_request","message":"expected {\"user\":U,\"room\":R}"}"#);
+    };
+    if !is_valid_name(&req.user) {
+        return json(400, r#"{"error":"bad_request","message":"user must be a valid user id"}"#);
+    }
+    if !is_valid_name(&req.room) {
+        return json(400, r#"{"error":"bad_room","message":"room must be a valid room name"}"#);
+    }
+    let since = match req.since {
+        None => None,
+        Some(s) if subscribe => match crate::protocol::Epoch::new(&s.epoch) {
+            Some(epoch) => Some(Position { epoch, offset: s.offset }),
+            None => return json(400, r#"{"error":"bad_request","message":"since.epoch is at most 64 bytes"}"#),
+        },
+        Some(_) => return json(400, r#"{"error":"bad_request","message":"since goes with subscribe only"}"#),
+    };
+    let m = event::ServerMembership { subscribe, room: req.room.into_owned(), since };
+    match svc.server_membership(&req.user, &m).await {
+        Ok(()) => json(200, r#"{"ok":true}"#),
+        Err(_) => json(503, r#"{"error":"unavailable","message":"the backplane is unavailable, try again"}"#),
+    }
+}
+
+pub async fn publish(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
+    let shard = svc.shard();
+    // Server-side publish is never open on an authenticated node (§4): with
+    // client auth on, it needs an API key.
+    if let Some(r) = refused(svc, head) {
+        return r;
     }
     let Ok(req) = serde_json::from_slice::<PublishBody>(body) else {
         return json(400, r#"{"ok":false,"error":"expected {\"room\":R,\"data\":D} or {\"user\":U,\"data\":D}"}"#);

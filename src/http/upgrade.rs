@@ -70,7 +70,11 @@ pub fn accept(svc: &Rc<Services>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> 
         return refuse(R::Forbidden, Reply::text(403, "origin not allowed\n"));
     }
     // With auth on, the token's `sub` is the user and `?user=` is ignored.
-    let (user, grant) = match shard.cfg.auth.as_deref() {
+    let (user, grant, subs) = match shard.cfg.auth.as_deref() {
+        // `--jwt-jwks-url` before its first fetch: no token can be checked.
+        Some(verifier) if !verifier.ready() => {
+            return refuse(R::NotReady, Reply::text(503, "not ready: the JWKS has not been fetched yet\n"));
+        }
         Some(verifier) => {
             let unauthorized =
                 |why| refuse(R::Unauthorized, Reply::text(401, why).header("www-authenticate", "Bearer"));
@@ -78,22 +82,25 @@ pub fn accept(svc: &Rc<Services>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> 
                 return unauthorized("missing token: ?token=<jwt> or Authorization: Bearer <jwt>\n");
             };
             match verifier.verify(&token) {
-                Ok(v) => (Rc::from(v.user.as_str()), Some(auth::Grant::new(&v))),
+                Ok(v) => (Rc::from(v.user.as_str()), Some(auth::Grant::new(&v)), v.subs),
                 Err(why) => return unauthorized(why),
             }
         }
         None => match query_param(head.uri.query(), "user") {
-            Some(u) if is_valid_name(&u) => (Rc::from(u.as_str()), None),
+            // `server` is the `from` of server-side publishes (§13).
+            Some(u) if u == auth::SERVER_USER => {
+                return refuse(R::BadRequest, Reply::text(400, "bad user id: \"server\" is reserved\n"));
+            }
+            Some(u) if is_valid_name(&u) => (Rc::from(u.as_str()), None, Vec::new()),
             Some(_) => {
                 return refuse(
                     R::BadRequest,
                     Reply::text(400, "bad user id: 1-128 bytes of A-Z a-z 0-9 _ - . : @ /\n"),
                 );
             }
-            None => (Rc::from(format!("anon-{:016x}", fastrand::u64(..)).as_str()), None),
+            None => (Rc::from(format!("anon-{:016x}", fastrand::u64(..)).as_str()), None, Vec::new()),
         },
     };
-    let _ = mode;
     // Keep this the last check: the place it takes is given back when the
     // connection (which has a user from here on) is removed.
     if !shard.try_admit() {
@@ -120,7 +127,12 @@ pub fn accept(svc: &Rc<Services>, conn: &Rc<Conn>, head: &Parts, mode: Mode) -> 
     shard.m().handshake(R::Ok);
     svc.upgraded(conn, user);
     if let Some(grant) = grant {
-        crate::services::expiry::attach(shard, conn, grant);
+        crate::services::expiry::attach(svc, conn, grant);
+    }
+    // §13 `subs`: joined now, before any op the client sent after its
+    // request is handled; each `subscribed` (no `id`) as for a `subscribe`.
+    if mode == Mode::Client {
+        crate::services::expiry::subscribe_claimed(svc, conn, &subs);
     }
     Ok(())
 }

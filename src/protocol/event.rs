@@ -33,6 +33,8 @@ impl Builder {
     }
     fn id(self, id: Option<&str>) -> Self {
         match id {
+            // A reply to the server API, not to an op (`SERVER_REPLY`).
+            Some(SERVER_REPLY) => self.raw(",\"server\":true"),
             Some(id) => self.raw(",\"id\":").raw(id),
             None => self,
         }
@@ -183,6 +185,125 @@ pub fn membership(ev: &'static str, room: &str, id: Option<&str>) -> Bytes {
     Builder::new(48 + room.len()).raw("{\"ev\":\"").raw(ev).raw("\",\"room\":").string(room).id(id).frame()
 }
 
+/// `{"ev":"presence","room":R,"clients":C,"users":N,"members":[{"user":U,"clients":k},…],"next":U,"id":..}`
+/// (§11); with `stats`, `presence_stats` without `members` and `next`.
+pub fn presence(room: &str, page: &super::presence::Page, stats: bool, id: Option<&str>) -> Bytes {
+    let size: usize = page.members.iter().map(|(u, _)| 32 + u.len()).sum();
+    let mut b = Builder::new(120 + room.len() + size)
+        .raw(if stats { "{\"ev\":\"presence_stats\",\"room\":" } else { "{\"ev\":\"presence\",\"room\":" })
+        .string(room)
+        .raw(",\"clients\":")
+        .raw(&page.clients.to_string())
+        .raw(",\"users\":")
+        .raw(&page.users.to_string());
+    if !stats {
+        b = b.raw(",\"members\":[");
+        for (i, (user, clients)) in page.members.iter().enumerate() {
+            b = b.raw(if i == 0 { "{\"user\":" } else { ",{\"user\":" });
+            b = b.string(user).raw(",\"clients\":").raw(&clients.to_string()).raw("}");
+        }
+        b = b.raw("]");
+        if let Some(next) = &page.next {
+            b = b.raw(",\"next\":").string(next);
+        }
+    }
+    b.id(id).frame()
+}
+
+/// `{"ev":"join","room":R,"user":U}` or `leave` (§11).
+pub fn join_leave(ev: &'static str, room: &str, user: &str) -> Bytes {
+    Builder::new(48 + room.len() + user.len())
+        .raw("{\"ev\":\"")
+        .raw(ev)
+        .raw("\",\"room\":")
+        .string(room)
+        .raw(",\"user\":")
+        .string(user)
+        .frame()
+}
+
+/// Passed where a reply takes an op's `id`, it writes `"server":true`
+/// instead: the `subscribed`/`unsubscribed` of `POST /api/subscribe` and
+/// `/api/unsubscribe` (§12). An op's id is JSON text, which never holds a
+/// raw NUL, so no client id can be taken for it.
+pub const SERVER_REPLY: &str = "\0server";
+
+/// What `POST /api/subscribe` and `/api/unsubscribe` send on the user's
+/// channel, for every node that holds the user to act on (never delivered
+/// to a client as such).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServerMembership {
+    pub subscribe: bool,
+    pub room: String,
+    pub since: Option<Position>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ControlWire {
+    ev: String,
+    room: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    since: Option<SinceWire>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SinceWire {
+    epoch: String,
+    offset: u64,
+}
+
+const SERVER_SUBSCRIBE: &str = "server_subscribe";
+const SERVER_UNSUBSCRIBE: &str = "server_unsubscribe";
+
+/// The frame of a `ServerMembership`.
+pub fn server_membership(m: &ServerMembership) -> Bytes {
+    let w = ControlWire {
+        ev: if m.subscribe { SERVER_SUBSCRIBE } else { SERVER_UNSUBSCRIBE }.to_string(),
+        room: m.room.clone(),
+        since: m.since.map(|p| SinceWire { epoch: p.epoch.as_str().to_string(), offset: p.offset }),
+    };
+    frame_json(&serde_json::to_vec(&w).expect("serialize to memory"))
+}
+
+/// A `ServerMembership` frame, read back; `None` for any other event.
+pub fn parse_server_membership(frame: &Bytes) -> Option<ServerMembership> {
+    let json = json_of(frame);
+    if !json.starts_with(b"{\"ev\":\"server_") {
+        return None;
+    }
+    let w: ControlWire = serde_json::from_slice(&json).ok()?;
+    let subscribe = match w.ev.as_str() {
+        SERVER_SUBSCRIBE => true,
+        SERVER_UNSUBSCRIBE => false,
+        _ => return None,
+    };
+    if !super::is_valid_name(&w.room) {
+        return None;
+    }
+    let since = match w.since {
+        Some(s) => Some(Position { epoch: crate::protocol::Epoch::new(&s.epoch)?, offset: s.offset }),
+        None => None,
+    };
+    Some(ServerMembership { subscribe, room: w.room, since })
+}
+
+/// `{"ev":"disconnect","code":C,"reason":S}` (§12): sent to every
+/// connection of a user, each then closed with status C.
+pub fn disconnect(code: u16, reason: &str) -> Bytes {
+    Builder::new(64 + reason.len()).raw(DISCONNECT).raw(&code.to_string()).raw(",\"reason\":").string(reason).frame()
+}
+
+const DISCONNECT: &str = "{\"ev\":\"disconnect\",\"code\":";
+
+/// The close status of a frame built by `disconnect` (or arrived from the
+/// backplane as one): `None` for any other event.
+pub fn disconnect_code(frame: &Bytes) -> Option<u16> {
+    let json = json_of(frame);
+    let rest = json.strip_prefix(DISCONNECT.as_bytes())?;
+    let end = rest.iter().position(|b| !b.is_ascii_digit())?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok().filter(|c| (4000..=4999).contains(c))
+}
+
 /// `{"ev":"ack","id":..}` or `{"ev":"pong","id":..}`.
 pub fn reply(ev: &'static str, id: Option<&str>) -> Bytes {
     Builder::new(32).raw("{\"ev\":\"").raw(ev).raw("\"").id(id).frame()
@@ -203,6 +324,29 @@ pub fn error(code: ErrorCode, message: &str, id: Option<&str>) -> Bytes {
 /// force until `exp` (Unix seconds).
 pub fn refreshed(exp: u64, id: Option<&str>) -> Bytes {
     Builder::new(48).raw("{\"ev\":\"refreshed\",\"exp\":").raw(&exp.to_string()).id(id).frame()
+}
+
+/// `{"ev":"refreshed","room":R,"exp":N,"id":..}`: a subscription token's
+/// `refresh` (§13).
+pub fn refreshed_room(room: &str, exp: u64, id: Option<&str>) -> Bytes {
+    Builder::new(64 + room.len())
+        .raw("{\"ev\":\"refreshed\",\"room\":")
+        .string(room)
+        .raw(",\"exp\":")
+        .raw(&exp.to_string())
+        .id(id)
+        .frame()
+}
+
+/// `{"ev":"unsubscribed","room":R,"reason":W}`: the server took the
+/// connection out of R (§13: `token_expired`).
+pub fn unsubscribed_because(room: &str, reason: &str) -> Bytes {
+    Builder::new(64 + room.len() + reason.len())
+        .raw("{\"ev\":\"unsubscribed\",\"room\":")
+        .string(room)
+        .raw(",\"reason\":")
+        .string(reason)
+        .frame()
 }
 
 /// `{"ev":"maintenance","reconnect_in_ms":N}`.
@@ -227,6 +371,34 @@ pub fn frame_json(json: &[u8]) -> Bytes {
 }
 
 #[cfg(test)]
+mod disconnect_tests {
+    #[test]
+    fn a_disconnect_event_names_its_close_status() {
+        let f = super::disconnect(4501, "banned \"x\"");
+        assert_eq!(super::disconnect_code(&f), Some(4501));
+        assert_eq!(&super::json_of(&f)[..], br#"{"ev":"disconnect","code":4501,"reason":"banned \"x\""}"#);
+        assert_eq!(super::disconnect_code(&super::direct("u", "1")), None);
+        assert_eq!(super::disconnect_code(&super::frame_json(br#"{"ev":"disconnect","code":1000,"reason":""}"#)), None);
+    }
+
+    #[test]
+    fn server_memberships_travel_and_replies_say_server() {
+        let pos = crate::protocol::Position { epoch: crate::protocol::Epoch::new("e1").unwrap(), offset: 7 };
+        for m in [
+            super::ServerMembership { subscribe: true, room: "r".into(), since: Some(pos) },
+            super::ServerMembership { subscribe: false, room: "a:b".into(), since: None },
+        ] {
+            assert_eq!(super::parse_server_membership(&super::server_membership(&m)), Some(m));
+        }
+        assert_eq!(super::parse_server_membership(&super::direct("u", "1")), None);
+        let bad = super::frame_json(br#"{"ev":"server_subscribe","room":"a b"}"#);
+        assert_eq!(super::parse_server_membership(&bad), None);
+        let f = super::membership("subscribed", "r", Some(super::SERVER_REPLY));
+        assert_eq!(&super::json_of(&f)[..], br#"{"ev":"subscribed","room":"r","server":true}"#);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -238,6 +410,9 @@ mod tests {
     fn events_are_byte_exact() {
         assert_eq!(text(&message("r", "u1", "{\"a\":1}")), r#"{"ev":"message","room":"r","from":"u1","data":{"a":1}}"#);
         assert_eq!(text(&direct("u\"q", "2")), r#"{"ev":"direct","from":"u\"q","data":2}"#);
+        assert_eq!(text(&refreshed_room("r", 9, Some("1"))), r#"{"ev":"refreshed","room":"r","exp":9,"id":1}"#);
+        let gone = text(&unsubscribed_because("r", "token_expired"));
+        assert_eq!(gone, r#"{"ev":"unsubscribed","room":"r","reason":"token_expired"}"#);
         assert_eq!(text(&membership("subscribed", "r", Some("5"))), r#"{"ev":"subscribed","room":"r","id":5}"#);
         assert_eq!(text(&reply("pong", None)), r#"{"ev":"pong"}"#);
         assert_eq!(text(&reply("ack", Some("\"a\""))), r#"{"ev":"ack","id":"a"}"#);

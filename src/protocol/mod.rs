@@ -5,6 +5,7 @@ pub mod error;
 pub mod event;
 pub mod op;
 pub mod position;
+pub mod presence;
 pub mod target;
 
 pub use error::{ErrorCode, Unavailable};

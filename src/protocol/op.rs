@@ -36,6 +36,9 @@ struct Wire<'a> {
     /// §7: how many messages a `history` op wants.
     #[serde(borrow, default)]
     limit: Option<&'a RawValue>,
+    /// §11: the member id a `presence` page starts after.
+    #[serde(borrow, default)]
+    after: Option<Cow<'a, str>>,
 }
 
 /// `since` as it must be: an object with a string `epoch` and an unsigned
@@ -58,10 +61,12 @@ fn parse_since(raw: &RawValue) -> Option<Since> {
 /// extension of §2.
 #[derive(Debug, PartialEq)]
 pub enum ClientOp<'a> {
-    /// `since`: recover from this position (§7).
+    /// `since`: recover from this position (§7); `token`: a subscription
+    /// token that grants the room (§13).
     Subscribe {
         room: Cow<'a, str>,
         since: Option<Since>,
+        token: Option<Cow<'a, str>>,
     },
     Unsubscribe {
         room: Cow<'a, str>,
@@ -75,8 +80,11 @@ pub enum ClientOp<'a> {
         data: &'a str,
     },
     Ping,
+    /// With `room`: a fresh subscription token for that room (§13);
+    /// without: a fresh connection token.
     Refresh {
         token: Cow<'a, str>,
+        room: Option<Cow<'a, str>>,
     },
     /// §7: `limit` defaults to the whole history (`usize::MAX`, capped by
     /// the server at `--history-size`).
@@ -84,6 +92,16 @@ pub enum ClientOp<'a> {
         room: Cow<'a, str>,
         limit: usize,
         since: Option<Since>,
+    },
+    /// §11: a page of the room's members (`limit` 1..=10000, default 1000).
+    Presence {
+        room: Cow<'a, str>,
+        after: Option<Cow<'a, str>>,
+        limit: usize,
+    },
+    /// §11: the room's counts.
+    PresenceStats {
+        room: Cow<'a, str>,
     },
 }
 
@@ -146,7 +164,7 @@ impl<'a> ClientOp<'a> {
             },
         };
         let op = match &*wire.op {
-            "subscribe" => ClientOp::Subscribe { room: room(wire.room)?, since },
+            "subscribe" => ClientOp::Subscribe { room: room(wire.room)?, since, token: wire.token },
             "history" => {
                 let limit = match wire.limit {
                     None => usize::MAX,
@@ -159,6 +177,23 @@ impl<'a> ClientOp<'a> {
                 };
                 ClientOp::History { room: room(wire.room)?, limit, since }
             }
+            "presence" => {
+                let limit = match wire.limit {
+                    None => super::presence::DEFAULT_LIMIT,
+                    Some(raw) => match raw.get().parse::<u64>() {
+                        Ok(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX).min(super::presence::MAX_LIMIT),
+                        _ => return err(ErrorCode::BadRequest, "\"limit\" must be an integer from 1", id),
+                    },
+                };
+                let after = match wire.after {
+                    Some(a) if !is_valid_name(&a) => {
+                        return err(ErrorCode::BadRequest, "\"after\" must be a valid user id", id);
+                    }
+                    a => a,
+                };
+                ClientOp::Presence { room: room(wire.room)?, after, limit }
+            }
+            "presence_stats" => ClientOp::PresenceStats { room: room(wire.room)? },
             "unsubscribe" => ClientOp::Unsubscribe { room: room(wire.room)? },
             "publish" => ClientOp::Publish { room: room(wire.room)?, data: data(wire.data)? },
             "send" => {
@@ -170,7 +205,13 @@ impl<'a> ClientOp<'a> {
             }
             "ping" => ClientOp::Ping,
             "refresh" => match wire.token {
-                Some(token) => ClientOp::Refresh { token },
+                Some(token) => {
+                    let room = match wire.room {
+                        Some(r) => Some(room(Some(r))?),
+                        None => None,
+                    };
+                    ClientOp::Refresh { token, room }
+                }
                 None => return err(ErrorCode::BadRequest, "missing \"token\"", id),
             },
             _ => return err(ErrorCode::BadRequest, "unknown \"op\"", id),
@@ -189,7 +230,7 @@ mod tests {
         assert_eq!(op, ClientOp::Publish { room: "r".into(), data: r#"{"a": [1, 2.50]}"# });
         assert_eq!(id, Some("7"));
         let (op, id) = ClientOp::parse(br#"{"op":"subscribe","room":"a:b","id":"x"}"#).unwrap();
-        assert_eq!(op, ClientOp::Subscribe { room: "a:b".into(), since: None });
+        assert_eq!(op, ClientOp::Subscribe { room: "a:b".into(), since: None, token: None });
         assert_eq!(id, Some("\"x\""));
         assert_eq!(ClientOp::parse(br#"{"op":"ping"}"#).unwrap(), (ClientOp::Ping, None));
         let (op, _) = ClientOp::parse(br#"{"op":"send","user":"bob","data":"hi","extra":1}"#).unwrap();
@@ -197,7 +238,31 @@ mod tests {
         let (op, _) = ClientOp::parse(br#"{"op":"unsubscribe","room":"\u0041"}"#).unwrap();
         assert_eq!(op, ClientOp::Unsubscribe { room: "A".into() });
         let (op, id) = ClientOp::parse(br#"{"op":"refresh","token":"a.b.c","id":2}"#).unwrap();
-        assert_eq!((op, id), (ClientOp::Refresh { token: "a.b.c".into() }, Some("2")));
+        assert_eq!((op, id), (ClientOp::Refresh { token: "a.b.c".into(), room: None }, Some("2")));
+        let (op, _) = ClientOp::parse(br#"{"op":"refresh","token":"t","room":"r"}"#).unwrap();
+        assert_eq!(op, ClientOp::Refresh { token: "t".into(), room: Some("r".into()) });
+        let (op, _) = ClientOp::parse(br#"{"op":"subscribe","room":"r","token":"t"}"#).unwrap();
+        assert_eq!(op, ClientOp::Subscribe { room: "r".into(), since: None, token: Some("t".into()) });
+        assert_eq!(
+            ClientOp::parse(br#"{"op":"refresh","token":"t","room":"a b"}"#).unwrap_err().code,
+            ErrorCode::BadRoom
+        );
+    }
+
+    #[test]
+    fn presence_ops_parse_as_section_11_says() {
+        let (op, id) = ClientOp::parse(br#"{"op":"presence","room":"r","id":3}"#).unwrap();
+        assert_eq!(op, ClientOp::Presence { room: "r".into(), after: None, limit: 1000 });
+        assert_eq!(id, Some("3"));
+        let (op, _) = ClientOp::parse(br#"{"op":"presence","room":"r","after":"bob","limit":50000}"#).unwrap();
+        assert_eq!(op, ClientOp::Presence { room: "r".into(), after: Some("bob".into()), limit: 10_000 });
+        let (op, _) = ClientOp::parse(br#"{"op":"presence_stats","room":"r"}"#).unwrap();
+        assert_eq!(op, ClientOp::PresenceStats { room: "r".into() });
+        let code = |s: &[u8]| ClientOp::parse(s).unwrap_err().code;
+        assert_eq!(code(br#"{"op":"presence","room":"r","limit":0}"#), ErrorCode::BadRequest);
+        assert_eq!(code(br#"{"op":"presence","room":"r","limit":"x"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(br#"{"op":"presence","room":"r","after":"a b"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(br#"{"op":"presence_stats"}"#), ErrorCode::BadRoom);
     }
 
     #[test]
@@ -224,10 +289,13 @@ mod tests {
         let e = |s: &str| Epoch::new(s).unwrap();
         let (op, id) =
             ClientOp::parse(br#"{"op":"subscribe","room":"r","since":{"epoch":"ab","offset":12},"id":1}"#).unwrap();
-        assert_eq!(op, ClientOp::Subscribe { room: "r".into(), since: Some(Since { epoch: e("ab"), offset: 12 }) });
+        assert_eq!(
+            op,
+            ClientOp::Subscribe { room: "r".into(), since: Some(Since { epoch: e("ab"), offset: 12 }), token: None }
+        );
         assert_eq!(id, Some("1"));
         let (op, _) = ClientOp::parse(br#"{"op":"subscribe","room":"r","since":null}"#).unwrap();
-        assert_eq!(op, ClientOp::Subscribe { room: "r".into(), since: None });
+        assert_eq!(op, ClientOp::Subscribe { room: "r".into(), since: None, token: None });
         let (op, _) = ClientOp::parse(br#"{"op":"history","room":"r","limit":5}"#).unwrap();
         assert_eq!(op, ClientOp::History { room: "r".into(), limit: 5, since: None });
         let (op, _) = ClientOp::parse(br#"{"op":"history","room":"r","since":{"offset":0,"epoch":"x"}}"#).unwrap();

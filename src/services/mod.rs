@@ -9,6 +9,7 @@
 //!   connections coming and going, the inbox dispatch, readiness.
 //! - `ops.rs` — the client ops on `/ws` (PROTOCOL.md §2).
 //! - `expiry.rs` — token expiry and the `refresh` op.
+//! - `presence/` — who is in a room, join/leave (§11).
 //!
 //! In: client ops (`session` → `ops`), HTTP calls (`http`), inbox messages.
 //! Out: `Shard` membership and fan-out, `Bus` publishes and interest,
@@ -16,6 +17,7 @@
 
 pub mod expiry;
 pub mod ops;
+pub mod presence;
 
 use std::rc::Rc;
 
@@ -39,10 +41,14 @@ pub struct Services {
     /// store chosen here, once: the owner shards' rings on the local bus, the
     /// Redis history link with Redis.
     history: Option<Rc<ShardHistory>>,
+    /// Presence (§11) of the rooms whose namespace keeps it.
+    presence: presence::Presence,
 }
 
 impl Services {
-    pub fn new(shard: Rc<Shard>, bus: Bus) -> Rc<Services> {
+    /// `hooks`: where presence's webhook transitions go (`--webhook-url`),
+    /// and their debounce.
+    pub fn new(shard: Rc<Shard>, bus: Bus, hooks: Option<(presence::Hooks, std::time::Duration)>) -> Rc<Services> {
         let bus = Rc::new(bus);
         // History state exists only where a namespace (or the default)
         // keeps history (PROTOCOL.md §10).
@@ -54,7 +60,10 @@ impl Services {
             let share = shard.cfg.history_max_bytes / shard.cfg.shards();
             Rc::new(ShardHistory::new(Epoch::node(), store, bus.clone(), share))
         });
-        Rc::new(Services { shard, bus, history })
+        let presence = presence::Presence::new(&shard, &bus, hooks);
+        let svc = Rc::new(Services { shard, bus, history, presence });
+        presence::Presence::start(&svc);
+        svc
     }
 
     pub fn shard(&self) -> &Rc<Shard> {
@@ -80,17 +89,28 @@ impl Services {
     // ---- connections ------------------------------------------------------------
 
     /// The connection finished its WebSocket handshake as `user`.
-    pub fn upgraded(&self, conn: &Rc<Conn>, user: Rc<str>) {
+    pub fn upgraded(self: &Rc<Self>, conn: &Rc<Conn>, user: Rc<str>) {
         if self.shard.upgraded(conn, user.clone()) {
             self.bus.interest(&self.shard, Target::User(&user), true);
         }
+        presence::Presence::touch_user(self, &user);
     }
 
     /// The connection is gone: it leaves its rooms and its user entry, and
     /// the rooms and user it was the last member of leave the bus (and the
     /// history's per-room state).
-    pub fn remove_conn(&self, conn: &Rc<Conn>) {
+    pub fn remove_conn(self: &Rc<Self>, conn: &Rc<Conn>) {
+        // Its presence rooms, before the shard forgets them.
+        let ns = &self.shard.cfg.namespaces;
+        let presence: Vec<Rc<str>> =
+            conn.with_rooms(|rooms| rooms.iter().filter(|r| ns.of(r).presence).cloned().collect());
         let left = self.shard.remove_conn(conn);
+        if let Some(user) = conn.user() {
+            for room in &presence {
+                presence::Presence::touch(self, room, &user);
+            }
+            presence::Presence::touch_user(self, &user);
+        }
         for room in &left.rooms {
             self.room_left(room);
         }
@@ -103,9 +123,12 @@ impl Services {
 
     /// `conn` joins `room`; the room's first member on this shard reaches the
     /// bus (interest bit, SUBSCRIBE) before any reply to the member is queued.
-    fn join(&self, conn: &Rc<Conn>, room: &str) {
+    fn join(self: &Rc<Self>, conn: &Rc<Conn>, room: &str) {
         if self.shard.subscribe(conn, room) {
             self.bus.interest(&self.shard, Target::Room(room), true);
+        }
+        if let Some(user) = conn.user() {
+            presence::Presence::touch(self, room, &user);
         }
     }
 
@@ -114,13 +137,16 @@ impl Services {
     /// failed): a recovery still pending for it is dropped, a `subscribed`
     /// still held for it goes out first, and the room's last member here
     /// takes the room off the bus and out of the history's state.
-    pub fn leave(&self, conn: &Rc<Conn>, room: &str) {
+    pub fn leave(self: &Rc<Self>, conn: &Rc<Conn>, room: &str) {
         if let Some(h) = &self.history {
             h.forget(conn, room);
         }
         self.bus.before_leave(&self.shard, conn, room);
         if self.shard.unsubscribe(conn, room) {
             self.room_left(room);
+        }
+        if let Some(user) = conn.user() {
+            presence::Presence::touch(self, room, &user);
         }
     }
 
@@ -167,6 +193,48 @@ impl Services {
                 conn.push(&svc.shard, e);
             }
         });
+    }
+
+    // ---- the server API's memberships (§12) ---------------------------------------
+
+    /// `POST /api/subscribe` / `/api/unsubscribe`: every connection of
+    /// `user` on every node joins (leaves) the room. With Redis the order
+    /// travels on the user's channel, so exactly the nodes that hold the
+    /// user get it (this one too, back from Redis); standalone it goes to
+    /// the other shards' inboxes and is applied here at once.
+    pub async fn server_membership(
+        self: &Rc<Self>,
+        user: &str,
+        m: &event::ServerMembership,
+    ) -> Result<(), Unavailable> {
+        let frame = event::server_membership(m);
+        match &*self.bus {
+            Bus::Redis(_) => self.publish_confirmed(Target::User(user), frame).await,
+            Bus::Local => {
+                let sent = std::time::Instant::now();
+                let to: std::sync::Arc<str> = std::sync::Arc::from(user);
+                self.shard.to_other_shards(|| ShardMsg::Direct { user: to.clone(), frame: frame.clone(), sent });
+                self.apply_server_membership(user, m);
+                Ok(())
+            }
+        }
+    }
+
+    /// This shard's connections of `user` act on a server membership, as
+    /// if each had sent the op (no grant check; the room limit holds).
+    fn apply_server_membership(self: &Rc<Self>, user: &str, m: &event::ServerMembership) {
+        for conn in self.shard.user_conn_list(user) {
+            if m.subscribe {
+                if crate::conn::limits::too_many_rooms(&self.shard, &conn, &m.room) {
+                    self.shard.m().room_limit_refusals_total.inc();
+                    continue;
+                }
+                self.subscribe(&conn, &m.room, m.since, Some(event::SERVER_REPLY));
+            } else {
+                self.leave(&conn, &m.room);
+                conn.push(&self.shard, event::membership("unsubscribed", &m.room, Some(event::SERVER_REPLY)));
+            }
+        }
     }
 
     // ---- publish ----------------------------------------------------------------
@@ -220,7 +288,7 @@ impl Services {
         }
     }
 
-    fn on_msg(&self, msg: ShardMsg) {
+    fn on_msg(self: &Rc<Self>, msg: ShardMsg) {
         let shard = &self.shard;
         shard.m().inbox_messages_total.inc();
         match msg {
@@ -228,7 +296,10 @@ impl Services {
                 (Some(pos), Some(h)) => h.on_live(shard, &room, *pos, frame, sent),
                 _ => shard.deliver_timed(Target::Room(&room), &frame, sent),
             },
-            ShardMsg::Direct { user, frame, sent } => shard.deliver_timed(Target::User(&user), &frame, sent),
+            ShardMsg::Direct { user, frame, sent } => match event::parse_server_membership(&frame) {
+                Some(m) => self.apply_server_membership(&user, &m),
+                None => shard.deliver_timed(Target::User(&user), &frame, sent),
+            },
             ShardMsg::Drain => shard.start_drain(),
             ShardMsg::Subscribed { room, seq, confirmed } => self.bus.on_subscribed(shard, &room, seq, confirmed),
             ShardMsg::RedisLink { up } => {
@@ -236,7 +307,12 @@ impl Services {
                 if let Some(h) = &self.history {
                     h.on_link(shard, up);
                 }
+                if up {
+                    // Whatever Redis lost meanwhile: our counts are absolute.
+                    presence::Presence::resync(self);
+                }
             }
+            ShardMsg::Presence(msg) => presence::Presence::on_msg(self, *msg),
             ShardMsg::History(msg) => {
                 if let Some(h) = &self.history {
                     crate::history::local::handle(shard, h, *msg);

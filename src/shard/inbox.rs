@@ -107,6 +107,9 @@ pub enum ShardMsg {
     /// Standalone history: a request to the room's owner shard, or its
     /// answer (`history::local`).
     History(Box<crate::history::types::Msg>),
+    /// Standalone presence: a request to the room's presence owner shard,
+    /// or its answer (`services::presence`).
+    Presence(Box<crate::protocol::presence::Msg>),
 }
 
 /// The sending end of one queue into one shard; `Clone + Send`.

@@ -209,6 +209,7 @@ impl Shard {
                 self.metrics.node_connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
+        conn.forget_own(&self.io);
         self.conns.borrow_mut().try_remove(conn.id as usize);
         if self.draining.get()
             && self.m().connections.get() == 0
@@ -239,6 +240,47 @@ impl Shard {
             conn.remove_room(room);
         }
         change.edge
+    }
+
+    /// How many of `user`'s connections on this shard are in `room`
+    /// (presence counts it per shard; usually one or two connections).
+    pub fn user_conns_in(&self, user: &str, room: &str) -> u32 {
+        let conns = self.conns.borrow();
+        let users = self.users.borrow();
+        let in_room = |c: &Rc<Conn>| c.with_rooms(|rs| rs.iter().any(|r| &**r == room));
+        users.conns(user).iter().filter(|id| conns.get(**id as usize).is_some_and(in_room)).count() as u32
+    }
+
+    /// `user`'s connections on this shard.
+    pub fn user_conn_list(&self, user: &str) -> Vec<Rc<Conn>> {
+        let conns = self.conns.borrow();
+        self.users.borrow().conns(user).iter().filter_map(|id| conns.get(*id as usize).cloned()).collect()
+    }
+
+    /// How many connections `user` has on this shard.
+    pub fn user_conns(&self, user: &str) -> u32 {
+        self.users.borrow().conns(user).len() as u32
+    }
+
+    /// Every user with a connection on this shard.
+    pub fn users(&self) -> Vec<Rc<str>> {
+        self.users.borrow().names().cloned().collect()
+    }
+
+    /// Every (room, user) with a connection on this shard, for rooms `keep`
+    /// picks: what presence writes again after the backplane came back.
+    pub fn room_users(&self, keep: impl Fn(&str) -> bool) -> Vec<(Rc<str>, Rc<str>)> {
+        let conns = self.conns.borrow();
+        let rooms = self.rooms.borrow();
+        let mut out = Vec::new();
+        for name in rooms.names().filter(|n| keep(n)) {
+            for id in rooms.members(name).into_iter().flatten() {
+                if let Some(user) = conns.get(*id as usize).and_then(|c| c.user()) {
+                    out.push((name.clone(), user));
+                }
+            }
+        }
+        out
     }
 
     // ---- fan-out ---------------------------------------------------------------
@@ -284,7 +326,19 @@ impl Shard {
                     members.iter().for_each(&mut push);
                 }
             }
-            Target::User(user) => self.users.borrow().conns(user).iter().for_each(&mut push),
+            Target::User(user) => match event::disconnect_code(frame) {
+                // §12 `POST /api/disconnect`: the event, then the close.
+                Some(code) => {
+                    for id in self.users.borrow().conns(user) {
+                        if let Some(c) = conns.get(*id as usize) {
+                            c.push(io, frame.clone());
+                            c.close(io, CloseCode(code));
+                            n += 1;
+                        }
+                    }
+                }
+                None => self.users.borrow().conns(user).iter().for_each(&mut push),
+            },
         }
         n
     }
@@ -411,6 +465,10 @@ impl Shard {
 /// message has a compressed form.
 #[inline]
 fn push_maybe_compressed(io: &ShardIo, c: &Rc<Conn>, z: &mut crate::ws::deflate::Lazy<'_>) {
+    // Its own message, in a room that does not deliver to the publisher (§10).
+    if c.is_own(io, z.plain()) {
+        return;
+    }
     let agreed = c.deflate();
     let f = z.frame_for(agreed, || io.m().deflate_compressions_total.inc());
     if agreed.is_on() && f[0] & 0x40 != 0 {

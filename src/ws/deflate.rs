@@ -267,6 +267,11 @@ impl<'a> Lazy<'a> {
     /// The frame for a member with `agreed`: the shared compressed one when
     /// it may have it, else the plain one. `compressed` is called the one
     /// time the message is deflated.
+    /// The plain frame.
+    pub fn plain(&self) -> &Bytes {
+        self.plain
+    }
+
     pub fn frame_for(&mut self, agreed: Agreed, compressed: impl FnOnce()) -> &Bytes {
         if !agreed.is_on() || self.payload < self.min || self.payload > agreed.max_compressed_payload() {
             return self.plain;

@@ -15,6 +15,12 @@
 // missed message is replayed and the room shows "recovered"; without, the
 // room shows "history off" and the missed message is not there.
 //
+// Presence (PROTOCOL.md §11): browser.rs gives the rooms `browser-…` a
+// namespace with presence, join/leave and a 1 s leave grace. Each page lists
+// who is here; alice's page (first in the room) sees bob join from the other
+// node; after her reconnect her list is fetched again; bob's page closing
+// makes alice's page show him leave, no sooner than the grace.
+//
 // Usage: node tests/browser/two_nodes.mjs http://127.0.0.1:PORT_A http://127.0.0.1:PORT_B
 // Exit 0 and a last line `browser test passed` on success.
 // Env: CORECAST_CHROMIUM (default /usr/bin/chromium).
@@ -32,6 +38,7 @@ if (!urlA || !urlB) {
 }
 const STEP_MS = 8000;
 const ROOM = "browser-" + Date.now().toString(36);
+const GRACE_MS = 1000; // presence_grace_ms of the namespace in browser.rs
 let proxy = null; // in front of node A, for alice's page (startProxy below)
 
 // The whole run is bounded: a hang must not hang the Rust test.
@@ -178,6 +185,14 @@ async function run(ctx) {
     console.log(`${p.user}: browser offered [${offered}]; 101 accepted [${accepted}]; joined ${ROOM}`);
   }
 
+  // Presence: alice was in the room first; bob's join reaches her page
+  // across nodes, and bob's page got alice from the member list.
+  await expectMessage(a, `bob joined ${ROOM}`);
+  console.log("alice's page (node A) saw bob join from node B");
+  await expectWho(a, "alice, bob", "after bob joined");
+  await expectWho(b, "alice, bob", "after joining");
+  console.log("both pages list alice, bob as here");
+
   // Long enough to be compressed both ways (the default threshold is 256 bytes).
   const longA = "compressed from A: " + "the quick brown fox jumps over the lazy dog ".repeat(12);
   const longB = "compressed from B: " + "pack my box with five dozen liquor jugs ".repeat(12);
@@ -231,6 +246,25 @@ async function run(ctx) {
     if (lines.includes("bob: while alice was away")) throw new Error("without history a missed message cannot be there");
   }
   console.log("alice's page gets live messages again after the reconnect");
+  await expectWho(a, "alice, bob", "after her reconnect");
+  console.log("alice's page lists alice, bob again after the reconnect");
+
+  // Bob's page closes: alice's page sees him leave once the grace is over.
+  const closedAt = Date.now();
+  await b.page.close();
+  await expectMessage(a, `bob left ${ROOM}`);
+  const waited = Date.now() - closedAt;
+  if (waited < GRACE_MS * 0.9) throw new Error(`bob's leave came after ${waited} ms, before the ${GRACE_MS} ms grace`);
+  await expectWho(a, "alice", "after bob left");
+  console.log(`alice's page saw bob leave ${waited} ms after his page closed (grace ${GRACE_MS} ms)`);
+}
+
+async function expectWho(p, want, what) {
+  await p.page
+    .waitForFunction((w) => document.querySelector("#rooms tbody tr td.who")?.textContent === w, want, { timeout: STEP_MS })
+    .catch(async (e) => {
+      throw new Error(`${p.user}'s page: ${what}: want who-is-here ${JSON.stringify(want)}, shows ${JSON.stringify(await roomCell(p, ".who"))}: ${e.message}`);
+    });
 }
 
 async function roomCell(p, cls) {

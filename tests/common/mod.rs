@@ -9,6 +9,7 @@ pub mod priority;
 pub mod redis;
 pub mod redis_proxy;
 pub mod redis_topology;
+pub mod webhook;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -92,6 +93,14 @@ impl Drop for Spawned {
 
 /// Like `start_server`, with a hook to adjust the command (env, rlimits).
 pub fn start_server_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Server {
+    let s = start_server_unready(args, adjust);
+    s.wait_until("/readyz 200", || s.http_get("/readyz").0 == 200);
+    s
+}
+
+/// Like `start_server_with`, without waiting for `/readyz` (a node that
+/// is not ready at first, e.g. before its JWKS fetch).
+pub fn start_server_unready(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Server {
     let mut cmd = corecast_command(args);
     adjust(&mut cmd);
     let mut child = cmd.spawn().expect("spawn corecast");
@@ -126,9 +135,7 @@ pub fn start_server_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Se
     };
     let addr: SocketAddr = got().parse().expect("address");
     let admin = wants_admin.then(|| got().strip_prefix("admin ").expect("admin address").parse().expect("address"));
-    let s = Server { addr, admin, child, logs };
-    s.wait_until("/readyz 200", || s.http_get("/readyz").0 == 200);
-    s
+    Server { addr, admin, child, logs }
 }
 
 impl Server {

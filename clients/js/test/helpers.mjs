@@ -64,6 +64,17 @@ export class Server {
     return this.exited;
   }
 
+  /** Every backplane link of the node is up: /readyz is 200 and says
+   * `ready` (a degraded node still answers 200 within its grace). */
+  async linksUp() {
+    try {
+      const r = await fetch(`${this.http}/readyz`);
+      return r.status === 200 && (await r.text()) === "ready\n";
+    } catch {
+      return false;
+    }
+  }
+
   /** POST /api/publish. */
   async apiPublish(body) {
     const r = await fetch(`${this.http}/api/publish`, {

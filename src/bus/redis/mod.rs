@@ -426,6 +426,13 @@ impl RedisBus {
     /// `strict`: the subscriber link must be up; else a down link resolves
     /// it too. The one wait for a SUBSCRIBE confirmation: held `subscribed`
     /// replies and history reads both follow `RoomSub::confirmed`.
+    /// Would `confirmed(room, false)` be ready now? (Presence writes a
+    /// room's join only then, so that the joiner's node hears it.)
+    pub fn settled(&self, room: &str) -> bool {
+        let up = self.link_up.get();
+        self.rooms.borrow().get(room).is_none_or(|r| r.confirmed || !up || r.released)
+    }
+
     pub async fn confirmed(&self, room: &str, strict: bool) {
         std::future::poll_fn(|cx| {
             let up = self.link_up.get();

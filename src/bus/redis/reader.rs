@@ -792,9 +792,19 @@ impl JsonCheck {
         let obj = value.as_object().ok_or(Malformed::NotAnObject)?;
         let is = |key: &str, want: &str| obj.get(key).is_some_and(|v| v.as_str() == Some(want));
         match kind {
-            Kind::Room if !is("ev", "message") => Err(Malformed::WrongEvent),
+            // A room carries messages, and the presence events of §11.
+            Kind::Room if !(is("ev", "message") || is("ev", "join") || is("ev", "leave")) => Err(Malformed::WrongEvent),
             Kind::Room if !is("room", name) => Err(Malformed::WrongRoom),
-            Kind::User if !is("ev", "direct") => Err(Malformed::WrongEvent),
+            Kind::Room if !is("ev", "message") => Ok(None),
+            // A user gets direct messages, and the server's disconnect (§12).
+            Kind::User
+                if !(is("ev", "direct")
+                    || is("ev", "disconnect")
+                    || is("ev", "server_subscribe")
+                    || is("ev", "server_unsubscribe")) =>
+            {
+                Err(Malformed::WrongEvent)
+            }
             Kind::User => Ok(None),
             Kind::Room => {
                 let offset = obj.get("offset").and_then(|v| v.as_u64());
@@ -868,6 +878,10 @@ mod tests {
         assert_eq!(j.check(Kind::Room, "other", ok, 1 << 20), Err(Malformed::WrongRoom));
         assert_eq!(j.check(Kind::User, "u1", ok, 1 << 20), Err(Malformed::WrongEvent));
         assert_eq!(j.check(Kind::User, "u1", br#"{"ev":"direct","from":"a","data":[1]}"#, 1 << 20), Ok(()));
+        let join = br#"{"ev":"join","room":"lobby","user":"u","offset":3,"epoch":"e"}"#;
+        assert_eq!(j.check_with_position(Kind::Room, "lobby", join, 1 << 20), Ok(None), "presence: no position");
+        let bad = br#"{"ev":"join","room":"other","user":"u"}"#;
+        assert_eq!(j.check(Kind::Room, "lobby", bad, 1 << 20), Err(Malformed::WrongRoom));
         assert_eq!(j.check(Kind::Room, "lobby", b"{\"ev\":\"message\",", 1 << 20), Err(Malformed::NotJson));
         assert_eq!(j.check(Kind::Room, "lobby", b"not json", 1 << 20), Err(Malformed::NotJson));
         assert_eq!(j.check(Kind::Room, "lobby", b"[1,2]", 1 << 20), Err(Malformed::NotAnObject));

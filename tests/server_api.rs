@@ -1,0 +1,191 @@
+//! The server API calls of PROTOCOL.md §12 that are built so far, against
+//! real nodes: standalone and 3 nodes on one real redis-server.
+
+mod common;
+
+use common::redis::RedisServer;
+use common::{Client, Server, start_server};
+use serde_json::{Value, json};
+
+fn nodes(n: usize, redis: Option<&str>) -> Vec<Server> {
+    (0..n)
+        .map(|_| {
+            let mut args = vec!["--shards", "2"];
+            if let Some(url) = redis {
+                args.extend(["--redis", url]);
+            }
+            start_server(&args)
+        })
+        .collect()
+}
+
+/// A user with connections on every node is disconnected with 4501: each
+/// gets the event, then the close with that status; another user is not
+/// touched.
+fn kick(nodes: &[Server]) {
+    let mut tabs: Vec<Client> =
+        (0..nodes.len() * 2).map(|i| Client::connect(&nodes[i % nodes.len()].ws_url("/ws?user=mallory"))).collect();
+    let mut bystander = Client::connect(&nodes[0].ws_url("/ws?user=alice"));
+    for t in &mut tabs {
+        t.subscribe("lobby");
+    }
+    let body = br#"{"user":"mallory","code":4501,"reason":"banned"}"#;
+    let (code, reply) = nodes[nodes.len() - 1].http("POST", "/api/disconnect", &[], body);
+    assert_eq!((code, reply.as_str()), (200, r#"{"ok":true}"#));
+    for t in &mut tabs {
+        assert_eq!(t.recv(), json!({"ev":"disconnect","code":4501,"reason":"banned"}));
+        assert_eq!(t.expect_close(), Some(4501));
+    }
+    let v = bystander.call(json!({"op":"ping","id":1}));
+    assert_eq!(v, json!({"ev":"pong","id":1}), "another user is not touched");
+    // The default status is 4500; reconnecting is possible (the server
+    // does not ban; the client decides by the code).
+    let mut again = Client::connect(&nodes[0].ws_url("/ws?user=mallory"));
+    let (code, _) = nodes[0].http("POST", "/api/disconnect", &[], br#"{"user":"mallory"}"#);
+    assert_eq!(code, 200);
+    let v: Value = again.recv();
+    assert_eq!((v["ev"].as_str(), v["code"].as_u64()), (Some("disconnect"), Some(4500)));
+    assert_eq!(again.expect_close(), Some(4500));
+}
+
+#[test]
+fn a_user_is_disconnected_on_every_shard_standalone() {
+    kick(&nodes(1, None));
+}
+
+#[test]
+fn a_user_is_disconnected_on_every_node() {
+    let redis = RedisServer::start();
+    kick(&nodes(3, Some(&redis.url())));
+}
+
+#[test]
+fn bad_disconnect_bodies_are_400() {
+    let n = nodes(1, None);
+    for body in [
+        &b"not json"[..],
+        br#"{"code":4500}"#,
+        br#"{"user":"a b"}"#,
+        br#"{"user":"u","code":1000}"#,
+        br#"{"user":"u","code":5000}"#,
+    ] {
+        let (code, reply) = n[0].http("POST", "/api/disconnect", &[], body);
+        assert_eq!(code, 400, "{}: {reply}", String::from_utf8_lossy(body));
+        assert!(reply.contains("bad_request"), "{reply}");
+    }
+    let long = format!(r#"{{"user":"u","reason":"{}"}}"#, "x".repeat(121));
+    assert_eq!(n[0].http("POST", "/api/disconnect", &[], long.as_bytes()).0, 400);
+    assert_eq!(n[0].http("GET", "/api/disconnect", &[], b"").0, 405);
+}
+
+/// `POST /api/subscribe` with `since` puts every connection of a user (on
+/// every node) into a history room: each recovers what it missed, then
+/// gets live messages; `/api/unsubscribe` takes them out again.
+fn server_subscribe(nodes: &[Server]) {
+    let last = nodes.len() - 1;
+    let publish = |i: u64| -> (String, u64) {
+        let body = format!(r#"{{"room":"h:1","data":{i}}}"#);
+        let (code, reply) = nodes[last].http("POST", "/api/publish", &[], body.as_bytes());
+        assert_eq!(code, 200, "{reply}");
+        let v: Value = serde_json::from_str(&reply).unwrap();
+        (v["epoch"].as_str().unwrap().to_string(), v["offset"].as_u64().unwrap())
+    };
+    let (epoch, first) = publish(1);
+    for i in 2..=5 {
+        publish(i);
+    }
+    let mut tabs: Vec<Client> =
+        (0..nodes.len() * 2).map(|i| Client::connect(&nodes[i % nodes.len()].ws_url("/ws?user=carol"))).collect();
+    let body = json!({"user":"carol","room":"h:1","since":{"epoch":epoch,"offset":first + 1}}).to_string();
+    let (code, reply) = nodes[0].http("POST", "/api/subscribe", &[], body.as_bytes());
+    assert_eq!((code, reply.as_str()), (200, r#"{"ok":true}"#));
+    for t in &mut tabs {
+        let v = t.recv();
+        assert_eq!((v["ev"].as_str(), v["server"].as_bool()), (Some("subscribed"), Some(true)), "{v}");
+        assert_eq!((v["room"].as_str(), v["recovered"].as_bool()), (Some("h:1"), Some(true)), "{v}");
+        for i in 3..=5 {
+            assert_eq!(t.recv()["data"], i, "the missed messages, in order");
+        }
+    }
+    publish(6);
+    for t in &mut tabs {
+        assert_eq!(t.recv()["data"], 6, "then live");
+    }
+    let (code, _) = nodes[last].http("POST", "/api/unsubscribe", &[], br#"{"user":"carol","room":"h:1"}"#);
+    assert_eq!(code, 200);
+    for t in &mut tabs {
+        assert_eq!(t.recv(), json!({"ev":"unsubscribed","room":"h:1","server":true}));
+    }
+    publish(7);
+    for t in &mut tabs {
+        t.expect_silence(std::time::Duration::from_millis(300));
+    }
+}
+
+fn history_nodes(n: usize, redis: Option<&str>) -> Vec<Server> {
+    (0..n)
+        .map(|_| {
+            let mut args = vec!["--shards", "2", "--history-size", "100"];
+            if let Some(url) = redis {
+                args.extend(["--redis", url]);
+            }
+            start_server(&args)
+        })
+        .collect()
+}
+
+#[test]
+fn the_server_subscribes_a_user_with_recovery_standalone() {
+    server_subscribe(&history_nodes(1, None));
+}
+
+#[test]
+fn the_server_subscribes_a_user_with_recovery_on_every_node() {
+    let redis = RedisServer::start();
+    server_subscribe(&history_nodes(3, Some(&redis.url())));
+}
+
+#[test]
+fn bad_membership_bodies_are_400() {
+    let n = nodes(1, None);
+    for (path, body) in [
+        ("/api/subscribe", &b"{}"[..]),
+        ("/api/subscribe", br#"{"user":"u"}"#),
+        ("/api/subscribe", br#"{"user":"u","room":"a b"}"#),
+        ("/api/subscribe", br#"{"user":"u","room":"r","since":{"epoch":"e"}}"#),
+        ("/api/unsubscribe", br#"{"user":"u","room":"r","since":{"epoch":"e","offset":1}}"#),
+    ] {
+        let (code, reply) = n[0].http("POST", path, &[], body);
+        assert_eq!(code, 400, "{path} {}: {reply}", String::from_utf8_lossy(body));
+    }
+}
+
+/// `GET /api/history` answers what the `history` op answers, without `id`.
+fn history_api(nodes: &[Server]) {
+    for i in 1..=5 {
+        let body = format!(r#"{{"room":"h:api","data":{i}}}"#);
+        assert_eq!(nodes[0].http("POST", "/api/publish", &[], body.as_bytes()).0, 200);
+    }
+    let mut c = Client::connect(&nodes[nodes.len() - 1].ws_url("/ws?user=reader"));
+    for limit in [2, 100] {
+        let mut op = c.call(json!({"op":"history","room":"h:api","limit":limit,"id":1}));
+        op.as_object_mut().unwrap().remove("id");
+        let (code, body) = nodes[0].http_get(&format!("/api/history?room=h:api&limit={limit}"));
+        assert_eq!(code, 200, "{body}");
+        let api: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(api, op);
+        assert_eq!(api["messages"].as_array().unwrap().len(), limit.min(5));
+    }
+    assert_eq!(nodes[0].http_get("/api/history?room=h:api&limit=x").0, 400);
+    assert_eq!(nodes[0].http_get("/api/history?limit=1").0, 400);
+}
+
+#[test]
+fn the_history_api_answers_like_the_op() {
+    history_api(&history_nodes(1, None));
+    let redis = RedisServer::start();
+    history_api(&history_nodes(2, Some(&redis.url())));
+    // A room that keeps no history: 400.
+    let n = nodes(1, None);
+    assert_eq!(n[0].http_get("/api/history?room=lobby").0, 400);
+}
