@@ -270,6 +270,7 @@ shard_metrics! {
     http_sockets: "gauge", "Client sockets in the HTTP phase (accepted, not yet upgraded nor closed), held to --max-handshakes-per-shard per shard.";
     http_sockets_refused_total: "counter", "Connections closed at accept because the shard held --max-handshakes-per-shard sockets in the HTTP phase.";
     presence_rooms: "gauge", "Presence rooms this shard writes counts in (with Redis: its entries in the writer's room set).";
+    presence_members: "gauge", "Presence (room, user) members: standalone, those of the rooms this shard is the authority of; with Redis, those this shard writes counts for (taken every lease, 5 s).";
     presence_rooms_owned: "gauge", "Standalone: presence rooms whose authority is this shard (members kept in memory).";
     presence_events_total: "counter", "join and leave events this shard published (each once for the cluster).";
     presence_commands_total: "counter", "Presence scripts sent to Redis (writes batched per turn and room, reads, leases, reaps).";

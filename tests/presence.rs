@@ -529,3 +529,31 @@ fn rooms_without_history_leave_no_key_in_redis() {
     n[0].wait_until("no presence keys left", || redis.cli(&["--scan", "--pattern", "*who:k*"]).trim().is_empty());
     assert!(redis.cli(&["--scan", "--pattern", "*lobby*"]).trim().is_empty());
 }
+
+/// `corecast_presence_members` counts (room, user) members: standalone,
+/// exactly, summed over the shards; with Redis, each shard's own, at the
+/// next lease.
+#[test]
+fn the_members_metric_counts_room_user_pairs() {
+    let dir = TempDir::new("presence");
+    let n = nodes(1, None, &config(&dir));
+    let mut tabs: Vec<Client> = (0..6).map(|i| Client::connect(&n[0].ws_url(&format!("/ws?user=p{}", i % 3)))).collect();
+    for (i, t) in tabs.iter_mut().enumerate() {
+        t.subscribe("who:m1");
+        if i < 2 {
+            t.subscribe("who:m2");
+        }
+    }
+    // 3 users in who:m1, 2 in who:m2.
+    n[0].wait_until("5 members", || n[0].metric("corecast_presence_members") == 5.0);
+    drop(tabs);
+    n[0].wait_until("none", || n[0].metric("corecast_presence_members") == 0.0);
+    let redis = RedisServer::start();
+    let r = nodes(1, Some(&redis.url()), &config(&dir));
+    let mut c = Client::connect(&r[0].ws_url("/ws?user=q"));
+    c.subscribe("who:m1");
+    c.subscribe("who:m2");
+    common::redis::wait_until("the lease counts them", Duration::from_secs(12), || {
+        r[0].metric("corecast_presence_members") == 2.0
+    });
+}

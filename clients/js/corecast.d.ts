@@ -256,7 +256,14 @@ export type EventMap = {
   maintenance: { reconnectInMs: number };
   refreshed: { exp: number };
   open: { url: string; reconnect: boolean };
-  close: { code: number; reason: string; wasOpen: boolean };
+  /** `terminal`: 4500-4999 (PROTOCOL.md §12): the client does not
+   * reconnect, and `terminated` follows. `reason`: the server's
+   * `disconnect` reason when it sent one. */
+  close: { code: number; reason: string; wasOpen: boolean; terminal: boolean };
+  /** The server disconnects this client (`POST /api/disconnect`); the close follows. */
+  disconnect: { code: number; reason: string; terminal: boolean };
+  /** Closed for good by the server with a terminal code: no reconnect. */
+  terminated: { code: number; reason: string };
 };
 
 export class Corecast {

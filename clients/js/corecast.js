@@ -359,8 +359,19 @@ export class Corecast {
     // keeps dying at once (an expired token, a full node) keeps backing off.
     if (wasOpen && Date.now() - this._openedAt >= Math.max(5000, this.backoff.maxMs)) this._attempt = 0;
     this._openedAt = 0;
-    this._emit("close", { code, reason, wasOpen });
+    // PROTOCOL.md §12: 4500-4999 is terminal (banned, logged out,
+    // replaced): no reconnect; the app hears why (the `disconnect` event's
+    // reason when the server sent one).
+    const terminal = code >= 4500 && code <= 4999;
+    const said = this._disconnect && this._disconnect.code === code ? this._disconnect.reason : reason;
+    this._disconnect = null;
+    this._emit("close", { code, reason: said || reason, wasOpen, terminal });
     if (this.state === "closed") return;
+    if (terminal) {
+      this._emit("terminated", { code, reason: said || reason });
+      this.close();
+      return;
+    }
     // Next node in the list (one node: the same again).
     this._urlIndex++;
     this._scheduleReconnect(this._maintenanceUntil > Date.now() ? "maintenance" : "closed", code);
@@ -853,6 +864,11 @@ export class Corecast {
       }
       case "direct":
         this._emit("direct", { from: m.from, data: m.data });
+        break;
+      case "disconnect":
+        // POST /api/disconnect (§12): the close with this code follows.
+        this._disconnect = { code: m.code, reason: m.reason || "" };
+        this._emit("disconnect", { code: m.code, reason: m.reason || "", terminal: m.code >= 4500 && m.code <= 4999 });
         break;
       case "join":
       case "leave":

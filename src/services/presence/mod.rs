@@ -93,6 +93,20 @@ pub(crate) enum Owed {
     Redis(String),
 }
 
+fn set_gauge(g: &crate::metrics::Counter, v: usize) {
+    g.sub(g.get());
+    g.add(v as u64);
+}
+
+/// With Redis: this shard's (room, user) members in presence rooms, the
+/// pairs it writes counts for (`corecast_presence_members`; taken at each
+/// lease, O(this shard's memberships)).
+pub(crate) fn count_members(svc: &Services) {
+    let ns = &svc.shard.cfg.namespaces;
+    let pairs: FxHashSet<(Rc<str>, Rc<str>)> = svc.shard.room_users(|r| ns.of(r).presence).into_iter().collect();
+    set_gauge(&svc.shard.m().presence_members, pairs.len());
+}
+
 /// One per shard, in `Services`.
 pub struct Presence {
     /// (room, user) whose count on this shard changed since the last flush.
@@ -307,9 +321,9 @@ impl Presence {
                 t.set(&room, writer, user, *n, (flags, svc.presence.token()), &mut out);
                 changes.extend(out.into_iter().map(|c| (user.clone(), c)));
             }
-            let owned = &svc.shard.m().presence_rooms_owned;
-            owned.sub(owned.get());
-            owned.add(t.rooms() as u64);
+            let m = svc.shard.m();
+            set_gauge(&m.presence_rooms_owned, t.rooms());
+            set_gauge(&m.presence_members, t.members());
         }
         let room: Rc<str> = Rc::from(&*room);
         for (user, c) in changes {

@@ -325,6 +325,7 @@ fn on_lease(svc: &Rc<Services>, link: &Rc<PresenceLink>, a: &[BytesFrame], first
         Some(BytesFrame::Integer(n)) => *n,
         _ => 0,
     };
+    super::count_members(svc);
     // Our lease was absent: first start, or we were reaped while away.
     if int(a.first()) == 1 && !first {
         svc.shard.m().presence_resyncs_total.inc();

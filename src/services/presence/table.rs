@@ -60,6 +60,8 @@ struct Room {
 #[derive(Default)]
 pub struct Table {
     rooms: FxHashMap<Arc<str>, Room>,
+    /// (room, user) members over every room (a metric).
+    members: usize,
 }
 
 impl Table {
@@ -97,10 +99,12 @@ impl Table {
         *total = *total + u64::from(count) - u64::from(old);
         let join_leave = flags.users;
         if was == 0 {
+            self.members += 1;
             if join_leave && r.pending.remove(user).is_none() {
                 out.push(Change::Join(user.clone()));
             }
         } else if *total == 0 {
+            self.members -= 1;
             r.totals.remove(user);
             if join_leave {
                 r.pending.insert(user.clone(), token);
@@ -162,6 +166,11 @@ impl Table {
         page
     }
 
+    /// (room, user) members held (a metric).
+    pub fn members(&self) -> usize {
+        self.members
+    }
+
     /// Rooms held (a metric).
     pub fn rooms(&self) -> usize {
         self.rooms.len()
@@ -208,7 +217,10 @@ mod tests {
         assert!(t.leave_due("r", "u", 6));
         assert!(!t.leave_due("r", "u", 6), "said once");
         assert_eq!(t.rooms(), 0, "an empty room is forgotten");
+        assert_eq!(t.members(), 0);
         assert_eq!(set(t, &r, 1, "u", 1, JL, 7), [Change::Join(a("u"))]);
+        assert_eq!(set(t, &a("r2"), 0, "u", 2, JL, 8), [Change::Join(a("u"))]);
+        assert_eq!(t.members(), 2, "one user in two rooms");
     }
 
     #[test]
