@@ -537,7 +537,8 @@ fn rooms_without_history_leave_no_key_in_redis() {
 fn the_members_metric_counts_room_user_pairs() {
     let dir = TempDir::new("presence");
     let n = nodes(1, None, &config(&dir));
-    let mut tabs: Vec<Client> = (0..6).map(|i| Client::connect(&n[0].ws_url(&format!("/ws?user=p{}", i % 3)))).collect();
+    let mut tabs: Vec<Client> =
+        (0..6).map(|i| Client::connect(&n[0].ws_url(&format!("/ws?user=p{}", i % 3)))).collect();
     for (i, t) in tabs.iter_mut().enumerate() {
         t.subscribe("who:m1");
         if i < 2 {
