@@ -9,16 +9,18 @@
 #   storm  --storm-conns connections (5000) join ONE presence room at
 #          --storm-rate per second (5000): script calls per join (batching),
 #          and the node's answer time to a `ping` op meanwhile (a probe
-#          pings every 10 ms; max and p99 printed).
+#          pings every 10 ms; max and p99 printed). --storm-room P: the
+#          room's prefix (default who:storm-, a presence room; e.g.
+#          plain- for the same storm without presence, the baseline).
 #
 # A private redis-server and a release corecast (1 shard, taskset core 0,
 # generator on core 1) on free ports; everything is stopped on exit.
 # Usage: scripts/bench-presence.sh [--idle-conns N] [--rooms R]
-#          [--idle-secs S] [--storm-conns N] [--storm-rate R] [--no-build]
+#          [--idle-secs S] [--storm-conns N] [--storm-rate R] [--storm-room P] [--no-build]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-IDLE_CONNS=15000 ROOMS=1000 IDLE_SECS=120 STORM_CONNS=5000 STORM_RATE=5000 BUILD=1
+IDLE_CONNS=15000 ROOMS=1000 IDLE_SECS=120 STORM_CONNS=5000 STORM_RATE=5000 BUILD=1 STORM_ROOM=who:storm-
 while [ $# -gt 0 ]; do
   case "$1" in
     --idle-conns) IDLE_CONNS="$2"; shift 2 ;;
@@ -26,6 +28,7 @@ while [ $# -gt 0 ]; do
     --idle-secs) IDLE_SECS="$2"; shift 2 ;;
     --storm-conns) STORM_CONNS="$2"; shift 2 ;;
     --storm-rate) STORM_RATE="$2"; shift 2 ;;
+    --storm-room) STORM_ROOM="$2"; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     -h|--help) sed -n 2,17p "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
@@ -83,7 +86,7 @@ wait "$BENCH" 2>/dev/null || true
 until [ "$(metric corecast_connections)" = "0" ]; do sleep 0.2; done
 sleep 1
 
-echo "== storm: $STORM_CONNS connections join one presence room at $STORM_RATE/s"
+echo "== storm: $STORM_CONNS connections join one room (${STORM_ROOM}0) at $STORM_RATE/s"
 python3 - "$PORT" "$WORK/probe.txt" <<'EOF' &
 import base64, json, os, socket, sys, time
 port, out = int(sys.argv[1]), sys.argv[2]
@@ -118,7 +121,7 @@ EOF
 PROBE=$!
 sleep 1
 C0=$(calls); E0=$(metric corecast_presence_commands_total)
-taskset -c 1 "$TARGET/release/corecast-bench" idle -q -n "$STORM_CONNS" --rooms 1 --room-prefix who:storm- \
+taskset -c 1 "$TARGET/release/corecast-bench" idle -q -n "$STORM_CONNS" --rooms 1 --room-prefix "$STORM_ROOM" \
   --connect-rate "$STORM_RATE" --url "ws://127.0.0.1:$PORT" -d 3s >"$WORK/storm.out" 2>&1 || true
 wait "$PROBE"
 C1=$(calls)
