@@ -274,6 +274,7 @@ shard_metrics! {
     presence_rooms_owned: "gauge", "Standalone: presence rooms whose authority is this shard (members kept in memory).";
     presence_events_total: "counter", "join and leave events this shard published (each once for the cluster).";
     presence_commands_total: "counter", "Presence scripts sent to Redis (writes batched per turn and room, reads, leases, reaps).";
+    presence_rewrites_total: "counter", "Presence writes lost with their Redis link or refused, written again (with the counts of the moment).";
     presence_reaped_total: "counter", "Presence writers whose lease lapsed (a node crashed or was cut off) reaped by this shard.";
     presence_resyncs_total: "counter", "Times this shard wrote all its presence again after finding its lease gone (reaped while away).";
     namespace_digests: "gauge", "Distinct [[namespace]] tables among the nodes sharing this Redis, as this shard last saw them (more than 1: a mismatch, PROTOCOL.md §10).";

@@ -66,6 +66,9 @@ use crate::shard::ShardMsg;
 const READ_WAIT: Duration = Duration::from_secs(2);
 /// A batch a full inbox did not take is tried again after this.
 const RETRY: Duration = Duration::from_millis(10);
+/// A lost or refused presence write is tried again after this (while Redis
+/// is away, every this often).
+const LOST_RETRY: Duration = Duration::from_millis(300);
 /// At most this many users per script call (a join storm of one room is a
 /// few calls, each short enough not to stall Redis).
 const BATCH_USERS: usize = 500;
@@ -263,6 +266,14 @@ impl Presence {
                 }
             }
         }
+    }
+
+    /// A write of `users` in `room` was lost or refused: they are written
+    /// again (their counts as they are then) after `LOST_RETRY`.
+    pub(crate) fn write_again(svc: &Rc<Services>, room: &Rc<str>, users: Vec<Rc<str>>) {
+        svc.shard.m().presence_rewrites_total.inc();
+        svc.presence.dirty.borrow_mut().extend(users.into_iter().map(|u| (room.clone(), u)));
+        Self::schedule(svc, LOST_RETRY);
     }
 
     /// Writes `room`'s held changes once this node's subscription to it is

@@ -139,8 +139,23 @@ impl PresenceLink {
             let (base, route) = self.meta();
             let set = format!("{base}rooms:{}", self.writer);
             let entry = room.as_bytes();
-            let _ = self.run(svc, route, &ROOMS, &[b"1", set.as_bytes(), b"+", entry], Box::new(|_| {}));
+            // Not registered after all (lost with its link, refused): the
+            // next write registers it again.
+            let (svc2, room2) = (svc.clone(), room.clone());
+            let forget: Done = Box::new(move |r| {
+                if !matches!(r, Ok(BytesFrame::Integer(_)))
+                    && let super::Store::Redis(link) = &svc2.presence.store
+                    && link.registered.borrow_mut().remove(&room2)
+                {
+                    svc2.shard.m().presence_rooms.sub(1);
+                }
+            });
             svc.shard.m().presence_rooms.inc();
+            if self.run(svc, route, &ROOMS, &[b"1", set.as_bytes(), b"+", entry], forget).is_err()
+                && self.registered.borrow_mut().remove(room)
+            {
+                svc.shard.m().presence_rooms.sub(1);
+            }
         }
         let jl = flags_arg(svc.presence.flags(&svc.shard.cfg.namespaces, room));
         let jl = jl.as_bytes();
@@ -158,20 +173,34 @@ impl PresenceLink {
         }
         let (svc2, room2, token2) = (svc.clone(), room.clone(), token.clone());
         let empty = counts.iter().all(|(_, c)| *c == 0);
-        let _ = self.run(
+        let users: Vec<Rc<str>> = counts.iter().map(|(u, _)| Rc::from(&**u)).collect();
+        let again = users.clone();
+        let sent = self.run(
             svc,
             route,
             &SET,
             &args,
-            Box::new(move |r| {
-                if let Ok(f) = r {
+            Box::new(move |r| match r {
+                Ok(f @ BytesFrame::Array(_)) => {
                     on_changes(&svc2, &room2, &f, &token2);
+                    if empty && let super::Store::Redis(link) = &svc2.presence.store {
+                        link.unregister_if_idle(&svc2, &room2);
+                    }
                 }
-                if empty && let super::Store::Redis(link) = &svc2.presence.store {
-                    link.unregister_if_idle(&svc2, &room2);
+                // Lost with its link, or refused (a demoted primary's
+                // READONLY): written again, fresh, a little later. Counts
+                // are absolute, so a write that did land is not doubled.
+                r => {
+                    if let Ok(f) = &r {
+                        on_changes(&svc2, &room2, f, &token2);
+                    }
+                    Presence::write_again(&svc2, &room2, users);
                 }
             }),
         );
+        if sent.is_err() {
+            Presence::write_again(svc, room, again);
+        }
     }
 
     /// A page (or, `limit` 0, the counts) of `room`'s presence.
