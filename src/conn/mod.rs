@@ -219,7 +219,7 @@ impl Conn {
         }
         let mut own = io.own.borrow_mut();
         let Some(list) = own.get_mut(&self.id) else { return false };
-        let json = crate::protocol::event::json_of(frame);
+        let json = crate::protocol::event::json_in(frame);
         let hit = list.iter().position(|p| json.starts_with(p));
         if let Some(i) = hit {
             list.remove(i);

@@ -266,12 +266,12 @@ pub fn server_membership(m: &ServerMembership) -> Bytes {
 }
 
 /// A `ServerMembership` frame, read back; `None` for any other event.
-pub fn parse_server_membership(frame: &Bytes) -> Option<ServerMembership> {
-    let json = json_of(frame);
+pub fn parse_server_membership(frame: &[u8]) -> Option<ServerMembership> {
+    let json = json_in(frame);
     if !json.starts_with(b"{\"ev\":\"server_") {
         return None;
     }
-    let w: ControlWire = serde_json::from_slice(&json).ok()?;
+    let w: ControlWire = serde_json::from_slice(json).ok()?;
     let subscribe = match w.ev.as_str() {
         SERVER_SUBSCRIBE => true,
         SERVER_UNSUBSCRIBE => false,
@@ -297,9 +297,8 @@ const DISCONNECT: &str = "{\"ev\":\"disconnect\",\"code\":";
 
 /// The close status of a frame built by `disconnect` (or arrived from the
 /// backplane as one): `None` for any other event.
-pub fn disconnect_code(frame: &Bytes) -> Option<u16> {
-    let json = json_of(frame);
-    let rest = json.strip_prefix(DISCONNECT.as_bytes())?;
+pub fn disconnect_code(frame: &[u8]) -> Option<u16> {
+    let rest = json_in(frame).strip_prefix(DISCONNECT.as_bytes())?;
     let end = rest.iter().position(|b| !b.is_ascii_digit())?;
     std::str::from_utf8(&rest[..end]).ok()?.parse().ok().filter(|c| (4000..=4999).contains(c))
 }
@@ -356,12 +355,18 @@ pub fn maintenance(reconnect_in_ms: u64) -> Bytes {
 
 /// The JSON text inside a frame built here (what the Redis bus publishes).
 pub fn json_of(frame: &Bytes) -> Bytes {
+    frame.slice(frame.len() - json_in(frame).len()..)
+}
+
+/// The JSON text inside a frame built here, borrowed: for a look at it on
+/// a delivery path (no reference count taken).
+pub fn json_in(frame: &[u8]) -> &[u8] {
     let h = match frame.get(1).map(|b| b & 0x7f) {
         Some(126) => 4,
         Some(127) => 10,
         _ => 2,
     };
-    frame.slice(h.min(frame.len())..)
+    &frame[h.min(frame.len())..]
 }
 
 /// A text frame carrying `json` (an event that arrived already encoded, e.g.

@@ -200,7 +200,7 @@ impl Presence {
             all.extend(svc.shard.users().into_iter().map(|u| (Rc::from(format!("{USER_ROOM}{u}")), u)));
         }
         if let Store::Redis(link) = &svc.presence.store {
-            link.forget_registered();
+            link.forget_registered(svc);
         }
         if all.is_empty() {
             return;

@@ -115,8 +115,9 @@ impl PresenceLink {
         self.leased.get()
     }
 
-    pub fn forget_registered(&self) {
+    pub fn forget_registered(&self, svc: &Services) {
         self.registered.borrow_mut().clear();
+        self.count_registered(svc);
     }
 
     /// Sends a script; `Err` when the link refused it at once (down):
@@ -136,25 +137,19 @@ impl PresenceLink {
     /// Writes this shard's counts in `room` (registering the room first).
     pub fn set(self: &Rc<Self>, svc: &Rc<Services>, room: &Rc<str>, counts: Vec<Count>) {
         if self.registered.borrow_mut().insert(room.clone()) {
-            let (base, route) = self.meta();
-            let set = format!("{base}rooms:{}", self.writer);
-            let entry = room.as_bytes();
+            self.count_registered(svc);
             // Not registered after all (lost with its link, refused): the
             // next write registers it again.
             let (svc2, room2) = (svc.clone(), room.clone());
             let forget: Done = Box::new(move |r| {
                 if !matches!(r, Ok(BytesFrame::Integer(_)))
                     && let super::Store::Redis(link) = &svc2.presence.store
-                    && link.registered.borrow_mut().remove(&room2)
                 {
-                    svc2.shard.m().presence_rooms.sub(1);
+                    link.unregistered(&svc2, &room2);
                 }
             });
-            svc.shard.m().presence_rooms.inc();
-            if self.run(svc, route, &ROOMS, &[b"1", set.as_bytes(), b"+", entry], forget).is_err()
-                && self.registered.borrow_mut().remove(room)
-            {
-                svc.shard.m().presence_rooms.sub(1);
+            if self.room_set(svc, b"+", room, forget).is_err() {
+                self.unregistered(svc, room);
             }
         }
         let jl = flags_arg(svc.presence.flags(&svc.shard.cfg.namespaces, room));
@@ -269,12 +264,28 @@ impl PresenceLink {
         if busy || svc.presence.timers.borrow().contains_key(room) {
             return;
         }
-        if self.registered.borrow_mut().remove(room) {
-            svc.shard.m().presence_rooms.sub(1);
-            let (base, route) = self.meta();
-            let set = format!("{base}rooms:{}", self.writer);
-            let _ = self.run(svc, route, &ROOMS, &[b"1", set.as_bytes(), b"-", room.as_bytes()], Box::new(|_| {}));
+        if self.unregistered(svc, room) {
+            let _ = self.room_set(svc, b"-", room, Box::new(|_| {}));
         }
+    }
+
+    /// Adds (`+`) or removes (`-`) `room` in our room set in Redis.
+    fn room_set(&self, svc: &Rc<Services>, sign: &[u8], room: &str, done: Done) -> Result<(), Unavailable> {
+        let (base, route) = self.meta();
+        let set = format!("{base}rooms:{}", self.writer);
+        self.run(svc, route, &ROOMS, &[b"1", set.as_bytes(), sign, room.as_bytes()], done)
+    }
+
+    /// Takes `room` out of `registered`; true if it was there.
+    fn unregistered(&self, svc: &Services, room: &str) -> bool {
+        let was = self.registered.borrow_mut().remove(room);
+        self.count_registered(svc);
+        was
+    }
+
+    /// `corecast_presence_rooms`: the rooms in `registered`.
+    fn count_registered(&self, svc: &Services) {
+        super::set_gauge(&svc.shard.m().presence_rooms, self.registered.borrow().len());
     }
 }
 
