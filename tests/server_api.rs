@@ -1,10 +1,12 @@
 //! The server API calls of PROTOCOL.md §12 that are built so far, against
-//! real nodes: standalone and 3 nodes on one real redis-server.
+//! real nodes: standalone, 3 nodes on one real redis-server and 3 nodes on
+//! a real Redis Cluster.
 
 mod common;
 
 use common::redis::RedisServer;
-use common::{Client, Server, start_server};
+use common::redis_topology::RedisCluster;
+use common::{Client, Server, start_server, until_reachable};
 use serde_json::{Value, json};
 
 fn nodes(n: usize, redis: Option<&str>) -> Vec<Server> {
@@ -29,6 +31,7 @@ fn kick(nodes: &[Server]) {
     for t in &mut tabs {
         t.subscribe("lobby");
     }
+    until_reachable(&nodes[nodes.len() - 1], "mallory", &mut tabs);
     let body = br#"{"user":"mallory","code":4501,"reason":"banned"}"#;
     let (code, reply) = nodes[nodes.len() - 1].http("POST", "/api/disconnect", &[], body);
     assert_eq!((code, reply.as_str()), (200, r#"{"ok":true}"#));
@@ -41,6 +44,7 @@ fn kick(nodes: &[Server]) {
     // The default status is 4500; reconnecting is possible (the server
     // does not ban; the client decides by the code).
     let mut again = Client::connect(&nodes[0].ws_url("/ws?user=mallory"));
+    until_reachable(&nodes[0], "mallory", std::slice::from_mut(&mut again));
     let (code, _) = nodes[0].http("POST", "/api/disconnect", &[], br#"{"user":"mallory"}"#);
     assert_eq!(code, 200);
     let v: Value = again.recv();
@@ -57,6 +61,12 @@ fn a_user_is_disconnected_on_every_shard_standalone() {
 fn a_user_is_disconnected_on_every_node() {
     let redis = RedisServer::start();
     kick(&nodes(3, Some(&redis.url())));
+}
+
+#[test]
+fn a_user_is_disconnected_on_every_node_of_a_redis_cluster() {
+    let cluster = RedisCluster::start(3, 0);
+    kick(&nodes(3, Some(&cluster.url())));
 }
 
 #[test]
@@ -96,6 +106,7 @@ fn server_subscribe(nodes: &[Server]) {
     }
     let mut tabs: Vec<Client> =
         (0..nodes.len() * 2).map(|i| Client::connect(&nodes[i % nodes.len()].ws_url("/ws?user=carol"))).collect();
+    until_reachable(&nodes[0], "carol", &mut tabs);
     let body = json!({"user":"carol","room":"h:1","since":{"epoch":epoch,"offset":first + 1}}).to_string();
     let (code, reply) = nodes[0].http("POST", "/api/subscribe", &[], body.as_bytes());
     assert_eq!((code, reply.as_str()), (200, r#"{"ok":true}"#));
@@ -143,6 +154,12 @@ fn the_server_subscribes_a_user_with_recovery_standalone() {
 fn the_server_subscribes_a_user_with_recovery_on_every_node() {
     let redis = RedisServer::start();
     server_subscribe(&history_nodes(3, Some(&redis.url())));
+}
+
+#[test]
+fn the_server_subscribes_a_user_with_recovery_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3, 0);
+    server_subscribe(&history_nodes(3, Some(&cluster.url())));
 }
 
 #[test]

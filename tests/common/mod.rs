@@ -390,6 +390,36 @@ impl Client {
 
 /// The raw WebSocket upgrade request for `path` (the RFC 6455 sample key),
 /// with `extra` header lines (each ending in CRLF) before the blank line.
+/// Waits until every connection in `tabs` (all of `user`) is reachable
+/// through `via`'s server API: a connection is reachable once its node's
+/// subscription to the user's channel is in place, which with Redis takes
+/// one round trip after the upgrade. Publishes numbered direct messages
+/// until a round reaches every tab, and leaves every tab drained to it.
+pub fn until_reachable(via: &Server, user: &str, tabs: &mut [Client]) {
+    for k in 0..50 {
+        let body = serde_json::json!({"user": user, "data": {"warm": k}}).to_string();
+        let (code, reply) = via.http("POST", "/api/publish", &[], body.as_bytes());
+        assert_eq!(code, 200, "{reply}");
+        let mut all = true;
+        for t in tabs.iter_mut() {
+            // Earlier rounds arrive first (one publisher, in order).
+            let got = loop {
+                match t.recv_json(Duration::from_millis(300)) {
+                    Some(v) if v["data"]["warm"] == k => break true,
+                    Some(v) if v["data"].get("warm").is_some() => continue,
+                    Some(v) => panic!("unexpected before the warm-up ended: {v}"),
+                    None => break false,
+                }
+            };
+            all &= got;
+        }
+        if all {
+            return;
+        }
+    }
+    panic!("{user}'s connections never all became reachable");
+}
+
 pub fn upgrade_request(path: &str, extra: &str) -> String {
     format!(
         "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
