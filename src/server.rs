@@ -44,11 +44,13 @@ pub struct Node {
 }
 
 /// Starts every shard and returns once they are accepting.
-pub fn start(cfg: Config) -> anyhow::Result<Node> {
-    let cfg = Arc::new(cfg);
+pub fn start(mut cfg: Config) -> anyhow::Result<Node> {
     let n = cfg.shards();
     let listeners = accept::bind_all(cfg.listen, n)?;
     let addr = listeners[0].local_addr()?;
+    // The address bound (port 0 resolved): what `/api/info` reports.
+    cfg.listen = addr;
+    let cfg = Arc::new(cfg);
     // `--admin-listen`: every shard serves it too, on its own SO_REUSEPORT socket.
     let mut admin: Vec<Option<std::net::TcpListener>> = match cfg.admin_listen {
         Some(a) => accept::bind_all(a, n).context("--admin-listen")?.into_iter().map(Some).collect(),

@@ -206,3 +206,118 @@ fn the_history_api_answers_like_the_op() {
     let n = nodes(1, None);
     assert_eq!(n[0].http_get("/api/history?room=lobby").0, 400);
 }
+
+/// `GET /api/rooms` and `GET /api/info` over `nodes` (each `--shards 2`):
+/// rooms summed over the nodes and their shards, pages in byte order,
+/// one `info` entry per node with its own counts; with a node stopped
+/// (SIGSTOP) both answer within 3 s and count the nodes that answered.
+fn census(nodes: &[Server]) {
+    let n = nodes.len();
+    // On node i: "chat:a" gets 2 connections of ann (on both shards) and
+    // one of bob; "chat:b" one of bob; only node 0 has "other".
+    let mut clients = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut on = |shard: usize, user: &str, rooms: &[&str]| {
+            let mut c = node.client_on_shard(shard, user);
+            for r in rooms {
+                c.subscribe(r);
+            }
+            clients.push(c);
+        };
+        on(0, "ann", &["chat:a"]);
+        on(1, "ann", &["chat:a"]);
+        on(1, "bob", &["chat:a", "chat:b"]);
+        if i == 0 {
+            on(0, "cy", &["other"]);
+        }
+    }
+    let get = |node: &Server, path: &str| -> Value {
+        let (code, body) = node.http_get(path);
+        assert_eq!(code, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let all = json!({"rooms":[
+        {"room":"chat:a","clients":3 * n},
+        {"room":"chat:b","clients":n},
+        {"room":"other","clients":1},
+    ],"nodes":n});
+    for node in nodes {
+        assert_eq!(get(node, "/api/rooms"), all);
+    }
+    let last = &nodes[n - 1];
+    assert_eq!(
+        get(last, "/api/rooms?prefix=chat:&limit=1"),
+        json!({"rooms":[{"room":"chat:a","clients":3 * n}],"nodes":n,"more":true})
+    );
+    assert_eq!(
+        get(last, "/api/rooms?prefix=chat:&after=chat:a&limit=1"),
+        json!({"rooms":[{"room":"chat:b","clients":n}],"nodes":n})
+    );
+    assert_eq!(get(last, "/api/rooms?prefix=none"), json!({"rooms":[],"nodes":n}));
+    for bad in ["/api/rooms?limit=0", "/api/rooms?limit=1001", "/api/rooms?after=a%20b"] {
+        assert_eq!(last.http_get(bad).0, 400, "{bad}");
+    }
+    let info = get(last, "/api/info");
+    let list = info["nodes"].as_array().unwrap();
+    assert_eq!(list.len(), n, "{info}");
+    let mut ids: Vec<&str> = list.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "distinct node ids: {info}");
+    let mut by_port: Vec<(u16, (u64, u64, u64))> = list
+        .iter()
+        .map(|e| {
+            assert_eq!((e["shards"].as_u64(), e["shards_answered"].as_u64()), (Some(2), Some(2)), "{e}");
+            assert_eq!(e["version"], env!("CARGO_PKG_VERSION"));
+            assert!(e["uptime_secs"].as_u64().is_some(), "{e}");
+            let port = e["listen"].as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap();
+            let counts = |k: &str| e[k].as_u64().unwrap();
+            (port, (counts("connections"), counts("users"), counts("rooms")))
+        })
+        .collect();
+    by_port.sort();
+    let mut want: Vec<(u16, (u64, u64, u64))> =
+        nodes.iter().enumerate().map(|(i, s)| (s.addr.port(), if i == 0 { (4, 3, 3) } else { (3, 2, 2) })).collect();
+    want.sort();
+    assert_eq!(by_port, want, "{info}");
+    if n == 1 {
+        return;
+    }
+    // A stopped node keeps its Redis connections open and answers nothing.
+    let stopped = &nodes[n - 1];
+    unsafe { libc::kill(stopped.child.id() as i32, libc::SIGSTOP) };
+    let t = std::time::Instant::now();
+    let rooms = get(&nodes[0], "/api/rooms");
+    let info = get(&nodes[0], "/api/info");
+    let took = t.elapsed();
+    unsafe { libc::kill(stopped.child.id() as i32, libc::SIGCONT) };
+    assert!(took < std::time::Duration::from_secs(6), "two calls within 3 s each: {took:?}");
+    assert_eq!(
+        rooms,
+        json!({"rooms":[
+            {"room":"chat:a","clients":3 * (n - 1)},
+            {"room":"chat:b","clients":n - 1},
+            {"room":"other","clients":1},
+        ],"nodes":n - 1})
+    );
+    assert_eq!(info["nodes"].as_array().unwrap().len(), n - 1, "{info}");
+    assert!(!info.to_string().contains(&format!(":{}\"", stopped.addr.port())), "{info}");
+    // Back: all answer again.
+    assert_eq!(get(&nodes[0], "/api/rooms"), all);
+}
+
+#[test]
+fn rooms_and_info_standalone() {
+    census(&nodes(1, None));
+}
+
+#[test]
+fn rooms_and_info_on_every_node_with_one_stopped() {
+    let redis = RedisServer::start();
+    census(&nodes(3, Some(&redis.url())));
+}
+
+#[test]
+fn rooms_and_info_on_a_redis_cluster_with_one_node_stopped() {
+    let cluster = RedisCluster::start(3, 0);
+    census(&nodes(3, Some(&cluster.url())));
+}

@@ -4,6 +4,7 @@
 //! answer and keep the connection alive for the next request unless asked
 //! not to.
 
+mod census;
 mod routes;
 mod upgrade;
 
@@ -116,6 +117,8 @@ pub async fn serve(svc: &Rc<Services>, conn: &Rc<Conn>, kept: &mut BytesMut) -> 
                 }
             }
             (&Method::GET, "/api/history") if admin_routes => routes::history(svc, &head).await,
+            (&Method::GET, "/api/rooms") if admin_routes => census::rooms(svc, &head).await,
+            (&Method::GET, "/api/info") if admin_routes => census::info(svc, &head).await,
             (&Method::GET, "/api/presence") if admin_routes => routes::presence(svc, &head, false).await,
             (&Method::GET, "/api/presence_stats") if admin_routes => routes::presence(svc, &head, true).await,
             (_, "/healthz" | "/readyz") => Reply::text(405, "method not allowed\n"),
@@ -128,7 +131,9 @@ pub async fn serve(svc: &Rc<Services>, conn: &Rc<Conn>, kept: &mut BytesMut) -> 
                 | "/api/subscribe"
                 | "/api/unsubscribe"
                 | "/api/presence"
-                | "/api/presence_stats",
+                | "/api/presence_stats"
+                | "/api/rooms"
+                | "/api/info",
             ) if admin_routes => Reply::text(405, "method not allowed\n"),
             _ => Reply::text(404, "not found\n"),
         };
@@ -251,4 +256,35 @@ pub fn respond(shard: &Shard, conn: &Rc<Conn>, reply: Reply) {
 /// Queues the raw bytes of a response that is not a `Reply` (the 101).
 pub fn respond_raw(shard: &Shard, conn: &Rc<Conn>, bytes: Bytes) {
     conn.push(shard, bytes);
+}
+
+/// The rules of §4 for every server API call: never open on an
+/// authenticated node without an API key, and the key when one is set.
+fn refused(svc: &Rc<Services>, head: &Parts) -> Option<Reply> {
+    let shard = svc.shard();
+    if shard.cfg.api_key.is_none() && shard.cfg.auth.is_some() {
+        return Some(Reply::text(403, "the server API is off: client auth is on and no --api-key is set\n"));
+    }
+    if let Some(key) = &shard.cfg.api_key {
+        let given = head
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
+            return Some(Reply::text(401, "bad or missing API key\n").header("www-authenticate", "Bearer"));
+        }
+    }
+    None
+}
+
+fn json(status: u16, body: &'static str) -> Reply {
+    Reply::new(status, "application/json", Bytes::from_static(body.as_bytes()))
+}
+
+/// Compares without an early exit, so the time taken does not reveal how much
+/// of a guessed key was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -9,7 +9,7 @@ use http::request::Parts;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::Reply;
+use super::{Reply, json, refused};
 use crate::bus::redis::Readiness;
 use crate::metrics::{self, NodeInfo};
 use crate::protocol::{Position, Target, Unavailable, event, is_valid_name};
@@ -105,27 +105,6 @@ struct PublishBody<'a> {
     user: Option<Cow<'a, str>>,
     #[serde(borrow)]
     data: &'a RawValue,
-}
-
-/// The rules of §4 for every server API call: never open on an
-/// authenticated node without an API key, and the key when one is set.
-fn refused(svc: &Rc<Services>, head: &Parts) -> Option<Reply> {
-    let shard = svc.shard();
-    if shard.cfg.api_key.is_none() && shard.cfg.auth.is_some() {
-        return Some(Reply::text(403, "the server API is off: client auth is on and no --api-key is set\n"));
-    }
-    if let Some(key) = &shard.cfg.api_key {
-        let given = head
-            .headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
-            return Some(Reply::text(401, "bad or missing API key\n").header("www-authenticate", "Bearer"));
-        }
-    }
-    None
 }
 
 /// `GET /api/presence?room=R[&after=U&limit=K]` and (`stats`)
@@ -329,16 +308,6 @@ fn positioned(pos: Position) -> Reply {
     serde_json::to_writer(&mut body, pos.epoch.as_str()).expect("write to memory");
     body.extend_from_slice(format!(",\"offset\":{}}}", pos.offset).as_bytes());
     Reply::new(200, "application/json", Bytes::from(body))
-}
-
-fn json(status: u16, body: &'static str) -> Reply {
-    Reply::new(status, "application/json", Bytes::from_static(body.as_bytes()))
-}
-
-/// Compares without an early exit, so the time taken does not reveal how much
-/// of a guessed key was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `--debug-hooks` (test-only): `/debug/shard` names the shard answering;

@@ -1,6 +1,7 @@
 //! The corecast wire protocol v1 (shared/PROTOCOL.md §2): client ops in,
 //! server events out, error codes, and the room and user name rules.
 
+pub mod census;
 pub mod error;
 pub mod event;
 pub mod op;

@@ -10,11 +10,13 @@
 //! - `ops.rs` — the client ops on `/ws` (PROTOCOL.md §2).
 //! - `expiry.rs` — token expiry and the `refresh` op.
 //! - `presence/` — who is in a room, join/leave (§11).
+//! - `census.rs` — what every node has: `/api/rooms`, `/api/info` (§12).
 //!
 //! In: client ops (`session` → `ops`), HTTP calls (`http`), inbox messages.
 //! Out: `Shard` membership and fan-out, `Bus` publishes and interest,
 //! `ShardHistory` recoveries.
 
+pub mod census;
 pub mod expiry;
 pub mod ops;
 pub mod presence;
@@ -43,6 +45,8 @@ pub struct Services {
     history: Option<Rc<ShardHistory>>,
     /// Presence (§11) of the rooms whose namespace keeps it.
     presence: presence::Presence,
+    /// The censuses in flight (`/api/rooms`, `/api/info`).
+    census: census::Census,
 }
 
 impl Services {
@@ -61,8 +65,10 @@ impl Services {
             Rc::new(ShardHistory::new(Epoch::node(), store, bus.clone(), share))
         });
         let presence = presence::Presence::new(&shard, &bus, hooks);
-        let svc = Rc::new(Services { shard, bus, history, presence });
+        let census = census::Census::new(shard.id);
+        let svc = Rc::new(Services { shard, bus, history, presence, census });
         presence::Presence::start(&svc);
+        census::Census::start(&svc);
         svc
     }
 
@@ -296,6 +302,9 @@ impl Services {
                 (Some(pos), Some(h)) => h.on_live(shard, &room, *pos, frame, sent),
                 _ => shard.deliver_timed(Target::Room(&room), &frame, sent),
             },
+            ShardMsg::Direct { user, frame, .. } if census::Census::is_control(&user) => {
+                census::Census::on_frame(self, &user, &frame)
+            }
             ShardMsg::Direct { user, frame, sent } => match event::parse_server_membership(&frame) {
                 Some(m) => self.apply_server_membership(&user, &m),
                 None => shard.deliver_timed(Target::User(&user), &frame, sent),
@@ -313,6 +322,7 @@ impl Services {
                 }
             }
             ShardMsg::Presence(msg) => presence::Presence::on_msg(self, *msg),
+            ShardMsg::Census(msg) => census::Census::on_msg(self, *msg),
             ShardMsg::History(msg) => {
                 if let Some(h) = &self.history {
                     crate::history::local::handle(shard, h, *msg);

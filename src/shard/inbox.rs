@@ -110,6 +110,9 @@ pub enum ShardMsg {
     /// Standalone presence: a request to the room's presence owner shard,
     /// or its answer (`services::presence`).
     Presence(Box<crate::protocol::presence::Msg>),
+    /// A census question to another shard of this node, or its part of
+    /// the answer (`services::census`).
+    Census(Box<crate::protocol::census::Msg>),
 }
 
 /// The sending end of one queue into one shard; `Clone + Send`.

@@ -38,6 +38,7 @@
 //! contract panics the shard).
 //! No borrow is ever held across an `.await`.
 
+pub mod census;
 pub mod heartbeat;
 pub mod inbox;
 pub mod interest;

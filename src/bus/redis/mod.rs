@@ -299,6 +299,25 @@ impl RedisBus {
         self.publisher.publish(&self.prefix, target, &event::json_of(&frame), Some(on_reply))
     }
 
+    /// Queues `PUBLISH` of `json` as it is (a control message, not a
+    /// client event); `done` gets how many subscribers Redis handed it to
+    /// (PUBLISH's reply; SPUBLISH's counts the owner's own subscribers,
+    /// which are all of a sharded channel's), or `None` if it was lost.
+    pub fn publish_counted(
+        &self,
+        target: Target<'_>,
+        json: &[u8],
+        done: crate::rt::Oneshot<Option<u64>>,
+    ) -> Result<(), Unavailable> {
+        let on_reply: net::ReplyFn = Box::new(move |r| {
+            done.fill(match r {
+                Ok(redis_protocol::resp2::types::BytesFrame::Integer(n)) => u64::try_from(n).ok(),
+                _ => None,
+            })
+        });
+        self.publisher.publish(&self.prefix, target, json, Some(on_reply))
+    }
+
     /// `<prefix>room:R` or `<prefix>user:U`: the Redis channel of `target`.
     pub fn channel(&self, target: Target<'_>) -> Vec<u8> {
         let mut c = Vec::new();

@@ -797,6 +797,9 @@ impl JsonCheck {
             Kind::Room if !is("room", name) => Err(Malformed::WrongRoom),
             Kind::Room if !is("ev", "message") => Ok(None),
             // A user gets direct messages, and the server's disconnect (§12).
+            // The census's control channels (`services::census`) are
+            // pseudo-users no client can be ('#' is not in a user id).
+            Kind::User if name.starts_with('#') && (is("ev", "census") || is("ev", "census_reply")) => Ok(None),
             Kind::User
                 if !(is("ev", "direct")
                     || is("ev", "disconnect")
