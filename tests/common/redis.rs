@@ -182,10 +182,16 @@ impl RedisServer {
         n.trim().parse().unwrap_or_else(|_| panic!("PUBSUB NUMSUB replied {out:?}"))
     }
 
-    /// `PUBSUB CHANNELS pattern`, sorted.
+    /// `PUBSUB CHANNELS pattern`, sorted, without the census's control
+    /// channels (`<prefix>user:#census...`), which every node holds for its
+    /// whole life (`services::census`).
     pub fn channels(&self, pattern: &str) -> Vec<String> {
-        let mut v: Vec<String> =
-            self.cli(&["PUBSUB", "CHANNELS", pattern]).lines().filter(|l| !l.is_empty()).map(String::from).collect();
+        let mut v: Vec<String> = self
+            .cli(&["PUBSUB", "CHANNELS", pattern])
+            .lines()
+            .filter(|l| !l.is_empty() && !l.contains("user:#census"))
+            .map(String::from)
+            .collect();
         v.sort();
         v
     }
