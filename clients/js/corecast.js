@@ -137,6 +137,10 @@ export class Subscription {
    * Returns the subscription. */
   setHandlers(handlers) {
     Object.assign(this.handlers, handlers || {});
+    if (this.handlers.presence === true && !this.presenceEnabled && this.state !== "closed") {
+      this.presenceEnabled = true;
+      if (this.state === "subscribed") this.client._syncPresence(this);
+    }
     return this;
   }
 
@@ -670,6 +674,16 @@ export class Corecast {
           }, delay);
           return;
         }
+        const made = sub._serverMade;
+        if (err.code === "forbidden" && made && made.ws === ws) {
+          // Refused to us, but the server itself subscribed this connection
+          // to the room meanwhile (a token's `subs` claim at connect, or
+          // POST /api/subscribe): it is a member, from the server's position
+          // (what was missed since ours is not replayed: a gap).
+          sub._serverMade = null;
+          this._onSubscribed(sub, made.reply, since);
+          return;
+        }
         // forbidden, bad_room, too_large: this subscription cannot be.
         this._subs.delete(sub.room);
         sub.state = "closed";
@@ -969,7 +983,13 @@ export class Corecast {
    * message of the room. */
   _onServerSubscribed(m) {
     if (typeof m.room !== "string") return;
-    if (this._subs.has(m.room)) return;
+    const have = this._subs.get(m.room);
+    if (have) {
+      // Our own subscribe is in flight: should it be refused (a resubscribe
+      // the token's grants do not cover), the server's membership stands.
+      if (have.state === "pending") have._serverMade = { ws: this._ws, reply: m };
+      return;
+    }
     const sub = new Subscription(this, m.room, {});
     sub.server = true;
     this._subs.set(m.room, sub);

@@ -3,7 +3,9 @@
 // `subscribed` (`"server":true`) into a Subscription handed to the app by
 // the "subscription" event, routes the room's messages to it, resubscribes
 // it with recovery after the connection drops (the server does not remember
-// it across a reconnect), and ends it on the server's `unsubscribed`.
+// it across a reconnect), and ends it on the server's `unsubscribed`. The
+// last tests play orderings a real node makes rarely (or, for a token's
+// `subs` claim, not yet) with a scripted socket.
 // Run: node --experimental-websocket --test test/server-subscribe.test.mjs (from clients/js).
 
 import assert from "node:assert/strict";
@@ -208,4 +210,180 @@ test("the app takes over a server subscription with subscribe(room, handlers)", 
   await sub.unsubscribe();
   assert.equal(sub.state, "closed");
   assert.equal(cc.subscription(r), undefined);
+});
+
+test("a server subscribe with since replays what the user missed", { timeout: 30000 }, async (t) => {
+  const server = await startCorecast(HIST);
+  t.after(() => server.stop());
+  const user = `srv-sub-since-${process.pid}`;
+  const r = room("since");
+  const p = [];
+  for (const d of ["a", "b", "c"]) p.push((await post(server, "/api/publish", { room: r, data: d })).body);
+  const cc = new Corecast(server.url, { ...FAST, user });
+  t.after(() => cc.close());
+  const got = [];
+  const info = [];
+  cc.on("subscription", (sub) =>
+    sub.setHandlers({ onMessage: (m) => got.push([m.data, m.offset]), onSubscribed: (s) => info.push(s) }),
+  );
+  await cc.connect();
+  const since = { epoch: p[0].epoch, offset: p[0].offset };
+  assert.equal((await post(server, "/api/subscribe", { user, room: r, since })).status, 200);
+  await waitFor("the replay", () => got.length === 2);
+  assert.equal(info[0].recovered, true);
+  assert.equal(info[0].offset, p[2].offset);
+  const p4 = (await post(server, "/api/publish", { room: r, data: "d" })).body;
+  await waitFor("d", () => got.length === 3);
+  assert.deepEqual(got, [
+    ["b", p[1].offset],
+    ["c", p[2].offset],
+    ["d", p4.offset],
+  ]);
+  const sub = cc.subscription(r);
+  assert.equal(sub.duplicatesDropped, 0);
+  assert.deepEqual(sub.position, { epoch: p4.epoch, offset: p4.offset });
+});
+
+// Orderings a real node makes rarely or (the `subs` claim) not yet, played
+// frame by frame by a scripted socket (as in safety-net.test.mjs).
+
+class ScriptedSocket {
+  static last = null;
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.sent = [];
+    ScriptedSocket.last = this;
+    queueMicrotask(() => {
+      this.readyState = 1;
+      this.onopen?.({});
+    });
+  }
+  send(text) {
+    this.sent.push(JSON.parse(text));
+  }
+  close() {
+    this.readyState = 3;
+  }
+  push(obj) {
+    this.onmessage?.({ data: JSON.stringify(obj) });
+  }
+  /** The connection drops (as the server or the network would end it). */
+  drop(code = 1006) {
+    this.readyState = 3;
+    this.onclose?.({ code, reason: "" });
+  }
+  lastOp(op, room) {
+    return this.sent.filter((o) => o.op === op && (room === undefined || o.room === room)).at(-1);
+  }
+}
+
+async function scripted() {
+  const cc = new Corecast("ws://scripted.invalid", {
+    WebSocket: ScriptedSocket,
+    pingIntervalMs: 0,
+    backoff: { minMs: 1, maxMs: 5 },
+  });
+  const rec = { handed: [], messages: [], gaps: [], recovered: [], errors: [], ended: [] };
+  cc.on("subscription", (sub) => {
+    rec.handed.push(sub);
+    sub.setHandlers({
+      onMessage: (m) => rec.messages.push(m.offset),
+      onGap: (g) => rec.gaps.push([g.reason, g.epoch, g.offset]),
+      onRecovered: (r) => rec.recovered.push(r.recovered),
+      onError: (e) => rec.errors.push(e.code),
+      onUnsubscribed: (u) => rec.ended.push(u.reason),
+    });
+  });
+  await cc.connect();
+  return { cc, rec, ws: ScriptedSocket.last };
+}
+
+async function reconnected(cc, old) {
+  await waitFor("a new connection", () => ScriptedSocket.last !== old && cc.state === "open", 2000);
+  return ScriptedSocket.last;
+}
+
+test("scripted: a resubscribe refused to the client stands when the server subscribed the connection itself (subs claim)", async () => {
+  const { cc, rec, ws } = await scripted();
+  ws.push({ ev: "subscribed", room: "r", server: true, epoch: "e", offset: 5 });
+  assert.equal(rec.handed.length, 1);
+  const sub = rec.handed[0];
+  ws.push({ ev: "message", room: "r", from: "u", data: 6, epoch: "e", offset: 6 });
+  assert.deepEqual(sub.position, { epoch: "e", offset: 6 });
+
+  ws.drop();
+  const ws2 = await reconnected(cc, ws);
+  const op = ws2.lastOp("subscribe", "r");
+  assert.deepEqual(op.since, { epoch: "e", offset: 6 }, "resubscribed from its last position");
+  // The node subscribes the new connection from the token's `subs` claim
+  // first: the client keeps its one subscription (no second event).
+  ws2.push({ ev: "subscribed", room: "r", server: true, epoch: "e", offset: 8 });
+  assert.equal(rec.handed.length, 1);
+  // Its own subscribe is refused (the room is not in `rooms`): the server's
+  // membership stands, from its position, with the gap reported.
+  ws2.push({ ev: "error", code: "forbidden", message: "no", id: op.id });
+  assert.equal(sub.state, "subscribed");
+  assert.equal(cc.subscription("r"), sub);
+  assert.deepEqual(rec.recovered, [false]);
+  assert.deepEqual(rec.gaps, [["not_recovered", "e", 8]]);
+  assert.deepEqual(sub.position, { epoch: "e", offset: 8 });
+  ws2.push({ ev: "message", room: "r", from: "u", data: 9, epoch: "e", offset: 9 });
+  assert.deepEqual(rec.messages, [6, 9]);
+  assert.deepEqual(rec.errors, []);
+  cc.close();
+});
+
+test("scripted: a server unsubscribe that overtakes a resubscribe is not undone by it", async () => {
+  const { cc, rec, ws } = await scripted();
+  ws.push({ ev: "subscribed", room: "r", server: true });
+  const sub = rec.handed[0];
+  ws.drop();
+  const ws2 = await reconnected(cc, ws);
+  const op = ws2.lastOp("subscribe", "r");
+  ws2.push({ ev: "unsubscribed", room: "r", server: true });
+  assert.equal(sub.state, "closed");
+  assert.deepEqual(rec.ended, ["server"]);
+  assert.equal(ws2.lastOp("unsubscribe", "r"), undefined);
+  // The server then took our subscribe: we leave again, as the backend asked.
+  ws2.push({ ev: "subscribed", room: "r", id: op.id });
+  assert.ok(ws2.lastOp("unsubscribe", "r"), "an unsubscribe follows the late subscribed");
+  assert.equal(cc.subscription("r"), undefined);
+  ws2.push({ ev: "message", room: "r", from: "u", data: "late" });
+  assert.deepEqual(rec.messages, []);
+  cc.close();
+});
+
+test("scripted: a server subscribe with since replays from there without dropping it as duplicates", async () => {
+  const { cc, rec, ws } = await scripted();
+  // POST /api/subscribe with "since":{"epoch":"e","offset":7}: 8..10 follow.
+  ws.push({ ev: "subscribed", room: "r", server: true, recovered: true, epoch: "e", offset: 10 });
+  const sub = rec.handed[0];
+  for (const n of [8, 9, 10, 11]) ws.push({ ev: "message", room: "r", from: "u", data: n, epoch: "e", offset: n });
+  assert.deepEqual(rec.messages, [8, 9, 10, 11]);
+  assert.equal(sub.duplicatesDropped, 0);
+  assert.deepEqual(rec.gaps, []);
+  assert.deepEqual(sub.position, { epoch: "e", offset: 11 });
+
+  // The same before any message arrived: a resubscribe starts from the reply's position.
+  ws.push({ ev: "subscribed", room: "q", server: true, recovered: true, epoch: "e", offset: 4 });
+  ws.drop();
+  const ws2 = await reconnected(cc, ws);
+  assert.deepEqual(ws2.lastOp("subscribe", "q").since, { epoch: "e", offset: 4 });
+  assert.deepEqual(ws2.lastOp("subscribe", "r").since, { epoch: "e", offset: 11 });
+  cc.close();
+});
+
+test("scripted: taking over a server subscription with presence: true fetches the members", async () => {
+  const { cc, rec, ws } = await scripted();
+  ws.push({ ev: "subscribed", room: "p", server: true });
+  const sub = cc.subscribe("p", { presence: true });
+  assert.equal(sub, rec.handed[0]);
+  assert.equal(sub.presenceEnabled, true);
+  const op = ws.lastOp("presence", "p");
+  assert.ok(op, "the presence op is sent");
+  ws.push({ ev: "presence", room: "p", clients: 1, users: 1, members: [{ user: "a", clients: 1 }], id: op.id });
+  await waitFor("synced", () => sub.membersSynced, 2000);
+  assert.deepEqual([...sub.members], ["a"]);
+  cc.close();
 });
