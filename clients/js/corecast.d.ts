@@ -94,6 +94,8 @@ export interface CorecastOptions {
   onState?: (change: StateChange, client: Corecast) => void;
   onDirect?: (message: DirectMessage, client: Corecast) => void;
   onError?: (error: CorecastError | Error, client: Corecast) => void;
+  /** Same as `on("subscription", fn)`: a subscription the server made. */
+  onSubscription?: (sub: Subscription, client: Corecast) => void;
 }
 
 export interface Message {
@@ -115,6 +117,11 @@ export interface Subscribed {
   room: string;
   /** false on the first `subscribed`, true after every reconnect. */
   resubscribed: boolean;
+  /** This `subscribed` came from the server, not from a `subscribe` op of
+   * the client: the first one of a subscription the server made (§12
+   * `POST /api/subscribe`, §13 `subs` claim). Resubscribes after a
+   * reconnect are the client's own (false). */
+  server: boolean;
   /** The room keeps history: epoch and offset are set. */
   history: boolean;
   epoch?: string;
@@ -178,6 +185,12 @@ export interface PresenceChange {
   user?: string;
 }
 
+/** The server ended a subscription. */
+export interface Unsubscribed {
+  room: string;
+  reason: "server" | "token_expired" | "forbidden";
+}
+
 export interface SubscribeOptions {
   onMessage?: (message: Message, sub: Subscription) => void;
   onSubscribed?: (info: Subscribed, sub: Subscription) => void;
@@ -202,6 +215,11 @@ export interface SubscribeOptions {
   /** `{"ev":"leave"}`: `user` has had no connection in the room for the
    * namespace's `presence_grace_ms`. */
   onLeave?: (event: PresenceEvent, sub: Subscription) => void;
+  /** The server left the room: `reason` "server" (`POST /api/unsubscribe`,
+   * §12), "token_expired" (§13 subscription token) or "forbidden" (a
+   * refreshed token no longer grants it; `onError` is called too for these
+   * two). The subscription is over (`state` "closed"). */
+  onUnsubscribed?: (info: Unsubscribed, sub: Subscription) => void;
   /** Keep `sub.members` current (§11; the room's namespace needs `presence`,
    * and `join_leave` for updates between fetches): every (re)subscribe
    * fetches the member list (all pages) and join/leave events keep it
@@ -226,6 +244,14 @@ export class Subscription {
   readonly position: Position | null;
   /** Messages dropped because their offset had been seen already. */
   readonly duplicatesDropped: number;
+  /** Made by the server (§12 `POST /api/subscribe`, §13 `subs` claim), not
+   * by `subscribe()`; handed over by the client's "subscription" event. */
+  readonly server: boolean;
+  /** The handlers in use (the options given to `subscribe()`). */
+  readonly handlers: SubscribeOptions;
+  /** Adds or replaces handlers (e.g. on a subscription the server made);
+   * returns the subscription. */
+  setHandlers(handlers: SubscribeOptions): Subscription;
   /** §13: the subscription token in use and its `exp` (Unix seconds), if any. */
   readonly token: string | null;
   readonly tokenExp: number | null;
@@ -264,6 +290,15 @@ export type EventMap = {
   disconnect: { code: number; reason: string; terminal: boolean };
   /** Closed for good by the server with a terminal code: no reconnect. */
   terminated: { code: number; reason: string };
+  /** The server subscribed this connection to a room it had no subscription
+   * for (§12 `POST /api/subscribe`, §13 `subs` claim): a Subscription like
+   * `subscribe()`'s, kept across reconnects (the client resubscribes it,
+   * with recovery in a history room) until the server or the app ends it.
+   * Called before its `onSubscribed` and before any of its messages: set
+   * handlers here (`sub.setHandlers({...})`). */
+  subscription: Subscription;
+  /** The server ended a subscription (`POST /api/unsubscribe`, or a grant gone). */
+  unsubscribed: Unsubscribed & { subscription: Subscription };
 };
 
 export class Corecast {
@@ -283,7 +318,10 @@ export class Corecast {
   /** No more reconnects; pending requests reject with `closed`. */
   close(): void;
   on<K extends keyof EventMap>(name: K, fn: (arg: EventMap[K], client: Corecast) => void): () => void;
-  /** Kept across reconnects until `unsubscribe()`; one per room. */
+  /** Kept across reconnects until `unsubscribe()`; one per room. For a room
+   * the server subscribed this client to (and the app has not taken yet),
+   * returns that subscription with `options` as its handlers; otherwise a
+   * second `subscribe` to one room throws. */
   subscribe(room: string, options?: SubscribeOptions): Subscription;
   subscription(room: string): Subscription | undefined;
   /** Resolves on the server's `ack`. */

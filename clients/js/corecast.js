@@ -29,6 +29,11 @@
 //   counts, `onJoin`/`onLeave` per event, and for a room subscribed with
 //   `{presence: true}` a live member set (`sub.members`), fetched after every
 //   (re)subscribe and then kept current by join/leave events.
+// - server-side subscriptions (§12 `POST /api/subscribe`, §13 `subs` claim):
+//   a `subscribed` the app did not ask for becomes a Subscription like the
+//   app's own (the "subscription" event hands it over), kept across
+//   reconnects and recovered from its position like any other, until the
+//   server's `unsubscribed` (or the app's `unsubscribe()`) ends it.
 //
 // What enters: server events (JSON text frames). What leaves: client ops,
 // and callbacks / Promise results to the app.
@@ -92,6 +97,9 @@ export class Subscription {
         : null;
     /** Messages dropped because their offset was already seen. */
     this.duplicatesDropped = 0;
+    /** true when the server created it (§12 `POST /api/subscribe`, §13
+     * `subs` claim) rather than `subscribe()`. */
+    this.server = false;
     /** §13 subscription token (`handlers.token`) and its `exp` (Unix s). */
     this.token = this.handlers.token ?? null;
     this.tokenExp = jwtExp(this.token);
@@ -122,6 +130,18 @@ export class Subscription {
   /** Leaves the room. Resolves when the server confirmed (or at once if offline). */
   unsubscribe() {
     return this.client._unsubscribe(this);
+  }
+
+  /** Adds (or replaces) handlers, e.g. on a subscription the server made
+   * (`client.on("subscription", (sub) => sub.setHandlers({onMessage}))`).
+   * Returns the subscription. */
+  setHandlers(handlers) {
+    Object.assign(this.handlers, handlers || {});
+    if (this.handlers.presence === true && !this.presenceEnabled && this.state !== "closed") {
+      this.presenceEnabled = true;
+      if (this.state === "subscribed") this.client._syncPresence(this);
+    }
+    return this;
   }
 
   /** Every member of the room (§11), all pages: see `Corecast.presence`. */
@@ -194,12 +214,15 @@ export class Corecast {
     if (options.onState) this.on("state", options.onState);
     if (options.onDirect) this.on("direct", options.onDirect);
     if (options.onError) this.on("error", options.onError);
+    if (options.onSubscription) this.on("subscription", options.onSubscription);
   }
 
   // ---- events --------------------------------------------------------------
 
   /** Adds a listener: "state", "direct", "error", "maintenance", "refreshed",
-   * "open", "close". Returns a function that removes it. */
+   * "open", "close", "disconnect", "terminated", "subscription" (a
+   * subscription the server made), "unsubscribed" (the server ended one).
+   * Returns a function that removes it. */
   on(name, fn) {
     if (!this._listeners.has(name)) this._listeners.set(name, new Set());
     this._listeners.get(name).add(fn);
@@ -576,7 +599,15 @@ export class Corecast {
   /** Subscribes to `room`; kept across reconnects until `unsubscribe()`. */
   subscribe(room, handlers = {}) {
     if (this.state === "closed") throw new CorecastError("closed", "client was closed");
-    if (this._subs.has(room)) throw new Error(`corecast: already subscribed to ${room}`);
+    const have = this._subs.get(room);
+    // A subscription the server made is the app's to take: same object,
+    // with the app's handlers from now on (no second subscribe is sent).
+    if (have && have.server && !have._adopted) {
+      have._adopted = true;
+      have.setHandlers(handlers);
+      return have;
+    }
+    if (have) throw new Error(`corecast: already subscribed to ${room}`);
     const sub = new Subscription(this, room, handlers);
     this._subs.set(room, sub);
     if (this._ws && this._ws.readyState === OPEN) this._sendSubscribe(sub);
@@ -612,12 +643,20 @@ export class Corecast {
         });
       return;
     }
-    const since = sub.position ? { epoch: sub.position.epoch, offset: sub.position.offset } : null;
+    const pos = sub.position || sub._tail;
+    const since = pos ? { epoch: pos.epoch, offset: pos.offset } : null;
     const op = { op: "subscribe", room: sub.room };
     if (since) op.since = since;
     if (sub.token) op.token = sub.token;
     this._request(op, {
       ok: (reply) => {
+        if (sub._endedByServer && !this._subs.has(sub.room) && ws === this._ws && ws.readyState === OPEN) {
+          // The server's unsubscribe overtook this resubscribe, which then
+          // made the connection a member again: leave, as the server asked.
+          sub._endedByServer = false;
+          this._request({ op: "unsubscribe", room: sub.room }).catch(() => {});
+          return;
+        }
         if (this._subs.get(sub.room) !== sub || ws !== this._ws) return;
         this._onSubscribed(sub, reply, since);
         this._scheduleSubRefresh(sub);
@@ -633,6 +672,16 @@ export class Corecast {
           sub._retryTimer = setTimeout(() => {
             if (this._subs.get(sub.room) === sub && ws === this._ws) this._sendSubscribe(sub);
           }, delay);
+          return;
+        }
+        const made = sub._serverMade;
+        if (err.code === "forbidden" && made && made.ws === ws) {
+          // Refused to us, but the server itself subscribed this connection
+          // to the room meanwhile (a token's `subs` claim at connect, or
+          // POST /api/subscribe): it is a member, from the server's position
+          // (what was missed since ours is not replayed: a gap).
+          sub._serverMade = null;
+          this._onSubscribed(sub, made.reply, since);
           return;
         }
         // forbidden, bad_room, too_large: this subscription cannot be.
@@ -700,6 +749,11 @@ export class Corecast {
           sub._call("onRecovered", { room: sub.room, recovered: false, since, ...current });
           sub._call("onGap", { room: sub.room, reason: "not_recovered", since, ...current });
         }
+      } else if (reply.server === true && reply.recovered === true) {
+        // A server subscribe with the backend's `since`: the replay from
+        // there follows and sets the position; until a message does, a
+        // resubscribe starts from the reply's position.
+        sub._tail = current;
       } else {
         sub.position = current;
       }
@@ -707,6 +761,7 @@ export class Corecast {
     sub._call("onSubscribed", {
       room: sub.room,
       resubscribed,
+      server: reply.server === true,
       history: hasHistory,
       epoch: reply.epoch,
       offset: reply.offset,
@@ -886,20 +941,21 @@ export class Corecast {
         }, ms + 2000);
         break;
       }
+      case "subscribed":
+        // §12 POST /api/subscribe (`server:true`) and §13's `subs` claim (no
+        // `id`): a subscription the app did not ask for.
+        if (m.server === true || m.id === undefined) this._onServerSubscribed(m);
+        else this._settle(m.id, true, m);
+        break;
       case "unsubscribed":
         if (m.id === undefined) {
-          // The server left the room: a refreshed token no longer grants it,
-          // or (§13) its subscription token expired.
+          // The server left the room: POST /api/unsubscribe (`server:true`),
+          // a refreshed token that no longer grants it, or (§13) an expired
+          // subscription token.
           const sub = this._subs.get(m.room);
           if (sub) {
-            this._subs.delete(m.room);
-            clearTimeout(sub._refreshTimer);
-            sub.state = "closed";
-            const err =
-              m.reason === "token_expired"
-                ? new CorecastError("token_expired", "the subscription token expired")
-                : new CorecastError("forbidden", "the refreshed token no longer grants this room");
-            sub._call("onError", err);
+            const reason = m.server === true ? "server" : m.reason === "token_expired" ? "token_expired" : "forbidden";
+            this._endByServer(sub, reason);
           }
           break;
         }
@@ -916,6 +972,51 @@ export class Corecast {
         // subscribed, ack, pong, history, refreshed, and anything newer.
         if (m.id !== undefined) this._settle(m.id, true, m);
     }
+  }
+
+  /** A `subscribed` nobody asked for (§12 `POST /api/subscribe`, §13
+   * `subs`). A room the client already has (the app's subscription, or a
+   * resubscribe in flight whose own reply follows) is left as it is: the
+   * connection is a member already, and the position the app's subscription
+   * tracks stays right. Otherwise a new Subscription, handed to the app by
+   * the "subscription" event before its `onSubscribed` and before any
+   * message of the room. */
+  _onServerSubscribed(m) {
+    if (typeof m.room !== "string") return;
+    const have = this._subs.get(m.room);
+    if (have) {
+      // Our own subscribe is in flight: should it be refused (a resubscribe
+      // the token's grants do not cover), the server's membership stands.
+      if (have.state === "pending") have._serverMade = { ws: this._ws, reply: m };
+      return;
+    }
+    const sub = new Subscription(this, m.room, {});
+    sub.server = true;
+    this._subs.set(m.room, sub);
+    this._emit("subscription", sub);
+    if (this._subs.get(m.room) !== sub) return; // the listener unsubscribed it
+    this._onSubscribed(sub, m, null);
+  }
+
+  /** The server left `sub`'s room: `reason` "server" (POST /api/unsubscribe),
+   * "token_expired" or "forbidden" (§13: the room's grant is gone). */
+  _endByServer(sub, reason) {
+    this._subs.delete(sub.room);
+    clearTimeout(sub._retryTimer);
+    clearTimeout(sub._refreshTimer);
+    clearTimeout(sub._presenceTimer);
+    sub._presenceGen++;
+    // A resubscribe of ours still in flight must not make us a member again.
+    if (sub.state === "pending") sub._endedByServer = true;
+    sub.state = "closed";
+    sub._rejectReady(new CorecastError("closed", `unsubscribed by the server (${reason})`));
+    if (reason === "token_expired") {
+      sub._call("onError", new CorecastError("token_expired", "the subscription token expired"));
+    } else if (reason === "forbidden") {
+      sub._call("onError", new CorecastError("forbidden", "the refreshed token no longer grants this room"));
+    }
+    sub._call("onUnsubscribed", { room: sub.room, reason });
+    this._emit("unsubscribed", { room: sub.room, reason, subscription: sub });
   }
 
   _onMessage(m) {
