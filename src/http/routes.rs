@@ -458,6 +458,9 @@ async fn publish_call(svc: &Rc<Services>, body: &[u8]) -> Answer {
     answer
 }
 
+/// How long a list's publishes wait for a congested local bus.
+const CONGESTED_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One target's publish, queued; `wait` resolves to its outcome.
 enum Queued {
     Now(Result<Option<Position>, Unavailable>),
@@ -517,8 +520,24 @@ fn queue(svc: &Rc<Services>, room: bool, name: &str, data: &str) -> Queued {
 /// order, or if the backplane refused any, 503 with the same list where
 /// each refused target's entry says `"error":"unavailable"` (the others
 /// were published).
+///
+/// On the local bus a list's publishes all go into the shards' queues in
+/// one turn, and past `inbox::pair_publish_limit` (about 8000 with 2
+/// shards, 130 with 64) the bus refuses them as congested until the other
+/// shards drain: a list waits for that (up to `CONGESTED_WAIT`) instead of
+/// failing targets a moment later would take.
 async fn publish_to(svc: &Rc<Services>, targets: &Targets<'_>, data: &str) -> Answer {
-    let queued: Vec<Queued> = targets.names.iter().map(|n| queue(svc, targets.rooms, n, data)).collect();
+    let standalone = svc.shard().cfg.redis.is_none();
+    let mut queued: Vec<Queued> = Vec::with_capacity(targets.names.len());
+    let end = std::time::Instant::now() + CONGESTED_WAIT;
+    for n in &targets.names {
+        let mut q = queue(svc, targets.rooms, n, data);
+        while targets.list && standalone && matches!(q, Queued::Now(Err(_))) && std::time::Instant::now() < end {
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            q = queue(svc, targets.rooms, n, data);
+        }
+        queued.push(q);
+    }
     let mut outcomes = Vec::with_capacity(queued.len());
     for q in queued {
         outcomes.push(q.wait(svc.shard()).await);
