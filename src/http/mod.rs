@@ -114,7 +114,7 @@ pub async fn serve(svc: &Rc<Services>, conn: &Rc<Conn>, kept: &mut BytesMut) -> 
                     "/api/publish" => routes::call(svc, &head, &body, routes::Call::Publish).await,
                     "/api/subscribe" => routes::call(svc, &head, &body, routes::Call::Subscribe).await,
                     "/api/unsubscribe" => routes::call(svc, &head, &body, routes::Call::Unsubscribe).await,
-                    "/api/batch" => batch::batch(svc, &head, &body).await,
+                    "/api/batch" => routes::batch(svc, &head, &body).await,
                     _ => routes::call(svc, &head, &body, routes::Call::Disconnect).await,
                 }
             }

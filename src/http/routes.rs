@@ -103,7 +103,7 @@ pub fn metrics(svc: &Rc<Services>) -> Reply {
 
 /// The rules of §4 for every server API call: never open on an
 /// authenticated node without an API key, and the key when one is set.
-pub(super) fn refused(svc: &Rc<Services>, head: &Parts) -> Option<Reply> {
+fn refused(svc: &Rc<Services>, head: &Parts) -> Option<Reply> {
     let shard = svc.shard();
     if shard.cfg.api_key.is_none() && shard.cfg.auth.is_some() {
         return Some(Reply::text(403, "the server API is off: client auth is on and no --api-key is set\n"));
@@ -243,6 +243,19 @@ pub async fn call(svc: &Rc<Services>, head: &Parts, body: &[u8], call: Call) -> 
         return r;
     }
     call.run(svc, body).await.reply()
+}
+
+/// `POST /api/batch` (`batch.rs`): the rules of §4 once, then each
+/// command through `Call::run`.
+pub async fn batch(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
+    if let Some(r) = refused(svc, head) {
+        return r;
+    }
+    let run = |method: &str, params| Call::named(method).map(|c| async move { c.run(svc, params).await.body });
+    match super::batch::run(body, run).await {
+        Ok(replies) => Reply::new(200, "application/json", replies),
+        Err(bad) => json(400, bad),
+    }
 }
 
 #[derive(Deserialize)]
