@@ -233,8 +233,9 @@ fn parse_begin(f: BytesFrame) -> Begin {
 /// The process's records (standalone: one node, one process).
 static LOCAL: Mutex<Table> = Mutex::new(Table::new());
 
-/// What a record costs beyond its key and reply (map and order entries).
-const ENTRY_OVERHEAD: usize = 128;
+/// What a record costs beyond its key and reply (the entry, its
+/// fingerprint, the map's and the order's slots), rounded up.
+const ENTRY_OVERHEAD: usize = 256;
 
 struct Table {
     map: Option<HashMap<Box<str>, Entry>>,
