@@ -77,7 +77,7 @@ SKIP=(--skip chromium_chats_across_two_nodes)
 # of a pass. Every other integration binary (new ones too) runs in both.
 ONE_DRIVER=(redis_cluster redis_cluster_mode redis_sentinel redis_several redis_topology_errors
   redis_contract history_topologies history_nodes history_faults history_epoch chaos
-  presence presence_webhooks webhook auth_sso)
+  presence presence_webhooks webhook auth_sso server_api_publish)
 both_drivers=()
 for f in tests/*.rs; do
   t=$(basename "$f" .rs)

@@ -4,6 +4,7 @@
 //! answer and keep the connection alive for the next request unless asked
 //! not to.
 
+mod batch;
 mod census;
 mod routes;
 mod upgrade;
@@ -99,9 +100,10 @@ pub async fn serve(svc: &Rc<Services>, conn: &Rc<Conn>, kept: &mut BytesMut) -> 
             }
             (&Method::GET, "/readyz") => routes::readyz(svc, conn.is_admin()),
             (&Method::GET, "/metrics") if admin_routes => routes::metrics(svc),
-            (&Method::POST, "/api/publish" | "/api/disconnect" | "/api/subscribe" | "/api/unsubscribe")
-                if admin_routes =>
-            {
+            (
+                &Method::POST,
+                "/api/publish" | "/api/disconnect" | "/api/subscribe" | "/api/unsubscribe" | "/api/batch",
+            ) if admin_routes => {
                 let body = match read_body(shard, conn, &head, kept, deadline).await? {
                     Ok(body) => body,
                     Err(reply) => {
@@ -110,10 +112,11 @@ pub async fn serve(svc: &Rc<Services>, conn: &Rc<Conn>, kept: &mut BytesMut) -> 
                     }
                 };
                 match path {
-                    "/api/publish" => routes::publish(svc, &head, &body).await,
-                    "/api/subscribe" => routes::membership(svc, &head, &body, true).await,
-                    "/api/unsubscribe" => routes::membership(svc, &head, &body, false).await,
-                    _ => routes::disconnect(svc, &head, &body).await,
+                    "/api/publish" => routes::call(svc, &head, &body, routes::Call::Publish).await,
+                    "/api/subscribe" => routes::call(svc, &head, &body, routes::Call::Subscribe).await,
+                    "/api/unsubscribe" => routes::call(svc, &head, &body, routes::Call::Unsubscribe).await,
+                    "/api/batch" => routes::batch(svc, &head, &body).await,
+                    _ => routes::call(svc, &head, &body, routes::Call::Disconnect).await,
                 }
             }
             (&Method::GET, "/api/history") if admin_routes => routes::history(svc, &head).await,
@@ -130,6 +133,7 @@ pub async fn serve(svc: &Rc<Services>, conn: &Rc<Conn>, kept: &mut BytesMut) -> 
                 | "/api/disconnect"
                 | "/api/subscribe"
                 | "/api/unsubscribe"
+                | "/api/batch"
                 | "/api/presence"
                 | "/api/presence_stats"
                 | "/api/rooms"
@@ -227,6 +231,7 @@ fn reason(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
         411 => "Length Required",
         413 => "Content Too Large",
         426 => "Upgrade Required",

@@ -1,5 +1,7 @@
-//! The plain HTTP routes: `/metrics`, `POST /api/publish` (PROTOCOL.md §1, §4)
-//! and the demo page at `/` with the JS client it imports at `/corecast.js`.
+//! The plain HTTP routes: `/metrics`, the server API (PROTOCOL.md §1, §4,
+//! §12; each call a function from its body to an `Answer`, shared with
+//! `POST /api/batch` in `batch.rs`) and the demo page at `/` with the JS
+//! client it imports at `/corecast.js`.
 
 use std::borrow::Cow;
 use std::rc::Rc;
@@ -13,7 +15,9 @@ use super::{Reply, json, refused};
 use crate::bus::redis::Readiness;
 use crate::metrics::{self, NodeInfo};
 use crate::protocol::{Position, Target, Unavailable, event, is_valid_name};
+use crate::rt::Oneshot;
 use crate::services::Services;
+use crate::services::idempotency::{self, Claimed};
 use crate::shard::Shard;
 
 /// `GET /healthz`: 200 while every shard's runtime is turning; 503 naming
@@ -97,16 +101,6 @@ pub fn metrics(svc: &Rc<Services>) -> Reply {
     Reply::new(200, metrics::CONTENT_TYPE, Bytes::from(body))
 }
 
-#[derive(Deserialize)]
-struct PublishBody<'a> {
-    #[serde(borrow, default)]
-    room: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    user: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    data: &'a RawValue,
-}
-
 /// `GET /api/presence?room=R[&after=U&limit=K]` and (`stats`)
 /// `GET /api/presence_stats?room=R` (§11): the ops' replies without `id`.
 pub async fn presence(svc: &Rc<Services>, head: &Parts, stats: bool) -> Reply {
@@ -173,6 +167,76 @@ pub async fn history(svc: &Rc<Services>, head: &Parts) -> Reply {
     }
 }
 
+/// What a server API call answers: its status and its JSON body. The
+/// route sends it as is; `POST /api/batch` (`batch.rs`) lists the body.
+pub struct Answer {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+impl Answer {
+    fn fixed(status: u16, body: &'static str) -> Answer {
+        Answer { status, body: Bytes::from_static(body.as_bytes()) }
+    }
+
+    fn reply(self) -> Reply {
+        Reply::new(self.status, "application/json", self.body)
+    }
+}
+
+/// A server API call that takes a JSON body, as `POST /api/batch` names it.
+#[derive(Clone, Copy)]
+pub enum Call {
+    Publish,
+    Disconnect,
+    Subscribe,
+    Unsubscribe,
+}
+
+impl Call {
+    pub fn named(method: &str) -> Option<Call> {
+        Some(match method {
+            "publish" => Call::Publish,
+            "disconnect" => Call::Disconnect,
+            "subscribe" => Call::Subscribe,
+            "unsubscribe" => Call::Unsubscribe,
+            _ => return None,
+        })
+    }
+
+    /// Runs the call on `params` (its body), already past `refused`.
+    pub async fn run(self, svc: &Rc<Services>, params: &[u8]) -> Answer {
+        match self {
+            Call::Publish => publish_call(svc, params).await,
+            Call::Disconnect => disconnect_call(svc, params).await,
+            Call::Subscribe => membership_call(svc, params, true).await,
+            Call::Unsubscribe => membership_call(svc, params, false).await,
+        }
+    }
+}
+
+/// `POST /api/publish`, `/api/disconnect`, `/api/subscribe`,
+/// `/api/unsubscribe`: the rules of §4, then the call.
+pub async fn call(svc: &Rc<Services>, head: &Parts, body: &[u8], call: Call) -> Reply {
+    if let Some(r) = refused(svc, head) {
+        return r;
+    }
+    call.run(svc, body).await.reply()
+}
+
+/// `POST /api/batch` (`batch.rs`): the rules of §4 once, then each
+/// command through `Call::run`.
+pub async fn batch(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
+    if let Some(r) = refused(svc, head) {
+        return r;
+    }
+    let run = |method: &str, params| Call::named(method).map(|c| async move { c.run(svc, params).await.body });
+    match super::batch::run(body, run).await {
+        Ok(replies) => Reply::new(200, "application/json", replies),
+        Err(bad) => json(400, bad),
+    }
+}
+
 #[derive(Deserialize)]
 struct DisconnectBody<'a> {
     #[serde(borrow)]
@@ -187,27 +251,27 @@ struct DisconnectBody<'a> {
 /// connection of U on every node gets `{"ev":"disconnect",..}` and is
 /// closed with C (default 4500), through the user's own channel, so it
 /// reaches exactly the nodes that have U, on every topology.
-pub async fn disconnect(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
-    if let Some(r) = refused(svc, head) {
-        return r;
-    }
+async fn disconnect_call(svc: &Rc<Services>, body: &[u8]) -> Answer {
     let Ok(req) = serde_json::from_slice::<DisconnectBody>(body) else {
-        return json(400, r#"{"error":"bad_request","message":"expected {\"user\":U,\"code\":C,\"reason\":S}"}"#);
+        return Answer::fixed(
+            400,
+            r#"{"error":"bad_request","message":"expected {\"user\":U,\"code\":C,\"reason\":S}"}"#,
+        );
     };
     let code = req.code.unwrap_or(4500);
     let reason = req.reason.as_deref().unwrap_or("");
     if !is_valid_name(&req.user) {
-        return json(400, r#"{"error":"bad_request","message":"user must be a valid user id"}"#);
+        return Answer::fixed(400, r#"{"error":"bad_request","message":"user must be a valid user id"}"#);
     }
     if !(4000..=4999).contains(&code) {
-        return json(400, r#"{"error":"bad_request","message":"code must be 4000-4999"}"#);
+        return Answer::fixed(400, r#"{"error":"bad_request","message":"code must be 4000-4999"}"#);
     }
     if reason.len() > 120 {
-        return json(400, r#"{"error":"bad_request","message":"reason is at most 120 bytes"}"#);
+        return Answer::fixed(400, r#"{"error":"bad_request","message":"reason is at most 120 bytes"}"#);
     }
     match svc.publish_confirmed(Target::User(&req.user), event::disconnect(code, reason)).await {
-        Ok(()) => json(200, r#"{"ok":true}"#),
-        Err(_) => json(503, r#"{"error":"unavailable","message":"the backplane is unavailable, try again"}"#),
+        Ok(()) => Answer::fixed(200, r#"{"ok":true}"#),
+        Err(_) => Answer::fixed(503, r#"{"error":"unavailable","message":"the backplane is unavailable, try again"}"#),
     }
 }
 
@@ -231,83 +295,291 @@ struct SinceBody {
 /// `POST /api/unsubscribe` `{"user":U,"room":R}` (§12): every connection
 /// of U on every node joins (leaves) R as if it had sent the op, without a
 /// grant check, and gets `subscribed` (`unsubscribed`) with `"server":true`.
-pub async fn membership(svc: &Rc<Services>, head: &Parts, body: &[u8], subscribe: bool) -> Reply {
-    if let Some(r) = refused(svc, head) {
-        return r;
-    }
+async fn membership_call(svc: &Rc<Services>, body: &[u8], subscribe: bool) -> Answer {
     let Ok(req) = serde_json::from_slice::<MembershipBody>(body) else {
-        return json(400, r#"{"error":"bad_request","message":"expected {\"user\":U,\"room\":R}"}"#);
+        return Answer::fixed(400, r#"{"error":"bad_request","message":"expected {\"user\":U,\"room\":R}"}"#);
     };
     if !is_valid_name(&req.user) {
-        return json(400, r#"{"error":"bad_request","message":"user must be a valid user id"}"#);
+        return Answer::fixed(400, r#"{"error":"bad_request","message":"user must be a valid user id"}"#);
     }
     if !is_valid_name(&req.room) {
-        return json(400, r#"{"error":"bad_room","message":"room must be a valid room name"}"#);
+        return Answer::fixed(400, r#"{"error":"bad_room","message":"room must be a valid room name"}"#);
     }
     let since = match req.since {
         None => None,
         Some(s) if subscribe => match crate::protocol::Epoch::new(&s.epoch) {
             Some(epoch) => Some(Position { epoch, offset: s.offset }),
-            None => return json(400, r#"{"error":"bad_request","message":"since.epoch is at most 64 bytes"}"#),
+            None => {
+                return Answer::fixed(400, r#"{"error":"bad_request","message":"since.epoch is at most 64 bytes"}"#);
+            }
         },
-        Some(_) => return json(400, r#"{"error":"bad_request","message":"since goes with subscribe only"}"#),
+        Some(_) => return Answer::fixed(400, r#"{"error":"bad_request","message":"since goes with subscribe only"}"#),
     };
     let m = event::ServerMembership { subscribe, room: req.room.into_owned(), since };
     match svc.server_membership(&req.user, &m).await {
-        Ok(()) => json(200, r#"{"ok":true}"#),
-        Err(_) => json(503, r#"{"error":"unavailable","message":"the backplane is unavailable, try again"}"#),
+        Ok(()) => Answer::fixed(200, r#"{"ok":true}"#),
+        Err(_) => Answer::fixed(503, r#"{"error":"unavailable","message":"the backplane is unavailable, try again"}"#),
     }
 }
 
-pub async fn publish(svc: &Rc<Services>, head: &Parts, body: &[u8]) -> Reply {
-    let shard = svc.shard();
-    // Server-side publish is never open on an authenticated node (§4): with
-    // client auth on, it needs an API key.
-    if let Some(r) = refused(svc, head) {
-        return r;
+/// Most targets of one `POST /api/publish` (§12).
+pub const MAX_TARGETS: usize = 1000;
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    #[serde(borrow, default)]
+    room: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    rooms: Option<Vec<Cow<'a, str>>>,
+    #[serde(borrow, default)]
+    users: Option<Vec<Cow<'a, str>>>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    #[serde(borrow, default)]
+    idempotency_key: Option<Cow<'a, str>>,
+}
+
+/// Whom a publish goes to: one room or user (the reply of §4), or a list
+/// (the reply with `results`, §12).
+struct Targets<'a> {
+    rooms: bool,
+    list: bool,
+    names: Vec<Cow<'a, str>>,
+}
+
+impl Targets<'_> {
+    fn kind(&self) -> &'static str {
+        match (self.rooms, self.list) {
+            (true, false) => "room",
+            (false, false) => "user",
+            (true, true) => "rooms",
+            (false, true) => "users",
+        }
     }
+}
+
+/// `POST /api/publish` (§4, §12): to `room`, `user`, `rooms` or `users`
+/// (exactly one), optionally under an `idempotency_key`.
+///
+/// The publishes to a list's targets are all queued first and then
+/// awaited, so they travel together (one pipeline per Redis link) rather
+/// than one round trip after another. A list repeating a name publishes to
+/// it once per occurrence, each with its entry in `results`.
+async fn publish_call(svc: &Rc<Services>, body: &[u8]) -> Answer {
+    let shard = svc.shard();
     let Ok(req) = serde_json::from_slice::<PublishBody>(body) else {
-        return json(400, r#"{"ok":false,"error":"expected {\"room\":R,\"data\":D} or {\"user\":U,\"data\":D}"}"#);
+        return Answer::fixed(
+            400,
+            r#"{"ok":false,"error":"expected {\"room\":R,\"data\":D} or {\"user\":U,\"data\":D}"}"#,
+        );
     };
     let data = req.data.get();
     // An event no subscriber's queue could take is refused, not published
     // to cut every subscriber off (or be dropped by every node's reader).
     if !shard.cfg.deliverable(data.len()) {
-        return json(413, r#"{"ok":false,"error":"too_large"}"#);
+        return Answer::fixed(413, r#"{"ok":false,"error":"too_large"}"#);
     }
-    let result = match (&req.room, &req.user) {
-        (Some(room), None) if is_valid_name(room) => match svc.history_of(room) {
-            // §4 + §7: the reply carries the message's position.
-            Some((h, settings)) => {
-                return match h.publish_positioned(shard, room, settings, SERVER_USER, data).await {
-                    Ok(pos) => positioned(pos),
-                    Err(Unavailable) => json(503, r#"{"ok":false,"error":"unavailable"}"#),
-                };
-            }
-            // The answer waits until the backplane took the message (with
-            // Redis: its reply to the PUBLISH), so that a backend's next
-            // call, wherever it lands, comes after it.
-            None => svc.publish_confirmed(Target::Room(room), event::message(room, SERVER_USER, data)).await,
-        },
-        (Some(_), None) => return json(400, r#"{"ok":false,"error":"bad_room"}"#),
-        (None, Some(user)) if is_valid_name(user) => {
-            svc.publish_confirmed(Target::User(user), event::direct(SERVER_USER, data)).await
+    let targets = match (req.room, req.user, req.rooms, req.users) {
+        (Some(room), None, None, None) if is_valid_name(&room) => {
+            Targets { rooms: true, list: false, names: vec![room] }
         }
-        _ => return json(400, r#"{"ok":false,"error":"give exactly one of room or user"}"#),
+        (Some(_), None, None, None) => return Answer::fixed(400, r#"{"ok":false,"error":"bad_room"}"#),
+        (None, Some(user), None, None) if is_valid_name(&user) => {
+            Targets { rooms: false, list: false, names: vec![user] }
+        }
+        (None, None, Some(names), None) => Targets { rooms: true, list: true, names },
+        (None, None, None, Some(names)) => Targets { rooms: false, list: true, names },
+        (None, None, None, None) | (None, Some(_), None, None) => {
+            return Answer::fixed(400, r#"{"ok":false,"error":"give exactly one of room or user"}"#);
+        }
+        _ => {
+            return Answer::fixed(
+                400,
+                r#"{"ok":false,"error":"bad_request","message":"give exactly one of room, user, rooms or users"}"#,
+            );
+        }
     };
-    match result {
-        Ok(()) => json(200, r#"{"ok":true}"#),
-        Err(_) => json(503, r#"{"ok":false,"error":"unavailable"}"#),
+    if targets.list {
+        if targets.names.is_empty() || targets.names.len() > MAX_TARGETS {
+            return Answer::fixed(
+                400,
+                r#"{"ok":false,"error":"bad_request","message":"rooms and users list 1 to 1000 names"}"#,
+            );
+        }
+        if let Some(i) = targets.names.iter().position(|n| !is_valid_name(n)) {
+            let (error, what) = if targets.rooms { ("bad_room", "room name") } else { ("bad_request", "user id") };
+            let body = format!(
+                r#"{{"ok":false,"error":"{error}","message":"{}[{i}] is not a valid {what}"}}"#,
+                targets.kind()
+            );
+            return Answer { status: 400, body: Bytes::from(body) };
+        }
+    }
+    let Some(key) = req.idempotency_key else {
+        return publish_to(svc, &targets, data).await;
+    };
+    if key.is_empty() || key.len() > idempotency::MAX_KEY {
+        return Answer::fixed(
+            400,
+            r#"{"ok":false,"error":"bad_request","message":"idempotency_key is 1 to 64 bytes"}"#,
+        );
+    }
+    let fp = idempotency::Fingerprint::of(targets.kind(), targets.names.iter().map(|n| &**n));
+    let claim = match svc.idempotency().claim(&key, &fp).await {
+        Claimed::Go(claim) => claim,
+        Claimed::Replay(body) => return Answer { status: 200, body },
+        Claimed::Conflict => {
+            return Answer::fixed(
+                409,
+                r#"{"ok":false,"error":"conflict","message":"this idempotency_key was used with other targets"}"#,
+            );
+        }
+        Claimed::InFlight => {
+            return Answer::fixed(
+                409,
+                r#"{"ok":false,"error":"in_progress","message":"a call with this idempotency_key is still in flight, try again"}"#,
+            );
+        }
+        Claimed::Unavailable => return Answer::fixed(503, r#"{"ok":false,"error":"unavailable"}"#),
+    };
+    let answer = publish_to(svc, &targets, data).await;
+    let kept = (answer.status == 200).then_some(&answer.body);
+    svc.idempotency().done(claim, kept).await;
+    answer
+}
+
+/// How long a list's publishes wait for a congested local bus.
+const CONGESTED_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// One target's publish, queued; `wait` resolves to its outcome.
+enum Queued {
+    Now(Result<Option<Position>, Unavailable>),
+    Bus(Oneshot<bool>),
+    History(Oneshot<Result<Position, Unavailable>>),
+}
+
+impl Queued {
+    async fn wait(self, shard: &Shard) -> Result<Option<Position>, Unavailable> {
+        match self {
+            Queued::Now(r) => r,
+            Queued::History(slot) => crate::history::recover::bounded(slot.wait()).await.map(Some),
+            // The link answers or gives up within its own limit (a PUBLISH
+            // unanswered past `DEAD_AFTER` is lost).
+            Queued::Bus(slot) => match slot.wait().await {
+                true => Ok(None),
+                false => {
+                    shard.m().bus_unavailable_total.inc();
+                    Err(Unavailable)
+                }
+            },
+        }
     }
 }
 
-/// `{"ok":true,"epoch":E,"offset":N}`: a publish into a history room.
-fn positioned(pos: Position) -> Reply {
-    let mut body = br#"{"ok":true,"epoch":"#.to_vec();
+/// Queues the publish to one target: into a history room through its
+/// history (the reply carries the position, §4 + §7), else to the bus. The
+/// answer waits until the backplane took each (with Redis: its reply to the
+/// PUBLISH), so that a backend's next call, wherever it lands, comes after.
+fn queue(svc: &Rc<Services>, room: bool, name: &str, data: &str) -> Queued {
+    let shard = svc.shard();
+    if !room {
+        return match svc.publish_queued(Target::User(name), event::direct(SERVER_USER, data)) {
+            Ok(Some(slot)) => Queued::Bus(slot),
+            Ok(None) => Queued::Now(Ok(None)),
+            Err(u) => Queued::Now(Err(u)),
+        };
+    }
+    match svc.history_of(name) {
+        Some((h, settings)) => {
+            let slot = Oneshot::default();
+            match h.publish(shard, name, settings, SERVER_USER, data, Some(slot.clone())) {
+                Ok(()) => Queued::History(slot),
+                Err(u) => Queued::Now(Err(u)),
+            }
+        }
+        None => match svc.publish_queued(Target::Room(name), event::message(name, SERVER_USER, data)) {
+            Ok(Some(slot)) => Queued::Bus(slot),
+            Ok(None) => Queued::Now(Ok(None)),
+            Err(u) => Queued::Now(Err(u)),
+        },
+    }
+}
+
+/// Publishes `data` to every target (all queued, then awaited) and answers.
+/// One target: §4's reply. A list: `{"ok":true,"results":[..]}` in request
+/// order, or if the backplane refused any, 503 with the same list where
+/// each refused target's entry says `"error":"unavailable"` (the others
+/// were published).
+///
+/// On the local bus a list's publishes all go into the shards' queues in
+/// one turn, and past `inbox::pair_publish_limit` (about 8000 with 2
+/// shards, 130 with 64) the bus refuses them as congested until the other
+/// shards drain: a list waits for that (up to `CONGESTED_WAIT`) instead of
+/// failing targets a moment later would take.
+async fn publish_to(svc: &Rc<Services>, targets: &Targets<'_>, data: &str) -> Answer {
+    let standalone = svc.shard().cfg.redis.is_none();
+    let mut queued: Vec<Queued> = Vec::with_capacity(targets.names.len());
+    let end = std::time::Instant::now() + CONGESTED_WAIT;
+    for n in &targets.names {
+        let mut q = queue(svc, targets.rooms, n, data);
+        while targets.list && standalone && matches!(q, Queued::Now(Err(_))) && std::time::Instant::now() < end {
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            q = queue(svc, targets.rooms, n, data);
+        }
+        queued.push(q);
+    }
+    let mut outcomes = Vec::with_capacity(queued.len());
+    for q in queued {
+        outcomes.push(q.wait(svc.shard()).await);
+    }
+    if !targets.list {
+        return match outcomes.pop() {
+            Some(Ok(Some(pos))) => positioned(pos),
+            Some(Ok(None)) => Answer::fixed(200, r#"{"ok":true}"#),
+            _ => Answer::fixed(503, r#"{"ok":false,"error":"unavailable"}"#),
+        };
+    }
+    let failed = outcomes.iter().any(Result::is_err);
+    let mut body = Vec::with_capacity(32 + outcomes.len() * 40);
+    body.extend_from_slice(if failed {
+        br#"{"ok":false,"error":"unavailable","results":["#
+    } else {
+        br#"{"ok":true,"results":["#
+    });
+    for (i, (name, outcome)) in targets.names.iter().zip(&outcomes).enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(if targets.rooms { br#"{"room":"# } else { br#"{"user":"# });
+        // A valid name needs no escaping; written through serde all the same.
+        serde_json::to_writer(&mut body, &**name).expect("write to memory");
+        match outcome {
+            Ok(Some(pos)) => put_position(&mut body, pos),
+            Ok(None) => {}
+            Err(Unavailable) => body.extend_from_slice(br#","error":"unavailable""#),
+        }
+        body.push(b'}');
+    }
+    body.extend_from_slice(b"]}");
+    Answer { status: if failed { 503 } else { 200 }, body: Bytes::from(body) }
+}
+
+/// `,"epoch":E,"offset":N`.
+fn put_position(body: &mut Vec<u8>, pos: &Position) {
+    body.extend_from_slice(br#","epoch":"#);
     // An epoch is a JSON-safe string once encoded.
-    serde_json::to_writer(&mut body, pos.epoch.as_str()).expect("write to memory");
-    body.extend_from_slice(format!(",\"offset\":{}}}", pos.offset).as_bytes());
-    Reply::new(200, "application/json", Bytes::from(body))
+    serde_json::to_writer(&mut *body, pos.epoch.as_str()).expect("write to memory");
+    body.extend_from_slice(format!(",\"offset\":{}", pos.offset).as_bytes());
+}
+
+/// `{"ok":true,"epoch":E,"offset":N}`: a publish into a history room.
+fn positioned(pos: Position) -> Answer {
+    let mut body = br#"{"ok":true"#.to_vec();
+    put_position(&mut body, &pos);
+    body.push(b'}');
+    Answer { status: 200, body: Bytes::from(body) }
 }
 
 /// `--debug-hooks` (test-only): `/debug/shard` names the shard answering;

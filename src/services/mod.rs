@@ -11,6 +11,7 @@
 //! - `expiry.rs` — token expiry and the `refresh` op.
 //! - `presence/` — who is in a room, join/leave (§11).
 //! - `census.rs` — what every node has: `/api/rooms`, `/api/info` (§12).
+//! - `idempotency/` — `POST /api/publish`'s idempotency keys (§12).
 //!
 //! In: client ops (`session` → `ops`), HTTP calls (`http`), inbox messages.
 //! Out: `Shard` membership and fan-out, `Bus` publishes and interest,
@@ -18,6 +19,7 @@
 
 pub mod census;
 pub mod expiry;
+pub mod idempotency;
 pub mod ops;
 pub mod presence;
 
@@ -47,6 +49,8 @@ pub struct Services {
     presence: presence::Presence,
     /// The censuses in flight (`/api/rooms`, `/api/info`).
     census: census::Census,
+    /// `POST /api/publish`'s idempotency keys (§12).
+    idempotency: idempotency::Idempotency,
 }
 
 impl Services {
@@ -66,7 +70,8 @@ impl Services {
         });
         let presence = presence::Presence::new(&shard, &bus, hooks);
         let census = census::Census::new(shard.id);
-        let svc = Rc::new(Services { shard, bus, history, presence, census });
+        let idempotency = idempotency::Idempotency::new(&bus);
+        let svc = Rc::new(Services { shard, bus, history, presence, census, idempotency });
         presence::Presence::start(&svc);
         census::Census::start(&svc);
         svc
@@ -84,6 +89,10 @@ impl Services {
     /// `room`'s history and its settings, if its namespace keeps history.
     pub fn history_of(&self, room: &str) -> Option<(&Rc<ShardHistory>, HistorySettings)> {
         Some((self.history.as_ref()?, self.shard.cfg.namespaces.history(room)?))
+    }
+
+    pub fn idempotency(&self) -> &idempotency::Idempotency {
+        &self.idempotency
     }
 
     /// Can this node serve, as far as the backplane goes (`/readyz`,
@@ -263,6 +272,29 @@ impl Services {
     /// message (`Bus::publish_confirmed`): for `POST /api/publish`.
     pub async fn publish_confirmed(&self, target: Target<'_>, frame: Bytes) -> Result<(), Unavailable> {
         self.count_publish(self.bus.publish_confirmed(&self.shard, target, frame).await)
+    }
+
+    /// Queues a publish like `publish_confirmed` without waiting for it,
+    /// so that many can be in flight together (`POST /api/publish` to many
+    /// targets): `Ok(None)` when the backplane took it at once (the local
+    /// bus), else a slot filled with whether Redis took it.
+    pub fn publish_queued(
+        &self,
+        target: Target<'_>,
+        frame: Bytes,
+    ) -> Result<Option<crate::rt::Oneshot<bool>>, Unavailable> {
+        let r = match &*self.bus {
+            Bus::Local => crate::bus::local::publish(&self.shard, target, frame).map(|()| None),
+            Bus::Redis(r) => {
+                let done = crate::rt::Oneshot::default();
+                r.publish_confirmed(target, frame, done.clone()).map(|()| Some(done))
+            }
+        };
+        self.shard.m().publishes_total.inc();
+        if r.is_err() {
+            self.shard.m().bus_unavailable_total.inc();
+        }
+        r
     }
 
     /// `corecast_publishes_total`, and `bus_unavailable_total` for a refusal.
