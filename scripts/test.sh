@@ -122,7 +122,7 @@ if command -v node >/dev/null; then
   node -e 'typeof WebSocket === "function" || process.exit(1)' 2>/dev/null || node_ws=(--experimental-websocket)
   (cd clients/js && CORECAST_BIN=../../target/debug/corecast node "${node_ws[@]}" --test \
     test/basic.test.mjs test/reconnect.test.mjs test/safety-net.test.mjs test/recovery.test.mjs \
-    test/subscription-token.test.mjs test/presence.test.mjs test/disconnect.test.mjs test/server-subscribe.test.mjs)
+    test/subscription-token.test.mjs test/presence.test.mjs test/disconnect.test.mjs test/server-subscribe.test.mjs test/backend-example.test.mjs)
 else
   [ $QUICK = 1 ] || { echo "node is missing" >&2; exit 1; }
   echo "== JS client tests skipped (no node; scripts/test.sh without --quick installs it)"
