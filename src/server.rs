@@ -274,6 +274,7 @@ fn run_shard(
             info!(shard = id, core, driver, "shard running");
             let _ = ready.send(Ok(()));
             shard.drained().await;
+            svc.settle().await;
         }
     };
     match driver_choice {

@@ -101,6 +101,12 @@ impl Services {
         self.bus.readiness(self.shard.cfg.ready_grace)
     }
 
+    /// The shard drained (its connections are gone) and the node is about
+    /// to exit: what the services still owe the backplane goes out first.
+    pub async fn settle(self: &Rc<Self>) {
+        presence::Presence::settle(self).await;
+    }
+
     // ---- connections ------------------------------------------------------------
 
     /// The connection finished its WebSocket handshake as `user`.

@@ -69,6 +69,13 @@ const RETRY: Duration = Duration::from_millis(10);
 /// A lost or refused presence write is tried again after this (while Redis
 /// is away, every this often).
 const LOST_RETRY: Duration = Duration::from_millis(300);
+/// Writes of one shard are at least this far apart: the first change after
+/// a quiet spell is written in its own turn; during a storm the changes of
+/// the next `LINGER` join one batch (one call per room), so a steady stream
+/// of joins costs Redis a call per room per `LINGER`, not one per turn.
+const LINGER: Duration = Duration::from_millis(2);
+/// How long a drained node waits for its last presence writes.
+const SETTLE: Duration = Duration::from_secs(1);
 /// At most this many users per script call (a join storm of one room is a
 /// few calls, each short enough not to stall Redis).
 const BATCH_USERS: usize = 500;
@@ -115,6 +122,8 @@ pub struct Presence {
     /// (room, user) whose count on this shard changed since the last flush.
     dirty: RefCell<FxHashSet<(Rc<str>, Rc<str>)>>,
     flushing: Cell<bool>,
+    /// When the last flush ran (`LINGER`).
+    flushed: Cell<std::time::Instant>,
     next_token: Cell<u64>,
     /// Changes of rooms whose Redis subscription is not confirmed yet
     /// (`when_settled`), and the rooms waited for.
@@ -150,6 +159,7 @@ impl Presence {
         Presence {
             dirty: RefCell::default(),
             flushing: Cell::new(false),
+            flushed: Cell::new(std::time::Instant::now() - LINGER),
             next_token: Cell::new(1),
             timers: RefCell::default(),
             held: RefCell::default(),
@@ -214,6 +224,8 @@ impl Presence {
             return;
         }
         let svc = svc.clone();
+        // Within `LINGER` of the last flush: the changes until then join.
+        let after = after.max(LINGER.saturating_sub(svc.presence.flushed.get().elapsed()));
         monoio::spawn(async move {
             if after.is_zero() {
                 // The rest of this turn's changes join the batch.
@@ -222,8 +234,27 @@ impl Presence {
                 monoio::time::sleep(after).await;
             }
             svc.presence.flushing.set(false);
+            svc.presence.flushed.set(std::time::Instant::now());
             Self::flush(&svc);
         });
+    }
+
+    /// The node drained and is about to exit: what changed is written now
+    /// (not after `LINGER`), and the writes in flight are waited for, at
+    /// most `SETTLE`, so that other nodes do not see this node's last
+    /// members until the reaper takes them (about 20 s).
+    pub async fn settle(svc: &Rc<Services>) {
+        let Store::Redis(link) = &svc.presence.store else { return };
+        let end = std::time::Instant::now() + SETTLE;
+        loop {
+            if !svc.presence.dirty.borrow().is_empty() && link.leased() {
+                Self::flush(svc);
+            }
+            if (link.idle() && svc.presence.dirty.borrow().is_empty()) || std::time::Instant::now() >= end {
+                return;
+            }
+            monoio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Writes what changed, one call per room.

@@ -62,6 +62,8 @@ pub struct PresenceLink {
     /// Our lease is in Redis: writes wait for it, so that no writer ever
     /// leaves counts behind that no reaper would find.
     leased: Cell<bool>,
+    /// Writes sent and not answered yet (`Presence::settle` waits for them).
+    inflight: Rc<Cell<usize>>,
 }
 
 impl PresenceLink {
@@ -75,7 +77,13 @@ impl PresenceLink {
             registered: RefCell::default(),
             next: Cell::new(1),
             leased: Cell::new(false),
+            inflight: Rc::default(),
         })
+    }
+
+    /// No write of ours is waiting for Redis.
+    pub fn idle(&self) -> bool {
+        self.inflight.get() == 0
     }
 
     fn token(&self) -> String {
@@ -170,12 +178,14 @@ impl PresenceLink {
         let empty = counts.iter().all(|(_, c)| *c == 0);
         let users: Vec<Rc<str>> = counts.iter().map(|(u, _)| Rc::from(&**u)).collect();
         let again = users.clone();
+        let inflight = self.inflight.clone();
+        inflight.set(inflight.get() + 1);
         let sent = self.run(
             svc,
             route,
             &SET,
             &args,
-            Box::new(move |r| match r {
+            Box::new(move |r| match (inflight.set(inflight.get() - 1), r).1 {
                 Ok(f @ BytesFrame::Array(_)) => {
                     on_changes(&svc2, &room2, &f, &token2);
                     if empty && let super::Store::Redis(link) = &svc2.presence.store {
@@ -194,6 +204,8 @@ impl PresenceLink {
             }),
         );
         if sent.is_err() {
+            // Refused at once: the callback was dropped, not called.
+            self.inflight.set(self.inflight.get().saturating_sub(1));
             Presence::write_again(svc, room, again);
         }
     }
