@@ -261,6 +261,11 @@ pub struct Options {
     /// the batched sends on one binary. [default: true]
     #[arg(long, env = "CORECAST_BATCHED_SENDS", hide = true)]
     pub batched_sends: Option<bool>,
+    /// Benchmarks only: `true` makes every shard with members of a room
+    /// hold its own Redis subscription, as before one subscription per
+    /// node (`services::relay`), for A/B runs. [default: false]
+    #[arg(long, env = "CORECAST_PER_SHARD_SUBSCRIPTIONS", hide = true)]
+    pub per_shard_subscriptions: Option<bool>,
 }
 
 /// `--compression`: permessage-deflate accepted or declined.
@@ -420,6 +425,9 @@ pub struct Config {
     /// `--batched-sends` (hidden, for benchmarks): io_uring batches the
     /// flusher's writes (io_uring driver only).
     pub batched_sends: bool,
+    /// `--per-shard-subscriptions` (hidden, for benchmarks): no relay, every
+    /// shard subscribes for its own members.
+    pub per_shard_subscriptions: bool,
     /// Room history (§7) of the rooms no namespace matches; `None`: off.
     pub history: Option<HistorySettings>,
     /// Per-prefix room options (§10); `namespaces.history(room)` says
@@ -481,6 +489,7 @@ impl Options {
             log_format,
             debug_hooks,
             batched_sends,
+            per_shard_subscriptions,
             history_size,
             history_ttl_secs,
             history_max_bytes,
@@ -627,6 +636,7 @@ impl Config {
             log_format: o.log_format.unwrap_or(LogFormat::Text),
             debug_hooks: o.debug_hooks.unwrap_or(false),
             batched_sends: o.batched_sends.unwrap_or(true),
+            per_shard_subscriptions: o.per_shard_subscriptions.unwrap_or(false),
             history,
             namespaces,
             history_max_bytes: o.history_max_bytes.unwrap_or(256 << 20),

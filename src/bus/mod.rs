@@ -85,10 +85,12 @@ impl Bus {
         }
     }
 
-    /// `ShardMsg::Subscribed` from the Redis reader.
-    pub fn on_subscribed(&self, shard: &Shard, room: &str, seq: u64, confirmed: bool) {
-        if let Bus::Redis(r) = self {
-            r.on_subscribed(shard, room, seq, confirmed);
+    /// `ShardMsg::Subscribed` from the Redis reader (or the relaying
+    /// shard): true when it changed the room's state here.
+    pub fn on_subscribed(&self, shard: &Shard, room: &str, seq: u64, confirmed: bool) -> bool {
+        match self {
+            Bus::Redis(r) => r.on_subscribed(shard, room, seq, confirmed),
+            Bus::Local => false,
         }
     }
 

@@ -12,6 +12,7 @@
 //! - `presence/` — who is in a room, join/leave (§11).
 //! - `census.rs` — what every node has: `/api/rooms`, `/api/info` (§12).
 //! - `idempotency/` — `POST /api/publish`'s idempotency keys (§12).
+//! - `relay.rs` — one Redis subscription per room per node.
 //!
 //! In: client ops (`session` → `ops`), HTTP calls (`http`), inbox messages.
 //! Out: `Shard` membership and fan-out, `Bus` publishes and interest,
@@ -22,6 +23,7 @@ pub mod expiry;
 pub mod idempotency;
 pub mod ops;
 pub mod presence;
+pub mod relay;
 
 use std::rc::Rc;
 
@@ -51,6 +53,8 @@ pub struct Services {
     census: census::Census,
     /// `POST /api/publish`'s idempotency keys (§12).
     idempotency: idempotency::Idempotency,
+    /// The rooms this shard holds the node's subscription of.
+    relay: relay::Relay,
 }
 
 impl Services {
@@ -71,7 +75,7 @@ impl Services {
         let presence = presence::Presence::new(&shard, &bus, hooks);
         let census = census::Census::new(shard.id);
         let idempotency = idempotency::Idempotency::new(&bus);
-        let svc = Rc::new(Services { shard, bus, history, presence, census, idempotency });
+        let svc = Rc::new(Services { shard, bus, history, presence, census, idempotency, relay: Default::default() });
         presence::Presence::start(&svc);
         census::Census::start(&svc);
         svc
@@ -146,7 +150,7 @@ impl Services {
     /// bus (interest bit, SUBSCRIBE) before any reply to the member is queued.
     fn join(self: &Rc<Self>, conn: &Rc<Conn>, room: &str) {
         if self.shard.subscribe(conn, room) {
-            self.bus.interest(&self.shard, Target::Room(room), true);
+            relay::Relay::interest(self, room, true);
         }
         if let Some(user) = conn.user() {
             presence::Presence::touch(self, room, &user);
@@ -172,8 +176,8 @@ impl Services {
     }
 
     /// This shard's last member of `room` left.
-    fn room_left(&self, room: &str) {
-        self.bus.interest(&self.shard, Target::Room(room), false);
+    fn room_left(self: &Rc<Self>, room: &str) {
+        relay::Relay::interest(self, room, false);
         if let Some(h) = &self.history {
             h.room_gone(room);
         }
@@ -338,8 +342,12 @@ impl Services {
         match msg {
             ShardMsg::Room { room, frame, sent, pos } => match (pos, &self.history) {
                 (Some(pos), Some(h)) => h.on_live(shard, &room, *pos, frame, sent),
-                _ => shard.deliver_timed(Target::Room(&room), &frame, sent),
+                _ => {
+                    relay::Relay::pass_on(self, &room, &frame, sent);
+                    shard.deliver_timed(Target::Room(&room), &frame, sent)
+                }
             },
+            ShardMsg::Relay { room, from, seq, on } => relay::Relay::on_relay(self, room, from, seq, on),
             ShardMsg::Direct { user, frame, .. } if census::Census::is_control(&user) => {
                 census::Census::on_frame(self, &user, &frame)
             }
@@ -348,9 +356,14 @@ impl Services {
                 None => shard.deliver_timed(Target::User(&user), &frame, sent),
             },
             ShardMsg::Drain => shard.start_drain(),
-            ShardMsg::Subscribed { room, seq, confirmed } => self.bus.on_subscribed(shard, &room, seq, confirmed),
+            ShardMsg::Subscribed { room, seq, confirmed } => {
+                if self.bus.on_subscribed(shard, &room, seq, confirmed) {
+                    relay::Relay::on_subscribed(self, &room, confirmed);
+                }
+            }
             ShardMsg::RedisLink { up } => {
                 self.bus.on_link(shard, up);
+                relay::Relay::on_link(self, up);
                 if let Some(h) = &self.history {
                     h.on_link(shard, up);
                 }

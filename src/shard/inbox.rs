@@ -110,6 +110,9 @@ pub enum ShardMsg {
     /// Standalone presence: a request to the room's presence owner shard,
     /// or its answer (`services::presence`).
     Presence(Box<crate::protocol::presence::Msg>),
+    /// To a room's relay shard (`services::relay`): shard `from` has
+    /// members of `room` now (`on`, for its join `seq`), or none any more.
+    Relay { room: Arc<str>, from: usize, seq: u64, on: bool },
     /// A census question to another shard of this node, or its part of
     /// the answer (`services::census`).
     Census(Box<crate::protocol::census::Msg>),

@@ -125,6 +125,13 @@ impl Shard {
         self.links.interest.peers(target, |i| self.send_counted(i, make()));
     }
 
+    /// Sends one room message to shard `i` (a relay passing on what its
+    /// reader got, `services::relay`); a full queue drops it, counted as
+    /// `to_interested` does.
+    pub fn send_room_to(&self, i: usize, room: Arc<str>, frame: Bytes, sent: Instant) {
+        self.send_counted(i, ShardMsg::Room { room, frame, sent, pos: None });
+    }
+
     /// Is this shard's queue into any shard that may have members of
     /// `target` past `inbox::pair_publish_limit`?
     pub fn interested_congested(&self, target: Target<'_>) -> bool {

@@ -172,6 +172,10 @@ struct RoomSub {
     waiting: Vec<(Weak<Conn>, Bytes)>,
     /// Tasks waiting for it (`RedisBus::confirmed`: a history read).
     wakers: Vec<Waker>,
+    /// Another shard of this node holds the room's subscription and relays
+    /// its messages here (`services::relay`): `confirmed`/`released` come
+    /// from it, and this shard's own subscriber link does not bear on them.
+    relayed: bool,
 }
 
 impl RoomSub {
@@ -346,32 +350,48 @@ impl RedisBus {
             Target::User(u) => (Kind::User, u),
         };
         let name: Arc<str> = Arc::from(name);
-        let mut seq = 0;
-        if kind == Kind::Room {
-            let mut rooms = self.rooms.borrow_mut();
-            if on {
-                seq = self.next_seq.replace(self.next_seq.get() + 1);
-                if let Some(mut old) = rooms.insert(
-                    name.clone(),
-                    RoomSub { seq, confirmed: false, released: false, waiting: Vec::new(), wakers: Vec::new() },
-                ) {
-                    old.wake();
-                }
-            } else if let Some(mut r) = rooms.remove(&*name) {
+        let seq = match kind {
+            Kind::Room => self.track(&name, on, false),
+            Kind::User => 0,
+        };
+        self.interest.push(Interest { kind, name, on, seq });
+    }
+
+    /// The room's state here (held replies, confirmation) for a join that
+    /// made it non-empty (`on`) or a leave that emptied it; `relayed`: its
+    /// subscription is another shard's (`services::relay`), this shard's
+    /// reader is not told. Returns the join's number (0 for a leave).
+    pub fn track(&self, room: &Arc<str>, on: bool, relayed: bool) -> u64 {
+        let mut rooms = self.rooms.borrow_mut();
+        if on {
+            let seq = self.next_seq.replace(self.next_seq.get() + 1);
+            let sub = RoomSub { seq, confirmed: false, released: false, waiting: Vec::new(), wakers: Vec::new(), relayed };
+            if let Some(mut old) = rooms.insert(room.clone(), sub) {
+                old.wake();
+            }
+            seq
+        } else {
+            if let Some(mut r) = rooms.remove(&**room) {
                 // Members that left were answered (`before_leave`); closed
                 // ones need nothing; a task waiting for the room ends.
                 r.wake();
             }
+            0
         }
-        self.interest.push(Interest { kind, name, on, seq });
+    }
+
+    /// Is this shard's subscription to `room` confirmed by Redis (and its
+    /// link up)? The relaying shard answers a new relay with it.
+    pub fn is_confirmed(&self, room: &str) -> bool {
+        self.link_up.get() && self.rooms.borrow().get(room).is_some_and(|r| r.confirmed)
     }
 
     /// Sends `reply` (a `subscribed` event) to `conn` now if this node is
     /// subscribed to `room` at Redis (or Redis is down: the membership is
     /// restored with the link), else once Redis confirms.
     pub fn reply_subscribed(&self, shard: &Shard, conn: &Rc<Conn>, room: &str, reply: Bytes) {
-        if self.link_up.get()
-            && let Some(r) = self.rooms.borrow_mut().get_mut(room)
+        if let Some(r) = self.rooms.borrow_mut().get_mut(room)
+            && (self.link_up.get() || r.relayed)
             && !r.confirmed
             && !r.released
         {
@@ -405,7 +425,9 @@ impl RedisBus {
 
     /// The reader confirmed `room` for the join numbered `seq` (or, not
     /// `confirmed`, released what waits for it).
-    pub fn on_subscribed(&self, shard: &Shard, room: &str, seq: u64, confirmed: bool) {
+    /// True when it was for the room's latest join (the room's state
+    /// changed).
+    pub fn on_subscribed(&self, shard: &Shard, room: &str, seq: u64, confirmed: bool) -> bool {
         let waiting = match self.rooms.borrow_mut().get_mut(room) {
             Some(r) if r.seq == seq => {
                 if confirmed {
@@ -417,9 +439,10 @@ impl RedisBus {
                 std::mem::take(&mut r.waiting)
             }
             // A confirmation for an earlier join of the room: a newer one is on its way.
-            _ => return,
+            _ => return false,
         };
         send_held(shard, waiting);
+        true
     }
 
     /// The subscriber link went up or down. Down: nothing is confirmed any
@@ -428,7 +451,8 @@ impl RedisBus {
     pub fn on_link(&self, shard: &Shard, up: bool) {
         self.link_up.set(up);
         let mut held = Vec::new();
-        for r in self.rooms.borrow_mut().values_mut() {
+        // A relayed room follows its relaying shard's link, not ours.
+        for r in self.rooms.borrow_mut().values_mut().filter(|r| !r.relayed) {
             r.wake();
             // A release was for the link before this change.
             r.released = false;
@@ -449,7 +473,7 @@ impl RedisBus {
     /// room's join only then, so that the joiner's node hears it.)
     pub fn settled(&self, room: &str) -> bool {
         let up = self.link_up.get();
-        self.rooms.borrow().get(room).is_none_or(|r| r.confirmed || !up || r.released)
+        self.rooms.borrow().get(room).is_none_or(|r| r.confirmed || !(up || r.relayed) || r.released)
     }
 
     pub async fn confirmed(&self, room: &str, strict: bool) {
@@ -457,6 +481,7 @@ impl RedisBus {
             let up = self.link_up.get();
             let mut rooms = self.rooms.borrow_mut();
             let Some(r) = rooms.get_mut(room) else { return Poll::Ready(()) };
+            let up = up || r.relayed;
             // A release is not a confirmation: a catch-up (strict) reads only
             // once Redis confirmed the room again, or it would miss what is
             // published between its read and the SUBSCRIBE.

@@ -1,0 +1,143 @@
+//! One Redis subscription per room per node (`services::relay`, issue 21):
+//! 3 nodes at `--shards 4` with a room's members on every shard hold 3
+//! subscriptions of its channel, not 12 (`PUBSUB NUMSUB` on one Redis,
+//! `PUBSUB SHARDNUMSUB` at the owning primary of a Cluster); every member
+//! gets every message once and in order while members leave shard by shard
+//! and after the subscriber links are cut; the hidden
+//! `--per-shard-subscriptions` restores one per shard.
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis::{RedisServer, wait_until};
+use common::redis_topology::RedisCluster;
+use common::{Client, Server, start_server};
+use serde_json::json;
+
+const SHARDS: usize = 4;
+
+fn nodes(url: &str, per_shard: bool) -> Vec<Server> {
+    let per_shard = per_shard.to_string();
+    (0..3)
+        .map(|_| {
+            start_server(&[
+                "--shards",
+                "4",
+                "--redis",
+                url,
+                "--per-shard-subscriptions",
+                &per_shard,
+                "--max-ops-per-sec",
+                "0",
+            ])
+        })
+        .collect()
+}
+
+/// One member of `room` on every shard of every node: (node, shard, client).
+fn everywhere(nodes: &[Server], room: &str) -> Vec<(usize, usize, Client)> {
+    let mut out = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for s in 0..SHARDS {
+            let mut c = node.client_on_shard(s, &format!("m{n}-{s}"));
+            c.subscribe(room);
+            out.push((n, s, c));
+        }
+    }
+    out
+}
+
+/// Publishes `from..=to` into `room` through node 0 and checks that every
+/// client gets exactly those, in order.
+fn publish_and_check(nodes: &[Server], room: &str, clients: &mut [(usize, usize, Client)], from: u64, to: u64) {
+    for i in from..=to {
+        let body = json!({"room": room, "data": i}).to_string();
+        assert_eq!(nodes[0].http("POST", "/api/publish", &[], body.as_bytes()).0, 200);
+    }
+    for (n, s, c) in clients.iter_mut() {
+        for i in from..=to {
+            let v = c.recv();
+            assert_eq!((v["room"].as_str(), v["data"].as_u64()), (Some(room), Some(i)), "node {n} shard {s}: {v}");
+        }
+    }
+    for (n, s, c) in clients.iter_mut() {
+        if let Some(v) = c.recv_json(Duration::from_millis(100)) {
+            panic!("node {n} shard {s}: more than once: {v}");
+        }
+    }
+}
+
+/// The room's subscriptions, as Redis counts them.
+fn relayed_room(nodes: &[Server], numsub: &dyn Fn() -> u64) {
+    let mut clients = everywhere(nodes, "big");
+    assert_eq!(numsub(), 3, "one subscription per node");
+    publish_and_check(nodes, "big", &mut clients, 1, 20);
+    // Members leave shard by shard on every node (the relay among them, at
+    // some point): the others keep getting every message, and the node's
+    // one subscription stays while it has a member.
+    let mut next = 21;
+    for s in 0..SHARDS - 1 {
+        clients.retain(|(_, shard, _)| *shard != s);
+        for node in nodes {
+            let left = (SHARDS - 1 - s) as f64;
+            node.wait_until("the close counted", || node.metric("corecast_connections") == left);
+        }
+        assert_eq!(numsub(), 3, "after shard {s}'s members left");
+        publish_and_check(nodes, "big", &mut clients, next, next + 4);
+        next += 5;
+    }
+    clients.clear();
+    wait_until("no subscription left", Duration::from_secs(10), || numsub() == 0);
+}
+
+#[test]
+fn one_subscription_per_node_on_one_redis() {
+    let redis = RedisServer::start();
+    let n = nodes(&redis.url(), false);
+    relayed_room(&n, &|| redis.numsub("cc:room:big"));
+    // Cut every subscriber link: the relays subscribe again and pass on.
+    let mut clients = everywhere(&n, "again");
+    assert_eq!(redis.numsub("cc:room:again"), 3);
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    wait_until("the relays subscribed again", Duration::from_secs(10), || {
+        redis.numsub("cc:room:again") == 3 && n.iter().all(|s| s.links_up())
+    });
+    // A publish right as a reader comes back may be lost (at most once,
+    // §2): wait until one arrives everywhere, then check exactly.
+    let mut k = 0;
+    'warm: loop {
+        k += 1;
+        assert!(k < 100, "the room never came back everywhere");
+        let body = json!({"room": "again", "data": {"warm": k}}).to_string();
+        n[0].http("POST", "/api/publish", &[], body.as_bytes());
+        for (_, _, c) in clients.iter_mut() {
+            loop {
+                match c.recv_json(Duration::from_millis(200)) {
+                    Some(v) if v["data"]["warm"] == k => break,
+                    Some(_) => continue,
+                    None => continue 'warm,
+                }
+            }
+        }
+        break;
+    }
+    publish_and_check(&n, "again", &mut clients, 1, 10);
+}
+
+#[test]
+fn one_subscription_per_node_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3, 0);
+    let n = nodes(&cluster.url(), false);
+    let owner = cluster.owner("cc:room:big");
+    relayed_room(&n, &|| cluster.shardnumsub(owner, "cc:room:big"));
+}
+
+#[test]
+fn per_shard_subscriptions_hold_one_per_shard() {
+    let redis = RedisServer::start();
+    let n = nodes(&redis.url(), true);
+    let mut clients = everywhere(&n, "big");
+    assert_eq!(redis.numsub("cc:room:big"), 12, "one per shard with members");
+    publish_and_check(&n, "big", &mut clients, 1, 10);
+}
