@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# How corecast scales with shards, and what Redis carries (issue 21): for each
+# shard count, N nodes on one private redis-server, one room whose members
+# are spread over every node and shard (SO_REUSEPORT places them), one
+# publisher at a fixed rate. Per run it prints deliveries per second, per
+# server CPU-second and per core, the p50/p99 latency, Redis's CPU, and how
+# many subscriptions Redis holds for the room (PUBSUB NUMSUB), which is how
+# many times Redis writes each publish ("Redis messages per publish").
+#
+# Each shard count runs with one Redis subscription per node (the default,
+# services/relay.rs) and, for comparison, with one per shard
+# (--per-shard-subscriptions true), interleaved, --runs times.
+#
+# Cores: nodes are pinned to --server-cores, the generator to --gen-cores
+# and redis-server to --redis-cores (on a many-core host give each its own;
+# on a 2-core box they share). Shard i of a node runs on the i-th server core.
+#
+# Usage: scripts/bench-scaling.sh [--shards "1 2 4"] [--nodes 3] [--subs 600]
+#          [--rate 1000] [--secs 10] [--runs 3] [--server-cores 0-1]
+#          [--gen-cores 1] [--redis-cores 0] [--modes "node shard"] [--no-build]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+SHARDS="1 2" NODES=3 SUBS=600 RATE=1000 SECS=10 RUNS=3 BUILD=1 MODES="node shard"
+SERVER_CORES=0-1 GEN_CORES=1 REDIS_CORES=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --shards) SHARDS="$2"; shift 2 ;;
+    --nodes) NODES="$2"; shift 2 ;;
+    --subs) SUBS="$2"; shift 2 ;;
+    --rate) RATE="$2"; shift 2 ;;
+    --secs) SECS="$2"; shift 2 ;;
+    --runs) RUNS="$2"; shift 2 ;;
+    --server-cores) SERVER_CORES="$2"; shift 2 ;;
+    --gen-cores) GEN_CORES="$2"; shift 2 ;;
+    --redis-cores) REDIS_CORES="$2"; shift 2 ;;
+    --modes) MODES="$2"; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+[ "$BUILD" = 1 ] && cargo build -q --release -p corecast -p corecast-bench
+ulimit -n 20000 2>/dev/null || true
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+ncores() { python3 -c 'import sys; n=0
+for p in sys.argv[1].split(","):
+    a,_,b=p.partition("-"); n+=int(b or a)-int(a)+1
+print(n)' "$1"; }
+
+one_run() { # shards mode
+  local sh=$1 mode=$2 per_shard=false
+  [ "$mode" = shard ] && per_shard=true
+  local rport; rport=$(free_port)
+  taskset -c "$REDIS_CORES" redis-server --port "$rport" --save '' --appendonly no >"$WORK/redis.log" 2>&1 &
+  local redis=$!
+  PIDS+=("$redis")
+  until redis-cli -p "$rport" ping >/dev/null 2>&1; do sleep 0.05; done
+  local urls=() spids=() nodes=()
+  for _ in $(seq "$NODES"); do
+    local port; port=$(free_port)
+    taskset -c "$SERVER_CORES" "$BIN/corecast" --listen "127.0.0.1:$port" --shards "$sh" --max-ops-per-sec 0 \
+      --redis "redis://127.0.0.1:$rport" --per-shard-subscriptions "$per_shard" >"$WORK/node-$port.log" 2>&1 &
+    nodes+=($!)
+    PIDS+=($!)
+    spids+=(--server-pid "$!")
+    urls+=("ws://127.0.0.1:$port")
+    until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.05; done
+  done
+  local url; url=$(IFS=,; echo "${urls[*]}")
+  # NUMSUB while the room is held (sampled half-way through the run).
+  ( sleep $((SECS / 2 + 3)); redis-cli -p "$rport" pubsub numsub cc:room:scale-room-0 | tail -1 >"$WORK/numsub" ) &
+  local probe=$!
+  taskset -c "$GEN_CORES" "$BIN/corecast-bench" fanout --url "$url" -s "$SUBS" --rooms 1 -p 1 --rate "$RATE" \
+    --room-prefix scale-room- -d "$SECS" --grace 2 "${spids[@]}" --redis-pid "$redis" -q --json "$WORK/report.json" \
+    >/dev/null 2>"$WORK/bench.err" || { cat "$WORK/bench.err" >&2; }
+  wait "$probe" 2>/dev/null || true
+  python3 - "$WORK/report.json" "$sh" "$mode" "$(cat "$WORK/numsub" 2>/dev/null || echo '?')" \
+    "$(( $(ncores "$SERVER_CORES") < sh * NODES ? $(ncores "$SERVER_CORES") : sh * NODES ))" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1])); sh, mode, numsub, cores = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+t, l = d["traffic"], d["latency"]
+cpu = d.get("server", {}) or {}
+per_cpu = t.get("received_per_server_cpu_s") or 0
+redis = d.get("redis_cpu_s")
+print(f"shards {sh} subs/{mode:5} delivered/s {t['received_per_s']:.0f} per-server-cpu-s {per_cpu:.0f} "
+      f"per-core/s {t['received_per_s'] / cores:.0f} loss {t['loss_pct']}% p50 {l['p50_us'] / 1000:.2f} ms "
+      f"p99 {l['p99_us'] / 1000:.2f} ms redis-cpu {redis if redis is None else f'{redis:.2f}'} s "
+      f"redis-messages-per-publish {numsub}")
+PY
+  for p in "${nodes[@]}" "$redis"; do kill "$p" 2>/dev/null || true; done
+  for p in "${nodes[@]}" "$redis"; do wait "$p" 2>/dev/null || true; done
+  PIDS=()
+}
+
+echo "== $NODES nodes, one room of $SUBS, $RATE msg/s for $SECS s; server cores $SERVER_CORES, generator $GEN_CORES, redis $REDIS_CORES"
+for r in $(seq "$RUNS"); do
+  for sh in $SHARDS; do
+    for mode in $MODES; do
+      echo -n "run $r: "
+      one_run "$sh" "$mode"
+    done
+  done
+done
