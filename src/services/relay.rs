@@ -23,10 +23,11 @@
 //! `--per-shard-subscriptions` (hidden, for benchmarks) turns the relay off.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rustc_hash::{FxBuildHasher, FxHashMap};
@@ -41,7 +42,17 @@ use crate::shard::ShardMsg;
 #[derive(Default)]
 pub struct Relay {
     rooms: RefCell<FxHashMap<Arc<str>, FxHashMap<usize, u64>>>,
+    /// Relay messages and confirmations a full queue did not take, by
+    /// shard, in order: they are never dropped (a lost confirmation would
+    /// hold a member's `subscribed` for good, a lost edge would leave a
+    /// shard's members unserved), and room messages to that shard are
+    /// dropped (counted) until they are through, so that none overtakes
+    /// the confirmation of its room.
+    pending: RefCell<FxHashMap<usize, VecDeque<ShardMsg>>>,
 }
+
+/// How often a backlog of relay messages is offered to its queue again.
+const PENDING_RETRY: Duration = Duration::from_millis(1);
 
 impl Relay {
     /// Does `room` go through a relay on this node?
@@ -73,11 +84,37 @@ impl Relay {
             return Self::on_relay(svc, room, me, 0, on);
         }
         let seq = r.track(&room, on, true);
-        if let Err(ShardMsg::Relay { .. }) = svc.shard.send_to(relay, ShardMsg::Relay { room, from: me, seq, on }) {
-            // The relay's queue is full (it is far behind): this member's
-            // reply is not held for it, and the room stays unserved here
-            // until the next edge. Counted like any dropped inbox message.
-            svc.shard.m().inbox_dropped_total.inc();
+        Self::send(svc, relay, ShardMsg::Relay { room, from: me, seq, on });
+    }
+
+    /// Queues a relay message or confirmation to shard `to`, behind any
+    /// that wait for room there (`pending`).
+    fn send(svc: &Rc<Services>, to: usize, msg: ShardMsg) {
+        let mut pending = svc.relay.pending.borrow_mut();
+        if let Some(q) = pending.get_mut(&to) {
+            return q.push_back(msg);
+        }
+        if let Err(Some(msg)) = svc.shard.send_or_full(to, msg) {
+            pending.insert(to, VecDeque::from([msg]));
+            drop(pending);
+            let svc = svc.clone();
+            monoio::spawn(async move {
+                loop {
+                    monoio::time::sleep(PENDING_RETRY).await;
+                    let mut pending = svc.relay.pending.borrow_mut();
+                    let Some(q) = pending.get_mut(&to) else { return };
+                    while let Some(msg) = q.pop_front() {
+                        if let Err(Some(msg)) = svc.shard.send_or_full(to, msg) {
+                            q.push_front(msg);
+                            break;
+                        }
+                    }
+                    if q.is_empty() {
+                        pending.remove(&to);
+                        return;
+                    }
+                }
+            });
         }
     }
 
@@ -95,7 +132,7 @@ impl Relay {
             if first {
                 r.interest(Target::Room(&room), true);
             } else if from != me && r.is_confirmed(&room) {
-                let _ = svc.shard.send_to(from, ShardMsg::Subscribed { room, seq, confirmed: true });
+                Self::send(svc, from, ShardMsg::Subscribed { room, seq, confirmed: true });
             }
         } else if let Some(shards) = rooms.get_mut(&room) {
             shards.remove(&from);
@@ -115,7 +152,7 @@ impl Relay {
         let Some(shards) = svc.relay.rooms.borrow().get(room).cloned() else { return };
         let room: Arc<str> = Arc::from(room);
         for (i, seq) in shards.into_iter().filter(|(i, _)| *i != me) {
-            let _ = svc.shard.send_to(i, ShardMsg::Subscribed { room: room.clone(), seq, confirmed });
+            Self::send(svc, i, ShardMsg::Subscribed { room: room.clone(), seq, confirmed });
         }
     }
 
@@ -141,7 +178,13 @@ impl Relay {
         if shards.len() == 1 && shards.contains_key(&me) {
             return;
         }
+        let pending = svc.relay.pending.borrow();
         for &i in shards.keys().filter(|i| **i != me) {
+            if pending.contains_key(&i) {
+                // Its queue was full a moment ago; a confirmation waits.
+                svc.shard.metrics.shard(i).inbox_dropped_total.add_shared(1);
+                continue;
+            }
             svc.shard.send_room_to(i, Arc::from(room), Bytes::copy_from_slice(frame), sent);
         }
     }

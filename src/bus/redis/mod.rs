@@ -365,7 +365,8 @@ impl RedisBus {
         let mut rooms = self.rooms.borrow_mut();
         if on {
             let seq = self.next_seq.replace(self.next_seq.get() + 1);
-            let sub = RoomSub { seq, confirmed: false, released: false, waiting: Vec::new(), wakers: Vec::new(), relayed };
+            let sub =
+                RoomSub { seq, confirmed: false, released: false, waiting: Vec::new(), wakers: Vec::new(), relayed };
             if let Some(mut old) = rooms.insert(room.clone(), sub) {
                 old.wake();
             }
