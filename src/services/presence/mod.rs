@@ -69,7 +69,7 @@ const RETRY: Duration = Duration::from_millis(10);
 /// A lost or refused presence write is tried again after this (while Redis
 /// is away, every this often).
 const LOST_RETRY: Duration = Duration::from_millis(300);
-/// Writes of one shard are at least this far apart: the first change after
+/// With Redis, writes of one shard are at least this far apart: the first change after
 /// a quiet spell is written in its own turn; during a storm the changes of
 /// the next `LINGER` join one batch (one call per room), so a steady stream
 /// of joins costs Redis a call per room per `LINGER`, not one per turn.
@@ -224,8 +224,12 @@ impl Presence {
             return;
         }
         let svc = svc.clone();
-        // Within `LINGER` of the last flush: the changes until then join.
-        let after = after.max(LINGER.saturating_sub(svc.presence.flushed.get().elapsed()));
+        // With Redis, within `LINGER` of the last flush: the changes until
+        // then join (standalone a write is an inbox message, not a script).
+        let after = match svc.presence.store {
+            Store::Redis(_) => after.max(LINGER.saturating_sub(svc.presence.flushed.get().elapsed())),
+            Store::Local { .. } => after,
+        };
         monoio::spawn(async move {
             if after.is_zero() {
                 // The rest of this turn's changes join the batch.
