@@ -29,6 +29,7 @@
 //! kernel reads it.
 
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, opcode, types};
 use tracing::{debug, warn};
@@ -36,6 +37,7 @@ use tracing::{debug, warn};
 use super::Conn;
 use super::outbox::{EMPTY_IOV, SEND_FLAGS};
 use super::shard_io::ShardIo;
+use crate::config::WriteDelay;
 use crate::rt::until;
 
 /// Connections per pass (and per `io_uring_enter`); a power of two (ring size).
@@ -161,13 +163,42 @@ impl ShardIo {
             None
         };
         let mut batch: Vec<Rc<Conn>> = Vec::new();
-        let delay = self.write_delay_ms();
-        loop {
-            until(&self.flusher, || !self.dirty.borrow().is_empty()).await;
-            std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
-            if delay > 0 {
-                self.hold_hot(&mut batch, delay);
+        let auto = self.cfg.write_delay == WriteDelay::Auto;
+        let fixed = match self.cfg.write_delay {
+            WriteDelay::Fixed(d) => {
+                // A fixed delay holds always: the gauge says so.
+                self.m().coalescing.add(1);
+                d.as_millis() as u16
             }
+            _ => 0,
+        };
+        let mut behind = Behind::new(Instant::now());
+        loop {
+            let work = until(&self.flusher, || !self.dirty.borrow().is_empty());
+            if behind.on {
+                // While coalescing, judge again after a window even if no
+                // work comes: a shard that went quiet is not behind.
+                if monoio::time::timeout(WINDOW, work).await.is_err() {
+                    self.judge(&mut behind, Instant::now());
+                    continue;
+                }
+            } else {
+                work.await;
+            }
+            let since = self.dirty_since.take();
+            std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
+            let mut held = 0;
+            let mut start = None;
+            if fixed > 0 {
+                held = self.hold_hot(&mut batch, fixed);
+            } else if auto {
+                let now = Instant::now();
+                start = Some(since.unwrap_or(now));
+                if self.judge(&mut behind, now) {
+                    held = self.hold_hot(&mut batch, AUTO_DELAY.as_millis() as u16);
+                }
+            }
+            let written = batch.len();
             let mut chunks = batch.chunks(BATCH).peekable();
             while let Some(chunk) = chunks.next() {
                 match &mut batcher {
@@ -179,7 +210,25 @@ impl ShardIo {
                 }
             }
             batch.clear();
+            if let Some(start) = start {
+                behind.turn(start, Instant::now(), written, held);
+            }
         }
+    }
+
+    /// `--write-delay-ms auto`: closes `behind`'s window if it is due,
+    /// keeps the gauge in step, and says whether the shard is behind.
+    fn judge(&self, behind: &mut Behind, now: Instant) -> bool {
+        if let Some(on) = behind.update(now) {
+            if on {
+                self.m().coalescing.add(1);
+                self.m().coalescing_entries_total.inc();
+            } else {
+                self.m().coalescing.sub(1);
+            }
+            debug!(shard = self.id, coalescing = on, "the shard is {}", if on { "behind" } else { "keeping up" });
+        }
+        behind.on
     }
 
     /// The shard's clock for `Limits::wrote`: milliseconds since it started,
@@ -188,17 +237,22 @@ impl ShardIo {
         self.started.elapsed().as_millis() as u16
     }
 
-    /// `--write-delay-ms` on the `ms` clock (the config caps it at 1 s, far
-    /// below its 65.5 s wrap).
-    fn write_delay_ms(&self) -> u16 {
-        self.cfg.write_delay.as_millis() as u16
+    /// How long a held connection waits: `None` if the flusher never holds
+    /// (the config caps a fixed delay at 1 s, far below the `ms` clock's
+    /// 65.5 s wrap).
+    fn hold_delay(&self) -> Option<Duration> {
+        match self.cfg.write_delay {
+            WriteDelay::Off => None,
+            WriteDelay::Fixed(d) => Some(d),
+            WriteDelay::Auto => Some(AUTO_DELAY),
+        }
     }
 
-    /// `--write-delay-ms`: takes out of `batch` the connections written
-    /// less than `delay` ms ago (they stay marked dirty, so what is queued
-    /// to them meanwhile joins them) and hands them to the hold timer; the
-    /// others are stamped as written now.
-    fn hold_hot(&self, batch: &mut Vec<Rc<Conn>>, delay: u16) {
+    /// Takes out of `batch` the connections written less than `delay` ms
+    /// ago (they stay marked dirty, so what is queued to them meanwhile
+    /// joins them) and hands them to the hold timer; the others are stamped
+    /// as written now. Returns how many it held.
+    fn hold_hot(&self, batch: &mut Vec<Rc<Conn>>, delay: u16) -> usize {
         let now = self.ms();
         let mut held = self.held.borrow_mut();
         let before = held.len();
@@ -211,25 +265,26 @@ impl ShardIo {
                 true
             }
         });
-        self.m().writes_held_total.add((held.len() - before) as u64);
+        let n = held.len() - before;
+        self.m().writes_held_total.add(n as u64);
         if before == 0
             && !held.is_empty()
             && let Some(w) = self.held_waker.take()
         {
             w.wake();
         }
+        n
     }
 
-    /// The hold timer task (`--write-delay-ms`): `delay` after a connection
-    /// was first held, gives every held connection back to the flusher,
-    /// stamped so that it is written in that pass. A held frame therefore
-    /// waits at most the delay (plus the timer's 1 ms resolution).
+    /// The hold timer task: the delay after a connection was first held,
+    /// gives every held connection back to the flusher, stamped so that it
+    /// is written in that pass. A held frame therefore waits at most the
+    /// delay (plus the timer's 1 ms resolution).
     pub async fn run_held(self: Rc<Self>) {
-        let delay = self.cfg.write_delay;
-        if delay.is_zero() {
+        let Some(delay) = self.hold_delay() else {
             return;
-        }
-        let back = self.write_delay_ms();
+        };
+        let back = delay.as_millis() as u16;
         loop {
             until(&self.held_waker, || !self.held.borrow().is_empty()).await;
             monoio::time::sleep(delay).await;
@@ -243,11 +298,170 @@ impl ShardIo {
     }
 }
 
+/// `--write-delay-ms auto`: how long a busy connection is held while its
+/// shard is behind. At 3000 frames/s a connection gets about three per
+/// send; one quieter than a frame per ms is never held.
+pub const AUTO_DELAY: Duration = Duration::from_millis(1);
+
+/// The window over which `Behind` measures the shard (about 75 passes at
+/// 3000 msg/s, and short enough to follow a burst).
+const WINDOW: Duration = Duration::from_millis(25);
+
+/// A window whose turns fill at least this share of it puts the shard
+/// behind. A shard that is idle a quarter of the time or more still sends
+/// every frame at once.
+const ENTER: f64 = 0.75;
+
+/// A behind shard keeps holding until the share its turns would have
+/// filled without the holds falls below this: well below `ENTER`, so that
+/// the CPU the holds save does not flip it straight back.
+const LEAVE: f64 = 0.5;
+
+/// `--write-delay-ms auto`'s judge: is the shard behind? It measures the
+/// share of each `WINDOW` spent in turns: from the moment a frame made the
+/// dirty list non-empty (`ShardIo::dirty_since`) to the end of the pass
+/// that wrote it, overlaps counted once. A shard that keeps up has idle time
+/// between turns; a saturated one starts its next turn as soon as the last
+/// ends (the work is queued: in the socket, the inbox, the dirty list).
+///
+/// Hysteresis: it enters at `ENTER` of a window; once behind, the holds cut
+/// the share (the writes they save are most of a pass's cost), so it leaves
+/// on an estimate of the share *without* the holds, the measured share
+/// times (writes + holds) / writes (every hold is a write avoided), below
+/// `LEAVE`. A window is judged at the first pass after it ends (or after one
+/// idle window while behind), so it takes one window to enter and one to
+/// leave.
+struct Behind {
+    on: bool,
+    /// Start of the current window.
+    from: Instant,
+    /// Time in turns in the current window.
+    busy: Duration,
+    /// End of the last pass: a turn counts from no earlier than this.
+    last_end: Instant,
+    /// Connections written, and held, in the current window.
+    writes: usize,
+    holds: usize,
+}
+
+impl Behind {
+    fn new(now: Instant) -> Behind {
+        Behind { on: false, from: now, busy: Duration::ZERO, last_end: now, writes: 0, holds: 0 }
+    }
+
+    /// Closes the window if it has lasted `WINDOW` by `now`; returns the new
+    /// state if it changed.
+    fn update(&mut self, now: Instant) -> Option<bool> {
+        let span = now.saturating_duration_since(self.from);
+        if span < WINDOW {
+            return None;
+        }
+        let share = self.busy.as_secs_f64() / span.as_secs_f64();
+        let was = self.on;
+        if !self.on {
+            self.on = share >= ENTER;
+        } else {
+            let unheld = share * (self.writes + self.holds) as f64 / self.writes.max(1) as f64;
+            self.on = unheld >= LEAVE;
+        }
+        (self.from, self.busy, self.writes, self.holds) = (now, Duration::ZERO, 0, 0);
+        (self.on != was).then_some(self.on)
+    }
+
+    /// A pass whose first frame was queued at `since` ended at `end`,
+    /// having written `writes` connections and held `holds`.
+    fn turn(&mut self, since: Instant, end: Instant, writes: usize, holds: usize) {
+        let from = since.max(self.last_end).max(self.from);
+        self.busy += end.saturating_duration_since(from);
+        self.last_end = end;
+        self.writes += writes;
+        self.holds += holds;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
-    use std::time::Duration;
+
+    /// Runs `passes` passes of the flusher through `b`, one every `period`
+    /// from `t`, each a turn of `busy` that writes `writes` connections and
+    /// holds `holds`, judging at each pass's start as the flusher does;
+    /// returns the time after the last and every change of state.
+    fn passes(
+        b: &mut Behind,
+        mut t: Instant,
+        passes: usize,
+        (period, busy): (Duration, Duration),
+        (writes, holds): (usize, usize),
+    ) -> (Instant, Vec<bool>) {
+        let mut changes = Vec::new();
+        for _ in 0..passes {
+            changes.extend(b.update(t));
+            b.turn(t, t + busy, writes, holds);
+            t += period;
+        }
+        (t, changes)
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+    const US: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn a_shard_idle_a_quarter_of_the_time_is_not_behind() {
+        let t = Instant::now();
+        let mut b = Behind::new(t);
+        // 100 x 1000 msg/s: a 0.35 ms pass every ms; then 70%.
+        let (t, changes) = passes(&mut b, t, 200, (MS, 350 * US), (100, 0));
+        assert!(changes.is_empty() && !b.on, "{changes:?}");
+        let (_, changes) = passes(&mut b, t, 200, (MS, 700 * US), (100, 0));
+        assert!(changes.is_empty() && !b.on, "{changes:?}");
+    }
+
+    #[test]
+    fn a_saturated_shard_is_behind_within_two_windows_and_stays_while_holds_save_the_work() {
+        let t = Instant::now();
+        let mut b = Behind::new(t);
+        // Back to back: a 330 us pass every 333 us.
+        let (t, changes) = passes(&mut b, t, 160, (333 * US, 330 * US), (100, 0));
+        assert_eq!(changes, [true]);
+        // Holding: each pass writes a third of the connections and holds
+        // the rest, so it takes a third of the time; without the holds the
+        // shard would still be full.
+        let (t, changes) = passes(&mut b, t, 300, (333 * US, 110 * US), (33, 67));
+        assert!(changes.is_empty() && b.on, "{changes:?}");
+        // The load falls to a tenth: short passes, few holds: it leaves.
+        let (t, changes) = passes(&mut b, t, 60, (MS, 100 * US), (90, 10));
+        assert_eq!(changes, [false]);
+        // And does not come back at that load.
+        let (_, changes) = passes(&mut b, t, 200, (MS, 100 * US), (100, 0));
+        assert!(changes.is_empty() && !b.on, "{changes:?}");
+    }
+
+    #[test]
+    fn a_burst_then_silence_leaves_at_the_first_judgement() {
+        let t = Instant::now();
+        let mut b = Behind::new(t);
+        // One 30 ms pass (a room of 10k): the window it ends in is full.
+        b.turn(t, t + 30 * MS, 10_000, 0);
+        assert_eq!(b.update(t + 30 * MS), Some(true));
+        // Nothing for a second: the next judgement (a pass, or the
+        // flusher's idle timeout) finds the window empty.
+        assert_eq!(b.update(t + 1030 * MS), Some(false));
+    }
+
+    #[test]
+    fn overlapping_turns_count_once() {
+        let t = Instant::now();
+        let mut b = Behind::new(t);
+        // A pass from 0 to 10 ms; the next turn's first frame was queued
+        // at 5 ms (during the first pass's yield) and it ends at 12 ms.
+        b.turn(t, t + 10 * MS, 1, 0);
+        b.turn(t + 5 * MS, t + 12 * MS, 1, 0);
+        assert_eq!(b.busy, 12 * MS);
+        // 12 ms busy of 25: not behind.
+        assert_eq!(b.update(t + WINDOW), None);
+    }
 
     /// The property the batching rests on: a send to a full socket completes
     /// at once with EAGAIN (MSG_DONTWAIT), it never waits in the kernel.
