@@ -187,18 +187,17 @@ impl ShardIo {
             }
             let since = self.dirty_since.take();
             std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
-            let mut held = 0;
             let mut start = None;
             if fixed > 0 {
-                held = self.hold_hot(&mut batch, fixed);
+                self.hold_hot(&mut batch, fixed);
             } else if auto {
                 let now = Instant::now();
                 start = Some(since.unwrap_or(now));
                 if self.judge(&mut behind, now) {
-                    held = self.hold_hot(&mut batch, AUTO_DELAY.as_millis() as u16);
+                    self.hold_hot(&mut batch, behind.hot(now));
                 }
+                behind.last_start = now;
             }
-            let written = batch.len();
             let mut chunks = batch.chunks(BATCH).peekable();
             while let Some(chunk) = chunks.next() {
                 match &mut batcher {
@@ -211,7 +210,7 @@ impl ShardIo {
             }
             batch.clear();
             if let Some(start) = start {
-                behind.turn(start, Instant::now(), written, held);
+                behind.turn(start, Instant::now());
             }
         }
     }
@@ -219,12 +218,13 @@ impl ShardIo {
     /// `--write-delay-ms auto`: closes `behind`'s window if it is due,
     /// keeps the gauge in step, and says whether the shard is behind.
     fn judge(&self, behind: &mut Behind, now: Instant) -> bool {
-        if let Some(on) = behind.update(now) {
+        let m = self.m();
+        if let Some(on) = behind.update(now, m.messages_out_total.get(), m.socket_writes_total.get()) {
             if on {
-                self.m().coalescing.add(1);
-                self.m().coalescing_entries_total.inc();
+                m.coalescing.add(1);
+                m.coalescing_entries_total.inc();
             } else {
-                self.m().coalescing.sub(1);
+                m.coalescing.sub(1);
             }
             debug!(shard = self.id, coalescing = on, "the shard is {}", if on { "behind" } else { "keeping up" });
         }
@@ -251,8 +251,8 @@ impl ShardIo {
     /// Takes out of `batch` the connections written less than `delay` ms
     /// ago (they stay marked dirty, so what is queued to them meanwhile
     /// joins them) and hands them to the hold timer; the others are stamped
-    /// as written now. Returns how many it held.
-    fn hold_hot(&self, batch: &mut Vec<Rc<Conn>>, delay: u16) -> usize {
+    /// as written now.
+    fn hold_hot(&self, batch: &mut Vec<Rc<Conn>>, delay: u16) {
         let now = self.ms();
         let mut held = self.held.borrow_mut();
         let before = held.len();
@@ -265,26 +265,26 @@ impl ShardIo {
                 true
             }
         });
-        let n = held.len() - before;
-        self.m().writes_held_total.add(n as u64);
+        self.m().writes_held_total.add((held.len() - before) as u64);
         if before == 0
             && !held.is_empty()
             && let Some(w) = self.held_waker.take()
         {
             w.wake();
         }
-        n
     }
 
     /// The hold timer task: the delay after a connection was first held,
     /// gives every held connection back to the flusher, stamped so that it
-    /// is written in that pass. A held frame therefore waits at most the
-    /// delay (plus the timer's 1 ms resolution).
+    /// is written in that pass (as written `RELEASED` ms ago, longer than
+    /// any hold's threshold). A held frame therefore waits at most the
+    /// delay (plus the timer's 1 ms resolution; with `auto`, plus the rest
+    /// of the pass under way when it is given back).
     pub async fn run_held(self: Rc<Self>) {
         let Some(delay) = self.hold_delay() else {
             return;
         };
-        let back = delay.as_millis() as u16;
+        let back = RELEASED;
         loop {
             until(&self.held_waker, || !self.held.borrow().is_empty()).await;
             monoio::time::sleep(delay).await;
@@ -301,7 +301,17 @@ impl ShardIo {
 /// `--write-delay-ms auto`: how long a busy connection is held while its
 /// shard is behind. At 3000 frames/s a connection gets about three per
 /// send; one quieter than a frame per ms is never held.
-pub const AUTO_DELAY: Duration = Duration::from_millis(1);
+pub const AUTO_DELAY: Duration = Duration::from_millis(2);
+
+/// While behind, a connection written less than this ago at most is held
+/// (`Behind::hot`); and `hold_hot`'s thresholds stay below `RELEASED`.
+const MAX_HOT_MS: u16 = 100;
+
+/// How long ago a connection given back by the hold timer counts as
+/// written: beyond any threshold (fixed delays are at most 1000 ms, auto's
+/// `MAX_HOT_MS`), within the `ms` clock's 65.5 s wrap.
+const RELEASED: u16 = 30_000;
+const _: () = assert!(MAX_HOT_MS < RELEASED && 1000 < RELEASED, "a connection given back is never held again at once");
 
 /// The window over which `Behind` measures the shard (about 75 passes at
 /// 3000 msg/s, and short enough to follow a burst).
@@ -313,9 +323,15 @@ const WINDOW: Duration = Duration::from_millis(25);
 const ENTER: f64 = 0.75;
 
 /// A behind shard keeps holding until the share its turns would have
-/// filled without the holds falls below this: well below `ENTER`, so that
-/// the CPU the holds save does not flip it straight back.
-const LEAVE: f64 = 0.5;
+/// filled without the holds falls below this (an estimate, see `Behind`).
+/// Below `ENTER`, so that noise in the estimate does not flip it back and
+/// forth; the estimate errs high, so in practice the shard leaves only
+/// when the load has fallen well below what put it behind.
+const LEAVE: f64 = 0.6;
+
+/// Frames per write above which the estimate stops growing (a flood whose
+/// reads bring many messages a turn batches without any hold).
+const MAX_FRAMES_PER_WRITE: f64 = 16.0;
 
 /// `--write-delay-ms auto`'s judge: is the shard behind? It measures the
 /// share of each `WINDOW` spent in turns: from the moment a frame made the
@@ -324,34 +340,52 @@ const LEAVE: f64 = 0.5;
 /// between turns; a saturated one starts its next turn as soon as the last
 /// ends (the work is queued: in the socket, the inbox, the dirty list).
 ///
-/// Hysteresis: it enters at `ENTER` of a window; once behind, the holds cut
+/// Hysteresis: it enters at `ENTER` of a window. Once behind, the holds cut
 /// the share (the writes they save are most of a pass's cost), so it leaves
-/// on an estimate of the share *without* the holds, the measured share
-/// times (writes + holds) / writes (every hold is a write avoided), below
-/// `LEAVE`. A window is judged at the first pass after it ends (or after one
-/// idle window while behind), so it takes one window to enter and one to
-/// leave.
+/// on an estimate of the share *without* the holds: the measured share
+/// times the window's frames per write (`corecast_messages_out_total` over
+/// `corecast_socket_writes_total`, at most `MAX_FRAMES_PER_WRITE`), as if
+/// every frame had cost a write of its own, below `LEAVE`. That errs high
+/// (a frame's own work does not shrink with the writes, and some frames
+/// share a write without holds), so a shard that entered at `ENTER` stays
+/// while the load lasts. A window is judged at the first pass after it
+/// ends (or after one idle window while behind), so it takes one window to
+/// enter and one to leave.
 struct Behind {
     on: bool,
+    /// When the last pass started (`hot`).
+    last_start: Instant,
     /// Start of the current window.
     from: Instant,
     /// Time in turns in the current window.
     busy: Duration,
     /// End of the last pass: a turn counts from no earlier than this.
     last_end: Instant,
-    /// Connections written, and held, in the current window.
-    writes: usize,
-    holds: usize,
+    /// The shard's frames queued and socket writes when the window began.
+    frames: u64,
+    writes: u64,
 }
 
 impl Behind {
     fn new(now: Instant) -> Behind {
-        Behind { on: false, from: now, busy: Duration::ZERO, last_end: now, writes: 0, holds: 0 }
+        Behind { on: false, last_start: now, from: now, busy: Duration::ZERO, last_end: now, frames: 0, writes: 0 }
     }
 
-    /// Closes the window if it has lasted `WINDOW` by `now`; returns the new
+    /// While behind, which connections a pass starting `now` holds: those
+    /// written less than this many ms ago. `AUTO_DELAY`, or since the last
+    /// pass started if that is longer: a connection that got frames in two
+    /// passes running is busy at the shard's own pace, even when a pass
+    /// takes longer than the delay (a large room, a slow or shared core).
+    /// In ms on the `ms` clock, rounded up; at most `MAX_HOT_MS`.
+    fn hot(&self, now: Instant) -> u16 {
+        let since = now.saturating_duration_since(self.last_start).as_millis() as u64 + 1;
+        since.clamp(AUTO_DELAY.as_millis() as u64, MAX_HOT_MS as u64) as u16
+    }
+
+    /// Closes the window if it has lasted `WINDOW` by `now`, given the
+    /// shard's frames queued and socket writes so far; returns the new
     /// state if it changed.
-    fn update(&mut self, now: Instant) -> Option<bool> {
+    fn update(&mut self, now: Instant, frames: u64, writes: u64) -> Option<bool> {
         let span = now.saturating_duration_since(self.from);
         if span < WINDOW {
             return None;
@@ -361,21 +395,19 @@ impl Behind {
         if !self.on {
             self.on = share >= ENTER;
         } else {
-            let unheld = share * (self.writes + self.holds) as f64 / self.writes.max(1) as f64;
-            self.on = unheld >= LEAVE;
+            let (f, w) = (frames.wrapping_sub(self.frames), writes.wrapping_sub(self.writes));
+            let per_write = if w == 0 { 1.0 } else { (f as f64 / w as f64).clamp(1.0, MAX_FRAMES_PER_WRITE) };
+            self.on = share * per_write >= LEAVE;
         }
-        (self.from, self.busy, self.writes, self.holds) = (now, Duration::ZERO, 0, 0);
+        (self.from, self.busy, self.frames, self.writes) = (now, Duration::ZERO, frames, writes);
         (self.on != was).then_some(self.on)
     }
 
-    /// A pass whose first frame was queued at `since` ended at `end`,
-    /// having written `writes` connections and held `holds`.
-    fn turn(&mut self, since: Instant, end: Instant, writes: usize, holds: usize) {
+    /// A pass whose first frame was queued at `since` ended at `end`.
+    fn turn(&mut self, since: Instant, end: Instant) {
         let from = since.max(self.last_end).max(self.from);
         self.busy += end.saturating_duration_since(from);
         self.last_end = end;
-        self.writes += writes;
-        self.holds += holds;
     }
 }
 
@@ -384,24 +416,38 @@ mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
 
-    /// Runs `passes` passes of the flusher through `b`, one every `period`
-    /// from `t`, each a turn of `busy` that writes `writes` connections and
-    /// holds `holds`, judging at each pass's start as the flusher does;
-    /// returns the time after the last and every change of state.
-    fn passes(
-        b: &mut Behind,
-        mut t: Instant,
-        passes: usize,
-        (period, busy): (Duration, Duration),
-        (writes, holds): (usize, usize),
-    ) -> (Instant, Vec<bool>) {
-        let mut changes = Vec::new();
-        for _ in 0..passes {
-            changes.extend(b.update(t));
-            b.turn(t, t + busy, writes, holds);
-            t += period;
+    /// A shard's clock and counters as `Behind` sees them.
+    struct Sim {
+        t: Instant,
+        frames: u64,
+        writes: u64,
+    }
+
+    impl Sim {
+        fn new() -> Sim {
+            Sim { t: Instant::now(), frames: 0, writes: 0 }
         }
-        (t, changes)
+
+        /// Runs `n` passes of the flusher through `b`, one every `period`,
+        /// each a turn of `busy` that queues `frames` frames and writes
+        /// `writes` times, judging at each pass's start as the flusher does;
+        /// returns every change of state.
+        fn passes(
+            &mut self,
+            b: &mut Behind,
+            n: usize,
+            (period, busy): (Duration, Duration),
+            (frames, writes): (u64, u64),
+        ) -> Vec<bool> {
+            let mut changes = Vec::new();
+            for _ in 0..n {
+                changes.extend(b.update(self.t, self.frames, self.writes));
+                b.turn(self.t, self.t + busy);
+                (self.frames, self.writes) = (self.frames + frames, self.writes + writes);
+                self.t += period;
+            }
+            changes
+        }
     }
 
     const MS: Duration = Duration::from_millis(1);
@@ -409,32 +455,31 @@ mod tests {
 
     #[test]
     fn a_shard_idle_a_quarter_of_the_time_is_not_behind() {
-        let t = Instant::now();
-        let mut b = Behind::new(t);
+        let mut sim = Sim::new();
+        let mut b = Behind::new(sim.t);
         // 100 x 1000 msg/s: a 0.35 ms pass every ms; then 70%.
-        let (t, changes) = passes(&mut b, t, 200, (MS, 350 * US), (100, 0));
+        let changes = sim.passes(&mut b, 200, (MS, 350 * US), (100, 100));
         assert!(changes.is_empty() && !b.on, "{changes:?}");
-        let (_, changes) = passes(&mut b, t, 200, (MS, 700 * US), (100, 0));
+        let changes = sim.passes(&mut b, 200, (MS, 700 * US), (100, 100));
         assert!(changes.is_empty() && !b.on, "{changes:?}");
     }
 
     #[test]
     fn a_saturated_shard_is_behind_within_two_windows_and_stays_while_holds_save_the_work() {
-        let t = Instant::now();
-        let mut b = Behind::new(t);
-        // Back to back: a 330 us pass every 333 us.
-        let (t, changes) = passes(&mut b, t, 160, (333 * US, 330 * US), (100, 0));
+        let mut sim = Sim::new();
+        let mut b = Behind::new(sim.t);
+        // Back to back: a 330 us pass every 333 us, a write per frame.
+        let changes = sim.passes(&mut b, 160, (333 * US, 330 * US), (100, 100));
         assert_eq!(changes, [true]);
-        // Holding: each pass writes a third of the connections and holds
-        // the rest, so it takes a third of the time; without the holds the
-        // shard would still be full.
-        let (t, changes) = passes(&mut b, t, 300, (333 * US, 110 * US), (33, 67));
+        // Holding: three frames per write, the passes take a third of the
+        // time; without the holds the shard would still be full.
+        let changes = sim.passes(&mut b, 300, (333 * US, 110 * US), (100, 33));
         assert!(changes.is_empty() && b.on, "{changes:?}");
-        // The load falls to a tenth: short passes, few holds: it leaves.
-        let (t, changes) = passes(&mut b, t, 60, (MS, 100 * US), (90, 10));
+        // The load falls to a tenth: short passes, few frames per write.
+        let changes = sim.passes(&mut b, 60, (MS, 100 * US), (100, 90));
         assert_eq!(changes, [false]);
         // And does not come back at that load.
-        let (_, changes) = passes(&mut b, t, 200, (MS, 100 * US), (100, 0));
+        let changes = sim.passes(&mut b, 200, (MS, 100 * US), (100, 100));
         assert!(changes.is_empty() && !b.on, "{changes:?}");
     }
 
@@ -443,11 +488,22 @@ mod tests {
         let t = Instant::now();
         let mut b = Behind::new(t);
         // One 30 ms pass (a room of 10k): the window it ends in is full.
-        b.turn(t, t + 30 * MS, 10_000, 0);
-        assert_eq!(b.update(t + 30 * MS), Some(true));
+        b.turn(t, t + 30 * MS);
+        assert_eq!(b.update(t + 30 * MS, 10_000, 10_000), Some(true));
         // Nothing for a second: the next judgement (a pass, or the
         // flusher's idle timeout) finds the window empty.
-        assert_eq!(b.update(t + 1030 * MS), Some(false));
+        assert_eq!(b.update(t + 1030 * MS, 10_000, 10_000), Some(false));
+    }
+
+    #[test]
+    fn behind_the_hold_covers_the_delay_or_the_last_pass_if_longer() {
+        let t = Instant::now();
+        let mut b = Behind::new(t);
+        b.last_start = t;
+        assert_eq!(b.hot(t + 300 * US), 2, "AUTO_DELAY");
+        // A pass that took 5.5 ms: what it wrote is held in the next.
+        assert_eq!(b.hot(t + 5500 * US), 6);
+        assert_eq!(b.hot(t + 10 * Duration::from_secs(1)), MAX_HOT_MS);
     }
 
     #[test]
@@ -456,11 +512,12 @@ mod tests {
         let mut b = Behind::new(t);
         // A pass from 0 to 10 ms; the next turn's first frame was queued
         // at 5 ms (during the first pass's yield) and it ends at 12 ms.
-        b.turn(t, t + 10 * MS, 1, 0);
-        b.turn(t + 5 * MS, t + 12 * MS, 1, 0);
+        b.turn(t, t + 10 * MS);
+        b.turn(t + 5 * MS, t + 12 * MS);
         assert_eq!(b.busy, 12 * MS);
         // 12 ms busy of 25: not behind.
-        assert_eq!(b.update(t + WINDOW), None);
+        assert_eq!(b.update(t + WINDOW, 2, 2), None);
+        assert!(!b.on);
     }
 
     /// The property the batching rests on: a send to a full socket completes
