@@ -1,4 +1,5 @@
-//! ④ The shard's flusher: the dirty list → the sockets, once per turn.
+//! ④ The shard's flusher: the dirty list → the sockets, once per turn
+//! (busy connections held while the shard is behind).
 //!
 //! In: the connections that got frames since the last pass (`ShardIo::dirty`,
 //! filled by `Conn::push` through `mark_dirty`). Out: their queued frames
@@ -12,14 +13,42 @@
 //! connections the flusher yields, so a huge room or a recovery storm cannot
 //! make the shard deaf to everything else.
 //!
-//! With `--write-delay-ms N` a connection the flusher wrote less than N ms
-//! ago is held back instead (`hold_hot`), and written when the hold timer
-//! (`run_held`) gives it back N ms later, with everything queued to it
-//! meanwhile: a busy connection's frames go out several to a send — fewer,
-//! larger packets — for at most N ms more latency, and a connection that
-//! gets a frame now and then (a chat, a 50 msg/s room: 20 ms apart) is
-//! written at once as without the option. The connection's queue limit
-//! (`--outbound-queue-bytes`) holds as before.
+//! Holding busy connections (`--write-delay-ms`). A connection the flusher
+//! wrote a moment ago can be held back instead (`hold_hot`) and written
+//! when the hold timer (`run_held`) gives it back, with everything queued
+//! to it meanwhile: a busy connection's frames go out several to a send —
+//! fewer, larger packets, the kernel's work per delivery cut — for a little
+//! more latency on that connection. A connection that gets a frame now and
+//! then (a chat; a 50 msg/s room: 20 ms apart) is never held. The
+//! connection's queue limit (`--outbound-queue-bytes`) holds as before.
+//! Three modes:
+//!
+//! - `auto`, the default: held only while the shard is behind (`Behind`):
+//!   its turns — from the first frame queued to the end of the pass that
+//!   wrote it — filled `ENTER` (75%) of the last `WINDOW` (25 ms), so work
+//!   is queued and every frame waits for a turn anyway. Then a connection
+//!   written less than `AUTO_DELAY` (2 ms) ago, or since the last pass
+//!   started if passes take longer, is held for `AUTO_DELAY`. It leaves
+//!   when the share the turns would fill without the holds (the measured
+//!   share times the frames per write) falls below `LEAVE` (60%). At light
+//!   load every frame leaves at the end of its turn, as with 0; under
+//!   saturation several leave per send. `corecast_coalescing` says which.
+//! - `N` ms: fixed, as before `auto` existed: a connection written less
+//!   than N ms ago is always held, for N ms.
+//! - `0`: never held; every dirty connection is written once per turn.
+//!
+//! Why these numbers. The hold pays off only where one frame per send is
+//! the cost: at 100 subscribers x 3000 msg/s a fixed 1 or 2 ms gave 2.4x
+//! and 2.9x the deliveries per CPU-second, at 1000 msg/s 1.2x and 1.9x
+//! (bench/RESULTS.md, "--write-delay-ms 1 and 2"), but p50 rose by about
+//! the delay at loads where the shard had CPU to spare (1000 msg/s: 100k
+//! deliveries/s at 231k per CPU-second, about 43% of the core). 75% leaves the shard a quarter idle before it trades latency;
+//! 2 ms rather than 1 because the timer's resolution is 1 ms anyway and
+//! the saving was larger at both rates; 25 ms is about 75 passes at 3000
+//! msg/s, steady enough, and short enough to follow a burst. The leave
+//! estimate errs high (a frame's own work does not shrink with the sends),
+//! so a shard that entered stays while its load lasts and flips back only
+//! when the load has fallen well below what put it behind.
 //!
 //! The ring is the flusher's own (monoio's ring carries the connections'
 //! reads and readiness; its operations are futures, one per socket, which is
@@ -299,8 +328,9 @@ impl ShardIo {
 }
 
 /// `--write-delay-ms auto`: how long a busy connection is held while its
-/// shard is behind. At 3000 frames/s a connection gets about three per
-/// send; one quieter than a frame per ms is never held.
+/// shard is behind. At 3000 frames/s a connection gets about six (2 ms of
+/// them) per send; one quieter than a frame per 2 ms is held only when the
+/// shard's passes take longer than that (`Behind::hot`).
 pub const AUTO_DELAY: Duration = Duration::from_millis(2);
 
 /// While behind, a connection written less than this ago at most is held
