@@ -27,8 +27,8 @@
 //!   its turns — from the first frame queued to the end of the pass that
 //!   wrote it — filled `ENTER` (75%) of the last `WINDOW` (25 ms), so work
 //!   is queued and every frame waits for a turn anyway. Then a connection
-//!   written less than `AUTO_DELAY` (2 ms) ago, or since the last pass
-//!   started if passes take longer, is held for `AUTO_DELAY`. It leaves
+//!   written less than `AUTO_DELAY` (2 ms) ago (or in the last pass, when
+//!   passes run back to back and take longer) is held for `AUTO_DELAY`. It leaves
 //!   when the share the turns would fill without the holds (the measured
 //!   share times the frames per write) falls below `LEAVE` (60%). At light
 //!   load every frame leaves at the end of its turn, as with 0; under
@@ -402,14 +402,19 @@ impl Behind {
     }
 
     /// While behind, which connections a pass starting `now` holds: those
-    /// written less than this many ms ago. `AUTO_DELAY`, or since the last
-    /// pass started if that is longer: a connection that got frames in two
-    /// passes running is busy at the shard's own pace, even when a pass
-    /// takes longer than the delay (a large room, a slow or shared core).
-    /// In ms on the `ms` clock, rounded up; at most `MAX_HOT_MS`.
+    /// written less than this many ms ago. `AUTO_DELAY`; or, when this
+    /// pass follows the last one closely (less than `AUTO_DELAY` after it
+    /// ended), since the last one started if that is longer: a connection
+    /// that got frames in two passes running is busy at the shard's own
+    /// pace, even when a pass takes longer than the delay (a large room, a
+    /// slow or shared core). Not after a gap: a room that gets a message
+    /// every 20 ms is not held because each takes a long pass. In ms on the
+    /// `ms` clock, rounded up; at most `MAX_HOT_MS`.
     fn hot(&self, now: Instant) -> u16 {
-        let since = now.saturating_duration_since(self.last_start).as_millis() as u64 + 1;
-        since.clamp(AUTO_DELAY.as_millis() as u64, MAX_HOT_MS as u64) as u16
+        let delay = AUTO_DELAY.as_millis() as u64;
+        let close = now.saturating_duration_since(self.last_end) < AUTO_DELAY;
+        let since = if close { now.saturating_duration_since(self.last_start).as_millis() as u64 + 1 } else { 0 };
+        since.clamp(delay, MAX_HOT_MS as u64) as u16
     }
 
     /// Closes the window if it has lasted `WINDOW` by `now`, given the
@@ -526,14 +531,20 @@ mod tests {
     }
 
     #[test]
-    fn behind_the_hold_covers_the_delay_or_the_last_pass_if_longer() {
+    fn behind_the_hold_covers_the_delay_or_the_last_pass_if_longer_and_just_over() {
         let t = Instant::now();
         let mut b = Behind::new(t);
-        b.last_start = t;
+        (b.last_start, b.last_end) = (t, t + 200 * US);
         assert_eq!(b.hot(t + 300 * US), 2, "AUTO_DELAY");
-        // A pass that took 5.5 ms: what it wrote is held in the next.
-        assert_eq!(b.hot(t + 5500 * US), 6);
-        assert_eq!(b.hot(t + 10 * Duration::from_secs(1)), MAX_HOT_MS);
+        // A pass that took 5.5 ms, the next right after it: what the first
+        // wrote is held in the next.
+        b.last_end = t + 5500 * US;
+        assert_eq!(b.hot(t + 5600 * US), 6);
+        b.last_end = t + 20 * Duration::from_secs(1);
+        assert_eq!(b.hot(t + 20 * Duration::from_secs(1)), MAX_HOT_MS);
+        // The same pass, then 3 ms idle: only the last 2 ms count.
+        b.last_end = t + 5500 * US;
+        assert_eq!(b.hot(t + 8500 * US), 2);
     }
 
     #[test]
