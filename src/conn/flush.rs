@@ -28,11 +28,12 @@
 //!   wrote it — filled `ENTER` (75%) of the last `WINDOW` (25 ms), so work
 //!   is queued and every frame waits for a turn anyway. Then a connection
 //!   written less than `AUTO_DELAY` (2 ms) ago (or in the last pass, when
-//!   passes run back to back and take longer) is held for `AUTO_DELAY`. It leaves
-//!   when the share the turns would fill without the holds (the measured
-//!   share times the frames per write) falls below `LEAVE` (60%). At light
-//!   load every frame leaves at the end of its turn, as with 0; under
-//!   saturation several leave per send. `corecast_coalescing` says which.
+//!   passes run back to back and take longer) is held for `AUTO_DELAY`.
+//!   It leaves when the share the turns would fill without the holds (the
+//!   measured share times the frames per write) falls below `LEAVE` (60%).
+//!   At light load every frame leaves at the end of its turn, as with 0;
+//!   under saturation several leave per send. `corecast_coalescing` says
+//!   which.
 //! - `N` ms: fixed, as before `auto` existed: a connection written less
 //!   than N ms ago is always held, for N ms.
 //! - `0`: never held; every dirty connection is written once per turn.
