@@ -161,7 +161,7 @@ pub struct Options {
     /// they leave several to a send (fewer, larger packets: less kernel work
     /// per delivery at high per-connection rates, for added latency on busy
     /// connections only). `auto`: only while the shard is behind (its turns
-    /// fill most of its time), for 1 ms; at light load every frame is written
+    /// fill most of its time), for 2 ms; at light load every frame is written
     /// at the end of its turn. N: always, up to N ms (at most 1000). 0:
     /// never. [default: auto]
     #[arg(long, env = "CORECAST_WRITE_DELAY_MS")]
