@@ -241,3 +241,19 @@ fn under_saturation_busy_connections_are_held_and_frames_leave_several_per_write
     assert_eq!((a0.held, a0.entries, a0.coalescing), (0.0, 0.0, 0.0), "--write-delay-ms 0 held: {a0:?}");
     assert!(out / writes > out0 / writes0, "no more frames per write than without holds");
 }
+
+/// `corecast_coalescing` at rest: 0 by default (a shard with nothing to
+/// do is not behind) and with `0`, 1 with a fixed delay, which always holds.
+#[test]
+fn the_coalescing_gauge_says_whether_the_flusher_holds() {
+    for (args, want) in [(&[][..], 0.0), (&["--write-delay-ms", "0"][..], 0.0), (&["--write-delay-ms", "5"][..], 1.0)] {
+        let s = start_server(&[&["--shards", "2"][..], args].concat());
+        s.wait_until("the flushers started", || counts(&s).coalescing == 2.0 * want);
+        // Some traffic, then still the same.
+        let mut c = member(&s, "u", "r");
+        c.send_frame(0x81, json!({"op":"publish","room":"r","data":1}).to_string().as_bytes(), true);
+        assert_eq!(next_data(&mut c), json!(1));
+        let n = counts(&s);
+        assert_eq!((n.coalescing, n.entries), (2.0 * want, 0.0), "{args:?}: {n:?}");
+    }
+}
