@@ -157,13 +157,15 @@ pub struct Options {
     #[arg(long, env = "CORECAST_HEARTBEAT_SECS")]
     pub heartbeat_secs: Option<u64>,
 
-    /// Milliseconds a shard holds queued frames before it writes them, so
-    /// that a busy connection's frames of that window leave in one send
-    /// (fewer, larger packets: less kernel work per delivery at high
-    /// per-connection rates, at up to this much added latency). 0 writes at
-    /// the end of every turn of the event loop. [default: 0]
+    /// How long a shard may hold a busy connection's queued frames so that
+    /// they leave several to a send (fewer, larger packets: less kernel work
+    /// per delivery at high per-connection rates, for added latency on busy
+    /// connections only). `auto`: only while the shard is behind (its turns
+    /// fill most of its time), for 2 ms; at light load every frame is written
+    /// at the end of its turn. N: always, up to N ms (at most 1000). 0:
+    /// never. [default: auto]
     #[arg(long, env = "CORECAST_WRITE_DELAY_MS")]
-    pub write_delay_ms: Option<u64>,
+    pub write_delay_ms: Option<WriteDelayMs>,
 
     /// Ops per second each connection may send (token bucket, burst 2x); beyond
     /// it an op gets `rate_limited`, and a client that keeps going is closed
@@ -291,6 +293,52 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--write-delay-ms` as given: `auto` or a number of milliseconds (TOML:
+/// `write_delay_ms = "auto"` or `write_delay_ms = 2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteDelayMs {
+    Auto,
+    Ms(u64),
+}
+
+impl std::str::FromStr for WriteDelayMs {
+    type Err = String;
+    fn from_str(s: &str) -> Result<WriteDelayMs, String> {
+        match s.trim() {
+            a if a.eq_ignore_ascii_case("auto") => Ok(WriteDelayMs::Auto),
+            n => n.parse().map(WriteDelayMs::Ms).map_err(|_| format!("`auto` or milliseconds (0: off), not `{s}`")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WriteDelayMs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<WriteDelayMs, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Ms(u64),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Ms(n) => Ok(WriteDelayMs::Ms(n)),
+            Raw::Word(w) => w.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// How the flusher holds busy connections (`conn::flush`), from
+/// `--write-delay-ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteDelay {
+    /// `0`: every dirty connection is written at the end of its turn.
+    Off,
+    /// `N`: a connection written less than this ago is always held.
+    Fixed(Duration),
+    /// `auto` (the default): held for `conn::flush::AUTO_DELAY` only while
+    /// the shard is behind.
+    Auto,
+}
+
 /// History settings, from `--history-size` and `--history-ttl-secs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistorySettings {
@@ -404,8 +452,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Heartbeat interval; `Duration::ZERO` = off (`shard::heartbeat`).
     pub heartbeat: Duration,
-    /// How long the flusher holds queued frames (`conn::flush`); zero: none.
-    pub write_delay: Duration,
+    /// Whether and how long the flusher holds busy connections' frames
+    /// (`conn::flush`).
+    pub write_delay: WriteDelay,
     /// Per-connection op rate (burst twice that); 0 = unlimited (`conn::limits`).
     pub max_ops_per_sec: u32,
     /// 0 = unlimited.
@@ -624,8 +673,12 @@ impl Config {
             max_body_bytes: o.max_body_bytes.unwrap_or(1 << 20),
             handshake_timeout: Duration::from_secs(o.handshake_timeout_secs.unwrap_or(10).max(1)),
             heartbeat: Duration::from_secs(o.heartbeat_secs.unwrap_or(25)),
-            // A second at most: it is a batching window, not a queue.
-            write_delay: Duration::from_millis(o.write_delay_ms.unwrap_or(0).min(1000)),
+            write_delay: match o.write_delay_ms.unwrap_or(WriteDelayMs::Auto) {
+                WriteDelayMs::Auto => WriteDelay::Auto,
+                WriteDelayMs::Ms(0) => WriteDelay::Off,
+                // A second at most: it is a batching window, not a queue.
+                WriteDelayMs::Ms(n) => WriteDelay::Fixed(Duration::from_millis(n.min(1000))),
+            },
             max_ops_per_sec: o.max_ops_per_sec.unwrap_or(100),
             max_rooms_per_connection: o.max_rooms_per_connection.unwrap_or(100),
             max_connections: o.max_connections.filter(|&n| n > 0).unwrap_or(usize::MAX),
@@ -877,6 +930,38 @@ mod tests {
         assert!(cfg.auth.is_some_and(|a| a.ready()));
         let cfg = Config::load(["corecast", "--jwt-jwks-url", "http://127.0.0.1:1/jwks"]).unwrap();
         assert!(!cfg.auth.unwrap().ready(), "not ready before the first fetch");
+    }
+
+    #[test]
+    fn write_delay_is_auto_by_default_and_reads_auto_a_number_or_zero() {
+        clean_env();
+        assert_eq!(Config::load(["corecast"]).unwrap().write_delay, WriteDelay::Auto);
+        assert_eq!(Config::load(["corecast", "--write-delay-ms", "auto"]).unwrap().write_delay, WriteDelay::Auto);
+        assert_eq!(Config::load(["corecast", "--write-delay-ms", "0"]).unwrap().write_delay, WriteDelay::Off);
+        let cfg = Config::load(["corecast", "--write-delay-ms", "2"]).unwrap();
+        assert_eq!(cfg.write_delay, WriteDelay::Fixed(Duration::from_millis(2)));
+        let cfg = Config::load(["corecast", "--write-delay-ms", "5000"]).unwrap();
+        assert_eq!(cfg.write_delay, WriteDelay::Fixed(Duration::from_secs(1)), "capped at a second");
+        // (`Config::load` exits on a bad flag, as clap does.)
+        let err = Options::try_parse_from(["corecast", "--write-delay-ms", "soon"]).unwrap_err();
+        assert!(err.to_string().contains("`auto` or milliseconds"), "{err}");
+        assert!(Options::try_parse_from(["corecast", "--write-delay-ms", "-1"]).is_err());
+        assert!(Options::try_parse_from(["corecast", "--write-delay-ms", "AUTO"]).is_ok());
+        let dir = TempDir::new("cfg7");
+        for (text, want) in [
+            ("write_delay_ms = 0\n", WriteDelay::Off),
+            ("write_delay_ms = 3\n", WriteDelay::Fixed(Duration::from_millis(3))),
+            ("write_delay_ms = \"auto\"\n", WriteDelay::Auto),
+            ("write_delay_ms = \"2\"\n", WriteDelay::Fixed(Duration::from_millis(2))),
+        ] {
+            let file = dir.file("c.toml", text);
+            assert_eq!(Config::load(["corecast", "--config", &file]).unwrap().write_delay, want, "{text}");
+        }
+        let file = dir.file("c.toml", "write_delay_ms = \"later\"\n");
+        assert!(Config::load(["corecast", "--config", &file]).is_err());
+        let file = dir.file("c.toml", "write_delay_ms = 4\n");
+        let cfg = Config::load(["corecast", "--config", &file, "--write-delay-ms", "auto"]).unwrap();
+        assert_eq!(cfg.write_delay, WriteDelay::Auto, "the flag beats the file");
     }
 
     #[test]

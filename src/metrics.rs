@@ -242,7 +242,9 @@ shard_metrics! {
     redis_reader_waits_total: "counter", "Times the Redis reader stopped reading because its shard's inbox was full.";
     close_timeouts_total: "counter", "Connections cut off because they did not answer our close frame in time.";
     control_rate_limited_total: "counter", "Ping/pong frames from clients ignored for exceeding --max-ops-per-sec.";
-    writes_held_total: "counter", "Connections the flusher held back because it wrote them less than --write-delay-ms ago.";
+    writes_held_total: "counter", "Connections the flusher held back because it wrote them less than the write delay ago (--write-delay-ms N, or auto while the shard is behind).";
+    coalescing: "gauge", "1 while this shard's flusher holds busy connections: always with --write-delay-ms N, while the shard is behind with auto.";
+    coalescing_entries_total: "counter", "Times this shard fell behind and began holding busy connections (--write-delay-ms auto).";
     socket_writes_total: "counter", "Writes to client sockets: sendmsg(2) calls and batched io_uring sends (fewer per frame = frames coalesced).";
     sends_batched_total: "counter", "Socket writes that went to the kernel in an io_uring batch (io_uring driver), not one sendmsg(2) each.";
     send_batches_total: "counter", "io_uring_enter calls that carried those batched writes.";

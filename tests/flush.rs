@@ -134,14 +134,17 @@ fn writes_for_spaced_publishes(extra: &[&str], n: usize) -> f64 {
 /// held, and its frames of that window leave in one write (a second-long
 /// delay holds all eight publishes, 3 ms apart, unless the test is held up
 /// for a second; eight: one batched send takes up to 8 frames); without it
-/// each message is written when its turn ends.
+/// (`0`) each message is written when its turn ends, and so it is by
+/// default (`auto`) on a shard this idle (tests/coalesce.rs).
 #[test]
 fn with_a_write_delay_a_busy_connections_frames_leave_together() {
-    let plain = writes_for_spaced_publishes(&[], 8);
+    let plain = writes_for_spaced_publishes(&["--write-delay-ms", "0"], 8);
     let delayed = writes_for_spaced_publishes(&["--write-delay-ms", "1000"], 8);
-    eprintln!("writes for 8 spaced messages: {plain} without a delay, {delayed} with 1000 ms");
+    let auto = writes_for_spaced_publishes(&[], 8);
+    eprintln!("writes for 8 spaced messages: {plain} without a delay, {delayed} with 1000 ms, {auto} with auto");
     assert!((1.0..=2.0).contains(&delayed), "{delayed} writes with the delay");
     assert!(plain > delayed, "{plain} writes without the delay");
+    assert!(auto > delayed, "{auto} writes by default");
 }
 
 /// `--write-delay-ms` holds only connections written less than the delay

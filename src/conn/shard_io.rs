@@ -1,7 +1,8 @@
 //! ④ A shard's connection runtime (`ShardIo`): what a connection may use of
 //! its shard, and nothing more. Its clock, configuration and counters; the
 //! readiness poller; the dirty list the flusher empties once per turn and
-//! the connections it holds back (`--write-delay-ms`); the queue of
+//! the connections it holds back (`--write-delay-ms`) and when it last
+//! found work (`dirty_since`); the queue of
 //! connections whose closing handshake is timed; the yield queue.
 //!
 //! `ShardIo` has no table. Every `Conn` method that may run while the shard
@@ -48,6 +49,9 @@ pub struct ShardIo {
     pub(super) started: Instant,
     /// Wakes the flusher task when `dirty` becomes non-empty.
     pub(super) flusher: Cell<Option<Waker>>,
+    /// When `dirty` last became non-empty: the start of the flusher's next
+    /// turn, for `--write-delay-ms auto`'s measure of how busy the shard is.
+    pub(super) dirty_since: Cell<Option<Instant>>,
     /// The heartbeat clock in ticks, from 1 (0 marks "not a WebSocket"):
     /// the read path stamps it on a connection when bytes arrive; the
     /// shard's heartbeat sweep advances it.
@@ -102,6 +106,7 @@ impl ShardIo {
             own: RefCell::default(),
             started: Instant::now(),
             flusher: Cell::new(None),
+            dirty_since: Cell::new(None),
             tick: Cell::new(1),
             closing: RefCell::default(),
             reaper: Cell::new(None),
@@ -137,10 +142,12 @@ impl ShardIo {
     /// Called by `Conn` when it gets its first frame since the last flush.
     pub(super) fn mark_dirty(&self, conn: Rc<Conn>) {
         let mut dirty = self.dirty.borrow_mut();
-        if dirty.is_empty()
-            && let Some(w) = self.flusher.take()
-        {
-            w.wake();
+        if dirty.is_empty() {
+            // Once per pass of the flusher, not once per frame.
+            self.dirty_since.set(Some(Instant::now()));
+            if let Some(w) = self.flusher.take() {
+                w.wake();
+            }
         }
         dirty.push(conn);
     }
