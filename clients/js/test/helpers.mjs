@@ -245,3 +245,43 @@ export function room(prefix = "room") {
 
 /** A fast backoff for tests (the defaults are for production). */
 export const FAST = { backoff: { minMs: 50, maxMs: 400 }, pingIntervalMs: 0 };
+
+/** A WebSocket stand-in for frame-by-frame tests: records what the client
+ * sends (`sent`), lets the test push frames (`push`) and end the connection
+ * (`drop`); `ScriptedSocket.last` is the newest one. */
+export class ScriptedSocket {
+  static last = null;
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.sent = [];
+    ScriptedSocket.last = this;
+    queueMicrotask(() => {
+      this.readyState = 1;
+      this.onopen?.({});
+    });
+  }
+  send(text) {
+    this.sent.push(JSON.parse(text));
+  }
+  close() {
+    this.readyState = 3;
+  }
+  /** A frame from the server: an object, or raw text as it is. */
+  push(obj) {
+    this.onmessage?.({ data: typeof obj === "string" ? obj : JSON.stringify(obj) });
+  }
+  /** The connection drops (as the server or the network would end it). */
+  drop(code = 1006) {
+    this.readyState = 3;
+    this.onclose?.({ code, reason: "" });
+  }
+  /** Every op `op` the client sent. */
+  ops(op) {
+    return this.sent.filter((o) => o.op === op);
+  }
+  /** The last op `op` the client sent (for `room`, when given). */
+  lastOp(op, room) {
+    return this.sent.filter((o) => o.op === op && (room === undefined || o.room === room)).at(-1);
+  }
+}

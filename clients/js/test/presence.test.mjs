@@ -15,7 +15,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 
 import { Corecast } from "../corecast.js";
-import { FAST, room, startCorecast, startProxy, startRedis, waitFor } from "./helpers.mjs";
+import { FAST, room, ScriptedSocket, startCorecast, startProxy, startRedis, waitFor } from "./helpers.mjs";
 
 const NAMESPACES = `
 [[namespace]]
@@ -437,32 +437,6 @@ describe("two nodes on a real redis-server", () => {
 });
 
 // ---- the fetch/event race, frame by frame --------------------------------
-
-class ScriptedSocket {
-  static last = null;
-  constructor(url) {
-    this.url = url;
-    this.readyState = 0;
-    this.sent = [];
-    ScriptedSocket.last = this;
-    queueMicrotask(() => {
-      this.readyState = 1;
-      this.onopen?.({});
-    });
-  }
-  send(text) {
-    this.sent.push(JSON.parse(text));
-  }
-  close() {
-    this.readyState = 3;
-  }
-  push(obj) {
-    this.onmessage?.({ data: JSON.stringify(obj) });
-  }
-  ops(op) {
-    return this.sent.filter((o) => o.op === op);
-  }
-}
 
 test("events during the fetch are buffered and applied once, in order, on top of the snapshot", async () => {
   const cc = new Corecast("ws://scripted.invalid", { WebSocket: ScriptedSocket, pingIntervalMs: 0 });

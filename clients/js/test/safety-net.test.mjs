@@ -9,33 +9,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { Corecast } from "../corecast.js";
-
-/** A WebSocket stand-in: records what the client sends, lets the test push frames. */
-class ScriptedSocket {
-  static last = null;
-  constructor(url) {
-    this.url = url;
-    this.readyState = 0;
-    this.sent = [];
-    ScriptedSocket.last = this;
-    queueMicrotask(() => {
-      this.readyState = 1;
-      this.onopen?.({});
-    });
-  }
-  send(text) {
-    this.sent.push(JSON.parse(text));
-  }
-  close() {
-    this.readyState = 3;
-  }
-  push(obj) {
-    this.onmessage?.({ data: typeof obj === "string" ? obj : JSON.stringify(obj) });
-  }
-  lastOp(op) {
-    return this.sent.filter((o) => o.op === op).at(-1);
-  }
-}
+import { ScriptedSocket } from "./helpers.mjs";
 
 async function subscribed(room, extra = {}) {
   const cc = new Corecast("ws://scripted.invalid", { WebSocket: ScriptedSocket, pingIntervalMs: 0 });

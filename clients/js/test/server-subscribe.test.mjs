@@ -12,7 +12,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { Corecast } from "../corecast.js";
-import { FAST, room, startCorecast, startProxy, waitFor } from "./helpers.mjs";
+import { FAST, room, ScriptedSocket, startCorecast, startProxy, waitFor } from "./helpers.mjs";
 
 const HIST = ["--history-size", "100"];
 
@@ -246,37 +246,6 @@ test("a server subscribe with since replays what the user missed", { timeout: 30
 
 // Orderings a real node makes rarely or (the `subs` claim) not yet, played
 // frame by frame by a scripted socket (as in safety-net.test.mjs).
-
-class ScriptedSocket {
-  static last = null;
-  constructor(url) {
-    this.url = url;
-    this.readyState = 0;
-    this.sent = [];
-    ScriptedSocket.last = this;
-    queueMicrotask(() => {
-      this.readyState = 1;
-      this.onopen?.({});
-    });
-  }
-  send(text) {
-    this.sent.push(JSON.parse(text));
-  }
-  close() {
-    this.readyState = 3;
-  }
-  push(obj) {
-    this.onmessage?.({ data: JSON.stringify(obj) });
-  }
-  /** The connection drops (as the server or the network would end it). */
-  drop(code = 1006) {
-    this.readyState = 3;
-    this.onclose?.({ code, reason: "" });
-  }
-  lastOp(op, room) {
-    return this.sent.filter((o) => o.op === op && (room === undefined || o.room === room)).at(-1);
-  }
-}
 
 async function scripted() {
   const cc = new Corecast("ws://scripted.invalid", {
