@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::history::{Pos, Tracker, api_publish, subscribe_since};
-use common::redis::{RedisServer, deadline, wait_until};
-use common::redis_topology::RedisCluster;
+use common::redis::{RedisServer, Resp, RespConn, deadline, wait_until};
+use common::redis_topology::{RedisCluster, SentinelSetup};
 use common::{Client, Server, start_server};
 use corecast::services::relay::Relay;
 use serde_json::json;
@@ -235,4 +235,70 @@ fn cutting_the_relays_link_loses_nothing_on_any_shard_on_one_redis() {
     let redis = RedisServer::start();
     let room = room_relayed_by(2);
     cut_while_publishing(&|args| redis.cli(args), &redis.url(), &room);
+}
+
+#[test]
+fn cutting_the_relays_link_loses_nothing_on_any_shard_on_a_redis_cluster() {
+    let _d = deadline("hist_cut_cluster", Duration::from_secs(240));
+    let cluster = RedisCluster::start(3, 0);
+    let room = room_relayed_by(3);
+    // The links to the primary that owns the room's channel are the ones cut.
+    let owner = cluster.owner(&format!("cc:room:{room}"));
+    let primary = &cluster.servers[owner];
+    cut_while_publishing(&|args| primary.cli(args), &cluster.url(), &room);
+}
+
+#[test]
+fn cutting_the_relays_link_loses_nothing_on_any_shard_through_sentinel() {
+    let _d = deadline("hist_cut_sentinel", Duration::from_secs(240));
+    let s = SentinelSetup::start();
+    let room = room_relayed_by(1);
+    cut_while_publishing(&|args| s.primary.cli(args), &s.url(), &room);
+}
+
+/// The tail: what is published while the relay's link alone is down (Redis
+/// refuses it back: `maxclients`) and nothing after reaches every shard
+/// once the link is back. No later message shows the other shards a hole;
+/// only the relay's news (`News::LinkDown`) makes them catch up.
+#[test]
+fn what_is_published_while_the_relays_link_is_down_reaches_every_shard_with_nothing_after_it() {
+    let _d = deadline("hist_tail", Duration::from_secs(120));
+    let redis = RedisServer::start();
+    let room = room_relayed_by(2);
+    let room = room.as_str();
+    let a = node(&redis.url(), SHARDS, false);
+    let b = node(&redis.url(), 1, false);
+    let first = api_publish(&b, room, json!(0));
+    let mut members: Vec<_> = (0..SHARDS).map(|s| (s, member(&a, s, &format!("m{s}"), room, None))).collect();
+    let live = api_publish(&b, room, json!("live")).offset;
+    for (s, (c, t)) in &mut members {
+        drain_and_check(&format!("shard {s} before"), c, t, live, Duration::from_secs(10));
+    }
+    let relay_link = sub_link_ids(&|args| redis.cli(args), 2);
+    assert_eq!(relay_link.len(), 1, "the relay's one link: {relay_link:?}");
+    let caught_up = caught_up_total(&a);
+    // Opened first: it stays, and lets new connections in again later.
+    let mut admin = RespConn::open(redis.port);
+    assert_eq!(admin.cmd(&["CONFIG", "SET", "maxclients", "1"]).text(), "OK");
+    assert_eq!(admin.cmd(&["CLIENT", "KILL", "ID", &relay_link[0]]), Resp::Int(1), "the relay's link was killed");
+    // Published through b's publisher link, which stayed up.
+    let mut last = live;
+    for i in 1..=5 {
+        last = api_publish(&b, room, json!(i)).offset;
+    }
+    assert_eq!(last, live + 5);
+    // Nothing comes while the relay's link is refused (a member on another
+    // shard, whose own link is up, waits for the relay's).
+    for (s, (c, _)) in &mut members {
+        if let Some(v) = c.recv_json(Duration::from_millis(if *s == 0 { 700 } else { 50 })) {
+            panic!("shard {s} got {v} while the relay's link was down");
+        }
+    }
+    assert_eq!(admin.cmd(&["CONFIG", "SET", "maxclients", "10000"]).text(), "OK");
+    // No publish from here on.
+    for (s, (c, t)) in &mut members {
+        drain_and_check(&format!("shard {s} after the relay's link came back"), c, t, last, Duration::from_secs(15));
+    }
+    assert!(caught_up_total(&a) >= caught_up + SHARDS as f64 * 5.0, "every shard read the 5 from the history");
+    assert_eq!(first.offset, live - 1);
 }
