@@ -451,6 +451,9 @@ impl RedisBus {
             Some(r) if r.seq == seq => {
                 if confirmed {
                     r.confirmed = true;
+                    // The relay confirms only with its link up (its news
+                    // of a later drop comes after, in order).
+                    r.relay_up = true;
                 } else {
                     r.released = true;
                 }
