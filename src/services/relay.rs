@@ -239,10 +239,9 @@ impl Relay {
         if shards.len() == 1 && shards.contains_key(&me) {
             return;
         }
-        let to: Vec<usize> = shards.keys().copied().filter(|i| *i != me).collect();
-        drop(rooms);
         let room: Arc<str> = Arc::from(room);
-        for i in to {
+        // (`rooms` stays borrowed: nothing below touches it.)
+        for &i in shards.keys().filter(|i| **i != me) {
             let lost = if svc.relay.pending.borrow().contains_key(&i) {
                 // Its queue was full a moment ago; a confirmation waits.
                 true
