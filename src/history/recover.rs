@@ -326,7 +326,7 @@ impl ShardHistory {
     /// buffering from now on. Returns the token `finish_subscribe` checks.
     pub fn begin_subscribe(self: &Rc<Self>, shard: &Rc<Shard>, conn: &Rc<Conn>, room: &str) -> u64 {
         let token = self.token();
-        let link_down = !self.bus.link_is_up();
+        let link_down = !self.link_up(room);
         let start_catch_up = {
             let mut rooms = self.rooms.borrow_mut();
             let st = rooms.entry(Arc::from(room)).or_default();
@@ -570,26 +570,67 @@ impl ShardHistory {
 
     // ---- the Redis subscriber link ---------------------------------------------
 
-    /// `ShardMsg::RedisLink`: down starts the catch-up of every history room.
+    /// `ShardMsg::RedisLink`: down starts the catch-up of every history room
+    /// whose subscription is this shard's own (a relayed room follows its
+    /// relay's link: `catch_up_room`).
     pub fn on_link(self: &Rc<Self>, shard: &Rc<Shard>, up: bool) {
+        if up {
+            return;
+        }
         let mut start = Vec::new();
         {
             let mut rooms = self.rooms.borrow_mut();
             for (name, st) in rooms.iter_mut() {
-                if up {
+                if self.is_relayed(name) {
                     continue;
                 }
-                if st.catching_up {
-                    st.again = true;
-                } else {
-                    st.held = Some(Vec::new());
-                    st.catching_up = true;
+                if Self::start_round(st) {
                     start.push(name.clone());
                 }
             }
         }
         for room in start {
             monoio::spawn(catch_up(self.clone(), shard.clone(), room));
+        }
+    }
+
+    /// One room catches up, as on `on_link` down: its relay's subscriber
+    /// link went down, or the relay could not pass a message on
+    /// (`services::relay`). Reads once the room is confirmed again.
+    pub fn catch_up_room(self: &Rc<Self>, shard: &Rc<Shard>, room: &str) {
+        let start = match self.rooms.borrow_mut().get_mut(room) {
+            Some(st) => Self::start_round(st),
+            None => false,
+        };
+        if start {
+            monoio::spawn(catch_up(self.clone(), shard.clone(), Arc::from(room)));
+        }
+    }
+
+    /// Marks a catch-up round due for the room; true when a task must start
+    /// (else the running one goes round again).
+    fn start_round(st: &mut RoomState) -> bool {
+        if st.catching_up {
+            st.again = true;
+            false
+        } else {
+            st.held = Some(Vec::new());
+            st.catching_up = true;
+            true
+        }
+    }
+
+    /// Does another shard's subscription bring `room` here (`services::relay`)?
+    fn is_relayed(&self, room: &str) -> bool {
+        matches!(&*self.bus, Bus::Redis(r) if r.is_relayed(room))
+    }
+
+    /// Is the subscriber link `room`'s messages come by up (the relay's for
+    /// a relayed room; always, standalone)?
+    fn link_up(&self, room: &str) -> bool {
+        match &*self.bus {
+            Bus::Redis(r) => r.room_link_up(room),
+            Bus::Local => true,
         }
     }
 

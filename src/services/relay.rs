@@ -17,9 +17,20 @@
 //! per pair of shards, so every member sees a room's messages in the order
 //! Redis ran the PUBLISHes, as before.
 //!
-//! Rooms that keep history (§7) keep one subscription per shard: their
-//! catch-up after a subscriber link comes back reads per shard, from the
-//! shard's own link's state. Standalone (the local bus) has no subscriptions.
+//! Rooms that keep history (§7) go through the relay too, their messages
+//! with their positions (each shard's live gate, `history::recover`, still
+//! drops duplicates and reads holes). Their catch-up follows the *relay's*
+//! subscriber link, not the shard's own: when it goes down (or blips, see
+//! `bus::redis::reader`) the relay tells every shard it relays each room
+//! to (`News::LinkDown`, in order with the room's messages), and that shard
+//! forgets the room's confirmation and starts the room's catch-up, which
+//! reads once the relay's next confirmation is passed on, as it does for
+//! its own link on `RedisLink`. A join while the relay's link is down is
+//! told so at once. A history message a full queue did not take is
+//! followed by `News::Missed` (never dropped): the shard reads what it
+//! missed, even when no later message shows it the hole.
+//!
+//! Standalone (the local bus) has no subscriptions.
 //! `--per-shard-subscriptions` (hidden, for benchmarks) turns the relay off.
 
 use std::cell::RefCell;
@@ -34,8 +45,21 @@ use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use super::Services;
 use crate::bus::Bus;
-use crate::protocol::Target;
+use crate::protocol::{Position, Target};
 use crate::shard::ShardMsg;
+
+/// What a relay tells a shard it relays a room to, besides confirmations
+/// (`ShardMsg::Relayed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum News {
+    /// The relay's subscriber link went down: the room's confirmation is
+    /// gone, and a history room catches up once it comes again.
+    LinkDown,
+    /// The relay's subscriber link is back (the confirmation follows).
+    LinkUp,
+    /// A message of the (history) room could not be passed on.
+    Missed,
+}
 
 /// The relay's side: rooms it holds for the node, and which shards have
 /// members there, each with the number of the join it has to confirm.
@@ -49,6 +73,10 @@ pub struct Relay {
     /// dropped (counted) until they are through, so that none overtakes
     /// the confirmation of its room.
     pending: RefCell<FxHashMap<usize, VecDeque<ShardMsg>>>,
+    /// (shard, history room) pairs told `News::Missed` since the last
+    /// message of the room that reached the shard: one at a time each, so
+    /// `pending` stays bounded by the rooms.
+    missed: RefCell<rustc_hash::FxHashSet<(usize, Arc<str>)>>,
 }
 
 /// How often a backlog of relay messages is offered to its queue again.
@@ -56,11 +84,8 @@ const PENDING_RETRY: Duration = Duration::from_millis(1);
 
 impl Relay {
     /// Does `room` go through a relay on this node?
-    fn relayed(svc: &Services, room: &str) -> bool {
-        matches!(&*svc.bus, Bus::Redis(_))
-            && svc.shard.peers().len() > 1
-            && !svc.shard.cfg.per_shard_subscriptions
-            && svc.shard.cfg.namespaces.history(room).is_none()
+    fn relayed(svc: &Services) -> bool {
+        matches!(&*svc.bus, Bus::Redis(_)) && svc.shard.peers().len() > 1 && !svc.shard.cfg.per_shard_subscriptions
     }
 
     /// The shard that holds `room`'s subscription on every node.
@@ -74,7 +99,7 @@ impl Relay {
         let Bus::Redis(r) = &*svc.bus else {
             return svc.bus.interest(&svc.shard, Target::Room(room), on);
         };
-        if !Self::relayed(svc, room) {
+        if !Self::relayed(svc) {
             return r.interest(Target::Room(room), on);
         }
         let relay = Self::relay_of(room, svc.shard.peers().len());
@@ -131,11 +156,20 @@ impl Relay {
             drop(rooms);
             if first {
                 r.interest(Target::Room(&room), true);
-            } else if from != me && r.is_confirmed(&room) {
+            }
+            if from == me {
+                return;
+            }
+            if !r.link_is_up() {
+                // As its own link would: the join is answered now, and a
+                // history room catches up once the relay's link is back.
+                Self::send(svc, from, ShardMsg::Relayed { room, news: News::LinkDown });
+            } else if !first && r.is_confirmed(&room) {
                 Self::send(svc, from, ShardMsg::Subscribed { room, seq, confirmed: true });
             }
         } else if let Some(shards) = rooms.get_mut(&room) {
             shards.remove(&from);
+            svc.relay.missed.borrow_mut().remove(&(from, room.clone()));
             if shards.is_empty() {
                 rooms.remove(&room);
                 drop(rooms);
@@ -156,36 +190,86 @@ impl Relay {
         }
     }
 
-    /// On the relay: its subscriber link went down: every relayed room is
-    /// released (the reader subscribes again, and confirms, once it is back).
+    /// On the relay: its subscriber link went down or came back: every
+    /// shard it relays a room to hears it for that room (down: held
+    /// replies go out, the confirmation is gone, a history room catches
+    /// up; the reader subscribes again, and confirms, once it is back).
     pub fn on_link(svc: &Rc<Services>, up: bool) {
-        if up {
-            return;
-        }
-        let rooms: Vec<Arc<str>> = svc.relay.rooms.borrow().keys().cloned().collect();
-        for room in rooms {
-            Self::on_subscribed(svc, &room, false);
+        let me = svc.shard.id;
+        let news = if up { News::LinkUp } else { News::LinkDown };
+        let to: Vec<(usize, Arc<str>)> = svc
+            .relay
+            .rooms
+            .borrow()
+            .iter()
+            .flat_map(|(room, shards)| shards.keys().filter(|i| **i != me).map(|i| (*i, room.clone())))
+            .collect();
+        for (i, room) in to {
+            Self::send(svc, i, ShardMsg::Relayed { room, news });
         }
     }
 
-    /// On the relay: a message of `room` from its reader goes to every
-    /// other shard with members, one copy each (`Shard::fan_out_to_shards`
-    /// explains the copy).
-    pub fn pass_on(svc: &Rc<Services>, room: &str, frame: &Bytes, sent: Instant) {
-        let me = svc.shard.id;
+    /// On a shard the relay relays `room` to: news from the relay.
+    pub fn on_news(svc: &Rc<Services>, room: &str, news: News) {
+        let Bus::Redis(r) = &*svc.bus else { return };
+        let known = match news {
+            News::LinkDown => r.on_relay_link(&svc.shard, room, false),
+            News::LinkUp => r.on_relay_link(&svc.shard, room, true),
+            News::Missed => r.is_relayed(room),
+        };
+        if known
+            && news != News::LinkUp
+            && let Some(h) = &svc.history
+        {
+            h.catch_up_room(&svc.shard, room);
+        }
+    }
+
+    /// On the relay: a message of `room` from its reader (with its
+    /// position in a history room) goes to every other shard with members,
+    /// one copy each (`Shard::fan_out_to_shards` explains the copy).
+    pub fn pass_on(svc: &Rc<Services>, room: &str, frame: &Bytes, sent: Instant, pos: Option<&Position>) {
         let rooms = svc.relay.rooms.borrow();
+        if rooms.is_empty() {
+            // Not a relay (or standalone): no hash per message.
+            return;
+        }
+        let me = svc.shard.id;
         let Some(shards) = rooms.get(room) else { return };
         if shards.len() == 1 && shards.contains_key(&me) {
             return;
         }
-        let pending = svc.relay.pending.borrow();
+        let room: Arc<str> = Arc::from(room);
+        // (`rooms` stays borrowed: nothing below touches it.)
         for &i in shards.keys().filter(|i| **i != me) {
-            if pending.contains_key(&i) {
+            let lost = if svc.relay.pending.borrow().contains_key(&i) {
                 // Its queue was full a moment ago; a confirmation waits.
-                svc.shard.metrics.shard(i).inbox_dropped_total.add_shared(1);
+                true
+            } else {
+                let msg = ShardMsg::Room {
+                    room: room.clone(),
+                    frame: Bytes::copy_from_slice(frame),
+                    sent,
+                    pos: pos.map(|p| Box::new(*p)),
+                };
+                match svc.shard.send_or_full(i, msg) {
+                    Ok(()) => false,
+                    Err(full) => full.is_some(),
+                }
+            };
+            if !lost {
+                if pos.is_some() && !svc.relay.missed.borrow().is_empty() {
+                    // It reached the shard: a later loss is news again.
+                    svc.relay.missed.borrow_mut().remove(&(i, room.clone()));
+                }
                 continue;
             }
-            svc.shard.send_room_to(i, Arc::from(room), Bytes::copy_from_slice(frame), sent);
+            svc.shard.metrics.shard(i).inbox_dropped_total.add_shared(1);
+            if pos.is_some() && svc.relay.missed.borrow_mut().insert((i, room.clone())) {
+                // The history has it; the shard reads it even if no later
+                // message shows it the hole.
+                Self::send(svc, i, ShardMsg::Relayed { room: room.clone(), news: News::Missed });
+            }
         }
     }
 }

@@ -113,6 +113,10 @@ pub enum ShardMsg {
     /// To a room's relay shard (`services::relay`): shard `from` has
     /// members of `room` now (`on`, for its join `seq`), or none any more.
     Relay { room: Arc<str>, from: usize, seq: u64, on: bool },
+    /// From a room's relay shard to a shard it relays the room to
+    /// (`services::relay`): news of the relay's subscriber link, or of a
+    /// message it could not pass on.
+    Relayed { room: Arc<str>, news: crate::services::relay::News },
     /// A census question to another shard of this node, or its part of
     /// the answer (`services::census`).
     Census(Box<crate::protocol::census::Msg>),

@@ -176,9 +176,18 @@ struct RoomSub {
     /// its messages here (`services::relay`): `confirmed`/`released` come
     /// from it, and this shard's own subscriber link does not bear on them.
     relayed: bool,
+    /// For a relayed room: the relay's subscriber link, as the relay last
+    /// told this shard (`on_relay_link`); it stands for `RedisBus::link_up`.
+    relay_up: bool,
 }
 
 impl RoomSub {
+    /// The link that bears on this room: the relay's for a relayed room,
+    /// else this shard's own (`up`).
+    fn up(&self, up: bool) -> bool {
+        if self.relayed { self.relay_up } else { up }
+    }
+
     fn wake(&mut self) {
         self.wakers.drain(..).for_each(Waker::wake);
     }
@@ -365,8 +374,17 @@ impl RedisBus {
         let mut rooms = self.rooms.borrow_mut();
         if on {
             let seq = self.next_seq.replace(self.next_seq.get() + 1);
-            let sub =
-                RoomSub { seq, confirmed: false, released: false, waiting: Vec::new(), wakers: Vec::new(), relayed };
+            // A relayed room starts as if the relay's link were up: the relay
+            // answers the join with a confirmation, or tells it is down.
+            let sub = RoomSub {
+                seq,
+                confirmed: false,
+                released: false,
+                waiting: Vec::new(),
+                wakers: Vec::new(),
+                relayed,
+                relay_up: true,
+            };
             if let Some(mut old) = rooms.insert(room.clone(), sub) {
                 old.wake();
             }
@@ -392,7 +410,7 @@ impl RedisBus {
     /// restored with the link), else once Redis confirms.
     pub fn reply_subscribed(&self, shard: &Shard, conn: &Rc<Conn>, room: &str, reply: Bytes) {
         if let Some(r) = self.rooms.borrow_mut().get_mut(room)
-            && (self.link_up.get() || r.relayed)
+            && r.up(self.link_up.get())
             && !r.confirmed
             && !r.released
         {
@@ -433,6 +451,9 @@ impl RedisBus {
             Some(r) if r.seq == seq => {
                 if confirmed {
                     r.confirmed = true;
+                    // The relay confirms only with its link up (its news
+                    // of a later drop comes after, in order).
+                    r.relay_up = true;
                 } else {
                     r.released = true;
                 }
@@ -465,6 +486,40 @@ impl RedisBus {
         send_held(shard, held);
     }
 
+    /// A relayed room's relay tells this shard of its subscriber link
+    /// (`services::relay`): for the room, what `on_link` does for this
+    /// shard's own link. False when the room is not relayed here (no
+    /// member, or its own subscription).
+    pub fn on_relay_link(&self, shard: &Shard, room: &str, up: bool) -> bool {
+        let held = match self.rooms.borrow_mut().get_mut(room) {
+            Some(r) if r.relayed => {
+                r.relay_up = up;
+                r.wake();
+                r.released = false;
+                if up {
+                    return true;
+                }
+                r.confirmed = false;
+                std::mem::take(&mut r.waiting)
+            }
+            _ => return false,
+        };
+        send_held(shard, held);
+        true
+    }
+
+    /// Does another shard of this node hold `room`'s subscription here?
+    pub fn is_relayed(&self, room: &str) -> bool {
+        self.rooms.borrow().get(room).is_some_and(|r| r.relayed)
+    }
+
+    /// Is the subscriber link that bears on `room` up: the relay's for a
+    /// relayed room, else this shard's own?
+    pub fn room_link_up(&self, room: &str) -> bool {
+        let up = self.link_up.get();
+        self.rooms.borrow().get(room).map_or(up, |r| r.up(up))
+    }
+
     /// Resolves once this node is subscribed to `room` at Redis (confirmed
     /// for its latest join), or the room has no member here any more.
     /// `strict`: the subscriber link must be up; else a down link resolves
@@ -474,7 +529,7 @@ impl RedisBus {
     /// room's join only then, so that the joiner's node hears it.)
     pub fn settled(&self, room: &str) -> bool {
         let up = self.link_up.get();
-        self.rooms.borrow().get(room).is_none_or(|r| r.confirmed || !(up || r.relayed) || r.released)
+        self.rooms.borrow().get(room).is_none_or(|r| r.confirmed || !r.up(up) || r.released)
     }
 
     pub async fn confirmed(&self, room: &str, strict: bool) {
@@ -482,7 +537,7 @@ impl RedisBus {
             let up = self.link_up.get();
             let mut rooms = self.rooms.borrow_mut();
             let Some(r) = rooms.get_mut(room) else { return Poll::Ready(()) };
-            let up = up || r.relayed;
+            let up = r.up(up);
             // A release is not a confirmation: a catch-up (strict) reads only
             // once Redis confirmed the room again, or it would miss what is
             // published between its read and the SUBSCRIBE.
