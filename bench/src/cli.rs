@@ -28,6 +28,9 @@ pub enum Cmd {
     Fanout(FanoutArgs),
     /// Request/response on /echo (server started with --echo): rate and round-trip latency.
     Echo(EchoArgs),
+    /// The capacity model (docs/capacity.md): what a deployment spends on a workload,
+    /// its headroom, or (`--nodes 0`) the smallest deployment that carries it. Runs nothing.
+    Plan(PlanArgs),
     /// Internal: one worker process, driven by its parent over stdin/stdout.
     #[command(hide = true)]
     Worker,
@@ -166,6 +169,54 @@ pub struct EchoArgs {
     pub grace: Duration,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct PlanArgs {
+    /// Unit costs as JSON (`scripts/bench-capacity.sh` fits them on a host); default: this
+    /// repository's test box, `bench/costs.json`.
+    #[arg(long)]
+    pub costs: Option<PathBuf>,
+    /// Nodes (0 = find the fewest nodes and primaries that carry the load).
+    #[arg(long, default_value_t = 0)]
+    pub nodes: u32,
+    /// Shards (cores) per node.
+    #[arg(long, default_value_t = 32)]
+    pub shards: u32,
+    /// Redis primaries (0 = one standalone node on the local bus; with `--nodes 0`, the most
+    /// primaries to consider, at least 1).
+    #[arg(long, default_value_t = 1)]
+    pub primaries: u32,
+    /// One Redis subscription per shard with members (`--per-shard-subscriptions true`).
+    #[arg(long)]
+    pub per_shard_subscriptions: bool,
+    /// Connections that are members of a room.
+    #[arg(long, short = 's')]
+    pub subscribers: f64,
+    /// Rooms they are spread over.
+    #[arg(long)]
+    pub rooms: f64,
+    /// Publishes per second over all rooms.
+    #[arg(long)]
+    pub rate: f64,
+    /// Other held connections (no room).
+    #[arg(long, default_value_t = 0.0)]
+    pub idle: f64,
+    /// Share of each core the server may use.
+    #[arg(long, default_value_t = 0.7)]
+    pub server_cpu_budget: f64,
+    /// Share of its core one Redis primary may use.
+    #[arg(long, default_value_t = 0.7)]
+    pub redis_cpu_budget: f64,
+    /// Memory per node, GiB (the process's; the kernel's socket memory is apart).
+    #[arg(long, default_value_t = 64.0)]
+    pub node_memory_gib: f64,
+    /// Connections per node (descriptors, ports, the kernel's socket memory: tuning.md).
+    #[arg(long, default_value_t = 1_000_000.0)]
+    pub node_connections: f64,
+    /// Print the prediction as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// The parent's side of a run.
 pub struct RunOpts {
     pub plan: Plan,
@@ -187,7 +238,7 @@ pub fn run_opts(cmd: &Cmd) -> Result<RunOpts, String> {
         Cmd::Idle(a) => (Scenario::Idle, &a.common, a.duration, Duration::ZERO),
         Cmd::Fanout(a) => (Scenario::Fanout, &a.common, a.duration, a.grace),
         Cmd::Echo(a) => (Scenario::Echo, &a.common, a.duration, a.grace),
-        Cmd::Worker => return Err("the worker takes no run options".into()),
+        Cmd::Worker | Cmd::Plan(_) => return Err("this subcommand takes no run options".into()),
     };
     let targets = common.urls.iter().map(|u| Target::parse(u)).collect::<Result<Vec<_>, _>>()?;
     if targets.is_empty() {
@@ -234,7 +285,7 @@ pub fn run_opts(cmd: &Cmd) -> Result<RunOpts, String> {
             plan.window = a.window.max(1);
             plan.payload = a.payload;
         }
-        Cmd::Worker => {}
+        Cmd::Worker | Cmd::Plan(_) => {}
     }
     if !plan.room_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:@/".contains(&b)) {
         return Err("--room-prefix: use only A-Z a-z 0-9 _ - . : @ /".into());

@@ -10,8 +10,10 @@
 //! receive without parsing JSON ([`payload`]); latencies go into
 //! HdrHistograms ([`stats`]); server RSS/CPU come from /proc ([`procfs`]).
 //! `--protocol` switches the join step and receive path to one of the
-//! peers' client protocols ([`proto`]) for side-by-side runs.
+//! peers' client protocols ([`proto`]) for side-by-side runs. `plan` runs
+//! nothing: it is the capacity model ([`capacity`], docs/capacity.md).
 
+pub mod capacity;
 pub mod cli;
 pub mod coordinator;
 pub mod payload;
