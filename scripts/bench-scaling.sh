@@ -47,7 +47,15 @@ WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_port() { # below the ephemeral range, so that no outgoing connection takes it meanwhile
+  python3 -c 'import random, socket
+while True:
+    p = random.randint(20000, 32000); s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); print(p); break
+    except OSError:
+        pass'
+}
 ncores() { python3 -c 'import sys; n=0
 for p in sys.argv[1].split(","):
     a,_,b=p.partition("-"); n+=int(b or a)-int(a)+1
@@ -60,7 +68,11 @@ one_run() { # shards mode
   taskset -c "$REDIS_CORES" redis-server --port "$rport" --save '' --appendonly no >"$WORK/redis.log" 2>&1 &
   local redis=$!
   PIDS+=("$redis")
-  until redis-cli -p "$rport" ping >/dev/null 2>&1; do sleep 0.05; done
+  local tries=0
+  until redis-cli -p "$rport" ping >/dev/null 2>&1; do
+    tries=$((tries + 1)); [ $tries -gt 200 ] && { echo "redis-server did not start:" >&2; tail -3 "$WORK/redis.log" >&2; exit 1; }
+    sleep 0.05
+  done
   local urls=() spids=() nodes=()
   for _ in $(seq "$NODES"); do
     local port; port=$(free_port)
