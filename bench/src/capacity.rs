@@ -165,6 +165,7 @@ fn occupied(bins: f64, balls: f64) -> f64 {
     bins * (1.0 - (1.0 - 1.0 / bins).powf(balls))
 }
 
+/// What deployment `d` spends on workload `w`, and its headroom against `b`.
 pub fn predict(c: &Costs, d: Deployment, w: Workload, b: Budget) -> Prediction {
     let nodes = d.nodes.max(1) as f64;
     let shards = d.shards.max(1) as f64;
@@ -203,13 +204,11 @@ pub fn predict(c: &Costs, d: Deployment, w: Workload, b: Budget) -> Prediction {
     // with many, the load evens out.
     let busiest_share = if rooms >= primaries { (rooms / primaries).ceil() / rooms } else { 1.0 / rooms.ceil() };
     let busiest_primary_cores = redis_traffic * busiest_share.min(1.0) + if redis { redis_idle } else { 0.0 };
-    let node_bytes = c.node_base_bytes
-        + shards * (c.shard_base_bytes + if redis { c.redis_shard_bytes } else { 0.0 })
-        + conns / nodes * c.conn_bytes;
+    let base_bytes = c.node_base_bytes + shards * (c.shard_base_bytes + if redis { c.redis_shard_bytes } else { 0.0 });
+    let node_bytes = base_bytes + conns / nodes * c.conn_bytes;
     // Channels: a room per node (or per shard with members), a user per connection.
     let room_channels = rooms * nodes_per_room * if d.per_shard_subscriptions { shards_per_room_node } else { 1.0 };
     let redis_bytes = if redis { (room_channels + conns) * c.redis_channel_bytes } else { 0.0 };
-    let base_bytes = c.node_base_bytes + shards * (c.shard_base_bytes + if redis { c.redis_shard_bytes } else { 0.0 });
     let by_memory = ((b.node_memory - base_bytes) / c.conn_bytes.max(1.0)).max(0.0);
     let by_cpu =
         if c.idle_conn_us_per_s > 0.0 { b.server_cpu * shards * 1e6 / c.idle_conn_us_per_s } else { f64::INFINITY };
