@@ -46,20 +46,8 @@ use rustc_hash::{FxBuildHasher, FxHashMap};
 use super::Services;
 use crate::bus::Bus;
 use crate::protocol::{Position, Target};
+pub use crate::shard::RelayNews as News;
 use crate::shard::ShardMsg;
-
-/// What a relay tells a shard it relays a room to, besides confirmations
-/// (`ShardMsg::Relayed`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum News {
-    /// The relay's subscriber link went down: the room's confirmation is
-    /// gone, and a history room catches up once it comes again.
-    LinkDown,
-    /// The relay's subscriber link is back (the confirmation follows).
-    LinkUp,
-    /// A message of the (history) room could not be passed on.
-    Missed,
-}
 
 /// The relay's side: rooms it holds for the node, and which shards have
 /// members there, each with the number of the join it has to confirm.

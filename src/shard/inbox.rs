@@ -82,6 +82,19 @@ use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
+/// What a room's relay shard tells a shard it relays the room to,
+/// besides confirmations (`ShardMsg::Relayed`, `services::relay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayNews {
+    /// The relay's subscriber link went down: the room's confirmation is
+    /// gone, and a history room catches up once it comes again.
+    LinkDown,
+    /// The relay's subscriber link is back (the confirmation follows).
+    LinkUp,
+    /// A message of the (history) room could not be passed on.
+    Missed,
+}
+
 /// What crosses into a shard. Frames are complete WebSocket frames, built once
 /// by whoever encoded the event and shared by every shard that delivers them.
 /// `sent` is when the publish was accepted (local bus) or read from Redis
@@ -116,7 +129,7 @@ pub enum ShardMsg {
     /// From a room's relay shard to a shard it relays the room to
     /// (`services::relay`): news of the relay's subscriber link, or of a
     /// message it could not pass on.
-    Relayed { room: Arc<str>, news: crate::services::relay::News },
+    Relayed { room: Arc<str>, news: RelayNews },
     /// A census question to another shard of this node, or its part of
     /// the answer (`services::census`).
     Census(Box<crate::protocol::census::Msg>),

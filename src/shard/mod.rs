@@ -54,7 +54,7 @@ use bytes::Bytes;
 use slab::Slab;
 use tracing::{debug, info};
 
-pub use inbox::{Inbox, InboxSender, ShardMsg};
+pub use inbox::{Inbox, InboxSender, RelayNews, ShardMsg};
 pub use peers::Links;
 use rooms::{RoomTable, UserTable};
 
