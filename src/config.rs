@@ -60,7 +60,7 @@ pub struct Options {
     /// `redis+cluster://[user:pass@]h1:p1,h2:p2`, or several
     /// `redis://…,redis://…` (channels spread by jump hash); without it the
     /// node runs standalone on the embedded local bus.
-    #[arg(long, env = "CORECAST_REDIS")]
+    #[arg(long, env = "CORECAST_REDIS", hide_env_values = true)]
     pub redis: Option<String>,
 
     /// Prefix of the Redis channels (`<prefix>room:R`, `<prefix>user:U`). [default: cc:]
@@ -99,12 +99,12 @@ pub struct Options {
     pub drain_secs: Option<u64>,
 
     /// Required bearer key for `POST /api/publish` when set.
-    #[arg(long, env = "CORECAST_API_KEY")]
+    #[arg(long, env = "CORECAST_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
     /// HS256 secret for client JWTs; setting it (or `--jwt-public-key`) turns
     /// auth on: every WebSocket upgrade needs a valid token. [default: auth off]
-    #[arg(long, env = "CORECAST_JWT_SECRET")]
+    #[arg(long, env = "CORECAST_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
     /// PEM public key (RS256 for RSA, ES256 for EC P-256) for client JWTs;
@@ -220,7 +220,7 @@ pub struct Options {
 
     /// POST presence webhooks (PROTOCOL.md §11, docs/webhooks.md) to this
     /// `http://` or `https://` URL. [default: none, webhooks off]
-    #[arg(long, env = "CORECAST_WEBHOOK_URL")]
+    #[arg(long, env = "CORECAST_WEBHOOK_URL", hide_env_values = true)]
     pub webhook_url: Option<String>,
 
     /// Signs each webhook request: header `X-Corecast-Signature:

@@ -404,3 +404,32 @@ fn origin_check_and_auth_together() {
     let mut c = connect_with(&s.ws_url(&path), &[("origin", "https://app.example.com")]);
     assert_eq!(c.call(json!({"op":"ping"})), json!({"ev":"pong"}));
 }
+
+/// `--help` shows which variable sets a secret, never its value: a help
+/// screen ends up in terminals, CI logs and bug reports.
+#[test]
+fn help_never_prints_a_secret_from_the_environment() {
+    let secrets = [
+        ("CORECAST_JWT_SECRET", "jwt-secret-sentinel-1"),
+        ("CORECAST_API_KEY", "api-key-sentinel-2"),
+        ("CORECAST_REDIS", "redis://:redis-pass-sentinel-3@127.0.0.1:1"),
+        ("CORECAST_WEBHOOK_SECRET", "webhook-secret-sentinel-4"),
+        ("CORECAST_WEBHOOK_URL", "http://127.0.0.1:1/hook?token=webhook-url-sentinel-5"),
+    ];
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_corecast"));
+    cmd.arg("--help");
+    for (k, v) in secrets {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("corecast --help runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "--help exits 0");
+    for flag in ["--jwt-secret", "--api-key", "--redis", "--webhook-secret", "--webhook-url"] {
+        assert!(text.contains(flag), "--help lists {flag}");
+    }
+    for (k, v) in secrets {
+        assert!(text.contains(k), "--help names {k}");
+        let token = v.split(['/', ':', '@', '=']).find(|t| t.contains("sentinel")).unwrap();
+        assert!(!text.contains(token), "--help printed the value of {k}");
+    }
+}
