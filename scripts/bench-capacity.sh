@@ -47,24 +47,10 @@ done
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 [ "$BUILD" = 1 ] && cargo build -q --release -p corecast -p corecast-bench
 ulimit -n 20000 2>/dev/null || true
+# shellcheck source=lib/bench-procs.sh
+source "$ROOT/scripts/lib/bench-procs.sh"
 OUT="$ROOT/bench/out/capacity"
 mkdir -p "$OUT"
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-free_port() { # below the ephemeral range, so that no outgoing connection takes it meanwhile;
-  # a cluster node's bus port (+10000) too
-  python3 -c 'import random, socket
-while True:
-    p = random.randint(20000, 22700)
-    try:
-        for q in (p, p + 10000):
-            socket.socket().bind(("127.0.0.1", q))
-        print(p); break
-    except OSError:
-        pass'
-}
 
 # Redis: REDIS_URL, REDIS_PIDS, REDIS_PORTS for `primaries` (0 = none, 1 =
 # one server, 2-3 = a cluster of that many primaries, slots split evenly).
@@ -80,11 +66,7 @@ start_redis() {
     taskset -c "$SERVER_CORES" redis-server --port "$p" --save '' --appendonly no "${cl[@]}" >"$WORK/redis-$p.log" 2>&1 &
     REDIS_PIDS+=($!) REDIS_PORTS+=("$p")
     PIDS+=($!)
-    local tries=0
-    until redis-cli -p "$p" ping >/dev/null 2>&1; do
-      tries=$((tries + 1)); [ $tries -gt 200 ] && { echo "redis-server did not start:" >&2; tail -3 "$WORK/redis-$p.log" >&2; exit 1; }
-      sleep 0.05
-    done
+    wait_redis "$p" "$WORK/redis-$p.log"
   done
   if [ "$n" = 1 ]; then
     REDIS_URL="redis://127.0.0.1:${REDIS_PORTS[0]}"
@@ -142,14 +124,7 @@ one_run() {
     npids+=($!) PIDS+=($!)
     spids+=(--server-pid "$!")
     urls+=("ws://127.0.0.1:$port")
-    local tries=0
-    until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do
-      tries=$((tries + 1))
-      if [ $tries -gt 400 ] || ! kill -0 "${npids[-1]}" 2>/dev/null; then
-        echo "$name: node on $port did not become ready:" >&2; tail -5 "$WORK/node-$port.log" >&2; exit 1
-      fi
-      sleep 0.05
-    done
+    wait_ready "$port" "${npids[-1]}" "$WORK/node-$port.log"
   done
   local rp=() mem0=0
   for p in "${REDIS_PIDS[@]}"; do rp+=(--redis-pid "$p"); done

@@ -52,21 +52,10 @@ if [[ " $SYSTEMS " == *" uws "* ]] && [ ! -x "$TARGET/peers/uws/run.sh" ]; then
   exit 2
 fi
 ulimit -n 20000 2>/dev/null || true
+# shellcheck source=lib/bench-procs.sh
+source "$ROOT/scripts/lib/bench-procs.sh"
 OUT="$ROOT/bench/out/core-ceiling"
 mkdir -p "$OUT"
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-free_port() { # below the ephemeral range, so that no outgoing connection takes it meanwhile
-  python3 -c 'import random, socket
-while True:
-    p = random.randint(20000, 32000); s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", p)); print(p); break
-    except OSError:
-        pass'
-}
 
 # ladder RUN SYSTEM: prints "RUN SYSTEM LAST_PASSING_RATE"; each step goes to $OUT/steps-$ROOM.txt.
 ladder() {
@@ -79,11 +68,7 @@ ladder() {
   esac
   local pid=$!
   PIDS+=("$pid")
-  local tries=0
-  until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
-    tries=$((tries + 1)); [ $tries -gt 200 ] && { echo "$sys did not start" >&2; exit 1; }
-    sleep 0.05
-  done
+  wait_ready "$port" "$pid" "$WORK/server.log" -
   local last=0
   for rate in $RATES; do
     local pubs=$(( (rate + 49) / 50 ))

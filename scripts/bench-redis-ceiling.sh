@@ -51,9 +51,10 @@ done
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 [ "$BUILD" = 1 ] && cargo build -q --release -p corecast -p corecast-bench
 ulimit -n 20000 2>/dev/null || true
+# shellcheck source=lib/bench-procs.sh
+source "$ROOT/scripts/lib/bench-procs.sh"
 OUT="$ROOT/bench/out/redis-ceiling"
 mkdir -p "$OUT"
-WORK=$(mktemp -d)
 CG=""
 if [ "$QUOTA" != 0 ]; then
   CG=/sys/fs/cgroup/cpu/corecast-redis-$$
@@ -62,23 +63,6 @@ if [ "$QUOTA" != 0 ]; then
   echo $((100000 / QUOTA)) >"$CG/cpu.cfs_period_us"
   echo 1000 >"$CG/cpu.cfs_quota_us"
 fi
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  [ -n "$CG" ] && rmdir "$CG" 2>/dev/null
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-free_port() { # below the ephemeral range, so that no outgoing connection takes it meanwhile
-  python3 -c 'import random, socket
-while True:
-    p = random.randint(20000, 32000); s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", p)); print(p); break
-    except OSError:
-        pass'
-}
 
 # ladder RUN MODE: prints "RUN MODE NUMSUB LAST_PASSING_RATE" and one line per step to $OUT/steps.txt.
 ladder() {
@@ -89,11 +73,7 @@ ladder() {
   local redis=$!
   PIDS+=("$redis")
   [ -n "$CG" ] && echo "$redis" >"$CG/cgroup.procs"
-  local tries=0
-  until redis-cli -p "$rport" ping >/dev/null 2>&1; do
-    tries=$((tries + 1)); [ $tries -gt 200 ] && { echo "redis-server did not start:" >&2; tail -3 "$WORK/redis.log" >&2; exit 1; }
-    sleep 0.05
-  done
+  wait_redis "$rport" "$WORK/redis.log"
   local urls=() spids=() nodes=()
   for _ in 1 2 3; do
     local port; port=$(free_port)
@@ -102,7 +82,7 @@ ladder() {
     nodes+=($!) PIDS+=($!)
     spids+=(--server-pid "$!")
     urls+=("ws://127.0.0.1:$port")
-    until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.05; done
+    wait_ready "$port" "${nodes[-1]}" "$WORK/node-$port.log"
   done
   local url; url=$(IFS=,; echo "${urls[*]}")
   local last=0 numsub="?"

@@ -43,19 +43,8 @@ done
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 [ "$BUILD" = 1 ] && cargo build -q --release -p corecast -p corecast-bench
 ulimit -n 20000 2>/dev/null || true
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-free_port() { # below the ephemeral range, so that no outgoing connection takes it meanwhile
-  python3 -c 'import random, socket
-while True:
-    p = random.randint(20000, 32000); s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", p)); print(p); break
-    except OSError:
-        pass'
-}
+# shellcheck source=lib/bench-procs.sh
+source "$ROOT/scripts/lib/bench-procs.sh"
 ncores() { python3 -c 'import sys; n=0
 for p in sys.argv[1].split(","):
     a,_,b=p.partition("-"); n+=int(b or a)-int(a)+1
@@ -68,11 +57,7 @@ one_run() { # shards mode
   taskset -c "$REDIS_CORES" redis-server --port "$rport" --save '' --appendonly no >"$WORK/redis.log" 2>&1 &
   local redis=$!
   PIDS+=("$redis")
-  local tries=0
-  until redis-cli -p "$rport" ping >/dev/null 2>&1; do
-    tries=$((tries + 1)); [ $tries -gt 200 ] && { echo "redis-server did not start:" >&2; tail -3 "$WORK/redis.log" >&2; exit 1; }
-    sleep 0.05
-  done
+  wait_redis "$rport" "$WORK/redis.log"
   local urls=() spids=() nodes=()
   for _ in $(seq "$NODES"); do
     local port; port=$(free_port)
@@ -82,7 +67,7 @@ one_run() { # shards mode
     PIDS+=($!)
     spids+=(--server-pid "$!")
     urls+=("ws://127.0.0.1:$port")
-    until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.05; done
+    wait_ready "$port" "${nodes[-1]}" "$WORK/node-$port.log"
   done
   local url; url=$(IFS=,; echo "${urls[*]}")
   # NUMSUB while the room is held (sampled half-way through the run).
