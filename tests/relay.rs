@@ -3,8 +3,9 @@
 //! subscriptions of its channel, not 12 (`PUBSUB NUMSUB` on one Redis,
 //! `PUBSUB SHARDNUMSUB` at the owning primary of a Cluster); every member
 //! gets every message once and in order while members leave shard by shard
-//! and after the subscriber links are cut; the hidden
-//! `--per-shard-subscriptions` restores one per shard.
+//! and after the subscriber links are cut; a room whose members are all on
+//! one shard is held there and its messages cross to no other shard; the
+//! hidden `--per-shard-subscriptions` restores one per shard.
 
 mod common;
 
@@ -13,6 +14,7 @@ use std::time::Duration;
 use common::redis::{RedisServer, wait_until};
 use common::redis_topology::RedisCluster;
 use common::{Client, Server, start_server};
+use corecast::services::relay::Relay;
 use serde_json::json;
 
 const SHARDS: usize = 4;
@@ -140,4 +142,68 @@ fn per_shard_subscriptions_hold_one_per_shard() {
     let mut clients = everywhere(&n, "big");
     assert_eq!(redis.numsub("cc:room:big"), 12, "one per shard with members");
     publish_and_check(&n, "big", &mut clients, 1, 10);
+}
+
+/// `corecast_inbox_messages_total` of each shard of a 4-shard node.
+fn inboxes(node: &Server) -> Vec<f64> {
+    (0..SHARDS).map(|s| node.metric(&format!("corecast_inbox_messages_total{{shard=\"{s}\"}}"))).collect()
+}
+
+/// A room whose members are all on one shard is held by that shard, even
+/// when its directory (the hash of its name) is another: its messages
+/// reach no other shard's inbox. A room with members on two shards costs
+/// the one hop to the second.
+#[test]
+fn a_room_on_one_shard_is_held_there_and_costs_no_hop() {
+    let redis = RedisServer::start();
+    let node = start_server(&["--shards", "4", "--redis", &redis.url(), "--max-ops-per-sec", "0"]);
+    let publish = |room: &str, i: u64| {
+        let body = json!({"room": room, "data": i}).to_string();
+        assert_eq!(node.http("POST", "/api/publish", &[], body.as_bytes()).0, 200);
+    };
+    const N: u64 = 200;
+    for k in 0..SHARDS {
+        let room = (0..).map(|i| format!("pair-{k}-{i}")).find(|r| Relay::directory_of(r, SHARDS) != k).unwrap();
+        let directory = Relay::directory_of(&room, SHARDS);
+        let mut pair = [node.client_on_shard(k, &format!("a{k}")), node.client_on_shard(k, &format!("b{k}"))];
+        for c in &mut pair {
+            c.subscribe(&room);
+        }
+        assert_eq!(redis.numsub(&format!("cc:room:{room}")), 1, "one subscription");
+        let before = inboxes(&node);
+        for i in 1..=N {
+            publish(&room, i);
+        }
+        for c in &mut pair {
+            for i in 1..=N {
+                let v = c.recv();
+                assert_eq!((v["room"].as_str(), v["data"].as_u64()), (Some(room.as_str()), Some(i)), "{v}");
+            }
+        }
+        let after = inboxes(&node);
+        let grew: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        assert!(grew[k] >= N as f64, "shard {k}'s reader brought the room's messages: {grew:?}");
+        for (s, g) in grew.iter().enumerate().filter(|(s, _)| *s != k) {
+            assert!(*g < 20.0, "shard {s} (directory {directory}) saw the messages of a room on shard {k}: {grew:?}");
+        }
+    }
+    // Members on two shards: the holder (the first to join) passes each
+    // message to the other.
+    let room = "split";
+    let mut a = node.client_on_shard(1, "split-a");
+    a.subscribe(room);
+    let mut b = node.client_on_shard(2, "split-b");
+    b.subscribe(room);
+    assert_eq!(redis.numsub("cc:room:split"), 1, "one subscription for two shards");
+    let before = inboxes(&node);
+    for i in 1..=N {
+        publish(room, i);
+    }
+    for c in [&mut a, &mut b] {
+        for i in 1..=N {
+            assert_eq!(c.recv()["data"].as_u64(), Some(i));
+        }
+    }
+    let grew: Vec<f64> = inboxes(&node).iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert!(grew[1] >= N as f64 && grew[2] >= N as f64, "held on 1, passed on to 2: {grew:?}");
 }

@@ -85,8 +85,9 @@ impl Bus {
         }
     }
 
-    /// `ShardMsg::Subscribed` from the Redis reader (or the relaying
-    /// shard): true when it changed the room's state here.
+    /// `ShardMsg::Subscribed` from the Redis reader (or the room's holder):
+    /// true when it confirms (or releases) a subscription this shard holds
+    /// for the node, which the relay then passes on (`services::relay`).
     pub fn on_subscribed(&self, shard: &Shard, room: &str, seq: u64, confirmed: bool) -> bool {
         match self {
             Bus::Redis(r) => r.on_subscribed(shard, room, seq, confirmed),

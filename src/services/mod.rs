@@ -340,15 +340,19 @@ impl Services {
         let shard = &self.shard;
         shard.m().inbox_messages_total.inc();
         match msg {
-            ShardMsg::Room { room, frame, sent, pos } => {
-                relay::Relay::pass_on(self, &room, &frame, sent, pos.as_deref());
+            ShardMsg::Room { room, frame, sent, pos, from_reader } => {
+                if from_reader && !relay::Relay::pass_on(self, &room, &frame, sent, pos.as_deref()) {
+                    return;
+                }
                 match (pos, &self.history) {
                     (Some(pos), Some(h)) => h.on_live(shard, &room, *pos, frame, sent),
                     _ => shard.deliver_timed(Target::Room(&room), &frame, sent),
                 }
             }
-            ShardMsg::Relay { room, from, seq, on } => relay::Relay::on_relay(self, room, from, seq, on),
-            ShardMsg::Relayed { room, news } => relay::Relay::on_news(self, &room, news),
+            msg @ (ShardMsg::Relay { .. }
+            | ShardMsg::Hold { .. }
+            | ShardMsg::Released { .. }
+            | ShardMsg::Relayed { .. }) => relay::Relay::handle(self, msg),
             ShardMsg::Direct { user, frame, .. } if census::Census::is_control(&user) => {
                 census::Census::on_frame(self, &user, &frame)
             }

@@ -103,8 +103,10 @@ pub enum RelayNews {
 pub enum ShardMsg {
     /// Deliver `frame` to every local member of `room`. `pos`: the message's
     /// place in the room's history (§7), when it has one (`history::recover`
-    /// then gates it: in order, once).
-    Room { room: Arc<str>, frame: Bytes, sent: Instant, pos: Option<Box<crate::protocol::Position>> },
+    /// then gates it: in order, once). `from_reader`: this shard's own Redis
+    /// reader read it (not another shard: a publish on the local bus, or a
+    /// room's holder passing it on, `services::relay`).
+    Room { room: Arc<str>, frame: Bytes, sent: Instant, pos: Option<Box<crate::protocol::Position>>, from_reader: bool },
     /// Deliver `frame` to every local connection of `user`.
     Direct { user: Arc<str>, frame: Bytes, sent: Instant },
     /// SIGTERM/SIGINT: stop accepting and drain (PROTOCOL.md §5).
@@ -123,13 +125,19 @@ pub enum ShardMsg {
     /// Standalone presence: a request to the room's presence owner shard,
     /// or its answer (`services::presence`).
     Presence(Box<crate::protocol::presence::Msg>),
-    /// To a room's relay shard (`services::relay`): shard `from` has
+    /// To a room's directory shard (`services::relay`): shard `from` has
     /// members of `room` now (`on`, for its join `seq`), or none any more.
     Relay { room: Arc<str>, from: usize, seq: u64, on: bool },
-    /// From a room's relay shard to a shard it relays the room to
-    /// (`services::relay`): news of the relay's subscriber link, or of a
-    /// message it could not pass on.
-    Relayed { room: Arc<str>, news: RelayNews },
+    /// From a room's directory to the shard that holds the room's
+    /// subscription for the node (`services::relay`): `Relay` passed on.
+    Hold { room: Arc<str>, from: usize, seq: u64, on: bool },
+    /// From the holder to the room's directory: the shards it relayed
+    /// `room` to are all gone, and it let the subscription go.
+    Released { room: Arc<str> },
+    /// From a room's holder to a shard it relays the room to, for that
+    /// shard's join `seq` (`services::relay`): news of the holder's
+    /// subscriber link, or of a message it could not pass on.
+    Relayed { room: Arc<str>, seq: u64, news: RelayNews },
     /// A census question to another shard of this node, or its part of
     /// the answer (`services::census`).
     Census(Box<crate::protocol::census::Msg>),

@@ -97,7 +97,9 @@ impl Shard {
     #[must_use = "true: the caller delivers to this shard's own members now"]
     pub fn fan_out_to_shards(&self, target: Target<'_>, frame: &Bytes, sent: Instant, pos: Option<Position>) -> bool {
         let msg = |frame: Bytes| match target {
-            Target::Room(room) => ShardMsg::Room { room: Arc::from(room), frame, sent, pos: pos.map(Box::new) },
+            Target::Room(room) => {
+                ShardMsg::Room { room: Arc::from(room), frame, sent, pos: pos.map(Box::new), from_reader: false }
+            }
             Target::User(user) => ShardMsg::Direct { user: Arc::from(user), frame, sent },
         };
         if self.links.out.len() > 1 {
@@ -123,13 +125,6 @@ impl Shard {
     /// `corecast_inbox_dropped_total` (the policy is in `inbox.rs`).
     pub fn to_interested(&self, target: Target<'_>, mut make: impl FnMut() -> ShardMsg) {
         self.links.interest.peers(target, |i| self.send_counted(i, make()));
-    }
-
-    /// Sends one room message to shard `i` (a relay passing on what its
-    /// reader got, `services::relay`); a full queue drops it, counted as
-    /// `to_interested` does.
-    pub fn send_room_to(&self, i: usize, room: Arc<str>, frame: Bytes, sent: Instant) {
-        self.send_counted(i, ShardMsg::Room { room, frame, sent, pos: None });
     }
 
     /// Is this shard's queue into any shard that may have members of

@@ -181,6 +181,12 @@ struct RoomSub {
     relay_up: bool,
 }
 
+/// A subscription this shard holds for the node (`RedisBus::hold`).
+struct Held {
+    seq: u64,
+    confirmed: bool,
+}
+
 impl RoomSub {
     /// The link that bears on this room: the relay's for a relayed room,
     /// else this shard's own (`up`).
@@ -235,6 +241,11 @@ pub struct RedisBus {
     link_up: Cell<bool>,
     next_seq: Cell<u64>,
     rooms: RefCell<FxHashMap<Arc<str>, RoomSub>>,
+    /// Rooms whose subscription this shard holds for the whole node
+    /// (`services::relay`): the number of the SUBSCRIBE and whether Redis
+    /// confirmed it. Its own members' state is in `rooms`, relayed like
+    /// any other shard's.
+    held: RefCell<FxHashMap<Arc<str>, Held>>,
     shard: usize,
     topo: Arc<Topology>,
     metrics: Arc<Metrics>,
@@ -256,6 +267,7 @@ impl RedisBus {
             link_up: Cell::new(false),
             next_seq: Cell::new(1),
             rooms: RefCell::default(),
+            held: RefCell::default(),
             shard: link.shard,
             topo: link.topo,
             metrics: link.metrics,
@@ -399,10 +411,25 @@ impl RedisBus {
         }
     }
 
-    /// Is this shard's subscription to `room` confirmed by Redis (and its
-    /// link up)? The relaying shard answers a new relay with it.
+    /// Takes (`on`) or lets go of `room`'s subscription for the node
+    /// (`services::relay`): the reader (un)subscribes, and confirms the
+    /// SUBSCRIBE to `on_subscribed`, which then returns true.
+    pub fn hold(&self, room: &Arc<str>, on: bool) {
+        let seq = if on {
+            let seq = self.next_seq.replace(self.next_seq.get() + 1);
+            self.held.borrow_mut().insert(room.clone(), Held { seq, confirmed: false });
+            seq
+        } else {
+            self.held.borrow_mut().remove(&**room);
+            0
+        };
+        self.interest.push(Interest { kind: Kind::Room, name: room.clone(), on, seq });
+    }
+
+    /// Is the subscription this shard holds for `room` confirmed by Redis
+    /// (and its link up)? The holder answers a new relay with it.
     pub fn is_confirmed(&self, room: &str) -> bool {
-        self.link_up.get() && self.rooms.borrow().get(room).is_some_and(|r| r.confirmed)
+        self.link_up.get() && self.held.borrow().get(room).is_some_and(|h| h.confirmed)
     }
 
     /// Sends `reply` (a `subscribed` event) to `conn` now if this node is
@@ -443,10 +470,17 @@ impl RedisBus {
     }
 
     /// The reader confirmed `room` for the join numbered `seq` (or, not
-    /// `confirmed`, released what waits for it).
-    /// True when it was for the room's latest join (the room's state
-    /// changed).
+    /// `confirmed`, released what waits for it), or the room's holder
+    /// passed its confirmation on for that join. True when it was the
+    /// reader's for the subscription this shard holds for the node
+    /// (`hold`): the relay passes it on.
     pub fn on_subscribed(&self, shard: &Shard, room: &str, seq: u64, confirmed: bool) -> bool {
+        if let Some(h) = self.held.borrow_mut().get_mut(room)
+            && h.seq == seq
+        {
+            h.confirmed = confirmed;
+            return true;
+        }
         let waiting = match self.rooms.borrow_mut().get_mut(room) {
             Some(r) if r.seq == seq => {
                 if confirmed {
@@ -464,7 +498,7 @@ impl RedisBus {
             _ => return false,
         };
         send_held(shard, waiting);
-        true
+        false
     }
 
     /// The subscriber link went up or down. Down: nothing is confirmed any
@@ -472,6 +506,9 @@ impl RedisBus {
     /// confirms again once Redis is back).
     pub fn on_link(&self, shard: &Shard, up: bool) {
         self.link_up.set(up);
+        if !up {
+            self.held.borrow_mut().values_mut().for_each(|h| h.confirmed = false);
+        }
         let mut held = Vec::new();
         // A relayed room follows its relaying shard's link, not ours.
         for r in self.rooms.borrow_mut().values_mut().filter(|r| !r.relayed) {
@@ -486,26 +523,30 @@ impl RedisBus {
         send_held(shard, held);
     }
 
-    /// A relayed room's relay tells this shard of its subscriber link
+    /// A relayed room's holder tells this shard of its subscriber link
     /// (`services::relay`): for the room, what `on_link` does for this
-    /// shard's own link. False when the room is not relayed here (no
-    /// member, or its own subscription).
-    pub fn on_relay_link(&self, shard: &Shard, room: &str, up: bool) -> bool {
+    /// shard's own link.
+    pub fn on_relay_link(&self, shard: &Shard, room: &str, up: bool) {
         let held = match self.rooms.borrow_mut().get_mut(room) {
             Some(r) if r.relayed => {
                 r.relay_up = up;
                 r.wake();
                 r.released = false;
                 if up {
-                    return true;
+                    return;
                 }
                 r.confirmed = false;
                 std::mem::take(&mut r.waiting)
             }
-            _ => return false,
+            _ => return,
         };
         send_held(shard, held);
-        true
+    }
+
+    /// Is `room` relayed here for the join numbered `seq` (its latest)?
+    /// News from the holder for an earlier join is stale.
+    pub fn is_relayed_join(&self, room: &str, seq: u64) -> bool {
+        self.rooms.borrow().get(room).is_some_and(|r| r.relayed && r.seq == seq)
     }
 
     /// Does another shard of this node hold `room`'s subscription here?

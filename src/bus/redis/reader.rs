@@ -684,7 +684,7 @@ impl Reader {
         let sent = Instant::now();
         let frame = event::frame_json(payload);
         let msg = match kind {
-            Kind::Room => ShardMsg::Room { room: name, frame, sent, pos: pos.map(Box::new) },
+            Kind::Room => ShardMsg::Room { room: name, frame, sent, pos: pos.map(Box::new), from_reader: true },
             Kind::User => ShardMsg::Direct { user: name, frame, sent },
         };
         if self.inbox.backlog() >= INBOX_HIGH_WATER {
