@@ -133,8 +133,10 @@ if [ $QUICK = 0 ]; then
   # 300 clients in 30 history rooms, a fault every few seconds; every
   # client's stream is checked (silent losses, duplicates, order, lies).
   # One minute of faults per topology here; long runs: scripts/chaos.sh --secs N.
-  echo "== chaos run (60 s per topology)"
-  bash scripts/chaos.sh --secs 60 --topology both
+  # Two shards per node, so that each node's rooms go through the relay
+  # (services/relay.rs: one shard holds a room for the node) under the faults.
+  echo "== chaos run (60 s per topology, 2 shards per node)"
+  CORECAST_CHAOS_SHARDS="${CORECAST_CHAOS_SHARDS:-2}" bash scripts/chaos.sh --secs 60 --topology both
 fi
 
 if [ $QUICK = 0 ]; then

@@ -47,9 +47,12 @@ pub fn test_driver() -> Option<String> {
 
 /// `corecast --listen 127.0.0.1:0 ARGS`, on `CORECAST_TEST_DRIVER`'s driver
 /// unless ARGS name one, logging at `CORECAST_TEST_LOG` (default info), with
-/// stdout and stderr piped and no stdin.
+/// stdout and stderr piped and no stdin. It dies with the test's thread
+/// (`redis::die_with_parent`): a test that passes its `deadline` aborts,
+/// and no drop runs to stop it.
 pub fn corecast_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_corecast"));
+    redis::die_with_parent(&mut cmd);
     cmd.arg("--listen").arg("127.0.0.1:0").args(args);
     if let Some(d) = test_driver()
         && !args.contains(&"--driver")
