@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::redis::{RedisServer, wait_until};
@@ -210,4 +211,68 @@ fn a_room_on_one_shard_is_held_there_and_costs_no_hop() {
     }
     let grew: Vec<f64> = inboxes(&node).iter().zip(&before).map(|(a, b)| a - b).collect();
     assert!(grew[1] >= N as f64 && grew[2] >= N as f64, "held on 1, passed on to 2: {grew:?}");
+}
+
+/// Members come and go on every shard of a node in turn while messages
+/// keep coming: by turns the next one joins before the last one leaves
+/// (the holder stays, with no member of its own) and after the room has
+/// emptied on the node (the next member's shard holds it). Each member
+/// gets nothing before its `subscribed` and, from then on, an unbroken
+/// run of messages, in order, each once; when the last has left, the node
+/// holds no subscription.
+#[test]
+fn members_coming_and_going_on_every_shard_get_an_unbroken_run() {
+    let redis = RedisServer::start();
+    let node = start_server(&["--shards", "4", "--redis", &redis.url(), "--max-ops-per-sec", "0"]);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        // Stops the publisher however this thread leaves the scope.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _stop = Stop(&stop);
+        scope.spawn(|| {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let body = json!({"room": "churn", "data": i}).to_string();
+                assert_eq!(node.http("POST", "/api/publish", &[], body.as_bytes()).0, 200);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let mut last: Option<Client> = None;
+        for round in 0..12 {
+            let overlap = round % 2 == 1;
+            if !overlap && let Some(c) = last.take() {
+                drop(c);
+                node.wait_until("the room empty on the node", || node.metric("corecast_connections") == 0.0);
+                wait_until("the subscription let go", Duration::from_secs(10), || redis.numsub("cc:room:churn") == 0);
+            }
+            let shard = (round * 3) % SHARDS;
+            let mut c = node.client_on_shard(shard, &format!("c{round}"));
+            c.send_json(&json!({"op": "subscribe", "room": "churn", "id": "s"}));
+            let v = c.recv();
+            assert_eq!(v["ev"], "subscribed", "round {round}, shard {shard}: nothing before `subscribed`: {v}");
+            if let Some(c) = last.take() {
+                drop(c);
+            }
+            let mut got = Vec::new();
+            let until = std::time::Instant::now() + Duration::from_millis(300);
+            while std::time::Instant::now() < until {
+                if let Some(v) = c.recv_json(Duration::from_millis(50)) {
+                    got.push(v["data"].as_u64().unwrap_or_else(|| panic!("round {round}: {v}")));
+                }
+            }
+            assert!(got.len() >= 20, "round {round}, shard {shard}: only {} messages", got.len());
+            for w in got.windows(2) {
+                assert_eq!(w[1], w[0] + 1, "round {round}, shard {shard} (overlap {overlap}): {got:?}");
+            }
+            last = Some(c);
+        }
+        drop(last.take());
+        wait_until("no subscription left", Duration::from_secs(10), || redis.numsub("cc:room:churn") == 0);
+    });
 }
