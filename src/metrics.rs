@@ -218,6 +218,8 @@ shard_metrics! {
     bytes_out_total: "counter", "Bytes written to client sockets.";
     publishes_total: "counter", "Messages published from this shard (client ops and POST /api/publish).";
     inbox_messages_total: "counter", "Messages received through the shard's inbox.";
+    relay_rooms: "gauge", "Rooms whose Redis subscription this shard holds for the node, passing their messages on to the node's other shards with members.";
+    relay_passed_total: "counter", "Room messages from this shard's Redis reader passed on to another shard of the node (one per other shard with members).";
     client_errors_total: "counter", "Error events sent to clients.";
     protocol_closes_total: "counter", "Connections closed for an RFC 6455 violation (1002/1007/1009).";
     slow_consumer_disconnects_total: "counter", "Clients cut off because their outbound queue passed the limit.";

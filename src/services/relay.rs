@@ -222,6 +222,7 @@ impl Relay {
             drop(rooms);
             if first {
                 r.hold(&room, true);
+                svc.shard.m().relay_rooms.inc();
             }
             if !r.link_is_up() {
                 // As its own link would: the join is answered now, and a
@@ -237,7 +238,9 @@ impl Relay {
             });
             svc.relay.missed.borrow_mut().remove(&(from, room.clone()));
             if gone {
-                rooms.remove(&room);
+                if rooms.remove(&room).is_some() {
+                    svc.shard.m().relay_rooms.sub(1);
+                }
                 drop(rooms);
                 r.hold(&room, false);
                 let to = Self::directory_of(&room, svc.shard.peers().len());
@@ -331,6 +334,7 @@ impl Relay {
                 }
             };
             if !lost {
+                svc.shard.m().relay_passed_total.inc();
                 if pos.is_some() && !svc.relay.missed.borrow().is_empty() {
                     // It reached the shard: a later loss is news again.
                     svc.relay.missed.borrow_mut().remove(&(i, room.clone()));
