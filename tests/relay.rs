@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::redis::{RedisServer, wait_until};
 use common::redis_topology::RedisCluster;
-use common::{Client, Server, start_server};
+use common::{Client, Server, StopOnDrop, start_server};
 use corecast::services::relay::Relay;
 use serde_json::json;
 
@@ -231,14 +231,7 @@ fn members_coming_and_going_on_every_shard_get_an_unbroken_run() {
     let node = start_server(&["--shards", "4", "--redis", &redis.url(), "--max-ops-per-sec", "0"]);
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        // Stops the publisher however this thread leaves the scope.
-        struct Stop<'a>(&'a AtomicBool);
-        impl Drop for Stop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::SeqCst);
-            }
-        }
-        let _stop = Stop(&stop);
+        let _stop = StopOnDrop(&stop);
         scope.spawn(|| {
             let mut i = 0u64;
             while !stop.load(Ordering::SeqCst) {

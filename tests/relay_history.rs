@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::history::{Pos, Tracker, api_publish, subscribe_since};
 use common::redis::{RedisServer, Resp, RespConn, deadline, wait_until};
 use common::redis_topology::{RedisCluster, SentinelSetup};
-use common::{Client, Server, start_server};
+use common::{Client, Server, StopOnDrop, start_server};
 use corecast::services::relay::Relay;
 use serde_json::json;
 
@@ -169,16 +169,7 @@ fn cut_while_publishing(redis: &(dyn Fn(&[&str]) -> String + Sync), url: &str, r
     let published = AtomicU64::new(first.offset);
     let mut late = None;
     std::thread::scope(|scope| {
-        // Stops the publisher however this thread leaves the scope: a
-        // failed assertion below then ends the test with its message
-        // instead of waiting for the publisher until the deadline.
-        struct Stop<'a>(&'a AtomicBool);
-        impl Drop for Stop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::SeqCst);
-            }
-        }
-        let _stop = Stop(&stop);
+        let _stop = StopOnDrop(&stop);
         let publisher = scope.spawn(|| {
             let mut i = 1;
             while !stop.load(Ordering::SeqCst) {

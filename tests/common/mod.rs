@@ -94,6 +94,18 @@ impl Drop for Spawned {
     }
 }
 
+/// Sets its flag when dropped: held by a test thread inside a
+/// `thread::scope`, it stops the scope's worker (a publisher looping until
+/// the flag) however the thread leaves, a failed assertion included, so
+/// the scope ends with that assertion's message instead of waiting.
+pub struct StopOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Like `start_server`, with a hook to adjust the command (env, rlimits).
 pub fn start_server_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Server {
     let s = start_server_unready(args, adjust);
