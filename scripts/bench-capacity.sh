@@ -44,9 +44,6 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
-BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
-[ "$BUILD" = 1 ] && cargo build -q --release -p corecast -p corecast-bench
-ulimit -n 20000 2>/dev/null || true
 # shellcheck source=lib/bench-procs.sh
 source "$ROOT/scripts/lib/bench-procs.sh"
 OUT="$ROOT/bench/out/capacity"

@@ -45,13 +45,10 @@ if [ -z "$RATES" ]; then
   esac
 fi
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
-BIN="$TARGET/release"
-[ "$BUILD" = 1 ] && cargo build -q --release -p corecast -p corecast-bench
 if [[ " $SYSTEMS " == *" uws "* ]] && [ ! -x "$TARGET/peers/uws/run.sh" ]; then
   echo "uWS is not built: scripts/bench-peers.sh --systems uws --rows solo-100-1000 --runs 1 builds it (or --systems corecast)" >&2
   exit 2
 fi
-ulimit -n 20000 2>/dev/null || true
 # shellcheck source=lib/bench-procs.sh
 source "$ROOT/scripts/lib/bench-procs.sh"
 OUT="$ROOT/bench/out/core-ceiling"

@@ -48,9 +48,6 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
-BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
-[ "$BUILD" = 1 ] && cargo build -q --release -p corecast -p corecast-bench
-ulimit -n 20000 2>/dev/null || true
 # shellcheck source=lib/bench-procs.sh
 source "$ROOT/scripts/lib/bench-procs.sh"
 ncores() { python3 -c 'import sys; n=0

@@ -1,7 +1,12 @@
 # Shared by the issue-21 benchmark scripts (bench-capacity, bench-redis-ceiling,
-# bench-core-ceiling, bench-scaling): a work directory, the processes they
-# start (stopped on exit), free ports, and bounded waits. Source it after
-# `set -euo pipefail`; it sets WORK and PIDS and the EXIT trap.
+# bench-core-ceiling, bench-scaling): the release build, a work directory,
+# the processes they start (stopped on exit), free ports, and bounded waits.
+# Source it after `set -euo pipefail` and the arguments (ROOT set, BUILD=0
+# for --no-build); it sets BIN, WORK and PIDS and the EXIT trap.
+
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+[ "${BUILD:-1}" = 1 ] && cargo build -q --release -p corecast -p corecast-bench
+ulimit -n 20000 2>/dev/null || true
 
 WORK=$(mktemp -d)
 PIDS=()
