@@ -12,7 +12,10 @@
 //!   messages, the live subscribers on both nodes see the new epoch and
 //!   never get an old-epoch offset again, and positions from the lost range
 //!   get `recovered:false`;
-//! - a read of an unknown room (subscribe, `history`) writes nothing to Redis.
+//! - a read of an unknown room (subscribe, `history`) writes nothing to Redis;
+//! - a message a node delivered, which Redis sends it again after the
+//!   catch-up read found the history untrusted (`gap` to the empty epoch),
+//!   is not delivered a second time.
 
 mod common;
 
@@ -23,7 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::history::{Pos, api_publish, messages, offsets, subscribe_since};
-use common::redis::{RedisServer, deadline, wait_until};
+use common::redis::{RedisServer, RespConn, deadline, expect_event, wait_until};
 use common::redis_topology::{Collector, SentinelSetup};
 use common::{Client, Server, start_server};
 use serde_json::{Value, json};
@@ -392,4 +395,56 @@ fn reading_a_room_without_history_writes_nothing_to_redis() {
     assert_eq!(Some(redis.cli(&["HGET", &meta("ghost"), "run"])), run_id);
     let got = messages(&mut c, "ghost", 1, 10 * SECOND);
     assert_eq!(got[0]["epoch"], p.epoch.as_str());
+}
+
+/// Found by a 300 s chaos run (bench/RESULTS.md, "Chaos run"): at a Cluster
+/// failover, the catch-up read on the new primary found the room's history
+/// bound to the old one and answered the empty epoch (`gap` at `"":0`);
+/// 9 ms later the old primary's last message reached the node again through
+/// the new primary, and since the room was now at the empty epoch, it went
+/// out a second time. Here the same with one Redis: the history is rebound
+/// by hand (`meta.run`), the node's subscriber link is killed so that the
+/// room catches up, and once the gap is out the room's last message is
+/// published again on its channel, byte for byte as Redis sent it first.
+#[test]
+fn a_message_sent_again_by_redis_after_a_gap_to_the_empty_epoch_is_not_delivered_twice() {
+    let _d = deadline("a_message_sent_again_after_a_gap", 60 * SECOND);
+    let redis = RedisServer::start();
+    let node =
+        start_server(&["--shards", "1", "--history-size", "100", "--max-ops-per-sec", "0", "--redis", &redis.url()]);
+    let room = "again";
+    let channel = format!("cc:room:{room}");
+    let mut c = Client::connect(&node.ws_url("/ws"));
+    subscribe_since(&mut c, room, None);
+    // The test's own subscriber, for the bytes Redis delivers.
+    let mut tap = RespConn::open(redis.port);
+    tap.cmd(&["SUBSCRIBE", &channel]);
+    let sent: Vec<Pos> = (1..=3).map(|i| api_publish(&node, room, json!(i))).collect();
+    let got = messages(&mut c, room, 3, 5 * SECOND);
+    assert_eq!(offsets(&got), [1, 2, 3]);
+    let raw = (0..3).map(|_| tap.next_message()).last().unwrap();
+    assert_eq!(raw.0, channel);
+    drop(tap);
+    let dropped = node.metric("corecast_history_duplicates_dropped_total");
+
+    // The history is another Redis process's now: the catch-up read cannot
+    // trust it and answers the empty epoch.
+    assert_eq!(redis.cli(&["HSET", &meta(room), "run", "another-process"]), "0");
+    assert_eq!(redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]), "1", "the node's one subscriber link");
+    let g = expect_event(&mut c, "the gap of the catch-up", 10 * SECOND);
+    assert_eq!(g, json!({"ev": "gap", "room": room, "epoch": "", "offset": 0}), "{g}");
+    node.wait_until("ready, every link up", || node.links_up());
+
+    // Redis sends the room's last message again.
+    assert_eq!(redis.publish(&channel, &raw.1), 1, "the node's subscriber link got it");
+    c.expect_silence(Duration::from_millis(500));
+    node.wait_until("the copy counted as a duplicate", || {
+        node.metric("corecast_history_duplicates_dropped_total") == dropped + 1.0
+    });
+    // What is published next (a new epoch, bound to this process) goes out.
+    let next = api_publish(&node, room, json!("next"));
+    assert_eq!(next.offset, 1);
+    assert_ne!(next.epoch, sent[2].epoch);
+    let m = expect_event(&mut c, "the next message", 5 * SECOND);
+    assert_eq!((m["epoch"].as_str(), m["offset"].as_u64()), (Some(next.epoch.as_str()), Some(1)), "{m}");
 }

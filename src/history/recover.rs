@@ -19,7 +19,8 @@
 //!
 //! Every live message with a position goes through `on_live`: the room's
 //! `last` position on this shard drops duplicates (offset at or below it, same
-//! epoch) and follows epoch changes; while the room is *catching up* its live
+//! epoch) and follows epoch changes, keeping the last position of the epoch
+//! it left (`Mark::left`) so that none of that epoch comes twice either; while the room is *catching up* its live
 //! messages are held at the room. A message that skips an offset of the
 //! epoch (a hop lost one) starts a catch-up too: the hole is read from the
 //! history before the message goes out.
@@ -147,11 +148,46 @@ struct ConnState {
     phase: Phase,
 }
 
+/// Where a room is on this shard: what the live gate and a catch-up
+/// compare a message's position with.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    /// The last position delivered on this shard (or known from a read).
+    last: Option<Position>,
+    /// The last position delivered in the epoch the room moved on from (by
+    /// a `gap` or a new epoch). A message of that epoch may still come by
+    /// the bus afterwards: at a failover the catch-up read finds the history
+    /// untrusted and says the empty epoch, and a chaos run saw the old
+    /// epoch's last message reach the node again 9 ms after that gap. What
+    /// this shard already delivered of that epoch is never delivered twice.
+    left: Option<Position>,
+}
+
+impl Mark {
+    /// Was a message at `p` delivered here already?
+    fn seen(&self, p: &Position) -> bool {
+        self.last.is_some_and(|l| !after(p, &l))
+            || self.left.is_some_and(|l| l.epoch == p.epoch && p.offset <= l.offset)
+    }
+
+    /// The room is at `p` now. Moving to another epoch keeps the old one's
+    /// last position in `left` (the empty epoch, "no history yet", is a
+    /// step between two epochs: it keeps the one before).
+    fn advance(&mut self, p: Position) {
+        if let Some(l) = self.last
+            && l.epoch != p.epoch
+            && !l.epoch.is_none()
+        {
+            self.left = Some(l);
+        }
+        self.last = Some(p);
+    }
+}
+
 /// One history room this shard has members in.
 #[derive(Default)]
 struct RoomState {
-    /// The last position delivered on this shard (or known from a read).
-    last: Option<Position>,
+    mark: Mark,
     /// Live messages held while catching up (`Some` = catching up).
     held: Option<Vec<Item>>,
     held_bytes: usize,
@@ -398,8 +434,8 @@ impl ShardHistory {
                 return Err(e);
             }
         };
-        if st.last.is_none() {
-            st.last = Some(r.pos);
+        if st.mark.last.is_none() {
+            st.mark.advance(r.pos);
         }
         conn.push(shard, event::subscribed(room, id, &r.pos, since.map(|_| r.covered)));
         if since.is_some() {
@@ -539,7 +575,7 @@ impl ShardHistory {
             held.push(item);
             return;
         }
-        let verdict = gate(st.last, pos);
+        let verdict = gate(&st.mark, pos);
         if verdict == Gate::Duplicate {
             shard.m().history_duplicates_dropped_total.inc();
             return;
@@ -551,7 +587,7 @@ impl ShardHistory {
             debug!(
                 shard = shard.id,
                 room,
-                after = st.last.map(|l| l.offset),
+                after = st.mark.last.map(|l| l.offset),
                 got = pos.offset,
                 "hole in a live stream"
             );
@@ -564,7 +600,7 @@ impl ShardHistory {
         if std::mem::take(&mut st.unsure) {
             send_gap(shard, room, st, Position { epoch: pos.epoch, offset: pos.offset.saturating_sub(1) });
         }
-        st.last = Some(pos);
+        st.mark.advance(pos);
         fan_out(shard, room, st, item, Some(sent));
     }
 
@@ -649,8 +685,8 @@ fn after(p: &Position, got: &Position) -> bool {
     p.epoch != got.epoch || p.offset > got.offset
 }
 
-/// What the live gate does with a room's message at `pos`, given the last
-/// position delivered on this shard.
+/// What the live gate does with a room's message at `pos`, given where the
+/// room is on this shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Gate {
     /// At or below what was delivered, in the same epoch: dropped.
@@ -661,9 +697,11 @@ enum Gate {
     Deliver,
 }
 
-fn gate(last: Option<Position>, pos: Position) -> Gate {
-    match last {
-        Some(l) if !after(&pos, &l) => Gate::Duplicate,
+fn gate(mark: &Mark, pos: Position) -> Gate {
+    if mark.seen(&pos) {
+        return Gate::Duplicate;
+    }
+    match mark.last {
         Some(l) if l.epoch == pos.epoch && pos.offset > l.offset + 1 => Gate::Hole,
         // A new epoch seen past its first message: its start never reached
         // this shard. The read tells (a `gap`, the history moved on).
@@ -750,7 +788,7 @@ impl ShardHistory {
                 if live.items.is_empty() {
                     // Fed. Still on its way through the live path? Filter
                     // until passed.
-                    let passed = st.last.is_some_and(|l| l.epoch == f.cursor.epoch && l.offset >= f.cursor.offset);
+                    let passed = st.mark.last.is_some_and(|l| l.epoch == f.cursor.epoch && l.offset >= f.cursor.offset);
                     if passed {
                         st.conns.remove(&f.conn.id);
                     } else if let Some(c) = st.conns.get_mut(&f.conn.id) {
@@ -892,33 +930,33 @@ enum Step {
 }
 
 /// One catch-up round of a room (see the module doc): `before` is the room's
-/// last position when the round started, `last` its last position now,
-/// `got` the read (`None`: none could be made), `held` the live messages
-/// held meanwhile. Returns what to send, in order, and the room's last
-/// position after it. Never a message twice, never one at or below `last`;
-/// a hole the read cannot fill is announced with a gap.
+/// last position when the round started, `mark` where it is now, `got` the
+/// read (`None`: none could be made), `held` the live messages held
+/// meanwhile. Returns what to send, in order, and where the room is after
+/// it. Never a message twice, never one the mark has seen; a hole the read
+/// cannot fill is announced with a gap.
 fn plan_catch_up(
     before: Option<Position>,
-    mut last: Option<Position>,
+    mut mark: Mark,
     got: Option<ReadResult>,
     held: Vec<Item>,
-) -> (Vec<Step>, Option<Position>) {
+) -> (Vec<Step>, Mark) {
     let mut steps = Vec::new();
     match got {
         Some(r) if r.covered => {
             for e in r.entries {
                 let pos = Position { epoch: r.pos.epoch, offset: e.offset };
-                if last.is_none_or(|l| after(&pos, &l)) {
-                    last = Some(pos);
+                if !mark.seen(&pos) {
+                    mark.advance(pos);
                     steps.push(Step::Deliver(Item { pos, frame: e.frame }));
                 }
             }
         }
         // Not covered, but where the room already is (the empty epoch read
         // again: nothing was published since): nothing to announce twice.
-        Some(r) if last == Some(r.pos) => {}
+        Some(r) if mark.last == Some(r.pos) => {}
         Some(r) => {
-            last = Some(r.pos);
+            mark.advance(r.pos);
             steps.push(Step::Gap(r.pos));
         }
         // No read possible (the store stayed down, or nothing known):
@@ -926,24 +964,24 @@ fn plan_catch_up(
         None => {
             if let Some(first) = held.first() {
                 let pos = Position { epoch: first.pos.epoch, offset: first.pos.offset.saturating_sub(1) };
-                last = Some(pos);
+                mark.advance(pos);
                 steps.push(Step::Gap(pos));
             }
         }
     }
     // The room's epoch changed under us (history lost, or fenced by the
     // read above): what was held from the old epoch is gone with it.
-    let stale = before.filter(|b| last.is_some_and(|n| n.epoch != b.epoch)).map(|b| b.epoch);
+    let stale = before.filter(|b| mark.last.is_some_and(|n| n.epoch != b.epoch)).map(|b| b.epoch);
     for item in held {
         if stale.is_some_and(|e| item.pos.epoch == e) {
             continue;
         }
-        if last.is_none_or(|l| after(&item.pos, &l)) {
-            last = Some(item.pos);
+        if !mark.seen(&item.pos) {
+            mark.advance(item.pos);
             steps.push(Step::Deliver(item));
         }
     }
-    (steps, last)
+    (steps, mark)
 }
 
 /// Delivers `item` to the room's members on this shard: plain members at
@@ -985,7 +1023,7 @@ async fn catch_up(h: Rc<ShardHistory>, shard: Rc<Shard>, room: Arc<str>) {
         h.room_ready(&room, true).await;
         let last = match h.rooms.borrow().get(&room) {
             None => return,
-            Some(st) => st.last,
+            Some(st) => st.mark.last,
         };
         let mut got = None;
         if let Some(last) = last {
@@ -1024,8 +1062,8 @@ async fn catch_up(h: Rc<ShardHistory>, shard: Rc<Shard>, room: Arc<str>) {
                     let mut items = page_of(&r).to_vec();
                     items.extend(held.iter().cloned());
                     let page: Rc<[Item]> = items.into();
-                    let (_, new_last) = plan_catch_up(Some(last), st.last, Some(r.clone()), held);
-                    st.last = new_last;
+                    let (_, mark) = plan_catch_up(Some(last), st.mark, Some(r.clone()), held);
+                    st.mark = mark;
                     for conn in shard.room_members(&room) {
                         let cursor = match st.conns.get_mut(&conn.id) {
                             Some(ConnState { phase: Phase::Feeding(live), .. }) => {
@@ -1048,8 +1086,8 @@ async fn catch_up(h: Rc<ShardHistory>, shard: Rc<Shard>, room: Arc<str>) {
                 }
                 (_, _, got) => {
                     st.unsure = last.is_some() && got.is_none() && held.is_empty();
-                    let (steps, new_last) = plan_catch_up(last, st.last, got, held);
-                    st.last = new_last;
+                    let (steps, mark) = plan_catch_up(last, st.mark, got, held);
+                    st.mark = mark;
                     for step in steps {
                         match step {
                             Step::Deliver(item) => fan_out(&shard, &room, st, item, None),
@@ -1108,6 +1146,12 @@ fn history_reply(room: &str, r: &ReadResult, id: Option<&str>) -> Bytes {
 mod tests {
     use super::*;
 
+    impl Mark {
+        fn at(pos: Position) -> Mark {
+            Mark { last: Some(pos), left: None }
+        }
+    }
+
     fn pos(e: &str, n: u64) -> Position {
         Position { epoch: Epoch::new(e).unwrap(), offset: n }
     }
@@ -1134,14 +1178,47 @@ mod tests {
 
     #[test]
     fn the_live_gate_drops_duplicates_holds_for_holes_and_follows_epochs() {
-        assert_eq!(gate(None, pos("a", 7)), Gate::Deliver);
-        assert_eq!(gate(Some(pos("a", 7)), pos("a", 8)), Gate::Deliver);
-        assert_eq!(gate(Some(pos("a", 7)), pos("a", 7)), Gate::Duplicate);
-        assert_eq!(gate(Some(pos("a", 7)), pos("a", 3)), Gate::Duplicate);
-        assert_eq!(gate(Some(pos("a", 7)), pos("a", 9)), Gate::Hole);
-        assert_eq!(gate(Some(pos("a", 7)), pos("b", 1)), Gate::Deliver, "a new epoch starts at 1");
-        assert_eq!(gate(Some(pos("a", 7)), pos("b", 40)), Gate::Hole, "its start never came: read first");
-        assert_eq!(gate(Some(pos("", 0)), pos("b", 40)), Gate::Deliver, "from the empty epoch: what follows the read");
+        assert_eq!(gate(&Mark::default(), pos("a", 7)), Gate::Deliver);
+        assert_eq!(gate(&Mark::at(pos("a", 7)), pos("a", 8)), Gate::Deliver);
+        assert_eq!(gate(&Mark::at(pos("a", 7)), pos("a", 7)), Gate::Duplicate);
+        assert_eq!(gate(&Mark::at(pos("a", 7)), pos("a", 3)), Gate::Duplicate);
+        assert_eq!(gate(&Mark::at(pos("a", 7)), pos("a", 9)), Gate::Hole);
+        assert_eq!(gate(&Mark::at(pos("a", 7)), pos("b", 1)), Gate::Deliver, "a new epoch starts at 1");
+        assert_eq!(gate(&Mark::at(pos("a", 7)), pos("b", 40)), Gate::Hole, "its start never came: read first");
+        assert_eq!(
+            gate(&Mark::at(pos("", 0)), pos("b", 40)),
+            Gate::Deliver,
+            "from the empty epoch: what follows the read"
+        );
+    }
+
+    #[test]
+    fn what_was_delivered_of_an_epoch_left_behind_is_never_delivered_again() {
+        // a:36 delivered; a failover's read found the history untrusted: the
+        // empty epoch, announced with a gap. a:36 then came again by the bus.
+        let mut m = Mark::at(pos("a", 36));
+        m.advance(pos("", 0));
+        assert_eq!(gate(&m, pos("a", 36)), Gate::Duplicate, "the same position again");
+        assert_eq!(gate(&m, pos("a", 12)), Gate::Duplicate);
+        assert_eq!(gate(&m, pos("a", 37)), Gate::Deliver, "one this shard never had: live, as before");
+        assert_eq!(gate(&m, pos("b", 1)), Gate::Deliver);
+        // The empty epoch is a step between two: a's mark outlives it.
+        m.advance(pos("b", 1));
+        assert_eq!(gate(&m, pos("a", 36)), Gate::Duplicate);
+        assert_eq!(m.left, Some(pos("a", 36)));
+        // A catch-up round that held it meanwhile does not send it either.
+        let none = Position { epoch: Epoch::NONE, offset: 0 };
+        let mut m = Mark::at(pos("a", 36));
+        m.advance(none);
+        let empty = ReadResult { pos: none, covered: false, entries: vec![], more: false };
+        let (s, after) = plan_catch_up(Some(none), m, Some(empty), vec![item("a", 35), item("a", 36), item("b", 1)]);
+        assert_eq!(steps(&s), ["b1"]);
+        assert_eq!(after, Mark { last: Some(pos("b", 1)), left: Some(pos("a", 36)) });
+        // And the round whose read found the empty epoch: its gap, nothing held from before it.
+        let empty = ReadResult { pos: none, covered: false, entries: vec![], more: false };
+        let (s, after) = plan_catch_up(Some(pos("a", 36)), Mark::at(pos("a", 36)), Some(empty), vec![item("a", 36)]);
+        assert_eq!(steps(&s), ["gap 0"]);
+        assert_eq!(after, Mark { last: Some(none), left: Some(pos("a", 36)) });
     }
 
     #[test]
@@ -1162,10 +1239,14 @@ mod tests {
     fn a_covered_catch_up_sends_what_was_missed_then_what_was_held_each_once() {
         // Last delivered 10; the read has &[11, 12, 13, 14]; &[13, 14, 15, 16] were held.
         let held = vec![item("a", 13), item("a", 14), item("a", 15), item("a", 16)];
-        let (s, last) =
-            plan_catch_up(Some(pos("a", 10)), Some(pos("a", 10)), Some(read("a", 14, &[11, 12, 13, 14], true)), held);
+        let (s, last) = plan_catch_up(
+            Some(pos("a", 10)),
+            Mark::at(pos("a", 10)),
+            Some(read("a", 14, &[11, 12, 13, 14], true)),
+            held,
+        );
         assert_eq!(steps(&s), ["a11", "a12", "a13", "a14", "a15", "a16"]);
-        assert_eq!(last, Some(pos("a", 16)));
+        assert_eq!(last.last, Some(pos("a", 16)));
     }
 
     #[test]
@@ -1173,17 +1254,19 @@ mod tests {
         // Trimmed past what was delivered: a gap at the room's position,
         // then what was held after it.
         let held = vec![item("a", 30), item("a", 31)];
-        let (s, last) = plan_catch_up(Some(pos("a", 10)), Some(pos("a", 10)), Some(read("a", 30, &[], false)), held);
+        let (s, last) =
+            plan_catch_up(Some(pos("a", 10)), Mark::at(pos("a", 10)), Some(read("a", 30, &[], false)), held);
         assert_eq!(steps(&s), ["gap a30", "a31"]);
-        assert_eq!(last, Some(pos("a", 31)));
+        assert_eq!(last.last, Some(pos("a", 31)));
         // No read at all (the store stayed down): a gap just before the
         // first held message, then the held ones.
-        let (s, last) = plan_catch_up(Some(pos("a", 10)), Some(pos("a", 10)), None, vec![item("a", 20), item("a", 21)]);
+        let (s, last) =
+            plan_catch_up(Some(pos("a", 10)), Mark::at(pos("a", 10)), None, vec![item("a", 20), item("a", 21)]);
         assert_eq!(steps(&s), ["gap a19", "a20", "a21"]);
-        assert_eq!(last, Some(pos("a", 21)));
+        assert_eq!(last.last, Some(pos("a", 21)));
         // Nothing held and no read: nothing to say.
-        let (s, last) = plan_catch_up(Some(pos("a", 10)), Some(pos("a", 10)), None, vec![]);
-        assert!(s.is_empty() && last == Some(pos("a", 10)));
+        let (s, last) = plan_catch_up(Some(pos("a", 10)), Mark::at(pos("a", 10)), None, vec![]);
+        assert!(s.is_empty() && last.last == Some(pos("a", 10)));
     }
 
     #[test]
@@ -1192,11 +1275,11 @@ mod tests {
         // reads it again, unchanged: no gap twice, the held message goes out.
         let none = Position { epoch: Epoch::NONE, offset: 0 };
         let empty = ReadResult { pos: none, covered: false, entries: vec![], more: false };
-        let (s, last) = plan_catch_up(Some(none), Some(none), Some(empty.clone()), vec![]);
-        assert!(s.is_empty() && last == Some(none));
-        let (s, last) = plan_catch_up(Some(none), Some(none), Some(empty), vec![item("b", 1)]);
+        let (s, last) = plan_catch_up(Some(none), Mark::at(none), Some(empty.clone()), vec![]);
+        assert!(s.is_empty() && last.last == Some(none));
+        let (s, last) = plan_catch_up(Some(none), Mark::at(none), Some(empty), vec![item("b", 1)]);
         assert_eq!(steps(&s), ["b1"]);
-        assert_eq!(last, Some(pos("b", 1)));
+        assert_eq!(last.last, Some(pos("b", 1)));
     }
 
     #[test]
@@ -1204,8 +1287,8 @@ mod tests {
         // The store lost history (or the read fenced it): epoch b now. What
         // was held from epoch a is gone with it; b's messages go out.
         let held = vec![item("a", 11), item("b", 4)];
-        let (s, last) = plan_catch_up(Some(pos("a", 10)), Some(pos("a", 10)), Some(read("b", 3, &[], false)), held);
+        let (s, last) = plan_catch_up(Some(pos("a", 10)), Mark::at(pos("a", 10)), Some(read("b", 3, &[], false)), held);
         assert_eq!(steps(&s), ["gap b3", "b4"]);
-        assert_eq!(last, Some(pos("b", 4)));
+        assert_eq!(last.last, Some(pos("b", 4)));
     }
 }
