@@ -62,9 +62,13 @@ impl Mode {
     pub fn sharded(self) -> bool {
         self == Mode::Cluster
     }
-    /// Every connection checks `ROLE` before it is used.
+    /// Every connection checks `ROLE` before it is used. In a Cluster too:
+    /// a primary demoted by a failover keeps answering `SSUBSCRIBE` (and
+    /// runs `SPUBLISH`) for its new primary's slots as a replica, so a
+    /// connection made there from a slot map not yet refreshed would listen
+    /// at a replica (`bus::redis::reader`, an unsolicited `sunsubscribe`).
     pub fn check_role(self) -> bool {
-        self == Mode::Sentinel
+        matches!(self, Mode::Sentinel | Mode::Cluster)
     }
 }
 
