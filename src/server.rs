@@ -150,6 +150,11 @@ const WEBHOOK_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs a node until SIGTERM/SIGINT has drained it.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
+    // Before the listeners open: a SIGTERM that comes once `/readyz` says
+    // 200 must drain, not find the default action (exit at once, every
+    // client reset). Signals caught before the thread below reads them
+    // wait for it.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("install signal handlers")?;
     let node = start(cfg)?;
     // Printed on stdout for scripts and tests that start us on port 0.
     println!("corecast listening on {}", node.addr);
@@ -157,7 +162,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         println!("corecast admin listening on {a}");
     }
     let (control, metrics) = (node.control.clone(), node.metrics.clone());
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("install signal handlers")?;
     thread::Builder::new().name("signals".into()).spawn(move || {
         let mut seen = 0;
         for sig in signals.forever() {
