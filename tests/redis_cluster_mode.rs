@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::redis::{deadline, expect_event, wait_until};
 use common::redis_topology::{Collector, Prober, RedisCluster, assert_in_order, subscribe_all};
-use common::{Client, Server, start_server};
+use common::{Client, Server, StopOnDrop, start_server};
 use serde_json::json;
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -415,6 +415,8 @@ fn failover_after_failover_never_delivers_a_message_twice() {
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
+    // Stops the publishers however the test ends (a failed wait included).
+    let stopper = StopOnDrop(&stop);
     let publishers: Vec<_> = kinds
         .iter()
         .flat_map(|(kind, nodes)| nodes.iter().map(move |n| (*kind, n.addr)))
@@ -463,7 +465,7 @@ fn failover_after_failover_never_delivers_a_message_twice() {
             m.3.poll();
         }
     }
-    stop.store(true, Ordering::Relaxed);
+    drop(stopper);
     for p in publishers {
         p.join().unwrap();
     }

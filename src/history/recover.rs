@@ -20,10 +20,11 @@
 //! Every live message with a position goes through `on_live`: the room's
 //! `last` position on this shard drops duplicates (offset at or below it, same
 //! epoch) and follows epoch changes, keeping the last position of the epoch
-//! it left (`Mark::left`) so that none of that epoch comes twice either; while the room is *catching up* its live
-//! messages are held at the room. A message that skips an offset of the
-//! epoch (a hop lost one) starts a catch-up too: the hole is read from the
-//! history before the message goes out.
+//! it left (`Mark::left`) so that none of that epoch comes twice either;
+//! while the room is *catching up* its live messages are held at the room. A
+//! message that skips an offset of the epoch (a hop lost one) starts a
+//! catch-up too: the hole is read from the history before the message goes
+//! out.
 //!
 //! # Catch-up
 //!
