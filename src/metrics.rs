@@ -267,6 +267,7 @@ shard_metrics! {
     redis_publish_refused_total: "counter", "Publishes accepted, then refused by Redis (NOPERM, CLUSTERDOWN, ...) and so lost.";
     redis_redirects_total: "counter", "MOVED/ASK redirections followed (Redis Cluster).";
     redis_unsolicited_unsubscribes_total: "counter", "Shard channels Redis unsubscribed by itself (slot migrated); subscribed again at the new owner.";
+    redis_duplicates_dropped_total: "counter", "Messages a Redis server delivered that another had delivered before the channel moved to it (failover): dropped.";
     redis_topology_changes_total: "counter", "New Redis topologies adopted (failover, slot map change); counted on shard 0.";
     deflate_compressions_total: "counter", "Outgoing messages deflated (permessage-deflate): at most once per message per shard for room fan-out, once per echo.";
     deflate_frames_out_total: "counter", "Compressed (RSV1) frames queued to clients.";

@@ -377,23 +377,21 @@ fn a_paused_primary_never_holds_up_the_rooms_of_the_others() {
 
 /// A primary demoted by `CLUSTER FAILOVER` pushes `sunsubscribe` for our
 /// channels, then, as a replica, still takes `SSUBSCRIBE` for its new
-/// primary's slots and runs `SPUBLISH` sent to it by a node whose slot map
-/// is not refreshed yet; the shard's message reaches the new primary after
-/// the replica's own subscribers. A node that subscribed again at the
-/// demoted node, then moved to the new primary, got such a message twice
-/// (at about one failover in ten, on every shard of the node, in plain
-/// rooms, which have no position to drop a copy by). Now a dropped
-/// channel is made again only on a connection whose `ROLE` is master.
+/// primary's slots: a dropped channel is made again only on a connection
+/// whose `ROLE` is master. And the servers of a slot each deliver a message
+/// at their own time: after a move, the new primary delivered again (40 ms
+/// later) what the old one had, in plain rooms, which have no position to
+/// drop a copy by; the reader's record drops it (`bus::redis::overlap`).
 /// Plain and history rooms, members on every shard of 2 nodes each,
 /// publishers on both, 24 failovers one after another; then every member
 /// of every room still gets a new message.
 ///
-/// KNOWN DEFECT, so not in the default suite: after the fix a duplicate
-/// still came in 1 of about 14 runs (a clean-clone CI run of 7c4ba7d:
-/// plain1, node 0 shard 0, two messages twice). Another path remains; run
-/// it with `cargo test --test redis_cluster_mode -- --ignored`.
+/// Out of the default suite while one more defect is open: in 1 of about
+/// 28 runs of 40 failovers, a shard's members of a history room relayed
+/// from another shard did not get the last message within 10 s. Run it with
+/// `cargo test --test redis_cluster_mode -- --ignored`.
 #[test]
-#[ignore = "a residual duplicate path at Cluster failovers remains: 1 run in about 14 fails"]
+#[ignore = "a relayed history room may miss the last message after failovers: 1 run in about 28"]
 fn failover_after_failover_never_delivers_a_message_twice() {
     let _d = deadline("failover_after_failover_never_delivers_a_message_twice", 240 * SECOND);
     let cluster = RedisCluster::start(3, 1);
@@ -490,10 +488,16 @@ fn failover_after_failover_never_delivers_a_message_twice() {
     }
     let mut total = 0;
     for (kind, n, shard, c) in members.iter_mut() {
-        wait_until("the last message in every room", 10 * SECOND, || {
+        let missing = |c: &mut Collector| -> Vec<usize> {
             c.poll();
-            (0..ROOMS).all(|r| c.seqs(&format!("{kind}{r}")).contains(&(1u64 << 40)))
-        });
+            (0..ROOMS).filter(|r| !c.seqs(&format!("{kind}{r}")).contains(&(1u64 << 40))).collect()
+        };
+        let t = Instant::now();
+        while !missing(c).is_empty() && t.elapsed() < 10 * SECOND {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let rooms = missing(c);
+        assert!(rooms.is_empty(), "{kind} node {n} shard {shard}: no last message in rooms {rooms:?}");
         for r in 0..ROOMS {
             let room = format!("{kind}{r}");
             let seqs = c.seqs(&room);
@@ -503,6 +507,11 @@ fn failover_after_failover_never_delivers_a_message_twice() {
             assert!(twice.is_empty(), "{room}, node {n} shard {shard}: delivered twice: {twice:?}");
         }
     }
-    eprintln!("{done} failovers, {total} messages checked");
+    let copies: f64 = kinds
+        .iter()
+        .flat_map(|(_, nodes)| nodes.iter())
+        .map(|s| s.metric("corecast_redis_duplicates_dropped_total"))
+        .sum();
+    eprintln!("{done} failovers, {total} messages checked, {copies} copies dropped after moves");
     assert!(total > 50_000, "publishing went on throughout: {total} messages");
 }

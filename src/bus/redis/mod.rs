@@ -50,6 +50,7 @@ pub mod cluster;
 pub mod health;
 pub mod link;
 pub(crate) mod net;
+mod overlap;
 pub mod payload;
 pub mod publink;
 pub mod publisher;

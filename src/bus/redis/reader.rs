@@ -9,6 +9,8 @@
 //! it uses sharded Pub/Sub (`SSUBSCRIBE`, one slot per command), follows
 //! `MOVED`/`CLUSTERDOWN` refusals and Redis's own `sunsubscribe` (a slot
 //! left the node) by asking for a fresh view and subscribing again there.
+//! A message the new server delivers again after such a move, which the
+//! old one already did, is dropped (`overlap.rs`).
 //!
 //! In: `Interest` changes from the shard (a crossbeam channel, plus a
 //! self-pipe that wakes the thread's `poll(2)`), and pushed RESP2 frames from
@@ -53,6 +55,7 @@ use tracing::{debug, info, warn};
 
 use super::health::Health;
 use super::link::{DEAD_AFTER, Link, LinkError, PING_IDLE, Retry};
+use super::overlap::Overlap;
 use super::payload::{DropLog, JsonCheck};
 use super::subconn::{self, Confirm, SubConn, is_timeout, read_more};
 use super::subs::{Interest, Kind, channel_name};
@@ -185,6 +188,9 @@ pub struct Reader {
     /// that every history room catches up (`history::recover`) once its
     /// SUBSCRIBE is confirmed again; the live gate drops what it already had.
     blip: bool,
+    /// What each server delivered lately, to drop a second server's copy
+    /// after a channel moves (Cluster, Sentinel).
+    overlap: Overlap,
     inbox: InboxSender,
     /// Messages were queued to the shard without a wake yet: a read
     /// buffer's messages are queued, then the shard is woken once (`service`).
@@ -228,6 +234,8 @@ impl Reader {
     pub fn new(p: ReaderParts) -> Reader {
         let view = p.topo.view();
         let seen = p.topo.version();
+        // Channels move between servers that pass messages to each other.
+        let moves = matches!(p.topo.mode, Mode::Cluster | Mode::Sentinel);
         let mut r = Reader {
             shard: p.shard,
             core: p.core,
@@ -241,6 +249,7 @@ impl Reader {
             link_up: false,
             history: p.history,
             blip: false,
+            overlap: Overlap::new(moves),
             inbox: p.inbox,
             unwoken: false,
             metrics: p.metrics,
@@ -254,8 +263,9 @@ impl Reader {
         r
     }
 
-    fn new_conn(&self, node: Arc<Node>) -> SubConn {
-        SubConn::new(node, &self.prefix, Retry::new(self.shard, Link::Subscriber), self.metrics.clone())
+    fn new_conn(&mut self, node: Arc<Node>) -> SubConn {
+        let origin = self.overlap.node_id(&node.name);
+        SubConn::new(node, origin, &self.prefix, Retry::new(self.shard, Link::Subscriber), self.metrics.clone())
     }
 
     fn m(&self) -> &ShardMetrics {
@@ -282,6 +292,7 @@ impl Reader {
         self.seen = self.topo.version();
         // Channels may move to another primary's connection.
         self.blip = true;
+        self.overlap.arm(Instant::now());
         let mut old = std::mem::take(&mut self.conns);
         let mut moving = Vec::new();
         let view = self.view.clone();
@@ -690,6 +701,13 @@ impl Reader {
             return Ok(());
         };
         let name = name.clone();
+        // The delivery-latency clock starts here: the payload is the exact
+        // event JSON, with no room for the publisher's timestamp.
+        let sent = Instant::now();
+        if !self.overlap.admit(self.conns[i].origin, channel, payload, sent) {
+            self.m().redis_duplicates_dropped_total.add_shared(1);
+            return Ok(());
+        }
         let pos = match self.json.check_with_position(kind, &name, payload, self.max_payload) {
             Ok(pos) => pos,
             Err(why) => {
@@ -698,9 +716,6 @@ impl Reader {
                 return Ok(());
             }
         };
-        // The delivery-latency clock starts here: the payload is the exact
-        // event JSON, with no room for the publisher's timestamp.
-        let sent = Instant::now();
         let frame = event::frame_json(payload);
         let msg = match kind {
             Kind::Room => ShardMsg::Room { room: name, frame, sent, pos: pos.map(Box::new), from_reader: true },

@@ -107,6 +107,8 @@ impl Attempt {
 
 pub struct SubConn {
     pub node: Arc<Node>,
+    /// The node's number in the reader's record of deliveries (`overlap.rs`).
+    pub origin: u16,
     /// The connect under way, while down.
     pub attempt: Option<Attempt>,
     /// Which of the node's addresses the next attempt uses.
@@ -131,9 +133,10 @@ pub enum Confirm {
 }
 
 impl SubConn {
-    pub fn new(node: Arc<Node>, prefix: &str, retry: Retry, metrics: Arc<Metrics>) -> SubConn {
+    pub fn new(node: Arc<Node>, origin: u16, prefix: &str, retry: Retry, metrics: Arc<Metrics>) -> SubConn {
         SubConn {
             node,
+            origin,
             attempt: None,
             next_addr: 0,
             subs: Subscriptions::new(prefix),
@@ -339,7 +342,7 @@ mod tests {
         let url = super::super::RedisUrl::parse("redis://127.0.0.1:1").unwrap();
         let node = Arc::new(Node { name: "127.0.0.1:1".into(), url, addrs: vec![] });
         let metrics = Arc::new(Metrics::new(1));
-        let mut c = SubConn::new(node, "cc:", Retry::new(0, Link::Subscriber), metrics);
+        let mut c = SubConn::new(node, 0, "cc:", Retry::new(0, Link::Subscriber), metrics);
         c.set_live(Some(Live { sock: ours, buf: BytesMut::new(), last_rx: Instant::now(), ping_sent: None }));
         (c, theirs)
     }
