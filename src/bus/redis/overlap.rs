@@ -13,8 +13,10 @@
 //! delivered two messages 40 ms after the old one, just after the reader
 //! had subscribed there. Plain rooms carry no position that could tell the
 //! copy, so the reader keeps a record of the last `RING` messages (a hash
-//! of channel and payload, and which server brought each), and when its
-//! view moves channels it arms a fence for `FENCE_FOR`: a message that a
+//! of channel and payload, and which server brought each). When its view
+//! moves channels, and again when a connection is made (the new server's
+//! copies can only come once the reader listens there, however long the
+//! reconnect took), it arms a fence for `FENCE_FOR`: a message that a
 //! different server delivered within the last `KEEP` is a copy, dropped
 //! once per earlier delivery (counted in `redis_duplicates_dropped_total`).
 //!
@@ -38,7 +40,7 @@ use rustc_hash::{FxHashMap, FxHasher};
 /// Messages remembered (the last ones, across every channel of the reader).
 const RING: usize = 16 * 1024;
 /// A delivery older than this at a move cannot be copied by the new server.
-const KEEP: Duration = Duration::from_secs(2);
+const KEEP: Duration = Duration::from_secs(5);
 /// How long after a move a copy may still come.
 const FENCE_FOR: Duration = Duration::from_secs(2);
 
@@ -138,8 +140,8 @@ impl Overlap {
         true
     }
 
-    /// Channels may have moved to another server (the view changed):
-    /// for `FENCE_FOR`, copies of what was delivered in the last `KEEP`
+    /// Channels may have moved to another server (the view changed, or a
+    /// connection was made): for `FENCE_FOR`, copies of what was delivered in the last `KEEP`
     /// are dropped when another server brings them.
     pub fn arm(&mut self, now: Instant) {
         if !self.on || self.ring.is_empty() {

@@ -526,6 +526,8 @@ impl Reader {
                 self.conns[i].retry.connected(m.shard(self.shard));
                 info!(shard = self.shard, redis = %self.conns[i].node.name, "redis subscriber connected");
                 self.blip = true;
+                // Channels moved here may bring copies from now on.
+                self.overlap.arm(Instant::now());
                 if self.topo.mode == Mode::Sentinel {
                     // Sentinel: ask again on every (re)connect; `ROLE` was checked meanwhile.
                     self.topo.request_refresh();
