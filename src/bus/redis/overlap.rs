@@ -141,8 +141,8 @@ impl Overlap {
     }
 
     /// Channels may have moved to another server (the view changed, or a
-    /// connection was made): for `FENCE_FOR`, copies of what was delivered in the last `KEEP`
-    /// are dropped when another server brings them.
+    /// connection was made): for `FENCE_FOR`, copies of what was delivered
+    /// in the last `KEEP` are dropped when another server brings them.
     pub fn arm(&mut self, now: Instant) {
         if !self.on || self.ring.is_empty() {
             return;
@@ -150,7 +150,9 @@ impl Overlap {
         let now_ms = now.saturating_duration_since(self.origin).as_millis() as u64;
         let keep = KEEP.as_millis() as u64;
         let mut fence: FxHashMap<u64, Held> = FxHashMap::default();
-        for s in self.ring.iter().filter(|s| now_ms.saturating_sub(s.at_ms()) <= keep) {
+        // Oldest first (`next` is the oldest once the ring has turned over).
+        let (newer, older) = self.ring.split_at(self.next);
+        for s in older.iter().chain(newer).filter(|s| now_ms.saturating_sub(s.at_ms()) <= keep) {
             let h = fence.entry(s.key).or_insert(Held { node: s.node(), copies: 0 });
             // The same bytes from two servers already: keep the later's number.
             h.node = s.node();
@@ -224,6 +226,22 @@ mod tests {
         assert!(o.admit(a, CH, b"x", t + KEEP + Duration::from_millis(700)));
         let later = t + KEEP + Duration::from_millis(600) + FENCE_FOR;
         assert!(o.admit(b, CH, b"x", later), "the fence is over");
+    }
+
+    #[test]
+    fn after_the_record_turned_over_the_later_server_of_two_still_counts() {
+        let t = Instant::now();
+        let mut o = Overlap::new(true);
+        let (a, b) = (o.node_id("a"), o.node_id("b"));
+        for i in 0..RING - 1 {
+            assert!(o.admit(a, CH, format!("f{i}").as_bytes(), t));
+        }
+        assert!(o.admit(a, CH, b"dup", t), "the ring's last slot");
+        assert!(o.admit(a, CH, b"f-next", t), "turns the ring over");
+        assert!(o.admit(b, CH, b"dup", t), "no fence yet: b delivers the same bytes later");
+        o.arm(t);
+        assert!(o.admit(b, CH, b"dup", t), "b brought it last: not a copy");
+        assert!(!o.admit(a, CH, b"dup", t), "a, the other server: a copy");
     }
 
     /// What the record costs per message (the reader's hot path in a
